@@ -1,0 +1,3 @@
+from cbr.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Grad-CAM layer of cbr: methods, targets, maps, overlays and metrics. Never imports cbr."""

@@ -1,0 +1,1 @@
+"""FAISS layer of cbr: free functions over numpy arrays. Never imports cbr."""

@@ -1,0 +1,258 @@
+"""Opening a case base: the engine, migrations to head, short transactions, and the index folder.
+
+Any SQLAlchemy URL works. SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` for writes, so
+that several processes can share one file without "database is locked" errors; nothing else in cbr
+depends on the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, inspect
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from cbr.errors import CaseBaseError, SchemaError
+
+__all__ = ["CaseBase", "open_casebase", "upgrade", "current", "resolve_url", "DEFAULT_DB"]
+
+LOG = logging.getLogger(__name__)
+DEFAULT_DB = "cases.db"
+BUSY_TIMEOUT_S = 60
+
+
+def resolve_url(db: str | os.PathLike) -> str:
+    """Turn a plain file path into a SQLite URL; leave SQLAlchemy URLs as they are."""
+    db = os.fspath(db)
+    if "://" in db:
+        try:
+            make_url(db)
+        except ArgumentError as e:
+            raise CaseBaseError(f"--db {db!r} is not a valid SQLAlchemy URL ({e}); use a file path or e.g. postgresql://user@host/db") from None
+        return db
+    return "sqlite:///" + str(Path(db).expanduser().resolve())
+
+
+def _sqlite_file(url: str) -> Path | None:
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
+
+
+def _default_index_dir(url: str) -> Path:
+    path = _sqlite_file(url)
+    if path is not None:
+        return path.with_name(path.name + ".indexes")
+    if os.environ.get("CBR_INDEX_DIR"):
+        return Path(os.environ["CBR_INDEX_DIR"])
+    u = make_url(url)
+    return Path.cwd() / "cbr-indexes" / f"{u.get_backend_name()}-{u.host or 'local'}-{u.database or 'db'}"
+
+
+def _make_engine(url: str) -> Engine:
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    in_memory = not u.database or u.database == ":memory:"
+    kwargs = {"connect_args": {"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}}
+    if in_memory:
+        kwargs["poolclass"] = StaticPool  # every session must see the same in-memory database
+    engine = create_engine(url, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Let us emit BEGIN ourselves (pysqlite's implicit transactions defer the write lock,
+        # which turns concurrent writers into immediate "database is locked" errors).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        if not in_memory:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        write = conn.get_execution_options().get("cbr_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def _alembic_config():
+    from alembic.config import Config
+
+    import migrations
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    return cfg
+
+
+def _head_and_known():
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config())
+    return script.get_current_head(), {s.revision for s in script.walk_revisions()}
+
+
+def _current_revision(conn) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+class CaseBase:
+    """An open case base: an engine, short read/write sessions and the folder of its index files."""
+
+    def __init__(self, url: str, engine: Engine, index_dir: Path):
+        self.url = url
+        self.engine = engine
+        self.index_dir = Path(index_dir)
+        self._write_engine = engine.execution_options(cbr_write=True)
+        self._read_sessions = sessionmaker(bind=engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(bind=self._write_engine, expire_on_commit=False)
+
+    @property
+    def display(self) -> str:
+        path = _sqlite_file(self.url)
+        return str(path) if path else make_url(self.url).render_as_string(hide_password=True)
+
+    @contextmanager
+    def read(self):
+        """A read-only session; its snapshot ends with the block."""
+        with self._read_sessions() as session:
+            with session.begin():
+                yield session
+
+    @contextmanager
+    def write(self):
+        """One short write transaction: committed when the block ends, rolled back on error."""
+        with self._write_sessions() as session:
+            with session.begin():
+                yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _check_revision(conn, display: str) -> str | None:
+    head, known = _head_and_known()
+    rev = _current_revision(conn)
+    if rev is not None and rev not in known:
+        raise SchemaError(
+            f"case base {display} has schema revision {rev}, newer than this cbr knows (head {head}); "
+            "upgrade cbr (pip install -U cbr) to open it"
+        )
+    if rev is None and inspect(conn).get_table_names():
+        raise CaseBaseError(f"{display} is not a cbr case base (it has tables but no Alembic version); choose another --db")
+    return rev
+
+
+def open_casebase(db: str | os.PathLike = DEFAULT_DB, *, create: bool = True, migrate: bool = True,
+                  index_dir: str | os.PathLike | None = None) -> CaseBase:
+    """Open (and by default create or upgrade to head) a case base.
+
+    Args:
+        db: a file path (SQLite) or any SQLAlchemy URL.
+        create: create the case base if it does not exist; otherwise refuse with a hint.
+        migrate: upgrade an older schema to head (a newer one is always refused).
+        index_dir: where FAISS files live; by default beside a SQLite file (``cases.db.indexes``),
+            else ``$CBR_INDEX_DIR``.
+
+    Example:
+        >>> cb = open_casebase("cases.db")
+    """
+    url = resolve_url(db)
+    path = _sqlite_file(url)
+    if path is not None:
+        if not create and not path.exists():
+            raise CaseBaseError(f"case base {path} does not exist; build one with `cbr index DATA --db {path}`")
+        if path.is_dir():
+            raise CaseBaseError(f"--db {path} is a directory; give a file path such as {path / 'cases.db'}")
+        if not path.parent.exists():
+            raise CaseBaseError(f"folder {path.parent} does not exist; create it or choose another --db")
+    engine = _make_engine(url)
+    cb = CaseBase(url, engine, Path(index_dir) if index_dir else _default_index_dir(url))
+    try:
+        with cb._write_engine.begin() as conn:
+            rev = _check_revision(conn, cb.display)
+            head, _ = _head_and_known()
+            if rev is None and not create:
+                raise CaseBaseError(f"{cb.display} is empty; build a case base with `cbr index DATA --db {cb.display}`")
+            if rev != head and migrate:
+                _run_upgrade(conn, "head")
+                if rev is not None:
+                    LOG.warning("upgraded case base %s from schema %s to %s", cb.display, rev, head)
+    except DatabaseError as e:
+        engine.dispose()
+        raise CaseBaseError(f"cannot open case base {cb.display}: {_db_reason(e)}") from None
+    except BaseException:
+        engine.dispose()
+        raise
+    return cb
+
+
+def _db_reason(e: DatabaseError) -> str:
+    msg = str(e.orig) if getattr(e, "orig", None) is not None else str(e)
+    if "file is not a database" in msg:
+        return "the file is not a SQLite database; choose another --db"
+    if isinstance(e, OperationalError) and "locked" in msg:
+        return f"{msg} (another process held it for over {BUSY_TIMEOUT_S} s; try again)"
+    return msg
+
+
+def _run_upgrade(conn, revision: str) -> None:
+    from alembic import command
+
+    cfg = _alembic_config()
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, revision)
+
+
+def upgrade(db: str | os.PathLike = DEFAULT_DB, revision: str = "head") -> tuple[str | None, str | None]:
+    """Upgrade a case base's schema (creating it if needed); returns (before, after) revisions."""
+    url = resolve_url(db)
+    engine = _make_engine(url)
+    try:
+        with engine.execution_options(cbr_write=True).begin() as conn:
+            before = _check_revision(conn, url)
+            _run_upgrade(conn, revision)
+            after = _current_revision(conn)
+    except DatabaseError as e:
+        raise CaseBaseError(f"cannot upgrade {url}: {_db_reason(e)}") from None
+    finally:
+        engine.dispose()
+    return before, after
+
+
+def current(db: str | os.PathLike = DEFAULT_DB) -> dict:
+    """The schema revision of a case base and the head this cbr knows."""
+    url = resolve_url(db)
+    path = _sqlite_file(url)
+    if path is not None and not path.exists():
+        raise CaseBaseError(f"case base {path} does not exist; create it with `cbr db upgrade --db {path}`")
+    engine = _make_engine(url)
+    try:
+        with engine.connect() as conn:
+            rev = _current_revision(conn)
+    except DatabaseError as e:
+        raise CaseBaseError(f"cannot read {url}: {_db_reason(e)}") from None
+    finally:
+        engine.dispose()
+    head, known = _head_and_known()
+    return {"current": rev, "head": head, "up_to_date": rev == head, "known": rev in known or rev is None}

@@ -1,0 +1,221 @@
+"""SQLAlchemy tables of the case base. Alembic migrations in ``migrations/`` create them."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "Base",
+    "Model",
+    "Dataset",
+    "Case",
+    "Embedding",
+    "IndexManifest",
+    "Calibration",
+    "Explanation",
+    "Query",
+    "Vote",
+    "Neighbour",
+    "Feedback",
+    "Problem",
+    "utcnow",
+]
+
+# Named constraints keep Alembic's batch mode (SQLite) and other backends in step.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Model(Base):
+    """An embedder that built an index: how to recreate it and its fingerprint."""
+
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    backbone: Mapped[str] = mapped_column(String(64))
+    weights: Mapped[str] = mapped_column(String(32))  # imagenet | none | checkpoint
+    source: Mapped[str] = mapped_column(Text)  # backbone name or checkpoint path
+    config: Mapped[dict] = mapped_column(JSON)  # ModelConfig.to_dict()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Dataset(Base):
+    """A folder or manifest that cases were read from."""
+
+    __tablename__ = "datasets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16))  # folder | manifest
+    options: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Case(Base):
+    """A labelled image. Removed cases are kept (past queries cite them) but never searched."""
+
+    __tablename__ = "cases"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(String(255), index=True)
+    group_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    meta: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id"))
+    origin: Mapped[str] = mapped_column(String(16), default="index")  # index | retain
+    query_id: Mapped[int | None] = mapped_column(ForeignKey("queries.id"))  # retain provenance
+    feedback_id: Mapped[int | None] = mapped_column(ForeignKey("feedback.id"))
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    removed_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Embedding(Base):
+    """A case's L2-normalised float32 embedding under one model.
+
+    The case base is the source of truth: an index file can always be rebuilt from these rows,
+    without re-reading images.
+    """
+
+    __tablename__ = "embeddings"
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), primary_key=True, index=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class IndexManifest(Base):
+    """Which FAISS file holds a model's vectors, with its checksum and vector count."""
+
+    __tablename__ = "index_manifests"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), unique=True)
+    kind: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str] = mapped_column(Text)  # file name inside the case base's index folder
+    checksum: Mapped[str] = mapped_column(String(64))
+    ntotal: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Calibration(Base):
+    """Held-out neighbour labels that calibrate the credibility vote of one model."""
+
+    __tablename__ = "calibrations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), unique=True)
+    rows: Mapped[list] = mapped_column(JSON)  # [[true_label, [neighbour labels in rank order]], ...]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Explanation(Base):
+    """A raw low-resolution CAM (float16 of map/scale) owned by a case or a query."""
+
+    __tablename__ = "explanations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("cases.id"), index=True)
+    query_id: Mapped[int | None] = mapped_column(ForeignKey("queries.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16))  # case | query | neighbour
+    method: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(255))  # e.g. class:tumour, similarity:query, embedding
+    height: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16), default="float16")
+    scale: Mapped[float] = mapped_column(Float)  # raw map = data * scale
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Query(Base):
+    """One answered query: the ensemble's result."""
+
+    __tablename__ = "queries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    image_path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(255))
+    k: Mapped[int] = mapped_column(Integer)
+    vote_rule: Mapped[str] = mapped_column(String(32))
+    ensemble: Mapped[str] = mapped_column(String(32))
+    explain_method: Mapped[str] = mapped_column(String(32))
+    prediction: Mapped[str | None] = mapped_column(String(255), index=True)
+    confidence: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[dict] = mapped_column(JSON)
+    abstained: Mapped[bool] = mapped_column(Boolean, default=False)
+    credibility: Mapped[float | None] = mapped_column(Float)
+    report_path: Mapped[str | None] = mapped_column(Text)
+
+
+class Vote(Base):
+    """One ensemble member's vote on a query."""
+
+    __tablename__ = "votes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    query_id: Mapped[int] = mapped_column(ForeignKey("queries.id"), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    prediction: Mapped[str | None] = mapped_column(String(255))
+    confidence: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[dict] = mapped_column(JSON)
+    abstained: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Neighbour(Base):
+    """A case retrieved for a query by one member, with the label it had at the time."""
+
+    __tablename__ = "query_neighbours"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    query_id: Mapped[int] = mapped_column(ForeignKey("queries.id"), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    rank: Mapped[int] = mapped_column(Integer)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    similarity: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(255))
+
+
+class Feedback(Base):
+    """An expert's verdict on a query. Never overwritten: later verdicts are new rows."""
+
+    __tablename__ = "feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    query_id: Mapped[int] = mapped_column(ForeignKey("queries.id"), index=True)
+    label: Mapped[str] = mapped_column(String(255))
+    note: Mapped[str | None] = mapped_column(Text)
+    by: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Problem(Base):
+    """A file that could not be ingested, and why."""
+
+    __tablename__ = "ingest_problems"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -59,7 +59,13 @@ def _default_index_dir(url: str) -> Path:
 def _make_engine(url: str) -> Engine:
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except (NoSuchModuleError, ImportError) as e:
+            raise CaseBaseError(
+                f"cannot use --db {u.render_as_string(hide_password=True)}: {e}; install the database driver "
+                "(e.g. pip install psycopg for postgresql://) or use a SQLite file path"
+            ) from None
     in_memory = not u.database or u.database == ":memory:"
     kwargs = {"connect_args": {"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}}
     if in_memory:

@@ -45,7 +45,8 @@ def cli(ctx, quiet):
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(message)s", stream=sys.stderr)
 
 
-from cbr.cli import db as _db  # noqa: E402  (commands register themselves on `cli`)
+from cbr.cli import db as _db  # noqa: E402,F401  (commands register themselves on `cli`)
+from cbr.cli import retrieval as _retrieval  # noqa: E402,F401
 
 
 def main():

@@ -30,3 +30,49 @@ def progress_enabled() -> bool:
     ctx = click.get_current_context(silent=True)
     quiet = bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("quiet"))
     return not quiet and sys.stderr.isatty()
+
+
+class RegistryChoice(click.Choice):
+    """A click.Choice whose names come from a registry, looked up only when needed.
+
+    ``loader`` returns the registry's names; it runs when an option is validated or its help is
+    shown, never at import, so ``cbr --help`` does not import numpy or torch.
+    """
+
+    def __init__(self, loader, extra=()):
+        self._loader, self._extra, self._choices = loader, tuple(extra), None
+        self.case_sensitive = True
+
+    @property
+    def choices(self):
+        if self._choices is None:
+            self._choices = tuple(self._loader()) + self._extra
+        return self._choices
+
+    @choices.setter
+    def choices(self, value):
+        self._choices = tuple(value)
+
+
+def cam_names():
+    from explain.methods import METHOD_NAMES
+
+    return METHOD_NAMES
+
+
+def vote_names():
+    from cbr.vote import VOTE_RULES
+
+    return list(VOTE_RULES)
+
+
+def ensemble_names():
+    from cbr.vote import ENSEMBLES
+
+    return list(ENSEMBLES)
+
+
+def backbone_names():
+    from cbr.embedder import BACKBONES
+
+    return list(BACKBONES)

@@ -1,0 +1,310 @@
+"""Ensemble members: a model, its embedder and its FAISS index, kept consistent with the case base.
+
+The case base is the source of truth. Every active case has its embedding stored in the
+``embeddings`` table, so an index file is a derived cache that can always be rebuilt without
+re-reading images. Index files are written under a new name per generation and the manifest is
+switched in a transaction, so a crash leaves either the old or the new generation in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, select
+
+from cbr.errors import CaseBaseError, IndexCorruptError, ModelMismatchError
+from cbr.schema import Case, Embedding, IndexManifest, Model, utcnow
+
+__all__ = [
+    "Member",
+    "writer_lock",
+    "register_model",
+    "load_index",
+    "save_index",
+    "rebuild_index",
+    "load_members",
+    "active_embeddings",
+    "model_label",
+]
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """One ensemble member: its model row, the live embedder and the searchable index."""
+
+    model_id: int
+    fingerprint: str
+    label: str
+    embedder: object
+    index: object
+    kind: str
+    notes: list[str] = field(default_factory=list)
+
+
+def model_label(model: Model) -> str:
+    """How a model is named to a user: its source plus a short fingerprint."""
+    return f"{model.source} ({model.weights}, {model.fingerprint[:12]})"
+
+
+@contextlib.contextmanager
+def writer_lock(cb, *, wait_notice: bool = True):
+    """Serialise processes that change index files of one case base (readers never wait)."""
+    cb.index_dir.mkdir(parents=True, exist_ok=True)
+    with open(cb.index_dir / ".writer.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if wait_notice:
+                LOG.warning("waiting for another cbr process that is writing to %s ...", cb.display)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            _sweep_orphans(cb)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sweep_orphans(cb) -> None:
+    """Delete index generations and temp files no manifest points to (left by a crash)."""
+    with cb.read() as s:
+        live = set(s.scalars(select(IndexManifest.path)))
+    for path in cb.index_dir.iterdir():
+        if path.name.startswith(".writer"):
+            continue
+        if path.name not in live and (path.suffix == ".faiss" or ".tmp" in path.name):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def register_model(cb, embedder, source: str) -> int:
+    """Get or create the model row for an embedder (by fingerprint); returns its id."""
+    fp = embedder.fingerprint
+    cfg = embedder.config
+    with cb.write() as s:
+        row = s.scalar(select(Model).where(Model.fingerprint == fp))
+        if row is None:
+            row = Model(fingerprint=fp, backbone=cfg.backbone, weights=cfg.weights, source=source, config=cfg.to_dict())
+            s.add(row)
+            s.flush()
+        return row.id
+
+
+def active_embeddings(cb, model_id: int, ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """(case ids, float32 vectors) of active cases under a model, optionally only ``ids``."""
+    q = (
+        select(Embedding.case_id, Embedding.vector)
+        .join(Case, Case.id == Embedding.case_id)
+        .where(Embedding.model_id == model_id, Case.removed_at.is_(None))
+        .order_by(Embedding.case_id)
+    )
+    if ids is not None:
+        q = q.where(Embedding.case_id.in_([int(i) for i in ids]))
+    with cb.read() as s:
+        rows = s.execute(q).all()
+    if not rows:
+        return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
+    ids_out = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    vecs = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+    return ids_out, vecs
+
+
+def _db_id_summary(cb, model_id: int) -> tuple[int, int]:
+    with cb.read() as s:
+        n, total = s.execute(
+            select(func.count(Embedding.case_id), func.coalesce(func.sum(Embedding.case_id), 0))
+            .join(Case, Case.id == Embedding.case_id)
+            .where(Embedding.model_id == model_id, Case.removed_at.is_(None))
+        ).one()
+    return int(n), int(total)
+
+
+def _db_active_ids(cb, model_id: int) -> np.ndarray:
+    with cb.read() as s:
+        ids = s.scalars(
+            select(Embedding.case_id)
+            .join(Case, Case.id == Embedding.case_id)
+            .where(Embedding.model_id == model_id, Case.removed_at.is_(None))
+        ).all()
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _rebuild_hint(cb) -> str:
+    return f"run `cbr index --rebuild --db {cb.display}` to restore it from the stored embeddings"
+
+
+def _read_manifest(cb, model_id: int):
+    with cb.read() as s:
+        m = s.scalar(select(IndexManifest).where(IndexManifest.model_id == model_id))
+        return None if m is None else (m.path, m.checksum, m.ntotal, m.kind)
+
+
+def load_index(cb, model_id: int, *, persist_repair: bool = False):
+    """Load a model's index, check it against its manifest and the case base, repair drift.
+
+    A missing, truncated or altered file is refused (IndexCorruptError, with the --rebuild hint).
+    An index that merely lags behind or ahead of the case base (an interrupted run, a concurrent
+    writer) is brought in line from the stored embeddings: in memory for readers, and on disk
+    when ``persist_repair`` (writers, who hold the writer lock).
+
+    Returns (index, kind, notes).
+    """
+    import index as ix
+
+    for attempt in range(3):
+        manifest = _read_manifest(cb, model_id)
+        if manifest is None:
+            raise IndexCorruptError(f"model {model_id} has no index manifest in {cb.display}; {_rebuild_hint(cb)}")
+        name, checksum, ntotal, kind = manifest
+        path = cb.index_dir / name
+        if not path.exists() and attempt < 2 and _read_manifest(cb, model_id) != manifest:
+            continue  # a writer switched generations under us; read the new manifest
+        if not path.exists():
+            raise IndexCorruptError(f"index file {path} is missing; {_rebuild_hint(cb)}")
+        if ix.checksum(path) != checksum:
+            if _read_manifest(cb, model_id) != manifest and attempt < 2:
+                continue
+            raise IndexCorruptError(f"index file {path} does not match its manifest checksum (damaged or altered); {_rebuild_hint(cb)}")
+        try:
+            index = ix.load(path)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise IndexCorruptError(f"index file {path} cannot be read ({e}); {_rebuild_hint(cb)}") from None
+        if index.ntotal != ntotal:
+            raise IndexCorruptError(f"index file {path} holds {index.ntotal} vectors but its manifest says {ntotal}; {_rebuild_hint(cb)}")
+        break
+    notes = _reconcile(cb, model_id, index)
+    if notes and persist_repair:
+        save_index(cb, model_id, index, kind)
+    return index, kind, notes
+
+
+def _reconcile(cb, model_id: int, index) -> list[str]:
+    """Make the index hold exactly the active cases' embeddings; say what was repaired."""
+    import index as ix
+
+    stored = ix.ids(index)
+    n, total = _db_id_summary(cb, model_id)
+    if n == len(stored) and total == int(stored.sum()):
+        return []
+    active = _db_active_ids(cb, model_id)
+    missing = np.setdiff1d(active, stored)
+    extra = np.setdiff1d(stored, active)
+    if len(extra):
+        ix.remove(index, extra)
+    if len(missing):
+        ids, vecs = active_embeddings(cb, model_id, missing)
+        if len(ids):
+            ix.add(index, vecs, ids)
+    note = (
+        f"index of model {model_id} disagreed with the case base ({len(missing)} case(s) missing, "
+        f"{len(extra)} removed or unknown; an interrupted or concurrent run): repaired from stored embeddings"
+    )
+    LOG.warning(note)
+    return [note]
+
+
+def save_index(cb, model_id: int, index, kind: str) -> None:
+    """Write a new index generation, switch the manifest to it, then drop the old file.
+
+    Callers hold ``writer_lock``.
+    """
+    import index as ix
+
+    cb.index_dir.mkdir(parents=True, exist_ok=True)
+    name = f"model-{model_id}-{uuid.uuid4().hex[:12]}.faiss"
+    checksum = ix.save(index, cb.index_dir / name)
+    old = None
+    with cb.write() as s:
+        m = s.scalar(select(IndexManifest).where(IndexManifest.model_id == model_id))
+        if m is None:
+            s.add(IndexManifest(model_id=model_id, kind=kind, path=name, checksum=checksum, ntotal=index.ntotal))
+        else:
+            old = m.path
+            m.path, m.checksum, m.ntotal, m.kind, m.updated_at = name, checksum, index.ntotal, kind, utcnow()
+    if old and old != name:
+        with contextlib.suppress(OSError):
+            (cb.index_dir / old).unlink()
+
+
+def rebuild_index(cb, model_id: int, kind: str | None = None):
+    """Build a model's index afresh from the stored embeddings (no image is read)."""
+    import index as ix
+
+    manifest = _read_manifest(cb, model_id)
+    kind = kind or (manifest[3] if manifest else "flat")
+    ids, vecs = active_embeddings(cb, model_id)
+    with cb.read() as s:
+        dim = s.get(Model, model_id).config["embedding_dim"]
+    index = ix.build(dim, kind, n_hint=len(ids))
+    if len(ids):
+        ix.add(index, vecs, ids)
+    save_index(cb, model_id, index, kind)
+    return index
+
+
+def _embedder_for(model: Model):
+    from cbr.embedder import ModelConfig, create_embedder
+
+    cfg = ModelConfig.from_dict(model.config)
+    if model.weights == "checkpoint":
+        if not Path(model.source).exists():
+            raise ModelMismatchError(
+                f"checkpoint {model.source} that built an index of this case base is gone; restore it, or "
+                "index again with another --model and query with --model"
+            )
+        emb = create_embedder(model.source)
+    else:
+        emb = create_embedder(model.backbone, weights=model.weights, input_size=cfg.input_size,
+                              target_layer=cfg.target_layer or None, seed=cfg.seed)
+    if emb.fingerprint != model.fingerprint:
+        raise ModelMismatchError(
+            f"model {model.source} now has fingerprint {emb.fingerprint[:12]}, but the index was built with "
+            f"{model.fingerprint[:12]} (its weights or preprocessing changed); index again with "
+            f"`cbr index DATA --model {model.source}` to add the new model, then query with --model"
+        )
+    return emb
+
+
+def _select_models(cb, wanted) -> list[Model]:
+    with cb.read() as s:
+        rows = s.scalars(
+            select(Model).join(IndexManifest, IndexManifest.model_id == Model.id).order_by(Model.id)
+        ).all()
+    if not rows:
+        raise CaseBaseError(f"case base {cb.display} has no index yet; build one with `cbr index DATA --db {cb.display}`")
+    if not wanted:
+        return list(rows)
+    from cbr.embedder import create_embedder
+
+    chosen = []
+    for name in wanted:
+        hits = [r for r in rows if name in (r.source, r.backbone, r.fingerprint) or (os.path.exists(name) and r.source == str(Path(name).resolve()))]
+        if not hits and os.path.exists(name):
+            fp = create_embedder(name).fingerprint
+            hits = [r for r in rows if r.fingerprint == fp]
+        if not hits:
+            members = "; ".join(model_label(r) for r in rows)
+            raise ModelMismatchError(
+                f"no index in {cb.display} was built with model {name!r}; its members are: {members}. "
+                f"Index with it first (`cbr index DATA --db {cb.display} --model {name}`) or query without --model"
+            )
+        chosen.extend(h for h in hits if h not in chosen)
+    return chosen
+
+
+def load_members(cb, models=None, *, device: str = "cpu", persist_repair: bool = False) -> list[Member]:
+    """Load the ensemble members of a case base (all indexed models, or those named in ``models``)."""
+    members = []
+    for row in _select_models(cb, models):
+        index, kind, notes = load_index(cb, row.id, persist_repair=persist_repair)
+        emb = _embedder_for(row).to(device)
+        members.append(Member(row.id, row.fingerprint, model_label(row), emb, index, kind, notes))
+    return members

@@ -1,0 +1,270 @@
+"""A query's full record, rebuilt from the case base, and its self-contained HTML report.
+
+Everything here comes from the database: the report can be re-created after the files written at
+query time are gone. Images are read from their recorded paths when they still exist; a stored map
+is still shown when its image is gone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import tempfile
+from pathlib import Path
+
+from sqlalchemy import select
+
+from cbr.errors import CbrError, NotFoundError
+from cbr.schema import Case, Explanation, Feedback, Model, Neighbour, Query, Vote
+
+__all__ = ["load_record", "write_outputs", "render_html"]
+
+TILE = 224
+
+
+def _iso(dt) -> str | None:
+    return None if dt is None else dt.replace(microsecond=0).isoformat()
+
+
+def load_record(cb, query_id: int, *, with_maps: bool = True) -> dict:
+    """The full record of a query: prediction, members' votes and neighbours, maps, feedback."""
+    from explain.cam import decode_map
+
+    with cb.read() as s:
+        q = s.get(Query, int(query_id))
+        if q is None:
+            raise NotFoundError(f"no query {query_id} in {cb.display}; list them with `cbr history --db {cb.display}`")
+        votes = s.scalars(select(Vote).where(Vote.query_id == q.id).order_by(Vote.id)).all()
+        models = {m.id: m for m in s.scalars(select(Model).where(Model.id.in_([v.model_id for v in votes])))}
+        rows = s.execute(
+            select(Neighbour, Case).join(Case, Case.id == Neighbour.case_id)
+            .where(Neighbour.query_id == q.id).order_by(Neighbour.model_id, Neighbour.rank)
+        ).all()
+        exps = s.scalars(select(Explanation).where(Explanation.query_id == q.id)).all() if with_maps else []
+        case_ids = [c.id for _, c in rows]
+        case_maps = s.scalars(select(Explanation).where(Explanation.case_id.in_(case_ids), Explanation.role == "case")).all() if with_maps and case_ids else []
+        feedback = s.scalars(select(Feedback).where(Feedback.query_id == q.id).order_by(Feedback.id)).all()
+        retained = {c.feedback_id: c.id for c in s.scalars(select(Case).where(Case.query_id == q.id))}
+
+    def raw(e):
+        return {"method": e.method, "target": e.target, "shape": [e.height, e.width], "scale": e.scale,
+                "map": decode_map(e.data, (e.height, e.width), e.scale)}
+
+    members = []
+    for v in votes:
+        m = models[v.model_id]
+        neigh = []
+        for n, c in rows:
+            if n.model_id != v.model_id:
+                continue
+            sim_map = next((raw(e) for e in exps if e.model_id == m.id and e.case_id == c.id), None)
+            stored = next((raw(e) for e in case_maps if e.model_id == m.id and e.case_id == c.id), None)
+            neigh.append({"rank": n.rank, "case_id": c.id, "label": n.label, "similarity": n.similarity,
+                          "path": c.path, "patient_id": c.group_id, "metadata": c.meta,
+                          "removed": c.removed_at is not None, "map": sim_map, "case_map": stored})
+        query_maps = [raw(e) for e in exps if e.model_id == m.id and e.case_id is None]
+        members.append({"model_id": m.id, "fingerprint": m.fingerprint, "model": m.source, "backbone": m.backbone,
+                        "weights": m.weights,
+                        "vote": {"label": v.prediction, "confidence": v.confidence, "probabilities": v.probabilities,
+                                 "abstained": v.abstained},
+                        "query_maps": query_maps, "neighbours": neigh})
+    return {
+        "query_id": q.id, "created_at": _iso(q.created_at), "image": q.image_path, "sha256": q.sha256,
+        "patient_id": q.patient_id, "k": q.k, "vote_rule": q.vote_rule, "ensemble": q.ensemble,
+        "explain_method": q.explain_method,
+        "prediction": {"label": q.prediction, "confidence": q.confidence, "probabilities": q.probabilities,
+                       "abstained": q.abstained, "credibility": q.credibility},
+        "members": members, "model_fingerprints": [m["fingerprint"] for m in members],
+        "feedback": [{"id": f.id, "label": f.label, "note": f.note, "by": f.by, "created_at": _iso(f.created_at),
+                      "retained_case_id": retained.get(f.id)} for f in feedback],
+        "report": q.report_path,
+    }
+
+
+def strip_maps(record: dict) -> dict:
+    """The record as JSON: maps reduced to their method, target, shape and scale."""
+    def clean(m):
+        return None if m is None else {k: v for k, v in m.items() if k != "map"}
+
+    out = dict(record)
+    out["members"] = []
+    for mem in record["members"]:
+        mem = dict(mem)
+        mem["query_maps"] = [clean(m) for m in mem["query_maps"]]
+        mem["neighbours"] = [dict(n, map=clean(n["map"]), case_map=clean(n["case_map"])) for n in mem["neighbours"]]
+        out["members"].append(mem)
+    return out
+
+
+def _load_image(path: str):
+    from cbr.image import letterbox, read_image
+
+    try:
+        img, _ = read_image(path)
+        return letterbox(img, TILE)
+    except CbrError:
+        return None
+
+
+def _placeholder(text: str):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (TILE, TILE), (60, 60, 60))
+    ImageDraw.Draw(img).text((8, TILE // 2 - 6), text, fill=(230, 230, 230))
+    return img
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _query_map(mem):
+    maps = mem["query_maps"]
+    sim = [m for m in maps if m["target"].startswith("similarity")]
+    return (sim or maps or [None])[0]
+
+
+def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, scale: str = "shared") -> dict:
+    """Write a query's overlays, panel and ``report.html`` into ``out_dir``; return their paths.
+
+    ``images`` maps None (the query) and case ids to letterboxed images already in memory;
+    anything missing is read from its recorded path.
+    """
+    from explain.overlay import render_overlay, render_panel, shared_vmax
+
+    record = load_record(cb, query_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = dict(images or {})
+    if None not in images:
+        images[None] = _load_image(record["image"]) or _placeholder("query image unavailable")
+    paths, blobs = {}, {}
+    for mem in record["members"][:1] + record["members"][1:]:
+        qmap = _query_map(mem)
+        nmaps = [(n, n["map"] or n["case_map"]) for n in mem["neighbours"]]
+        all_maps = [m["map"] for m in [qmap] + [m for _, m in nmaps] if m is not None]
+        vmax = shared_vmax(all_maps) if scale == "shared" and all_maps else None
+        tiles = []
+        qimg = images[None]
+        over = render_overlay(qimg, qmap["map"], vmax=vmax) if qmap else qimg
+        key = ("query", mem["model_id"])
+        blobs[key] = _png(over)
+        tiles.append((over, "query"))
+        for n, m in nmaps:
+            img = images.get(n["case_id"]) or _load_image(n["path"])
+            if img is None:
+                img = _placeholder("image unavailable")
+            images[n["case_id"]] = img
+            over = render_overlay(img, m["map"], vmax=vmax) if m else img
+            blobs[("neighbour", mem["model_id"], n["case_id"])] = _png(over)
+            tiles.append((over, f"#{n['rank']} {n['label']} {n['similarity']:.3f}"))
+        blobs[("panel", mem["model_id"])] = _png(render_panel(tiles, tile_size=TILE))
+    first = record["members"][0]["model_id"] if record["members"] else None
+    for key, data in blobs.items():
+        suffix = "" if key[1] == first else f"-m{key[1]}"
+        name = {"query": f"query{suffix}.png", "panel": f"panel{suffix}.png"}.get(key[0]) or f"neighbour-c{key[2]}{suffix}.png"
+        path = out / name
+        _atomic_write(path, data)
+        paths[key] = str(path)
+        if key[1] == first and key[0] in ("query", "panel"):
+            paths[key[0]] = str(path)
+        if key[0] == "neighbour":
+            paths[key] = str(path)
+    report = out / "report.html"
+    _atomic_write(report, render_html(record, blobs, scale=scale).encode())
+    paths["report"] = str(report)
+    with cb.write() as s:
+        s.get(Query, int(query_id)).report_path = str(report.resolve())
+    return paths
+
+
+def _img_tag(data: bytes | None, alt: str) -> str:
+    if not data:
+        return f'<div class="missing">{html.escape(alt)}: no image</div>'
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _probs_table(probs: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{v:.3f}</td>"
+        f'<td><div class="bar" style="width:{max(0.0, min(1.0, v)) * 200:.0f}px"></div></td></tr>'
+        for k, v in sorted(probs.items(), key=lambda kv: -kv[1])
+    )
+    return f"<table class='probs'><tr><th>class</th><th>probability</th><th></th></tr>{rows}</table>"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:28px}table{border-collapse:collapse}
+td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top;font-size:.92em}
+.bar{height:10px;background:#3a7bd5}.pred{font-size:1.3em;font-weight:600}
+.grid{display:flex;flex-wrap:wrap;gap:14px}.card{border:1px solid #ccc;border-radius:6px;padding:8px;width:240px}
+.card img{width:224px;height:224px}.meta{font-size:.8em;color:#555;word-break:break-all}
+.missing{width:224px;height:224px;background:#444;color:#eee;display:flex;align-items:center;justify-content:center}
+.warn{color:#a40}.small{font-size:.85em;color:#555}
+"""
+
+
+def render_html(record: dict, blobs: dict, *, scale: str = "shared") -> str:
+    """The report as one HTML string: images inlined, no scripts, no network."""
+    e = html.escape
+    p = record["prediction"]
+    label = "abstained" if p["abstained"] else e(str(p["label"]))
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>cbr query {record['query_id']}</title><style>{CSS}</style></head><body>",
+        f"<h1>cbr query {record['query_id']}</h1>",
+        f"<p class='small'>{e(record['created_at'] or '')} &middot; image {e(record['image'])}"
+        f"{' &middot; patient ' + e(str(record['patient_id'])) if record['patient_id'] else ''}</p>",
+        f"<p class='pred'>Diagnosis: {label} &nbsp; confidence {p['confidence']:.3f}"
+        f"{'' if p['credibility'] is None else f' &nbsp; credibility {p[chr(99) + "redibility"]:.3f}'}</p>",
+        _probs_table(p["probabilities"]),
+        f"<p class='small'>vote rule <b>{e(record['vote_rule'])}</b>, k = {record['k']}, ensemble "
+        f"<b>{e(record['ensemble'])}</b>, explanations <b>{e(record['explain_method'])}</b> "
+        f"({'shared' if scale == 'shared' else 'per-image'} colour scale)</p>",
+    ]
+    for mem in record["members"]:
+        mid = mem["model_id"]
+        v = mem["vote"]
+        parts.append(f"<h2>Member: {e(mem['model'])}</h2><p class='small'>backbone {e(mem['backbone'])}, weights "
+                     f"{e(mem['weights'])}, fingerprint <code>{e(mem['fingerprint'])}</code>; vote "
+                     f"{e(str(v['label']))} ({v['confidence']:.3f})</p>")
+        qmap = _query_map(mem)
+        parts.append("<div class='grid'><div class='card'>" + _img_tag(blobs.get(("query", mid)), "query")
+                     + f"<div><b>query</b></div><div class='meta'>map: {e(qmap['target']) if qmap else 'none'}"
+                     + (f", raw max {qmap['scale']:.4g}" if qmap else "") + "</div></div>")
+        for n in mem["neighbours"]:
+            m = n["map"] or n["case_map"]
+            meta = ", ".join(f"{e(str(k))}={e(str(val))}" for k, val in (n["metadata"] or {}).items())
+            parts.append(
+                "<div class='card'>" + _img_tag(blobs.get(("neighbour", mid, n["case_id"])), f"case {n['case_id']}")
+                + f"<div><b>#{n['rank']} {e(n['label'])}</b> similarity {n['similarity']:.3f}</div>"
+                + f"<div class='meta'>case {n['case_id']}{' (removed since)' if n['removed'] else ''}"
+                + f"{' &middot; patient ' + e(str(n['patient_id'])) if n['patient_id'] else ''}<br>{e(n['path'])}"
+                + (f"<br>{meta}" if meta else "")
+                + (f"<br>map: {e(m['target'])}, raw max {m['scale']:.4g}" if m else "<br>no map")
+                + "</div></div>")
+        parts.append("</div>")
+    if record["feedback"]:
+        rows = "".join(f"<tr><td>{e(f['created_at'] or '')}</td><td>{e(f['label'])}</td><td>{e(f['by'] or '')}</td>"
+                       f"<td>{e(f['note'] or '')}</td><td>{f['retained_case_id'] or ''}</td></tr>" for f in record["feedback"])
+        parts.append(f"<h2>Expert feedback</h2><table><tr><th>time</th><th>label</th><th>by</th><th>note</th>"
+                     f"<th>retained as case</th></tr>{rows}</table>")
+    parts.append("<p class='small'>Generated by cbr from the case base; maps are Grad-CAM-family attributions at the "
+                 "network's last convolutional block, upsampled for display.</p></body></html>")
+    return "".join(parts)

@@ -1,0 +1,108 @@
+"""Case base: creation, migrations, refusal of foreign or newer databases, transactions."""
+
+import pytest
+from sqlalchemy import inspect, select, text
+
+from cbr.casebase import current, open_casebase, resolve_url, upgrade
+from cbr.errors import CaseBaseError, SchemaError
+from cbr.schema import Base, Case, Model
+
+ALL_TABLES = set(Base.metadata.tables)
+
+
+def test_open_creates_every_table(tmp_path):
+    cb = open_casebase(tmp_path / "c.db")
+    with cb.engine.connect() as conn:
+        assert ALL_TABLES <= set(inspect(conn).get_table_names())
+    info = current(tmp_path / "c.db")
+    assert info["up_to_date"] and info["current"] == info["head"]
+    assert cb.index_dir == tmp_path / "c.db.indexes"
+
+
+def test_sqlite_uses_wal_and_busy_timeout(tmp_path):
+    cb = open_casebase(tmp_path / "c.db")
+    with cb.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 30000
+
+
+def test_stamp_base_then_upgrade_keeps_data(tmp_path):
+    db = tmp_path / "old.db"
+    before, after = upgrade(db, "0001")
+    assert (before, after) == (None, "0001")
+    cb = open_casebase(db, migrate=False)
+    with cb.engine.connect() as conn:
+        assert "calibrations" not in inspect(conn).get_table_names()
+    with cb.write() as s:
+        s.add(Model(fingerprint="f" * 64, backbone="tinycnn", weights="none", source="tinycnn", config={}))
+    cb.close()
+    # Opening an older case base upgrades it to head, and its rows survive.
+    cb = open_casebase(db)
+    with cb.engine.connect() as conn:
+        assert "calibrations" in inspect(conn).get_table_names()
+    with cb.read() as s:
+        assert s.scalar(select(Model.fingerprint)) == "f" * 64
+    assert current(db)["up_to_date"]
+
+
+def test_migrations_match_the_models(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    cb = open_casebase(tmp_path / "c.db")
+    with cb.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_newer_schema_is_refused(tmp_path):
+    db = tmp_path / "c.db"
+    cb = open_casebase(db)
+    with cb.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    cb.close()
+    with pytest.raises(SchemaError, match="newer than this cbr"):
+        open_casebase(db)
+
+
+def test_foreign_database_is_refused(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "other.db"
+    sqlite3.connect(db).execute("CREATE TABLE t (x)").connection.commit()
+    with pytest.raises(CaseBaseError, match="not a cbr case base"):
+        open_casebase(db)
+
+
+def test_not_a_database_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_text("hello")
+    with pytest.raises(CaseBaseError, match="not a SQLite database"):
+        open_casebase(bad)
+    with pytest.raises(CaseBaseError, match="does not exist"):
+        open_casebase(tmp_path / "missing.db", create=False)
+
+
+def test_any_sqlalchemy_url(tmp_path):
+    url = resolve_url(tmp_path / "c.db")
+    assert url.startswith("sqlite:///")
+    cb = open_casebase(url, index_dir=tmp_path / "idx")
+    assert cb.index_dir == tmp_path / "idx"
+    mem = open_casebase("sqlite://", index_dir=tmp_path / "mem")
+    with mem.write() as s:
+        s.add(Case(sha256="a" * 64, path="/x.png", label="yes", meta={}))
+    with mem.read() as s:  # StaticPool: every session sees the same in-memory database
+        assert s.scalar(select(Case.label)) == "yes"
+    with pytest.raises(CaseBaseError, match="install the database driver"):
+        open_casebase("nodriver://host/db", index_dir=tmp_path / "x")
+
+
+def test_failed_write_rolls_back(tmp_path):
+    cb = open_casebase(tmp_path / "c.db")
+    with pytest.raises(RuntimeError):
+        with cb.write() as s:
+            s.add(Case(sha256="b" * 64, path="/y.png", label="no", meta={}))
+            s.flush()
+            raise RuntimeError("crash mid-transaction")
+    with cb.read() as s:
+        assert s.scalar(select(Case)) is None

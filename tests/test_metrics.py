@@ -1,0 +1,297 @@
+"""Metrics: hand-computed examples, cross-checks against scikit-learn, grouped folds and plots."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cbr.errors import CbrError
+from cbr.metrics import (
+    FoldError,
+    abstention,
+    accuracy,
+    balanced_accuracy,
+    classification_report,
+    confusion_matrix,
+    expected_calibration_error,
+    group_split,
+    grouped_folds,
+    mean_average_precision,
+    per_class,
+    plot_confusion,
+    plot_reliability,
+    precision_at_k,
+    reliability_bins,
+    roc_auc_ovr,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-computed examples
+
+
+def test_accuracy_counts_abstentions_as_wrong():
+    assert accuracy(["a", "b", "c"], ["a", None, "c"]) == pytest.approx(2 / 3)
+    assert accuracy(["a"], ["a"]) == 1.0
+    assert math.isnan(accuracy([], []))
+    with pytest.raises(ValueError):
+        accuracy(["a"], [])
+
+
+def test_balanced_accuracy_is_mean_recall_over_present_classes():
+    # recall a = 2/3, recall b = 1; c is absent from y_true and ignored
+    y_true, y_pred = ["a", "a", "a", "b"], ["a", "a", "b", "b"]
+    assert balanced_accuracy(y_true, y_pred, ["a", "b", "c"]) == pytest.approx(5 / 6)
+    assert balanced_accuracy(["a", "b"], [None, "b"], ["a", "b"]) == pytest.approx(0.5)
+
+
+def test_per_class_and_confusion_matrix():
+    y_true = ["a", "a", "a", "b", "b", "c"]
+    y_pred = ["a", "a", "b", "b", None, "a"]
+    scores = per_class(y_true, y_pred, ["a", "b", "c", "d"])
+    assert scores["a"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert scores["b"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert scores["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert scores["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    cm = confusion_matrix(y_true, y_pred, ["a", "b", "c"])
+    np.testing.assert_array_equal(cm, [[2, 1, 0], [0, 1, 0], [1, 0, 0]])  # the abstention is left out
+
+
+def test_roc_auc_hand_worked():
+    # scores for b: positives 0.35, 0.8; negatives 0.1, 0.4 -> 3 of 4 pairs ordered: 0.75
+    y = ["a", "a", "b", "b"]
+    p_b = np.array([0.1, 0.4, 0.35, 0.8])
+    proba = np.column_stack([1 - p_b, p_b])
+    assert roc_auc_ovr(y, proba, ["a", "b"]) == pytest.approx(0.75)
+    # b: positives 0.5, 0.9 vs negatives 0.5, 0.8 -> pairs 1/2 (tie) + 0 + 1 + 1 = 2.5 of 4
+    tied = np.array([[0.5, 0.5], [0.2, 0.8], [0.5, 0.5], [0.1, 0.9]])
+    assert roc_auc_ovr(y, tied, ["a", "b"]) == pytest.approx(0.625)
+    # class c is absent from y_true: skipped, not zero
+    proba3 = np.column_stack([1 - p_b, p_b, np.zeros(4)])
+    assert roc_auc_ovr(y, proba3, ["a", "b", "c"]) == pytest.approx(0.75)
+    assert roc_auc_ovr(["a", "a"], [[0.6, 0.4], [0.7, 0.3]], ["a", "b"]) is None
+    with pytest.raises(ValueError, match="shape"):
+        roc_auc_ovr(y, proba3, ["a", "b"])
+
+
+def test_calibration_hand_worked():
+    confidence, correct = [0.95, 0.95, 0.15, 0.3], [1, 0, 0, 1]
+    # bins (0.9,1]: acc .5 conf .95; (0.1,0.2]: acc 0 conf .15; (0.2,0.3]: acc 1 conf .3
+    assert expected_calibration_error(confidence, correct) == pytest.approx((0.9 + 0.15 + 0.7) / 4)
+    bins = reliability_bins(confidence, correct)
+    assert len(bins) == 10
+    assert bins[2] == pytest.approx({"lower": 0.2, "upper": 0.3, "count": 1, "confidence": 0.3, "accuracy": 1.0})
+    assert bins[9]["count"] == 2 and bins[9]["accuracy"] == 0.5
+    assert bins[5] == {"lower": 0.5, "upper": 0.6, "count": 0, "confidence": None, "accuracy": None}
+    assert reliability_bins([0.0, 1.0], [1, 1], bins=2)[0]["count"] == 1
+    assert expected_calibration_error([1.0, 1.0], [1, 1]) == 0.0
+    assert math.isnan(expected_calibration_error([], []))
+
+
+def test_abstention():
+    assert abstention([True, False, False, False], [False, True, False, True]) == pytest.approx(
+        {"rate": 0.25, "accuracy_answered": 2 / 3}
+    )
+    assert abstention([True, True], [False, False]) == {"rate": 1.0, "accuracy_answered": None}
+
+
+def test_precision_at_k():
+    queries, lists = ["a", "b"], [["a", "b", "a"], ["a", "a"]]
+    assert precision_at_k(queries, lists, 1) == pytest.approx(0.5)
+    assert precision_at_k(queries, lists, 2) == pytest.approx(0.25)
+    # the short list's missing third place counts as a miss
+    assert precision_at_k(queries, lists, 3) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_mean_average_precision():
+    assert mean_average_precision(["a"], [["b", "a", "a"]]) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert mean_average_precision(["a", "b"], [["a", "b"], ["a"]]) == pytest.approx(0.5)
+    assert mean_average_precision(["a"], [[]]) == 0.0
+
+
+def test_classification_report_keys_and_json():
+    report = classification_report(["a", "b", "b"], ["a", "b", None], [[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], ["a", "b"])
+    assert set(report) == {"accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "auc"}
+    assert report["accuracy"] == pytest.approx(2 / 3)
+    assert report["balanced_accuracy"] == pytest.approx(0.75)
+    assert report["confusion_matrix"] == [[1, 0], [0, 1]]
+    assert report["auc"] == pytest.approx(1.0)
+    json.dumps(report)
+    assert classification_report(["a"], ["a"], None, ["a"])["auc"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-checks against scikit-learn
+
+
+@pytest.fixture(scope="module")
+def sk():
+    return pytest.importorskip("sklearn.metrics")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classification_metrics_match_sklearn(sk, seed):
+    rng = np.random.default_rng(seed)
+    classes = ["cyst", "glioma", "meningioma", "normal"][: 2 + seed % 3]
+    n = 60
+    y_true = list(rng.choice(classes, n))
+    y_true[: len(classes)] = classes  # every class present, as sklearn's multiclass AUC requires
+    y_pred = list(rng.choice(classes, n))
+    assert accuracy(y_true, y_pred) == pytest.approx(sk.accuracy_score(y_true, y_pred))
+    assert balanced_accuracy(y_true, y_pred, classes) == pytest.approx(
+        sk.balanced_accuracy_score(y_true, y_pred)
+    )
+    np.testing.assert_array_equal(
+        confusion_matrix(y_true, y_pred, classes), sk.confusion_matrix(y_true, y_pred, labels=classes)
+    )
+    p, r, f, s = sk.precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
+    ours = per_class(y_true, y_pred, classes)
+    for j, c in enumerate(classes):
+        assert ours[c] == pytest.approx({"precision": p[j], "recall": r[j], "f1": f[j], "support": s[j]})
+
+    proba = rng.dirichlet(np.ones(len(classes)), n)
+    expected = sk.roc_auc_score(y_true, proba if len(classes) > 2 else proba[:, 1],
+                                multi_class="ovr", average="macro", labels=classes)
+    assert roc_auc_ovr(y_true, proba, classes) == pytest.approx(expected)
+    # coarse scores: many ties, checked class by class
+    coarse = np.round(rng.random((n, len(classes))), 1)
+    per_class_auc = [sk.roc_auc_score([t == c for t in y_true], coarse[:, j]) for j, c in enumerate(classes)]
+    assert roc_auc_ovr(y_true, coarse, classes) == pytest.approx(np.mean(per_class_auc))
+
+
+def test_abstentions_match_sklearn_with_a_sentinel_label(sk):
+    rng = np.random.default_rng(7)
+    classes = ["a", "b", "c"]
+    y_true = list(rng.choice(classes, 50))
+    y_pred = [None if rng.random() < 0.2 else str(x) for x in rng.choice(classes, 50)]
+    sentinel = ["<abstained>" if p is None else p for p in y_pred]
+    assert accuracy(y_true, y_pred) == pytest.approx(sk.accuracy_score(y_true, sentinel))
+    p, r, _, _ = sk.precision_recall_fscore_support(y_true, sentinel, labels=classes, zero_division=0)
+    ours = per_class(y_true, y_pred, classes)
+    assert [ours[c]["precision"] for c in classes] == pytest.approx(p)
+    assert [ours[c]["recall"] for c in classes] == pytest.approx(r)
+    assert balanced_accuracy(y_true, y_pred, classes) == pytest.approx(np.mean(r))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_average_precision_matches_sklearn(sk, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        query = str(rng.choice(["a", "b", "c"]))
+        ranked = [str(x) for x in rng.choice(["a", "b", "c"], rng.integers(1, 15))]
+        relevant = [lab == query for lab in ranked]
+        if not any(relevant):
+            assert mean_average_precision([query], [ranked]) == 0.0
+            continue
+        expected = sk.average_precision_score(relevant, -np.arange(len(ranked)))
+        assert mean_average_precision([query], [ranked]) == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped folds and splits
+
+
+@st.composite
+def grouped_data(draw):
+    n = draw(st.integers(1, 40))
+    labels = draw(st.lists(st.sampled_from(["a", "b", "c"]), min_size=n, max_size=n))
+    groups = draw(st.lists(st.none() | st.sampled_from([f"p{i}" for i in range(12)]), min_size=n, max_size=n))
+    return labels, groups
+
+
+def _n_groups(groups):
+    return len({g for g in groups if g is not None}) + sum(g is None for g in groups)
+
+
+def _group_to_parts(groups, part):
+    seen = {}
+    for g, f in zip(groups, part):
+        if g is not None:
+            seen.setdefault(g, set()).add(int(f))
+    return seen
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=grouped_data(), n_folds=st.integers(2, 6), seed=st.integers(0, 3))
+def test_grouped_folds_properties(data, n_folds, seed):
+    labels, groups = data
+    if _n_groups(groups) < n_folds:
+        with pytest.raises(FoldError, match="folds"):
+            grouped_folds(labels, groups, n_folds, seed=seed)
+        return
+    folds = grouped_folds(labels, groups, n_folds, seed=seed)
+    assert folds.shape == (len(labels),)
+    assert set(folds.tolist()) == set(range(n_folds))  # every fold non-empty
+    assert all(len(parts) == 1 for parts in _group_to_parts(groups, folds).values())
+    np.testing.assert_array_equal(folds, grouped_folds(labels, groups, n_folds, seed=seed))
+
+
+def test_grouped_folds_are_stratified():
+    # 10 one-sample patients per class, 5 folds -> 2 of each class in every fold
+    labels = ["a"] * 10 + ["b"] * 10
+    folds = grouped_folds(labels, [f"p{i}" for i in range(20)], 5)
+    for f in range(5):
+        in_fold = [lab for lab, g in zip(labels, folds) if g == f]
+        assert sorted(in_fold) == ["a", "a", "b", "b"]
+
+
+def test_grouped_folds_keeps_patients_together_and_balances_sizes():
+    labels = ["a"] * 12 + ["b"] * 12
+    groups = [f"p{i // 3}" for i in range(24)]  # 8 patients of 3 images
+    folds = grouped_folds(labels, groups, 4, seed=1)
+    assert np.bincount(folds).tolist() == [6, 6, 6, 6]
+
+
+def test_too_few_groups_is_an_actionable_error():
+    with pytest.raises(FoldError, match="at most 2 folds") as info:
+        grouped_folds(["a", "b", "a"], ["p1", "p2", "p1"], 5)
+    assert isinstance(info.value, CbrError)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=grouped_data(), fraction=st.floats(0.0, 0.9), seed=st.integers(0, 3))
+def test_group_split_properties(data, fraction, seed):
+    labels, groups = data
+    train, val = group_split(labels, groups, fraction=fraction, seed=seed)
+    assert sorted(train.tolist() + val.tolist()) == list(range(len(labels)))
+    part = np.zeros(len(labels), dtype=int)
+    part[val] = 1
+    assert all(len(parts) == 1 for parts in _group_to_parts(groups, part).values())
+    assert {labels[i] for i in train} == set(labels)  # every class stays in train
+
+
+def test_group_split_hits_the_fraction():
+    labels = ["a"] * 50 + ["b"] * 50
+    groups = [f"p{i // 2}" for i in range(100)]
+    train, val = group_split(labels, groups, fraction=0.2, seed=3)
+    assert len(val) == 20
+    assert sorted(labels[i] for i in val) == ["a"] * 10 + ["b"] * 10
+
+
+def test_group_split_val_may_be_empty_with_one_patient_per_class():
+    train, val = group_split(["a", "a", "b"], ["p1", "p1", "p2"], fraction=0.5)
+    assert train.tolist() == [0, 1, 2] and val.size == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def test_plots_write_png_files_atomically(tmp_path):
+    classes = ["glioma", "meningioma", "no tumour"]
+    cm = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 0]])
+    out = plot_confusion(cm, classes, tmp_path / "plots" / "confusion.png")
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    bins = reliability_bins([0.95, 0.9, 0.2, 0.55, 0.6], [1, 0, 0, 1, 1])
+    out = plot_reliability(bins, tmp_path / "plots" / "reliability.png")
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    out = plot_reliability(reliability_bins([], []), tmp_path / "plots" / "empty.png")
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "confusion.png", "empty.png", "reliability.png"
+    ]  # no temporary files left behind

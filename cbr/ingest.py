@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
-from cbr.dataset import Problem, Record, read_dataset
+from cbr.dataset import Problem, Record, Scan, read_dataset
 from cbr.errors import CbrError, ImageError
 from cbr.schema import Calibration, Case, Dataset, Embedding, Explanation
 from cbr.schema import Problem as ProblemRow
@@ -232,7 +232,7 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
                   index_type: str = "flat", batch_size: int = 32, explain: str = "gradcam",
                   rebuild: bool = False, path_column: str = "path", label_column: str = "label",
                   group_column: str | None = None, images=(), progress: bool = False,
-                  num_workers: int | None = None, device: str = "cpu") -> IngestReport:
+                  num_workers: int | None = None, device: str = "cpu", records=None) -> IngestReport:
     """Index a dataset into a case base: read, decode, embed, explain, store, index, calibrate.
 
     Incremental (images already stored are skipped) and interruptible (re-running completes).
@@ -248,6 +248,7 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
         rebuild: rebuild every index from the stored embeddings first (no image is re-read).
         path_column, label_column, group_column, images: manifest options (see read_dataset).
         progress: show a progress bar.
+        records: index these ``Record``s instead of reading ``source`` (evaluation folds).
 
     Example:
         >>> report = index_dataset(open_casebase("cases.db"), "data/brain_mri", models=["mobilenet_v2"])
@@ -270,12 +271,15 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
             for model_id, src in rows:
                 rebuild_index(cb, model_id)
                 report.rebuilt.append(src)
-        if source is None:
+        if source is None and records is None:
             report.elapsed = time.monotonic() - t0
             return report
 
-        scan = read_dataset(source, path_column=path_column, label_column=label_column,
-                            group_column=group_column, images=images, progress=progress)
+        if records is not None:
+            scan = Scan(source=str(source or "<records>"), kind="records", records=list(records), problems=[])
+        else:
+            scan = read_dataset(source, path_column=path_column, label_column=label_column,
+                                group_column=group_column, images=images, progress=progress)
         report.problems.extend(scan.problems)
 
         members = []

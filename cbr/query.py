@@ -39,6 +39,7 @@ class Answer:
     report: str | None = None
     notes: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    raw_maps: dict = field(default_factory=dict, repr=False)  # the first member's query maps by target
 
     @property
     def neighbours(self) -> list[dict]:
@@ -108,8 +109,12 @@ class Searcher:
     def _classes(self, s) -> list[str]:
         return sorted(s.scalars(select(Case.label).where(Case.removed_at.is_(None)).distinct()))
 
-    def query(self, image, *, patient: str | None = None, out_dir=DEFAULT_OUT, render: bool = True) -> Answer:
-        """Answer one query image (a path); records it in the case base and writes its report."""
+    def query(self, image, *, patient: str | None = None, out_dir=DEFAULT_OUT, render: bool = True,
+              record: bool = True) -> Answer:
+        """Answer one query image (a path); records it in the case base and writes its report.
+
+        ``record=False`` (evaluation) leaves the audit trail untouched and renders nothing.
+        """
         import torch
 
         import index as ix
@@ -156,11 +161,15 @@ class Searcher:
         t["explain"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        query_id = self._record(image, sha, patient, final, votes, hits, maps)
+        query_id = self._record(image, sha, patient, final, votes, hits, maps) if record else None
+        render = render and record
         t["database"] = time.perf_counter() - t0
 
         answer = Answer(query_id=query_id, image=str(image), sha256=sha, prediction=_vote_dict(final), members=[],
                         notes=list(self.notes))
+        if self.members:
+            first = self.members[0].model_id
+            answer.raw_maps = {target: raw for (mid, cid, target), raw in maps.items() if mid == first and cid is None}
         for m, v, h in zip(self.members, votes, hits):
             answer.members.append({
                 "model_id": m.model_id, "fingerprint": m.fingerprint, "model": m.label, "vote": _vote_dict(v),

@@ -225,14 +225,14 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared") -> str:
     e = html.escape
     p = record["prediction"]
     label = "abstained" if p["abstained"] else e(str(p["label"]))
+    cred = "" if p["credibility"] is None else f" &nbsp; credibility {p['credibility']:.3f}"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>cbr query {record['query_id']}</title><style>{CSS}</style></head><body>",
         f"<h1>cbr query {record['query_id']}</h1>",
         f"<p class='small'>{e(record['created_at'] or '')} &middot; image {e(record['image'])}"
         f"{' &middot; patient ' + e(str(record['patient_id'])) if record['patient_id'] else ''}</p>",
-        f"<p class='pred'>Diagnosis: {label} &nbsp; confidence {p['confidence']:.3f}"
-        f"{'' if p['credibility'] is None else f' &nbsp; credibility {p[chr(99) + "redibility"]:.3f}'}</p>",
+        f"<p class='pred'>Diagnosis: {label} &nbsp; confidence {p['confidence']:.3f}{cred}</p>",
         _probs_table(p["probabilities"]),
         f"<p class='small'>vote rule <b>{e(record['vote_rule'])}</b>, k = {record['k']}, ensemble "
         f"<b>{e(record['ensemble'])}</b>, explanations <b>{e(record['explain_method'])}</b> "

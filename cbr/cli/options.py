@@ -55,9 +55,9 @@ class RegistryChoice(click.Choice):
 
 
 def cam_names():
-    from explain.methods import METHOD_NAMES
+    from explain.methods import CAM_METHODS
 
-    return METHOD_NAMES
+    return list(CAM_METHODS)
 
 
 def vote_names():

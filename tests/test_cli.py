@@ -1,0 +1,62 @@
+"""The CLI frame: docstrings with examples, one-line errors, start-up without torch."""
+
+import subprocess
+import sys
+
+import click
+import pytest
+
+from cbr.cli import cli
+from conftest import invoke
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield prefix + (name,), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, prefix + (name,))
+
+
+@pytest.mark.parametrize("path,command", list(_commands(cli)), ids=lambda p: " ".join(p) if isinstance(p, tuple) else "")
+def test_every_command_has_a_docstring_with_an_example(path, command):
+    assert command.help, f"cbr {' '.join(path)} has no docstring"
+    assert "Example:" in command.help, f"cbr {' '.join(path)} has no example"
+    assert "cbr " in command.help.split("Example:", 1)[1]
+
+
+def test_cbr_error_becomes_one_line_error_and_exit_1(runner, tmp_path):
+    result = invoke(runner, "db", "current", "--db", tmp_path / "missing.db")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: case base ")
+    assert "does not exist" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_usage_error_exits_2(runner):
+    result = invoke(runner, "query")
+    assert result.exit_code == 2
+    assert "Missing argument" in result.output
+
+
+def test_db_upgrade_and_current(runner, tmp_path):
+    db = tmp_path / "c.db"
+    result = invoke(runner, "db", "upgrade", "--db", db)
+    assert result.exit_code == 0, result.output
+    assert "upgraded from empty to" in result.output
+    result = invoke(runner, "db", "current", "--db", db)
+    assert result.exit_code == 0
+    assert "up to date" in result.output
+    result = invoke(runner, "db", "upgrade", "--db", db)
+    assert "already at revision" in result.output
+
+
+def test_help_does_not_import_torch_numpy_or_sqlalchemy():
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom cbr.cli import cli\n"
+        "r = CliRunner().invoke(cli, ['--help'])\nassert r.exit_code == 0, r.output\n"
+        "heavy = [m for m in ('torch', 'numpy', 'sqlalchemy', 'faiss', 'PIL') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"cbr --help imported {out}"

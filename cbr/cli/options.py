@@ -55,9 +55,9 @@ class RegistryChoice(click.Choice):
 
 
 def cam_names():
-    from explain.methods import CAM_METHODS
+    from explain.methods import METHOD_NAMES
 
-    return list(CAM_METHODS)
+    return METHOD_NAMES
 
 
 def vote_names():

@@ -1,0 +1,343 @@
+"""Generators of bad and awkward inputs, shared by the image, dataset, CLI and reliability tests.
+
+Each ``make_*`` function writes one kind of file into ``folder`` and returns its path.
+:func:`make_bad_corpus` builds a whole class-folder dataset with all of them, and
+:data:`EXPECTED` says what must happen to each; :func:`make_bad_manifests` and
+:data:`MANIFEST_EXPECTED` do the same for CSV manifests.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cbr.phantom import CLASSES, phantom
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What must happen to one input.
+
+    ``scan``: what ``read_dataset`` does with it: "record" (indexed), "problem" (skipped with a
+    reason), "ignored" (skipped silently) or, for manifests, "error" (``DatasetError``).
+    ``reason``: a substring of the Problem's reason (for "problem"/"error"), or of the
+    ``ImageError`` reason that decoding a "record" raises; None: it decodes fine.
+    ``records``: for manifests, how many records the scan must hold.
+    """
+
+    scan: str
+    reason: str | None = None
+    records: int | None = None
+
+
+# -- single files ----------------------------------------------------------------------------
+
+
+def _phantom_image(seed: int, label: str = "tumour", size: int = 48) -> Image.Image:
+    return phantom(np.random.default_rng(seed), label, size)[0]
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def make_good(folder, label: str, n: int = 3, *, size: int = 48, seed: int = 0) -> list[Path]:
+    """``n`` distinct phantoms of class ``label`` as PNG (and every third one as JPEG)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = _phantom_image(seed * 1000 + CLASSES.index(label) * 100 + i, label, size)
+        if i % 3 == 2:
+            p = folder / f"{label}_{i}.jpg"
+            p.write_bytes(_jpeg_bytes(img))
+        else:
+            p = folder / f"{label}_{i}.png"
+            p.write_bytes(_png_bytes(img))
+        paths.append(p)
+    return paths
+
+
+def make_zero_byte(folder) -> Path:
+    p = Path(folder) / "empty.png"
+    p.write_bytes(b"")
+    return p
+
+
+def make_truncated_jpeg(folder) -> Path:
+    data = _jpeg_bytes(_phantom_image(11, size=64))
+    p = Path(folder) / "truncated.jpg"
+    p.write_bytes(data[: len(data) // 2])
+    return p
+
+
+def make_truncated_png(folder) -> Path:
+    data = _png_bytes(_phantom_image(12, size=64))
+    p = Path(folder) / "truncated.png"
+    p.write_bytes(data[: len(data) // 2])
+    return p
+
+
+def make_text_as_png(folder) -> Path:
+    p = Path(folder) / "notes.png"
+    p.write_text("patient notes, not an image\n")
+    return p
+
+
+def make_png_as_jpg(folder) -> Path:
+    """A PNG named ``.jpg``: the format is decided by content, so it must decode."""
+    p = Path(folder) / "really_a_png.jpg"
+    p.write_bytes(_png_bytes(_phantom_image(13)))
+    return p
+
+
+GRADIENT_MAX = 4095  # 12-bit data in a 16-bit container
+
+
+def make_png16(folder) -> Path:
+    """16-bit greyscale PNG: a horizontal gradient 0..4095 (12-bit data), 64x32."""
+    row = np.linspace(0, GRADIENT_MAX, 64).round().astype(np.uint16)
+    img = Image.fromarray(np.tile(row, (32, 1)))
+    assert img.mode.startswith("I;16")
+    p = Path(folder) / "gradient16.png"
+    img.save(p)
+    return p
+
+
+CMYK_LEFT, CMYK_RIGHT = (0, 255, 255, 0), (255, 255, 0, 0)  # red | blue
+
+
+def make_cmyk_jpeg(folder) -> Path:
+    """CMYK JPEG, 64x64: left half red, right half blue."""
+    img = Image.new("CMYK", (64, 64), CMYK_LEFT)
+    img.paste(Image.new("CMYK", (32, 64), CMYK_RIGHT), (32, 0))
+    p = Path(folder) / "cmyk.jpg"
+    img.save(p, "JPEG", quality=95)
+    return p
+
+
+def make_palette_transparent_png(folder) -> Path:
+    """Palette PNG, 32x32: left half a transparent white index, right half opaque red."""
+    img = Image.new("P", (32, 32), 0)
+    img.putpalette([255, 255, 255, 255, 0, 0] + [0] * (254 * 3))
+    img.paste(1, (16, 0, 32, 32))
+    p = Path(folder) / "palette_alpha.png"
+    img.save(p, transparency=0)
+    return p
+
+
+def make_tiny(folder) -> Path:
+    p = Path(folder) / "tiny.png"
+    Image.new("L", (1, 1), 128).save(p)
+    return p
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def make_pixel_bomb(folder, width: int = 50000, height: int = 50000) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` (nothing that size is allocated)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + _png_chunk(b"IEND", b"")
+    )
+    p = Path(folder) / "bomb.png"
+    p.write_bytes(data)
+    return p
+
+
+ROTATED_STORED = (64, 32)  # landscape as stored; EXIF orientation 6 shows it as 32x64 portrait
+
+
+def make_exif_rotated_jpeg(folder) -> Path:
+    """A landscape JPEG with orientation tag 6 and a red 8x8 marker at its stored top-left.
+
+    Upright (rotated 90 degrees clockwise) it is portrait with the marker at the top-right.
+    """
+    img = Image.new("RGB", ROTATED_STORED, (128, 128, 128))
+    img.paste((255, 0, 0), (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    p = Path(folder) / "rotated.jpg"
+    img.save(p, "JPEG", quality=95, exif=exif)
+    return p
+
+
+def make_non_utf8_name(folder) -> Path:
+    """A valid PNG whose name is not valid UTF-8 (returned surrogate-escaped, as os gives it)."""
+    raw = os.path.join(os.fsencode(folder), b"scan_\xff\xfe.png")
+    with open(raw, "wb") as f:
+        f.write(_png_bytes(_phantom_image(14)))
+    return Path(os.fsdecode(raw))
+
+
+def make_no_permission(folder) -> Path:
+    """A valid PNG with mode 000 (still readable when the tests run as root)."""
+    p = Path(folder) / "locked.png"
+    p.write_bytes(_png_bytes(_phantom_image(15)))
+    p.chmod(0)
+    return p
+
+
+def make_symlink_loop(folder) -> Path:
+    """A folder link pointing at its own parent folder."""
+    p = Path(folder) / "loop"
+    os.symlink(".", p, target_is_directory=True)
+    return p
+
+
+def make_dir_like_image(folder) -> Path:
+    """A folder named like an image, with an image inside (which must not be indexed)."""
+    p = Path(folder) / "series.png"
+    p.mkdir()
+    (p / "inside.png").write_bytes(_png_bytes(_phantom_image(16)))
+    return p
+
+
+def make_hidden(folder) -> Path:
+    p = Path(folder) / ".hidden.png"
+    p.write_bytes(_png_bytes(_phantom_image(17)))
+    return p
+
+
+# -- a whole class-folder corpus -------------------------------------------------------------
+
+
+EXPECTED: dict[str, Expect] = {
+    "zero_byte": Expect("problem", "empty file (0 bytes)"),
+    "truncated_jpeg": Expect("record", "truncated or corrupt image data"),
+    "truncated_png": Expect("record", "truncated or corrupt image data"),
+    "text_as_png": Expect("record", "not an image"),
+    "png_as_jpg": Expect("record"),
+    "png16": Expect("record"),
+    "cmyk_jpeg": Expect("record"),
+    "palette_transparent_png": Expect("record"),
+    "tiny": Expect("record", "too small"),
+    "pixel_bomb": Expect("record", "image too large"),
+    "exif_rotated_jpeg": Expect("record"),
+    "non_utf8_name": Expect("problem", "not valid UTF-8; rename it"),
+    # root reads mode-000 files: the reliability of the message is tested with monkeypatch.
+    "no_permission": Expect("record") if IS_ROOT else Expect("problem", "permission denied"),
+    "symlink_loop": Expect("problem", "symbolic link loop"),
+    "dir_like_image": Expect("problem", "is a directory, not an image"),
+    "hidden": Expect("ignored"),
+    "stray": Expect("problem", "not in a class folder"),
+    "duplicate": Expect("problem", "duplicate of"),
+    "conflict_a": Expect("problem", "label conflict"),
+    "conflict_b": Expect("problem", "label conflict"),
+}
+GOOD_PER_CLASS = 3
+
+_MAKERS = {
+    "zero_byte": make_zero_byte,
+    "truncated_jpeg": make_truncated_jpeg,
+    "truncated_png": make_truncated_png,
+    "text_as_png": make_text_as_png,
+    "png_as_jpg": make_png_as_jpg,
+    "png16": make_png16,
+    "cmyk_jpeg": make_cmyk_jpeg,
+    "palette_transparent_png": make_palette_transparent_png,
+    "tiny": make_tiny,
+    "pixel_bomb": make_pixel_bomb,
+    "exif_rotated_jpeg": make_exif_rotated_jpeg,
+    "non_utf8_name": make_non_utf8_name,
+    "no_permission": make_no_permission,
+    "symlink_loop": make_symlink_loop,
+    "dir_like_image": make_dir_like_image,
+    "hidden": make_hidden,
+}
+
+
+def make_bad_corpus(root) -> dict[str, Path]:
+    """Build ``root/<label>/...``: good phantoms in every class plus every bad kind.
+
+    Returns name -> path; the good images are ``good_<label>_<i>``, and every other name is a
+    key of :data:`EXPECTED` (good ones are expected as ``Expect("record")``).
+    """
+    root = Path(root)
+    paths: dict[str, Path] = {}
+    for label in CLASSES:
+        for i, p in enumerate(make_good(root / label, label, GOOD_PER_CLASS)):
+            paths[f"good_{label}_{i}"] = p
+    odd = root / CLASSES[0]
+    for name, make in _MAKERS.items():
+        paths[name] = make(odd)
+    stray = root / "stray.png"
+    stray.write_bytes(_png_bytes(_phantom_image(18)))
+    paths["stray"] = stray
+    # The copy's name sorts after the original, so the original is the one kept.
+    paths["duplicate"] = odd / "zz_duplicate.png"
+    shutil.copyfile(paths[f"good_{CLASSES[0]}_0"], paths["duplicate"])
+    conflict = _png_bytes(_phantom_image(19))
+    for key, label in (("conflict_a", CLASSES[1]), ("conflict_b", CLASSES[2])):
+        paths[key] = root / label / "conflict.png"
+        paths[key].write_bytes(conflict)
+    return paths
+
+
+def expected(name: str) -> Expect:
+    """The expectation for a corpus entry (good images included)."""
+    return Expect("record") if name.startswith("good_") else EXPECTED[name]
+
+
+# -- CSV manifests ---------------------------------------------------------------------------
+
+
+MANIFEST_EXPECTED: dict[str, Expect] = {
+    "missing_column": Expect("error", "has no column 'label'"),
+    "blank_label": Expect("problem", "row 3: blank label", records=1),
+    "unknown_path": Expect("problem", "row 3: file not found (looked in:", records=1),
+    "bom": Expect("record", records=2),
+    "quoted_commas": Expect("record", records=2),
+    "duplicate_rows": Expect("problem", "row 4: listed again; duplicate of row 2", records=2),
+}
+QUOTED_NOTE = 'left frontal, "ring" enhancing, 2 cm'
+
+
+def make_bad_manifests(root) -> dict[str, Path]:
+    """Write ``root/images/img<i>.png`` and one manifest per kind of :data:`MANIFEST_EXPECTED`."""
+    root = Path(root)
+    images = make_good(root / "images", "tumour", 3)
+    names = [p.name for p in images]
+    out: dict[str, Path] = {}
+
+    def write(name: str, text: str, encoding: str = "utf-8") -> None:
+        out[name] = root / f"{name}.csv"
+        out[name].write_bytes(text.encode(encoding))
+
+    write("missing_column", f"path,diagnosis\nimages/{names[0]},tumour\n")
+    write("blank_label", f"path,label\nimages/{names[0]},tumour\nimages/{names[1]},  \n")
+    write("unknown_path", f"path,label\nimages/{names[0]},tumour\nimages/nothere.png,cyst\n")
+    write("bom", f"path,label\nimages/{names[0]},tumour\nimages/{names[1]},cyst\n", "utf-8-sig")
+    note = '"' + QUOTED_NOTE.replace('"', '""') + '"'
+    write(
+        "quoted_commas",
+        f"path,label,notes\nimages/{names[0]},tumour,{note}\nimages/{names[1]},cyst,plain\n",
+    )
+    write(
+        "duplicate_rows",
+        f"path,label\nimages/{names[0]},tumour\nimages/{names[1]},cyst\nimages/{names[0]},tumour\n",
+    )
+    return out

@@ -1,0 +1,34 @@
+"""Several members (a model and its index each) voting together."""
+
+import csv
+import json
+
+from cbr.embedder import create_embedder, save_checkpoint
+from conftest import invoke
+
+
+def test_two_member_ensemble(runner, phantom_set, query_set, tmp_path):
+    ckpt = tmp_path / "other.pt"
+    save_checkpoint(create_embedder("tinycnn", weights="none", seed=7), ckpt)
+    db = tmp_path / "cases.db"
+    result = invoke(runner, "index", phantom_set, "--db", db, "--model", "tinycnn", "--model", ckpt,
+                    "--weights", "none", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "cases added:   18" in result.output
+
+    row = next(csv.DictReader(open(query_set, newline="")))
+    image = query_set.parent / row["path"]
+    for ensemble in ("classic", "confidence"):
+        result = invoke(runner, "query", image, "--db", db, "-k", 3, "--ensemble", ensemble, "--json",
+                        "--out", tmp_path / "r")
+        assert result.exit_code == 0, result.output
+        a = json.loads(result.output)
+        assert len(a["model_fingerprints"]) == 2 and len(set(a["model_fingerprints"])) == 2
+        assert len(a["members"]) == 2
+        assert all(len(m["neighbours"]) == 3 for m in a["members"])
+        assert abs(sum(a["prediction"]["probabilities"].values()) - 1) < 1e-6
+
+    # One member alone, chosen by its checkpoint path.
+    result = invoke(runner, "query", image, "--db", db, "--model", ckpt, "--json", "--explain", "none", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["members"]) == 1

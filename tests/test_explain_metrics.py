@@ -1,0 +1,132 @@
+"""explain.metrics on synthetic maps with known answers, and the randomisation check."""
+
+import numpy as np
+import pytest
+import torch
+
+from explain import ClassTarget, EmbeddingNormTarget
+from explain.metrics import (
+    box_mask,
+    deletion_curve,
+    energy_pointing_game,
+    iou,
+    pointing_game,
+    random_deletion_auc,
+    randomisation_check,
+    spearman,
+)
+from explain_models import make_classifier_head, make_embedder_head, make_images, make_trunk, one_thread
+
+BOX = (0, 0, 16, 16)  # the top-left quarter of a 32x32 image
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def _peak_at(row, col):
+    raw = np.zeros((8, 8), dtype=np.float32)
+    raw[row, col] = 2.0
+    return raw
+
+
+def test_box_mask():
+    mask = box_mask((2, 1, 5, 3), (4, 6))
+    assert mask.shape == (4, 6) and mask.sum() == 6
+    assert mask[1, 2] and mask[2, 4] and not mask[3, 2] and not mask[1, 5]
+    assert box_mask((-5, -5, 100, 100), (4, 6)).all()
+
+
+def test_pointing_game():
+    mask = box_mask(BOX, (32, 32))
+    assert pointing_game(_peak_at(1, 2), mask)
+    assert not pointing_game(_peak_at(6, 6), mask)
+    assert not pointing_game(np.zeros((8, 8)), mask)
+
+
+def test_energy_pointing_game():
+    mask = box_mask(BOX, (32, 32))
+    assert energy_pointing_game(mask.astype(np.float32) * 5, mask) == pytest.approx(1.0)
+    half = np.zeros((32, 32), dtype=np.float32)
+    half[0, 0] = half[31, 31] = 1.0
+    assert energy_pointing_game(half, mask) == pytest.approx(0.5)
+    assert energy_pointing_game(_peak_at(6, 6), mask) == pytest.approx(0.0)
+    assert energy_pointing_game(np.zeros((8, 8)), mask) == 0.0
+
+
+def test_iou():
+    mask = box_mask(BOX, (32, 32))
+    assert iou(mask.astype(np.float32) * 0.01, mask) == pytest.approx(1.0)
+    assert iou(~mask * 1.0, mask) == 0.0
+    assert 0 < iou(_peak_at(1, 1), mask) < 1
+    assert iou(np.ones((8, 8)), mask) == 0.0
+
+
+def _region_score(batch):
+    return batch[:, :, 4:12, 4:12].mean(dim=(1, 2, 3))
+
+
+def test_deletion_informative_map_beats_random():
+    image = make_images(1, seed=4)[0] + 0.5
+    saliency = np.zeros((8, 8), dtype=np.float32)
+    saliency[1:3, 1:3] = 1.0  # the scored region, at the map's resolution
+    calls = []
+
+    def score(batch):
+        calls.append(len(batch))
+        return _region_score(batch)
+
+    fractions, scores, auc = deletion_curve(score, image, saliency, steps=20)
+    assert calls == [21]  # every step in one batch
+    np.testing.assert_allclose(fractions, np.linspace(0, 1, 21))
+    assert scores[0] == pytest.approx(1.0) and scores[-1] == pytest.approx(0.0)
+    chance = random_deletion_auc(_region_score, image, steps=20)
+    assert auc < 0.2 < 0.3 < chance
+    assert random_deletion_auc(_region_score, image, steps=20) == chance
+
+
+def test_deletion_of_an_irrelevant_image_is_nan():
+    image = torch.zeros(3, 32, 32)
+    _, scores, auc = deletion_curve(_region_score, image[None], np.ones((8, 8)), steps=4)
+    assert np.isnan(auc) and np.isnan(scores).all()
+
+
+def test_spearman():
+    rng = np.random.default_rng(0)
+    a = rng.random((7, 7))
+    assert spearman(a, a) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert spearman(a, a ** 3) == pytest.approx(1.0)
+    ties_a, ties_b = np.array([1, 2, 2, 3, 0, 0]), np.array([2, 1, 3, 3, 0, 1])
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert spearman(ties_a, ties_b) == pytest.approx(scipy_stats.spearmanr(ties_a, ties_b)[0])
+    assert np.isnan(spearman(np.zeros(5), np.arange(5)))
+
+
+@pytest.mark.parametrize("module", ["0", "8", "", "trunk[8]"])
+def test_randomisation_check(module):
+    trunk, head = make_trunk(), make_classifier_head()
+    module = trunk[8] if module == "trunk[8]" else module
+    before = {k: v.clone() for k, v in trunk.state_dict().items()}
+    images = make_images(4, seed=6)
+    rho = randomisation_check(trunk, head, module, images, [ClassTarget(i % 3) for i in range(4)])
+    assert np.isfinite(rho) and rho < 1
+    for key, value in trunk.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
+def test_randomisation_check_is_seeded_and_validated():
+    trunk, head = make_trunk(), make_embedder_head()
+    images = make_images(2, seed=7)
+    targets = [EmbeddingNormTarget()] * 2
+    rho = randomisation_check(trunk, head, "4", images, targets, seed=3)
+    assert rho == randomisation_check(trunk, head, "4", images, targets, seed=3)
+    with pytest.raises(ValueError, match="no parameters"):
+        randomisation_check(trunk, head, "2", images, targets)
+    with pytest.raises(ValueError, match="gave back its weights"):
+        # make_trunk seeds torch with 0 just before building this first convolution.
+        randomisation_check(trunk, head, "0", images, targets, seed=0)
+    with pytest.raises(ValueError, match="not a sub-module"):
+        randomisation_check(trunk, head, torch.nn.Conv2d(3, 3, 1), images, targets)

@@ -96,7 +96,7 @@ class CaseWriter:
         self._last_save = time.monotonic()
 
     def embed(self, tensors: list):
-        """Per member: (normalised embeddings as numpy, raw maps or None) for a batch."""
+        """Per member: (normalised embeddings as numpy, trunk activations, input batch)."""
         import torch
 
         out = []
@@ -136,6 +136,9 @@ class CaseWriter:
         with self.cb.write() as s:
             for i, r in enumerate(records):
                 case = s.scalar(select(Case).where(Case.sha256 == r.sha256))
+                if case is not None and case.removed_at is not None:
+                    ids.append(case.id)  # removed on purpose: never searchable again through a new model
+                    continue
                 if case is None:
                     case = Case(sha256=r.sha256, path=r.path, label=r.label, group_id=r.group, meta=r.metadata,
                                 dataset_id=dataset_id, origin=origin, query_id=query_id, feedback_id=feedback_id)

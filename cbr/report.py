@@ -171,6 +171,11 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
         key = ("query", mem["model_id"])
         blobs[key] = _png(over)
         tiles.append((over, "query"))
+        for cmap in (m for m in mem["query_maps"] if m["target"].startswith("class:")):
+            # Its own scale: a class logit's gradient is not comparable with cosine maps.
+            over = render_overlay(qimg, cmap["map"])
+            blobs[("class", mem["model_id"])] = _png(over)
+            tiles.append((over, f"query: {cmap['target']}"))
         for n, m in nmaps:
             img = images.get(n["case_id"]) or _load_image(n["path"])
             if img is None:
@@ -183,11 +188,12 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
     first = record["members"][0]["model_id"] if record["members"] else None
     for key, data in blobs.items():
         suffix = "" if key[1] == first else f"-m{key[1]}"
-        name = {"query": f"query{suffix}.png", "panel": f"panel{suffix}.png"}.get(key[0]) or f"neighbour-c{key[2]}{suffix}.png"
+        name = {"query": f"query{suffix}.png", "panel": f"panel{suffix}.png",
+                "class": f"query-class{suffix}.png"}.get(key[0]) or f"neighbour-c{key[2]}{suffix}.png"
         path = out / name
         _atomic_write(path, data)
         paths[key] = str(path)
-        if key[1] == first and key[0] in ("query", "panel"):
+        if key[1] == first and key[0] in ("query", "panel", "class"):
             paths[key[0]] = str(path)
         if key[0] == "neighbour":
             paths[key] = str(path)
@@ -254,6 +260,10 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared") -> str:
         parts.append("<div class='grid'><div class='card'>" + _img_tag(blobs.get(("query", mid)), "query")
                      + f"<div><b>query</b></div><div class='meta'>map: {e(qmap['target']) if qmap else 'none'}"
                      + (f", raw max {qmap['scale']:.4g}" if qmap else "") + "</div></div>")
+        for cmap in (m for m in mem["query_maps"] if m["target"].startswith("class:")):
+            parts.append("<div class='card'>" + _img_tag(blobs.get(("class", mid)), "query class map")
+                         + f"<div><b>query</b>: why {e(cmap['target'][6:])}</div><div class='meta'>map: "
+                         f"{e(cmap['target'])} (own scale), raw max {cmap['scale']:.4g}</div></div>")
         for n in mem["neighbours"]:
             m = n["map"] or n["case_map"]
             meta = ", ".join(f"{e(str(k))}={e(str(val))}" for k, val in (n["metadata"] or {}).items())

@@ -60,3 +60,18 @@ def test_help_does_not_import_torch_numpy_or_sqlalchemy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"cbr --help imported {out}"
+
+
+def test_models_lists_every_registry(runner):
+    from cbr.embedder import BACKBONES
+    from cbr.vote import VOTE_RULES
+    from explain.methods import METHOD_NAMES
+
+    result = invoke(runner, "models", "--json")
+    assert result.exit_code == 0, result.output
+    import json
+
+    info = json.loads(result.output)
+    assert [b["backbone"] for b in info["backbones"]] == list(BACKBONES)
+    assert [m["name"] for m in info["cam_methods"]] == list(METHOD_NAMES)
+    assert info["vote_rules"] == list(VOTE_RULES)

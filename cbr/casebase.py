@@ -56,6 +56,11 @@ def _default_index_dir(url: str) -> Path:
     return Path.cwd() / "cbr-indexes" / f"{u.get_backend_name()}-{u.host or 'local'}-{u.database or 'db'}"
 
 
+def _ours_or_empty(cur) -> bool:
+    tables = {row[0] for row in cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return not tables or "alembic_version" in tables
+
+
 def _make_engine(url: str) -> Engine:
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
@@ -79,7 +84,10 @@ def _make_engine(url: str) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         if not in_memory:
-            cur.execute("PRAGMA journal_mode=WAL")
+            # WAL is a lasting change to the file: make it only to a case base (or a new, empty
+            # file), never to another application's database that we are about to refuse.
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal" and _ours_or_empty(cur):
+                cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
         cur.execute("PRAGMA foreign_keys=ON")

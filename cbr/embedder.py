@@ -350,6 +350,34 @@ class Embedder(nn.Module):
             return self.trunk
         return self.trunk.get_submodule(self.config.target_layer)
 
+    def cam_split(self) -> tuple[nn.Module, nn.Module] | None:
+        """``(lower, upper)`` with ``trunk(x) == upper(lower(x))`` and ``lower`` ending at the CAM
+        target layer, or None when the layer sits inside a module that is not a Sequential.
+
+        This is what makes explanations cheap at any layer the trunk can be cut at: the lower
+        part runs once without autograd, and only ``upper`` and the heads are back-propagated.
+        """
+        if not hasattr(self, "_cam_split"):
+            self._cam_split = _split_sequential(self.trunk, self.config.target_layer)
+        return self._cam_split
+
+    def cam_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One trunk pass: activations at the CAM layer and the normalised embeddings."""
+        split = self.cam_split()
+        if split is None or not self.config.target_layer:
+            return self.features(x)
+        lower, upper = split
+        acts = lower(self._prepare(x))
+        return acts, F.normalize(self.neck(upper(acts)).float(), dim=1, eps=_EPS)
+
+    def cam_head(self, classifier: bool = False) -> nn.Module:
+        """CAM-layer activations -> the embedding (un-normalised) or, with ``classifier``, logits."""
+        split = self.cam_split()
+        if split is None:
+            raise CbrError(f"target layer {self.config.target_layer!r} cannot be split off the trunk")
+        head = self.classifier_head() if classifier else self.neck
+        return head if not self.config.target_layer else nn.Sequential(split[1], head)
+
     def preprocess(self, img: Image.Image) -> Tensor:
         """A PIL image -> the normalised ``(3, S, S)`` float tensor this model expects (letterboxed)."""
         from torchvision.transforms.functional import pil_to_tensor
@@ -383,6 +411,33 @@ class Embedder(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"backbone={c.backbone}, weights={c.weights}, input_size={c.input_size}, dim={c.embedding_dim}"
+
+
+def _split_sequential(seq: nn.Module, path: str):
+    """Cut a Sequential after the module at dotted ``path``: (lower, upper), sharing the modules.
+
+    Every module along the path must be a Sequential; otherwise None.
+    """
+    if not path:
+        return seq, nn.Identity()
+    if not isinstance(seq, nn.Sequential):
+        return None
+    head, _, rest = path.partition(".")
+    names = list(seq._modules)
+    if head not in names:
+        return None
+    i = names.index(head)
+    child = seq._modules[head]
+    if rest:
+        inner = _split_sequential(child, rest)
+        if inner is None:
+            return None
+        lower_child, upper_child = inner
+    else:
+        lower_child, upper_child = child, None
+    lower = nn.Sequential(OrderedDict([(n, seq._modules[n]) for n in names[:i]] + [(head, lower_child)]))
+    upper_items = ([(head, upper_child)] if upper_child is not None else []) + [(n, seq._modules[n]) for n in names[i + 1:]]
+    return lower, nn.Sequential(OrderedDict(upper_items))
 
 
 # --- the factory --------------------------------------------------------------------------------
@@ -490,6 +545,7 @@ def create_embedder(
         _check_config(config)
         _check_target_layer(config.backbone, emb.trunk, config.target_layer)
         emb.config, emb._fingerprint = config, None
+        emb.__dict__.pop("_cam_split", None)
         return emb
     if name not in BACKBONES:
         raise UnknownNameError("backbone", name, BACKBONES)

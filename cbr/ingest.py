@@ -60,25 +60,34 @@ class IngestReport:
 
 def case_map_target(embedder, label: str):
     """The target of a case's stored map: its labelled class when the model has a head for it,
-    else the embedding norm (what the embedding is made of), which any embedder has."""
+    else the embedding norm (what the embedding is made of), which any embedder has.
+
+    Returns (target, its name, whether it needs the classifier head)."""
     from explain.targets import ClassTarget, EmbeddingNormTarget
 
     names = embedder.config.class_names
     if embedder.head is not None and label in names:
-        return ClassTarget(names.index(label)), f"class:{label}", embedder.classifier_head()
-    return EmbeddingNormTarget(), "embedding", embedder.neck
+        return ClassTarget(names.index(label)), f"class:{label}", True
+    return EmbeddingNormTarget(), "embedding", False
 
 
-def compute_maps(embedder, x, acts, targets, head, method: str) -> np.ndarray:
-    """Raw maps for a batch: the fast path at the trunk output, grad-cam's hooked path otherwise."""
+def compute_maps(embedder, x, acts, targets, classifier: bool, method: str) -> np.ndarray:
+    """Raw maps for a batch.
+
+    ``acts`` are the CAM-layer activations from ``embedder.cam_features(x)``. The fast path
+    back-propagates only from the CAM layer up (explain.cam.maps_from_activations); methods
+    that need the image (scorecam) and layers the trunk cannot be cut at go through grad-cam's
+    hooked path on the whole model.
+    """
     import torch
     from explain.cam import maps_from_activations, maps_from_images
     from explain.methods import FAST_METHODS
 
-    if method in FAST_METHODS and not embedder.config.target_layer:
+    if method in FAST_METHODS and embedder.cam_split() is not None:
         if acts.is_inference():
             acts = acts.clone()  # inference tensors cannot enter autograd
-        return maps_from_activations(head, acts, targets, method)
+        return maps_from_activations(embedder.cam_head(classifier), acts, targets, method)
+    head = embedder.classifier_head() if classifier else embedder.neck
     model = torch.nn.Sequential(embedder.trunk, head)
     with torch.enable_grad():
         return maps_from_images(model, embedder.target_module(), x, targets, method)
@@ -102,7 +111,7 @@ class CaseWriter:
         out = []
         for (model_id, emb, _, _), x in zip(self.members, tensors):
             with torch.no_grad():
-                acts, e = emb.features(x)
+                acts, e = emb.cam_features(x)
             out.append((e.float().cpu().numpy(), acts, x))
         return out
 
@@ -122,12 +131,12 @@ class CaseWriter:
                 continue
             groups: dict = {}
             for i, r in enumerate(records):
-                target, name, head = case_map_target(emb, r.label)
-                groups.setdefault(name, (head, []))[1].append((i, target))
+                target, name, classifier = case_map_target(emb, r.label)
+                groups.setdefault((name, classifier), []).append((i, target))
             maps = [None] * len(records)
-            for name, (head, items) in groups.items():
+            for (name, classifier), items in groups.items():
                 idx = [i for i, _ in items]
-                raw = compute_maps(emb, x[idx], acts[idx], [t for _, t in items], head, self.explain)
+                raw = compute_maps(emb, x[idx], acts[idx], [t for _, t in items], classifier, self.explain)
                 for j, i in enumerate(idx):
                     maps[i] = (name, raw[j])
             maps_per_member.append(maps)
@@ -273,7 +282,10 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
     with writer_lock(cb):
         if rebuild:
             with cb.read() as s:
-                rows = s.execute(select(Model.id, Model.source).join(IndexManifest, IndexManifest.model_id == Model.id)).all()
+                # Models with an index, or with stored embeddings whose manifest row was lost.
+                rows = s.execute(select(Model.id, Model.source).where(
+                    Model.id.in_(select(IndexManifest.model_id)) | Model.id.in_(select(Embedding.model_id))
+                ).order_by(Model.id)).all()
             for model_id, src in rows:
                 rebuild_index(cb, model_id)
                 report.rebuilt.append(src)

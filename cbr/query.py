@@ -60,6 +60,19 @@ class Answer:
         }
 
 
+def _check_name(image) -> None:
+    """Paths are stored as text: refuse a name that is not valid UTF-8, as `cbr index` does."""
+    import os
+
+    from cbr.errors import ImageError
+
+    try:
+        os.fsdecode(image).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ImageError(os.fsencode(image).decode("utf-8", "backslashreplace"),
+                         "file name is not valid UTF-8; rename it") from None
+
+
 def _vote_dict(v) -> dict:
     return {"label": v.label, "confidence": float(v.confidence), "probabilities": {k: float(p) for k, p in v.probabilities.items()},
             "abstained": bool(v.abstained), "credibility": None if v.credibility is None else float(v.credibility)}
@@ -122,6 +135,7 @@ class Searcher:
 
         t = {}
         t0 = time.perf_counter()
+        _check_name(image)
         img, sha = read_image(image)
         t["decode"] = time.perf_counter() - t0
 
@@ -130,7 +144,7 @@ class Searcher:
         for m in self.members:
             x = m.embedder.preprocess(img).unsqueeze(0)
             with torch.no_grad():
-                acts, e = m.embedder.features(x)
+                acts, e = m.embedder.cam_features(x)
             feats.append((x, acts, e.float().numpy()))
         t["embed"] = time.perf_counter() - t0
 
@@ -219,16 +233,16 @@ class Searcher:
             if cases:
                 xn = torch.stack(xs)
                 with torch.no_grad():
-                    an, en = emb.features(xn)
+                    an, en = emb.cam_features(xn)
                 en_np = en.float().numpy()
                 targets = [SimilarityTarget(en_np.mean(axis=0))] + [SimilarityTarget(eq[0]) for _ in cases]
-                raw = compute_maps(emb, torch.cat([xq, xn]), torch.cat([aq, an]), targets, emb.neck, self.explain)
+                raw = compute_maps(emb, torch.cat([xq, xn]), torch.cat([aq, an]), targets, False, self.explain)
                 maps[(m.model_id, None, "similarity:neighbours")] = raw[0]
                 for c, r in zip(cases, raw[1:]):
                     maps[(m.model_id, c.id, "similarity:query")] = r
             if emb.head is not None and final.label in emb.config.class_names:
                 i = emb.config.class_names.index(final.label)
-                raw = compute_maps(emb, xq, aq, [ClassTarget(i)], emb.classifier_head(), self.explain)
+                raw = compute_maps(emb, xq, aq, [ClassTarget(i)], True, self.explain)
                 maps[(m.model_id, None, f"class:{final.label}")] = raw[0]
         return maps, images
 
@@ -270,6 +284,7 @@ def query_images(cb, images, *, patient: str | None = None, out_dir=DEFAULT_OUT,
     from cbr.image import read_image
 
     for image in images:
+        _check_name(image)
         read_image(image)
     searcher = Searcher(cb, **searcher_kw)
     return [searcher.query(image, patient=patient, out_dir=out_dir, render=render) for image in images]

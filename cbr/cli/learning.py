@@ -1,0 +1,185 @@
+"""``cbr train`` and ``cbr evaluate``: fine-tuning a model and measuring the whole pipeline."""
+
+import json
+
+import click
+
+from cbr.cli import cli
+from cbr.cli.options import RegistryChoice, backbone_names, cam_names, json_option, progress_enabled, vote_names
+from cbr.cli.retrieval import manifest_options
+
+DEFAULT_REPORT_DIR = "cbr-evaluation"
+
+
+def training_options(f):
+    """Options shared by ``train`` and the cross-validation of ``evaluate``."""
+    opts = [
+        click.option("--backbone", type=RegistryChoice(backbone_names), default="mobilenet_v2", show_default=True,
+                     help="Backbone to fine-tune (see `cbr models`)."),
+        click.option("--weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True,
+                     help="Start from ImageNet weights, or from random ones."),
+        click.option("--epochs", type=click.IntRange(1, 10_000), default=10, show_default=True,
+                     help="Most epochs (early stopping may end sooner)."),
+        click.option("--img-size", type=click.IntRange(8, 4096), default=None,
+                     help="Input side in pixels [default: the backbone's, 224 for most]."),
+        click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Learning rate of the head; the pretrained backbone gets lr/10 [default: 1e-3]."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data -> same model (on CPU)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+                     help="Where to train [default: cuda if available, else cpu]."),
+        click.option("--patience", type=click.IntRange(0, 10_000), default=3, show_default=True,
+                     help="Stop after this many epochs without a better validation balanced accuracy (0: never)."),
+        click.option("--train-layers", type=click.IntRange(0, 10_000), default=None,
+                     help="Fine-tune only the last N backbone blocks and the head (0: the head only) [default: all]."),
+        click.option("--workers", type=click.IntRange(0, 64), default=None,
+                     help="Decoding worker processes [default: 1 on 2 cores]."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _print_training(r, data, backbone, weights):
+    click.echo(f"Trained {backbone} ({weights} weights) on {data}")
+    click.echo(f"  classes:      {', '.join(r.class_names)}")
+    grouped = "by patient" if any(not g.startswith("<image ") for g in r.train_groups) else "by image"
+    click.echo(f"  images:       {r.train_size} training, {r.val_size} validation (split {grouped})")
+    click.echo(f"  epochs:       {r.epochs_run} run, best {r.best_epoch}")
+    bacc = "-" if r.best_val_balanced_accuracy is None else f"{r.best_val_balanced_accuracy:.3f}"
+    click.echo(f"  best validation balanced accuracy: {bacc}")
+    click.echo(f"  skipped:      {len(r.problems)}")
+    for p in r.problems:
+        click.echo(f"    {p.path}: {p.reason}")
+    click.echo(f"  checkpoint:   {r.path} (fingerprint {r.fingerprint[:12]})")
+    click.echo(f"  elapsed:      {r.elapsed:.1f} s")
+
+
+@cli.command("train")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--out", default="model.pt", show_default=True, type=click.Path(dir_okay=False),
+              help="Checkpoint file to write.")
+@training_options
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="Share of the images (grouped by patient) kept for validation and early stopping.")
+@manifest_options
+@json_option
+def train_cmd(data, out, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
+              workers, val_fraction, path_column, label_column, group_column, images, as_json):
+    """Fine-tune a backbone with a classification head on a labelled dataset.
+
+    DATA is a folder with one sub-folder per class, or a CSV manifest. A patient-grouped share of
+    the images is held out for early stopping on balanced accuracy; the best epoch is kept. The
+    checkpoint carries the backbone, head, classes, preprocessing, fingerprint and the sha256 of
+    every image it saw; index with it (`cbr index DATA --model model.pt`).
+
+    \b
+    Example:
+        cbr train data/brain_mri --out brain.pt --epochs 8 --img-size 160
+        cbr train cxr.csv --path-column filename --label-column class --group-column patient_key --images cxr/
+        cbr train data/ --backbone tinycnn --weights none --epochs 3 --json
+    """
+    from cbr.train import train_model
+
+    result = train_model(
+        data, out, backbone=backbone, weights=weights, epochs=epochs, img_size=img_size, batch_size=batch_size,
+        lr=lr, seed=seed, device=device, patience=patience, val_fraction=val_fraction, train_layers=train_layers,
+        num_workers=workers, progress=progress_enabled() and not as_json, path_column=path_column,
+        label_column=label_column, group_column=group_column, images=images,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_training(result, data, backbone, weights)
+
+
+# Options that only make sense for cross-validation (protocol 1) or only against --db (protocol 2).
+_CV_ONLY = ("folds", "no_train", "backbone", "weights", "epochs", "img_size", "lr", "seed", "patience",
+            "train_layers")
+_DB_ONLY = ("strict", "models", "index_dir")
+
+
+def _explicit(ctx, names):
+    """The options among ``names`` given on the command line, as the user typed them."""
+    from click.core import ParameterSource
+
+    flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+    return [flags[n] for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+
+
+@cli.command("evaluate")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--db", default=None, envvar="CBR_DB", show_envvar=True,
+              help="Evaluate DATA as a held-out test set against this case base [default: cross-validate DATA].")
+@click.option("--index-dir", type=click.Path(file_okay=False), envvar="CBR_INDEX_DIR", default=None,
+              help="With --db: folder of the FAISS files (default: beside a SQLite case base).")
+@click.option("--folds", type=click.IntRange(2, 100), default=5, show_default=True, help="Cross-validation folds.")
+@training_options
+@click.option("--no-train", is_flag=True, help="Cross-validate the backbone's weights as they are (no fine-tuning).")
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=5, show_default=True, help="Neighbours per query.")
+@click.option("--vote", type=RegistryChoice(vote_names), default="weighted", show_default=True, help="Vote rule.")
+@click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=("none",)), default="none", show_default=True,
+              help="CAM method for localisation figures (needs a 'mask' column), or none.")
+@click.option("--model", "models", multiple=True, help="With --db: use only these members (name, checkpoint or fingerprint).")
+@click.option("--strict", is_flag=True, help="With --db: leave leaking test images out of the figures.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=DEFAULT_REPORT_DIR, show_default=True,
+              help="Report folder: metrics.json, confusion_matrix.png, reliability.png, predictions.csv.")
+@manifest_options
+@json_option
+@click.pass_context
+def evaluate_cmd(ctx, data, db, index_dir, folds, backbone, weights, epochs, img_size, batch_size, lr, seed, device,
+                 patience, train_layers, workers, no_train, k, vote, explain, models, strict, out_dir, path_column,
+                 label_column, group_column, images, as_json):
+    """Measure accuracy, calibration, retrieval and localisation, grouped by patient.
+
+    \b
+    The protocol follows --db:
+      * without --db (and without CBR_DB): patient-grouped, stratified k-fold
+        cross-validation of DATA. Each fold fine-tunes a model on the other folds (or, with
+        --no-train, takes the backbone as it is), indexes them into a temporary case base
+        and queries every held-out image. The case-based vote is reported beside the
+        fine-tuned model's own softmax classifier.
+      * with --db (or CBR_DB set): DATA is a held-out test set queried against that case
+        base. Test images already in the case base, in a member model's training set, or
+        from a patient in the case base are counted as leakage first; --strict leaves them out.
+
+    Queries are never recorded in the audit trail.
+
+    \b
+    Example:
+        cbr evaluate data/brain_mri --folds 5 --epochs 6 --img-size 160
+        cbr evaluate cxr.csv --path-column filename --label-column class --group-column patient_key --images cxr/
+        cbr evaluate test/ --db cases.db --strict --json
+        cbr evaluate phantoms/manifest.csv --explain gradcam --folds 3
+    """
+    from cbr.evaluate import cross_validate, evaluate_casebase, format_table
+
+    progress = progress_enabled() and not as_json
+    if db is not None:
+        wrong = _explicit(ctx, _CV_ONLY)
+        if wrong:
+            raise click.UsageError(f"{', '.join(wrong)}: only for cross-validation; drop --db (and CBR_DB) to cross-validate")
+        from cbr.casebase import open_casebase
+
+        cb = open_casebase(db, create=False, index_dir=index_dir)
+        metrics = evaluate_casebase(
+            cb, data, k=k, vote=vote, models=models or None, strict=strict, explain=explain, batch_size=batch_size,
+            device=device, num_workers=workers, out_dir=out_dir, progress=progress, path_column=path_column,
+            label_column=label_column, group_column=group_column, images=images,
+        )
+    else:
+        wrong = _explicit(ctx, _DB_ONLY)
+        if wrong:
+            raise click.UsageError(f"{', '.join(wrong)}: only with --db (a held-out test set against a case base)")
+        metrics = cross_validate(
+            data, folds=folds, k=k, vote=vote, explain=explain, train=not no_train, backbone=backbone, weights=weights,
+            epochs=epochs, img_size=img_size, batch_size=batch_size, lr=lr, patience=patience,
+            train_layers=train_layers, seed=seed, device=device, num_workers=workers, out_dir=out_dir,
+            progress=progress, path_column=path_column, label_column=label_column, group_column=group_column,
+            images=images,
+        )
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+    else:
+        click.echo(format_table(metrics))
+        click.echo(f"report: {out_dir}")

@@ -1,0 +1,57 @@
+"""Maps at any CAM layer: the cut-trunk fast path equals grad-cam's hooked path on the whole model."""
+
+import numpy as np
+import pytest
+import torch
+
+from cbr.embedder import BACKBONES, create_embedder
+from cbr.ingest import compute_maps
+from explain.cam import maps_from_activations, maps_from_images
+from explain.methods import FAST_METHODS
+from explain.targets import ClassTarget, EmbeddingNormTarget, SimilarityTarget
+
+
+def _targets(emb, x, classifier):
+    if classifier:
+        return [ClassTarget(i % len(emb.config.class_names)) for i in range(len(x))]
+    with torch.no_grad():
+        ref = emb(x).numpy()
+    return [SimilarityTarget(ref[::-1][i]) for i in range(len(x))]
+
+
+@pytest.mark.parametrize("layer", ["", "block3", "block3.0", "block2"])
+@pytest.mark.parametrize("method", sorted(FAST_METHODS))
+@pytest.mark.parametrize("classifier", [False, True])
+def test_cut_trunk_equals_hooked_path(layer, method, classifier):
+    emb = create_embedder("tinycnn", weights="none", input_size=32, target_layer=layer or None,
+                          class_names=("a", "b", "c"), seed=3)
+    assert emb.cam_split() is not None
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    targets = _targets(emb, x, classifier)
+    with torch.no_grad():
+        acts, e = emb.cam_features(x)
+        np.testing.assert_allclose(e.numpy(), emb(x).numpy(), rtol=1e-5, atol=1e-6)  # same embedding
+    fast = maps_from_activations(emb.cam_head(classifier), acts.clone(), targets, method)
+    head = emb.classifier_head() if classifier else emb.neck
+    hooked = maps_from_images(torch.nn.Sequential(emb.trunk, head), emb.target_module(), x, targets, method)
+    assert fast.shape == hooked.shape == acts.shape[:1] + acts.shape[2:]
+    np.testing.assert_allclose(fast, hooked, rtol=1e-4, atol=1e-6)
+    via_cbr = compute_maps(emb, x, acts, targets, classifier, method)
+    np.testing.assert_allclose(via_cbr, hooked, rtol=1e-4, atol=1e-6)
+
+
+def test_uncuttable_layer_uses_the_hooked_path():
+    emb = create_embedder("resnet18", weights="none", input_size=32, target_layer="layer4.1.conv2")
+    assert emb.cam_split() is None  # inside a BasicBlock: not a Sequential
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        acts, _ = emb.cam_features(x)
+    maps = compute_maps(emb, x, acts, [EmbeddingNormTarget()] * 2, False, "gradcam")
+    assert maps.shape == (2, 1, 1) and np.isfinite(maps).all()
+
+
+@pytest.mark.parametrize("name", [n for n in BACKBONES if n != "tinycnn"])
+def test_every_backbone_cuts_at_its_default_layer(name):
+    emb = create_embedder(name, weights="none", input_size=BACKBONES[name].min_input_size)
+    lower, upper = emb.cam_split()
+    assert lower is emb.trunk

@@ -1,0 +1,106 @@
+"""`cbr train` and `cbr evaluate` through click's runner."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cbr.cli import cli
+from cbr.phantom import make_phantoms
+
+FAST = ["--backbone", "tinycnn", "--weights", "none", "--img-size", "32", "--batch-size", "8", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return str(make_phantoms(tmp_path_factory.mktemp("ph"), patients=6, slices=2, size=32))
+
+
+@pytest.fixture(scope="module")
+def model(manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "m.pt"
+    result = CliRunner().invoke(cli, ["train", manifest, "--out", str(out), "--epochs", "1", *FAST])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_train_prints_a_summary(model):
+    out, text = model
+    assert out.is_file()
+    assert "Trained tinycnn (none weights)" in text
+    assert "classes:      cyst, normal, tumour" in text
+    assert "epochs:       1 run, best 1" in text
+    assert f"checkpoint:   {out} (fingerprint " in text
+
+
+def test_train_json(manifest, tmp_path):
+    result = CliRunner().invoke(cli, ["train", manifest, "--out", str(tmp_path / "m.pt"), "--epochs", "1",
+                                      "--json", *FAST])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.output)
+    assert d["class_names"] == ["cyst", "normal", "tumour"] and d["epochs_run"] == 1
+    assert d["train_size"] + d["val_size"] == 12 and len(d["fingerprint"]) == 64
+
+
+def test_evaluate_cross_validation_json(manifest, tmp_path):
+    out = tmp_path / "rep"
+    result = CliRunner().invoke(cli, ["evaluate", manifest, "--folds", "2", "--epochs", "1", "-k", "3",
+                                      "--out", str(out), "--json", *FAST])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.output)
+    assert m["protocol"] == "cross-validation" and m["n"] == 12 and len(m["folds"]) == 2
+    assert m["config"]["train"] is True and m["config"]["epochs"] == 1
+    assert 0 <= m["balanced_accuracy"] <= 1 and 0 <= m["softmax"]["balanced_accuracy"] <= 1
+    assert (out / "metrics.json").is_file() and (out / "confusion_matrix.png").is_file()
+
+
+def test_evaluate_against_a_case_base_prints_the_table(manifest, model, tmp_path, monkeypatch):
+    from cbr.casebase import open_casebase
+    from cbr.ingest import index_dataset
+
+    db = tmp_path / "cases.db"
+    index_dataset(open_casebase(db), manifest, models=[str(model[0])], explain="none")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["evaluate", manifest, "--db", str(db), "-k", "3"])
+    assert result.exit_code == 0, result.output
+    assert "held-out test set against" in result.output
+    assert "leakage: 12 same image, 12 in a model's training set, 12 same patient/group" in result.output
+    assert result.output.rstrip().endswith("report: cbr-evaluation")
+    assert (tmp_path / "cbr-evaluation" / "metrics.json").is_file()
+    strict = CliRunner().invoke(cli, ["evaluate", manifest, "--db", str(db), "--strict", "--json"])
+    assert strict.exit_code == 0, strict.output
+    assert json.loads(strict.output)["n"] == 0  # every test image leaks
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "{m}", "--epochs", "0"], "Invalid value for '--epochs'"),
+        (["train", "{m}", "--backbone", "nope"], "Invalid value for '--backbone'"),
+        (["evaluate", "{m}", "--vote", "nope"], "Invalid value for '--vote'"),
+        (["evaluate", "{m}", "--db", "x.db", "--folds", "3"], "--folds: only for cross-validation"),
+        (["evaluate", "{m}", "--strict"], "--strict: only with --db"),
+    ],
+)
+def test_bad_option_values_exit_2(manifest, args, message):
+    result = CliRunner().invoke(cli, [a.format(m=manifest) for a in args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_library_errors_are_one_line(tmp_path):
+    one_class = make_phantoms(tmp_path / "one", patients=2, slices=1, size=32, classes=("cyst",))
+    result = CliRunner().invoke(cli, ["train", str(one_class), "--out", str(tmp_path / "m.pt"), *FAST])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "at least 2 classes" in lines[0]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(cli, ["train", str(one_class), "--out", str(blocker / "m.pt"), *FAST])
+    assert result.exit_code == 1 and result.output.startswith("Error: --out ")
+
+
+@pytest.mark.parametrize("name", ["train", "evaluate"])
+def test_commands_have_examples(name):
+    doc = cli.commands[name].help
+    assert "\b\nExample:" in doc.replace("    ", "")

@@ -1,0 +1,117 @@
+"""Fine-tuning: checkpoint contents, determinism, grouped validation split, clear errors."""
+
+import csv
+
+import pytest
+import torch
+
+from cbr.dataset import read_dataset
+from cbr.embedder import load_checkpoint
+from cbr.errors import CbrError, DatasetError, UnknownNameError
+from cbr.phantom import make_phantoms
+from cbr.train import TrainError, is_grayscale, make_augmentation, train_model, trunk_stages
+
+FAST = dict(backbone="tinycnn", weights="none", img_size=32, batch_size=8, num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return make_phantoms(tmp_path_factory.mktemp("ph"), patients=9, slices=2, size=48)
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "model.pt"
+    return train_model(phantoms, out, epochs=2, val_fraction=0.34, **FAST)
+
+
+def test_checkpoint_has_classes_training_images_and_fingerprint(trained, phantoms):
+    emb, rest = load_checkpoint(trained.path)
+    scan = read_dataset(phantoms)
+    assert emb.config.class_names == ("cyst", "normal", "tumour") == tuple(trained.class_names)
+    assert emb.config.backbone == "tinycnn" and emb.config.input_size == 32
+    assert emb.head is not None and emb.head.out_features == 3
+    assert set(rest["train_sha256"]) == {r.sha256 for r in scan.records}
+    assert emb.fingerprint == trained.fingerprint
+    assert rest["extra"]["history"] == trained.history
+    assert trained.train_size + trained.val_size == len(scan.records)
+    assert trained.epochs_run == len(trained.history) == 2
+    assert 1 <= trained.best_epoch <= trained.epochs_run
+    assert trained.grayscale  # phantoms are grey: no colour jitter
+    for row in trained.history:
+        assert set(row) >= {"epoch", "loss", "val_accuracy", "val_balanced_accuracy"}
+        assert 0 <= row["val_balanced_accuracy"] <= 1
+
+
+def test_validation_split_is_grouped_by_patient(trained):
+    assert trained.val_size > 0
+    assert trained.train_groups and trained.val_groups
+    assert not set(trained.train_groups) & set(trained.val_groups)
+
+
+def test_same_seed_same_weights(phantoms, tmp_path):
+    a = train_model(phantoms, tmp_path / "a.pt", epochs=1, seed=3, **FAST)
+    b = train_model(phantoms, tmp_path / "b.pt", epochs=1, seed=3, **FAST)
+    assert a.fingerprint == b.fingerprint
+    assert a.history == [dict(r, seconds=r2["seconds"]) for r, r2 in zip(b.history, a.history)]
+    sa = load_checkpoint(a.path)[0].state_dict()
+    sb = load_checkpoint(b.path)[0].state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_train_layers_freezes_the_leading_blocks(phantoms, tmp_path):
+    from cbr.embedder import create_embedder
+
+    r = train_model(phantoms, tmp_path / "m.pt", epochs=1, train_layers=1, **FAST)
+    before = create_embedder("tinycnn", weights="none", input_size=32, class_names=r.class_names)
+    after = load_checkpoint(r.path)[0]
+    stages_before, stages_after = trunk_stages(before.trunk), trunk_stages(after.trunk)
+    conv = [i for i, m in enumerate(stages_before) if isinstance(m, torch.nn.Conv2d)]
+    first, last = conv[0], conv[-1]
+    assert torch.equal(stages_before[first].weight, stages_after[first].weight)  # frozen
+    assert not torch.equal(before.head.weight, after.head.weight)  # the head learnt
+
+
+def test_bad_file_is_skipped_and_listed(tmp_path):
+    manifest = make_phantoms(tmp_path / "ph", patients=6, slices=2, size=40)
+    (tmp_path / "ph" / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with open(manifest, "a", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerow(["images/broken.png", "normal", "P999", "", "0"])
+    r = train_model(manifest, tmp_path / "m.pt", epochs=1, **FAST)
+    assert [p.path for p in r.problems if p.path.endswith("broken.png")]
+    assert r.train_size + r.val_size == 12
+
+
+def test_single_class_is_a_clear_error(tmp_path):
+    manifest = make_phantoms(tmp_path / "ph", patients=3, slices=1, size=32, classes=("tumour",))
+    with pytest.raises(DatasetError, match="only one class .*at least 2 classes"):
+        train_model(manifest, tmp_path / "m.pt", **FAST)
+
+
+def test_unknown_backbone_and_unwritable_out(phantoms, tmp_path):
+    with pytest.raises(UnknownNameError, match="unknown backbone 'nope'; choose from .*mobilenet_v2"):
+        train_model(phantoms, tmp_path / "m.pt", backbone="nope")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TrainError, match="cannot create the folder"):
+        train_model(phantoms, blocker / "m.pt", **FAST)
+    with pytest.raises(TrainError, match="is a folder"):
+        train_model(phantoms, tmp_path, **FAST)
+    with pytest.raises(CbrError, match="--epochs 0"):
+        train_model(phantoms, tmp_path / "m.pt", epochs=0, **FAST)
+
+
+def test_grayscale_detection_and_colour_jitter():
+    grey = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8).expand(4, 3, 16, 16).contiguous()
+    colour = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    assert is_grayscale(grey) and not is_grayscale(colour)
+    mostly_grey = torch.cat([grey.repeat(5, 1, 1, 1), colour[:1]])  # 1 tinted image in 21
+    assert is_grayscale(mostly_grey)
+    jitter = [t for t in make_augmentation(True).transforms if type(t).__name__ == "ColorJitter"][0]
+    assert jitter.saturation is None and jitter.hue is None
+    jitter = [t for t in make_augmentation(False).transforms if type(t).__name__ == "ColorJitter"][0]
+    assert jitter.saturation is not None and jitter.hue is not None
+    # Augmenting a grey image keeps it grey.
+    torch.manual_seed(0)
+    out = make_augmentation(True)(grey[0])
+    assert out.dtype == torch.uint8 and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])

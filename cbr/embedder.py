@@ -382,11 +382,14 @@ class Embedder(nn.Module):
         """A PIL image -> the normalised ``(3, S, S)`` float tensor this model expects (letterboxed)."""
         from torchvision.transforms.functional import pil_to_tensor
 
-        size = self.config.input_size
-        x = pil_to_tensor(letterbox(img, size)).float().div_(255.0)
-        mean = torch.tensor(self.config.mean).view(3, 1, 1)
-        std = torch.tensor(self.config.std).view(3, 1, 1)
-        return (x - mean) / std
+        # (x / 255 - mean) / std as one multiply-add with constants computed once per model.
+        if not hasattr(self, "_norm"):
+            std = torch.tensor(self.config.std, dtype=torch.float32).view(3, 1, 1)
+            mean = torch.tensor(self.config.mean, dtype=torch.float32).view(3, 1, 1)
+            self._norm = (1.0 / (255.0 * std), -mean / std)
+        scale, shift = self._norm
+        x = pil_to_tensor(letterbox(img, self.config.input_size)).float()
+        return torch.addcmul(shift, x, scale)
 
     def compute_fingerprint(self) -> str:
         """sha256 over architecture, every parameter and buffer, class names and preprocessing."""
@@ -546,6 +549,7 @@ def create_embedder(
         _check_target_layer(config.backbone, emb.trunk, config.target_layer)
         emb.config, emb._fingerprint = config, None
         emb.__dict__.pop("_cam_split", None)
+        emb.__dict__.pop("_norm", None)
         return emb
     if name not in BACKBONES:
         raise UnknownNameError("backbone", name, BACKBONES)

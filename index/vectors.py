@@ -1,5 +1,6 @@
 """Building, filling and searching id-mapped inner-product indexes of L2-normalised vectors."""
 
+import contextlib
 import logging
 import math
 
@@ -125,15 +126,34 @@ def search(index, queries, k, *, exclude=None):
         # An empty IVF index is untrained and faiss would refuse to search it.
         return D, I
     kk = min(k, index.ntotal)
-    for excluded, rows in groups.items():
-        if excluded:
-            d, i = _search_excluding(index, x[rows], kk, excluded)
-        else:
-            d, i = index.search(x[rows], kk)
-        D[rows, :kk] = d
-        I[rows, :kk] = i
+    with _threads(1 if m <= SMALL_BATCH else None):
+        for excluded, rows in groups.items():
+            if excluded:
+                d, i = _search_excluding(index, x[rows], kk, excluded)
+            else:
+                d, i = index.search(x[rows], kk)
+            D[rows, :kk] = d
+            I[rows, :kk] = i
     D[I < 0] = -np.inf
     return D, I
+
+
+# A handful of queries is one memory-bound scan: OpenMP threads only contend (with each other
+# and with torch's pool), which made a 10k x 1280 flat search of one query 5x slower on 2 cores.
+SMALL_BATCH = 4
+
+
+@contextlib.contextmanager
+def _threads(n):
+    if n is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def remove(index, ids):

@@ -141,6 +141,6 @@ def test_remove_and_report_errors(indexed, query_set, tmp_path):
     folder = tmp_path / "r"
     folder.mkdir()
     path = rerender_report(cb, qid, folder)
-    assert path == str(folder / "report.html") and (folder / "query.png").exists()
+    assert path == str(folder / "report.html") and (folder / "query.jpg").exists()
     with pytest.raises(UnknownNameError):
         rerender_report(cb, qid, scale="bright")

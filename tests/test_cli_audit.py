@@ -309,7 +309,7 @@ def test_show_and_report_rebuilt_after_files_are_gone(runner, indexed, query_set
     assert r.output == f"report: cbr-reports/query-{qid}/report.html\n" and default.exists()
     assert placeholders == ["image unavailable"]
     html = default.read_text()
-    assert html.count("data:image/png;base64,") == 4 and "<script" not in html
+    assert html.count("data:image/jpeg;base64,") == 4 and "<script" not in html
     assert f"case {lost}" in html
 
     custom = tmp_path / "audit" / "q.html"

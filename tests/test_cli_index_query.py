@@ -77,10 +77,10 @@ def test_query_json(runner, indexed, query_set, tmp_path):
         assert sims == sorted(sims, reverse=True)
         for n in a["neighbours"]:
             assert set(n) >= {"case_id", "label", "similarity", "path", "patient_id", "explanation"}
-            assert n["explanation"] and n["explanation"].endswith(".png")
-        assert a["explanation"].endswith("query.png")
+            assert n["explanation"] and n["explanation"].endswith(".jpg")
+        assert a["explanation"].endswith("query.jpg")
         html = open(a["report"]).read()
-        assert "data:image/png;base64," in html and "<script" not in html
+        assert "data:image/jpeg;base64," in html and "<script" not in html
         assert len(a["model_fingerprints"]) == 1
     cb = open_casebase(indexed)
     with cb.read() as s:

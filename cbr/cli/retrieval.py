@@ -118,7 +118,7 @@ def _print_answer(a):
     for note in a.notes:
         click.echo(f"  note: {note}")
     if a.explanation:
-        click.echo(f"  maps:   {a.explanation} (and neighbour-*.png, panel.png beside it)")
+        click.echo(f"  maps:   {a.explanation} (and neighbour-*.jpg, panel.jpg beside it)")
     if a.report:
         click.echo(f"  report: {a.report}")
 

@@ -100,12 +100,10 @@ class Searcher:
         if k < 1:
             raise CbrError(f"-k {k}: ask for at least 1 neighbour")
         if explain != "none":
-            from explain.methods import get_cam_method
+            from explain.methods import METHOD_NAMES
 
-            try:
-                get_cam_method(explain)
-            except (KeyError, ValueError) as e:
-                raise CbrError(str(e.args[0] if e.args else e)) from None
+            if explain not in METHOD_NAMES:
+                raise CbrError(f"unknown CAM method {explain!r}; choose from {', '.join(METHOD_NAMES)}, none")
         self.cb, self.k, self.vote_name, self.ensemble_name = cb, k, vote, ensemble
         self.explain, self.scale, self.device = explain, scale, device
         self.vote_rule, self.combine = get_vote_rule(vote), get_ensemble(ensemble)
@@ -247,8 +245,6 @@ class Searcher:
         return maps, images
 
     def _record(self, image, sha, patient, final, votes, hits, maps) -> int:
-        from explain.cam import encode_map
-
         with self.cb.write() as s:
             q = Query(image_path=str(Path(image).resolve()), sha256=sha, patient_id=patient, k=self.k,
                       vote_rule=self.vote_name, ensemble=self.ensemble_name, explain_method=self.explain,
@@ -264,6 +260,8 @@ class Searcher:
                 for r, (c, d) in enumerate(h):
                     s.add(Neighbour(query_id=q.id, model_id=m.model_id, rank=r + 1, case_id=c.id, similarity=float(d), label=c.label))
             for (model_id, case_id, target), raw in maps.items():
+                from explain.cam import encode_map
+
                 data, shape, scale = encode_map(raw)
                 s.add(Explanation(model_id=model_id, case_id=case_id, query_id=q.id,
                                   role="query" if case_id is None else "neighbour", method=self.explain,

@@ -186,11 +186,16 @@ class CaseWriter:
             self._last_save = time.monotonic()
 
 
-class _Decoded:
-    """A torch Dataset decoding records once and preprocessing them for every member."""
+class DecodedRecords:
+    """A torch Dataset that decodes each record once and applies every transform to it.
 
-    def __init__(self, records, embedders):
-        self.records, self.embedders = records, embedders
+    Items are (index, [one tensor per transform], None) or (index, None, problem reason): a file
+    that cannot be used is reported, never fatal. Used by indexing (one transform per member's
+    preprocessing) and by training (letterboxed uint8).
+    """
+
+    def __init__(self, records, transforms):
+        self.records, self.transforms = records, list(transforms)
 
     def __len__(self):
         return len(self.records)
@@ -204,8 +209,8 @@ class _Decoded:
         except ImageError as e:
             return i, None, e.reason
         if sha != r.sha256:
-            return i, None, "file changed while indexing; run cbr index again"
-        return i, [e.preprocess(img) for e in self.embedders], None
+            return i, None, "file changed since the dataset was read; run again"
+        return i, [t(img) for t in self.transforms], None
 
 
 def _collate(items):
@@ -215,21 +220,32 @@ def _collate(items):
     bad = [(i, err) for i, _, err in items if err is not None]
     if not ok:
         return [], None, bad
-    n_models = len(ok[0][1])
-    tensors = [torch.stack([t[m] for _, t in ok]) for m in range(n_models)]
+    n = len(ok[0][1])
+    tensors = [torch.stack([t[m] for _, t in ok]) for m in range(n)]
     return [i for i, _ in ok], tensors, bad
 
 
-def iter_batches(records, embedders, batch_size: int, num_workers: int | None = None):
-    """Yield (record indices, per-member tensors, [(index, problem reason)]) batches."""
+def decode_workers(n: int, batch_size: int) -> int:
+    """Decoding processes: none for a single batch, 1 on a 2-core machine, else up to 4."""
     import os
 
+    if n <= batch_size:
+        return 0
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else min(4, cores - 1)
+
+
+def iter_batches(records, transforms, batch_size: int, num_workers: int | None = None):
+    """Yield (record indices, one stacked tensor per transform, [(index, problem reason)]).
+
+    ``transforms`` are callables PIL image -> tensor, e.g. each member's ``preprocess``.
+    """
     import torch
 
     if num_workers is None:
-        num_workers = 1 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 2) - 1)
+        num_workers = decode_workers(len(records), batch_size)
     loader = torch.utils.data.DataLoader(
-        _Decoded(records, embedders), batch_size=batch_size, shuffle=False,
+        DecodedRecords(records, transforms), batch_size=batch_size, shuffle=False,
         num_workers=num_workers if len(records) > batch_size else 0, collate_fn=_collate,
     )
     yield from loader
@@ -355,7 +371,7 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
         writer = CaseWriter(cb, members, explain=explain)
         bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
         decode_problems = []
-        for idx, tensors, bad in iter_batches(todo, [m[1] for m in members], batch_size, num_workers):
+        for idx, tensors, bad in iter_batches(todo, [m[1].preprocess for m in members], batch_size, num_workers):
             decode_problems.extend(Problem(todo[i].path, reason) for i, reason in bad)
             if idx:
                 batch = [todo[i] for i in idx]

@@ -47,11 +47,13 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from cbr.dataset import Problem, Record, read_dataset
+from cbr.ingest import iter_batches
 from cbr.errors import CbrError, DatasetError, ImageError, UnknownNameError
 
 __all__ = [
@@ -172,63 +174,28 @@ def _check_classes(records, what: str) -> list[str]:
 # decoding, augmentation
 
 
-class _Letterboxed:
-    """Records -> (index, uint8 letterboxed (3, S, S) tensor or None, problem reason or None)."""
+def _letterboxed(img, size: int):
+    """PIL image -> uint8 (3, size, size), letterboxed: the cache training augments from."""
+    from torchvision.transforms.functional import pil_to_tensor
 
-    def __init__(self, records, size: int):
-        self.records, self.size = records, size
+    from cbr.image import letterbox
 
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        from torchvision.transforms.functional import pil_to_tensor
-
-        from cbr.image import letterbox, read_image
-
-        r = self.records[i]
-        try:
-            img, sha = read_image(r.path)
-        except ImageError as e:
-            return i, None, e.reason
-        if sha != r.sha256:
-            return i, None, "file changed since the dataset was read; run again"
-        return i, pil_to_tensor(letterbox(img, self.size)), None
+    return pil_to_tensor(letterbox(img, size))
 
 
-def _collate(items):
-    return items
-
-
-def default_workers(n: int, batch_size: int) -> int:
-    """Decoding workers: none for a single batch, 1 on a 2-core machine, else up to 4."""
-    if n <= batch_size:
-        return 0
-    cores = os.cpu_count() or 1
-    return 1 if cores <= 2 else min(4, cores - 1)
-
-
-def decode_all(records, size: int, *, batch_size: int = 32, num_workers=None, progress=False, seed: int = 0):
+def decode_all(records, size: int, *, batch_size: int = 32, num_workers=None, progress=False):
     """Decode and letterbox ``records`` once: (kept indices, uint8 tensor (N, 3, S, S), problems)."""
     import torch
     from tqdm import tqdm
 
-    if num_workers is None:
-        num_workers = default_workers(len(records), batch_size)
-    loader = torch.utils.data.DataLoader(
-        _Letterboxed(records, size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
-    )
     kept, tensors, problems = [], [], []
     with tqdm(total=len(records), desc="decoding", unit="img", disable=not progress) as bar:
-        for batch in loader:
-            for i, t, reason in batch:
-                if t is None:
-                    problems.append(Problem(records[i].path, reason))
-                else:
-                    kept.append(i)
-                    tensors.append(t)
-            bar.update(len(batch))
+        for idx, batch, bad in iter_batches(records, [partial(_letterboxed, size=size)], batch_size, num_workers):
+            problems.extend(Problem(records[i].path, reason) for i, reason in bad)
+            if idx:
+                kept.extend(idx)
+                tensors.extend(batch[0])
+            bar.update(len(idx) + len(bad))
     stack = torch.stack(tensors) if tensors else torch.empty((0, 3, size, size), dtype=torch.uint8)
     return kept, stack, problems
 
@@ -446,7 +413,7 @@ def train_model(
     size = model.config.input_size
 
     kept, cache, bad = decode_all(records, size, batch_size=batch_size, num_workers=num_workers,
-                                  progress=progress, seed=seed)
+                                  progress=progress)
     problems += bad
     records = [records[i] for i in kept]
     _check_classes(records, what)

@@ -45,7 +45,7 @@ def run_cbr(emb, records, batch_size, workers):
     from cbr.ingest import case_map_target, compute_maps, iter_batches
 
     n = 0
-    for idx, tensors, _ in iter_batches(records, [emb], batch_size, workers):
+    for idx, tensors, _ in iter_batches(records, [emb.preprocess], batch_size, workers):
         import torch
 
         x = tensors[0]

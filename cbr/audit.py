@@ -437,16 +437,11 @@ def export(cb, what: str, fmt: str, out=None) -> int:
         raise CbrError(f"--out {out} is a folder; give a file name such as {out / (what + '.' + fmt)}")
     if not out.parent.exists():
         raise CbrError(f"folder {out.parent} does not exist; create it or choose another --out")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            with cb.read() as s:
-                n = _write_rows(fh, columns, gen(s), fmt)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return n
+    from cbr.files import atomic_open
+
+    with atomic_open(out, "w", newline="", encoding="utf-8") as fh:
+        with cb.read() as s:
+            return _write_rows(fh, columns, gen(s), fmt)
 
 
 def rerender_report(cb, query_id: int, out=None, scale: str = "shared") -> str:

@@ -11,7 +11,6 @@ import hashlib
 import importlib
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -624,16 +623,10 @@ def save_checkpoint(embedder: Embedder, path, *, train_sha256=(), extra: dict | 
         "extra": dict(extra or {}),
     }
     _check_primitive(payload["extra"], "extra")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from cbr.files import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
     return fingerprint
 
 

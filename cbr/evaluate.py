@@ -30,7 +30,6 @@ import csv
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from cbr.dataset import Problem, Record, read_dataset
+from cbr.files import atomic_write
 from cbr.errors import CbrError, ImageError
 
 __all__ = ["cross_validate", "evaluate_casebase", "score", "format_table", "write_report", "Outcome"]
@@ -102,7 +102,7 @@ def _add_softmax(embedder, outcomes, *, batch_size=32, num_workers=None, device=
         return None
     records = [o.record for o in outcomes]
     embedder.eval()
-    for idx, tensors, _bad in iter_batches(records, [embedder], batch_size, num_workers):
+    for idx, tensors, _bad in iter_batches(records, [embedder.preprocess], batch_size, num_workers):
         if not idx:
             continue
         with torch.no_grad():
@@ -238,19 +238,6 @@ def _softmax_bacc(outcomes, head_classes, classes):
 # reports
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(metrics: dict, out_dir, outcomes=()) -> Path:
     """Write ``metrics.json`` (atomically), ``confusion_matrix.png``, ``reliability.png`` and
     ``predictions.csv`` into ``out_dir``; returns the folder."""
@@ -276,8 +263,8 @@ def write_report(metrics: dict, out_dir, outcomes=()) -> Path:
         w.writerow([o.record.path, o.record.label, o.record.group or "", "" if o.fold is None else o.fold,
                     o.prediction["label"] or "", f"{o.prediction['confidence']:.6f}", int(o.prediction["abstained"]),
                     sp, " ".join(o.neighbours)])
-    _atomic_write_text(out / "predictions.csv", buf.getvalue())
-    _atomic_write_text(out / "metrics.json", json.dumps(_nan_to_none(metrics), indent=2) + "\n")
+    atomic_write(out / "predictions.csv", buf.getvalue())
+    atomic_write(out / "metrics.json", json.dumps(_nan_to_none(metrics), indent=2) + "\n")
     return out
 
 

@@ -284,7 +284,6 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
     Example:
         >>> report = index_dataset(open_casebase("cases.db"), "data/brain_mri", models=["mobilenet_v2"])
     """
-    import torch
     from tqdm import tqdm
 
     from cbr.embedder import create_embedder

@@ -10,14 +10,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from datetime import timezone
 from pathlib import Path
 
 from sqlalchemy import select
 
 from cbr.errors import CbrError, NotFoundError
+from cbr.files import atomic_write
 from cbr.schema import Case, Explanation, Feedback, Model, Neighbour, Query, Vote
 
 __all__ = ["load_record", "write_outputs", "render_html"]
@@ -129,17 +128,6 @@ def _jpeg(img) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _query_map(mem):
     maps = mem["query_maps"]
     sim = [m for m in maps if m["target"].startswith("similarity")]
@@ -193,14 +181,14 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
         name = {"query": f"query{suffix}.jpg", "panel": f"panel{suffix}.jpg",
                 "class": f"query-class{suffix}.jpg"}.get(key[0]) or f"neighbour-c{key[2]}{suffix}.jpg"
         path = out / name
-        _atomic_write(path, data)
+        atomic_write(path, data)
         paths[key] = str(path)
         if key[1] == first and key[0] in ("query", "panel", "class"):
             paths[key[0]] = str(path)
         if key[0] == "neighbour":
             paths[key] = str(path)
     report = out / report_name
-    _atomic_write(report, render_html(record, blobs, scale=scale).encode())
+    atomic_write(report, render_html(record, blobs, scale=scale).encode())
     paths["report"] = str(report)
     with cb.write() as s:
         s.get(Query, int(query_id)).report_path = str(report.resolve())

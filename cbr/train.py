@@ -54,7 +54,7 @@ import numpy as np
 
 from cbr.dataset import Problem, Record, read_dataset
 from cbr.ingest import iter_batches
-from cbr.errors import CbrError, DatasetError, ImageError, UnknownNameError
+from cbr.errors import CbrError, DatasetError, UnknownNameError
 
 __all__ = [
     "TrainError",

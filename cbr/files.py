@@ -11,8 +11,11 @@ __all__ = ["atomic_open", "atomic_write"]
 
 
 @contextmanager
-def atomic_open(path, mode: str = "wb", **kwargs):
+def atomic_open(path, mode: str = "wb", *, durable: bool = True, **kwargs):
     """Open a temporary file beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    ``durable=False`` skips the fsync: still never half-written, but a power cut may lose the
+    new content. For files that can be re-created from the case base (report images).
 
     Example:
         >>> with atomic_open("metrics.json", "w", encoding="utf-8") as fh:
@@ -24,18 +27,19 @@ def atomic_open(path, mode: str = "wb", **kwargs):
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write(path, data: bytes | str) -> None:
+def atomic_write(path, data: bytes | str, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (text as UTF-8)."""
     if isinstance(data, str):
-        with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        with atomic_open(path, "w", durable=durable, encoding="utf-8", newline="") as fh:
             fh.write(data)
     else:
-        with atomic_open(path, "wb") as fh:
+        with atomic_open(path, "wb", durable=durable) as fh:
             fh.write(data)

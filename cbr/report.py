@@ -181,14 +181,14 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
         name = {"query": f"query{suffix}.jpg", "panel": f"panel{suffix}.jpg",
                 "class": f"query-class{suffix}.jpg"}.get(key[0]) or f"neighbour-c{key[2]}{suffix}.jpg"
         path = out / name
-        atomic_write(path, data)
+        atomic_write(path, data, durable=False)
         paths[key] = str(path)
         if key[1] == first and key[0] in ("query", "panel", "class"):
             paths[key[0]] = str(path)
         if key[0] == "neighbour":
             paths[key] = str(path)
     report = out / report_name
-    atomic_write(report, render_html(record, blobs, scale=scale).encode())
+    atomic_write(report, render_html(record, blobs, scale=scale).encode(), durable=False)
     paths["report"] = str(report)
     with cb.write() as s:
         s.get(Query, int(query_id)).report_path = str(report.resolve())

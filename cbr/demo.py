@@ -77,6 +77,10 @@ def run_demo(out_dir="demo-output", *, patients: int = 36, slices: int = 3, size
     train_idx, test_idx = group_split(labels, [r.group for r in scan.records], fraction=0.25, seed=seed)
     train = [scan.records[i] for i in train_idx]
     test = [scan.records[i] for i in test_idx]
+    if not test:
+        from cbr.errors import CbrError
+
+        raise CbrError(f"--patients {patients} leaves no patient to hold out; use at least 12")
     t["data"] = time.perf_counter() - t0
     log(f"1. generated {len(scan.records)} phantom slices of {patients} patients ({', '.join(sorted(set(labels)))}); "
         f"{len(train)} for the case base, {len(test)} held out ({len({r.group for r in test})} unseen patients)")
@@ -90,8 +94,10 @@ def run_demo(out_dir="demo-output", *, patients: int = 36, slices: int = 3, size
     trained = train_model(records=train, out=model_path, backbone=backbone, weights=weights, epochs=epochs,
                           img_size=img_size, seed=seed, progress=progress)
     t["train"] = time.perf_counter() - t0
+    val = trained.best_val_balanced_accuracy
+    val = "no validation split" if val is None else f"best validation balanced accuracy {val:.3f}"
     log(f"2. fine-tuned {backbone} ({weights} start) for {trained.epochs_run} epochs in {t['train']:.0f} s; "
-        f"best validation balanced accuracy {trained.best_val_balanced_accuracy:.3f} -> {model_path}")
+        f"{val} -> {model_path}")
 
     db = out / "cases.db"
     for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):

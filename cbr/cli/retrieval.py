@@ -170,7 +170,7 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
 @cli.command("demo")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo-output", show_default=True,
               help="Folder for the phantoms, model, case base and reports.")
-@click.option("--patients", type=click.IntRange(6, 10000), default=36, show_default=True, help="Synthetic patients (3 classes).")
+@click.option("--patients", type=click.IntRange(12, 10000), default=36, show_default=True, help="Synthetic patients (3 classes).")
 @click.option("--epochs", type=click.IntRange(1, 1000), default=8, show_default=True, help="Fine-tuning epochs.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_option

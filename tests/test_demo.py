@@ -1,0 +1,29 @@
+"""The demo pipeline end to end, on a tiny budget (tinycnn, a few patients, one epoch)."""
+
+from pathlib import Path
+
+from cbr.demo import run_demo
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    lines = []
+    result = run_demo(tmp_path / "demo", patients=12, slices=2, size=48, epochs=1, img_size=32,
+                      backbone="tinycnn", log=lines.append)
+    assert [line[:2] for line in lines if line[:1].isdigit()] == ["1.", "2.", "3.", "4."]
+    assert result.weights == "none"  # tinycnn has no ImageNet weights: the demo says so and goes on
+    assert any("random weights" in line for line in lines)
+    assert result.queries == len(result.rows) > 0
+    assert 0.0 <= result.accuracy <= 1.0 and 0.0 <= result.balanced_accuracy <= 1.0
+    assert result.pointing_game is None or 0.0 <= result.pointing_game <= 1.0
+    assert Path(result.report).is_file() and Path(result.case_base).is_file()
+    # Running it again recreates the case base rather than piling up queries.
+    again = run_demo(tmp_path / "demo", patients=12, slices=2, size=48, epochs=1, img_size=32,
+                     backbone="tinycnn", log=lambda *_: None)
+    assert again.queries == result.queries
+
+
+def test_demo_refuses_too_few_patients(runner, tmp_path):
+    from conftest import invoke
+
+    result = invoke(runner, "demo", "--out", tmp_path / "d", "--patients", 5)
+    assert result.exit_code == 2 and "--patients" in result.output

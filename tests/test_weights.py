@@ -11,7 +11,7 @@ from cbr.embedder import BACKBONES, create_embedder
 from cbr.errors import WeightsNotFoundError
 from cbr.weights import imagenet_state_dict, offline_weights_available, weights_file_name
 
-SHARED_WEIGHTS = Path("/work/shared/weights")
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"  # ../shared beside the repo
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 HAS_PACKAGE = importlib.util.find_spec(cbr.weights.OFFLINE_PACKAGE) is not None
 

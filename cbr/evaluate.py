@@ -134,6 +134,59 @@ def _classification(truth, pred, proba, confidence, classes) -> dict:
     return out
 
 
+FAITHFULNESS_IMAGES = 8  # per model: deletion curves cost (steps + 1) forward passes per image
+
+
+def explanation_checks(embedder, records, method: str, *, n: int = FAITHFULNESS_IMAGES, seed: int = 0) -> dict | None:
+    """Faithfulness and sanity of a model's maps on up to ``n`` images.
+
+    * deletion: remove the most-attributed pixels first and track the target score (the labelled
+      class's probability with a head, else the cosine to the image's own embedding); the AUC is
+      compared with a random map's (lower is better: a faithful map makes the score fall fast);
+    * model randomisation (Adebayo et al.): Spearman correlation between the maps of the model
+      and of a copy whose last block is re-initialised (low: the maps depend on the weights).
+    """
+    import torch
+
+    from cbr.image import read_image
+    from cbr.ingest import compute_maps
+    from explain.metrics import deletion_curve, random_deletion_auc, randomisation_check
+    from explain.targets import ClassTarget, EmbeddingNormTarget
+
+    if method == "none" or not records:
+        return None
+    names = embedder.config.class_names
+    pick = [r for r in records if embedder.head is None or r.label in names][:n]
+    if not pick:
+        return None
+    x = torch.stack([embedder.preprocess(read_image(r.path)[0]) for r in pick])
+    classifier = embedder.head is not None
+    targets = [ClassTarget(names.index(r.label)) if classifier else EmbeddingNormTarget() for r in pick]
+    with torch.no_grad():
+        acts, ref = embedder.cam_features(x)
+    maps = compute_maps(embedder, x, acts, targets, classifier, method)
+    deletion, chance = [], []
+    for i, r in enumerate(pick):
+        if classifier:
+            c = names.index(r.label)
+
+            def score(batch, c=c):
+                with torch.no_grad():
+                    return torch.softmax(embedder.logits(batch).float(), dim=1)[:, c]
+        else:
+            def score(batch, e=ref[i]):
+                with torch.no_grad():
+                    return embedder(batch) @ e
+        deletion.append(deletion_curve(score, x[i], maps[i])[2])
+        chance.append(random_deletion_auc(score, x[i], seed=seed + i))
+    last_block = [name for name, _ in embedder.trunk.named_children()][-1]
+    head = embedder.classifier_head() if classifier else embedder.neck
+    rho = randomisation_check(embedder.trunk, head, last_block, x, targets, method if method != "scorecam" else "gradcam")
+    return {"n": len(pick), "target": "class probability" if classifier else "self-similarity",
+            "deletion_auc": float(np.nanmean(deletion)), "random_deletion_auc": float(np.nanmean(chance)),
+            "randomisation_spearman": float(rho), "randomised_block": last_block}
+
+
 def _mask_for(path: str, size: int) -> np.ndarray:
     from PIL import Image
 
@@ -349,6 +402,7 @@ def cross_validate(
               "patience": patience, "train_layers": train_layers, "seed": seed, "device": device}
 
     outcomes, fold_rows, softmax_classes, input_size = [], [], None, None
+    faithfulness: list[dict] = []
     for f in range(folds):
         tf = time.monotonic()
         train_recs = [r for r, g in zip(recs, fold_of) if g != f]
@@ -389,6 +443,9 @@ def cross_validate(
                 input_size = emb.config.input_size
                 head_classes = _add_softmax(emb, got, batch_size=batch_size, num_workers=num_workers, device=device)
                 softmax_classes = head_classes or softmax_classes
+                checks = explanation_checks(emb, test_recs, explain, n=max(1, FAITHFULNESS_IMAGES // folds), seed=seed)
+                if checks:
+                    faithfulness.append(checks)
             finally:
                 cb.close()
         row.update(_fold_figures(got, classes))
@@ -403,6 +460,7 @@ def cross_validate(
 
     metrics = score(outcomes, classes, k=k, softmax_classes=softmax_classes, input_size=input_size,
                     localise=explain != "none")
+    metrics["faithfulness"] = _pool_checks(faithfulness)
     metrics.update(protocol="cross-validation", folds=fold_rows, config=config,
                    softmax_classes=softmax_classes,
                    problems=[{"path": p.path, "reason": p.reason} for p in _unique(problems)],
@@ -411,6 +469,16 @@ def cross_validate(
         metrics["report"] = str(out_dir)
         write_report(metrics, out_dir, outcomes)
     return _nan_to_none(metrics)
+
+
+def _pool_checks(rows: list[dict]) -> dict | None:
+    """Explanation checks of several folds, weighted by their image counts."""
+    if not rows:
+        return None
+    n = sum(r["n"] for r in rows)
+    out = {key: float(sum(r[key] * r["n"] for r in rows) / n)
+           for key in ("deletion_auc", "random_deletion_auc", "randomisation_spearman")}
+    return dict(out, n=n, target=rows[0]["target"], randomised_block=rows[0]["randomised_block"])
 
 
 def _unique(problems):
@@ -549,6 +617,7 @@ def evaluate_casebase(
     input_size = searcher.members[0].embedder.config.input_size
     metrics = score(outcomes, cb_classes | {r.label for r in test}, k=k, softmax_classes=softmax_classes,
                     input_size=input_size, localise=explain != "none")
+    metrics["faithfulness"] = explanation_checks(emb or searcher.members[0].embedder, test, explain, seed=0)
     config = {"protocol": "held-out", "casebase": cb.display, "source": shown, "k": k, "vote": vote,
               "explain": explain, "strict": strict, "models": [m.label for m in searcher.members],
               "device": device}
@@ -607,6 +676,11 @@ def format_table(metrics: dict) -> str:
         lines.append(f"localisation ({loc['map']} maps, {loc['n']} images with a lesion mask): pointing game "
                      f"{_f(loc['pointing_game'])}, energy pointing game {_f(loc['energy_pointing_game'])}, "
                      f"IoU {_f(loc['iou'])}")
+    faith = metrics.get("faithfulness")
+    if faith:
+        lines.append(f"faithfulness ({faith['n']} images, {faith['target']}): deletion AUC {_f(faith['deletion_auc'])} "
+                     f"vs random map {_f(faith['random_deletion_auc'])} (lower is better); sanity: rank "
+                     f"correlation with {faith['randomised_block']} re-initialised {_f(faith['randomisation_spearman'])}")
     if metrics.get("folds"):
         lines.append("")
         parts = []

@@ -131,3 +131,30 @@ def test_strict_excludes_leaking_images(leaky, tmp_path):
         paths = {r["path"] for r in csv.DictReader(f)}
     assert paths == {r.path for r in test[4:]}
     assert not math.isnan(m["accuracy"])
+
+
+def test_faithfulness_and_sanity_checks(cv):
+    faith = cv[0]["faithfulness"]
+    assert faith is not None and faith["n"] >= 3 and faith["target"] == "class probability"
+    for key in ("deletion_auc", "random_deletion_auc"):
+        # Scores are normalised to 1 (intact) .. 0 (all deleted); a curve may rise in between.
+        assert faith[key] is None or math.isfinite(faith[key]), key
+    assert faith["randomisation_spearman"] is None or -1.0 <= faith["randomisation_spearman"] <= 1.0
+    assert faith["randomised_block"] == "block4"
+
+
+def test_deletion_of_a_faithful_map_beats_a_random_one():
+    """On a model whose class score is the mean of one image region, the map of that region
+    deletes faster than chance (the metric has teeth)."""
+    import torch
+
+    from explain.metrics import deletion_curve, random_deletion_auc
+
+    image = torch.ones(3, 16, 16)
+
+    def score(batch):
+        return batch[:, :, :8, :8].mean(dim=(1, 2, 3))
+
+    saliency = torch.zeros(16, 16)
+    saliency[:8, :8] = 1
+    assert deletion_curve(score, image, saliency.numpy())[2] < random_deletion_auc(score, image)

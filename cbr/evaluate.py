@@ -700,4 +700,4 @@ def format_table(metrics: dict) -> str:
     if metrics.get("problems"):
         lines.append(f"skipped {len(metrics['problems'])} file(s); see problems in metrics.json")
     lines.append(f"elapsed {metrics.get('elapsed_s', 0):.1f} s")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)

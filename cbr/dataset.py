@@ -91,7 +91,7 @@ class _Candidate:
         return f"row {self.row}: " if self.row is not None else ""
 
 
-def _show(path) -> str:
+def printable_path(path) -> str:
     """A printable path, even when the name is not valid UTF-8."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
@@ -101,7 +101,8 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-def _valid_utf8(path: str) -> bool:
+def valid_utf8(path: str) -> bool:
+    """Whether a name can be stored as text (os functions give undecodable bytes as surrogates)."""
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:  # os functions return undecodable bytes as lone surrogates
@@ -175,12 +176,12 @@ def read_dataset(
         )
     elif not os.path.exists(src):
         raise DatasetError(
-            f"{_show(given)}: no such folder or file; give a folder of class folders "
+            f"{printable_path(given)}: no such folder or file; give a folder of class folders "
             "(DATA/<label>/<image>) or a .csv manifest"
         )
     else:
         raise DatasetError(
-            f"{_show(given)}: not a folder or a .csv manifest; give a folder of class folders "
+            f"{printable_path(given)}: not a folder or a .csv manifest; give a folder of class folders "
             "(DATA/<label>/<image>) or a .csv manifest"
         )
     records, more = _hash_and_dedupe(candidates, problems, progress)
@@ -194,7 +195,7 @@ def _roots(images) -> list[str]:
     for root in images:
         r = os.path.abspath(os.fspath(root))
         if not os.path.isdir(r):
-            raise DatasetError(f"{_show(root)}: images folder not found; check --images")
+            raise DatasetError(f"{printable_path(root)}: images folder not found; check --images")
         roots.append(r)
     return roots
 
@@ -208,16 +209,16 @@ def _scan_folder(top: str) -> tuple[list[_Candidate], list[Problem]]:
     try:
         entries = sorted(os.scandir(top), key=lambda e: e.name)
     except PermissionError:
-        raise DatasetError(f"{_show(top)}: permission denied; cannot list the folder") from None
+        raise DatasetError(f"{printable_path(top)}: permission denied; cannot list the folder") from None
     top_real = os.path.realpath(top)
     visited = {top_real}
     for entry in entries:
         name = entry.name
         if name.startswith("."):
             continue
-        if not _valid_utf8(name):
+        if not valid_utf8(name):
             problems.append(
-                Problem(_show(entry.path), "folder or file name is not valid UTF-8; rename it")
+                Problem(printable_path(entry.path), "folder or file name is not valid UTF-8; rename it")
             )
             continue
         if _is_dir(entry):
@@ -246,8 +247,8 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 def _seen_reason(real: str, chain: tuple[str, ...]) -> str:
     if real in chain:
-        return f"symbolic link loop (points back to {_show(real)}); not followed"
-    return f"folder already scanned through another link ({_show(real)}); not scanned again"
+        return f"symbolic link loop (points back to {printable_path(real)}); not followed"
+    return f"folder already scanned through another link ({printable_path(real)}); not scanned again"
 
 
 def _walk_class(class_dir, label, chain, visited, candidates, problems) -> None:
@@ -258,19 +259,19 @@ def _walk_class(class_dir, label, chain, visited, candidates, problems) -> None:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except PermissionError:
-            problems.append(Problem(_show(folder), "permission denied (folder)"))
+            problems.append(Problem(printable_path(folder), "permission denied (folder)"))
             continue
         except OSError as e:
-            problems.append(Problem(_show(folder), f"cannot read folder ({e.strerror or e})"))
+            problems.append(Problem(printable_path(folder), f"cannot read folder ({e.strerror or e})"))
             continue
         subfolders = []
         for entry in entries:
             name = entry.name
             if name.startswith(".") or name.lower() in _CLUTTER:
                 continue
-            if not _valid_utf8(entry.path):
+            if not valid_utf8(entry.path):
                 problems.append(
-                    Problem(_show(entry.path), "file name is not valid UTF-8; rename it")
+                    Problem(printable_path(entry.path), "file name is not valid UTF-8; rename it")
                 )
                 continue
             if not _is_dir(entry):
@@ -292,7 +293,7 @@ def _walk_class(class_dir, label, chain, visited, candidates, problems) -> None:
 
 
 def _scan_manifest(csv_path, given, path_column, label_column, group_column, roots):
-    shown = _show(given)
+    shown = printable_path(given)
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
@@ -341,7 +342,7 @@ def _scan_manifest(csv_path, given, path_column, label_column, group_column, roo
 
     bases = roots + [os.path.dirname(csv_path)]
     bases = list(dict.fromkeys(bases))  # the CSV's folder may also be an images root
-    looked_in = ", ".join(_show(b) for b in bases)
+    looked_in = ", ".join(printable_path(b) for b in bases)
     listings: dict[str, dict[str, list[str]]] = {}
     candidates: list[_Candidate] = []
     problems: list[Problem] = []
@@ -368,9 +369,9 @@ def _scan_manifest(csv_path, given, path_column, label_column, group_column, roo
         if path is None:
             problems.append(Problem(cell, f"row {rowno}: file not found (looked in: {looked_in})"))
             continue
-        if not _valid_utf8(path):
+        if not valid_utf8(path):
             reason = f"row {rowno}: file name is not valid UTF-8; rename it"
-            problems.append(Problem(_show(path), reason))
+            problems.append(Problem(printable_path(path), reason))
             continue
         label = row[li].strip()
         if not label:
@@ -380,7 +381,7 @@ def _scan_manifest(csv_path, given, path_column, label_column, group_column, roo
         metadata = {h: row[j] for j, h in meta_cols if row[j] != ""}
         if "mask" in metadata:
             mask = _resolve(metadata["mask"].strip(), bases, listings)
-            if mask is not None and os.path.isfile(mask) and _valid_utf8(mask):
+            if mask is not None and os.path.isfile(mask) and valid_utf8(mask):
                 metadata["mask"] = mask
             else:
                 problems.append(

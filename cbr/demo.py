@@ -59,6 +59,7 @@ def run_demo(out_dir="demo-output", *, patients: int = 36, slices: int = 3, size
     """
     from cbr.casebase import open_casebase
     from cbr.dataset import read_dataset
+    from cbr.evaluate import lesion_mask
     from cbr.ingest import index_dataset
     from cbr.metrics import balanced_accuracy, group_split
     from cbr.phantom import make_phantoms
@@ -126,11 +127,7 @@ def run_demo(out_dir="demo-output", *, patients: int = 36, slices: int = 3, size
         if raw is None and a.raw_maps:
             raw = next(iter(a.raw_maps.values()))
         if mask_path and raw is not None and r.label != "normal":
-            from PIL import Image
-
-            from cbr.image import letterbox
-
-            mask = np.asarray(letterbox(Image.open(mask_path), img_size).convert("L")) > 127
+            mask = lesion_mask(mask_path, img_size)
             if mask.any():
                 row["pointing"] = bool(pointing_game(raw, mask))
                 hits.setdefault(r.label, []).append(row["pointing"])

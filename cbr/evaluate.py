@@ -187,7 +187,8 @@ def explanation_checks(embedder, records, method: str, *, n: int = FAITHFULNESS_
             "randomisation_spearman": float(rho), "randomised_block": last_block}
 
 
-def _mask_for(path: str, size: int) -> np.ndarray:
+def lesion_mask(path: str, size: int) -> np.ndarray:
+    """A mask image letterboxed like the model's input, as a bool array (size, size)."""
     from PIL import Image
 
     from cbr.image import letterbox
@@ -207,7 +208,7 @@ def _localisation(outcomes, input_size: int) -> dict | None:
         if not mask_path or not o.maps:
             continue
         try:
-            mask = _mask_for(mask_path, input_size)
+            mask = lesion_mask(mask_path, input_size)
         except OSError as e:
             LOG.warning("%s: mask unreadable (%s); left out of the localisation figures", mask_path, e)
             continue

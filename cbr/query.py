@@ -63,13 +63,11 @@ def _check_name(image) -> None:
     """Paths are stored as text: refuse a name that is not valid UTF-8, as `cbr index` does."""
     import os
 
+    from cbr.dataset import printable_path, valid_utf8
     from cbr.errors import ImageError
 
-    try:
-        os.fsdecode(image).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ImageError(os.fsencode(image).decode("utf-8", "backslashreplace"),
-                         "file name is not valid UTF-8; rename it") from None
+    if not valid_utf8(os.fsdecode(image)):
+        raise ImageError(printable_path(image), "file name is not valid UTF-8; rename it")
 
 
 def _vote_dict(v) -> dict:

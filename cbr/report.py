@@ -150,7 +150,7 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
     if None not in images:
         images[None] = _load_image(record["image"]) or _placeholder("query image unavailable")
     paths, blobs = {}, {}
-    for mem in record["members"][:1] + record["members"][1:]:
+    for mem in record["members"]:
         qmap = _query_map(mem)
         nmaps = [(n, n["map"] or n["case_map"]) for n in mem["neighbours"]]
         all_maps = [m["map"] for m in [qmap] + [m for _, m in nmaps] if m is not None]
@@ -185,8 +185,6 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
         paths[key] = str(path)
         if key[1] == first and key[0] in ("query", "panel", "class"):
             paths[key[0]] = str(path)
-        if key[0] == "neighbour":
-            paths[key] = str(path)
     report = out / report_name
     atomic_write(report, render_html(record, blobs, scale=scale).encode(), durable=False)
     paths["report"] = str(report)

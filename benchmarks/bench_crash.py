@@ -12,7 +12,7 @@ Modes:
   fork        (default) indexers are forked from a warm Python (as in the tests): the kill window
               is all real work.
   subprocess  every run is a fresh `python -m cbr index`; kills are drawn after the measured
-              import time. Generations per batch need `CBR_SAVE_EVERY_S` support in cbr.ingest.
+              import time. Generations per batch need `CBR_SAVE_EVERY_S` support in cbr.pipeline.index.
 
 Run: .venv/bin/python benchmarks/bench_crash.py [--trials 20] [--mode fork|subprocess] [--seed 0]
 """
@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from common import machine, table, write_json  # noqa: E402
 from test_reliability_crash import CrashHarness, ForkServer, fork_runner  # noqa: E402
 
-IMPORTS = "import cbr.cli, cbr.ingest, cbr.query, torch, torchvision, faiss, pytorch_grad_cam"
+IMPORTS = "import cbr.cli, cbr.pipeline.index, cbr.pipeline.query, torch, torchvision, faiss, pytorch_grad_cam"
 
 
 def subprocess_runner(log_dir: Path):

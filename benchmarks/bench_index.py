@@ -33,8 +33,8 @@ TARGET_VS_CEILING = 0.8
 
 
 def _records(n: int, size: int, root: Path):
-    from cbr.dataset import read_dataset
-    from cbr.phantom import make_phantoms
+    from cbr.data.dataset import read_dataset
+    from cbr.data.phantom import make_phantoms
 
     manifest = make_phantoms(root, patients=max(1, n // 4), slices=4, size=size, seed=0)
     return read_dataset(manifest).records[:n]
@@ -42,7 +42,8 @@ def _records(n: int, size: int, root: Path):
 
 def run_cbr(emb, records, batch_size, workers):
     """(a): the ingest path minus the database."""
-    from cbr.ingest import case_map_target, compute_maps, iter_batches
+    from cbr.data.batches import iter_batches
+    from cbr.models.maps import case_map_target, compute_maps
 
     n = 0
     for idx, tensors, _ in iter_batches(records, [emb.preprocess], batch_size, workers):
@@ -63,7 +64,7 @@ def run_naive(emb, records, batch_size):
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from cbr.image import read_image
+    from cbr.data.image import read_image
 
     classes = emb.config.class_names
     model = torch.nn.Sequential(emb.trunk, emb.classifier_head())
@@ -91,9 +92,9 @@ def run_ceiling(emb, tensors, batch_size):
 def bench(backbone: str, records, *, batch_size: int, workers: int, naive_share: int, chunks: int):
     import torch
 
-    from cbr.embedder import create_embedder
-    from cbr.image import read_image
-    from cbr.phantom import CLASSES
+    from cbr.models.embedder import create_embedder
+    from cbr.data.image import read_image
+    from cbr.data.phantom import CLASSES
 
     emb = create_embedder(backbone, weights="none", class_names=CLASSES).eval()
     tensors = torch.stack([emb.preprocess(read_image(r.path)[0]) for r in records])

@@ -32,11 +32,12 @@ TARGET_RATIO = 1.2
 def build_casebase(root: Path, backbone: str, n_cases: int, n_real: int, size: int):
     from sqlalchemy import select
 
-    from cbr.casebase import open_casebase
-    from cbr.ingest import calibrate, index_dataset
-    from cbr.member import rebuild_index, writer_lock
-    from cbr.phantom import make_phantoms
-    from cbr.schema import Case, Embedding, Explanation
+    from cbr.store.casebase import open_casebase
+    from cbr.pipeline.calibration import calibrate
+    from cbr.pipeline.index import index_dataset
+    from cbr.store.member import rebuild_index, writer_lock
+    from cbr.data.phantom import make_phantoms
+    from cbr.store.schema import Case, Embedding, Explanation
 
     manifest = make_phantoms(root / "data", patients=max(1, n_real // 3), slices=3, size=size, seed=0)
     queries = make_phantoms(root / "queries", patients=12, slices=1, size=size, seed=99)
@@ -81,7 +82,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import torch
 
-    from cbr.query import Searcher
+    from cbr.pipeline.query import Searcher
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -90,7 +91,7 @@ def main(argv=None):
         build_s = time.perf_counter() - t0
         searcher = Searcher(cb, k=5, vote="weighted", explain="gradcam")
         emb = searcher.members[0].embedder
-        batch6 = torch.stack([emb.preprocess(__import__("cbr.image", fromlist=["read_image"]).read_image(p)[0]) for p in images[:6]])
+        batch6 = torch.stack([emb.preprocess(__import__("cbr.data.image", fromlist=["read_image"]).read_image(p)[0]) for p in images[:6]])
         for p in images[:2]:  # warm-up
             searcher.query(p, out_dir=root / "reports")
         totals, forward, stages = [], [], {s: [] for s in STAGES}

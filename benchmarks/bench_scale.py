@@ -78,8 +78,8 @@ def casebase_bytes(dims, n=5000, map_side=7):
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from cbr.casebase import open_casebase
-    from cbr.schema import Case, Embedding, Explanation, Model
+    from cbr.store.casebase import open_casebase
+    from cbr.store.schema import Case, Embedding, Explanation, Model
     from common import table, write_json
     from explain.cam import encode_map
 

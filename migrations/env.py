@@ -8,7 +8,7 @@ version check and the upgrade happen in the caller's transaction. Run by hand, t
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from cbr.schema import Base
+from cbr.store.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

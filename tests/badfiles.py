@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cbr.phantom import CLASSES, phantom
+from cbr.data.phantom import CLASSES, phantom
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

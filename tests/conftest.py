@@ -15,7 +15,7 @@ TINY = ["--model", "tinycnn", "--weights", "none"]
 @pytest.fixture(scope="session")
 def phantom_set(tmp_path_factory):
     """A small phantom manifest (9 patients x 2 slices, 3 classes, masks) for the case base."""
-    from cbr.phantom import make_phantoms
+    from cbr.data.phantom import make_phantoms
 
     return make_phantoms(tmp_path_factory.mktemp("phantoms"), patients=9, slices=2, size=48, seed=0)
 
@@ -23,7 +23,7 @@ def phantom_set(tmp_path_factory):
 @pytest.fixture(scope="session")
 def query_set(tmp_path_factory):
     """Held-out phantoms (other patients, other seed) to query with."""
-    from cbr.phantom import make_phantoms
+    from cbr.data.phantom import make_phantoms
 
     return make_phantoms(tmp_path_factory.mktemp("queries"), patients=3, slices=1, size=48, seed=1)
 

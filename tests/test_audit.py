@@ -1,4 +1,4 @@
-"""cbr.audit as a library: crash consistency of retain and remove, history times, export edge cases."""
+"""cbr.pipeline.audit as a library: crash consistency of retain and remove, history times, export edge cases."""
 
 import csv
 import json
@@ -8,12 +8,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import select
 
-import cbr.member as member
-from cbr.audit import add_feedback, export, history, remove_cases, rerender_report
-from cbr.casebase import open_casebase
+import cbr.store.member as member
+from cbr.pipeline.audit import add_feedback, export, history, remove_cases, rerender_report
+from cbr.store.casebase import open_casebase
 from cbr.errors import NotFoundError, UnknownNameError
-from cbr.query import query_images
-from cbr.schema import Case, IndexManifest
+from cbr.pipeline.query import query_images
+from cbr.store.schema import Case, IndexManifest
 
 import index as ix
 
@@ -72,8 +72,8 @@ def test_crash_after_remove_commit_is_repaired_on_next_open(indexed, query_set, 
 def test_crash_after_retain_commit_is_repaired_on_next_open(indexed, query_set, tmp_path, monkeypatch):
     from PIL import Image
 
-    from cbr.ingest import CaseWriter
-    from cbr.phantom import near_duplicate
+    from cbr.store.writer import CaseWriter
+    from cbr.data.phantom import near_duplicate
 
     cb = open_casebase(indexed)
     image = tmp_path / "scan.png"

@@ -3,9 +3,9 @@
 import pytest
 from sqlalchemy import inspect, select, text
 
-from cbr.casebase import current, open_casebase, resolve_url, upgrade
+from cbr.store.casebase import current, open_casebase, resolve_url, upgrade
 from cbr.errors import CaseBaseError, SchemaError
-from cbr.schema import Base, Case, Model
+from cbr.store.schema import Base, Case, Model
 
 ALL_TABLES = set(Base.metadata.tables)
 

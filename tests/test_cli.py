@@ -63,8 +63,8 @@ def test_help_does_not_import_torch_numpy_or_sqlalchemy():
 
 
 def test_models_lists_every_registry(runner):
-    from cbr.embedder import BACKBONES
-    from cbr.vote import VOTE_RULES
+    from cbr.models.backbones import BACKBONES
+    from cbr.pipeline.vote import VOTE_RULES
     from explain.methods import METHOD_NAMES
 
     result = invoke(runner, "models", "--json")

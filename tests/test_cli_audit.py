@@ -8,8 +8,8 @@ import shutil
 import pytest
 from sqlalchemy import func, select
 
-from cbr.casebase import open_casebase
-from cbr.schema import Case, Embedding, Explanation, Feedback, IndexManifest, Query
+from cbr.store.casebase import open_casebase
+from cbr.store.schema import Case, Embedding, Explanation, Feedback, IndexManifest, Query
 from conftest import invoke
 
 
@@ -33,8 +33,8 @@ def _n_cases(db):
 def test_retain_then_same_image_is_excluded_and_near_duplicate_finds_it(runner, indexed, query_set, tmp_path):
     from PIL import Image
 
-    from cbr.member import load_members
-    from cbr.phantom import near_duplicate
+    from cbr.store.member import load_members
+    from cbr.data.phantom import near_duplicate
 
     import index as ix
 
@@ -180,7 +180,7 @@ def test_retain_failures_keep_the_feedback(runner, indexed, query_set, phantom_s
 
 
 def test_remove_takes_cases_out_of_every_index(runner, indexed, query_set, tmp_path):
-    from cbr.member import load_members
+    from cbr.store.member import load_members
 
     import index as ix
 
@@ -275,7 +275,7 @@ def test_export_round_trips(runner, indexed, query_set, tmp_path):
 
 
 def test_show_and_report_rebuilt_after_files_are_gone(runner, indexed, query_set, tmp_path, monkeypatch):
-    import cbr.report
+    import cbr.reporting.report
 
     out = tmp_path / "reports"
     a = _query(runner, indexed, _images(query_set)[0], tmp_path, "-k", 3)
@@ -300,8 +300,8 @@ def test_show_and_report_rebuilt_after_files_are_gone(runner, indexed, query_set
     assert n0["case_map"]["shape"] == [n0["case_map"]["shape"][0]] * 2
 
     placeholders = []
-    real = cbr.report._placeholder
-    monkeypatch.setattr(cbr.report, "_placeholder", lambda t: placeholders.append(t) or real(t))
+    real = cbr.reporting.report._placeholder
+    monkeypatch.setattr(cbr.reporting.report, "_placeholder", lambda t: placeholders.append(t) or real(t))
     monkeypatch.chdir(tmp_path)
     r = invoke(runner, "report", qid, "--db", indexed)
     assert r.exit_code == 0, r.output

@@ -6,8 +6,8 @@ import shutil
 
 from sqlalchemy import func, select
 
-from cbr.casebase import open_casebase
-from cbr.schema import Case, Embedding, Explanation, Query
+from cbr.store.casebase import open_casebase
+from cbr.store.schema import Case, Embedding, Explanation, Query
 from conftest import TINY, invoke
 
 
@@ -116,7 +116,7 @@ def test_query_with_another_model_is_refused(runner, indexed, query_set, tmp_pat
 
 
 def test_changed_model_is_refused(runner, indexed, query_set, tmp_path):
-    from cbr.schema import Model
+    from cbr.store.schema import Model
 
     cb = open_casebase(indexed)
     with cb.write() as s:  # as if the weights had changed since indexing

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from cbr.cli import cli
-from cbr.phantom import make_phantoms
+from cbr.data.phantom import make_phantoms
 
 FAST = ["--backbone", "tinycnn", "--weights", "none", "--img-size", "32", "--batch-size", "8", "--workers", "0"]
 
@@ -55,8 +55,8 @@ def test_evaluate_cross_validation_json(manifest, tmp_path):
 
 
 def test_evaluate_against_a_case_base_prints_the_table(manifest, model, tmp_path, monkeypatch):
-    from cbr.casebase import open_casebase
-    from cbr.ingest import index_dataset
+    from cbr.store.casebase import open_casebase
+    from cbr.pipeline.index import index_dataset
 
     db = tmp_path / "cases.db"
     index_dataset(open_casebase(db), manifest, models=[str(model[0])], explain="none")

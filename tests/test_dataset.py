@@ -1,4 +1,4 @@
-"""cbr.dataset: class-folder and manifest readers, problems, duplicates and conflicts."""
+"""cbr.data.dataset: class-folder and manifest readers, problems, duplicates and conflicts."""
 
 import csv
 import hashlib
@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cbr.image
-from cbr.dataset import Problem, Record, Scan, read_dataset
+import cbr.data.image
+from cbr.data.dataset import Problem, Record, Scan, read_dataset
 from cbr.errors import DatasetError, ImageError
-from cbr.image import read_image
-from cbr.phantom import make_phantoms
+from cbr.data.image import read_image
+from cbr.data.phantom import make_phantoms
 
 
 def _show(path) -> str:
@@ -178,7 +178,7 @@ def test_permission_denied_simulated(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(p))
         return real_open(p, *a, **kw)
 
-    monkeypatch.setattr(cbr.image, "open", fake_open, raising=False)
+    monkeypatch.setattr(cbr.data.image, "open", fake_open, raising=False)
     scan = read_dataset(data)
     assert _reasons(scan) == {str(locked): "permission denied"}
     assert len(scan.records) == 1
@@ -283,7 +283,7 @@ def test_columns_roots_extensions_groups_and_metadata(tmp_path):
     assert scan.problems == []
     got = {r.path: r for r in scan.records}
     assert set(got) == {str(a), str(b), str(c), str(d), str(e)}
-    assert got[str(a)] == Record(str(a), "mel", "L1", {"age": "50"}, cbr.image.sha256_file(a))
+    assert got[str(a)] == Record(str(a), "mel", "L1", {"age": "50"}, cbr.data.image.sha256_file(a))
     assert got[str(b)].metadata == {"site": "back, upper"}
     assert got[str(c)].group is None  # a blank group cell
     assert got[str(d)].label == "bkl"

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from cbr.demo import run_demo
+from cbr.pipeline.demo import run_demo
 
 
 def test_demo_runs_end_to_end(tmp_path):

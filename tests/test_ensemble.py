@@ -3,7 +3,8 @@
 import csv
 import json
 
-from cbr.embedder import create_embedder, save_checkpoint
+from cbr.models.checkpoint import save_checkpoint
+from cbr.models.embedder import create_embedder
 from conftest import invoke
 
 

@@ -7,13 +7,13 @@ import math
 import pytest
 from sqlalchemy import func, select
 
-from cbr.casebase import open_casebase
-from cbr.dataset import read_dataset
-from cbr.evaluate import cross_validate, evaluate_casebase, format_table
-from cbr.ingest import index_dataset
-from cbr.phantom import make_phantoms
-from cbr.schema import Query
-from cbr.train import train_model
+from cbr.store.casebase import open_casebase
+from cbr.data.dataset import read_dataset
+from cbr.evaluation.protocol import cross_validate, evaluate_casebase, format_table
+from cbr.pipeline.index import index_dataset
+from cbr.data.phantom import make_phantoms
+from cbr.store.schema import Query
+from cbr.learn.train import train_model
 
 FAST = dict(backbone="tinycnn", weights="none", img_size=32, batch_size=8, num_workers=0)
 KEYS = {"accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "auc", "ece", "reliability",

@@ -1,4 +1,4 @@
-"""cbr.image: decoding every awkward input to upright RGB, and clear errors for the bad ones."""
+"""cbr.data.image: decoding every awkward input to upright RGB, and clear errors for the bad ones."""
 
 import hashlib
 import io
@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import cbr.image
+import cbr.data.image
 from cbr.errors import ImageError
-from cbr.image import MAX_PIXELS, decode_image, letterbox, read_image, sha256_file
+from cbr.data.image import MAX_PIXELS, decode_image, letterbox, read_image, sha256_file
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -217,7 +217,7 @@ def test_permission_denied_simulated(tmp_path, monkeypatch):
     def denied(p, *a, **kw):
         raise PermissionError(13, "Permission denied", str(p))
 
-    monkeypatch.setattr(cbr.image, "open", denied, raising=False)
+    monkeypatch.setattr(cbr.data.image, "open", denied, raising=False)
     for call in (read_image, sha256_file):
         with pytest.raises(ImageError) as e:
             call(path)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cbr.errors import CbrError
-from cbr.metrics import (
+from cbr.evaluation.metrics import (
     FoldError,
     abstention,
     accuracy,

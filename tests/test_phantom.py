@@ -1,4 +1,4 @@
-"""cbr.phantom: deterministic, plausible, learnable synthetic MRI slices with masks."""
+"""cbr.data.phantom: deterministic, plausible, learnable synthetic MRI slices with masks."""
 
 import csv
 import io
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cbr.errors import UnknownNameError
-from cbr.phantom import CLASSES, make_phantoms, near_duplicate, phantom, sample_patient
+from cbr.data.phantom import CLASSES, make_phantoms, near_duplicate, phantom, sample_patient
 
 
 @pytest.fixture(scope="module")

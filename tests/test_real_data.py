@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cbr.dataset import read_dataset
+from cbr.data.dataset import read_dataset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

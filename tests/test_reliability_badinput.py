@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import func, select
 
 from badfiles import MANIFEST_EXPECTED, QUOTED_NOTE, expected, make_bad_corpus, make_bad_manifests
-from cbr.casebase import open_casebase
-from cbr.schema import Case, Embedding, Explanation, IndexManifest
-from cbr.schema import Problem as ProblemRow
+from cbr.store.casebase import open_casebase
+from cbr.store.schema import Case, Embedding, Explanation, IndexManifest
+from cbr.store.schema import Problem as ProblemRow
 from conftest import TINY, invoke
 from test_reliability_corruption import assert_one_line_error
 

@@ -25,8 +25,8 @@ QUERIERS = 4
 QUERIER = r'''
 import json, os, time, traceback
 from sqlalchemy import select
-from cbr.casebase import open_casebase
-from cbr.schema import Case
+from cbr.store.casebase import open_casebase
+from cbr.store.schema import Case
 
 db, image, stop, mode = ARGS["db"], ARGS["image"], ARGS["stop"], ARGS["mode"]
 log = open(ARGS["out"], "a")
@@ -46,7 +46,7 @@ while True:
     rec = {"mode": mode}
     try:
         if mode == "api":
-            from cbr.query import Searcher
+            from cbr.pipeline.query import Searcher
             cb = open_casebase(db, create=False)
             try:
                 answer = Searcher(cb, k=5, explain="none").query(image, render=False)
@@ -81,7 +81,7 @@ def server(tmp_path_factory):
 
 
 def _manifests(root, n_patients, size):
-    from cbr.phantom import make_phantoms
+    from cbr.data.phantom import make_phantoms
 
     return make_phantoms(Path(root) / "data", patients=n_patients, slices=3, size=size, seed=3)
 
@@ -104,15 +104,15 @@ def _wait_for_first_generation(db, indexer_alive, timeout=300.0):
 
 
 def test_queries_while_indexing(server, tmp_path, query_set):
-    from cbr.casebase import open_casebase
-    from cbr.schema import Query
+    from cbr.store.casebase import open_casebase
+    from cbr.store.schema import Query
 
     manifest = _manifests(tmp_path, n_patients=80, size=32)  # 240 tiny images
     with open(query_set, newline="") as fh:
         image = str(query_set.parent / next(csv.DictReader(fh))["path"])
     db, stop = tmp_path / "cases.db", tmp_path / "stop"
     # A generation is saved after every batch of 4: readers meet the manifest switching under them.
-    indexer, indexer_log = server.start(index_argv(manifest, db), set={"cbr.ingest:SAVE_EVERY_S": 0.0})
+    indexer, indexer_log = server.start(index_argv(manifest, db), set={"cbr.store.writer:SAVE_EVERY_S": 0.0})
     _wait_for_first_generation(db, lambda: server.running(indexer))
     queriers = []
     for i in range(QUERIERS):
@@ -172,9 +172,9 @@ def test_reader_retries_when_a_writer_switches_generations_under_it(indexed, mon
     """A writer saves a new generation (deleting the old file) just after a reader read the
     manifest: the reader must read the new manifest, not report a damaged or missing index."""
     import index as ix
-    from cbr import member
-    from cbr.casebase import open_casebase
-    from cbr.schema import IndexManifest
+    from cbr.store import member
+    from cbr.store.casebase import open_casebase
+    from cbr.store.schema import IndexManifest
 
     cb = open_casebase(indexed, create=False)
     with cb.read() as s:

@@ -15,8 +15,8 @@ import sqlite3
 import pytest
 from sqlalchemy import select
 
-from cbr.casebase import open_casebase
-from cbr.schema import IndexManifest
+from cbr.store.casebase import open_casebase
+from cbr.store.schema import IndexManifest
 from conftest import TINY, invoke
 from test_reliability_crash import check_consistency, phantom_hashes
 
@@ -132,7 +132,7 @@ def test_damaged_index_is_refused_then_rebuilt_without_images(runner, casebase, 
 
     with monkeypatch.context() as m:
         for name in ("read_image", "decode_image", "sha256_file"):
-            m.setattr(f"cbr.image.{name}", no_images)
+            m.setattr(f"cbr.data.image.{name}", no_images)
         result = invoke(runner, "index", "--rebuild", "--db", db)
     assert result.exit_code == 0, result.output
     assert "Rebuilt 1 index(es)" in result.output

@@ -38,8 +38,8 @@ import importlib, io, json, os, signal, sys, time, traceback
 # Nothing here may start threads or open a database: a child must inherit a clean process.
 import numpy, torch, torchvision, faiss, sqlalchemy, alembic, PIL.Image  # noqa: F401
 import pytorch_grad_cam  # noqa: F401
-import cbr.cli, cbr.casebase, cbr.dataset, cbr.embedder, cbr.ingest, cbr.member, cbr.query  # noqa: F401
-import cbr.report, cbr.schema, cbr.vote, explain.cam, explain.methods, explain.targets  # noqa: F401
+import cbr.cli, cbr.store.casebase, cbr.data.dataset, cbr.models.embedder, cbr.pipeline.index, cbr.store.member, cbr.pipeline.query  # noqa: F401
+import cbr.reporting.report, cbr.store.schema, cbr.pipeline.vote, explain.cam, explain.methods, explain.targets  # noqa: F401
 import click.testing  # noqa: F401
 import migrations  # noqa: F401
 
@@ -129,7 +129,7 @@ class ForkServer:
 
     ``run(argv, kill_after=...)`` starts a child and SIGKILLs it that many seconds after it
     started (if it is still running); ``setup`` is code the child runs first (crash hooks) and
-    ``set`` assigns module attributes (``{"cbr.ingest:SAVE_EVERY_S": 0.0}``).
+    ``set`` assigns module attributes (``{"cbr.store.writer:SAVE_EVERY_S": 0.0}``).
     """
 
     def __init__(self, log_dir):
@@ -212,7 +212,7 @@ def server(tmp_path_factory):
 
 def phantom_hashes(manifest) -> dict[str, str]:
     """sha256 -> label of every image of a manifest."""
-    from cbr.image import sha256_file
+    from cbr.data.image import sha256_file
 
     with open(manifest, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -227,9 +227,9 @@ def check_consistency(db, expected: dict[str, str] | None = None, *, explained: 
     ``reference``: sha256 -> embedding from an uninterrupted run, which each stored vector must match.
     """
     import index as ix
-    from cbr.casebase import open_casebase
-    from cbr.member import _db_active_ids, load_index
-    from cbr.schema import Calibration, Case, Embedding, Explanation, IndexManifest, Model
+    from cbr.store.casebase import open_casebase
+    from cbr.store.member import _db_active_ids, load_index
+    from cbr.store.schema import Calibration, Case, Embedding, Explanation, IndexManifest, Model
 
     bad: list[str] = []
     cb = open_casebase(db, create=False, migrate=False)
@@ -308,8 +308,8 @@ def check_consistency(db, expected: dict[str, str] | None = None, *, explained: 
 
 
 def stored_vectors(db) -> dict[str, np.ndarray]:
-    from cbr.casebase import open_casebase
-    from cbr.schema import Case, Embedding
+    from cbr.store.casebase import open_casebase
+    from cbr.store.schema import Case, Embedding
 
     cb = open_casebase(db, create=False)
     try:
@@ -343,7 +343,7 @@ def index_argv(data, db, batch_size=4):
 
 def make_crash_data(root, n_patients=20, slices=3, size=48, head=20):
     """~60 phantoms at 48 px, plus a manifest of the first ``head`` (absolute paths)."""
-    from cbr.phantom import make_phantoms
+    from cbr.data.phantom import make_phantoms
 
     manifest = make_phantoms(Path(root) / "phantoms", patients=n_patients, slices=slices, size=size, seed=7)
     with open(manifest, newline="") as fh:
@@ -415,7 +415,7 @@ class CrashHarness:
 
 def fork_runner(server: ForkServer):
     def run(argv, kill_after, save_every=None):
-        sets = {"cbr.ingest:SAVE_EVERY_S": save_every} if save_every is not None else None
+        sets = {"cbr.store.writer:SAVE_EVERY_S": save_every} if save_every is not None else None
         return server.run(argv, kill_after=kill_after, set=sets)
 
     return run
@@ -463,9 +463,9 @@ def crash_data(tmp_path_factory, server):
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_kill_during_final_save_leaves_old_or_new_generation_and_no_stray_files(server, crash_data, tmp_path, point):
     import index as ix
-    from cbr.casebase import open_casebase
-    from cbr.member import load_index
-    from cbr.schema import IndexManifest
+    from cbr.store.casebase import open_casebase
+    from cbr.store.member import load_index
+    from cbr.store.schema import IndexManifest
 
     manifest, template = crash_data
     shutil.copytree(template, tmp_path / "cb")

@@ -5,11 +5,11 @@ import csv
 import pytest
 import torch
 
-from cbr.dataset import read_dataset
-from cbr.embedder import load_checkpoint
+from cbr.data.dataset import read_dataset
+from cbr.models.checkpoint import load_checkpoint
 from cbr.errors import CbrError, DatasetError, UnknownNameError
-from cbr.phantom import make_phantoms
-from cbr.train import TrainError, is_grayscale, make_augmentation, train_model, trunk_stages
+from cbr.data.phantom import make_phantoms
+from cbr.learn.train import TrainError, is_grayscale, make_augmentation, train_model, trunk_stages
 
 FAST = dict(backbone="tinycnn", weights="none", img_size=32, batch_size=8, num_workers=0)
 
@@ -60,7 +60,7 @@ def test_same_seed_same_weights(phantoms, tmp_path):
 
 
 def test_train_layers_freezes_the_leading_blocks(phantoms, tmp_path):
-    from cbr.embedder import create_embedder
+    from cbr.models.embedder import create_embedder
 
     r = train_model(phantoms, tmp_path / "m.pt", epochs=1, train_layers=1, **FAST)
     before = create_embedder("tinycnn", weights="none", input_size=32, class_names=r.class_names)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cbr.errors import CbrError, UnknownNameError
-from cbr.vote import (
+from cbr.pipeline.vote import (
     ENSEMBLES,
     VOTE_RULES,
     CalibrationError,

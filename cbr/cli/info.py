@@ -18,9 +18,9 @@ def models_cmd(as_json):
     """
     import json
 
-    from cbr.embedder import BACKBONES
-    from cbr.vote import ENSEMBLES, VOTE_RULES
-    from cbr.weights import offline_weights_available, weights_file_name
+    from cbr.models.backbones import BACKBONES
+    from cbr.pipeline.vote import ENSEMBLES, VOTE_RULES
+    from cbr.models.weights import offline_weights_available, weights_file_name
     from explain.methods import FAST_METHODS, METHOD_NAMES
 
     rows = []

@@ -79,7 +79,7 @@ def train_cmd(data, out, backbone, weights, epochs, img_size, batch_size, lr, se
         cbr train cxr.csv --path-column filename --label-column class --group-column patient_key --images cxr/
         cbr train data/ --backbone tinycnn --weights none --epochs 3 --json
     """
-    from cbr.train import train_model
+    from cbr.learn.train import train_model
 
     result = train_model(
         data, out, backbone=backbone, weights=weights, epochs=epochs, img_size=img_size, batch_size=batch_size,
@@ -152,14 +152,14 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, backbone, weights, epochs, img
         cbr evaluate test/ --db cases.db --strict --json
         cbr evaluate phantoms/manifest.csv --explain gradcam --folds 3
     """
-    from cbr.evaluate import cross_validate, evaluate_casebase, format_table
+    from cbr.evaluation.protocol import cross_validate, evaluate_casebase, format_table
 
     progress = progress_enabled() and not as_json
     if db is not None:
         wrong = _explicit(ctx, _CV_ONLY)
         if wrong:
             raise click.UsageError(f"{', '.join(wrong)}: only for cross-validation; drop --db (and CBR_DB) to cross-validate")
-        from cbr.casebase import open_casebase
+        from cbr.store.casebase import open_casebase
 
         cb = open_casebase(db, create=False, index_dir=index_dir)
         metrics = evaluate_casebase(

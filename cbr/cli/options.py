@@ -61,18 +61,18 @@ def cam_names():
 
 
 def vote_names():
-    from cbr.vote import VOTE_RULES
+    from cbr.pipeline.vote import VOTE_RULES
 
     return list(VOTE_RULES)
 
 
 def ensemble_names():
-    from cbr.vote import ENSEMBLES
+    from cbr.pipeline.vote import ENSEMBLES
 
     return list(ENSEMBLES)
 
 
 def backbone_names():
-    from cbr.embedder import BACKBONES
+    from cbr.models.backbones import BACKBONES
 
     return list(BACKBONES)

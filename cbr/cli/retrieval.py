@@ -80,8 +80,8 @@ def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, expl
         cbr index data/ --explain layercam --target-layer features.13
         cbr index --rebuild --db cases.db
     """
-    from cbr.casebase import open_casebase
-    from cbr.ingest import index_dataset
+    from cbr.store.casebase import open_casebase
+    from cbr.pipeline.index import index_dataset
 
     if data is None and not rebuild:
         raise click.UsageError("give a DATA folder or CSV manifest, or --rebuild")
@@ -152,8 +152,8 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
         cbr query a.png b.png --vote credibility --min-credibility 0.1 --json
         cbr query scan.png --patient P017 --explain gradcam++
     """
-    from cbr.casebase import open_casebase
-    from cbr.query import query_images
+    from cbr.store.casebase import open_casebase
+    from cbr.pipeline.query import query_images
 
     cb = open_casebase(db, create=False, index_dir=index_dir)
     answers = query_images(cb, images, patient=patient, out_dir=out_dir, k=k, vote=vote, ensemble=ensemble,
@@ -188,7 +188,7 @@ def demo_cmd(out_dir, patients, epochs, seed, as_json):
     """
     from dataclasses import asdict
 
-    from cbr.demo import run_demo
+    from cbr.pipeline.demo import run_demo
 
     result = run_demo(out_dir, patients=patients, epochs=epochs, seed=seed, progress=progress_enabled(),
                       log=(lambda *_: None) if as_json else click.echo)

@@ -10,10 +10,10 @@
 
 Decisions:
 
-* Queries go through :class:`cbr.query.Searcher` with ``record=False``: evaluation answers
+* Queries go through :class:`cbr.pipeline.query.Searcher` with ``record=False``: evaluation answers
   exactly as ``cbr query`` would, but never writes to the audit trail. Each query passes its
   patient id, so the patient's own cases are never retrieved.
-* An abstention counts as a wrong answer in every classification figure (see cbr.metrics).
+* An abstention counts as a wrong answer in every classification figure (see cbr.evaluation.metrics).
 * ``softmax``: when the (first) model has a classification head, its plain softmax predictions on
   the same images get the same classification figures, so the case-based vote can be compared
   with the classifier it came from.
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbr.dataset import Problem, Record, read_dataset
+from cbr.data.dataset import Problem, Record, read_dataset
 from cbr.files import atomic_write
 from cbr.errors import CbrError, ImageError
 
@@ -96,7 +96,7 @@ def _add_softmax(embedder, outcomes, *, batch_size=32, num_workers=None, device=
     """Fill ``outcome.softmax`` from the model's head; returns the head's classes (None: no head)."""
     import torch
 
-    from cbr.ingest import iter_batches
+    from cbr.data.batches import iter_batches
 
     if embedder is None or embedder.head is None or not outcomes:
         return None
@@ -125,7 +125,7 @@ def _nan_to_none(x):
 
 
 def _classification(truth, pred, proba, confidence, classes) -> dict:
-    from cbr.metrics import classification_report, expected_calibration_error, reliability_bins
+    from cbr.evaluation.metrics import classification_report, expected_calibration_error, reliability_bins
 
     out = classification_report(truth, pred, proba, classes)
     correct = [p is not None and p == t for t, p in zip(truth, pred)]
@@ -148,8 +148,8 @@ def explanation_checks(embedder, records, method: str, *, n: int = FAITHFULNESS_
     """
     import torch
 
-    from cbr.image import read_image
-    from cbr.ingest import compute_maps
+    from cbr.data.image import read_image
+    from cbr.models.maps import compute_maps
     from explain.metrics import deletion_curve, random_deletion_auc, randomisation_check
     from explain.targets import ClassTarget, EmbeddingNormTarget
 
@@ -191,7 +191,7 @@ def lesion_mask(path: str, size: int) -> np.ndarray:
     """A mask image letterboxed like the model's input, as a bool array (size, size)."""
     from PIL import Image
 
-    from cbr.image import letterbox
+    from cbr.data.image import letterbox
 
     with Image.open(path) as m:
         boxed = letterbox(m.convert("L").convert("RGB"), size)
@@ -238,7 +238,7 @@ def _localisation(outcomes, input_size: int) -> dict | None:
 def score(outcomes, classes, *, k: int, softmax_classes=None, input_size: int | None = None,
           localise: bool = False) -> dict:
     """The metrics dict of a list of :class:`Outcome`s (see the module docstring for the keys)."""
-    from cbr.metrics import abstention, mean_average_precision, precision_at_k
+    from cbr.evaluation.metrics import abstention, mean_average_precision, precision_at_k
 
     classes = sorted(set(classes) | {o.record.label for o in outcomes})
     truth = [o.record.label for o in outcomes]
@@ -270,7 +270,7 @@ def score(outcomes, classes, *, k: int, softmax_classes=None, input_size: int | 
 
 
 def _fold_figures(outcomes, classes) -> dict:
-    from cbr.metrics import accuracy, balanced_accuracy
+    from cbr.evaluation.metrics import accuracy, balanced_accuracy
 
     truth = [o.record.label for o in outcomes]
     pred = [None if o.prediction["abstained"] else o.prediction["label"] for o in outcomes]
@@ -279,7 +279,7 @@ def _fold_figures(outcomes, classes) -> dict:
 
 
 def _softmax_bacc(outcomes, head_classes, classes):
-    from cbr.metrics import balanced_accuracy
+    from cbr.evaluation.metrics import balanced_accuracy
 
     soft = [o for o in outcomes if o.softmax is not None]
     if not head_classes or not soft:
@@ -297,7 +297,7 @@ def write_report(metrics: dict, out_dir, outcomes=()) -> Path:
     ``predictions.csv`` into ``out_dir``; returns the folder."""
     import io
 
-    from cbr.metrics import plot_confusion, plot_reliability
+    from cbr.evaluation.metrics import plot_confusion, plot_reliability
 
     out = Path(out_dir)
     try:
@@ -378,13 +378,14 @@ def cross_validate(
         >>> m = cross_validate("data/brain_mri", folds=5, epochs=4, img_size=160)
         >>> m["balanced_accuracy"], m["softmax"]["balanced_accuracy"]
     """
-    from cbr.casebase import open_casebase
-    from cbr.embedder import create_embedder, save_checkpoint
-    from cbr.ingest import index_dataset
-    from cbr.metrics import grouped_folds
-    from cbr.query import Searcher
-    from cbr.train import _resolve_device, train_model
-    from cbr.vote import get_vote_rule
+    from cbr.store.casebase import open_casebase
+    from cbr.models.checkpoint import save_checkpoint
+    from cbr.models.embedder import create_embedder
+    from cbr.pipeline.index import index_dataset
+    from cbr.evaluation.metrics import grouped_folds
+    from cbr.pipeline.query import Searcher
+    from cbr.learn.train import _resolve_device, train_model
+    from cbr.pipeline.vote import get_vote_rule
 
     t0 = time.monotonic()
     get_vote_rule(vote)  # unknown names fail before any work
@@ -517,8 +518,8 @@ def _leakage(cb, members, records):
     """Test records that leak: (leakage dict, set of leaking record indices)."""
     from sqlalchemy import select
 
-    from cbr.embedder import load_checkpoint
-    from cbr.schema import Case, Model
+    from cbr.models.checkpoint import load_checkpoint
+    from cbr.store.schema import Case, Model
 
     with cb.read() as s:
         rows = s.execute(select(Case.sha256, Case.group_id).where(Case.removed_at.is_(None))).all()
@@ -592,10 +593,10 @@ def evaluate_casebase(
     """
     from sqlalchemy import select
 
-    from cbr.query import Searcher
-    from cbr.schema import Case
-    from cbr.train import _resolve_device
-    from cbr.vote import get_vote_rule
+    from cbr.pipeline.query import Searcher
+    from cbr.store.schema import Case
+    from cbr.learn.train import _resolve_device
+    from cbr.pipeline.vote import get_vote_rule
 
     t0 = time.monotonic()
     get_vote_rule(vote)

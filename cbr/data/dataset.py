@@ -1,7 +1,7 @@
 """Dataset readers: class folders or a CSV manifest -> :class:`Record`s and :class:`Problem`s.
 
 Readers never decode pixels (that happens once, at embedding time, through
-:func:`cbr.image.read_image`). They check that each file exists, is readable and not empty,
+:func:`cbr.data.image.read_image`). They check that each file exists, is readable and not empty,
 hash it, and report everything they skip as a :class:`Problem` with a reason, so that one bad
 file never stops an import.
 
@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from cbr.errors import DatasetError, ImageError
-from cbr.image import sha256_file
+from cbr.data.image import sha256_file
 
 __all__ = ["IMAGE_EXTENSIONS", "Record", "Problem", "Scan", "read_dataset"]
 

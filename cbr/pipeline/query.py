@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from cbr.errors import CbrError
-from cbr.schema import Calibration, Case, Explanation, Neighbour, Query, Vote
+from cbr.store.schema import Calibration, Case, Explanation, Neighbour, Query, Vote
 
 __all__ = ["Searcher", "Answer", "query_images", "DEFAULT_OUT"]
 
@@ -63,7 +63,7 @@ def _check_name(image) -> None:
     """Paths are stored as text: refuse a name that is not valid UTF-8, as `cbr index` does."""
     import os
 
-    from cbr.dataset import printable_path, valid_utf8
+    from cbr.data.dataset import printable_path, valid_utf8
     from cbr.errors import ImageError
 
     if not valid_utf8(os.fsdecode(image)):
@@ -91,8 +91,8 @@ class Searcher:
     def __init__(self, cb, *, models=None, k: int = 5, vote: str = "weighted", ensemble: str = "confidence",
                  explain: str = "gradcam", min_credibility: float | None = None, temperature: float = 0.07,
                  scale: str = "shared", device: str = "cpu"):
-        from cbr.member import load_members
-        from cbr.vote import get_ensemble, get_vote_rule
+        from cbr.store.member import load_members
+        from cbr.pipeline.vote import get_ensemble, get_vote_rule
 
         if k < 1:
             raise CbrError(f"-k {k}: ask for at least 1 neighbour")
@@ -126,7 +126,7 @@ class Searcher:
         import torch
 
         import index as ix
-        from cbr.image import letterbox, read_image
+        from cbr.data.image import letterbox, read_image
 
         t = {}
         t0 = time.perf_counter()
@@ -188,7 +188,7 @@ class Searcher:
             })
         t0 = time.perf_counter()
         if render:
-            from cbr.report import write_outputs
+            from cbr.reporting.report import write_outputs
 
             images = {None: letterbox(img, 224)}
             images.update(neighbour_images)
@@ -208,8 +208,8 @@ class Searcher:
         target): raw map}, {case_id: letterboxed image})."""
         import torch
 
-        from cbr.image import letterbox, read_image
-        from cbr.ingest import compute_maps
+        from cbr.data.image import letterbox, read_image
+        from cbr.models.maps import compute_maps
         from explain.targets import ClassTarget, SimilarityTarget
 
         maps, images = {}, {}
@@ -276,7 +276,7 @@ def query_images(cb, images, *, patient: str | None = None, out_dir=DEFAULT_OUT,
     Example:
         >>> answers = query_images(open_casebase("cases.db"), ["scan.png"], k=5)
     """
-    from cbr.image import read_image
+    from cbr.data.image import read_image
 
     for image in images:
         _check_name(image)

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from cbr.errors import CbrError, NotFoundError
 from cbr.files import atomic_write
-from cbr.schema import Case, Explanation, Feedback, Model, Neighbour, Query, Vote
+from cbr.store.schema import Case, Explanation, Feedback, Model, Neighbour, Query, Vote
 
 __all__ = ["load_record", "write_outputs", "render_html"]
 
@@ -103,7 +103,7 @@ def strip_maps(record: dict) -> dict:
 
 
 def _load_image(path: str):
-    from cbr.image import letterbox, read_image
+    from cbr.data.image import letterbox, read_image
 
     try:
         img, _ = read_image(path)

@@ -5,7 +5,7 @@ normalised embedding (``neck(trunk(x))``) is what ``cbr index`` stores for retri
 
 Decisions:
 
-* **Decode once.** Every image is decoded (:func:`cbr.image.read_image`, in DataLoader workers),
+* **Decode once.** Every image is decoded (:func:`cbr.data.image.read_image`, in DataLoader workers),
   letterboxed to the input size and kept in memory as uint8 (3 x S x S bytes each: 150 KB at
   224 px, so 10,000 images take 1.5 GB). Epochs then cost only the network. Files that cannot
   be decoded are skipped and listed in ``TrainResult.problems``.
@@ -19,7 +19,7 @@ Decisions:
 * **Class balance**: cross-entropy weighted by n / (K * n_class) over the training part (the
   "balanced" weights), so every image is seen once per epoch and rare classes count as much as
   common ones.
-* **Validation**: a patient-grouped, stratified split (:func:`cbr.metrics.group_split`) keeps
+* **Validation**: a patient-grouped, stratified split (:func:`cbr.evaluation.metrics.group_split`) keeps
   ``val_fraction`` of the images out of training; no patient is on both sides. Early stopping
   watches the validation balanced accuracy (ties: lower validation loss) and keeps the best
   epoch's weights. Without any validation image (``val_fraction=0`` or too few groups) every
@@ -52,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cbr.dataset import Problem, Record, read_dataset
-from cbr.ingest import iter_batches
+from cbr.data.dataset import Problem, Record, read_dataset
+from cbr.data.batches import iter_batches
 from cbr.errors import CbrError, DatasetError, UnknownNameError
 
 __all__ = [
@@ -132,7 +132,7 @@ def _check_out(out) -> Path:
 
 
 def _check_options(backbone, weights, epochs, batch_size, lr, patience, val_fraction, img_size, train_layers):
-    from cbr.embedder import BACKBONES
+    from cbr.models.backbones import BACKBONES
 
     if backbone not in BACKBONES:
         raise UnknownNameError("backbone", backbone, BACKBONES)
@@ -178,7 +178,7 @@ def _letterboxed(img, size: int):
     """PIL image -> uint8 (3, size, size), letterboxed: the cache training augments from."""
     from torchvision.transforms.functional import pil_to_tensor
 
-    from cbr.image import letterbox
+    from cbr.data.image import letterbox
 
     return pil_to_tensor(letterbox(img, size))
 
@@ -358,7 +358,7 @@ def train_model(
         source: a class-folder dataset or a CSV manifest (see ``read_dataset``).
         out: the checkpoint file to write (its folder is created).
         records: train on these ``Record``s instead of reading ``source`` (evaluation folds).
-        backbone: a name in ``cbr.embedder.BACKBONES``.
+        backbone: a name in ``cbr.models.embedder.BACKBONES``.
         weights: ``imagenet`` (fine-tune) or ``none`` (train from random weights).
         epochs: the most epochs to run (early stopping may end sooner).
         img_size: input side in pixels; default the backbone's.
@@ -389,8 +389,9 @@ def train_model(
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from cbr.embedder import create_embedder, save_checkpoint
-    from cbr.metrics import accuracy, balanced_accuracy, group_split
+    from cbr.models.checkpoint import save_checkpoint
+    from cbr.models.embedder import create_embedder
+    from cbr.evaluation.metrics import accuracy, balanced_accuracy, group_split
 
     t0 = time.monotonic()
     _check_options(backbone, weights, epochs, batch_size, lr, patience, val_fraction, img_size, train_layers)

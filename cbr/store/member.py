@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from cbr.errors import CaseBaseError, IndexCorruptError, ModelMismatchError
-from cbr.schema import Case, Embedding, IndexManifest, Model, utcnow
+from cbr.store.schema import Case, Embedding, IndexManifest, Model, utcnow
 
 __all__ = [
     "Member",
@@ -262,7 +262,8 @@ def rebuild_index(cb, model_id: int, kind: str | None = None):
 
 
 def _embedder_for(model: Model):
-    from cbr.embedder import ModelConfig, create_embedder
+    from cbr.models.config import ModelConfig
+    from cbr.models.embedder import create_embedder
 
     cfg = ModelConfig.from_dict(model.config)
     if model.weights == "checkpoint":
@@ -294,7 +295,7 @@ def _select_models(cb, wanted) -> list[Model]:
         raise CaseBaseError(f"case base {cb.display} has no index yet; build one with `cbr index DATA --db {cb.display}`")
     if not wanted:
         return list(rows)
-    from cbr.embedder import create_embedder
+    from cbr.models.embedder import create_embedder
 
     chosen = []
     for name in wanted:

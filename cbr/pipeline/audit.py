@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 
 from cbr.errors import CbrError, ImageError, NotFoundError, UnknownNameError
-from cbr.schema import Case, Explanation, Feedback, IndexManifest, Query, utcnow
+from cbr.store.schema import Case, Explanation, Feedback, IndexManifest, Query, utcnow
 
 __all__ = [
     "RetainError",
@@ -148,7 +148,7 @@ def show(cb, query_id: int) -> dict:
     Example:
         >>> record = show(open_casebase("cases.db"), 12)
     """
-    from cbr.report import load_record, strip_maps
+    from cbr.reporting.report import load_record, strip_maps
 
     record = strip_maps(load_record(cb, query_id))
     record["created_at"] = _iso(_parse_iso(record["created_at"]))
@@ -225,7 +225,7 @@ def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: 
 
 
 def _read_query_image(query_id: int, fid: int, q_path: str, q_sha: str, image):
-    from cbr.image import read_image
+    from cbr.data.image import read_image
 
     path = Path(image if image is not None else q_path).expanduser().resolve()
     try:
@@ -247,9 +247,9 @@ def _case_map_method(s) -> str:
 
 
 def _retain(cb, query_id: int, fid: int, label: str, q_path: str, q_sha: str, q_patient, image) -> dict:
-    from cbr.dataset import Record
-    from cbr.ingest import CaseWriter
-    from cbr.member import load_members, writer_lock
+    from cbr.data.dataset import Record
+    from cbr.store.writer import CaseWriter
+    from cbr.store.member import load_members, writer_lock
 
     img, sha, path = _read_query_image(query_id, fid, q_path, q_sha, image)
     notes = []
@@ -274,7 +274,7 @@ def _retain(cb, query_id: int, fid: int, label: str, q_path: str, q_sha: str, q_
         tensors = [m.embedder.preprocess(img).unsqueeze(0) for m in members]
         record = Record(path=str(path), label=label, group=q_patient, sha256=sha,
                         metadata={"retained_from_query": query_id})
-        writer = CaseWriter(cb, [(m.model_id, m.embedder, m.index, m.kind) for m in members], explain=method)
+        writer = CaseWriter(cb, members, explain=method)
         (case_id,) = writer.add([record], tensors, origin="retain", query_id=query_id, feedback_id=fid)
         writer.maybe_save(force=True)
     notes.append(f"retained as case {case_id} (label {label!r}), indexed in {len(members)} member(s) with its "
@@ -302,7 +302,7 @@ def remove_cases(cb, case_ids, *, reason: str | None = None) -> dict:
     import numpy as np
 
     import index as ix
-    from cbr.member import load_index, save_index, writer_lock
+    from cbr.store.member import load_index, save_index, writer_lock
 
     wanted = sorted({int(i) for i in case_ids})
     if not wanted:
@@ -357,7 +357,7 @@ def _queries_rows(s):
 
 
 def _cases_rows(s):
-    from cbr.schema import Dataset
+    from cbr.store.schema import Dataset
 
     stmt = select(Case, Dataset.source).outerjoin(Dataset, Dataset.id == Case.dataset_id).order_by(Case.id)
     for c, source in s.execute(stmt.execution_options(yield_per=1000)):
@@ -460,7 +460,7 @@ def rerender_report(cb, query_id: int, out=None, scale: str = "shared") -> str:
     Example:
         >>> rerender_report(open_casebase("cases.db"), 12, "audit/q12.html")
     """
-    from cbr.report import load_record, write_outputs
+    from cbr.reporting.report import load_record, write_outputs
 
     if scale not in ("shared", "per-image"):
         raise UnknownNameError("colour scale", scale, ("shared", "per-image"))

@@ -32,7 +32,7 @@ def _weights_enum(backbone_name: str):
     """The torchvision weights enum member the registry names for ``backbone_name``."""
     from torchvision.models import get_weight
 
-    from cbr.embedder import BACKBONES  # lazy: embedder imports this module
+    from cbr.models.backbones import BACKBONES
 
     spec = BACKBONES.get(backbone_name)
     if spec is None:
@@ -116,7 +116,7 @@ def _fix_keys(backbone_name: str, state_dict: dict) -> dict:
             for k, v in state_dict.items()
         }
     if backbone_name == "vgg16":
-        # Our VGG16 has no classifier (see cbr.embedder.VGG16Features).
+        # Our VGG16 has no classifier (see cbr.models.embedder.VGG16Features).
         state_dict = {k: v for k, v in state_dict.items() if k.startswith("features.")}
     if backbone_name == "inception_v3":
         # We build Inception without its auxiliary classifier, which only matters for training.

@@ -57,15 +57,15 @@ def run_demo(out_dir="demo-output", *, patients: int = 36, slices: int = 3, size
     Example:
         >>> result = run_demo("demo-output")
     """
-    from cbr.casebase import open_casebase
-    from cbr.dataset import read_dataset
-    from cbr.evaluate import lesion_mask
-    from cbr.ingest import index_dataset
-    from cbr.metrics import balanced_accuracy, group_split
-    from cbr.phantom import make_phantoms
-    from cbr.query import Searcher
-    from cbr.train import train_model
-    from cbr.weights import offline_weights_available
+    from cbr.store.casebase import open_casebase
+    from cbr.data.dataset import read_dataset
+    from cbr.evaluation.protocol import lesion_mask
+    from cbr.pipeline.index import index_dataset
+    from cbr.evaluation.metrics import balanced_accuracy, group_split
+    from cbr.data.phantom import make_phantoms
+    from cbr.pipeline.query import Searcher
+    from cbr.learn.train import train_model
+    from cbr.models.weights import offline_weights_available
     from explain.metrics import pointing_game
 
     t = {}

@@ -1,0 +1,78 @@
+"""The backbone registry: how to build and split each network, and which ImageNet weights it has.
+
+Importable without torch, so that the CLI's choices and ``cbr models`` are instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+__all__ = ["BACKBONES", "BackboneSpec", "builder", "splitter"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and split it."""
+
+    builder: str  # function in torchvision.models, or "module:function"
+    weights_enum: str  # torchvision weights member for weights="imagenet"; "" = none exist
+    input_size: int  # default input side (that of the ImageNet weights' transforms)
+    embedding_dim: int  # channels of the trunk output = length of the embedding
+    split: str  # function in cbr.models.layers: built model -> (trunk, neck)
+    min_input_size: int = 32  # smallest input side for which the trunk output is non-empty
+    target_layer: str = ""  # default CAM layer: "" = the trunk output (the last conv block)
+    builder_kwargs: dict = field(default_factory=dict)  # extra builder arguments
+
+
+# IMAGENET1K_V1 everywhere: the original recipes. The newer V2 recipes (label smoothing, mixup,
+# long schedules) score higher on ImageNet but their penultimate features transfer worse, and
+# V1 is the file the offline package ships for mobilenet_v2. All use ImageNet mean/std; inception
+# takes 299 px.
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec("resnet18", "ResNet18_Weights.IMAGENET1K_V1", 224, 512, "_split_resnet"),
+    "resnet50": BackboneSpec("resnet50", "ResNet50_Weights.IMAGENET1K_V1", 224, 2048, "_split_resnet"),
+    "densenet121": BackboneSpec(
+        "densenet121", "DenseNet121_Weights.IMAGENET1K_V1", 224, 1024, "_split_densenet"
+    ),
+    "mobilenet_v2": BackboneSpec(
+        "mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V1", 224, 1280, "_split_features"
+    ),
+    # 960 = the pooled last conv block; torchvision's 1280-d Linear+Hardswish after the pool is
+    # part of its ImageNet classifier, not of the feature extractor.
+    "mobilenet_v3_large": BackboneSpec(
+        "mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1", 224, 960, "_split_features"
+    ),
+    "efficientnet_b0": BackboneSpec(
+        "efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", 224, 1280, "_split_features"
+    ),
+    # Trunk = all of ``features`` including the last max-pool (pytorch-grad-cam's VGG layer).
+    "vgg16": BackboneSpec(
+        "cbr.models.layers:vgg16_features", "VGG16_Weights.IMAGENET1K_V1", 224, 512, "_split_features"
+    ),
+    "convnext_tiny": BackboneSpec(
+        "convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", 224, 768, "_split_convnext"
+    ),
+    "inception_v3": BackboneSpec(
+        "inception_v3", "Inception_V3_Weights.IMAGENET1K_V1", 299, 2048, "_split_inception",
+        min_input_size=75, builder_kwargs={"aux_logits": False, "init_weights": True},
+    ),  # fmt: skip
+    "tinycnn": BackboneSpec("cbr.models.layers:tinycnn", "", 64, 64, "_split_tinycnn", min_input_size=8),
+}
+
+
+def builder(spec: BackboneSpec):
+    """The function that builds ``spec``'s network (imports torchvision)."""
+    if ":" in spec.builder:
+        module, fn = spec.builder.split(":")
+        return getattr(importlib.import_module(module), fn)
+    import torchvision.models
+
+    return getattr(torchvision.models, spec.builder)
+
+
+def splitter(spec: BackboneSpec):
+    """The function that splits ``spec``'s built network into (trunk, neck)."""
+    from cbr.models import layers
+
+    return getattr(layers, spec.split)

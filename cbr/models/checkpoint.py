@@ -1,0 +1,111 @@
+"""Checkpoints: a model with its config and fingerprint, loadable with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cbr.errors import CbrError, ModelMismatchError, NotFoundError
+from cbr.files import atomic_open
+from cbr.models.backbones import BACKBONES
+from cbr.models.config import ModelConfig
+from cbr.models.embedder import Embedder, _build
+
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(CbrError):
+    """A file is not a cbr checkpoint we can load."""
+
+
+_PRIMITIVES = (str, int, float, bool, type(None), Tensor)
+
+
+def _check_primitive(value, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} is not a str or int")
+            _check_primitive(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_primitive(v, f"{where}[{i}]")
+    elif not isinstance(value, _PRIMITIVES):
+        raise TypeError(f"{where}: {type(value).__name__} cannot be loaded with weights_only=True")
+
+
+def save_checkpoint(embedder: Embedder, path, *, train_sha256=(), extra: dict | None = None) -> str:
+    """Write ``embedder`` atomically to ``path`` as a ``weights_only``-loadable dict; returns its fingerprint.
+
+    Args:
+        embedder: the model to save.
+        path: destination file; its folder must exist.
+        train_sha256: sha256 of the training images, so a case base can tell what a model has seen.
+        extra: more primitive values (str/int/float/bool/None/tensors, in dicts and lists).
+    """
+    path = Path(path)
+    fingerprint = embedder.compute_fingerprint()
+    embedder._fingerprint = fingerprint
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": dict(embedder.config.to_dict(), weights="checkpoint"),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in embedder.state_dict().items()},
+        "fingerprint": fingerprint,
+        "train_sha256": [str(s) for s in train_sha256],
+        "extra": dict(extra or {}),
+    }
+    _check_primitive(payload["extra"], "extra")
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
+    return fingerprint
+
+
+_REQUIRED = ("config", "state_dict", "fingerprint")
+
+
+def load_checkpoint(path, *, device: str = "cpu") -> tuple[Embedder, dict]:
+    """Load a ``save_checkpoint`` file: the model, and the rest (``train_sha256``, ``extra``, ...)."""
+    path = Path(path)
+    expected = "a cbr model checkpoint written by save_checkpoint (cbr train)"
+    if not path.is_file():
+        raise NotFoundError(f"checkpoint file not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle, EOF, unsupported types: all mean "not our file"
+        raise CheckpointError(f"{path}: cannot be read ({e.__class__.__name__}); expected {expected}") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED):
+        got = f"keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: got {got}; expected {expected}")
+    try:
+        saved = ModelConfig.from_dict(ckpt["config"])
+    except TypeError as e:
+        raise CheckpointError(f"{path}: invalid model config ({e}); expected {expected}") from e
+    if saved.backbone not in BACKBONES:
+        raise CheckpointError(
+            f"{path}: backbone {saved.backbone!r} is not known to this version of cbr; "
+            f"choose from {', '.join(sorted(BACKBONES))}"
+        )
+    emb = _build(dataclasses.replace(saved, weights="none"), "cpu")
+    try:
+        emb.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit a {saved.backbone}: {e}") from e
+    emb.config = dataclasses.replace(saved, weights="checkpoint")
+    emb = emb.to(device)
+    if emb._channels_last():
+        emb = emb.to(memory_format=torch.channels_last)
+    emb.eval()
+    if emb.fingerprint != ckpt["fingerprint"]:
+        raise ModelMismatchError(
+            f"{path}: the loaded model's fingerprint {emb.fingerprint[:12]} differs from the saved "
+            f"{str(ckpt['fingerprint'])[:12]}; the file was altered or written by an incompatible cbr"
+        )
+    rest = {k: v for k, v in ckpt.items() if k not in ("config", "state_dict", "fingerprint")}
+    rest.setdefault("train_sha256", [])
+    rest.setdefault("extra", {})
+    return emb, rest

@@ -1,0 +1,196 @@
+"""``cbr index``: read a dataset, then decode, embed, explain, store and index it in batches, and
+calibrate the votes. Incremental (images already stored are skipped) and resumable."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+
+from cbr.data.batches import iter_batches
+from cbr.data.dataset import Problem, Scan, read_dataset
+from cbr.errors import CbrError
+from cbr.pipeline.calibration import calibrate, has_calibration
+from cbr.store.schema import Case, Dataset, Embedding
+from cbr.store.schema import Problem as ProblemRow
+from cbr.store.writer import CaseWriter
+
+__all__ = ["IngestReport", "index_dataset"]
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestReport:
+    """What one ``cbr index`` run did."""
+
+    source: str | None
+    models: list[str]
+    added: int = 0
+    embedded: int = 0  # existing cases embedded for a newly added model
+    already: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    rebuilt: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        done = self.added + self.embedded
+        return done / self.elapsed if self.elapsed > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source, "models": self.models, "added": self.added, "embedded": self.embedded,
+            "already": self.already, "problems": [{"path": p.path, "reason": p.reason} for p in self.problems],
+            "notes": self.notes, "rebuilt": self.rebuilt, "elapsed_s": round(self.elapsed, 3),
+            "images_per_s": round(self.images_per_s, 2),
+        }
+
+
+def _model_source(spec: str) -> str:
+    p = Path(spec)
+    return str(p.resolve()) if p.exists() else spec
+
+
+def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "imagenet",
+                  index_type: str = "flat", batch_size: int = 32, explain: str = "gradcam",
+                  rebuild: bool = False, path_column: str = "path", label_column: str = "label",
+                  group_column: str | None = None, images=(), progress: bool = False,
+                  num_workers: int | None = None, device: str = "cpu", records=None,
+                  target_layer: str | None = None) -> IngestReport:
+    """Index a dataset into a case base: read, decode, embed, explain, store, index, calibrate.
+
+    Incremental (images already stored are skipped) and interruptible (re-running completes).
+
+    Args:
+        cb: an open CaseBase.
+        source: a class-folder dataset or a CSV manifest; may be None with ``rebuild``.
+        models: backbone names or checkpoint paths; one index (ensemble member) per model.
+        weights: ``imagenet`` or ``none`` for backbone names (checkpoints carry their own).
+        index_type: ``flat``, ``hnsw``, ``ivf`` or a faiss factory string (new indexes only).
+        batch_size: images per forward pass.
+        explain: CAM method for each case's stored map, or ``none``.
+        rebuild: rebuild every index from the stored embeddings first (no image is re-read).
+        path_column, label_column, group_column, images: manifest options (see read_dataset).
+        progress: show a progress bar.
+        records: index these ``Record``s instead of reading ``source`` (evaluation folds).
+        target_layer: CAM layer of every model (a dotted module path inside its trunk); default the
+            last convolutional block, the fast path. Part of the model's fingerprint.
+
+    Example:
+        >>> report = index_dataset(open_casebase("cases.db"), "data/brain_mri", models=["mobilenet_v2"])
+    """
+    from tqdm import tqdm
+
+    from cbr.models.embedder import create_embedder
+    from cbr.store.member import Member, load_index, rebuild_index, register_model, writer_lock
+    from cbr.store.schema import IndexManifest, Model
+
+    import index as ix
+
+    t0 = time.monotonic()
+    report = IngestReport(source=str(source) if source is not None else None, models=list(models))
+    with writer_lock(cb):
+        if rebuild:
+            with cb.read() as s:
+                # Models with an index, or with stored embeddings whose manifest row was lost.
+                rows = s.execute(select(Model.id, Model.source).where(
+                    Model.id.in_(select(IndexManifest.model_id)) | Model.id.in_(select(Embedding.model_id))
+                ).order_by(Model.id)).all()
+            for model_id, src in rows:
+                rebuild_index(cb, model_id)
+                report.rebuilt.append(src)
+        if source is None and records is None:
+            report.elapsed = time.monotonic() - t0
+            return report
+
+        if records is not None:
+            scan = Scan(source=str(source or "<records>"), kind="records", records=list(records), problems=[])
+        else:
+            scan = read_dataset(source, path_column=path_column, label_column=label_column,
+                                group_column=group_column, images=images, progress=progress)
+        report.problems.extend(scan.problems)
+
+        members = []
+        for spec in models:
+            emb = create_embedder(spec, weights=None if Path(spec).exists() else weights,
+                                  target_layer=target_layer).to(device)
+            emb.eval()
+            model_id = register_model(cb, emb, _model_source(spec))
+            with cb.read() as s:
+                has_manifest = s.scalar(select(IndexManifest.id).where(IndexManifest.model_id == model_id)) is not None
+            if has_manifest:
+                index, kind, notes = load_index(cb, model_id, persist_repair=True)
+                report.notes.extend(notes)
+            else:
+                kind = index_type
+                try:
+                    index = ix.build(emb.config.embedding_dim, kind, n_hint=len(scan.records))
+                except ValueError as e:
+                    raise CbrError(f"--index-type {index_type!r}: {e}") from None
+            members.append(Member(model_id, emb.fingerprint, spec, emb, index, kind))
+        model_ids = [m.model_id for m in members]
+
+        with cb.write() as s:
+            ds = s.scalar(select(Dataset).where(Dataset.source == scan.source, Dataset.kind == scan.kind))
+            if ds is None:
+                ds = Dataset(source=scan.source, kind=scan.kind, options={
+                    "path_column": path_column, "label_column": label_column,
+                    "group_column": group_column, "images": [str(i) for i in images]})
+                s.add(ds)
+                s.flush()
+            dataset_id = ds.id
+            known = {c.sha256: (c.id, c.label, c.removed_at) for c in s.scalars(
+                select(Case).where(Case.sha256.in_([r.sha256 for r in scan.records])))} if scan.records else {}
+            have = {}
+            for case_id, model_id in s.execute(select(Embedding.case_id, Embedding.model_id).where(Embedding.model_id.in_(model_ids))):
+                have.setdefault(case_id, set()).add(model_id)
+
+        todo, new_count = [], 0
+        for r in scan.records:
+            if r.sha256 in known:
+                case_id, label, removed = known[r.sha256]
+                if removed is not None:
+                    report.problems.append(Problem(r.path, f"was removed from the case base (case {case_id}); not re-added"))
+                    continue
+                if label != r.label:
+                    report.problems.append(Problem(r.path, f"label conflict: case {case_id} has the same image labelled {label!r}, here {r.label!r}"))
+                    continue
+                if set(model_ids) <= have.get(case_id, set()):
+                    report.already += 1
+                    continue
+            else:
+                new_count += 1
+            todo.append(r)
+
+        writer = CaseWriter(cb, members, explain=explain)
+        bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
+        decode_problems = []
+        for idx, tensors, bad in iter_batches(todo, [m.embedder.preprocess for m in members], batch_size, num_workers):
+            decode_problems.extend(Problem(todo[i].path, reason) for i, reason in bad)
+            if idx:
+                batch = [todo[i] for i in idx]
+                tensors = [t.to(device) for t in tensors]
+                before_new = sum(1 for r in batch if r.sha256 not in known)
+                writer.add(batch, tensors, dataset_id=dataset_id)
+                report.added += before_new
+                report.embedded += len(batch) - before_new
+                writer.maybe_save()
+            bar.update(len(idx) + len(bad))
+        bar.close()
+        report.problems.extend(decode_problems)
+        if any(m.index.ntotal == 0 for m in members):
+            writer.mark_dirty()
+        writer.maybe_save(force=True)
+        for m in members:
+            if report.added or not has_calibration(cb, m.model_id):
+                calibrate(cb, m.model_id, m.index)
+        if report.problems:
+            with cb.write() as s:
+                s.add_all(ProblemRow(dataset_id=dataset_id, path=p.path, reason=p.reason) for p in report.problems)
+    report.elapsed = time.monotonic() - t0
+    return report

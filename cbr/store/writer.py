@@ -1,0 +1,120 @@
+"""Writing cases: one short transaction per batch (cases, embeddings, maps), then the vectors go
+into the in-memory indexes, which are saved as a new generation now and then and at the end.
+
+A crash at any point therefore loses at most the work since the last commit, and the next open
+re-adds to the index whatever the case base holds but the file lacks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from sqlalchemy import select
+
+from cbr.data.dataset import Record
+from cbr.models.maps import case_map_target, compute_maps
+from cbr.store.schema import Case, Embedding, Explanation
+
+__all__ = ["CaseWriter", "SAVE_EVERY_S"]
+
+SAVE_EVERY_S = 60.0
+
+
+class CaseWriter:
+    """Adds decoded images as cases to the case base and to every member's index."""
+
+    def __init__(self, cb, members, *, explain: str = "gradcam"):
+        """``members``: the ``Member``s whose indexes receive the new cases."""
+        self.cb = cb
+        self.members = members
+        self.explain = explain
+        self._dirty = False
+        self._last_save = time.monotonic()
+
+    def embed(self, tensors: list):
+        """Per member: (normalised embeddings as numpy, trunk activations, input batch)."""
+        import torch
+
+        out = []
+        for m, x in zip(self.members, tensors):
+            with torch.no_grad():
+                acts, e = m.embedder.cam_features(x)
+            out.append((e.float().cpu().numpy(), acts, x))
+        return out
+
+    def add(self, records: list[Record], tensors: list, *, dataset_id=None, origin="index",
+            query_id=None, feedback_id=None, only_models=None) -> list[int]:
+        """Store a batch of records (with their preprocessed tensors, one per member) as cases.
+
+        Existing cases (same sha256) only get the embeddings and maps they lack.
+        """
+        from explain.cam import encode_map
+
+        embedded = self.embed(tensors)
+        maps_per_member = []
+        for member, (_, acts, x) in zip(self.members, embedded):
+            emb = member.embedder
+            if self.explain == "none":
+                maps_per_member.append(None)
+                continue
+            groups: dict = {}
+            for i, r in enumerate(records):
+                target, name, classifier = case_map_target(emb, r.label)
+                groups.setdefault((name, classifier), []).append((i, target))
+            maps = [None] * len(records)
+            for (name, classifier), items in groups.items():
+                idx = [i for i, _ in items]
+                raw = compute_maps(emb, x[idx], acts[idx], [t for _, t in items], classifier, self.explain)
+                for j, i in enumerate(idx):
+                    maps[i] = (name, raw[j])
+            maps_per_member.append(maps)
+
+        ids, added = [], [[] for _ in self.members]
+        with self.cb.write() as s:
+            for i, r in enumerate(records):
+                case = s.scalar(select(Case).where(Case.sha256 == r.sha256))
+                if case is not None and case.removed_at is not None:
+                    ids.append(case.id)  # removed on purpose: never searchable again through a new model
+                    continue
+                if case is None:
+                    case = Case(sha256=r.sha256, path=r.path, label=r.label, group_id=r.group, meta=r.metadata,
+                                dataset_id=dataset_id, origin=origin, query_id=query_id, feedback_id=feedback_id)
+                    s.add(case)
+                    s.flush()
+                ids.append(case.id)
+                have = set(s.scalars(select(Embedding.model_id).where(Embedding.case_id == case.id)))
+                for m, member in enumerate(self.members):
+                    model_id = member.model_id
+                    if model_id in have or (only_models is not None and model_id not in only_models):
+                        continue
+                    s.add(Embedding(case_id=case.id, model_id=model_id, vector=embedded[m][0][i].tobytes()))
+                    added[m].append(i)
+                    if maps_per_member[m] is not None:
+                        name, raw = maps_per_member[m][i]
+                        data, shape, scale = encode_map(raw)
+                        s.add(Explanation(model_id=model_id, case_id=case.id, role="case", method=self.explain,
+                                          target=name, height=shape[0], width=shape[1], dtype="float16",
+                                          scale=float(scale), data=data))
+        # Only after the commit: the index never holds a vector the case base lacks.
+        import index as ix
+
+        id_arr = np.asarray(ids, dtype=np.int64)
+        for m, member in enumerate(self.members):
+            if added[m]:
+                ix.add(member.index, embedded[m][0][added[m]], id_arr[added[m]])
+                self._dirty = True
+        return ids
+
+    def mark_dirty(self) -> None:
+        """Save at the next ``maybe_save`` even when no vector was added (a new, empty index)."""
+        self._dirty = True
+
+    def maybe_save(self, force: bool = False) -> None:
+        from cbr.store.member import save_index
+
+        if self._dirty and (force or time.monotonic() - self._last_save > SAVE_EVERY_S):
+            for m in self.members:
+                save_index(self.cb, m.model_id, m.index, m.kind)
+            self._dirty = False
+            self._last_save = time.monotonic()

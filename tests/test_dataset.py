@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cbr.data.image
-from cbr.data.dataset import Problem, Record, Scan, read_dataset
+from cbr.data.dataset import ManifestSpec, Problem, Record, Scan, read_dataset
 from cbr.errors import DatasetError, ImageError
 from cbr.data.image import read_image
 from cbr.data.phantom import make_phantoms
@@ -246,7 +246,7 @@ def test_missing_column_message_is_actionable(tmp_path, monkeypatch):
         "choose it with --label-column"
     )
     with pytest.raises(DatasetError, match="no column 'file'.*--path-column"):
-        read_dataset(path, path_column="file", label_column="diagnosis")
+        read_dataset(path, ManifestSpec(path_column="file", label_column="diagnosis"))
 
 
 def test_bom_and_quoted_commas(tmp_path):
@@ -277,8 +277,8 @@ def test_columns_roots_extensions_groups_and_metadata(tmp_path):
         ],
     )
     scan = read_dataset(
-        manifest, path_column="image_id", label_column="dx", group_column="lesion_id",
-        images=[root1, root2],
+        manifest, ManifestSpec(path_column="image_id", label_column="dx", group_column="lesion_id",
+                               images=[root1, root2]),
     )
     assert scan.problems == []
     got = {r.path: r for r in scan.records}
@@ -288,15 +288,15 @@ def test_columns_roots_extensions_groups_and_metadata(tmp_path):
     assert got[str(c)].group is None  # a blank group cell
     assert got[str(d)].label == "bkl"
     # Without groups, every non-path, non-label column is metadata.
-    scan = read_dataset(manifest, path_column="image_id", label_column="dx", images=root1)
+    scan = read_dataset(manifest, ManifestSpec(path_column="image_id", label_column="dx", images=root1))
     assert {r.group for r in scan.records} == {None}
     assert any(r.metadata.get("lesion_id") == "L1" for r in scan.records)
     # ISIC_2 is not under root1 nor next to the CSV.
     assert any("row 3: file not found (looked in: " + str(root1) in p.reason for p in scan.problems)
     with pytest.raises(DatasetError, match="no column 'patient'.*--group-column"):
-        read_dataset(manifest, path_column="image_id", label_column="dx", group_column="patient")
+        read_dataset(manifest, ManifestSpec(path_column="image_id", label_column="dx", group_column="patient"))
     with pytest.raises(DatasetError, match="images folder not found"):
-        read_dataset(manifest, path_column="image_id", label_column="dx", images=[tmp_path / "no"])
+        read_dataset(manifest, ManifestSpec(path_column="image_id", label_column="dx", images=[tmp_path / "no"]))
 
 
 def test_patient_id_is_the_default_group_and_masks_resolve(tmp_path):
@@ -426,7 +426,7 @@ def test_manifest_roundtrip_property(files, rows, bom):
             table,
             encoding="utf-8-sig" if bom else "utf-8",
         )
-        scan = read_dataset(path, images=[files])
+        scan = read_dataset(path, ManifestSpec(images=[files]))
     got = {Path(r.path).name: r for r in scan.records}
     expected = {
         ref: (label.strip(), {k: v for k, v in (("note", m1), ("tag", m2)) if v != ""})
@@ -450,7 +450,7 @@ def test_any_manifest_content_gives_a_scan_or_dataset_error(files, header, conte
         path = Path(d) / "m.csv"
         path.write_bytes((b"path,label\n" if header else b"") + content)
         try:
-            scan = read_dataset(path, images=[files])
+            scan = read_dataset(path, ManifestSpec(images=[files]))
         except DatasetError as e:
             assert "\n" not in str(e)
         else:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cbr.data.dataset import read_dataset
+from cbr.data.dataset import ManifestSpec, read_dataset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -23,8 +23,8 @@ def test_brain_mri_folders_and_their_duplicates():
 @pytest.mark.skipif(not (DATA / "chest_xray_pneumonia").is_dir(), reason="../shared/data is not here")
 def test_chest_xray_manifest_with_patient_groups():
     root = DATA / "chest_xray_pneumonia"
-    scan = read_dataset(root / "manifest.csv", path_column="filename", label_column="class",
-                        group_column="patient_key", images=[root / "NORMAL", root / "PNEUMONIA"])
+    scan = read_dataset(root / "manifest.csv", ManifestSpec(path_column="filename", label_column="class",
+                        group_column="patient_key", images=[root / "NORMAL", root / "PNEUMONIA"]))
     assert scan.labels == ["NORMAL", "PNEUMONIA"]
     assert len(scan.records) >= 590
     groups = {r.group for r in scan.records}

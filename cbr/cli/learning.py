@@ -5,8 +5,7 @@ import json
 import click
 
 from cbr.cli import cli
-from cbr.cli.options import RegistryChoice, backbone_names, cam_names, json_option, progress_enabled, vote_names
-from cbr.cli.retrieval import manifest_options
+from cbr.cli.options import RegistryChoice, backbone_names, cam_names, json_option, manifest_options, progress_enabled, vote_names
 
 DEFAULT_REPORT_DIR = "cbr-evaluation"
 
@@ -65,7 +64,7 @@ def _print_training(r, data, backbone, weights):
 @manifest_options
 @json_option
 def train_cmd(data, out, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
-              workers, val_fraction, path_column, label_column, group_column, images, as_json):
+              workers, val_fraction, manifest, as_json):
     """Fine-tune a backbone with a classification head on a labelled dataset.
 
     DATA is a folder with one sub-folder per class, or a CSV manifest. A patient-grouped share of
@@ -84,8 +83,7 @@ def train_cmd(data, out, backbone, weights, epochs, img_size, batch_size, lr, se
     result = train_model(
         data, out, backbone=backbone, weights=weights, epochs=epochs, img_size=img_size, batch_size=batch_size,
         lr=lr, seed=seed, device=device, patience=patience, val_fraction=val_fraction, train_layers=train_layers,
-        num_workers=workers, progress=progress_enabled() and not as_json, path_column=path_column,
-        label_column=label_column, group_column=group_column, images=images,
+        num_workers=workers, progress=progress_enabled() and not as_json, manifest=manifest,
     )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -128,8 +126,8 @@ def _explicit(ctx, names):
 @json_option
 @click.pass_context
 def evaluate_cmd(ctx, data, db, index_dir, folds, backbone, weights, epochs, img_size, batch_size, lr, seed, device,
-                 patience, train_layers, workers, no_train, k, vote, explain, models, strict, out_dir, path_column,
-                 label_column, group_column, images, as_json):
+                 patience, train_layers, workers, no_train, k, vote, explain, models, strict, out_dir, manifest,
+                 as_json):
     """Measure accuracy, calibration, retrieval and localisation, grouped by patient.
 
     \b
@@ -164,8 +162,7 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, backbone, weights, epochs, img
         cb = open_casebase(db, create=False, index_dir=index_dir)
         metrics = evaluate_casebase(
             cb, data, k=k, vote=vote, models=models or None, strict=strict, explain=explain, batch_size=batch_size,
-            device=device, num_workers=workers, out_dir=out_dir, progress=progress, path_column=path_column,
-            label_column=label_column, group_column=group_column, images=images,
+            device=device, num_workers=workers, out_dir=out_dir, progress=progress, manifest=manifest,
         )
     else:
         wrong = _explicit(ctx, _DB_ONLY)
@@ -175,8 +172,7 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, backbone, weights, epochs, img
             data, folds=folds, k=k, vote=vote, explain=explain, train=not no_train, backbone=backbone, weights=weights,
             epochs=epochs, img_size=img_size, batch_size=batch_size, lr=lr, patience=patience,
             train_layers=train_layers, seed=seed, device=device, num_workers=workers, out_dir=out_dir,
-            progress=progress, path_column=path_column, label_column=label_column, group_column=group_column,
-            images=images,
+            progress=progress, manifest=manifest,
         )
     if as_json:
         click.echo(json.dumps(metrics, indent=2))

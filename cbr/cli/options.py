@@ -76,3 +76,20 @@ def backbone_names():
     from cbr.models.backbones import BACKBONES
 
     return list(BACKBONES)
+
+
+def manifest_options(f):
+    """The four manifest options, handed to the command as one ``manifest`` (a ``ManifestSpec``)."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args, path_column, label_column, group_column, images, **kwargs):
+        from cbr.data.dataset import ManifestSpec
+
+        spec = ManifestSpec(path_column, label_column, group_column, tuple(images))
+        return f(*args, manifest=spec, **kwargs)
+
+    wrapper = click.option("--path-column", default="path", show_default=True, help="Manifest column with image paths.")(wrapper)
+    wrapper = click.option("--label-column", default="label", show_default=True, help="Manifest column with labels.")(wrapper)
+    wrapper = click.option("--group-column", default=None, help="Manifest column with patient/group ids [default: patient_id if present].")(wrapper)
+    return click.option("--images", multiple=True, type=click.Path(file_okay=False), help="Root folder(s) for manifest paths (repeatable).")(wrapper)

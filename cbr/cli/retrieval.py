@@ -12,20 +12,13 @@ from cbr.cli.options import (
     ensemble_names,
     index_dir_option,
     json_option,
+    manifest_options,
     progress_enabled,
     vote_names,
 )
 
 # The registries are plain dicts in light modules; listing their names here must not import torch.
 BACKBONE_HINT = "a backbone name (see `cbr models`) or a checkpoint path from `cbr train`"
-
-
-def manifest_options(f):
-    f = click.option("--path-column", default="path", show_default=True, help="Manifest column with image paths.")(f)
-    f = click.option("--label-column", default="label", show_default=True, help="Manifest column with labels.")(f)
-    f = click.option("--group-column", default=None, help="Manifest column with patient/group ids [default: patient_id if present].")(f)
-    f = click.option("--images", multiple=True, type=click.Path(file_okay=False), help="Root folder(s) for manifest paths (repeatable).")(f)
-    return f
 
 
 def _print_report(report, db):
@@ -66,7 +59,7 @@ def _print_report(report, db):
 @manifest_options
 @json_option
 def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, explain, target_layer, rebuild, workers,
-              path_column, label_column, group_column, images, as_json):
+              manifest, as_json):
     """Index a labelled dataset into a case base (incremental and resumable).
 
     DATA is a folder with one sub-folder per class, or a CSV manifest with the columns
@@ -88,8 +81,7 @@ def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, expl
     cb = open_casebase(db, index_dir=index_dir)
     report = index_dataset(
         cb, data, models=models or ("mobilenet_v2",), weights=weights, index_type=index_type,
-        batch_size=batch_size, explain=explain, rebuild=rebuild, path_column=path_column,
-        label_column=label_column, group_column=group_column, images=images,
+        batch_size=batch_size, explain=explain, rebuild=rebuild, manifest=manifest,
         progress=progress_enabled(), num_workers=workers, target_layer=target_layer,
     )
     if as_json:

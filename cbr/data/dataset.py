@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from cbr.errors import DatasetError, ImageError
 from cbr.data.image import sha256_file
 
-__all__ = ["IMAGE_EXTENSIONS", "Record", "Problem", "Scan", "read_dataset"]
+__all__ = ["ManifestSpec", "IMAGE_EXTENSIONS", "Record", "Problem", "Scan", "read_dataset"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 _CLUTTER = frozenset({"thumbs.db", "desktop.ini"})
@@ -135,35 +135,38 @@ def _file_problem(path: str) -> str | None:
     return None
 
 
-def read_dataset(
-    source,
-    *,
-    path_column: str = "path",
-    label_column: str = "label",
-    group_column: str | None = None,
-    images=(),
-    progress: bool = False,
-) -> Scan:
+@dataclass(frozen=True)
+class ManifestSpec:
+    """How to read a CSV manifest (ignored for class folders)."""
+
+    path_column: str = "path"  # the column holding image paths
+    label_column: str = "label"  # the column holding labels
+    group_column: str | None = None  # patient/group ids; default ``patient_id`` when present
+    images: tuple[str, ...] = ()  # folders manifest paths are relative to, before the CSV's own
+
+    def to_dict(self) -> dict:
+        """JSON-ready, as stored with a dataset row."""
+        return {"path_column": self.path_column, "label_column": self.label_column,
+                "group_column": self.group_column, "images": [str(i) for i in self.images]}
+
+
+def read_dataset(source, manifest: ManifestSpec | None = None, *, progress: bool = False) -> Scan:
     """Read a class-folder dataset or a CSV manifest.
 
     Args:
         source: a folder laid out as ``DATA/<label>/**/<image>``, or a ``.csv`` manifest.
-        path_column: the manifest column holding image paths.
-        label_column: the manifest column holding labels.
-        group_column: the manifest column holding patient/group ids; by default
-            ``patient_id`` when present, else no groups.
-        images: folder(s) that manifest paths are relative to, tried in order before the
-            CSV's own folder.
+        manifest: the manifest's columns and image folders (default ``ManifestSpec()``).
         progress: show a progress bar while hashing (only on a terminal).
 
     Raises:
         DatasetError: the source cannot be read at all (missing, wrong kind, missing column).
 
     Example:
-        >>> scan = read_dataset("data/ham10000.csv", path_column="image_id",
-        ...                     label_column="dx", images=["data/images"])
+        >>> scan = read_dataset("data/ham10000.csv", ManifestSpec(path_column="image_id",
+        ...                     label_column="dx", images=("data/images",)))
         >>> len(scan.records), [p.reason for p in scan.problems][:3]
     """
+    m = manifest or ManifestSpec()
     given = os.fspath(source)
     src = os.path.abspath(given)
     if os.path.isdir(src):
@@ -172,7 +175,7 @@ def read_dataset(
     elif os.path.isfile(src) and src.lower().endswith(".csv"):
         kind = "manifest"
         candidates, problems = _scan_manifest(
-            src, given, path_column, label_column, group_column, _roots(images)
+            src, given, m.path_column, m.label_column, m.group_column, _roots(m.images)
         )
     elif not os.path.exists(src):
         raise DatasetError(

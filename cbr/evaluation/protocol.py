@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbr.data.dataset import Problem, Record, read_dataset
+from cbr.data.dataset import ManifestSpec, Problem, Record, read_dataset
 from cbr.files import atomic_write
 from cbr.errors import CbrError, ImageError
 
@@ -63,13 +63,12 @@ class Outcome:
 # helpers shared by both protocols
 
 
-def _records(source, records, path_column, label_column, group_column, images, progress):
+def _records(source, records, manifest, progress):
     if records is not None:
         return list(records), [], str(source) if source is not None else "<records>"
     if source is None:
         raise CbrError("give a dataset (a folder of class folders or a CSV manifest) or records")
-    scan = read_dataset(source, path_column=path_column, label_column=label_column,
-                        group_column=group_column, images=images, progress=progress)
+    scan = read_dataset(source, manifest, progress=progress)
     if not scan.records:
         raise CbrError(f"{source}: no usable images; see the problems listed by `cbr index`")
     return list(scan.records), list(scan.problems), scan.source
@@ -348,10 +347,7 @@ def cross_validate(
     num_workers: int | None = None,
     out_dir=None,
     progress: bool = False,
-    path_column: str = "path",
-    label_column: str = "label",
-    group_column: str | None = None,
-    images=(),
+    manifest: ManifestSpec | None = None,
 ) -> dict:
     """Patient-grouped, stratified k-fold cross-validation of train -> index -> query.
 
@@ -368,7 +364,7 @@ def cross_validate(
         num_workers: decoding workers.
         out_dir: write the report folder here (None: no files).
         progress: progress bars.
-        path_column, label_column, group_column, images: manifest options (see read_dataset).
+        manifest: the manifest's columns and image folders (see ``ManifestSpec``).
 
     Returns:
         The pooled metrics, plus ``folds`` (each fold's figures), ``config``, ``elapsed_s``,
@@ -393,7 +389,7 @@ def cross_validate(
     if k < 1:
         raise CbrError(f"-k {k}: ask for at least 1 neighbour")
     device = _resolve_device(device)
-    recs, problems, shown = _records(source, records, path_column, label_column, group_column, images, progress)
+    recs, problems, shown = _records(source, records, manifest, progress)
     classes = sorted({r.label for r in recs})
     if len(classes) < 2:
         raise CbrError(f"{shown}: only one class ({classes[0]!r}); evaluation needs at least 2 classes")
@@ -565,10 +561,7 @@ def evaluate_casebase(
     num_workers: int | None = None,
     out_dir=None,
     progress: bool = False,
-    path_column: str = "path",
-    label_column: str = "label",
-    group_column: str | None = None,
-    images=(),
+    manifest: ManifestSpec | None = None,
 ) -> dict:
     """Evaluate a held-out test set against an existing case base, leakage checked first.
 
@@ -585,7 +578,7 @@ def evaluate_casebase(
         strict: exclude leaking images from the metrics.
         batch_size, device, num_workers: for the softmax pass.
         out_dir: write the report folder here (None: no files).
-        path_column, label_column, group_column, images: manifest options (see read_dataset).
+        manifest: the manifest's columns and image folders (see ``ManifestSpec``).
 
     Example:
         >>> m = evaluate_casebase(open_casebase("cases.db"), "data/test.csv", strict=True)
@@ -602,7 +595,7 @@ def evaluate_casebase(
     get_vote_rule(vote)
     _check_explain(explain)
     device = _resolve_device(device)
-    recs, problems, shown = _records(source, records, path_column, label_column, group_column, images, progress)
+    recs, problems, shown = _records(source, records, manifest, progress)
     searcher = Searcher(cb, models=models, k=k, vote=vote, explain=explain, device=device)
     leakage, leaking = _leakage(cb, searcher.members, recs)
     leakage["excluded"] = len(leaking) if strict else 0

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbr.data.dataset import Problem, Record, read_dataset
+from cbr.data.dataset import ManifestSpec, Problem, Record, read_dataset
 from cbr.data.batches import iter_batches
 from cbr.errors import CbrError, DatasetError, UnknownNameError
 
@@ -347,10 +347,7 @@ def train_model(
     train_layers: int | None = None,
     num_workers: int | None = None,
     progress: bool = False,
-    path_column: str = "path",
-    label_column: str = "label",
-    group_column: str | None = None,
-    images=(),
+    manifest: ManifestSpec | None = None,
 ) -> TrainResult:
     """Fine-tune a registry backbone with a classification head and write a checkpoint.
 
@@ -374,7 +371,7 @@ def train_model(
             mobilenet_v2 and 5 blocks).
         num_workers: decoding worker processes; default 1 on a 2-core machine.
         progress: show progress bars and per-epoch validation figures.
-        path_column, label_column, group_column, images: manifest options (see read_dataset).
+        manifest: the manifest's columns and image folders (see ``ManifestSpec``).
 
     Raises:
         DatasetError: fewer than 2 classes, no usable images, an unreadable source.
@@ -400,8 +397,7 @@ def train_model(
     if records is None:
         if source is None:
             raise TrainError("give a dataset (a folder of class folders or a CSV manifest) or records")
-        scan = read_dataset(source, path_column=path_column, label_column=label_column,
-                            group_column=group_column, images=images, progress=progress)
+        scan = read_dataset(source, manifest, progress=progress)
         records, problems = list(scan.records), list(scan.problems)
         what = str(source)
     else:

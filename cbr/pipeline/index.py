@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from cbr.data.batches import iter_batches
-from cbr.data.dataset import Problem, Scan, read_dataset
+from cbr.data.dataset import ManifestSpec, Problem, Scan, read_dataset
 from cbr.errors import CbrError
 from cbr.pipeline.calibration import calibrate, has_calibration
 from cbr.store.schema import Case, Dataset, Embedding
@@ -58,8 +58,7 @@ def _model_source(spec: str) -> str:
 
 def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "imagenet",
                   index_type: str = "flat", batch_size: int = 32, explain: str = "gradcam",
-                  rebuild: bool = False, path_column: str = "path", label_column: str = "label",
-                  group_column: str | None = None, images=(), progress: bool = False,
+                  rebuild: bool = False, manifest: ManifestSpec | None = None, progress: bool = False,
                   num_workers: int | None = None, device: str = "cpu", records=None,
                   target_layer: str | None = None) -> IngestReport:
     """Index a dataset into a case base: read, decode, embed, explain, store, index, calibrate.
@@ -75,7 +74,7 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
         batch_size: images per forward pass.
         explain: CAM method for each case's stored map, or ``none``.
         rebuild: rebuild every index from the stored embeddings first (no image is re-read).
-        path_column, label_column, group_column, images: manifest options (see read_dataset).
+        manifest: the manifest's columns and image folders (see ``ManifestSpec``).
         progress: show a progress bar.
         records: index these ``Record``s instead of reading ``source`` (evaluation folds).
         target_layer: CAM layer of every model (a dotted module path inside its trunk); default the
@@ -111,8 +110,7 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
         if records is not None:
             scan = Scan(source=str(source or "<records>"), kind="records", records=list(records), problems=[])
         else:
-            scan = read_dataset(source, path_column=path_column, label_column=label_column,
-                                group_column=group_column, images=images, progress=progress)
+            scan = read_dataset(source, manifest, progress=progress)
         report.problems.extend(scan.problems)
 
         members = []
@@ -138,9 +136,7 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
         with cb.write() as s:
             ds = s.scalar(select(Dataset).where(Dataset.source == scan.source, Dataset.kind == scan.kind))
             if ds is None:
-                ds = Dataset(source=scan.source, kind=scan.kind, options={
-                    "path_column": path_column, "label_column": label_column,
-                    "group_column": group_column, "images": [str(i) for i in images]})
+                ds = Dataset(source=scan.source, kind=scan.kind, options=(manifest or ManifestSpec()).to_dict())
                 s.add(ds)
                 s.flush()
             dataset_id = ds.id

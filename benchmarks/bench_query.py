@@ -89,11 +89,11 @@ def main(argv=None):
         t0 = time.perf_counter()
         cb, images = build_casebase(root, a.backbone, a.cases, a.real, a.size)
         build_s = time.perf_counter() - t0
-        searcher = Searcher(cb, k=5, vote="weighted", explain="gradcam")
+        searcher = Searcher(cb, k=5, vote="weighted", explain="gradcam", out_dir=str(root / "reports"))
         emb = searcher.members[0].embedder
         batch6 = torch.stack([emb.preprocess(__import__("cbr.data.image", fromlist=["read_image"]).read_image(p)[0]) for p in images[:6]])
         for p in images[:2]:  # warm-up
-            searcher.query(p, out_dir=root / "reports")
+            searcher.query(p)
         totals, forward, stages = [], [], {s: [] for s in STAGES}
         for i in range(a.queries):
             t0 = time.perf_counter()
@@ -101,7 +101,7 @@ def main(argv=None):
                 emb(batch6)
             forward.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            ans = searcher.query(images[i % len(images)], out_dir=root / "reports")
+            ans = searcher.query(images[i % len(images)])
             totals.append(time.perf_counter() - t0)
             for s in STAGES:
                 stages[s].append(ans.timings.get(s, 0.0))

@@ -1,4 +1,5 @@
-"""Grad-CAM layer of cbr: methods, targets, maps, overlays and metrics. Never imports cbr.
+"""Explanations for cbr: CAM methods (grad-cam), captum attributions (LIME, KernelSHAP, DeepLIFT,
+Integrated Gradients, occlusion), targets, maps, overlays and metrics. Never imports cbr.
 
 Names are imported from their modules on first use, so that listing the CAM methods (the CLI's
 choices) does not import torch.
@@ -12,13 +13,21 @@ _EXPORTS = {
     "METHOD_NAMES": "methods",
     "UnknownMethodError": "methods",
     "get_cam_method": "methods",
+    "ATTRIBUTION_METHODS": "methods",
+    "check_method": "methods",
+    "is_attribution": "methods",
+    "attribution_maps": "attribution",
+    "AttributionSettings": "spec",
+    "resolve_spec": "spec",
+    "parse_spec": "spec",
+    "segment": "superpixels",
     "ClassTarget": "targets",
     "SimilarityTarget": "targets",
     "EmbeddingNormTarget": "targets",
     "maps_from_activations": "cam",
     "maps_from_images": "cam",
-    "encode_map": "cam",
-    "decode_map": "cam",
+    "encode_map": "rawmap",
+    "decode_map": "rawmap",
     "render_overlay": "overlay",
     "render_panel": "overlay",
     "shared_vmax": "overlay",

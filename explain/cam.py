@@ -1,4 +1,7 @@
-"""Raw low-resolution CAM maps, computed by pytorch-grad-cam's own method classes.
+"""Raw low-resolution CAM maps: a fast path from the trunk's activations, and grad-cam's hooks.
+
+The fast path weights the channels as pytorch-grad-cam does (explain.weighting, tested equal)
+without importing it; the hooked path runs grad-cam's own method classes on the whole model.
 
 A model is split into `trunk` (image -> last conv block activations, (B, C, h, w)) and `head`
 (activations -> one 1-D output per sample: the un-normalised embedding or the class logits).
@@ -11,25 +14,15 @@ the samples of a batch); grad-cam's hooked path also switches the model to eval 
 
 import numpy as np
 import torch
-from pytorch_grad_cam import ScoreCAM
-from torch import nn
 
 from .methods import FAST_METHODS, get_cam_method
+from .rawmap import decode_map, encode_map
+from .weighting import CAM_WEIGHTING, USES_GRADIENTS
+
+__all__ = ["maps_from_activations", "maps_from_images", "encode_map", "decode_map", "SCORECAM_BATCH_SIZE"]
 
 # Score-CAM runs the model on this many masked copies of one image at a time.
 SCORECAM_BATCH_SIZE = 32
-
-
-class _NoModel(nn.Module):
-    """Stands in for the model when grad-cam is only asked for get_cam_image.
-
-    BaseCAM.__init__ calls model.eval() and next(model.parameters()); the fast path has no whole
-    model to give it, and the head alone may have no parameters (average pool + flatten).
-    """
-
-    def __init__(self, device):
-        super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(0, device=device), requires_grad=False)
 
 
 def _numpy(tensor):
@@ -69,8 +62,8 @@ def maps_from_activations(head, activations, targets, method="gradcam"):
         ...     acts = trunk(images)
         >>> maps = maps_from_activations(neck, acts, [EmbeddingNormTarget()] * len(acts))
     """
-    cls = get_cam_method(method)
     if method not in FAST_METHODS:
+        get_cam_method(method)  # an unknown name raises, naming the choices
         raise ValueError(
             f"CAM method {method!r} needs the whole model, not only the head; "
             f"use maps_from_images, or one of {', '.join(sorted(FAST_METHODS))}"
@@ -81,22 +74,19 @@ def maps_from_activations(head, activations, targets, method="gradcam"):
     if not targets:
         return np.zeros((0, *activations.shape[2:]), dtype=np.float32)
 
-    # inference_mode(False) + clone: the trunk may have run under torch.inference_mode, whose
-    # tensors can never require grad.
-    with torch.inference_mode(False), torch.enable_grad():
-        acts = activations.detach().clone().requires_grad_()
-        # No target layers: no hooks, grad-cam is only used for its channel weighting.
-        with cls(model=_NoModel(acts.device), target_layers=[]) as cam:
-            grads = None
-            if cam.uses_gradients:
-                outputs = head(acts)
-                score = sum(target(output) for target, output in zip(targets, outputs))
-                # Gradients w.r.t. the activations only: no parameter .grad is touched.
-                (grad,) = torch.autograd.grad(score, acts)
-                grads = _numpy(grad)
-            # The fast methods ignore input_tensor and target_layer.
-            raw = cam.get_cam_image(None, None, targets, _numpy(acts), grads, eigen_smooth=False)
-    return _relu32(raw)
+    grads = None
+    if method in USES_GRADIENTS:
+        # inference_mode(False) + clone: the trunk may have run under torch.inference_mode, whose
+        # tensors can never require grad.
+        with torch.inference_mode(False), torch.enable_grad():
+            acts = activations.detach().clone().requires_grad_()
+            outputs = head(acts)
+            score = sum(target(output) for target, output in zip(targets, outputs))
+            # Gradients w.r.t. the activations only: no parameter .grad is touched.
+            (grad,) = torch.autograd.grad(score, acts)
+        grads = _numpy(grad)
+    # grad-cam's own weighting, without importing grad-cam (explain.weighting).
+    return _relu32(CAM_WEIGHTING[method](_numpy(activations), grads))
 
 
 def maps_from_images(model, target_layer, images, targets, method="gradcam"):
@@ -162,6 +152,8 @@ def _hooked_maps(cam, model, target_layer, images, targets):
     acts = _numpy(hooks.activations[0])
     del outputs
 
+    from pytorch_grad_cam import ScoreCAM
+
     if isinstance(cam, ScoreCAM):
         # Score-CAM builds all B x C masked copies of the input at once; one image at a time
         # bounds that to C copies.
@@ -174,33 +166,3 @@ def _hooked_maps(cam, model, target_layer, images, targets):
         return _relu32(np.concatenate(raws, axis=0))
     raw = cam.get_cam_image(x, target_layer, targets, acts, grads, eigen_smooth=False)
     return _relu32(raw)
-
-
-def encode_map(raw):
-    """Storage form of a raw map: (float16 bytes of raw / scale, shape, scale).
-
-    scale = raw.max() (0 for an all-zero map), so the stored values lie in [0, 1] where float16
-    is precise, and the raw magnitude comes back from decode_map. A 7x7 map takes 98 bytes.
-    """
-    raw = np.asarray(raw, dtype=np.float32)
-    if raw.ndim != 2:
-        raise ValueError(f"a raw map is 2-D, got shape {raw.shape}")
-    if not np.all(np.isfinite(raw)):
-        raise ValueError("raw map contains NaN or infinity")
-    scale = float(raw.max()) if raw.size else 0.0
-    if scale > 0:
-        stored = raw / scale
-    else:
-        scale = 0.0
-        stored = np.zeros_like(raw)
-    data = stored.astype("<f2").tobytes()
-    return data, (int(raw.shape[0]), int(raw.shape[1])), scale
-
-
-def decode_map(data, shape, scale):
-    """Inverse of encode_map: a float32 raw map of `shape`."""
-    h, w = (int(n) for n in shape)
-    if len(data) != 2 * h * w:
-        raise ValueError(f"{len(data)} bytes cannot hold a float16 map of shape {(h, w)}")
-    stored = np.frombuffer(data, dtype="<f2").reshape(h, w)
-    return stored.astype(np.float32) * np.float32(scale)

@@ -1,4 +1,4 @@
-"""The CAM methods cbr offers: one registry of pytorch-grad-cam classes."""
+"""The explanation methods cbr offers: pytorch-grad-cam classes and captum attributions."""
 
 # One table, name -> pytorch-grad-cam class name. Importing grad-cam imports torch, which takes
 # seconds, so the names (the CLI's --explain choices) are listed from here and the classes are
@@ -12,7 +12,17 @@ _CLASS_NAMES = {
     "eigencam": "EigenCAM",
     "scorecam": "ScoreCAM",
 }
-METHOD_NAMES = tuple(_CLASS_NAMES)
+# Attribution methods (explain.attribution), name -> captum class name: they explain the whole
+# model from its input pixels, so they need no target layer; their parameters are in explain.spec.
+ATTRIBUTION_METHODS = {
+    "lime": "Lime",
+    "kernelshap": "KernelShap",
+    "deeplift": "DeepLift",
+    "integrated-gradients": "IntegratedGradients",
+    "occlusion": "Occlusion",
+}
+# Every --explain choice: the CAM methods, then the attribution methods.
+METHOD_NAMES = tuple(_CLASS_NAMES) + tuple(ATTRIBUTION_METHODS)
 
 
 def __getattr__(name):
@@ -33,7 +43,29 @@ FAST_METHODS = frozenset({"gradcam", "gradcam++", "hirescam", "xgradcam", "layer
 
 
 class UnknownMethodError(ValueError):
-    """A CAM method name that is not in CAM_METHODS."""
+    """A method name that is not in CAM_METHODS (or, for check_method, in METHOD_NAMES)."""
+
+
+def is_attribution(spec):
+    """True for an attribution method's name or stored spec ("lime", "lime(n=200,seg=slic50)")."""
+    from .spec import base_name
+
+    return base_name(spec) in ATTRIBUTION_METHODS
+
+
+def check_method(spec):
+    """Return `spec`'s registry name; raise UnknownMethodError naming the choices if it has none.
+
+    Example:
+        >>> check_method("lime(n=100,seg=slic50)")
+        'lime'
+    """
+    from .spec import base_name
+
+    name = base_name(spec) if isinstance(spec, str) else spec
+    if name not in METHOD_NAMES:
+        raise UnknownMethodError(f"unknown explanation method {spec!r}; choose from {', '.join(METHOD_NAMES)}")
+    return name
 
 
 def get_cam_method(name):
@@ -44,5 +76,5 @@ def get_cam_method(name):
         'GradCAM'
     """
     if not isinstance(name, str) or name not in _CLASS_NAMES:
-        raise UnknownMethodError(f"unknown CAM method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+        raise UnknownMethodError(f"unknown CAM method {name!r}; choose from {', '.join(_CLASS_NAMES)}")
     return __getattr__("CAM_METHODS")[name]

@@ -138,26 +138,19 @@ def random_deletion_auc(score_fn, image, *, steps=20, seed=0, baseline=0.0):
     return deletion_curve(score_fn, image, saliency, steps=steps, baseline=baseline)[2]
 
 
-def _rank(x):
-    """Ranks starting at 0, ties getting their average rank."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = np.arange(x.size)
-    _, groups, sizes = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(groups.ravel(), weights=ranks) / sizes)[groups.ravel()]
-
-
 def spearman(a, b):
-    """Spearman rank correlation of two arrays of the same size (NaN if one is constant)."""
+    """Spearman rank correlation of two arrays of the same size (scipy's; NaN if one is constant)."""
+    import warnings
+
+    from scipy.stats import ConstantInputWarning, spearmanr
+
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     if a.size != b.size:
         raise ValueError(f"arrays differ in size: {a.size} and {b.size}")
-    ra, rb = _rank(a), _rank(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denominator = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)  # a constant map: NaN, skipped by the caller
+        return float(spearmanr(a, b).statistic)
 
 
 def _module_name(trunk, module):

@@ -5,10 +5,13 @@ aligned (as torch's align_corners=False and cv2.resize in grad-cam's own scale_c
 torch's to float precision) and ~20x faster than torch's on a small map.
 """
 
+import unicodedata
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 CAPTION_HEIGHT_RATIO = 0.1  # caption strip height, as a share of the tile size
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # they reorder what is drawn
 
 
 def upsample(raw, size):
@@ -71,6 +74,21 @@ def _font(size):
         return ImageFont.load_default()
 
 
+def _one_line(text):
+    """A caption as one line of drawable text: Pillow refuses to measure multiline text, and a
+    control character would be drawn as a box or not at all. Line breaks become spaces, other
+    control characters a visible escape."""
+    out = []
+    for ch in str(text):
+        if ch in "\r\n\t\v\f\u2028\u2029\x85":
+            out.append(" ")
+        elif unicodedata.category(ch) in ("Cc", "Cs") or ch in _BIDI:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _fit(draw, text, font, width):
     """`text`, truncated with '...' so that it fits in `width` pixels."""
     if draw.textlength(text, font=font) <= width:
@@ -101,7 +119,7 @@ def render_panel(tiles, *, tile_size=224):
     for i, (image, caption) in enumerate(tiles):
         x = i * tile_size
         panel.paste(ImageOps.pad(image.convert("RGB"), (tile_size, tile_size)), (x, 0))
-        text = _fit(draw, str(caption)[:200], font, tile_size - 2 * margin)
+        text = _fit(draw, _one_line(str(caption)[:200]), font, tile_size - 2 * margin)
         top, bottom = draw.textbbox((0, 0), text or " ", font=font)[1::2]
         y = tile_size + (caption_height - (bottom - top)) // 2 - top
         draw.text((x + margin, y), text, fill="black", font=font)

@@ -50,8 +50,32 @@ def test_uncuttable_layer_uses_the_hooked_path():
     assert maps.shape == (2, 1, 1) and np.isfinite(maps).all()
 
 
+def _early_layer(trunk) -> str:
+    """The dotted name of the trunk's first leaf module, reached through first children that are
+    Sequentials (a cut there leaves almost the whole trunk above it)."""
+    path, module = [], trunk
+    while isinstance(module, torch.nn.Sequential):
+        name, module = next(iter(module._modules.items()))
+        path.append(name)
+    return ".".join(path)
+
+
 @pytest.mark.parametrize("name", [n for n in BACKBONES if n != "tinycnn"])
 def test_every_backbone_cuts_at_its_default_layer(name):
-    emb = create_embedder(name, weights="none", input_size=BACKBONES[name].min_input_size)
+    size = BACKBONES[name].min_input_size
+    emb = create_embedder(name, weights="none", input_size=size).eval()
     lower, upper = emb.cam_split()
-    assert lower is emb.trunk
+    # the default CAM layer is the trunk's output: nothing with weights is left above the cut
+    assert not list(upper.parameters())
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        acts, embedding = emb.cam_features(x)
+        assert acts.ndim == 4  # a spatial map that CAM can weight, not a pooled vector
+        torch.testing.assert_close(acts, emb.trunk(x))  # the maps are of the trunk's output
+        torch.testing.assert_close(embedding, emb(x))
+        # cutting after the trunk's first child instead: both parts compose back to the trunk
+        cut = create_embedder(name, weights="none", input_size=size, target_layer=_early_layer(emb.trunk)).eval()
+        cut.load_state_dict(emb.state_dict())
+        low, high = cut.cam_split()
+        assert low is not cut.trunk and list(high.parameters())
+        torch.testing.assert_close(high(low(x)), emb.trunk(x))

@@ -307,7 +307,7 @@ def test_show_and_report_rebuilt_after_files_are_gone(runner, indexed, query_set
     assert r.exit_code == 0, r.output
     default = tmp_path / "cbr-reports" / f"query-{qid}" / "report.html"
     assert r.output == f"report: cbr-reports/query-{qid}/report.html\n" and default.exists()
-    assert placeholders == ["image unavailable"]
+    assert placeholders == ["image changed or missing since indexing"]  # no map drawn on it (issue 12)
     html = default.read_text()
     assert html.count("data:image/jpeg;base64,") == 4 and "<script" not in html
     assert f"case {lost}" in html

@@ -138,3 +138,50 @@ def test_query_missing_case_base(runner, tmp_path, query_set):
     images, _ = _query_images(query_set)
     result = invoke(runner, "query", images[0], "--db", tmp_path / "none.db")
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_duplicate_manifest_rows_are_counted_as_duplicates(runner, phantom_set, tmp_path):
+    # A manifest's duplicate reasons start "row N: duplicate of ...": the count must come from the
+    # problem's kind, not from the wording of its reason.
+    rows = list(csv.DictReader(open(phantom_set, newline="")))
+    manifest = tmp_path / "dups.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows[:4] + rows[:2]:
+            w.writerow(dict(r, path=str(phantom_set.parent / r["path"]), mask=str(phantom_set.parent / r["mask"])))
+    result = invoke(runner, "index", manifest, "--db", tmp_path / "cases.db", *TINY, "--workers", "0",
+                    "--explain", "none")
+    assert result.exit_code == 0, result.output
+    assert "cases added:   4" in result.output
+    assert "duplicates:    2" in result.output and "skipped:       0" in result.output
+    assert result.output.count("duplicate of") == 2
+
+
+def test_query_scale_reaches_the_report(runner, indexed, query_set, tmp_path):
+    images, _ = _query_images(query_set)
+    for scale in ("shared", "per-image"):
+        result = invoke(runner, "query", images[0], "--db", indexed, "-k", 2, "--json", "--scale", scale,
+                        "--out", tmp_path / scale)
+        assert result.exit_code == 0, result.output
+        html = open(json.loads(result.output)["report"]).read()
+        assert f"({scale} colour scale)" in html
+
+
+def test_a_warm_searcher_does_not_repeat_an_earlier_querys_notes(indexed, query_set, tmp_path):
+    # One Searcher answers many queries (cbr serve): a note about one query's neighbour must not
+    # reappear on every later answer.
+    from cbr.pipeline.query import Searcher
+
+    images, _ = _query_images(query_set)
+    searcher = Searcher(open_casebase(indexed), k=3, render=False)
+    victim = searcher.query(images[0], record=False).neighbours[0]["path"]
+    moved = tmp_path / "moved"
+    shutil.move(victim, moved)
+    try:
+        hidden = searcher.query(images[0], record=False)
+    finally:
+        shutil.move(moved, victim)
+    assert [n for n in hidden.notes if "image unavailable" in n]
+    again = searcher.query(images[0], record=False)
+    assert not [n for n in again.notes if "image unavailable" in n]

@@ -33,6 +33,23 @@ def test_train_prints_a_summary(model):
     assert f"checkpoint:   {out} (fingerprint " in text
 
 
+def test_train_says_how_it_split(model, tmp_path):
+    """By patient when the data has patient ids (the phantoms' manifest), by image otherwise."""
+    import numpy as np
+    from PIL import Image
+
+    assert "(split by patient)" in model[1]
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "data"), "--out", str(tmp_path / "m.pt"), "--epochs", "1",
+                                      "--val-fraction", "0.5", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "images:       4 training, 4 validation (split by image)" in result.output
+
+
 def test_train_json(manifest, tmp_path):
     result = CliRunner().invoke(cli, ["train", manifest, "--out", str(tmp_path / "m.pt"), "--epochs", "1",
                                       "--json", *FAST])

@@ -1,21 +1,27 @@
-"""Evaluation: grouped cross-validation end to end, leakage against a case base, the table."""
+"""Evaluation: grouped cross-validation end to end, leakage against a case base, the table, and
+both protocols on a planted dataset whose figures are known in advance."""
 
 import csv
 import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
 from cbr.store.casebase import open_casebase
 from cbr.data.dataset import read_dataset
-from cbr.evaluation.protocol import cross_validate, evaluate_casebase, format_table
+from cbr.evaluation import EvalConfig, cross_validate, evaluate_casebase
+from cbr.learn.config import TrainConfig
+from cbr.reporting.table import format_table
 from cbr.pipeline.index import index_dataset
 from cbr.data.phantom import make_phantoms
 from cbr.store.schema import Query
 from cbr.learn.train import train_model
 
-FAST = dict(backbone="tinycnn", weights="none", img_size=32, batch_size=8, num_workers=0)
+FAST = TrainConfig(backbone="tinycnn", weights="none", img_size=32, batch_size=8, num_workers=0)
+QUICK = EvalConfig(k=3, batch_size=8, num_workers=0)
 KEYS = {"accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "auc", "ece", "reliability",
         "precision_at_k", "map", "abstention", "softmax", "localisation", "n", "classes"}
 
@@ -32,7 +38,8 @@ def phantoms(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cv(phantoms, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    return cross_validate(phantoms, folds=3, k=3, explain="gradcam", epochs=1, out_dir=out, **FAST), out
+    config = replace(QUICK, explain="gradcam", out_dir=out)
+    return cross_validate(phantoms, config, replace(FAST, epochs=1), folds=3), out
 
 
 def test_cross_validation_returns_every_figure_in_range(cv):
@@ -42,9 +49,9 @@ def test_cross_validation_returns_every_figure_in_range(cv):
     for key in ("accuracy", "balanced_accuracy", "auc", "ece", "precision_at_k", "map"):
         assert _unit(m[key]), key
     cm = m["confusion_matrix"]
-    assert len(cm) == 3 and sum(map(sum, cm)) == 18
+    # abstentions (out-of-distribution flags) are in no cell of the confusion matrix
+    assert len(cm) == 3 and sum(map(sum, cm)) == 18 - round(18 * m["abstention"]["rate"])
     assert sum(b["count"] for b in m["reliability"]) == 18
-    assert m["abstention"]["rate"] == 0.0
     soft = m["softmax"]
     assert soft["n"] == 18 and _unit(soft["balanced_accuracy"]) and _unit(soft["auc"])
     assert len(m["folds"]) == 3 and sum(f["n_test"] for f in m["folds"]) == 18
@@ -57,7 +64,9 @@ def test_cross_validation_returns_every_figure_in_range(cv):
 def test_localisation_block_when_masks_and_gradcam(cv):
     loc = cv[0]["localisation"]
     assert loc is not None and loc["map"] == "class"  # the fine-tuned model has a head
-    assert loc["n"] == 12  # the 6 normal phantoms have empty masks
+    # the 6 normal phantoms have empty masks; an abstained query has no class map
+    answered_lesions = [r for r in _predictions(cv[1]) if r["label"] != "normal" and r["abstained"] == "0"]
+    assert loc["n"] == len(answered_lesions)
     assert _unit(loc["pointing_game"]) and _unit(loc["energy_pointing_game"]) and _unit(loc["iou"])
     assert set(loc["per_class"]) == {"cyst", "tumour"}
     assert set(loc["by_map"]) == {"class", "similarity"}
@@ -85,7 +94,7 @@ def test_format_table_is_readable(cv):
 
 
 def test_no_train_uses_the_backbone_as_is(phantoms):
-    m = cross_validate(phantoms, folds=2, k=3, train=False, **FAST)
+    m = cross_validate(phantoms, QUICK, FAST, folds=2, train=False)
     assert m["softmax"] is None and m["localisation"] is None  # no head, explain="none"
     assert _unit(m["balanced_accuracy"]) and m["n"] == 18
     assert "epochs_run" not in m["folds"][0]
@@ -98,7 +107,7 @@ def leaky(tmp_path_factory):
     scan = read_dataset(make_phantoms(root / "ph", patients=12, slices=2, size=32))
     by = {(r.group, r.metadata["slice"]): r for r in scan.records}
     model_set = [by[(f"P{i:03d}", s)] for i in range(6) for s in "01"]
-    model = train_model(records=model_set, out=root / "model.pt", epochs=1, **FAST)
+    model = train_model(out=root / "model.pt", config=replace(FAST, epochs=1), records=model_set)
     cb = open_casebase(root / "cases.db")
     indexed = [by[("P006", "0")], by[("P007", "0")], by[("P008", "0")], by[("P008", "1")]]
     index_dataset(cb, records=indexed, models=[model.path], explain="none")
@@ -111,7 +120,7 @@ def leaky(tmp_path_factory):
 
 def test_leakage_is_counted(leaky):
     cb, test = leaky
-    m = evaluate_casebase(cb, records=test, k=2, explain="none")
+    m = evaluate_casebase(cb, config=EvalConfig(k=2), records=test)
     leak = m["leakage"]
     assert (leak["same_image"], leak["same_group"], leak["in_training_set"]) == (1, 2, 2)
     assert leak["images"] == 4 and leak["excluded"] == 0
@@ -125,7 +134,7 @@ def test_leakage_is_counted(leaky):
 
 def test_strict_excludes_leaking_images(leaky, tmp_path):
     cb, test = leaky
-    m = evaluate_casebase(cb, records=test, k=2, strict=True, out_dir=tmp_path / "rep")
+    m = evaluate_casebase(cb, config=EvalConfig(k=2, out_dir=tmp_path / "rep"), strict=True, records=test)
     assert m["n"] == 6 and m["leakage"]["excluded"] == 4
     with open(tmp_path / "rep" / "predictions.csv", newline="") as f:
         paths = {r["path"] for r in csv.DictReader(f)}
@@ -158,3 +167,118 @@ def test_deletion_of_a_faithful_map_beats_a_random_one():
     saliency = torch.zeros(16, 16)
     saliency[:8, :8] = 1
     assert deletion_curve(score, image, saliency.numpy())[2] < random_deletion_auc(score, image)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures that must agree with the predictions they came from
+
+
+def _predictions(folder):
+    with open(Path(folder) / "predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_figures_agree_with_the_predictions_file(cv):
+    """Every pooled and per-fold figure, recomputed by scikit-learn from predictions.csv."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix
+
+    m, out = cv
+    rows = _predictions(out)
+    truth, pred = [r["label"] for r in rows], [r["prediction"] for r in rows]
+    assert m["accuracy"] == pytest.approx(accuracy_score(truth, pred))  # an abstention is "": wrong
+    assert m["abstention"]["rate"] == pytest.approx(sum(r["abstained"] == "1" for r in rows) / len(rows))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, pred))
+    assert m["confusion_matrix"] == confusion_matrix(truth, pred, labels=m["classes"]).tolist()
+    assert m["softmax"]["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(truth, [r["softmax_prediction"] for r in rows]))
+    hits = [sum(n == r["label"] for n in r["neighbours"].split()[:3]) / 3 for r in rows]
+    assert m["precision_at_k"] == pytest.approx(sum(hits) / len(hits))
+    for fold in m["folds"]:
+        mine = [r for r in rows if r["fold"] == str(fold["fold"])]
+        assert fold["n_test"] == len(mine)
+        assert fold["n_train"] == 18 - len(mine)
+        assert fold["balanced_accuracy"] == pytest.approx(
+            balanced_accuracy_score([r["label"] for r in mine], [r["prediction"] for r in mine]))
+    loc = m["localisation"]
+    assert loc["pointing_game"] * loc["n"] == pytest.approx(round(loc["pointing_game"] * loc["n"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# a planted dataset with a known answer
+
+
+def _planted(root: Path, per_class: int = 16) -> Path:
+    """Two classes of pixel-identical images (one per patient; the bytes differ by a PNG text chunk,
+    so each is its own case), plus one "dark" image labelled "bright".
+
+    Any embedder maps identical pixels to identical embeddings, so every query's neighbours are
+    copies of its own look: each dark and bright image is answered right, and the planted one is
+    answered "dark", wrongly. Typicality never flags a query: every k-th neighbour similarity is
+    that of an identical copy, the same as every calibration case's.
+    """
+    import numpy as np
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    looks = {"dark": rng.integers(0, 100, (32, 32, 3)).astype(np.uint8),
+             "bright": rng.integers(150, 256, (32, 32, 3)).astype(np.uint8)}
+    rows = []
+    for look, label, patient in ([("dark", "dark", f"d{i:02d}") for i in range(per_class)]
+                                 + [("bright", "bright", f"b{i:02d}") for i in range(per_class - 1)]
+                                 + [("dark", "bright", "x00")]):
+        info = PngInfo()
+        info.add_text("patient", patient)
+        Image.fromarray(looks[look]).save(root / f"{patient}.png", pnginfo=info)
+        rows.append((f"{patient}.png", label, patient))
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "label", "patient_id"])
+        w.writerows(rows)
+    return root / "manifest.csv"
+
+
+def _check_known_answer(m, n_bright, n_dark):
+    """The planted image is the only error: bright row [n_bright - 1, 1], dark row [0, n_dark]."""
+    n = n_bright + n_dark
+    assert m["classes"] == ["bright", "dark"] and m["n"] == n
+    assert m["confusion_matrix"] == [[n_bright - 1, 1], [0, n_dark]]
+    assert m["accuracy"] == pytest.approx((n - 1) / n)
+    assert m["balanced_accuracy"] == pytest.approx(((n_bright - 1) / n_bright + 1) / 2)
+    assert m["per_class"]["bright"] == pytest.approx(
+        {"precision": 1.0, "recall": (n_bright - 1) / n_bright, "f1": 2 * (n_bright - 1) / (2 * n_bright - 1),
+         "support": n_bright})
+    assert m["per_class"]["dark"] == pytest.approx(
+        {"precision": n_dark / (n_dark + 1), "recall": 1.0, "f1": 2 * n_dark / (2 * n_dark + 1), "support": n_dark})
+    assert m["abstention"] == pytest.approx({"rate": 0.0, "accuracy_answered": (n - 1) / n})
+    # majority vote of 3 unanimous (or 2-to-1) neighbours: confidence 1 or 2/3
+    assert sum(b["count"] for b in m["reliability"] if b["lower"] >= 0.6) == n
+
+
+def test_cross_validation_known_answer(tmp_path):
+    manifest = _planted(tmp_path / "planted")
+    config = EvalConfig(k=3, vote="majority", batch_size=8, num_workers=0, out_dir=tmp_path / "rep")
+    m = cross_validate(manifest, config, FAST, folds=2, train=False)
+    _check_known_answer(m, n_bright=16, n_dark=16)
+    assert sorted(f["n_test"] for f in m["folds"]) == [16, 16]  # stratified: 8 + 8 in each fold
+    rows = _predictions(tmp_path / "rep")
+    assert [r["prediction"] for r in rows if r["group"] == "x00"] == ["dark"]
+    assert all(r["prediction"] == r["label"] for r in rows if r["group"] != "x00")
+
+
+def test_held_out_known_answer(tmp_path):
+    from cbr.models.checkpoint import save_checkpoint
+    from cbr.models.embedder import create_embedder
+
+    scan = read_dataset(_planted(tmp_path / "planted"))
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(create_embedder("tinycnn", weights="none", input_size=32), ckpt)
+    first_half = {f"d{i:02d}" for i in range(8)} | {f"b{i:02d}" for i in range(8)}
+    cb = open_casebase(tmp_path / "cases.db")
+    index_dataset(cb, records=[r for r in scan.records if r.group in first_half], models=[str(ckpt)], explain="none")
+    test = [r for r in scan.records if r.group not in first_half]
+    m = evaluate_casebase(cb, config=EvalConfig(k=3, vote="majority"), strict=True, records=test)
+    _check_known_answer(m, n_bright=8, n_dark=8)
+    assert m["leakage"]["images"] == 0 and m["softmax"] is None

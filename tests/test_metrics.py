@@ -10,23 +10,20 @@ from hypothesis import strategies as st
 
 from cbr.errors import CbrError
 from cbr.evaluation.metrics import (
-    FoldError,
     abstention,
     accuracy,
     balanced_accuracy,
     classification_report,
     confusion_matrix,
     expected_calibration_error,
-    group_split,
-    grouped_folds,
     mean_average_precision,
     per_class,
-    plot_confusion,
-    plot_reliability,
     precision_at_k,
     reliability_bins,
     roc_auc_ovr,
 )
+from cbr.evaluation.splits import FoldError, group_split, grouped_folds
+from cbr.reporting.plots import plot_confusion, plot_reliability
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -43,11 +40,20 @@ def test_accuracy_counts_abstentions_as_wrong():
         accuracy(["a"], [])
 
 
+def test_a_label_named_like_the_abstention_marker_is_still_a_label():
+    assert accuracy(["<abstained>", "a"], [None, "a"]) == 0.5
+    assert accuracy(["<abstained>"], ["<abstained>"]) == 1.0
+    assert per_class(["<abstained>"], [None], ["<abstained>"])["<abstained>"]["recall"] == 0.0
+
+
 def test_balanced_accuracy_is_mean_recall_over_present_classes():
     # recall a = 2/3, recall b = 1; c is absent from y_true and ignored
     y_true, y_pred = ["a", "a", "a", "b"], ["a", "a", "b", "b"]
-    assert balanced_accuracy(y_true, y_pred, ["a", "b", "c"]) == pytest.approx(5 / 6)
-    assert balanced_accuracy(["a", "b"], [None, "b"], ["a", "b"]) == pytest.approx(0.5)
+    assert balanced_accuracy(y_true, y_pred) == pytest.approx(5 / 6)
+    assert balanced_accuracy(["a", "b"], [None, "b"]) == pytest.approx(0.5)
+    # a prediction of a class no image has costs nothing but the missed recall
+    assert balanced_accuracy(["a", "a", "b"], ["c", "a", "b"]) == pytest.approx((1 / 2 + 1) / 2)
+    assert math.isnan(balanced_accuracy([], []))
 
 
 def test_per_class_and_confusion_matrix():
@@ -60,6 +66,10 @@ def test_per_class_and_confusion_matrix():
     assert scores["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     cm = confusion_matrix(y_true, y_pred, ["a", "b", "c"])
     np.testing.assert_array_equal(cm, [[2, 1, 0], [0, 1, 0], [1, 0, 0]])  # the abstention is left out
+    # no sample at all, or none of the classes asked for: zeros of the right shape
+    np.testing.assert_array_equal(confusion_matrix([], [], ["a", "b"]), np.zeros((2, 2)))
+    np.testing.assert_array_equal(confusion_matrix(["z"], ["a"], ["a", "b"]), np.zeros((2, 2)))
+    assert per_class([], [], ["a"]) == {"a": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}}
 
 
 def test_roc_auc_hand_worked():
@@ -91,6 +101,21 @@ def test_calibration_hand_worked():
     assert reliability_bins([0.0, 1.0], [1, 1], bins=2)[0]["count"] == 1
     assert expected_calibration_error([1.0, 1.0], [1, 1]) == 0.0
     assert math.isnan(expected_calibration_error([], []))
+
+
+def test_calibration_matches_sklearn_calibration_curve():
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(11)
+    confidence = np.round(rng.random(200), 2)  # coarse: many values sit exactly on bin edges
+    correct = rng.random(200) < confidence
+    accuracy_per_bin, confidence_per_bin = calibration_curve(correct, confidence, n_bins=10, strategy="uniform")
+    filled = [b for b in reliability_bins(confidence, correct) if b["count"]]
+    np.testing.assert_allclose([b["accuracy"] for b in filled], accuracy_per_bin)
+    np.testing.assert_allclose([b["confidence"] for b in filled], confidence_per_bin)
+    counts = np.array([b["count"] for b in filled])
+    expected = float(np.sum(counts / 200 * np.abs(accuracy_per_bin - confidence_per_bin)))
+    assert expected_calibration_error(confidence, correct) == pytest.approx(expected)
 
 
 def test_abstention():
@@ -131,7 +156,9 @@ def test_classification_report_keys_and_json():
 
 @pytest.fixture(scope="module")
 def sk():
-    return pytest.importorskip("sklearn.metrics")
+    import sklearn.metrics  # a declared dependency: these checks never skip
+
+    return sklearn.metrics
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -143,9 +170,7 @@ def test_classification_metrics_match_sklearn(sk, seed):
     y_true[: len(classes)] = classes  # every class present, as sklearn's multiclass AUC requires
     y_pred = list(rng.choice(classes, n))
     assert accuracy(y_true, y_pred) == pytest.approx(sk.accuracy_score(y_true, y_pred))
-    assert balanced_accuracy(y_true, y_pred, classes) == pytest.approx(
-        sk.balanced_accuracy_score(y_true, y_pred)
-    )
+    assert balanced_accuracy(y_true, y_pred) == pytest.approx(sk.balanced_accuracy_score(y_true, y_pred))
     np.testing.assert_array_equal(
         confusion_matrix(y_true, y_pred, classes), sk.confusion_matrix(y_true, y_pred, labels=classes)
     )
@@ -175,7 +200,7 @@ def test_abstentions_match_sklearn_with_a_sentinel_label(sk):
     ours = per_class(y_true, y_pred, classes)
     assert [ours[c]["precision"] for c in classes] == pytest.approx(p)
     assert [ours[c]["recall"] for c in classes] == pytest.approx(r)
-    assert balanced_accuracy(y_true, y_pred, classes) == pytest.approx(np.mean(r))
+    assert balanced_accuracy(y_true, y_pred) == pytest.approx(np.mean(r))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -220,7 +245,7 @@ def _group_to_parts(groups, part):
 @given(data=grouped_data(), n_folds=st.integers(2, 6), seed=st.integers(0, 3))
 def test_grouped_folds_properties(data, n_folds, seed):
     labels, groups = data
-    if _n_groups(groups) < n_folds:
+    if _n_groups(groups) < n_folds or max(labels.count(c) for c in set(labels)) < n_folds:
         with pytest.raises(FoldError, match="folds"):
             grouped_folds(labels, groups, n_folds, seed=seed)
         return
@@ -245,6 +270,20 @@ def test_grouped_folds_keeps_patients_together_and_balances_sizes():
     groups = [f"p{i // 3}" for i in range(24)]  # 8 patients of 3 images
     folds = grouped_folds(labels, groups, 4, seed=1)
     assert np.bincount(folds).tolist() == [6, 6, 6, 6]
+
+
+def test_a_fold_sklearn_leaves_empty_is_filled():
+    # StratifiedGroupKFold(4, shuffle=True, random_state=2) puts no patient in the third fold here
+    labels = list("abcbcaacbb")
+    groups = ["p2", "p3", "p1", "p0", "p2", "p3", "p3", "p1", "p2", "p2"]
+    folds = grouped_folds(labels, groups, 4, seed=2)
+    assert np.bincount(folds, minlength=4).tolist() == [1, 4, 2, 3]
+    assert all(len(parts) == 1 for parts in _group_to_parts(groups, folds).values())
+
+
+def test_every_class_smaller_than_the_folds_is_an_actionable_error():
+    with pytest.raises(FoldError, match="every class has fewer than 4 images; ask for at most 2 folds"):
+        grouped_folds(["a", "a", "b", "b"], ["p1", "p2", "p3", "p4"], 4)
 
 
 def test_too_few_groups_is_an_actionable_error():

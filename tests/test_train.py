@@ -1,6 +1,7 @@
 """Fine-tuning: checkpoint contents, determinism, grouped validation split, clear errors."""
 
 import csv
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,9 +10,9 @@ from cbr.data.dataset import read_dataset
 from cbr.models.checkpoint import load_checkpoint
 from cbr.errors import CbrError, DatasetError, UnknownNameError
 from cbr.data.phantom import make_phantoms
-from cbr.learn.train import TrainError, is_grayscale, make_augmentation, train_model, trunk_stages
+from cbr.learn.train import TrainConfig, TrainError, is_grayscale, make_augmentation, train_model, trunk_stages
 
-FAST = dict(backbone="tinycnn", weights="none", img_size=32, batch_size=8, num_workers=0)
+FAST = TrainConfig(backbone="tinycnn", weights="none", img_size=32, batch_size=8, num_workers=0)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def phantoms(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(phantoms, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "model.pt"
-    return train_model(phantoms, out, epochs=2, val_fraction=0.34, **FAST)
+    return train_model(phantoms, out, replace(FAST, epochs=2, val_fraction=0.34))
 
 
 def test_checkpoint_has_classes_training_images_and_fingerprint(trained, phantoms):
@@ -44,14 +45,15 @@ def test_checkpoint_has_classes_training_images_and_fingerprint(trained, phantom
 
 
 def test_validation_split_is_grouped_by_patient(trained):
+    assert trained.grouped  # the phantoms' manifest has a patient column
     assert trained.val_size > 0
     assert trained.train_groups and trained.val_groups
     assert not set(trained.train_groups) & set(trained.val_groups)
 
 
 def test_same_seed_same_weights(phantoms, tmp_path):
-    a = train_model(phantoms, tmp_path / "a.pt", epochs=1, seed=3, **FAST)
-    b = train_model(phantoms, tmp_path / "b.pt", epochs=1, seed=3, **FAST)
+    a = train_model(phantoms, tmp_path / "a.pt", replace(FAST, epochs=1, seed=3))
+    b = train_model(phantoms, tmp_path / "b.pt", replace(FAST, epochs=1, seed=3))
     assert a.fingerprint == b.fingerprint
     assert a.history == [dict(r, seconds=r2["seconds"]) for r, r2 in zip(b.history, a.history)]
     sa = load_checkpoint(a.path)[0].state_dict()
@@ -62,13 +64,16 @@ def test_same_seed_same_weights(phantoms, tmp_path):
 def test_train_layers_freezes_the_leading_blocks(phantoms, tmp_path):
     from cbr.models.embedder import create_embedder
 
-    r = train_model(phantoms, tmp_path / "m.pt", epochs=1, train_layers=1, **FAST)
+    # tinycnn's stages end with block4's conv, BatchNorm and ReLU: the last 3 stages hold one conv
+    r = train_model(phantoms, tmp_path / "m.pt", replace(FAST, epochs=1, train_layers=3))
     before = create_embedder("tinycnn", weights="none", input_size=32, class_names=r.class_names)
     after = load_checkpoint(r.path)[0]
     stages_before, stages_after = trunk_stages(before.trunk), trunk_stages(after.trunk)
     conv = [i for i, m in enumerate(stages_before) if isinstance(m, torch.nn.Conv2d)]
-    first, last = conv[0], conv[-1]
-    assert torch.equal(stages_before[first].weight, stages_after[first].weight)  # frozen
+    assert conv[-1] == len(stages_before) - 3
+    for i in conv[:-1]:  # every earlier conv is frozen
+        assert torch.equal(stages_before[i].weight, stages_after[i].weight), i
+    assert not torch.equal(stages_before[conv[-1]].weight, stages_after[conv[-1]].weight)  # the last one learnt
     assert not torch.equal(before.head.weight, after.head.weight)  # the head learnt
 
 
@@ -77,7 +82,7 @@ def test_bad_file_is_skipped_and_listed(tmp_path):
     (tmp_path / "ph" / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with open(manifest, "a", newline="") as f:
         csv.writer(f, lineterminator="\n").writerow(["images/broken.png", "normal", "P999", "", "0"])
-    r = train_model(manifest, tmp_path / "m.pt", epochs=1, **FAST)
+    r = train_model(manifest, tmp_path / "m.pt", replace(FAST, epochs=1))
     assert [p.path for p in r.problems if p.path.endswith("broken.png")]
     assert r.train_size + r.val_size == 12
 
@@ -85,20 +90,20 @@ def test_bad_file_is_skipped_and_listed(tmp_path):
 def test_single_class_is_a_clear_error(tmp_path):
     manifest = make_phantoms(tmp_path / "ph", patients=3, slices=1, size=32, classes=("tumour",))
     with pytest.raises(DatasetError, match="only one class .*at least 2 classes"):
-        train_model(manifest, tmp_path / "m.pt", **FAST)
+        train_model(manifest, tmp_path / "m.pt", FAST)
 
 
 def test_unknown_backbone_and_unwritable_out(phantoms, tmp_path):
     with pytest.raises(UnknownNameError, match="unknown backbone 'nope'; choose from .*mobilenet_v2"):
-        train_model(phantoms, tmp_path / "m.pt", backbone="nope")
+        train_model(phantoms, tmp_path / "m.pt", TrainConfig(backbone="nope"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(TrainError, match="cannot create the folder"):
-        train_model(phantoms, blocker / "m.pt", **FAST)
+        train_model(phantoms, blocker / "m.pt", FAST)
     with pytest.raises(TrainError, match="is a folder"):
-        train_model(phantoms, tmp_path, **FAST)
+        train_model(phantoms, tmp_path, FAST)
     with pytest.raises(CbrError, match="--epochs 0"):
-        train_model(phantoms, tmp_path / "m.pt", epochs=0, **FAST)
+        train_model(phantoms, tmp_path / "m.pt", replace(FAST, epochs=0))
 
 
 def test_grayscale_detection_and_colour_jitter():
@@ -115,3 +120,37 @@ def test_grayscale_detection_and_colour_jitter():
     torch.manual_seed(0)
     out = make_augmentation(True)(grey[0])
     assert out.dtype == torch.uint8 and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+
+
+def _class_folders(root, per_class=4):
+    """A class-folder dataset (no patient ids): every image is a group of its own."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_split_by_image_without_patient_ids(tmp_path):
+    r = train_model(_class_folders(tmp_path / "data"), tmp_path / "m.pt", replace(FAST, val_fraction=0.5, epochs=1))
+    assert not r.grouped and r.val_size > 0
+    assert all(g.startswith("<image ") for g in r.train_groups + r.val_groups)
+    assert "grouped" not in r.to_dict()  # --json is unchanged
+
+
+def test_device_selection(tmp_path):
+    from cbr.models.device import DeviceError, resolve_device
+    from cbr.models.embedder import default_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device() == default_device() == expected
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="--device cuda: CUDA is not available on this machine; use --device cpu"):
+            resolve_device("cuda")
+        with pytest.raises(DeviceError, match="--device cuda"):
+            train_model(None, tmp_path / "m.pt", replace(FAST, device="cuda"))

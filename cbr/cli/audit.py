@@ -5,8 +5,10 @@ from datetime import datetime
 
 import click
 
-from cbr.cli import cli
-from cbr.cli.options import db_option, index_dir_option, json_option
+from cbr.cli.group import cli
+from cbr.cli.terminal import echo
+from cbr.cli.options import RegistryChoice, db_option, index_dir_option, json_option, scale_option
+from cbr.pipeline.settings import DEFAULT_REPORTS
 
 SINCE_FORMAT = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][+HH:MM] (UTC unless an offset is given)"
 
@@ -26,6 +28,18 @@ class IsoDateTime(click.ParamType):
             self.fail(f"{value!r} is not an ISO date or datetime; use {SINCE_FORMAT}", param, ctx)
 
 
+def export_kinds():
+    from cbr.pipeline.audit.export import EXPORTS
+
+    return list(EXPORTS)
+
+
+def export_formats():
+    from cbr.pipeline.audit.export import EXPORT_FORMATS
+
+    return EXPORT_FORMATS
+
+
 def _open(db, index_dir):
     from cbr.store.casebase import open_casebase
 
@@ -43,9 +57,13 @@ def _time(iso):
 @click.option("--label", default=None, help="Only queries whose latest expert feedback is this label.")
 @click.option("--predicted", default=None, help="Only queries predicted as this label.")
 @click.option("--disagreed", is_flag=True, help="Only queries whose latest feedback differs from the prediction.")
+@click.option("--ood", is_flag=True, help="Only queries flagged out of distribution (unlike every case).")
+@click.option("--abstained", is_flag=True, help="Only queries that abstained.")
+@click.option("--reviewed/--unreviewed", default=None, help="Only queries with expert feedback / not yet reviewed.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most this many queries.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Skip this many first (paging).")
 @json_option
-def history_cmd(db, index_dir, since, label, predicted, disagreed, limit, as_json):
+def history_cmd(db, index_dir, since, label, predicted, disagreed, ood, abstained, reviewed, limit, offset, as_json):
     """List past queries, newest first, with their expert feedback.
 
     Feedback shows as - (none), confirmed, or corrected -> LABEL (the latest verdict), plus
@@ -56,21 +74,26 @@ def history_cmd(db, index_dir, since, label, predicted, disagreed, limit, as_jso
         cbr history --db cases.db
         cbr history --disagreed --since 2024-05-01
         cbr history --label tumour --predicted cyst --json
+        cbr history --ood
+        cbr history --unreviewed --abstained --limit 20 --offset 20
     """
     from cbr.pipeline.audit import history
 
-    rows = history(_open(db, index_dir), since=since, label=label, predicted=predicted, disagreed=disagreed, limit=limit)
+    rows = history(_open(db, index_dir), since=since, label=label, predicted=predicted, disagreed=disagreed, limit=limit,
+                   out_of_distribution=True if ood else None, abstained=True if abstained else None,
+                   reviewed=reviewed, offset=offset)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        click.echo("no queries match")
+        echo("no queries match")
         return
     w = max(len("feedback"), *(len(r["status"]) for r in rows))
-    click.echo(f"{'id':>5}  {'time (UTC)':<19}  {'prediction':<14} {'conf':>5}  {'feedback':<{w}}  image")
+    echo(f"{'id':>5}  {'time (UTC)':<19}  {'prediction':<14} {'conf':>5}  {'feedback':<{w}}  image")
     for r in rows:
         pred = "ABSTAINED" if r["abstained"] else str(r["prediction"])
-        click.echo(f"{r['query_id']:>5}  {_time(r['created_at']):<19}  {pred[:14]:<14} {r['confidence']:>5.3f}  "
+        pred = f"OOD {pred}" if r.get("out_of_distribution") else pred
+        echo(f"{r['query_id']:>5}  {_time(r['created_at']):<19}  {pred[:14]:<14} {r['confidence']:>5.3f}  "
                    f"{r['status']:<{w}}  {r['image']}")
 
 
@@ -85,37 +108,46 @@ def _print_record(r):
     p = r["prediction"]
     label = "ABSTAINED" if p["abstained"] else p["label"]
     cred = "" if p["credibility"] is None else f"  credibility {p['credibility']:.3f}"
-    click.echo(f"Query {r['query_id']}  {_time(r['created_at'])} UTC")
-    click.echo(f"  image:      {r['image']}  (sha256 {r['sha256'][:12]}...)")
+    echo(f"Query {r['query_id']}  {_time(r['created_at'])} UTC")
+    echo(f"  image:      {r['image']}  (sha256 {r['sha256'][:12]}...)")
     if r["patient_id"]:
-        click.echo(f"  patient:    {r['patient_id']}")
-    click.echo(f"  diagnosis:  {label}  confidence {p['confidence']:.3f}{cred}")
-    click.echo("  probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(p["probabilities"].items(), key=lambda kv: -kv[1])))
-    click.echo(f"  vote rule {r['vote_rule']}, k = {r['k']}, ensemble {r['ensemble']}, explanations {r['explain_method']}")
+        echo(f"  patient:    {r['patient_id']}")
+    if p.get("out_of_distribution"):
+        echo(f"  WARNING:    out of distribution, unlike every case in this case base (typicality "
+                   f"{p['typicality']:.3g}); " + ("no diagnosis was given" if p["abstained"] else "answered with --answer-anyway"))
+    if p.get("abstain_reason"):
+        label = f"{label} ({p['abstain_reason']})"
+    typ = "" if p.get("typicality") is None else f"  typicality {p['typicality']:.3g}"
+    echo(f"  diagnosis:  {label}  confidence {p['confidence']:.3f}{cred}{typ}")
+    for note in r.get("notes", []):
+        if not note.startswith("out of distribution:"):
+            echo(f"  note:       {note}")
+    echo("  probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(p["probabilities"].items(), key=lambda kv: -kv[1])))
+    echo(f"  vote rule {r['vote_rule']}, k = {r['k']}, ensemble {r['ensemble']}, explanations {r['explain_method']}")
     for mem in r["members"]:
         v = mem["vote"]
-        click.echo(f"  member {mem['model_id']}: {mem['model']} ({mem['weights']}), fingerprint {mem['fingerprint'][:12]}; "
+        echo(f"  member {mem['model_id']}: {mem['model']} ({mem['weights']}), fingerprint {mem['fingerprint'][:12]}; "
                    f"vote {v['label']} ({v['confidence']:.3f})")
         for m in mem["query_maps"]:
-            click.echo(f"    query map: {_map_text(m)}")
-        click.echo(f"    {'rank':>4}  {'case':>6}  {'label':<14} {'similarity':>10}  {'patient':<10} map; path")
+            echo(f"    query map: {_map_text(m)}")
+        echo(f"    {'rank':>4}  {'case':>6}  {'label':<14} {'similarity':>10}  {'patient':<10} map; path")
         for n in mem["neighbours"]:
             m = n["map"] or n["case_map"]
             kind = "" if m is None else (" (stored case map)" if n["map"] is None else "")
             removed = "  [removed since]" if n["removed"] else ""
-            click.echo(f"    {n['rank']:>4}  {n['case_id']:>6}  {n['label'][:14]:<14} {n['similarity']:>10.4f}  "
+            echo(f"    {n['rank']:>4}  {n['case_id']:>6}  {n['label'][:14]:<14} {n['similarity']:>10.4f}  "
                        f"{str(n['patient_id'] or '-')[:10]:<10} {_map_text(m)}{kind}; {n['path']}{removed}")
     if r["feedback"]:
-        click.echo("  feedback:")
+        echo("  feedback:")
         for f in r["feedback"]:
             verdict = "confirmed" if f["label"] == p["label"] else "corrected"
             extra = "".join([f" by {f['by']}" if f["by"] else "", f": {f['note']}" if f["note"] else "",
                              f"  [retained as case {f['retained_case_id']}]" if f["retained_case_id"] else ""])
-            click.echo(f"    #{f['id']} {_time(f['created_at'])}  {verdict} {f['label']}{extra}")
+            echo(f"    #{f['id']} {_time(f['created_at'])}  {verdict} {f['label']}{extra}")
     else:
-        click.echo("  feedback:   none")
+        echo("  feedback:   none")
     if r["report"]:
-        click.echo(f"  report:     {r['report']}")
+        echo(f"  report:     {r['report']}")
 
 
 @cli.command("show")
@@ -148,9 +180,8 @@ def show_cmd(query_id, db, index_dir, as_json):
 @db_option
 @index_dir_option
 @click.option("--out", type=click.Path(), default=None,
-              help="Report file (or an existing folder) [default: cbr-reports/query-ID/report.html].")
-@click.option("--scale", type=click.Choice(["shared", "per-image"]), default="shared", show_default=True,
-              help="Colour scale of the maps.")
+              help=f"Report file (or an existing folder) [default: {DEFAULT_REPORTS}/query-ID/report.html].")
+@scale_option
 def report_cmd(query_id, db, index_dir, out, scale):
     """Re-create a past query's self-contained HTML report from the case base.
 
@@ -164,7 +195,7 @@ def report_cmd(query_id, db, index_dir, out, scale):
     """
     from cbr.pipeline.audit import rerender_report
 
-    click.echo(f"report: {rerender_report(_open(db, index_dir), query_id, out, scale=scale)}")
+    echo(f"report: {rerender_report(_open(db, index_dir), query_id, out, scale=scale)}")
 
 
 @cli.command("feedback")
@@ -199,7 +230,7 @@ def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, as_jso
         click.echo(json.dumps(result, indent=2))
         return
     for line in result["messages"]:
-        click.echo(line)
+        echo(line)
 
 
 @cli.command("remove")
@@ -224,21 +255,21 @@ def remove_cmd(case_ids, db, index_dir, reason, as_json):
         click.echo(json.dumps(result, indent=2))
         return
     for note in result["notes"]:
-        click.echo(f"note: {note}")
+        echo(f"note: {note}")
     if result["removed"]:
         why = f" (reason: {reason})" if reason else ""
-        click.echo(f"removed {len(result['removed'])} case(s) from search: {', '.join(map(str, result['removed']))}{why}; "
+        echo(f"removed {len(result['removed'])} case(s) from search: {', '.join(map(str, result['removed']))}{why}; "
                    f"{result['members']} member index(es) saved")
     for a in result["already"]:
-        click.echo(f"case {a['case_id']} was already removed on {_time(a['removed_at'])} UTC"
+        echo(f"case {a['case_id']} was already removed on {_time(a['removed_at'])} UTC"
                    + (f" ({a['reason']})" if a["reason"] else ""))
 
 
 @cli.command("export")
 @db_option
 @index_dir_option
-@click.option("--what", type=click.Choice(["queries", "cases", "feedback"]), required=True, help="Which rows.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("--what", type=RegistryChoice(export_kinds), required=True, help="Which rows.")
+@click.option("--format", "fmt", type=RegistryChoice(export_formats), default="csv", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file (written atomically) [default: stdout].")
 def export_cmd(db, index_dir, what, fmt, out):
     """Export queries, cases or feedback as CSV or JSON for analysis outside cbr.
@@ -246,7 +277,8 @@ def export_cmd(db, index_dir, what, fmt, out):
     \b
     Columns:
         queries:  id, created_at, image, sha256, patient_id, k, vote_rule, ensemble, prediction,
-                  confidence, abstained, probabilities, feedback_label (latest)
+                  confidence, abstained, probabilities, feedback_label (latest), abstain_reason,
+                  typicality, out_of_distribution
         cases:    id, sha256, path, label, group_id, origin, dataset, added_at, removed_at,
                   removed_reason, metadata, query_id, feedback_id
         feedback: id, query_id, label, note, by, created_at, retained_case_id
@@ -261,4 +293,4 @@ def export_cmd(db, index_dir, what, fmt, out):
 
     n = export(_open(db, index_dir), what, fmt, out)
     if out is not None:
-        click.echo(f"exported {n} {what} row(s) to {out}")
+        echo(f"exported {n} {what} row(s) to {out}")

@@ -2,7 +2,7 @@
 
 import click
 
-from cbr.cli import cli
+from cbr.cli.group import cli
 from cbr.cli.options import json_option
 
 
@@ -21,7 +21,7 @@ def models_cmd(as_json):
     from cbr.models.backbones import BACKBONES
     from cbr.pipeline.vote import ENSEMBLES, VOTE_RULES
     from cbr.models.weights import offline_weights_available, weights_file_name
-    from explain.methods import FAST_METHODS, METHOD_NAMES
+    from explain.methods import ATTRIBUTION_METHODS, FAST_METHODS, METHOD_NAMES
 
     rows = []
     for name, spec in BACKBONES.items():
@@ -37,5 +37,7 @@ def models_cmd(as_json):
     for r in rows:
         state = "-" if not r["imagenet_file"] else f"{r['imagenet_file']} ({'available offline' if r['offline'] else 'not cached'})"
         click.echo(f"{r['backbone']:<20} {r['input_size']:>5} {r['embedding_dim']:>5}  {state}")
-    click.echo("CAM methods: " + ", ".join(m + ("" if m in FAST_METHODS else " (hooked path)") for m in METHOD_NAMES))
+    click.echo("explanation methods: " + ", ".join(
+        m + ("" if m in FAST_METHODS else " (captum)" if m in ATTRIBUTION_METHODS else " (hooked path)")
+        for m in METHOD_NAMES))
     click.echo("vote rules:  " + ", ".join(VOTE_RULES) + ";  ensembles: " + ", ".join(ENSEMBLES))

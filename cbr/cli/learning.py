@@ -4,14 +4,28 @@ import json
 
 import click
 
-from cbr.cli import cli
-from cbr.cli.options import RegistryChoice, backbone_names, cam_names, json_option, manifest_options, progress_enabled, vote_names
+from cbr.cli.group import cli
+from cbr.cli.explain import MethodList
+from cbr.cli.options import RegistryChoice, backbone_names, json_option, manifest_options, progress_enabled, vote_names
 
 DEFAULT_REPORT_DIR = "cbr-evaluation"
 
 
 def training_options(f):
-    """Options shared by ``train`` and the cross-validation of ``evaluate``."""
+    """Options shared by ``train`` and the cross-validation of ``evaluate``, handed to the command
+    as one ``training`` (a ``TrainConfig``)."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
+                workers, **kwargs):
+        from cbr.learn.config import TrainConfig
+
+        training = TrainConfig(backbone=backbone, weights=weights, epochs=epochs, img_size=img_size,
+                               batch_size=batch_size, lr=lr, seed=seed, device=device, patience=patience,
+                               train_layers=train_layers, num_workers=workers)
+        return f(*args, training=training, **kwargs)
+
     opts = [
         click.option("--backbone", type=RegistryChoice(backbone_names), default="mobilenet_v2", show_default=True,
                      help="Backbone to fine-tune (see `cbr models`)."),
@@ -35,14 +49,14 @@ def training_options(f):
                      help="Decoding worker processes [default: 1 on 2 cores]."),
     ]
     for opt in reversed(opts):
-        f = opt(f)
-    return f
+        wrapper = opt(wrapper)
+    return wrapper
 
 
-def _print_training(r, data, backbone, weights):
-    click.echo(f"Trained {backbone} ({weights} weights) on {data}")
+def _print_training(r, data, training):
+    click.echo(f"Trained {training.backbone} ({training.weights} weights) on {data}")
     click.echo(f"  classes:      {', '.join(r.class_names)}")
-    grouped = "by patient" if any(not g.startswith("<image ") for g in r.train_groups) else "by image"
+    grouped = "by patient" if r.grouped else "by image"
     click.echo(f"  images:       {r.train_size} training, {r.val_size} validation (split {grouped})")
     click.echo(f"  epochs:       {r.epochs_run} run, best {r.best_epoch}")
     bacc = "-" if r.best_val_balanced_accuracy is None else f"{r.best_val_balanced_accuracy:.3f}"
@@ -63,8 +77,7 @@ def _print_training(r, data, backbone, weights):
               help="Share of the images (grouped by patient) kept for validation and early stopping.")
 @manifest_options
 @json_option
-def train_cmd(data, out, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
-              workers, val_fraction, manifest, as_json):
+def train_cmd(data, out, training, val_fraction, manifest, as_json):
     """Fine-tune a backbone with a classification head on a labelled dataset.
 
     DATA is a folder with one sub-folder per class, or a CSV manifest. A patient-grouped share of
@@ -78,17 +91,16 @@ def train_cmd(data, out, backbone, weights, epochs, img_size, batch_size, lr, se
         cbr train cxr.csv --path-column filename --label-column class --group-column patient_key --images cxr/
         cbr train data/ --backbone tinycnn --weights none --epochs 3 --json
     """
+    from dataclasses import replace
+
     from cbr.learn.train import train_model
 
-    result = train_model(
-        data, out, backbone=backbone, weights=weights, epochs=epochs, img_size=img_size, batch_size=batch_size,
-        lr=lr, seed=seed, device=device, patience=patience, val_fraction=val_fraction, train_layers=train_layers,
-        num_workers=workers, progress=progress_enabled() and not as_json, manifest=manifest,
-    )
+    training = replace(training, val_fraction=val_fraction)
+    result = train_model(data, out, training, progress=progress_enabled() and not as_json, manifest=manifest)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        _print_training(result, data, backbone, weights)
+        _print_training(result, data, training)
 
 
 # Options that only make sense for cross-validation (protocol 1) or only against --db (protocol 2).
@@ -116,8 +128,10 @@ def _explicit(ctx, names):
 @click.option("--no-train", is_flag=True, help="Cross-validate the backbone's weights as they are (no fine-tuning).")
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=5, show_default=True, help="Neighbours per query.")
 @click.option("--vote", type=RegistryChoice(vote_names), default="weighted", show_default=True, help="Vote rule.")
-@click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=("none",)), default="none", show_default=True,
-              help="CAM method for localisation figures (needs a 'mask' column), or none.")
+@click.option("--explain", "explain", type=MethodList(), default="none", show_default=True,
+              help="Explanation methods to score side by side (a,b,c or all; see `cbr models`): pointing games "
+              "against a 'mask' column, deletion/insertion AUC, randomisation check, seconds per map; writes "
+              "explanations.png. One CAM method also maps every query (localisation figures).")
 @click.option("--model", "models", multiple=True, help="With --db: use only these members (name, checkpoint or fingerprint).")
 @click.option("--strict", is_flag=True, help="With --db: leave leaking test images out of the figures.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=DEFAULT_REPORT_DIR, show_default=True,
@@ -125,9 +139,8 @@ def _explicit(ctx, names):
 @manifest_options
 @json_option
 @click.pass_context
-def evaluate_cmd(ctx, data, db, index_dir, folds, backbone, weights, epochs, img_size, batch_size, lr, seed, device,
-                 patience, train_layers, workers, no_train, k, vote, explain, models, strict, out_dir, manifest,
-                 as_json):
+def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, explain, models, strict, out_dir,
+                 manifest, as_json):
     """Measure accuracy, calibration, retrieval and localisation, grouped by patient.
 
     \b
@@ -149,10 +162,16 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, backbone, weights, epochs, img
         cbr evaluate cxr.csv --path-column filename --label-column class --group-column patient_key --images cxr/
         cbr evaluate test/ --db cases.db --strict --json
         cbr evaluate phantoms/manifest.csv --explain gradcam --folds 3
+        cbr evaluate test/ --db cases.db --explain all
     """
-    from cbr.evaluation.protocol import cross_validate, evaluate_casebase, format_table
+    from cbr.evaluation import EvalConfig, cross_validate, evaluate_casebase
+    from cbr.reporting.table import format_table
+    from explain.methods import ATTRIBUTION_METHODS
 
     progress = progress_enabled() and not as_json
+    one_cam = explain[0] if len(explain) == 1 and explain[0] not in ATTRIBUTION_METHODS else "none"
+    config = EvalConfig(k=k, vote=vote, explain=one_cam, compare=explain, batch_size=training.batch_size,
+                        device=training.device, num_workers=training.num_workers, out_dir=out_dir)
     if db is not None:
         wrong = _explicit(ctx, _CV_ONLY)
         if wrong:
@@ -160,20 +179,14 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, backbone, weights, epochs, img
         from cbr.store.casebase import open_casebase
 
         cb = open_casebase(db, create=False, index_dir=index_dir)
-        metrics = evaluate_casebase(
-            cb, data, k=k, vote=vote, models=models or None, strict=strict, explain=explain, batch_size=batch_size,
-            device=device, num_workers=workers, out_dir=out_dir, progress=progress, manifest=manifest,
-        )
+        metrics = evaluate_casebase(cb, data, config, models=models or None, strict=strict, progress=progress,
+                                    manifest=manifest)
     else:
         wrong = _explicit(ctx, _DB_ONLY)
         if wrong:
             raise click.UsageError(f"{', '.join(wrong)}: only with --db (a held-out test set against a case base)")
-        metrics = cross_validate(
-            data, folds=folds, k=k, vote=vote, explain=explain, train=not no_train, backbone=backbone, weights=weights,
-            epochs=epochs, img_size=img_size, batch_size=batch_size, lr=lr, patience=patience,
-            train_layers=train_layers, seed=seed, device=device, num_workers=workers, out_dir=out_dir,
-            progress=progress, manifest=manifest,
-        )
+        metrics = cross_validate(data, config, training, folds=folds, train=not no_train, progress=progress,
+                                 manifest=manifest)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
     else:

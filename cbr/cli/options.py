@@ -4,7 +4,8 @@ import sys
 
 import click
 
-__all__ = ["db_option", "index_dir_option", "progress_enabled", "json_option"]
+__all__ = ["db_option", "index_dir_option", "progress_enabled", "json_option", "weights_option", "scale_option",
+           "source_options"]
 
 
 def db_option(f):
@@ -23,6 +24,22 @@ def index_dir_option(f):
 
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def weights_option(f=None, *, help="Weights for backbone names (checkpoints carry their own)."):
+    """``--weights``, its choices from ``cbr.models.config.WEIGHTS``; ``@weights_option(help=...)`` rewords it."""
+    from cbr.models.config import WEIGHTS
+
+    if f is None:
+        return lambda g: weights_option(g, help=help)
+    return click.option("--weights", type=click.Choice(WEIGHTS), default=WEIGHTS[0], show_default=True, help=help)(f)
+
+
+def scale_option(f):
+    from cbr.pipeline.settings import SCALES
+
+    return click.option("--scale", type=click.Choice(SCALES), default=SCALES[0], show_default=True,
+                        help="Colour scale of the maps.")(f)
 
 
 def progress_enabled() -> bool:
@@ -93,3 +110,68 @@ def manifest_options(f):
     wrapper = click.option("--label-column", default="label", show_default=True, help="Manifest column with labels.")(wrapper)
     wrapper = click.option("--group-column", default=None, help="Manifest column with patient/group ids [default: patient_id if present].")(wrapper)
     return click.option("--images", multiple=True, type=click.Path(file_okay=False), help="Root folder(s) for manifest paths (repeatable).")(wrapper)
+
+
+def _axis_names():
+    return ("axial", "coronal", "sagittal")
+
+
+def _source_option(name):
+    """One of the clinical-format options (see ``source_options``)."""
+    from cbr.data.windows import WINDOWS
+
+    presets = ", ".join(WINDOWS)
+    return {
+        "window": click.option("--window", default=None, metavar="WINDOW",
+                               help=f"VOI window for DICOM/NIfTI pixels: auto (the file's own), minmax, {presets}, "
+                                    "or C,W (centre,width) [default: the model's own, auto]. Part of the model's "
+                                    "preprocessing."),
+        "frames": click.option("--frames", type=click.Choice(["all", "middle"]), default="all", show_default=True,
+                               help="Multi-frame DICOM: every frame is a case, or only the middle one."),
+        "slices": click.option("--slices", default="all", show_default=True, metavar="all|middle|every:N",
+                               help="NIfTI: which slices become cases."),
+        "axis": click.option("--axis", type=click.Choice(_axis_names()), default="axial", show_default=True,
+                             help="NIfTI: the axis slices are cut along."),
+        "volume": click.option("--volume", type=click.IntRange(0), default=0, show_default=True,
+                               help="NIfTI 4D: which 3D volume (from 0)."),
+        "split": click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="train",
+                              show_default=True, help=".npz: which split's {split}_images and {split}_labels to read."),
+        "classes": click.option("--classes", default=None, metavar="NAME0,NAME1,...",
+                                help=".npz: class names in label order [default: the label numbers]."),
+        "pseudonymise": click.option("--pseudonymise", default=None, metavar="KEY", envvar="CBR_PSEUDONYMISE_KEY",
+                                     show_envvar=True,
+                                     help="Store patient ids (DICOM PatientID, manifest patient column) as HMAC-SHA256 "
+                                          "keyed hashes: stable across runs with the same key; the key is never stored."),
+    }[name]
+
+
+SOURCE_OPTION_NAMES = ("window", "frames", "slices", "axis", "volume", "split", "classes", "pseudonymise")
+
+
+def source_options(*names):
+    """The clinical-format options (all, or ``names``), handed to the command as one ``sources``
+    (a ``cbr.data.sources.SourceSpec``); a bad value is a usage error (exit 2)."""
+    import functools
+
+    names = names or SOURCE_OPTION_NAMES
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            from cbr.data.sources import SourceSpec
+            from cbr.errors import CbrError
+
+            given = {n: kwargs.pop(n) for n in names}
+            if "classes" in given:
+                given["classes"] = tuple(c.strip() for c in given["classes"].split(",")) if given["classes"] else ()
+            try:
+                spec = SourceSpec(**given)
+            except CbrError as e:
+                raise click.UsageError(str(e)) from None
+            return f(*args, sources=spec, **kwargs)
+
+        for n in reversed(names):
+            wrapper = _source_option(n)(wrapper)
+        return wrapper
+
+    return decorate

@@ -1,10 +1,12 @@
 """``cbr index`` and ``cbr query``: building a case base and asking it."""
 
 import json
+import shlex
 
 import click
 
-from cbr.cli import cli
+from cbr.cli.group import cli
+from cbr.cli.terminal import echo
 from cbr.cli.options import (
     RegistryChoice,
     cam_names,
@@ -14,31 +16,36 @@ from cbr.cli.options import (
     json_option,
     manifest_options,
     progress_enabled,
+    scale_option,
+    source_options,
     vote_names,
+    weights_option,
 )
+from cbr.pipeline.settings import DEFAULT_REPORTS, NO_EXPLANATION, IndexConfig, QueryConfig
 
 # The registries are plain dicts in light modules; listing their names here must not import torch.
 BACKBONE_HINT = "a backbone name (see `cbr models`) or a checkpoint path from `cbr train`"
 
 
 def _print_report(report, db):
-    click.echo(f"Indexed {report.source} into {db}")
-    click.echo(f"  models:        {', '.join(report.models)}")
-    click.echo(f"  cases added:   {report.added}")
+    from cbr.data.dataset import DUPLICATE
+
+    echo(f"Indexed {report.source} into {db}")
+    echo(f"  models:        {', '.join(report.models)}")
+    echo(f"  cases added:   {report.added}")
     if report.embedded:
-        click.echo(f"  re-embedded:   {report.embedded} (existing cases, new model)")
-    click.echo(f"  already there: {report.already}")
-    dups = [p for p in report.problems if p.reason.startswith("duplicate")]
-    click.echo(f"  duplicates:    {len(dups)}")
-    bad = [p for p in report.problems if not p.reason.startswith("duplicate")]
-    click.echo(f"  skipped:       {len(bad)}")
+        echo(f"  re-embedded:   {report.embedded} (existing cases, new model)")
+    echo(f"  already there: {report.already}")
+    dups = [p for p in report.problems if p.kind == DUPLICATE]
+    echo(f"  duplicates:    {len(dups)}")
+    echo(f"  skipped:       {len(report.problems) - len(dups)}")
     for p in report.problems:
-        click.echo(f"    {p.path}: {p.reason}")
+        echo(f"    {p.path}: {p.reason}")
     for note in report.notes:
-        click.echo(f"  note: {note}")
+        echo(f"  note: {note}")
     if report.rebuilt:
-        click.echo(f"  rebuilt:       {', '.join(report.rebuilt)}")
-    click.echo(f"  elapsed:       {report.elapsed:.1f} s ({report.images_per_s:.1f} images/s)")
+        echo(f"  rebuilt:       {', '.join(report.rebuilt)}")
+    echo(f"  elapsed:       {report.elapsed:.1f} s ({report.images_per_s:.1f} images/s)")
 
 
 @cli.command("index")
@@ -46,24 +53,27 @@ def _print_report(report, db):
 @db_option
 @index_dir_option
 @click.option("--model", "models", multiple=True, help=f"Embedder: {BACKBONE_HINT}. Repeat for an ensemble. [default: mobilenet_v2]")
-@click.option("--weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True,
-              help="Weights for backbone names (checkpoints carry their own).")
-@click.option("--index-type", default="flat", show_default=True, help="flat, hnsw, ivf, or any faiss factory string.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
-@click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=("none",)), default="gradcam", show_default=True,
-              help="CAM method for each case's stored map.")
+@weights_option
+@click.option("--index-type", default=IndexConfig.index_type, show_default=True,
+              help="flat, hnsw, ivf, or any faiss factory string.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=IndexConfig.batch_size, show_default=True)
+@click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=(NO_EXPLANATION,)),
+              default=IndexConfig.explain, show_default=True, help="CAM method for each case's stored map.")
 @click.option("--target-layer", default=None, help="CAM layer for the stored maps, a module path inside the trunk "
               "(e.g. features.13) [default: the last convolutional block].")
 @click.option("--rebuild", is_flag=True, help="Rebuild every index from the embeddings stored in the case base (no image is re-read).")
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="Decoding worker processes [default: 1 on 2 cores].")
 @manifest_options
+@source_options()
 @json_option
 def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, explain, target_layer, rebuild, workers,
-              manifest, as_json):
+              manifest, sources, as_json):
     """Index a labelled dataset into a case base (incremental and resumable).
 
-    DATA is a folder with one sub-folder per class, or a CSV manifest with the columns
-    path,label[,patient_id][,metadata...]. Bad files are skipped and listed with their reason.
+    DATA is a folder with one sub-folder per class, a CSV manifest with the columns
+    path,label[,patient_id][,metadata...], or a MedMNIST-style .npz. Images may be PNG/JPEG,
+    DICOM (found by content, with or without an extension; every frame a case), or NIfTI
+    volumes (every slice a case). Bad files are skipped and listed with their reason.
 
     \b
     Example:
@@ -72,18 +82,20 @@ def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, expl
         cbr index data/ --model model.pt --model resnet50 --db cases.db
         cbr index data/ --explain layercam --target-layer features.13
         cbr index --rebuild --db cases.db
+        cbr index dicom_by_class/ --window ct-lung --pseudonymise "$KEY"
+        cbr index volumes/ --slices every:4 --axis axial
+        cbr index pneumoniamnist.npz --split train --classes normal,pneumonia
     """
     from cbr.store.casebase import open_casebase
     from cbr.pipeline.index import index_dataset
 
     if data is None and not rebuild:
         raise click.UsageError("give a DATA folder or CSV manifest, or --rebuild")
+    config = IndexConfig(models=models or IndexConfig.models, weights=weights, index_type=index_type,
+                         batch_size=batch_size, explain=explain, target_layer=target_layer, num_workers=workers)
     cb = open_casebase(db, index_dir=index_dir)
-    report = index_dataset(
-        cb, data, models=models or ("mobilenet_v2",), weights=weights, index_type=index_type,
-        batch_size=batch_size, explain=explain, rebuild=rebuild, manifest=manifest,
-        progress=progress_enabled(), num_workers=workers, target_layer=target_layer,
-    )
+    report = index_dataset(cb, data, config, manifest=manifest, rebuild=rebuild, progress=progress_enabled(),
+                           sources=sources)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif data is None:
@@ -94,45 +106,68 @@ def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, expl
 
 def _print_answer(a):
     p = a.prediction
-    label = "ABSTAINED" if p["abstained"] else p["label"]
+    reason = p.get("abstain_reason")
+    label = (f"ABSTAINED ({reason})" if reason else "ABSTAINED") if p["abstained"] else p["label"]
     cred = "" if p["credibility"] is None else f"  credibility {p['credibility']:.3f}"
-    click.echo(f"Query {a.query_id}: {a.image}")
-    click.echo(f"  diagnosis: {label}  confidence {p['confidence']:.3f}{cred}")
-    click.echo("  probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(p["probabilities"].items(), key=lambda kv: -kv[1])))
+    typ = "" if p.get("typicality") is None else f"  typicality {p['typicality']:.3g}"
+    echo(f"Query {a.query_id if a.query_id is not None else '(not recorded)'}: {a.image}")
+    if p.get("out_of_distribution"):
+        echo(f"  WARNING: out of distribution, unlike every case in this case base (typicality {p['typicality']:.3g}); "
+             + ("no diagnosis is given" if p["abstained"] else "the vote below is shown only because of --answer-anyway"))
+    echo(f"  diagnosis: {label}  confidence {p['confidence']:.3f}{cred}{typ}")
+    echo("  probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(p["probabilities"].items(), key=lambda kv: -kv[1])))
     for mem in a.members:
         if len(a.members) > 1:
             v = mem["vote"]
-            click.echo(f"  member {mem['model']}: {v['label']} ({v['confidence']:.3f})")
-        click.echo(f"  {'rank':>4}  {'case':>6}  {'label':<14} {'similarity':>10}  {'patient':<12} path")
+            echo(f"  member {mem['model']}: {v['label']} ({v['confidence']:.3f})")
+        echo(f"  {'rank':>4}  {'case':>6}  {'label':<14} {'similarity':>10}  {'patient':<12} path")
         for n in mem["neighbours"]:
-            click.echo(f"  {n['rank']:>4}  {n['case_id']:>6}  {n['label'][:14]:<14} {n['similarity']:>10.4f}  "
-                       f"{str(n['patient_id'] or '-')[:12]:<12} {n['path']}")
+            status = n.get("image_status")
+            echo(f"  {n['rank']:>4}  {n['case_id']:>6}  {n['label'][:14]:<14} {n['similarity']:>10.4f}  "
+                 f"{str(n['patient_id'] or '-')[:12]:<12} {n['path']}"
+                 + (f"  [{status}]" if status not in (None, "ok") else ""))
     for note in a.notes:
-        click.echo(f"  note: {note}")
+        if not note.startswith("out of distribution:"):  # the warning above says it
+            echo(f"  note: {note}")
     if a.explanation:
-        click.echo(f"  maps:   {a.explanation} (and neighbour-*.jpg, panel.jpg beside it)")
+        echo(f"  maps:   {a.explanation} (and neighbour-*.jpg, panel.jpg beside it)")
     if a.report:
-        click.echo(f"  report: {a.report}")
+        echo(f"  report: {a.report}")
 
 
 @cli.command("query")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @db_option
 @index_dir_option
-@click.option("-k", "k", type=click.IntRange(1, 1000), default=5, show_default=True, help="Neighbours per member.")
-@click.option("--vote", type=RegistryChoice(vote_names), default="weighted", show_default=True, help="Vote rule.")
-@click.option("--ensemble", type=RegistryChoice(ensemble_names), default="confidence", show_default=True, help="How members combine.")
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=QueryConfig.k, show_default=True, help="Neighbours per member.")
+@click.option("--vote", type=RegistryChoice(vote_names), default=QueryConfig.vote, show_default=True, help="Vote rule.")
+@click.option("--ensemble", type=RegistryChoice(ensemble_names), default=QueryConfig.ensemble, show_default=True,
+              help="How members combine.")
 @click.option("--min-credibility", type=click.FloatRange(0, 1), default=None, help="With --vote credibility: abstain below this.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True, help="Softmax temperature of the weighted vote.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=QueryConfig.temperature,
+              show_default=True, help="Softmax temperature of the weighted vote.")
 @click.option("--patient", default=None, help="The query's patient id: that patient's cases are never retrieved.")
 @click.option("--model", "models", multiple=True, help="Use only these members (name, checkpoint or fingerprint).")
-@click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=("none",)), default="gradcam", show_default=True,
-              help="CAM method for the maps.")
-@click.option("--scale", type=click.Choice(["shared", "per-image"]), default="shared", show_default=True, help="Colour scale of the maps.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="cbr-reports", show_default=True, help="Where overlays and reports go.")
+@click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=(NO_EXPLANATION,)), default=QueryConfig.explain,
+              show_default=True, help="Method for the maps: a CAM, or an attribution (lime, kernelshap, deeplift, "
+              "integrated-gradients, occlusion) that costs many model evaluations per map.")
+@click.option("--explain-budget", type=click.IntRange(1, 100000), default=None,
+              help="Cap on the model evaluations of each attribution map (LIME/KernelSHAP samples, "
+              "integrated-gradients steps, occlusion positions). [default: 200 samples, 32 steps, 225 positions]")
+@click.option("--explain-neighbours", type=click.IntRange(0, 1000), default=None,
+              help="Similarity maps for the top n neighbours only (the others show their stored map). [default: all]")
+@scale_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=DEFAULT_REPORTS, show_default=True,
+              help="Where overlays and reports go.")
+@click.option("--ood-alpha", type=click.FloatRange(0, 1, max_open=True), default=QueryConfig.ood_alpha, show_default=True,
+              help="Out of distribution (no diagnosis) when the query's typicality p-value is at most this; 0 never flags.")
+@click.option("--answer-anyway", is_flag=True, help="Show the vote of an out-of-distribution query all the same (it stays flagged).")
+@click.option("--no-record", is_flag=True, help="Answer without storing the query or writing a report "
+              "(works on a read-only case base, e.g. a replica).")
+@source_options("window", "axis", "volume")
 @json_option
 def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, temperature, patient, models, explain,
-              scale, out_dir, as_json):
+              explain_budget, explain_neighbours, scale, out_dir, ood_alpha, answer_anyway, no_record, sources, as_json):
     """Diagnose images from their nearest cases, with maps of where the network looked.
 
     Prints the prediction, its confidence, per-class probabilities and each neighbour, and writes
@@ -143,14 +178,21 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
         cbr query scan.png --db cases.db -k 5
         cbr query a.png b.png --vote credibility --min-credibility 0.1 --json
         cbr query scan.png --patient P017 --explain gradcam++
+        cbr query scan.png --no-record --db "sqlite:////replica/cases.db?mode=ro&uri=true"
+        cbr query scan.png --explain lime --explain-budget 100 --explain-neighbours 2
+        cbr query odd.png --ood-alpha 0.05 --answer-anyway
+        cbr query ct/IM0042                  # DICOM, any name; a multi-frame file: its middle frame
+        cbr query "cine.dcm#frame=12" "brain.nii.gz#axis=axial&slice=40" "pneumoniamnist.npz#split=test&index=7"
     """
     from cbr.store.casebase import open_casebase
     from cbr.pipeline.query import query_images
 
-    cb = open_casebase(db, create=False, index_dir=index_dir)
-    answers = query_images(cb, images, patient=patient, out_dir=out_dir, k=k, vote=vote, ensemble=ensemble,
-                           explain=explain, min_credibility=min_credibility, temperature=temperature,
-                           scale=scale, models=models or None)
+    config = QueryConfig(k=k, vote=vote, ensemble=ensemble, min_credibility=min_credibility, temperature=temperature,
+                         explain=explain, scale=scale, models=models, out_dir=out_dir, explain_budget=explain_budget,
+                         explain_neighbours=explain_neighbours, progress=progress_enabled(), ood_alpha=ood_alpha,
+                         answer_anyway=answer_anyway)
+    cb = open_casebase(db, create=False, index_dir=index_dir, readonly=None if no_record else False)
+    answers = query_images(cb, images, config, patient=patient, sources=sources, record=not no_record)
     if as_json:
         for a in answers:
             click.echo(json.dumps(a.to_dict()))
@@ -180,9 +222,9 @@ def demo_cmd(out_dir, patients, epochs, seed, as_json):
     """
     from dataclasses import asdict
 
-    from cbr.pipeline.demo import run_demo
+    from cbr.pipeline.demo import DemoConfig, run_demo
 
-    result = run_demo(out_dir, patients=patients, epochs=epochs, seed=seed, progress=progress_enabled(),
+    result = run_demo(out_dir, DemoConfig(patients=patients, epochs=epochs, seed=seed), progress=progress_enabled(),
                       log=(lambda *_: None) if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(asdict(result), indent=2))
@@ -200,3 +242,4 @@ def demo_cmd(out_dir, patients, epochs, seed, as_json):
     click.echo(f"case base:                  {result.case_base}")
     click.echo(f"example report:             {result.report}")
     click.echo(f"audit it:                   cbr history --db {result.case_base}")
+    click.echo(f"review it in a browser:     cbr serve --db {shlex.quote(result.case_base)}")

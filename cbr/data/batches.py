@@ -13,21 +13,22 @@ class DecodedRecords:
 
     Items are (index, [one tensor per transform], None) or (index, None, problem reason): a file
     that cannot be used is reported, never fatal. Used by indexing (one transform per member's
-    preprocessing) and by training (letterboxed uint8).
+    preprocessing) and by training (letterboxed uint8). ``window`` is the VOI window DICOM and
+    NIfTI sources are decoded with (the models' own; see cbr.data.windows).
     """
 
-    def __init__(self, records, transforms):
-        self.records, self.transforms = records, list(transforms)
+    def __init__(self, records, transforms, window: str = "auto"):
+        self.records, self.transforms, self.window = records, list(transforms), window
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i):
-        from cbr.data.image import read_image
+        from cbr.data.sources import read_source
 
         r = self.records[i]
         try:
-            img, sha = read_image(r.path)
+            img, sha, _ = read_source(r.path, window=self.window)
         except ImageError as e:
             return i, None, e.reason
         if sha != r.sha256:
@@ -57,17 +58,18 @@ def decode_workers(n: int, batch_size: int) -> int:
     return 1 if cores <= 2 else min(4, cores - 1)
 
 
-def iter_batches(records, transforms, batch_size: int, num_workers: int | None = None):
+def iter_batches(records, transforms, batch_size: int, num_workers: int | None = None, window: str = "auto"):
     """Yield (record indices, one stacked tensor per transform, [(index, problem reason)]).
 
-    ``transforms`` are callables PIL image -> tensor, e.g. each member's ``preprocess``.
+    ``transforms`` are callables PIL image -> tensor, e.g. each member's ``preprocess``;
+    ``window`` is the VOI window for DICOM and NIfTI sources.
     """
     import torch
 
     if num_workers is None:
         num_workers = decode_workers(len(records), batch_size)
     loader = torch.utils.data.DataLoader(
-        DecodedRecords(records, transforms), batch_size=batch_size, shuffle=False,
+        DecodedRecords(records, transforms, window), batch_size=batch_size, shuffle=False,
         num_workers=num_workers if len(records) > batch_size else 0, collate_fn=_collate,
     )
     yield from loader

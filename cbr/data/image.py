@@ -7,6 +7,9 @@ reason says what is wrong with the file.
 Decisions:
 
 * The format is decided by content (Pillow sniffs the bytes), never by the file name's extension.
+  DICOM (the ``DICM`` marker) is decoded by :mod:`cbr.data.dicom` with the file's own window
+  (its middle frame when it has several); :func:`cbr.data.sources.read_source` chooses frames,
+  slices and windows.
 * The result is always mode ``RGB``, upright (EXIF orientation applied), first frame only.
 * Alpha is composited on **black**: medical images have black backgrounds and
   :func:`letterbox` pads with black, so transparent areas read as "no tissue".
@@ -143,8 +146,14 @@ def decode_image(
     """
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
-    if data[128:132] == b"DICM":
-        raise ImageError(name, "DICOM files are not supported; convert them to PNG first")
+    if data[128:132] == b"DICM":  # DICOM decodes in its own module (window: the file's own)
+        from cbr.data.dicom import decode_dicom_bytes
+
+        pixels = decode_dicom_bytes(data, name, max_pixels=max_pixels)
+        h, w = pixels.shape[:2]
+        if w < min_size or h < min_size:
+            raise ImageError(name, f"image is {w}x{h} pixels; too small (minimum {min_size}x{min_size})")
+        return Image.fromarray(pixels).convert("RGB")
     with warnings.catch_warnings(record=True) as caught:
         # Pillow warns about odd files it can still read (corrupt EXIF, skipped TIFF tags) and
         # about sizes our max_pixels check already judges: log them instead of flooding stderr.
@@ -216,26 +225,28 @@ def read_image(
     """Read a file once and return ``(upright RGB image, sha256 hex of its bytes)``.
 
     Raises :class:`ImageError` with a reason (file not found, permission denied, empty,
-    not an image, truncated, too large, too small...).
+    not an image, truncated, too large, too small...). A DICOM file gives its middle frame with
+    its own window; :func:`cbr.data.sources.read_source` reads any frame, NIfTI slice or ``.npz``
+    image, with any window.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ImageError(_display(path), _os_reason(e)) from None
+    from cbr.data.guard import read_regular
+
+    data = read_regular(path, _display(path))  # regular files within the size cap only: never a FIFO
     digest = hashlib.sha256(data).hexdigest()
     return decode_image(data, _display(path), max_pixels=max_pixels, min_size=min_size), digest
 
 
 def sha256_file(path) -> str:
     """SHA-256 hex digest of a file, read in chunks; raises :class:`ImageError` if unreadable."""
+    from cbr.data.guard import open_regular
+
     h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
+    with open_regular(path, _display(path)) as (f, _):
+        try:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
-    except OSError as e:
-        raise ImageError(_display(path), _os_reason(e)) from None
+        except OSError as e:
+            raise ImageError(_display(path), _os_reason(e)) from None
     return h.hexdigest()
 
 

@@ -1,46 +1,35 @@
-"""Classification, retrieval and calibration metrics, grouped folds and splits, and their plots.
+"""Classification, calibration, abstention and retrieval metrics.
 
-Pure numpy (matplotlib is imported inside the plotting functions only). Labels are strings;
-a prediction may be None (the vote abstained), and every classification metric counts an
-abstention as a wrong answer (it is never a predicted class, so it costs recall, not precision).
-Metrics over no samples at all are undefined and come back as NaN (`roc_auc_ovr`: None).
+The classification figures are scikit-learn's; this module only adds what the case-based vote
+needs on top: a prediction may be None (the vote abstained), and every classification metric
+counts an abstention as a wrong answer (it is never a predicted class, so it costs recall, not
+precision). Abstention, calibration (ECE, reliability bins) and the retrieval metrics have no
+library equivalent with these exact definitions and are our own. Metrics over no samples at all
+are undefined and come back as NaN (``roc_auc_ovr``: None).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
-from typing import Hashable, Sequence
+import warnings
 
 import numpy as np
 
-from cbr.errors import CbrError
-
 __all__ = [
-    "FoldError",
     "accuracy",
     "balanced_accuracy",
     "per_class",
     "confusion_matrix",
     "roc_auc_ovr",
+    "classification_report",
     "expected_calibration_error",
     "reliability_bins",
+    "abstention",
     "precision_at_k",
     "mean_average_precision",
-    "abstention",
-    "grouped_folds",
-    "group_split",
-    "plot_confusion",
-    "plot_reliability",
-    "classification_report",
 ]
 
-LOG = logging.getLogger(__name__)
-
-
-class FoldError(CbrError):
-    """The data cannot be split into the folds asked for."""
+ABSTAINED = "<abstained>"  # stands for None in what sklearn sees; made unique against the labels
 
 
 def _pair(y_true, y_pred) -> tuple[list, list]:
@@ -50,16 +39,26 @@ def _pair(y_true, y_pred) -> tuple[list, list]:
     return y_true, y_pred
 
 
+def _answers(y_true, y_pred, classes=()) -> tuple[list, list]:
+    """(true labels, predictions with None replaced by a label no class or truth uses)."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    taken = {str(x) for x in y_true} | {str(x) for x in classes} | {str(p) for p in y_pred if p is not None}
+    sentinel = ABSTAINED
+    while sentinel in taken:
+        sentinel += "_"
+    return [str(t) for t in y_true], [sentinel if p is None else str(p) for p in y_pred]
+
+
 # ---------------------------------------------------------------------------------------------
-# classification
+# classification (scikit-learn)
 
 
 def accuracy(y_true, y_pred) -> float:
     """Fraction of correct predictions; an abstention (None) counts as wrong. NaN if empty."""
-    y_true, y_pred = _pair(y_true, y_pred)
-    if not y_true:
-        return math.nan
-    return sum(p is not None and p == t for t, p in zip(y_true, y_pred)) / len(y_true)
+    from sklearn.metrics import accuracy_score
+
+    y_true, y_pred = _answers(y_true, y_pred)
+    return float(accuracy_score(y_true, y_pred)) if y_true else math.nan
 
 
 def confusion_matrix(y_true, y_pred, classes) -> np.ndarray:
@@ -68,75 +67,61 @@ def confusion_matrix(y_true, y_pred, classes) -> np.ndarray:
     Samples whose true label or prediction is not in ``classes`` (abstentions included) are left
     out, so a row can sum to less than the class's support.
     """
-    y_true, y_pred = _pair(y_true, y_pred)
-    pos = {c: i for i, c in enumerate(classes)}
-    cm = np.zeros((len(pos), len(pos)), dtype=np.int64)
-    for t, p in zip(y_true, y_pred):
-        if t in pos and p is not None and p in pos:
-            cm[pos[t], pos[p]] += 1
-    return cm
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+    classes = [str(c) for c in classes]
+    y_true, y_pred = _answers(y_true, y_pred, classes)
+    if not set(classes) & set(y_true):  # sklearn refuses labels none of which is true
+        return np.zeros((len(classes), len(classes)), dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "a single label was found": we pass them all
+        return sk_confusion_matrix(y_true, y_pred, labels=classes).astype(np.int64)
 
 
 def per_class(y_true, y_pred, classes) -> dict[str, dict[str, float]]:
     """Precision, recall, F1 and support for each class (0 where a ratio is undefined)."""
-    y_true, y_pred = _pair(y_true, y_pred)
-    out = {}
-    for c in classes:
-        tp = sum(t == c and p == c for t, p in zip(y_true, y_pred))
-        support = sum(t == c for t in y_true)
-        predicted = sum(p is not None and p == c for p in y_pred)
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out[c] = {"precision": precision, "recall": recall, "f1": f1, "support": int(support)}
-    return out
+    from sklearn.metrics import precision_recall_fscore_support
+
+    keys = list(classes)
+    y_true, y_pred = _answers(y_true, y_pred, keys)
+    if not y_true or not keys:
+        return {c: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for c in keys}
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=[str(c) for c in keys], zero_division=0)
+    return {c: {"precision": float(p[j]), "recall": float(r[j]), "f1": float(f[j]), "support": int(s[j])}
+            for j, c in enumerate(keys)}
 
 
-def balanced_accuracy(y_true, y_pred, classes) -> float:
-    """Mean recall over the classes present in ``y_true``; abstentions count as wrong. NaN if empty.
+def balanced_accuracy(y_true, y_pred) -> float:
+    """Mean recall over the classes present in ``y_true``; abstentions count as wrong. NaN if empty."""
+    from sklearn.metrics import balanced_accuracy_score
 
-    ``classes`` only fixes the order; a true label missing from it still counts.
-    """
-    y_true, y_pred = _pair(y_true, y_pred)
-    seen = set(y_true)
-    present = [c for c in classes if c in seen]
-    present += sorted(seen - set(present), key=str)
-    if not present:
+    y_true, y_pred = _answers(y_true, y_pred)
+    if not y_true:
         return math.nan
-    recalls = per_class(y_true, y_pred, present)
-    return math.fsum(recalls[c]["recall"] for c in present) / len(present)
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x``; tied values share the mean of their ranks."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return (ends - (counts - 1) / 2.0)[inverse.ravel()]
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": those (and abstentions) have no recall to average.
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(y_true, y_pred))
 
 
 def roc_auc_ovr(y_true, proba, classes) -> float | None:
-    """Macro one-vs-rest ROC AUC from the Mann–Whitney U statistic (ties count one half).
+    """Macro one-vs-rest ROC AUC (sklearn's ``roc_auc_score`` per class, ties count one half).
 
-    ``proba[:, j]`` scores class ``classes[j]``. A class is skipped when it is absent from
-    ``y_true`` or when every sample belongs to it; None when no class is left.
+    ``proba[:, j]`` scores class ``classes[j]``; rows need not sum to 1. A class is skipped when
+    it is absent from ``y_true`` or when every sample belongs to it; None when no class is left.
     """
-    y_true = np.asarray(list(y_true), dtype=object)
+    from sklearn.metrics import roc_auc_score
+
+    y_true = np.asarray([str(t) for t in y_true], dtype=object)
     proba = np.asarray(proba, dtype=np.float64)
-    classes = list(classes)
+    classes = [str(c) for c in classes]
     if proba.ndim != 2 or proba.shape != (len(y_true), len(classes)):
-        raise ValueError(
-            f"proba must have shape ({len(y_true)}, {len(classes)}), got {proba.shape}"
-        )
+        raise ValueError(f"proba must have shape ({len(y_true)}, {len(classes)}), got {proba.shape}")
     aucs = []
     for j, c in enumerate(classes):
         positive = y_true == c
-        n_pos = int(positive.sum())
-        n_neg = len(y_true) - n_pos
-        if n_pos == 0 or n_neg == 0:
-            continue
-        ranks = _average_ranks(proba[:, j])
-        u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
-        aucs.append(u / (n_pos * n_neg))
+        if 0 < positive.sum() < len(y_true):
+            aucs.append(roc_auc_score(positive, proba[:, j]))
     return float(np.mean(aucs)) if aucs else None
 
 
@@ -156,7 +141,7 @@ def classification_report(y_true, y_pred, proba, classes) -> dict:
     classes = list(classes)
     return {
         "accuracy": accuracy(y_true, y_pred),
-        "balanced_accuracy": balanced_accuracy(y_true, y_pred, classes),
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred),
         "per_class": per_class(y_true, y_pred, classes),
         "confusion_matrix": confusion_matrix(y_true, y_pred, classes).tolist(),
         "auc": None if proba is None else roc_auc_ovr(y_true, proba, classes),
@@ -164,7 +149,7 @@ def classification_report(y_true, y_pred, proba, classes) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# calibration and abstention
+# calibration and abstention (our own: sklearn's calibration_curve drops empty bins and has no ECE)
 
 
 def _bin_index(confidence: np.ndarray, bins: int) -> np.ndarray:
@@ -195,15 +180,13 @@ def reliability_bins(confidence, correct, bins: int = 10) -> list[dict]:
     for b in range(bins):
         inside = idx == b
         n = int(inside.sum())
-        out.append(
-            {
-                "lower": b / bins,
-                "upper": (b + 1) / bins,
-                "count": n,
-                "confidence": float(confidence[inside].mean()) if n else None,
-                "accuracy": float(correct[inside].mean()) if n else None,
-            }
-        )
+        out.append({
+            "lower": b / bins,
+            "upper": (b + 1) / bins,
+            "count": n,
+            "confidence": float(confidence[inside].mean()) if n else None,
+            "accuracy": float(correct[inside].mean()) if n else None,
+        })
     return out
 
 
@@ -212,13 +195,8 @@ def expected_calibration_error(confidence, correct, bins: int = 10) -> float:
     confidence, correct = _calibration_inputs(confidence, correct, bins)
     if confidence.size == 0:
         return math.nan
-    return float(
-        sum(
-            b["count"] / confidence.size * abs(b["accuracy"] - b["confidence"])
-            for b in reliability_bins(confidence, correct, bins)
-            if b["count"]
-        )
-    )
+    return float(sum(b["count"] / confidence.size * abs(b["accuracy"] - b["confidence"])
+                     for b in reliability_bins(confidence, correct, bins) if b["count"]))
 
 
 def abstention(abstained, correct) -> dict:
@@ -235,7 +213,7 @@ def abstention(abstained, correct) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# retrieval
+# retrieval (our own: over the retrieved list only, see mean_average_precision)
 
 
 def precision_at_k(query_labels, neighbour_labels_lists, k: int) -> float:
@@ -248,9 +226,8 @@ def precision_at_k(query_labels, neighbour_labels_lists, k: int) -> float:
         raise ValueError(f"k must be >= 1, got {k}")
     if not query_labels:
         return math.nan
-    return math.fsum(
-        sum(lab == q for lab in list(neigh)[:k]) / k for q, neigh in zip(query_labels, lists)
-    ) / len(query_labels)
+    return math.fsum(sum(lab == q for lab in list(neigh)[:k]) / k
+                     for q, neigh in zip(query_labels, lists)) / len(query_labels)
 
 
 def mean_average_precision(query_labels, neighbour_labels_lists) -> float:
@@ -273,190 +250,3 @@ def mean_average_precision(query_labels, neighbour_labels_lists) -> float:
                 precisions.append(hits / rank)
         aps.append(math.fsum(precisions) / hits if hits else 0.0)
     return math.fsum(aps) / len(aps)
-
-
-# ---------------------------------------------------------------------------------------------
-# grouped (patient-level) folds and splits
-
-
-def _group_codes(groups, n: int) -> np.ndarray:
-    """An integer per sample; samples with group None get a group of their own."""
-    groups = list(groups)
-    if len(groups) != n:
-        raise ValueError(f"{n} labels but {len(groups)} groups")
-    codes: dict[Hashable, int] = {}
-    out = np.empty(n, dtype=np.int64)
-    for i, g in enumerate(groups):
-        key = ("__own__", i) if g is None else ("group", g)
-        out[i] = codes.setdefault(key, len(codes))
-    return out
-
-
-def _group_label_counts(labels, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample -> group code, group x class count matrix, class totals)."""
-    labels = list(labels)
-    codes = _group_codes(groups, len(labels))
-    _, label_codes = np.unique(np.asarray([str(x) for x in labels], dtype=object), return_inverse=True)
-    n_classes = int(label_codes.max()) + 1 if len(labels) else 0
-    counts = np.zeros((int(codes.max()) + 1 if len(labels) else 0, n_classes), dtype=np.float64)
-    np.add.at(counts, (codes, label_codes.ravel()), 1.0)
-    return codes, counts, counts.sum(axis=0)
-
-
-def _largest_first(counts: np.ndarray, seed: int) -> np.ndarray:
-    """Group order: largest first; equal sizes in a seeded random order."""
-    order = np.random.default_rng(seed).permutation(len(counts))
-    return order[np.argsort(-counts[order].sum(axis=1), kind="stable")]
-
-
-def grouped_folds(labels, groups, n_folds: int = 5, *, seed: int = 0) -> np.ndarray:
-    """Stratified group k-fold: the fold index (0..n_folds-1) of every sample.
-
-    No group (patient) is split across folds. Groups are placed largest first, each into the fold
-    whose class proportions it balances best (lowest spread across folds of each class's share,
-    ties to the smaller fold); a fold that would otherwise stay empty is filled first, so every
-    fold is non-empty. Samples whose group is None are groups of their own.
-
-    Args:
-        labels: the class of each sample.
-        groups: the group (patient) of each sample, or None.
-        n_folds: number of folds, at least 2.
-        seed: orders groups of equal size.
-
-    Example:
-        >>> grouped_folds(["a", "a", "b", "b"], ["p1", "p1", "p2", "p3"], n_folds=2).tolist()
-        [0, 0, 0, 1]
-    """
-    if n_folds < 2:
-        raise FoldError(f"need at least 2 folds, got {n_folds}")
-    codes, counts, totals = _group_label_counts(labels, groups)
-    n_groups = len(counts)
-    if n_groups < n_folds:
-        raise FoldError(
-            f"only {n_groups} patient group(s) for {n_folds} folds, and a patient never spans two "
-            f"folds; ask for at most {max(n_groups, 2)} folds or add cases from more patients"
-        )
-    scale = np.where(totals > 0, totals, 1.0)
-    fold_counts = np.zeros((n_folds, counts.shape[1]))
-    fold_of_group = np.empty(n_groups, dtype=np.int64)
-    eye = np.eye(n_folds)[:, :, None]
-    order = _largest_first(counts, seed)
-    for placed, g in enumerate(order):
-        # candidates[f] = fold counts if g went to fold f
-        candidates = fold_counts[None] + eye * counts[g][None, None, :]
-        spread = (candidates / scale).std(axis=1).mean(axis=1)
-        sizes = fold_counts.sum(axis=1)
-        allowed = np.ones(n_folds, dtype=bool)
-        empty = sizes == 0
-        if n_groups - placed <= empty.sum():
-            allowed = empty  # as many groups left as empty folds: fill them
-        best = min(np.flatnonzero(allowed), key=lambda f: (round(spread[f], 12), sizes[f], f))
-        fold_of_group[g] = best
-        fold_counts[best] += counts[g]
-    return fold_of_group[codes]
-
-
-def group_split(labels, groups, *, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A grouped, stratified ``(train_idx, val_idx)`` split with about ``fraction`` in val.
-
-    Groups go to val, largest first, while that brings each class's val share closer to
-    ``fraction``, and never when it would take a class's last samples out of train: every class
-    stays in train. With few groups (e.g. one patient per class) val may come out empty; callers
-    that need a val part must check.
-
-    Example:
-        >>> tr, va = group_split(["a"] * 8 + ["b"] * 2, list("ppqqrrsstu"), fraction=0.5)
-        >>> sorted(set(tr) | set(va)) == list(range(10))
-        True
-    """
-    if not 0 <= fraction < 1:
-        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    codes, counts, totals = _group_label_counts(labels, groups)
-    scale = np.where(totals > 0, totals, 1.0)
-    target = fraction * totals
-    val = np.zeros_like(totals)
-    in_val = np.zeros(len(counts), dtype=bool)
-    for g in _largest_first(counts, seed):
-        if np.any(totals - val - counts[g] < 1 - 1e-9, where=counts[g] > 0):
-            continue  # would leave a class with no training sample
-        before = np.abs(val - target) / scale
-        after = np.abs(val + counts[g] - target) / scale
-        if after.sum() < before.sum() - 1e-12:
-            in_val[g] = True
-            val += counts[g]
-    is_val = in_val[codes]
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
-
-
-# ---------------------------------------------------------------------------------------------
-# plots
-
-
-def _save_atomically(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from cbr.files import atomic_open
-
-    with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120)
-    return path
-
-
-def _figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    # A bare Figure (no pyplot) leaves no global state behind and needs no close().
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def plot_confusion(cm, classes, path) -> Path:
-    """Write the confusion matrix as a PNG: counts in the cells, colour = share of the true class."""
-    cm = np.asarray(cm)
-    classes = [str(c) for c in classes]
-    n = len(classes)
-    side = min(max(3.5, 0.6 * n + 2.0), 20.0)
-    fig = _figure(side + 1.0, side)
-    ax = fig.add_subplot()
-    rows = cm.sum(axis=1, keepdims=True)
-    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
-    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
-    ax.set_xticks(range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(n), labels=classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("Confusion matrix")
-    if n <= 30:  # beyond that the numbers are unreadable anyway
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=9,
-                        color="white" if share[i, j] > 0.5 else "black")
-    return _save_atomically(fig, path)
-
-
-def plot_reliability(bins: Sequence[dict], path) -> Path:
-    """Write a reliability diagram (accuracy per confidence bin vs the diagonal) as a PNG."""
-    fig = _figure(5.0, 5.0)
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    filled = [b for b in bins if b["count"]]
-    if filled:
-        lower = [b["lower"] for b in filled]
-        width = [b["upper"] - b["lower"] for b in filled]
-        ax.bar(lower, [b["accuracy"] for b in filled], width=width, align="edge",
-               edgecolor="black", color="tab:blue", alpha=0.8, label="accuracy")
-        ax.plot([b["confidence"] for b in filled], [b["confidence"] for b in filled], "o",
-                color="tab:orange", label="mean confidence")
-        for b in filled:
-            ax.annotate(str(b["count"]), ((b["lower"] + b["upper"]) / 2, b["accuracy"]),
-                        ha="center", va="bottom", fontsize=8)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Reliability diagram (numbers: cases per bin)")
-    ax.legend(loc="upper left")
-    return _save_atomically(fig, path)

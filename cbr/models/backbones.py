@@ -23,6 +23,16 @@ class BackboneSpec:
     min_input_size: int = 32  # smallest input side for which the trunk output is non-empty
     target_layer: str = ""  # default CAM layer: "" = the trunk output (the last conv block)
     builder_kwargs: dict = field(default_factory=dict)  # extra builder arguments
+    # The file torchvision saves weights_enum under (the base name of its URL), so that `cbr models`
+    # and the weights lookup need no torchvision; tests/test_startup.py checks it against the enum.
+    weights_file: str = ""
+
+
+def _imagenet_v1(builder: str, weights: str, file: str, embedding_dim: int, split: str, input_size: int = 224,
+                 **kw):
+    """A backbone with torchvision's ``<weights>_Weights.IMAGENET1K_V1`` file, saved as ``file``."""
+    return BackboneSpec(builder, f"{weights}_Weights.IMAGENET1K_V1", input_size, embedding_dim, split,
+                        weights_file=file, **kw)
 
 
 # IMAGENET1K_V1 everywhere: the original recipes. The newer V2 recipes (label smoothing, mixup,
@@ -30,33 +40,26 @@ class BackboneSpec:
 # V1 is the file the offline package ships for mobilenet_v2. All use ImageNet mean/std; inception
 # takes 299 px.
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec("resnet18", "ResNet18_Weights.IMAGENET1K_V1", 224, 512, "_split_resnet"),
-    "resnet50": BackboneSpec("resnet50", "ResNet50_Weights.IMAGENET1K_V1", 224, 2048, "_split_resnet"),
-    "densenet121": BackboneSpec(
-        "densenet121", "DenseNet121_Weights.IMAGENET1K_V1", 224, 1024, "_split_densenet"
-    ),
-    "mobilenet_v2": BackboneSpec(
-        "mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V1", 224, 1280, "_split_features"
-    ),
+    "resnet18": _imagenet_v1("resnet18", "ResNet18", "resnet18-f37072fd.pth", 512, "_split_resnet"),
+    "resnet50": _imagenet_v1("resnet50", "ResNet50", "resnet50-0676ba61.pth", 2048, "_split_resnet"),
+    "densenet121": _imagenet_v1("densenet121", "DenseNet121", "densenet121-a639ec97.pth", 1024,
+                                "_split_densenet"),
+    "mobilenet_v2": _imagenet_v1("mobilenet_v2", "MobileNet_V2", "mobilenet_v2-b0353104.pth", 1280,
+                                 "_split_features"),
     # 960 = the pooled last conv block; torchvision's 1280-d Linear+Hardswish after the pool is
     # part of its ImageNet classifier, not of the feature extractor.
-    "mobilenet_v3_large": BackboneSpec(
-        "mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1", 224, 960, "_split_features"
-    ),
-    "efficientnet_b0": BackboneSpec(
-        "efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", 224, 1280, "_split_features"
-    ),
+    "mobilenet_v3_large": _imagenet_v1("mobilenet_v3_large", "MobileNet_V3_Large", "mobilenet_v3_large-8738ca79.pth",
+                                       960, "_split_features"),
+    "efficientnet_b0": _imagenet_v1("efficientnet_b0", "EfficientNet_B0", "efficientnet_b0_rwightman-7f5810bc.pth",
+                                    1280, "_split_features"),
     # Trunk = all of ``features`` including the last max-pool (pytorch-grad-cam's VGG layer).
-    "vgg16": BackboneSpec(
-        "cbr.models.layers:vgg16_features", "VGG16_Weights.IMAGENET1K_V1", 224, 512, "_split_features"
-    ),
-    "convnext_tiny": BackboneSpec(
-        "convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", 224, 768, "_split_convnext"
-    ),
-    "inception_v3": BackboneSpec(
-        "inception_v3", "Inception_V3_Weights.IMAGENET1K_V1", 299, 2048, "_split_inception",
-        min_input_size=75, builder_kwargs={"aux_logits": False, "init_weights": True},
-    ),  # fmt: skip
+    "vgg16": _imagenet_v1("cbr.models.layers:vgg16_features", "VGG16", "vgg16-397923af.pth", 512,
+                          "_split_features"),
+    "convnext_tiny": _imagenet_v1("convnext_tiny", "ConvNeXt_Tiny", "convnext_tiny-983f1562.pth", 768,
+                                  "_split_convnext"),
+    "inception_v3": _imagenet_v1("inception_v3", "Inception_V3", "inception_v3_google-0cc3c7bd.pth", 2048,
+                                 "_split_inception", input_size=299, min_input_size=75,
+                                 builder_kwargs={"aux_logits": False, "init_weights": True}),
     "tinycnn": BackboneSpec("cbr.models.layers:tinycnn", "", 64, 64, "_split_tinycnn", min_input_size=8),
 }
 

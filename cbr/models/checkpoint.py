@@ -66,6 +66,69 @@ def save_checkpoint(embedder: Embedder, path, *, train_sha256=(), extra: dict | 
 
 
 _REQUIRED = ("config", "state_dict", "fingerprint")
+MAX_INPUT_SIZE = 4096  # a larger network input is a crafted file, not a model
+
+
+def _fail(path, field: str, value, want: str) -> CheckpointError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return CheckpointError(f"{path}: its model config has {field} = {shown}; expected {want}. "
+                           "The file was altered or was not written by cbr train")
+
+
+def _int_field(raw: dict, key: str, path, lo: int, hi: int) -> int:
+    v = raw.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _fail(path, key, v, f"a whole number from {lo} to {hi}")
+    return v
+
+
+def _triple(raw: dict, key: str, path, *, positive: bool) -> tuple[float, float, float]:
+    import math
+
+    v = raw.get(key)
+    want = "3 finite numbers" + (" above 0" if positive else "")
+    if not isinstance(v, (list, tuple)) or len(v) != 3:
+        raise _fail(path, key, v, want)
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or (positive and x <= 0):
+            raise _fail(path, key, v, want)
+    return tuple(float(x) for x in v)
+
+
+def _checked_config(raw, path) -> ModelConfig:
+    """A checkpoint's model config, validated as strictly as a new model's (a crafted file gives
+    one line naming the bad field, never a traceback from deep inside torch)."""
+    from cbr.data.text import text_problem
+
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: its model config is a {type(raw).__name__}, not a mapping; the file was "
+                              "altered or was not written by cbr train")
+    backbone = raw.get("backbone")
+    if not isinstance(backbone, str) or backbone not in BACKBONES:
+        raise CheckpointError(f"{path}: backbone {backbone!r} is not known to this version of cbr; "
+                              f"choose from {', '.join(sorted(BACKBONES))}")
+    spec = BACKBONES[backbone]
+    size = _int_field(raw, "input_size", path, spec.min_input_size, MAX_INPUT_SIZE)
+    _int_field(raw, "embedding_dim", path, 1, 1 << 16)
+    if "seed" in raw:
+        _int_field(raw, "seed", path, -(1 << 63), (1 << 63) - 1)
+    mean, std = _triple(raw, "mean", path, positive=False), _triple(raw, "std", path, positive=True)
+    for key in ("weights", "target_layer", "window"):
+        if key in raw and not isinstance(raw[key], str):
+            raise _fail(path, key, raw[key], "text")
+    names = raw.get("class_names", [])
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise _fail(path, "class_names", names, "a list of non-empty class names")
+    bad = next((text_problem(n, "a class name") for n in names if text_problem(n, "a class name")), None)
+    if bad or len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise _fail(path, "class_names", names, f"unique class names without control characters ({bad or 'repeated: ' + ', '.join(dupes)})")
+    try:
+        return dataclasses.replace(ModelConfig.from_dict(raw), input_size=size, mean=mean, std=std)
+    except TypeError as e:
+        raise CheckpointError(f"{path}: invalid model config ({e}); the file was altered or was not written by "
+                              "cbr train") from None
 
 
 def load_checkpoint(path, *, device: str = "cpu") -> tuple[Embedder, dict]:
@@ -81,15 +144,7 @@ def load_checkpoint(path, *, device: str = "cpu") -> tuple[Embedder, dict]:
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED):
         got = f"keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: got {got}; expected {expected}")
-    try:
-        saved = ModelConfig.from_dict(ckpt["config"])
-    except TypeError as e:
-        raise CheckpointError(f"{path}: invalid model config ({e}); expected {expected}") from e
-    if saved.backbone not in BACKBONES:
-        raise CheckpointError(
-            f"{path}: backbone {saved.backbone!r} is not known to this version of cbr; "
-            f"choose from {', '.join(sorted(BACKBONES))}"
-        )
+    saved = _checked_config(ckpt["config"], path)
     emb = _build(dataclasses.replace(saved, weights="none"), "cpu")
     try:
         emb.load_state_dict(ckpt["state_dict"], strict=True)

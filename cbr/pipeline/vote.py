@@ -12,6 +12,8 @@ Conventions shared by all rules and ensembles:
   summed similarity of the tied classes' neighbours (ensembles: the highest mean confidence of the
   members that predicted them), then the first class in ``classes``.
 * No neighbours at all -> the vote abstains: label None, uniform probabilities, confidence 0.
+* Every abstention says why (``abstain_reason``, one of ``ABSTAIN_REASONS``): no neighbours, a
+  credibility below the threshold, or a query out of distribution (`out_of_distribution`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from cbr.errors import CbrError, UnknownNameError
 
 __all__ = [
     "Vote",
+    "ABSTAIN_REASONS",
+    "out_of_distribution",
     "CalibrationError",
     "majority",
     "weighted",
@@ -43,6 +47,10 @@ __all__ = [
 # last bits (0.1 + 0.2 vs 0.3), and such a tie must still go to the documented tie-breakers.
 TIE_TOL = 1e-12
 
+# Why a vote gave no diagnosis, by precedence: a vote without neighbours has nothing to be atypical
+# of; an atypical query is refused whatever its neighbours say.
+ABSTAIN_REASONS = ("no_neighbours", "out_of_distribution", "low_credibility")
+
 
 class CalibrationError(CbrError):
     """The credibility vote was asked for but the case base holds no calibration data."""
@@ -57,6 +65,7 @@ class Vote:
     probabilities: dict[str, float] = field(default_factory=dict)  # one key per class, sums to 1
     abstained: bool = False  # True when the vote declines to answer
     credibility: float | None = None  # conformal p-value of the label (credibility rule only)
+    abstain_reason: str | None = None  # one of ABSTAIN_REASONS when abstained
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +88,8 @@ def _uniform(classes) -> dict[str, float]:
 
 
 def _abstain(classes, **extra) -> Vote:
-    return Vote(label=None, confidence=0.0, probabilities=_uniform(classes), abstained=True, **extra)
+    return Vote(label=None, confidence=0.0, probabilities=_uniform(classes), abstained=True,
+                abstain_reason="no_neighbours", **extra)
 
 
 def _normalise(scores: dict[str, float]) -> dict[str, float]:
@@ -242,7 +252,7 @@ def credibility(
     cred = p_values[label]
     proba = _normalise(p_values)
     if min_credibility is not None and cred < min_credibility:
-        return Vote(None, cred, proba, abstained=True, credibility=cred)
+        return Vote(None, cred, proba, abstained=True, credibility=cred, abstain_reason="low_credibility")
     return Vote(label, cred, proba, credibility=cred)
 
 
@@ -281,6 +291,29 @@ def _mean_confidence_by_label(votes: Sequence[Vote], classes) -> dict[str, float
     return out
 
 
+def _common_reason(votes: Sequence[Vote]) -> str | None:
+    """The reason of an ensemble whose members all abstained: the first by ``ABSTAIN_REASONS``."""
+    reasons = {v.abstain_reason for v in votes}
+    return next((r for r in ABSTAIN_REASONS if r in reasons), None)
+
+
+def out_of_distribution(vote: Vote, *, answer_anyway: bool = False) -> Vote:
+    """The vote of a query found out of distribution: no diagnosis, whatever the rule said.
+
+    The probabilities are kept for the audit. ``answer_anyway`` returns the vote unchanged (the
+    caller still reports the flag). A vote that already abstained for lack of neighbours keeps
+    that reason.
+
+    Example:
+        >>> out_of_distribution(Vote("a", 1.0, {"a": 1.0})).abstain_reason
+        'out_of_distribution'
+    """
+    if answer_anyway or vote.abstain_reason == "no_neighbours":
+        return vote
+    return Vote(None, 0.0, dict(vote.probabilities), abstained=True, credibility=vote.credibility,
+                abstain_reason="out_of_distribution")
+
+
 def classic(votes: Sequence[Vote], classes) -> Vote:
     """Majority of the members' predicted labels; abstaining members do not vote.
 
@@ -297,7 +330,7 @@ def classic(votes: Sequence[Vote], classes) -> Vote:
     proba = _mean_probabilities(votes, classes)
     answering = [v for v in votes if not v.abstained and v.label is not None]
     if not answering:
-        return Vote(None, 0.0, proba, abstained=True)
+        return Vote(None, 0.0, proba, abstained=True, abstain_reason=_common_reason(votes))
     counts = {c: float(sum(v.label == c for v in answering)) for c in classes}
     mean_conf = _mean_confidence_by_label(answering, classes)
     label = _argmax(classes, counts, mean_conf)
@@ -322,7 +355,7 @@ def confidence_weighted(votes: Sequence[Vote], classes) -> Vote:
     weights = [max(float(v.confidence), 0.0) for v in votes]
     proba = _mean_probabilities(votes, classes, weights if math.fsum(weights) > 0 else None)
     if all(v.abstained for v in votes):
-        return Vote(None, 0.0, proba, abstained=True)
+        return Vote(None, 0.0, proba, abstained=True, abstain_reason=_common_reason(votes))
     label = _argmax(classes, proba, _mean_confidence_by_label(votes, classes))
     return Vote(label, proba[label], proba)
 

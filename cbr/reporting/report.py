@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-from datetime import timezone
 from pathlib import Path
 
 from sqlalchemy import select
 
-from cbr.errors import CbrError, NotFoundError
+from cbr.data.sources import describe_origin
+from cbr.errors import CbrError
 from cbr.files import atomic_write
+from cbr.store.rows import get_query, iso, map_fields
 from cbr.store.schema import Case, Explanation, Feedback, Model, Neighbour, Query, Vote
 
 __all__ = ["load_record", "write_outputs", "render_html"]
@@ -24,37 +25,23 @@ __all__ = ["load_record", "write_outputs", "render_html"]
 TILE = 224
 
 
-def _iso(dt) -> str | None:
-    """UTC ISO time; SQLite hands back naive datetimes (stored as UTC), other backends aware ones."""
-    if dt is None:
-        return None
-    dt = dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).replace(microsecond=0).isoformat()
-
-
 def load_record(cb, query_id: int, *, with_maps: bool = True) -> dict:
     """The full record of a query: prediction, members' votes and neighbours, maps, feedback."""
-    from explain.cam import decode_map
-
     with cb.read() as s:
-        q = s.get(Query, int(query_id))
-        if q is None:
-            raise NotFoundError(f"no query {query_id} in {cb.display}; list them with `cbr history --db {cb.display}`")
+        q = get_query(s, cb, query_id)
         votes = s.scalars(select(Vote).where(Vote.query_id == q.id).order_by(Vote.id)).all()
         models = {m.id: m for m in s.scalars(select(Model).where(Model.id.in_([v.model_id for v in votes])))}
         rows = s.execute(
             select(Neighbour, Case).join(Case, Case.id == Neighbour.case_id)
             .where(Neighbour.query_id == q.id).order_by(Neighbour.model_id, Neighbour.rank)
         ).all()
-        exps = s.scalars(select(Explanation).where(Explanation.query_id == q.id)).all() if with_maps else []
+        # The query-time maps; those added later by `cbr explain` are shown by the method switch.
+        exps = s.scalars(select(Explanation).where(Explanation.query_id == q.id,
+                                                   Explanation.role.in_(("query", "neighbour")))).all() if with_maps else []
         case_ids = [c.id for _, c in rows]
         case_maps = s.scalars(select(Explanation).where(Explanation.case_id.in_(case_ids), Explanation.role == "case")).all() if with_maps and case_ids else []
         feedback = s.scalars(select(Feedback).where(Feedback.query_id == q.id).order_by(Feedback.id)).all()
         retained = {c.feedback_id: c.id for c in s.scalars(select(Case).where(Case.query_id == q.id))}
-
-    def raw(e):
-        return {"method": e.method, "target": e.target, "shape": [e.height, e.width], "scale": e.scale,
-                "map": decode_map(e.data, (e.height, e.width), e.scale)}
 
     members = []
     for v in votes:
@@ -63,25 +50,30 @@ def load_record(cb, query_id: int, *, with_maps: bool = True) -> dict:
         for n, c in rows:
             if n.model_id != v.model_id:
                 continue
-            sim_map = next((raw(e) for e in exps if e.model_id == m.id and e.case_id == c.id), None)
-            stored = next((raw(e) for e in case_maps if e.model_id == m.id and e.case_id == c.id), None)
+            sim_map = next((map_fields(e) for e in exps if e.model_id == m.id and e.case_id == c.id), None)
+            stored = next((map_fields(e) for e in case_maps if e.model_id == m.id and e.case_id == c.id), None)
             neigh.append({"rank": n.rank, "case_id": c.id, "label": n.label, "similarity": n.similarity,
-                          "path": c.path, "patient_id": c.group_id, "metadata": c.meta,
+                          "path": c.path, "sha256": c.sha256, "patient_id": c.group_id, "metadata": c.meta,
                           "removed": c.removed_at is not None, "map": sim_map, "case_map": stored})
-        query_maps = [raw(e) for e in exps if e.model_id == m.id and e.case_id is None]
+        query_maps = [map_fields(e) for e in exps if e.model_id == m.id and e.case_id is None]
         members.append({"model_id": m.id, "fingerprint": m.fingerprint, "model": m.source, "backbone": m.backbone,
-                        "weights": m.weights,
+                        "weights": m.weights, "target_layer": (m.config or {}).get("target_layer") or None,
+                        "window": (m.config or {}).get("window", "auto"),
+                        "typicality": v.typicality,
                         "vote": {"label": v.prediction, "confidence": v.confidence, "probabilities": v.probabilities,
-                                 "abstained": v.abstained},
+                                 "abstained": v.abstained, "abstain_reason": v.abstain_reason},
                         "query_maps": query_maps, "neighbours": neigh})
     return {
-        "query_id": q.id, "created_at": _iso(q.created_at), "image": q.image_path, "sha256": q.sha256,
+        "query_id": q.id, "created_at": iso(q.created_at), "image": q.image_path, "sha256": q.sha256,
         "patient_id": q.patient_id, "k": q.k, "vote_rule": q.vote_rule, "ensemble": q.ensemble,
         "explain_method": q.explain_method,
         "prediction": {"label": q.prediction, "confidence": q.confidence, "probabilities": q.probabilities,
-                       "abstained": q.abstained, "credibility": q.credibility},
+                       "abstained": q.abstained, "credibility": q.credibility,
+                       "abstain_reason": q.abstain_reason, "typicality": q.typicality,
+                       "out_of_distribution": q.out_of_distribution},
+        "notes": list(q.notes or []),
         "members": members, "model_fingerprints": [m["fingerprint"] for m in members],
-        "feedback": [{"id": f.id, "label": f.label, "note": f.note, "by": f.by, "created_at": _iso(f.created_at),
+        "feedback": [{"id": f.id, "label": f.label, "note": f.note, "by": f.by, "created_at": iso(f.created_at),
                       "retained_case_id": retained.get(f.id)} for f in feedback],
         "report": q.report_path,
     }
@@ -102,21 +94,42 @@ def strip_maps(record: dict) -> dict:
     return out
 
 
-def _load_image(path: str):
-    from cbr.data.image import letterbox, read_image
+def _load_image(path: str, window: str = "auto"):
+    from cbr.data.image import letterbox
+    from cbr.data.sources import read_source
 
     try:
-        img, _ = read_image(path)
+        img, _, _ = read_source(path, window=window)  # the frame/slice the locator names, as the model saw it
         return letterbox(img, TILE)
     except CbrError:
         return None
 
 
+IMAGE_CHANGED = "image changed or missing since indexing"
+
+
+def _load_case_image(n: dict, window: str):
+    """A neighbour's letterboxed image; None when its file is gone or holds other pixels than the
+    ones indexed (its sha256 differs), so that nothing is drawn from them."""
+    from cbr.data.image import letterbox
+    from cbr.data.sources import read_source
+
+    try:
+        img, sha, _ = read_source(n["path"], window=window)
+    except CbrError:
+        return None
+    if n.get("sha256") and sha != n["sha256"]:
+        return None
+    return letterbox(img, TILE)
+
+
 def _placeholder(text: str):
     from PIL import Image, ImageDraw
 
+    import textwrap
+
     img = Image.new("RGB", (TILE, TILE), (60, 60, 60))
-    ImageDraw.Draw(img).text((8, TILE // 2 - 6), text, fill=(230, 230, 230))
+    ImageDraw.Draw(img).multiline_text((8, TILE // 2 - 12), "\n".join(textwrap.wrap(text, 32)), fill=(230, 230, 230))
     return img
 
 
@@ -150,6 +163,7 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
     if None not in images:
         images[None] = _load_image(record["image"]) or _placeholder("query image unavailable")
     paths, blobs = {}, {}
+    unusable = set()  # case ids whose file is gone or changed since indexing
     for mem in record["members"]:
         qmap = _query_map(mem)
         nmaps = [(n, n["map"] or n["case_map"]) for n in mem["neighbours"]]
@@ -167,10 +181,16 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
             blobs[("class", mem["model_id"])] = _jpeg(over)
             tiles.append((over, f"query: {cmap['target']}"))
         for n, m in nmaps:
-            img = images.get(n["case_id"]) or _load_image(n["path"])
-            if img is None:
-                img = _placeholder("image unavailable")
-            images[n["case_id"]] = img
+            if n["case_id"] not in images and n["case_id"] not in unusable:
+                img = _load_case_image(n, mem.get("window", "auto"))
+                if img is None:
+                    unusable.add(n["case_id"])
+                else:
+                    images[n["case_id"]] = img
+            n["image_status"] = IMAGE_CHANGED if n["case_id"] in unusable else "ok"
+            img = images.get(n["case_id"])
+            if img is None:  # never drawn from other pixels: a map belongs to the indexed ones
+                img, m = _placeholder(IMAGE_CHANGED), None
             over = render_overlay(img, m["map"], vmax=vmax) if m else img
             blobs[("neighbour", mem["model_id"], n["case_id"])] = _jpeg(over)
             tiles.append((over, f"#{n['rank']} {n['label']} {n['similarity']:.3f}"))
@@ -186,7 +206,10 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
         if key[1] == first and key[0] in ("query", "panel", "class"):
             paths[key[0]] = str(path)
     report = out / report_name
-    atomic_write(report, render_html(record, blobs, scale=scale).encode(), durable=False)
+    from cbr.reporting.method_switch import switch_fragments
+
+    switch = switch_fragments(cb, record, images, scale=scale)
+    atomic_write(report, render_html(record, blobs, scale=scale, switch=switch).encode(), durable=False)
     paths["report"] = str(report)
     with cb.write() as s:
         s.get(Query, int(query_id)).report_path = str(report.resolve())
@@ -217,11 +240,37 @@ td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-alig
 .card img{width:224px;height:224px}.meta{font-size:.8em;color:#555;word-break:break-all}
 .missing{width:224px;height:224px;background:#444;color:#eee;display:flex;align-items:center;justify-content:center}
 .warn{color:#a40}.small{font-size:.85em;color:#555}
+.ood{background:#b00020;color:#fff;font-weight:600;font-size:1.1em;padding:12px 16px;border-radius:6px;margin:12px 0}
 """
 
 
-def render_html(record: dict, blobs: dict, *, scale: str = "shared") -> str:
-    """The report as one HTML string: images inlined, no scripts, no network."""
+def _typicality(p: dict) -> str:
+    return "" if p.get("typicality") is None else f" &nbsp; typicality {p['typicality']:.3g}"
+
+
+def _ood_banner(p: dict) -> str:
+    """The banner of an out-of-distribution query: it comes before anything else is read."""
+    if not p.get("out_of_distribution"):
+        return ""
+    what = ("no diagnosis is given" if p["abstained"] else
+            "the vote below was asked for with --answer-anyway and must not be trusted")
+    return (f"<div class='ood'>This image is unlike every case in this case base (typicality {p['typicality']:.3g}); "
+            f"{what}. The nearest cases are shown for the audit.</div>")
+
+
+def _map_origin(record: dict) -> str:
+    """Where the maps come from: each member's real CAM layer and the query's method."""
+    method = html.escape(str(record.get("explain_method") or "none"))
+    layers = "; ".join(
+        f"{html.escape(m['model'])}: layer <code>{html.escape(m['target_layer'])}</code>" if m.get("target_layer")
+        else f"{html.escape(m['model'])}: the last convolutional block" for m in record["members"])
+    return f"query maps by <b>{method}</b>, CAMs at {layers or 'no layer'}; attributions from the input pixels"
+
+
+def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dict | None = None) -> str:
+    """The report as one HTML string: images inlined, no scripts, no network.
+
+    ``switch``: {model_id: HTML} of the members' method switches (cbr.reporting.method_switch)."""
     e = html.escape
     p = record["prediction"]
     label = "abstained" if p["abstained"] else e(str(p["label"]))
@@ -232,7 +281,10 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared") -> str:
         f"<h1>cbr query {record['query_id']}</h1>",
         f"<p class='small'>{e(record['created_at'] or '')} &middot; image {e(record['image'])}"
         f"{' &middot; patient ' + e(str(record['patient_id'])) if record['patient_id'] else ''}</p>",
-        f"<p class='pred'>Diagnosis: {label} &nbsp; confidence {p['confidence']:.3f}{cred}</p>",
+        _ood_banner(p),
+        f"<p class='pred'>Diagnosis: {label} &nbsp; confidence {p['confidence']:.3f}{cred}{_typicality(p)}</p>",
+        "".join(f"<p class='warn'>Note: {e(n)}</p>" for n in record.get("notes", [])
+                if not n.startswith("out of distribution:")),
         _probs_table(p["probabilities"]),
         f"<p class='small'>vote rule <b>{e(record['vote_rule'])}</b>, k = {record['k']}, ensemble "
         f"<b>{e(record['ensemble'])}</b>, explanations <b>{e(record['explain_method'])}</b> "
@@ -255,20 +307,24 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared") -> str:
         for n in mem["neighbours"]:
             m = n["map"] or n["case_map"]
             meta = ", ".join(f"{e(str(k))}={e(str(val))}" for k, val in (n["metadata"] or {}).items())
+            origin = describe_origin(n["metadata"])  # "CT series ..., frame 12 of 30", "volume ..., slice 40 of 155"
             parts.append(
                 "<div class='card'>" + _img_tag(blobs.get(("neighbour", mid, n["case_id"])), f"case {n['case_id']}")
                 + f"<div><b>#{n['rank']} {e(n['label'])}</b> similarity {n['similarity']:.3f}</div>"
+                + (f"<div class='warn'>{e(n['image_status'])}</div>" if n.get("image_status") not in (None, "ok") else "")
                 + f"<div class='meta'>case {n['case_id']}{' (removed since)' if n['removed'] else ''}"
                 + f"{' &middot; patient ' + e(str(n['patient_id'])) if n['patient_id'] else ''}<br>{e(n['path'])}"
+                + (f"<br><b>{e(origin)}</b>" if origin else "")
                 + (f"<br>{meta}" if meta else "")
                 + (f"<br>map: {e(m['target'])}, raw max {m['scale']:.4g}" if m else "<br>no map")
                 + "</div></div>")
         parts.append("</div>")
+        parts.append((switch or {}).get(mid, ""))
     if record["feedback"]:
         rows = "".join(f"<tr><td>{e(f['created_at'] or '')}</td><td>{e(f['label'])}</td><td>{e(f['by'] or '')}</td>"
                        f"<td>{e(f['note'] or '')}</td><td>{f['retained_case_id'] or ''}</td></tr>" for f in record["feedback"])
         parts.append(f"<h2>Expert feedback</h2><table><tr><th>time</th><th>label</th><th>by</th><th>note</th>"
                      f"<th>retained as case</th></tr>{rows}</table>")
-    parts.append("<p class='small'>Generated by cbr from the case base; maps are Grad-CAM-family attributions at the "
-                 "network's last convolutional block, upsampled for display.</p></body></html>")
+    parts.append("<p class='small'>Generated by cbr from the case base; each map's method and parameters are "
+                 f"recorded with it ({_map_origin(record)}); raw maps are upsampled for display.</p></body></html>")
     return "".join(parts)

@@ -14,46 +14,21 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import DatabaseError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from cbr.errors import CaseBaseError, SchemaError
+from cbr.errors import CaseBaseError, CbrError, SchemaError
+from cbr.store.location import (as_readonly, default_index_dir, hide_password, readonly_url, resolve_url,
+                                sqlite_file, writable)
 
-__all__ = ["CaseBase", "open_casebase", "upgrade", "current", "resolve_url", "DEFAULT_DB"]
+_sqlite_file = sqlite_file  # the name cbr.serve.workbench imports
+
+__all__ = ["CaseBase", "open_casebase", "upgrade", "current", "resolve_url", "describe_db_error", "DEFAULT_DB"]
 
 LOG = logging.getLogger(__name__)
 DEFAULT_DB = "cases.db"
 BUSY_TIMEOUT_S = 60
-
-
-def resolve_url(db: str | os.PathLike) -> str:
-    """Turn a plain file path into a SQLite URL; leave SQLAlchemy URLs as they are."""
-    db = os.fspath(db)
-    if "://" in db:
-        try:
-            make_url(db)
-        except ArgumentError as e:
-            raise CaseBaseError(f"--db {db!r} is not a valid SQLAlchemy URL ({e}); use a file path or e.g. postgresql://user@host/db") from None
-        return db
-    return "sqlite:///" + str(Path(db).expanduser().resolve())
-
-
-def _sqlite_file(url: str) -> Path | None:
-    u = make_url(url)
-    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
-        return None
-    return Path(u.database)
-
-
-def _default_index_dir(url: str) -> Path:
-    path = _sqlite_file(url)
-    if path is not None:
-        return path.with_name(path.name + ".indexes")
-    if os.environ.get("CBR_INDEX_DIR"):
-        return Path(os.environ["CBR_INDEX_DIR"])
-    u = make_url(url)
-    return Path.cwd() / "cbr-indexes" / f"{u.get_backend_name()}-{u.host or 'local'}-{u.database or 'db'}"
 
 
 def _ours_or_empty(cur) -> bool:
@@ -61,7 +36,7 @@ def _ours_or_empty(cur) -> bool:
     return not tables or "alembic_version" in tables
 
 
-def _make_engine(url: str) -> Engine:
+def _make_engine(url: str, readonly: bool = False) -> Engine:
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
         try:
@@ -83,7 +58,9 @@ def _make_engine(url: str) -> Engine:
         # which turns concurrent writers into immediate "database is locked" errors).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        if not in_memory:
+        if readonly:
+            cur.execute("PRAGMA query_only=ON")  # a second guard behind mode=ro
+        elif not in_memory:
             # WAL is a lasting change to the file: make it only to a case base (or a new, empty
             # file), never to another application's database that we are about to refuse.
             if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal" and _ours_or_empty(cur):
@@ -127,17 +104,19 @@ def _current_revision(conn) -> str | None:
 class CaseBase:
     """An open case base: an engine, short read/write sessions and the folder of its index files."""
 
-    def __init__(self, url: str, engine: Engine, index_dir: Path):
+    def __init__(self, url: str, engine: Engine, index_dir: Path, *, readonly: bool = False):
         self.url = url
         self.engine = engine
         self.index_dir = Path(index_dir)
+        self.readonly = readonly
+        self._checked = False  # the first write checks the file for damage first (see write())
         self._write_engine = engine.execution_options(cbr_write=True)
         self._read_sessions = sessionmaker(bind=engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(bind=self._write_engine, expire_on_commit=False)
 
     @property
     def display(self) -> str:
-        path = _sqlite_file(self.url)
+        path = sqlite_file(self.url)
         return str(path) if path else make_url(self.url).render_as_string(hide_password=True)
 
     @contextmanager
@@ -149,10 +128,35 @@ class CaseBase:
 
     @contextmanager
     def write(self):
-        """One short write transaction: committed when the block ends, rolled back on error."""
+        """One short write transaction: committed when the block ends, rolled back on error.
+
+        A case base opened read-only refuses; a damaged SQLite file (``PRAGMA quick_check``,
+        run before this object's first write) is refused before anything is written into it.
+        """
+        if self.readonly:
+            raise CaseBaseError(f"case base {self.display} is open read-only; nothing can be recorded in it "
+                                "(use a writable copy, or cbr query --no-record)")
+        if not self._checked:
+            self.checkwritable()
         with self._write_sessions() as session:
             with session.begin():
                 yield session
+
+    def checkwritable(self) -> None:
+        """Refuse (CaseBaseError) to write into a SQLite case base that reports damage.
+
+        Costs one pass over the file (about 2 ms per MB), once per open case base.
+        """
+        if make_url(self.url).get_backend_name() == "sqlite":
+            try:
+                with self.engine.connect() as conn:
+                    rows = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check(5)")]
+            except DatabaseError as e:
+                rows = [str(getattr(e, "orig", None) or e)]
+            if rows != ["ok"]:
+                raise CaseBaseError(f"case base {self.display} is damaged ({rows[0]}); nothing was written. "
+                                    f"Run `cbr db check --db {self.display}` and restore it from a backup")
+        self._checked = True
 
     def close(self) -> None:
         self.engine.dispose()
@@ -178,21 +182,26 @@ def _check_revision(conn, display: str) -> str | None:
 
 
 def open_casebase(db: str | os.PathLike = DEFAULT_DB, *, create: bool = True, migrate: bool = True,
-                  index_dir: str | os.PathLike | None = None) -> CaseBase:
+                  index_dir: str | os.PathLike | None = None, readonly: bool | None = False) -> CaseBase:
     """Open (and by default create or upgrade to head) a case base.
 
     Args:
-        db: a file path (SQLite) or any SQLAlchemy URL.
+        db: a file path (SQLite) or any SQLAlchemy URL; SQLite URI parameters work
+            (``sqlite:///cases.db?mode=ro&uri=true`` opens it read-only).
         create: create the case base if it does not exist; otherwise refuse with a hint.
         migrate: upgrade an older schema to head (a newer one is always refused).
         index_dir: where FAISS files live; by default beside a SQLite file (``cases.db.indexes``),
             else ``$CBR_INDEX_DIR``.
+        readonly: True opens a SQLite file read-only (no migration; ``write()`` refuses); None
+            does so only when the URL asks for it or the file or its folder is not writable (for
+            commands that only read: history, show, export, query --no-record); False writes.
 
     Example:
         >>> cb = open_casebase("cases.db")
+        >>> replica = open_casebase("/mnt/replica/cases.db", create=False, readonly=None)
     """
     url = resolve_url(db)
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is not None:
         if not create and not path.exists():
             raise CaseBaseError(f"case base {path} does not exist; build one with `cbr index DATA --db {path}`")
@@ -200,34 +209,85 @@ def open_casebase(db: str | os.PathLike = DEFAULT_DB, *, create: bool = True, mi
             raise CaseBaseError(f"--db {path} is a directory; give a file path such as {path / 'cases.db'}")
         if not path.parent.exists():
             raise CaseBaseError(f"folder {path.parent} does not exist; create it or choose another --db")
-    engine = _make_engine(url)
-    cb = CaseBase(url, engine, Path(index_dir) if index_dir else _default_index_dir(url))
+        if readonly is None:
+            readonly = readonly_url(url) or (path.exists() and not writable(path))
+        if readonly:
+            if not path.exists():
+                raise CaseBaseError(f"case base {path} does not exist; a read-only case base must exist already")
+            url = as_readonly(url, path)
+    readonly = bool(readonly) or readonly_url(url)
+    engine = _make_engine(url, readonly)
+    cb = CaseBase(url, engine, Path(index_dir) if index_dir else default_index_dir(url), readonly=readonly)
     try:
-        with cb._write_engine.begin() as conn:
-            rev = _check_revision(conn, cb.display)
-            head, _ = _head_and_known()
-            if rev is None and not create:
-                raise CaseBaseError(f"{cb.display} is empty; build a case base with `cbr index DATA --db {cb.display}`")
-            if rev != head and migrate:
-                _run_upgrade(conn, "head")
-                if rev is not None:
-                    LOG.warning("upgraded case base %s from schema %s to %s", cb.display, rev, head)
+        if readonly:
+            _check_readonly(cb)
+        else:
+            with cb._write_engine.begin() as conn:
+                rev = _check_revision(conn, cb.display)
+                head, _ = _head_and_known()
+                if rev is None and not create:
+                    raise CaseBaseError(f"{cb.display} is empty; build a case base with `cbr index DATA --db {cb.display}`")
+                if rev != head and migrate:
+                    _run_upgrade(conn, "head")
+                    if rev is not None:
+                        LOG.warning("upgraded case base %s from schema %s to %s", cb.display, rev, head)
     except DatabaseError as e:
         engine.dispose()
-        raise CaseBaseError(f"cannot open case base {cb.display}: {_db_reason(e)}") from None
+        raise CaseBaseError(f"cannot open case base {cb.display}: {_db_reason(e, path)}") from None
     except BaseException:
         engine.dispose()
         raise
     return cb
 
 
-def _db_reason(e: DatabaseError) -> str:
+def _check_readonly(cb: CaseBase) -> None:
+    """A read-only case base must be a cbr case base at this cbr's schema (it cannot be upgraded)."""
+    with cb.engine.connect() as conn:
+        rev = _check_revision(conn, cb.display)
+    head, _ = _head_and_known()
+    if rev is None:
+        raise CaseBaseError(f"{cb.display} is empty; build a case base with `cbr index DATA --db {cb.display}`")
+    if rev != head:
+        raise CaseBaseError(f"case base {cb.display} has schema {rev}, older than this cbr's {head}, and is open "
+                            f"read-only; upgrade a writable copy with `cbr db upgrade --db COPY`")
+
+
+def _db_reason(e: DatabaseError, path: Path | None = None) -> str:
     msg = str(e.orig) if getattr(e, "orig", None) is not None else str(e)
-    if "file is not a database" in msg:
+    low = msg.lower()
+    if "file is not a database" in low:
         return "the file is not a SQLite database; choose another --db"
-    if isinstance(e, OperationalError) and "locked" in msg:
+    if isinstance(e, OperationalError) and "locked" in low:
         return f"{msg} (another process held it for over {BUSY_TIMEOUT_S} s; try again)"
+    if "malformed" in low or "corrupt" in low:
+        return f"{msg}: the file is damaged; see `cbr db check` and restore it from a backup"
+    if "readonly" in low or "read-only" in low or (
+            "unable to open" in low and path is not None and path.exists() and not writable(path)):
+        return (f"{msg}: the file or its folder is read-only; history, show, export and query --no-record "
+                "can read it, anything that records needs write access")
+    if "disk is full" in low or "disk i/o error" in low:
+        return f"{msg}: free some disk space (or check the disk) and run the command again"
     return msg
+
+
+def describe_db_error(e: DatabaseError, db: str | None = None) -> str:
+    """A one-line message for a database error met after opening: what failed and what to do.
+
+    Args:
+        e: SQLAlchemy's ``DatabaseError`` (``OperationalError`` included).
+        db: the case base as the user named it (``--db``), when known.
+    """
+    path = None
+    shown = db
+    if db:
+        try:
+            url = resolve_url(db)
+            path = sqlite_file(url)
+            shown = str(path) if path else make_url(url).render_as_string(hide_password=True)
+        except CbrError:
+            shown = hide_password(str(db))
+    where = f"case base {shown}" if shown else "the case base"
+    return f"{where}: {_db_reason(e, path)}"
 
 
 def _run_upgrade(conn, revision: str) -> None:
@@ -257,7 +317,7 @@ def upgrade(db: str | os.PathLike = DEFAULT_DB, revision: str = "head") -> tuple
 def current(db: str | os.PathLike = DEFAULT_DB) -> dict:
     """The schema revision of a case base and the head this cbr knows."""
     url = resolve_url(db)
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is not None and not path.exists():
         raise CaseBaseError(f"case base {path} does not exist; create it with `cbr db upgrade --db {path}`")
     engine = _make_engine(url)

@@ -59,7 +59,7 @@ def model_label(model: Model) -> str:
 @contextlib.contextmanager
 def writer_lock(cb, *, wait_notice: bool = True):
     """Serialise processes that change index files of one case base (readers never wait)."""
-    cb.index_dir.mkdir(parents=True, exist_ok=True)
+    _check_index_dir(cb)
     with open(cb.index_dir / ".writer.lock", "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -72,6 +72,22 @@ def writer_lock(cb, *, wait_notice: bool = True):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_index_dir(cb) -> None:
+    """A writer needs to create files in the index folder: refuse in one line, before any change,
+    when it cannot (a read-only folder or file system, an immutable folder, a full disk)."""
+    import tempfile
+
+    try:
+        cb.index_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cb.index_dir, prefix=".writer-test-"):
+            pass
+    except OSError as e:
+        raise CaseBaseError(
+            f"index folder {cb.index_dir} of case base {cb.display} cannot be written ({e.strerror or e}); "
+            "make it writable (or free space), or give another folder with --index-dir"
+        ) from None
 
 
 def _sweep_orphans(cb) -> None:
@@ -99,14 +115,14 @@ def register_model(cb, embedder, source: str) -> int:
         return row.id
 
 
+def _of_active_cases(stmt, model_id: int):
+    """``stmt`` over embeddings, restricted to the active (not removed) cases of one model."""
+    return stmt.join(Case, Case.id == Embedding.case_id).where(Embedding.model_id == model_id, Case.removed_at.is_(None))
+
+
 def active_embeddings(cb, model_id: int, ids=None) -> tuple[np.ndarray, np.ndarray]:
     """(case ids, float32 vectors) of active cases under a model, optionally only ``ids``."""
-    q = (
-        select(Embedding.case_id, Embedding.vector)
-        .join(Case, Case.id == Embedding.case_id)
-        .where(Embedding.model_id == model_id, Case.removed_at.is_(None))
-        .order_by(Embedding.case_id)
-    )
+    q = _of_active_cases(select(Embedding.case_id, Embedding.vector), model_id).order_by(Embedding.case_id)
     if ids is not None:
         q = q.where(Embedding.case_id.in_([int(i) for i in ids]))
     with cb.read() as s:
@@ -120,21 +136,14 @@ def active_embeddings(cb, model_id: int, ids=None) -> tuple[np.ndarray, np.ndarr
 
 def _db_id_summary(cb, model_id: int) -> tuple[int, int]:
     with cb.read() as s:
-        n, total = s.execute(
-            select(func.count(Embedding.case_id), func.coalesce(func.sum(Embedding.case_id), 0))
-            .join(Case, Case.id == Embedding.case_id)
-            .where(Embedding.model_id == model_id, Case.removed_at.is_(None))
-        ).one()
+        n, total = s.execute(_of_active_cases(
+            select(func.count(Embedding.case_id), func.coalesce(func.sum(Embedding.case_id), 0)), model_id)).one()
     return int(n), int(total)
 
 
 def _db_active_ids(cb, model_id: int) -> np.ndarray:
     with cb.read() as s:
-        ids = s.scalars(
-            select(Embedding.case_id)
-            .join(Case, Case.id == Embedding.case_id)
-            .where(Embedding.model_id == model_id, Case.removed_at.is_(None))
-        ).all()
+        ids = s.scalars(_of_active_cases(select(Embedding.case_id), model_id)).all()
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -273,10 +282,11 @@ def _embedder_for(model: Model):
                 "index again with another --model and query with --model"
             )
         # The stored settings win: an index may use another CAM layer than the checkpoint's default.
-        emb = create_embedder(model.source, input_size=cfg.input_size, target_layer=cfg.target_layer)
+        emb = create_embedder(model.source, input_size=cfg.input_size, target_layer=cfg.target_layer,
+                              window=cfg.window)
     else:
         emb = create_embedder(model.backbone, weights=model.weights, input_size=cfg.input_size,
-                              target_layer=cfg.target_layer or None, seed=cfg.seed)
+                              target_layer=cfg.target_layer or None, seed=cfg.seed, window=cfg.window)
     if emb.fingerprint != model.fingerprint:
         raise ModelMismatchError(
             f"model {model.source} now has fingerprint {emb.fingerprint[:12]}, but the index was built with "

@@ -26,6 +26,7 @@ __all__ = [
     "Embedding",
     "IndexManifest",
     "Calibration",
+    "TypicalityScores",
     "Explanation",
     "Query",
     "Vote",
@@ -130,6 +131,20 @@ class Calibration(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), unique=True)
     rows: Mapped[list] = mapped_column(JSON)  # [[true_label, [neighbour labels in rank order]], ...]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    cases_digest: Mapped[str | None] = mapped_column(String(128))  # active cases it was computed on
+
+
+class TypicalityScores(Base):
+    """Leave-one-out nearest-neighbour scores of one model's cases: the typicality calibration."""
+
+    __tablename__ = "typicality_calibrations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), unique=True)
+    score: Mapped[str] = mapped_column(String(32))  # e.g. kth_similarity
+    k: Mapped[int] = mapped_column(Integer)
+    scores: Mapped[list] = mapped_column(JSON)  # ascending
+    cases_digest: Mapped[str] = mapped_column(String(128))  # active cases it was computed on
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Explanation(Base):
@@ -170,6 +185,10 @@ class Query(Base):
     abstained: Mapped[bool] = mapped_column(Boolean, default=False)
     credibility: Mapped[float | None] = mapped_column(Float)
     report_path: Mapped[str | None] = mapped_column(Text)
+    typicality: Mapped[float | None] = mapped_column(Float)  # None: not measured (older queries)
+    out_of_distribution: Mapped[bool | None] = mapped_column(Boolean, index=True)
+    abstain_reason: Mapped[str | None] = mapped_column(String(32))
+    notes: Mapped[list | None] = mapped_column(JSON)
 
 
 class Vote(Base):
@@ -183,6 +202,8 @@ class Vote(Base):
     confidence: Mapped[float] = mapped_column(Float)
     probabilities: Mapped[dict] = mapped_column(JSON)
     abstained: Mapped[bool] = mapped_column(Boolean, default=False)
+    typicality: Mapped[float | None] = mapped_column(Float)
+    abstain_reason: Mapped[str | None] = mapped_column(String(32))
 
 
 class Neighbour(Base):

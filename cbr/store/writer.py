@@ -14,7 +14,8 @@ from sqlalchemy import select
 
 from cbr.data.dataset import Record
 from cbr.models.maps import case_map_target, compute_maps
-from cbr.store.schema import Case, Embedding, Explanation
+from cbr.store.rows import explanation_row
+from cbr.store.schema import Case, Embedding
 
 __all__ = ["CaseWriter", "SAVE_EVERY_S"]
 
@@ -49,7 +50,7 @@ class CaseWriter:
 
         Existing cases (same sha256) only get the embeddings and maps they lack.
         """
-        from explain.cam import encode_map
+        from explain.spec import resolve_spec
 
         embedded = self.embed(tensors)
         maps_per_member = []
@@ -92,10 +93,9 @@ class CaseWriter:
                     added[m].append(i)
                     if maps_per_member[m] is not None:
                         name, raw = maps_per_member[m][i]
-                        data, shape, scale = encode_map(raw)
-                        s.add(Explanation(model_id=model_id, case_id=case.id, role="case", method=self.explain,
-                                          target=name, height=shape[0], width=shape[1], dtype="float16",
-                                          scale=float(scale), data=data))
+                        spec = resolve_spec(self.explain, member.embedder.config.input_size)  # with its parameters
+                        s.add(explanation_row(raw, model_id=model_id, method=spec, target=name, role="case",
+                                              case_id=case.id))
         # Only after the commit: the index never holds a vector the case base lacks.
         import index as ix
 

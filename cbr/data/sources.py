@@ -1,0 +1,288 @@
+"""Image sources: where a case's pixels come from, and the one function that decodes any of them.
+
+A :class:`Source` is a file plus, when the file holds several images, which one: a DICOM frame,
+a NIfTI slice, an ``.npz`` array index. It is written as one string, the *locator*, which is what
+a case stores as its path (no schema change) and what ``cbr query`` accepts::
+
+    /data/ct/IM0001                          a single-frame DICOM (or any PNG/JPEG)
+    /data/us/cine.dcm#frame=12               frame 12 (from 1, as DICOM numbers them)
+    /data/mri/sub-01.nii.gz#axis=axial&slice=40        slice 40 (from 0) along the axis
+    /data/fmri/run.nii.gz#volume=2&axis=axial&slice=5  of the third 3D volume of a 4D file
+    /data/pneumoniamnist.npz#split=test&index=17       array index 17 (from 0) of a split
+
+A locator without its ``#...`` part, given to ``cbr query``, means the middle frame or slice.
+
+Identity: a case's sha256 must tell apart the images of one file, and re-reading it must give the
+same hash. A single image keeps its file's sha256 (so a copy of the file is a duplicate); a frame
+or slice hashes the file's sha256 with its locator part; an ``.npz`` image hashes its pixels.
+
+:func:`read_source` is what every reader of pixels calls (indexing, training, queries, reports).
+Decoding per format lives in :mod:`cbr.data.dicom`, :mod:`cbr.data.nifti`, :mod:`cbr.data.npz`;
+plain images go to :func:`cbr.data.image.read_image`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+
+from cbr.data.locator import AXIS_NAMES, SPLITS, Source, SourceError, derived_sha256, pick_indices
+from cbr.data.windows import DEFAULT_WINDOW, parse_window
+from cbr.errors import ImageError
+
+__all__ = ["Source", "SourceSpec", "SourceError", "FRAMES", "SLICE_RULES", "SPLIT_CHOICES", "read_source",
+           "decode_query", "derived_sha256", "pick_indices", "describe_origin", "file_head", "is_clinical"]
+
+FRAMES = ("all", "middle")
+SLICE_RULES = ("all", "middle", "every:N")
+SPLIT_CHOICES = SPLITS + ("all",)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Which images of DICOM, NIfTI and ``.npz`` files become cases, and how they are decoded."""
+
+    window: str | None = None  # VOI window (cbr.data.windows); None = the model's own (default auto)
+    frames: str = "all"  # multi-frame DICOM: every frame a case, or only the middle one
+    slices: str = "all"  # NIfTI: all | middle | every:N
+    axis: str = "axial"  # NIfTI: the axis slices are cut along
+    volume: int = 0  # NIfTI 4D: which 3D volume (from 0)
+    split: str = "train"  # npz: train | val | test | all
+    classes: tuple[str, ...] = ()  # npz: class names in label order (default the label numbers)
+    pseudonymise: str | None = None  # HMAC key for patient ids; never stored or shown
+
+    def __post_init__(self):
+        if self.window is not None:
+            object.__setattr__(self, "window", parse_window(self.window))
+        if self.frames not in FRAMES:
+            raise SourceError(f"--frames {self.frames!r}; choose from {', '.join(FRAMES)}")
+        pick_indices(1, self.slices)  # validates the rule
+        if self.axis not in AXIS_NAMES:
+            raise SourceError(f"--axis {self.axis!r}; choose from {', '.join(AXIS_NAMES)}")
+        if self.volume < 0:
+            raise SourceError(f"--volume {self.volume}: volumes are numbered from 0")
+        if self.split not in SPLIT_CHOICES:
+            raise SourceError(f"--split {self.split!r}; choose from {', '.join(SPLIT_CHOICES)}")
+        if len(set(self.classes)) != len(self.classes) or any(not c for c in self.classes):
+            raise SourceError("--classes: give distinct, non-empty names, comma-separated, in label order")
+        if self.pseudonymise is not None and not self.pseudonymise:
+            raise SourceError("--pseudonymise: the key must not be empty")
+
+    def __repr__(self) -> str:  # the key must never reach a log or a traceback
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pseudonymise"}
+        return f"SourceSpec({shown}, pseudonymised={self.pseudonymise is not None})"
+
+    def to_dict(self) -> dict:
+        """JSON-ready, as stored with a dataset row: the key itself is left out."""
+        return {"window": self.window, "frames": self.frames, "slices": self.slices, "axis": self.axis,
+                "volume": self.volume, "split": self.split, "classes": list(self.classes),
+                "pseudonymised": self.pseudonymise is not None}
+
+
+# -- reading files, with a small cache so that the slices of one volume load it once -----------
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 2
+
+
+def _display(path) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _stat(path: str, name: str) -> os.stat_result:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(name, "file not found") from None
+    except PermissionError:
+        raise ImageError(name, "permission denied") from None
+    except OSError as e:
+        raise ImageError(name, f"cannot read file ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(name, "is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+    if st.st_size == 0:
+        raise ImageError(name, "empty file (0 bytes)")
+    return st
+
+
+def _read(path: str, name: str) -> bytes:
+    from cbr.data.guard import read_regular
+
+    return read_regular(path, name)  # a regular file within the size cap: never a FIFO or device
+
+
+def file_head(path: str, name: str, n: int = 132) -> bytes:
+    """The first ``n`` bytes of a regular, non-empty file (ImageError otherwise)."""
+    from cbr.data.guard import open_regular
+
+    _stat(path, name)
+    with open_regular(path, name) as (f, _):
+        try:
+            return f.read(n)
+        except OSError as e:
+            raise ImageError(name, f"cannot read file ({e.strerror or e})") from None
+
+
+def _cached(path: str, name: str, kind, load):
+    """``load(bytes) -> value``, cached per (file, size, mtime, kind); returns (file sha256, value)."""
+    st = _stat(path, name)
+    key = (path, st.st_size, st.st_mtime_ns, kind)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    data = _read(path, name)
+    entry = (hashlib.sha256(data).hexdigest(), load(data))
+    _CACHE[key] = entry
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return entry
+
+
+def _to_pil(arr, name: str, max_pixels: int, min_size: int):
+    from PIL import Image
+
+    h, w = arr.shape[:2]
+    if h * w > max_pixels:
+        raise ImageError(name, f"image too large: {w}x{h} pixels exceeds the limit of {max_pixels}")
+    if w < min_size or h < min_size:
+        raise ImageError(name, f"image is {w}x{h} pixels; too small (minimum {min_size}x{min_size})")
+    return Image.fromarray(arr).convert("RGB")
+
+
+def read_source(source, *, window: str = DEFAULT_WINDOW, axis: str = "axial", volume: int = 0,
+                max_pixels: int | None = None, min_size: int | None = None):
+    """Decode one image of any supported format: ``(RGB PIL image, sha256, resolved Source)``.
+
+    Args:
+        source: a locator string, a path, or a :class:`Source`.
+        window: canonical VOI window for DICOM and NIfTI (ignored for other formats).
+        axis, volume: for a NIfTI locator without them (a query of a whole volume).
+        max_pixels, min_size: as for :func:`cbr.data.image.read_image`.
+
+    The resolved Source names the frame or slice that was decoded (the middle one when the
+    locator named none); its locator and the sha256 identify the image as ``cbr index`` does.
+
+    Raises:
+        ImageError: the file is missing, unreadable, not an image, or the frame/slice/index does
+            not exist; the reason says which.
+
+    Example:
+        >>> img, sha, src = read_source("ct/IM0001", window="ct-lung")
+        >>> img, sha, src = read_source("brain.nii.gz#axis=axial&slice=40")
+    """
+    from cbr.data import dicom, nifti, npz
+    from cbr.data.image import MAX_PIXELS, MIN_SIZE, read_image
+
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    min_size = MIN_SIZE if min_size is None else min_size
+    src = source if isinstance(source, Source) else Source.parse(source)
+    name = _display(src.locator)
+    path = src.path
+    if src.split is not None:
+        _, arrays = _cached(path, name, "npz", lambda d: npz.load_npz(d, name))
+        pixels = npz.item_pixels(arrays, src.split, src.index, name)
+        sha = npz.item_sha256(arrays[f"{src.split}_images"][src.index])
+        return _to_pil(pixels, name, max_pixels, min_size), sha, src
+    head = file_head(path, name)
+    if dicom.is_dicom(head):
+        if src.slice is not None or src.axis is not None or src.volume is not None:
+            raise ImageError(name, "a DICOM file has frames, not slices; use #frame=N")
+
+        def load(data):
+            ds = dicom.parse_dicom(data, name)
+            return ds, dicom.inspect_dicom(ds, name)
+
+        file_sha, (ds, info) = _cached(path, name, "dicom", load)
+        frame = (src.frame or info.frames // 2 + 1) if info.frames > 1 or src.frame else None
+        pixels = dicom.frame_pixels(ds, frame, window, name, max_pixels=max_pixels)
+        out = Source(path, frame=frame if info.frames > 1 else None)
+        sha = file_sha if info.frames == 1 else derived_sha256(file_sha, out)
+        return _to_pil(pixels, name, max_pixels, min_size), sha, out
+    if nifti.is_nifti_name(path):
+        if src.frame is not None:
+            raise ImageError(name, "a NIfTI volume has slices, not frames; use #axis=axial&slice=N")
+        vol_index = src.volume if src.volume is not None else volume
+        file_sha, vol = _cached(path, name, ("nifti", vol_index), lambda d: nifti.load_volume(d, name, vol_index))
+        ax = src.axis or axis
+        index = src.slice if src.slice is not None else vol.count(ax) // 2
+        pixels = nifti.slice_pixels(vol, ax, index, window, name)
+        out = Source(path, axis=ax, slice=index, volume=vol_index if vol.volumes > 1 else None)
+        return _to_pil(pixels, name, max_pixels, min_size), derived_sha256(file_sha, out), out
+    if path.lower().endswith(".npz"):
+        raise ImageError(name, "name the image inside the archive: FILE.npz#split=test&index=N")
+    if src.fragment:
+        raise ImageError(name, f"#{src.fragment} only applies to DICOM, NIfTI and .npz files")
+    img, sha = read_image(path, max_pixels=max_pixels, min_size=min_size)
+    return img, sha, src
+
+
+def describe_origin(metadata: dict | None) -> str | None:
+    """Where a case came from, for people: "CT series 1.2.3, frame 12 of 30", "volume sub-01,
+    axial slice 40 of 155", "pneumoniamnist.npz, test image 17"; None for a plain image file."""
+    m = metadata or {}
+    fmt = m.get("format")
+    if fmt == "dicom":
+        parts = [" ".join(p for p in (m.get("Modality"), "series") if p) + f" {m.get('SeriesInstanceUID', '?')}"]
+        if m.get("frame") is not None:
+            parts.append(f"frame {m['frame']} of {m.get('frames', '?')}")
+        return ", ".join(parts)
+    if fmt == "nifti":
+        text = f"volume {m.get('volume_file', '?')}, {m.get('axis', '?')} slice {m.get('slice', '?')} of {m.get('slices', '?')}"
+        if m.get("volume") is not None:
+            text += f" (3D volume {m['volume']} of {m.get('volumes', '?')})"
+        return text
+    if fmt == "npz":
+        return f"{m.get('archive', '?')}, {m.get('split', '?')} image {m.get('index', '?')}"
+    return None
+
+
+def is_clinical(path: str) -> bool:
+    """Whether a plain path (no locator) names a DICOM, NIfTI or ``.npz`` file (by content or name)."""
+    from cbr.data.dicom import is_dicom
+    from cbr.data.nifti import is_nifti_name
+
+    if is_nifti_name(path) or path.lower().endswith(".npz"):
+        return True
+    from cbr.data.guard import open_regular
+
+    try:
+        with open_regular(path) as (f, _):
+            return is_dicom(f.read(132))
+    except (OSError, ImageError):
+        return False
+
+
+def decode_query(image, windows, spec: SourceSpec | None = None):
+    """Decode a query image with the window of the models that will embed it.
+
+    Args:
+        image: a path or locator (``cbr query`` argument).
+        windows: the window of every member model (``config.window``).
+        spec: the query's ``SourceSpec``: its ``window`` (when given) must be the models' own;
+            its ``axis``/``volume`` pick the slice of a whole NIfTI volume.
+
+    Returns ``(RGB image, sha256, resolved Source)``.
+
+    Raises:
+        ModelMismatchError: the query asks for another window than the models were built with, or
+            the members disagree and the image is DICOM or NIfTI.
+    """
+    from cbr.errors import ModelMismatchError
+
+    spec = spec or SourceSpec()
+    src = Source.parse(image) if not isinstance(image, Source) else image
+    distinct = sorted(set(windows)) or [DEFAULT_WINDOW]
+    window = distinct[0]
+    if spec.window is not None and any(w != spec.window for w in distinct):
+        raise ModelMismatchError(
+            f"--window {spec.window}: the case base's models decode DICOM/NIfTI with window "
+            f"{', '.join(distinct)} (part of their preprocessing); query without --window, or index with "
+            f"--window {spec.window} first")
+    if len(distinct) > 1 and (src.fragment or is_clinical(src.path)):
+        raise ModelMismatchError(
+            f"the members decode DICOM/NIfTI with different windows ({', '.join(distinct)}); choose the "
+            "members of one window with --model")
+    return read_source(src, window=window, axis=spec.axis, volume=spec.volume)

@@ -1,0 +1,103 @@
+"""VOI windows: how high-bit-depth medical pixels (CT in HU, MR intensities) become 8-bit grey.
+
+A window is named by a short string, which is what a model stores in its config (so the window is
+part of the model's preprocessing and fingerprint):
+
+* ``auto``: the file's own window (DICOM Window Center/Width, NIfTI ``cal_min``/``cal_max``),
+  else ``minmax``;
+* ``minmax``: the image's (DICOM frame's, NIfTI volume's) own minimum..maximum;
+* a preset from :data:`WINDOWS` (standard CT windows, centre/width in HU);
+* ``C,W``: an explicit centre and width, e.g. ``40,80``.
+
+The linear function is DICOM's (PS3.3 C.11.2.1.2.1), so a file's own window gives the same grey
+levels as a DICOM viewer.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cbr.errors import CbrError
+
+__all__ = ["WINDOWS", "DEFAULT_WINDOW", "WindowError", "parse_window", "apply_window", "minmax_to_uint8"]
+
+DEFAULT_WINDOW = "auto"
+
+# name -> (centre, width) in Hounsfield units; the usual radiology teaching values.
+WINDOWS: dict[str, tuple[float, float]] = {
+    "ct-lung": (-600.0, 1500.0),
+    "ct-mediastinum": (50.0, 350.0),
+    "ct-brain": (40.0, 80.0),
+    "ct-bone": (400.0, 1800.0),
+}
+
+
+class WindowError(CbrError):
+    """A --window value that is neither a known name nor ``C,W``."""
+
+
+def _choices() -> str:
+    return ", ".join([DEFAULT_WINDOW, "minmax", *WINDOWS]) + ", or C,W (centre,width, e.g. 40,80)"
+
+
+def parse_window(text: str | None) -> str:
+    """The canonical form of a window string (``None`` -> ``auto``); raises :class:`WindowError`.
+
+    ``" 40 , 80"`` and ``"40.0,80"`` both become ``"40,80"``, so equal windows compare equal.
+    """
+    if text is None:
+        return DEFAULT_WINDOW
+    t = str(text).strip().lower()
+    if t in (DEFAULT_WINDOW, "minmax") or t in WINDOWS:
+        return t
+    parts = [p.strip() for p in t.split(",")]
+    if len(parts) == 2:
+        try:
+            c, w = float(parts[0]), float(parts[1])
+        except ValueError:
+            c = w = float("nan")
+        if math.isfinite(c) and math.isfinite(w):
+            if w < 1:
+                raise WindowError(f"window {text!r}: the width must be at least 1")
+            return f"{c:g},{w:g}"
+    raise WindowError(f"unknown window {text!r}; choose from {_choices()}")
+
+
+def centre_width(window: str) -> tuple[float, float] | None:
+    """``(centre, width)`` of a preset or explicit window; None for ``auto`` and ``minmax``."""
+    if window in WINDOWS:
+        return WINDOWS[window]
+    if "," in window:
+        c, w = window.split(",")
+        return float(c), float(w)
+    return None
+
+
+def apply_window(values, centre: float, width: float):
+    """DICOM's linear VOI function onto 0..255 (uint8 array).
+
+    Below ``c - 0.5 - (w - 1) / 2`` is 0, above ``c - 0.5 + (w - 1) / 2`` is 255, linear between.
+    """
+    import numpy as np  # here: the CLI reads WINDOWS for its help without loading numpy
+
+    x = np.asarray(values, dtype=np.float64)
+    if width <= 1:  # DICOM: a width of 1 is a threshold at the centre
+        return np.where(x > centre - 0.5, 255, 0).astype(np.uint8)
+    y = ((x - (centre - 0.5)) / (width - 1) + 0.5) * 255.0
+    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+
+
+def minmax_to_uint8(values, lo: float | None = None, hi: float | None = None):
+    """Scale linearly from ``lo..hi`` (default the finite min..max) to 0..255 (uint8); NaNs become 0."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return np.zeros(x.shape, dtype=np.uint8)
+    lo = float(x[finite].min()) if lo is None else lo
+    hi = float(x[finite].max()) if hi is None else hi
+    x = np.where(finite, x, lo)
+    if hi <= lo:
+        return np.zeros(x.shape, dtype=np.uint8)
+    return np.clip(np.rint((x - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)

@@ -1,0 +1,51 @@
+"""The settings shared by both evaluation protocols (``EvalConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cbr.errors import CbrError
+
+__all__ = ["EvalConfig"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How every evaluation query is answered and where the report goes.
+
+    Cross-validation adds a ``TrainConfig`` (the model of each fold); a held-out test set adds
+    the members to use and ``strict``.
+    """
+
+    k: int = 5  # neighbours per query
+    vote: str = "weighted"  # a name in cbr.pipeline.vote.VOTE_RULES
+    explain: str = "none"  # a CAM method (localisation and faithfulness figures) or "none"
+    batch_size: int = 32  # images per batch when indexing folds and in the softmax pass
+    device: str | None = None  # "cpu", "cuda"; None: cuda when available
+    num_workers: int | None = None  # decoding worker processes
+    out_dir: str | Path | None = None  # the report folder; None writes no files
+    compare: tuple[str, ...] = ()  # explanation methods scored side by side (cbr.evaluation.comparison)
+
+    def check(self) -> None:
+        """Fail on an unknown vote rule or CAM method, or k < 1, before any work."""
+        from cbr.pipeline.vote import get_vote_rule
+
+        get_vote_rule(self.vote)
+        if self.explain != "none":
+            from explain.methods import get_cam_method
+
+            try:
+                get_cam_method(self.explain)
+            except (KeyError, ValueError) as e:
+                raise CbrError(str(e.args[0] if e.args else e)) from None
+        if self.compare:
+            from explain.methods import UnknownMethodError, check_method
+
+            for name in self.compare:
+                try:
+                    check_method(name)
+                except UnknownMethodError as e:
+                    raise CbrError(str(e)) from None
+        if self.k < 1:
+            raise CbrError(f"-k {self.k}: ask for at least 1 neighbour")

@@ -1,0 +1,194 @@
+"""Protocol 1 (``cbr evaluate`` without ``--db``): patient-grouped k-fold cross-validation.
+
+Each fold trains a model on the other folds (or takes the backbone as it is), indexes them into
+a temporary case base and queries every held-out image, as a new patient's image would be
+queried. The figures are pooled over the folds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from cbr.data.dataset import ManifestSpec
+from cbr.errors import CbrError
+from cbr.evaluation.config import EvalConfig
+from cbr.evaluation.outcome import load_records, run_queries, unique_problems
+from cbr.learn.config import TrainConfig
+
+__all__ = ["cross_validate"]
+
+
+def _fold_line(row: dict) -> str:
+    line = f"fold {row['fold']}: balanced accuracy {row['balanced_accuracy']:.3f} (vote)"
+    if row.get("softmax_balanced_accuracy") is not None:
+        line += f", {row['softmax_balanced_accuracy']:.3f} (softmax)"
+    return line + f", {row['n_test']} images, {row['seconds']:.0f} s"
+
+
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        from tqdm import tqdm
+
+        tqdm.write(line)
+
+
+def _fold_model(ckpt: Path, train_recs, training: TrainConfig, train: bool, shown: str, progress: bool):
+    """Write the fold's model to ``ckpt``: (fold-row figures, problems)."""
+    from cbr.learn.train import train_model
+    from cbr.models.checkpoint import save_checkpoint
+    from cbr.models.embedder import create_embedder
+
+    if not train:
+        emb = create_embedder(training.backbone, weights=training.weights, input_size=training.img_size,
+                              seed=training.seed)
+        save_checkpoint(emb, ckpt, extra={"dataset": shown, "note": "untrained backbone (evaluate --no-train)"})
+        return {}, []
+    res = train_model(out=ckpt, config=training, records=train_recs, progress=progress)
+    return {"epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
+            "best_val_balanced_accuracy": res.best_val_balanced_accuracy,
+            "train_seconds": round(res.elapsed, 1)}, res.problems
+
+
+class _Folds:
+    """Everything the folds add up: outcomes, fold rows, problems, explanation checks."""
+
+    def __init__(self, config: EvalConfig, training: TrainConfig, n_folds: int, train: bool, shown: str,
+                 progress: bool):
+        self.config, self.training, self.n_folds, self.train = config, training, n_folds, train
+        self.shown, self.progress = shown, progress
+        self.outcomes, self.rows, self.problems, self.faithfulness = [], [], [], []
+        self.softmax_classes, self.input_size = None, None
+        self.comparison = None  # the explanation methods compared on the first fold
+
+    def run(self, f: int, train_recs, test_recs) -> None:
+        """Train (or take) fold ``f``'s model, index its training part, query its held-out part."""
+        from cbr.evaluation.faithfulness import FAITHFULNESS_IMAGES, explanation_checks
+        from cbr.evaluation.scoring import fold_figures
+        from cbr.evaluation.softmax import add_softmax
+        from cbr.pipeline.index import index_dataset
+        from cbr.pipeline.query import Searcher
+        from cbr.store.casebase import open_casebase
+
+        cfg, tf = self.config, time.monotonic()
+        _say(self.progress, f"fold {f + 1}/{self.n_folds}: {len(train_recs)} training images, "
+                            f"{len(test_recs)} held out")
+        row = {"fold": f + 1, "n_train": len(train_recs)}
+        with tempfile.TemporaryDirectory(prefix="cbr-cv-") as tmp:
+            ckpt = Path(tmp) / "model.pt"
+            figures, bad = _fold_model(ckpt, train_recs, self.training, self.train, self.shown, self.progress)
+            row.update(figures)
+            self.problems.extend(bad)
+            cb = open_casebase(Path(tmp) / "cases.db")
+            try:
+                report = index_dataset(cb, records=train_recs, models=[str(ckpt)], explain="none",
+                                       batch_size=cfg.batch_size, progress=self.progress,
+                                       num_workers=cfg.num_workers, device=cfg.device)
+                self.problems.extend(report.problems)
+                searcher = Searcher(cb, k=cfg.k, vote=cfg.vote, explain=cfg.explain, device=cfg.device)
+                got, bad = run_queries(searcher, test_recs, fold=f + 1, progress=self.progress,
+                                       desc=f"fold {f + 1} queries")
+                self.problems.extend(bad)
+                emb = searcher.members[0].embedder
+                self.input_size = emb.config.input_size
+                head_classes = add_softmax(emb, got, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                           device=cfg.device)
+                self.softmax_classes = head_classes or self.softmax_classes
+                checks = explanation_checks(emb, test_recs, cfg.explain,
+                                            n=max(1, FAITHFULNESS_IMAGES // self.n_folds), seed=self.training.seed)
+                if checks:
+                    self.faithfulness.append(checks)
+                if f == 0 and cfg.compare:
+                    from cbr.evaluation.comparison import comparison_report
+
+                    self.comparison = comparison_report(emb, test_recs, cfg.compare, out_dir=cfg.out_dir,
+                                                        seed=self.training.seed, progress=self.progress)
+            finally:
+                cb.close()
+        row.update(fold_figures(got, head_classes))
+        row["seconds"] = round(time.monotonic() - tf, 1)
+        self.rows.append(row)
+        self.outcomes.extend(got)
+        _say(self.progress, _fold_line(row))
+
+
+def cross_validate(
+    source=None,
+    config: EvalConfig = EvalConfig(),
+    training: TrainConfig = TrainConfig(),
+    *,
+    folds: int = 5,
+    train: bool = True,
+    records=None,
+    progress: bool = False,
+    manifest: ManifestSpec | None = None,
+) -> dict:
+    """Patient-grouped, stratified k-fold cross-validation of train -> index -> query.
+
+    Args:
+        source: a class-folder dataset or a CSV manifest (or give ``records``).
+        config: k, vote, explain (a CAM method adds the localisation figures when records have
+            masks), batch size, device, workers and the report folder (see ``EvalConfig``).
+        training: the model of each fold (see ``TrainConfig``); with ``train=False`` only its
+            backbone, weights, img_size and seed apply. Its seed also draws the folds. It runs
+            on ``config.device`` (when set).
+        folds: number of folds (no patient spans two).
+        train: fine-tune a model per fold; False uses the backbone's weights as they are (e.g.
+            frozen ImageNet features).
+        records: evaluate these ``Record``s instead of reading ``source``.
+        progress: progress bars.
+        manifest: the manifest's columns and image folders (see ``ManifestSpec``).
+
+    Returns:
+        The pooled metrics, plus ``folds`` (each fold's figures), ``config``, ``elapsed_s``,
+        ``protocol`` and ``report`` (the folder, or None).
+
+    Example:
+        >>> m = cross_validate("data/brain_mri", training=TrainConfig(epochs=4, img_size=160))
+        >>> m["balanced_accuracy"], m["softmax"]["balanced_accuracy"]
+    """
+    from cbr.evaluation.faithfulness import pool_checks
+    from cbr.evaluation.scoring import score
+    from cbr.evaluation.splits import grouped_folds
+    from cbr.models.device import resolve_device
+    from cbr.reporting.report_folder import json_safe, write_report
+
+    t0 = time.monotonic()
+    config.check()  # unknown names fail before any work
+    device = resolve_device(config.device if config.device is not None else training.device)
+    config, training = replace(config, device=device), replace(training, device=device)
+    recs, problems, shown = load_records(source, records, manifest, progress)
+    classes = sorted({r.label for r in recs})
+    if len(classes) < 2:
+        raise CbrError(f"{shown}: only one class ({classes[0]!r}); evaluation needs at least 2 classes")
+    fold_of = grouped_folds([r.label for r in recs], [r.group for r in recs], folds, seed=training.seed)
+    t = training
+    settings = {"protocol": "cross-validation", "source": shown, "folds": folds, "k": config.k, "vote": config.vote,
+                "explain": config.explain, "train": train, "backbone": t.backbone, "weights": t.weights,
+                "epochs": t.epochs if train else None, "img_size": t.img_size, "batch_size": config.batch_size,
+                "lr": t.lr, "patience": t.patience, "train_layers": t.train_layers, "seed": t.seed, "device": device}
+
+    run = _Folds(config, training, folds, train, shown, progress)
+    run.problems.extend(problems)
+    for f in range(folds):
+        train_recs = [r for r, g in zip(recs, fold_of) if g != f]
+        test_recs = [r for r, g in zip(recs, fold_of) if g == f]
+        shared = {r.group for r in train_recs if r.group is not None} & {r.group for r in test_recs}
+        if shared:  # grouped_folds guarantees this; a failure here is a bug, never a figure
+            raise CbrError(f"fold {f + 1}: patient(s) {sorted(shared)[:3]} on both sides; refusing to report")
+        run.run(f, train_recs, test_recs)
+
+    metrics = score(run.outcomes, classes, k=config.k, softmax_classes=run.softmax_classes,
+                    input_size=run.input_size, localise=config.explain != "none")
+    metrics["faithfulness"] = pool_checks(run.faithfulness)
+    if run.comparison is not None:
+        metrics["comparison"] = dict(run.comparison, fold=1)
+    metrics.update(protocol="cross-validation", folds=run.rows, config=settings,
+                   softmax_classes=run.softmax_classes, problems=unique_problems(run.problems),
+                   elapsed_s=round(time.monotonic() - t0, 1), report=None)
+    if config.out_dir is not None:
+        metrics["report"] = str(config.out_dir)
+        write_report(metrics, config.out_dir, run.outcomes)
+    return json_safe(metrics)

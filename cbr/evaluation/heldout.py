@@ -1,0 +1,105 @@
+"""Protocol 2 (``cbr evaluate --db``): a held-out test set against an existing case base.
+
+Leakage is checked first (the same image, an image a member model was trained on, or a patient
+already in the case base; see :mod:`cbr.evaluation.leakage`); ``strict`` leaves those images
+out of the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from cbr.data.dataset import ManifestSpec
+from cbr.evaluation.config import EvalConfig
+from cbr.evaluation.outcome import load_records, run_queries, unique_problems
+
+__all__ = ["evaluate_casebase"]
+
+LOG = logging.getLogger(__name__)
+
+
+def _case_classes(cb) -> set[str]:
+    from sqlalchemy import select
+
+    from cbr.store.schema import Case
+
+    with cb.read() as s:
+        return set(s.scalars(select(Case.label).where(Case.removed_at.is_(None)).distinct()))
+
+
+def evaluate_casebase(
+    cb,
+    source=None,
+    config: EvalConfig = EvalConfig(),
+    *,
+    models=None,
+    strict: bool = False,
+    records=None,
+    progress: bool = False,
+    manifest: ManifestSpec | None = None,
+) -> dict:
+    """Evaluate a held-out test set against an existing case base, leakage checked first.
+
+    A test image leaks when its sha256 is a case of the case base (``same_image``), when a member
+    model was trained on it (``in_training_set``: the checkpoint's ``train_sha256``), or when its
+    patient/group id is in the case base (``same_group``). Leaks are counted under ``leakage``;
+    with ``strict`` those images are left out of every figure.
+
+    Args:
+        cb: an open CaseBase.
+        source: the test set, a class-folder dataset or a CSV manifest (or give ``records``).
+        config: k, vote, explain as for ``cbr query``; batch size, device and workers of the
+            softmax pass; the report folder (see ``EvalConfig``).
+        models: restrict to these members (names, checkpoint paths or fingerprints).
+        strict: exclude leaking images from the metrics.
+        records: evaluate these ``Record``s instead of reading ``source``.
+        progress: progress bars.
+        manifest: the manifest's columns and image folders (see ``ManifestSpec``).
+
+    Example:
+        >>> m = evaluate_casebase(open_casebase("cases.db"), "data/test.csv", strict=True)
+        >>> m["leakage"], m["balanced_accuracy"]
+    """
+    from cbr.evaluation.faithfulness import explanation_checks
+    from cbr.evaluation.leakage import find_leakage
+    from cbr.evaluation.scoring import score
+    from cbr.evaluation.softmax import add_softmax
+    from cbr.models.device import resolve_device
+    from cbr.pipeline.query import Searcher
+    from cbr.reporting.report_folder import json_safe, write_report
+
+    t0 = time.monotonic()
+    config.check()
+    device = resolve_device(config.device)
+    recs, problems, shown = load_records(source, records, manifest, progress)
+    searcher = Searcher(cb, models=models, k=config.k, vote=config.vote, explain=config.explain, device=device)
+    leakage, leaking = find_leakage(cb, searcher.members, recs)
+    leakage["excluded"] = len(leaking) if strict else 0
+    if leaking and not strict:
+        LOG.warning("%d test image(s) leak into the case base or a model's training set; "
+                    "use --strict to leave them out", len(leaking))
+    test = [r for i, r in enumerate(recs) if not (strict and i in leaking)]
+    outcomes, bad = run_queries(searcher, test, progress=progress)
+    problems.extend(bad)
+    emb = next((m.embedder for m in searcher.members if m.embedder.head is not None), None)
+    softmax_classes = add_softmax(emb, outcomes, batch_size=config.batch_size, num_workers=config.num_workers,
+                                  device=device)
+    input_size = searcher.members[0].embedder.config.input_size
+    metrics = score(outcomes, _case_classes(cb) | {r.label for r in test}, k=config.k,
+                    softmax_classes=softmax_classes, input_size=input_size, localise=config.explain != "none")
+    metrics["faithfulness"] = explanation_checks(emb or searcher.members[0].embedder, test, config.explain, seed=0)
+    if config.compare:
+        from cbr.evaluation.comparison import comparison_report
+
+        metrics["comparison"] = comparison_report(emb or searcher.members[0].embedder, test, config.compare,
+                                                  out_dir=config.out_dir, progress=progress)
+    settings = {"protocol": "held-out", "casebase": cb.display, "source": shown, "k": config.k, "vote": config.vote,
+                "explain": config.explain, "strict": strict, "models": [m.label for m in searcher.members],
+                "device": device}
+    metrics.update(protocol="held-out", leakage=leakage, config=settings, softmax_classes=softmax_classes,
+                   problems=unique_problems(problems), elapsed_s=round(time.monotonic() - t0, 1), report=None)
+    if config.out_dir is not None:
+        metrics["report"] = str(config.out_dir)
+        write_report(metrics, config.out_dir, outcomes)
+    return json_safe(metrics)

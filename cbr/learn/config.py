@@ -1,0 +1,81 @@
+"""The settings of one training run (``TrainConfig``), checked before anything slow happens."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cbr.errors import CbrError, UnknownNameError
+
+__all__ = ["TrainConfig", "TrainError", "HEAD_LR"]
+
+HEAD_LR = 1e-3  # default lr of the new head (and of everything with random weights)
+
+
+class TrainError(CbrError):
+    """Training cannot start or cannot finish with these data or options."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to fine-tune: the model, the optimisation budget and where it runs.
+
+    Cross-validation trains one model per fold with the same config.
+    """
+
+    backbone: str = "mobilenet_v2"  # a name in cbr.models.backbones.BACKBONES
+    weights: str = "imagenet"  # "imagenet" (fine-tune) or "none" (random weights)
+    epochs: int = 10  # the most epochs to run (early stopping may end sooner)
+    img_size: int | None = None  # input side in pixels; None: the backbone's
+    batch_size: int = 32  # images per step
+    lr: float | None = None  # lr of the head (a pretrained backbone gets lr / 10); None: HEAD_LR
+    seed: int = 0  # split, head init, shuffling, augmentation (and the folds of cross-validation)
+    device: str | None = None  # "cpu", "cuda"; None: cuda when available
+    patience: int | None = 3  # epochs without a better val balanced accuracy before stopping; 0/None: never
+    val_fraction: float = 0.2  # share of the images (by patient group) kept for validation
+    train_layers: int | None = None  # fine-tune only the last N trunk blocks (0: the head only); None: all
+    num_workers: int | None = None  # decoding worker processes; None: 1 on a 2-core machine
+
+    def check(self) -> None:
+        """Raise TrainError or UnknownNameError naming the first option out of range."""
+        from cbr.models.backbones import BACKBONES
+        from cbr.models.config import WEIGHTS
+
+        if self.backbone not in BACKBONES:
+            raise UnknownNameError("backbone", self.backbone, BACKBONES)
+        if self.weights not in WEIGHTS:
+            raise UnknownNameError("weights", self.weights, WEIGHTS)
+        if self.epochs < 1:
+            raise TrainError(f"--epochs {self.epochs}: train for at least 1 epoch")
+        if self.batch_size < 1:
+            raise TrainError(f"--batch-size {self.batch_size}: use at least 1")
+        if self.lr is not None and not self.lr > 0:
+            raise TrainError(f"--lr {self.lr}: the learning rate must be > 0 (default {HEAD_LR:g})")
+        if self.train_layers is not None and self.train_layers < 0:
+            raise TrainError(f"--train-layers {self.train_layers}: use 0 (the head only) or more")
+        if self.patience is not None and self.patience < 0:
+            raise TrainError(f"--patience {self.patience}: use 0 (no early stopping) or more")
+        if not 0 <= self.val_fraction < 1:
+            raise TrainError(f"validation fraction {self.val_fraction}: use a value in [0, 1)")
+        spec = BACKBONES[self.backbone]
+        if self.img_size is not None and self.img_size < spec.min_input_size:
+            raise TrainError(
+                f"--img-size {self.img_size} is too small for {self.backbone}; use at least "
+                f"{spec.min_input_size} (default {spec.input_size})"
+            )
+
+
+def check_out(out) -> Path:
+    """The checkpoint path, with its folder created; TrainError if it cannot be written there."""
+    p = Path(out)
+    if p.is_dir():
+        raise TrainError(f"--out {out}: is a folder; give a file name such as {p / 'model.pt'}")
+    parent = p.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"--out {out}: cannot create the folder {parent} ({e.strerror or e}); choose another --out") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainError(f"--out {out}: the folder {parent} is not writable; choose another --out")
+    return p

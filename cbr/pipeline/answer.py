@@ -1,0 +1,90 @@
+"""What a query found (``Retrieval``) and what it answers (``Answer``, the ``--json`` object)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Retrieval", "Answer", "vote_dict"]
+
+
+def vote_dict(v) -> dict:
+    """A ``Vote`` as JSON-ready data."""
+    return {"label": v.label, "confidence": float(v.confidence),
+            "probabilities": {k: float(p) for k, p in v.probabilities.items()},
+            "abstained": bool(v.abstained), "credibility": None if v.credibility is None else float(v.credibility),
+            "abstain_reason": v.abstain_reason if v.abstained else None}
+
+
+@dataclass
+class Retrieval:
+    """One query's work before it is recorded: per member its hits and vote, the ensemble's vote
+    and the raw maps ({(model_id, case_id or None for the query, target): 2-D array})."""
+
+    image: str  # the query image's resolved path
+    sha256: str
+    patient: str | None
+    hits: list  # per member, a list of search.Hit
+    votes: list  # per member, a vote.Vote
+    final: object  # the ensemble's vote.Vote
+    maps: dict = field(default_factory=dict)
+    typicality: object = None  # typicality.Typicality of the query (None: not measured)
+    notes: list = field(default_factory=list)  # what this query's reader must know (self match, OOD)
+    image_status: dict = field(default_factory=dict)  # {case_id: explanation.IMAGE_*} of neighbours read again
+
+
+@dataclass
+class Answer:
+    """The outcome of one query, as printed and as returned by ``--json``."""
+
+    query_id: int
+    image: str
+    sha256: str
+    prediction: dict
+    members: list[dict]
+    explanation: str | None = None
+    report: str | None = None
+    notes: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    raw_maps: dict = field(default_factory=dict, repr=False)  # the first member's query maps by target
+
+    @classmethod
+    def from_retrieval(cls, query_id: int | None, r: Retrieval, members, notes) -> "Answer":
+        """The answer to ``r`` made with the loaded ``members`` (notes are copied)."""
+        typ = r.typicality
+        prediction = dict(vote_dict(r.final), typicality=None if typ is None else typ.value,
+                          out_of_distribution=bool(typ is not None and typ.out_of_distribution),
+                          ood_alpha=None if typ is None else typ.alpha)
+        answer = cls(query_id=query_id, image=r.image, sha256=r.sha256, prediction=prediction,
+                     members=[], notes=list(r.notes) + list(notes))
+        member_typ = typ.members if typ is not None else [None] * len(r.votes)
+        if members:
+            first = members[0].model_id
+            answer.raw_maps = {target: raw for (mid, cid, target), raw in r.maps.items() if mid == first and cid is None}
+        for m, v, h, p in zip(members, r.votes, r.hits, member_typ):
+            answer.members.append({
+                "model_id": m.model_id, "fingerprint": m.fingerprint, "model": m.label, "vote": vote_dict(v),
+                "typicality": p,
+                "neighbours": [{"rank": rank + 1, "case_id": c.id, "label": c.label, "similarity": round(d, 6),
+                                "path": c.path, "patient_id": c.group_id, "metadata": c.meta, "explanation": None,
+                                "image_status": r.image_status.get(c.id)}
+                               for rank, (c, d) in enumerate(h)],
+            })
+        return answer
+
+    @property
+    def neighbours(self) -> list[dict]:
+        return self.members[0]["neighbours"] if self.members else []
+
+    def to_dict(self) -> dict:
+        return {
+            "query_id": self.query_id,
+            "image": self.image,
+            "sha256": self.sha256,
+            "prediction": self.prediction,
+            "neighbours": self.neighbours,
+            "explanation": self.explanation,
+            "report": self.report,
+            "model_fingerprints": [m["fingerprint"] for m in self.members],
+            "members": self.members,
+            "notes": self.notes,
+        }

@@ -1,0 +1,122 @@
+"""The explain step of a query: similarity maps of the query and its neighbours, and the query's
+class map when the model has a head.
+
+The query's activations come from its embedding pass, so the maps of the query and its k
+neighbours need one trunk pass over the neighbours and one batched backward pass through the
+small pooling head (see explain.cam).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from cbr.errors import CbrError
+
+__all__ = ["Features", "embed_query", "query_maps", "IMAGE_OK", "IMAGE_CHANGED", "IMAGE_MISSING"]
+
+# A neighbour's file as read again at query time (``--json``: ``neighbours[].image_status``).
+IMAGE_OK = "ok"
+IMAGE_CHANGED = "image changed or missing since indexing"
+IMAGE_MISSING = IMAGE_CHANGED  # one wording for both: either way its pixels are not the indexed ones
+
+
+class Features(NamedTuple):
+    """One member's view of the query image: its input tensor, CAM-layer activations, embedding."""
+
+    x: object  # (1, 3, H, W) preprocessed input
+    acts: object  # CAM-layer activations of x
+    vector: object  # (1, D) float32 numpy embedding, L2-normalised
+
+
+def embed_query(members, img) -> list[Features]:
+    """Embed a decoded image with every member, keeping the activations for its maps."""
+    import torch
+
+    out = []
+    for m in members:
+        x = m.embedder.preprocess(img).unsqueeze(0)
+        with torch.no_grad():
+            acts, e = m.embedder.cam_features(x)
+        out.append(Features(x, acts, e.float().numpy()))
+    return out
+
+
+def query_maps(members, features, hits, final, method: str, notes: list, *, budget: int | None = None,
+               neighbours: int | None = None, meter=None, status: dict | None = None) -> tuple[dict, dict]:
+    """Raw maps of a query and its neighbours, and the neighbours' letterboxed images.
+
+    Args:
+        members: the loaded ``Member``s; features: their ``Features`` of the query.
+        hits: per member, its ``search.Hit``s.
+        final: the ensemble's vote (the class map explains its label).
+        method: an explanation method name (explain.methods.METHOD_NAMES).
+        notes: gets a line for each neighbour whose image cannot be read (its stored map is shown).
+        budget: cap on the model evaluations of each attribution map (explain.spec).
+        neighbours: similarity maps for the top n neighbours only (None: all); the query's map
+            still explains its similarity to the mean of all its neighbours.
+        meter: a ``map_meter.MapMeter`` that counts (and shows) the attribution maps' cost.
+        status: gets {case_id: IMAGE_OK, IMAGE_CHANGED or IMAGE_MISSING} for every neighbour whose
+            file was read again; a changed or missing one gets no map (never from other pixels).
+
+    Returns:
+        ({(model_id, case_id or None for the query, target): raw map}, {case_id: letterboxed image})
+    """
+    import torch
+
+    from cbr.data.image import letterbox
+    from cbr.data.sources import read_source
+    from cbr.models.maps import compute_maps
+    from explain.methods import is_attribution
+    from explain.spec import resolve_spec
+    from explain.targets import ClassTarget, SimilarityTarget
+
+    maps, images = {}, {}
+    for m, (xq, aq, eq), h in zip(members, features, hits):
+        emb = m.embedder
+        spec = resolve_spec(method, emb.config.input_size, budget)
+        track = meter is not None and is_attribution(spec)
+        if track:
+            has_class = emb.head is not None and final.label in emb.config.class_names
+            meter.start(1 + len(h[:neighbours]) + has_class, spec)
+        xs, cases = [], []
+        for c, _ in h:
+            try:
+                nimg, sha, _ = read_source(c.path, window=emb.config.window)  # a frame/slice, as indexed
+            except CbrError as e:
+                if status is not None:
+                    status[c.id] = IMAGE_MISSING
+                notes.append(f"case {c.id}: image unavailable for its map ({e}); its stored map is shown")
+                continue
+            if c.sha256 and sha != c.sha256:
+                if status is not None:
+                    status[c.id] = IMAGE_CHANGED
+                notes.append(f"case {c.id}: {IMAGE_CHANGED} (its file {c.path} now has other content); no map is "
+                             "computed from it; the vote uses its stored label and embedding")
+                continue
+            if status is not None:
+                status[c.id] = IMAGE_OK
+            images.setdefault(c.id, letterbox(nimg, 224))
+            xs.append(emb.preprocess(nimg))
+            cases.append(c)
+        if cases:
+            xn = torch.stack(xs)
+            with torch.no_grad():
+                an, en = emb.cam_features(xn)
+            en_np = en.float().numpy()
+            top = {hit.case.id for hit in h[:neighbours]}
+            keep = [i for i, c in enumerate(cases) if c.id in top]
+            cases = [cases[i] for i in keep]
+            query_target = SimilarityTarget(en_np.mean(axis=0))
+            neighbour_target = SimilarityTarget(eq[0])
+            targets = [query_target] + [neighbour_target for _ in cases]
+            raw = compute_maps(emb, torch.cat([xq, xn[keep]]), torch.cat([aq, an[keep]]), targets, False, spec,
+                               progress=meter.callback() if track else None)
+            maps[(m.model_id, None, "similarity:neighbours")] = raw[0]
+            for c, r in zip(cases, raw[1:]):
+                maps[(m.model_id, c.id, "similarity:query")] = r
+        if emb.head is not None and final.label in emb.config.class_names:
+            i = emb.config.class_names.index(final.label)
+            raw = compute_maps(emb, xq, aq, [ClassTarget(i)], True, spec,
+                               progress=meter.callback() if track else None)
+            maps[(m.model_id, None, f"class:{final.label}")] = raw[0]
+    return maps, images

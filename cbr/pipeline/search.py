@@ -1,0 +1,65 @@
+"""The search step of a query: each member's k nearest active cases, never the query itself.
+
+A query never retrieves its own image (the same sha256) nor, when its patient is given, any case
+of that patient: both would leak the answer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from sqlalchemy import select
+
+from cbr.store.schema import Case
+
+__all__ = ["Hit", "SEARCH_MARGIN", "excluded_cases", "own_case_notes", "active_classes", "search_members"]
+
+SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
+
+
+class Hit(NamedTuple):
+    """One retrieved neighbour: the case row and its cosine similarity to the query."""
+
+    case: Case
+    similarity: float
+
+
+def excluded_cases(s, sha256: str, patient: str | None) -> list[int]:
+    """Ids of the cases a query on this image (and patient) must never retrieve, sorted."""
+    exclude = set(s.scalars(select(Case.id).where(Case.sha256 == sha256)))
+    if patient is not None:
+        exclude |= set(s.scalars(select(Case.id).where(Case.group_id == str(patient))))
+    return sorted(exclude)
+
+
+def own_case_notes(s, sha256: str) -> list[str]:
+    """Say so when the query image already is a case: it is left out of its own neighbours."""
+    rows = s.execute(select(Case.id, Case.label).where(Case.sha256 == sha256, Case.removed_at.is_(None))).all()
+    return [f"this image already is case {cid} (label {label!r}); that case was left out of its neighbours, "
+            "as it is from any query of its own image" for cid, label in rows]
+
+
+def active_classes(s) -> list[str]:
+    """The labels of the active cases, sorted: the classes a vote chooses from."""
+    return sorted(s.scalars(select(Case.label).where(Case.removed_at.is_(None)).distinct()))
+
+
+def search_members(s, members, vectors, k: int, exclude: list[int]) -> list[list[Hit]]:
+    """Per member, its k best active hits for the query embedding it produced.
+
+    Args:
+        s: an open read session.
+        members: the ``Member``s searched.
+        vectors: per member, the query's (1, D) float32 embedding.
+        k: hits per member.
+        exclude: case ids never returned (see ``excluded_cases``).
+    """
+    import index as ix
+
+    hits = []
+    for m, e in zip(members, vectors):
+        D, I = ix.search(m.index, e, k + SEARCH_MARGIN, exclude=[exclude])
+        pairs = [(int(i), float(d)) for i, d in zip(I[0], D[0]) if i >= 0]
+        rows = {c.id: c for c in s.scalars(select(Case).where(Case.id.in_([i for i, _ in pairs])))}
+        hits.append([Hit(rows[i], d) for i, d in pairs if i in rows and rows[i].removed_at is None][:k])
+    return hits

@@ -1,0 +1,66 @@
+"""The report folder of ``cbr evaluate``: metrics.json, predictions.csv and the two plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from cbr.errors import CbrError
+from cbr.files import atomic_write
+
+__all__ = ["json_safe", "write_report"]
+
+
+def json_safe(x):
+    """``x`` with NaN and infinities as None and numpy scalars as Python ones (strict JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        return json_safe(x.item())
+    return x
+
+
+def _predictions_csv(outcomes, softmax_classes) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "group", "fold", "prediction", "confidence", "abstained", "softmax_prediction",
+                "neighbours"])
+    for o in outcomes:
+        sp = softmax_classes[int(np.argmax(o.softmax))] if o.softmax is not None and softmax_classes else ""
+        w.writerow([o.record.path, o.record.label, o.record.group or "", "" if o.fold is None else o.fold,
+                    o.prediction["label"] or "", f"{o.prediction['confidence']:.6f}", int(o.prediction["abstained"]),
+                    sp, " ".join(o.neighbours)])
+    return buf.getvalue()
+
+
+def write_report(metrics: dict, out_dir, outcomes=()) -> Path:
+    """Write ``metrics.json`` (atomically), ``confusion_matrix.png``, ``reliability.png`` and
+    ``predictions.csv`` into ``out_dir``; returns the folder.
+
+    Args:
+        metrics: the metrics dict of either protocol.
+        out_dir: the folder (created).
+        outcomes: the evaluated queries (``cbr.evaluation.outcome.Outcome``), one CSV row each.
+    """
+    from cbr.reporting.plots import plot_confusion, plot_reliability
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CbrError(f"--out {out_dir}: cannot create the report folder ({e.strerror or e}); choose another --out") from None
+    if metrics.get("n"):
+        plot_confusion(metrics["confusion_matrix"], metrics["classes"], out / "confusion_matrix.png")
+        plot_reliability(metrics["reliability"], out / "reliability.png")
+    atomic_write(out / "predictions.csv", _predictions_csv(outcomes, metrics.get("softmax_classes") or []))
+    atomic_write(out / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
+    return out

@@ -1,0 +1,80 @@
+"""The terminal summary of ``cbr evaluate``: one readable table for either protocol."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["format_table"]
+
+
+def _f(x, digits: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def format_table(metrics: dict) -> str:
+    """A readable summary of a metrics dict from either protocol."""
+    cfg = metrics.get("config", {})
+    soft = metrics.get("softmax")
+    lines = []
+    if metrics.get("protocol") == "cross-validation":
+        what = (f"{cfg.get('folds')}-fold patient-grouped cross-validation"
+                f" ({'fine-tuned ' + str(cfg.get('backbone')) if cfg.get('train') else str(cfg.get('backbone')) + ' as is'})")
+    else:
+        what = f"held-out test set against {cfg.get('casebase')}"
+    lines.append(f"{what}: {metrics['n']} images, {len(metrics['classes'])} classes, k={cfg.get('k')}, "
+                 f"vote {cfg.get('vote')}")
+    lines.append("")
+    lines.append(f"{'':<22}{'vote':>10}{'softmax' if soft else '':>10}")
+    rows = [("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("AUC (macro OvR)", "auc"),
+            ("ECE", "ece")]
+    for name, key in rows:
+        lines.append(f"{name:<22}{_f(metrics.get(key)):>10}{_f(soft.get(key)) if soft else '':>10}")
+    lines.append(f"{'precision@' + str(cfg.get('k')):<22}{_f(metrics.get('precision_at_k')):>10}")
+    lines.append(f"{'mAP':<22}{_f(metrics.get('map')):>10}")
+    ab = metrics.get("abstention") or {}
+    lines.append(f"{'abstention rate':<22}{_f(ab.get('rate')):>10}   accuracy on answered {_f(ab.get('accuracy_answered'))}")
+    lines.append("")
+    lines.append(f"{'class':<22}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+    for c, v in metrics["per_class"].items():
+        lines.append(f"{str(c)[:21]:<22}{_f(v['precision']):>10}{_f(v['recall']):>10}{_f(v['f1']):>10}{v['support']:>9}")
+    lines.append("")
+    lines.append("confusion matrix (rows: true, columns: predicted)")
+    width = max([len(str(c)) for c in metrics["classes"]] + [6])
+    lines.append(" " * (width + 2) + "".join(f"{str(c)[:width]:>{width + 2}}" for c in metrics["classes"]))
+    for c, row in zip(metrics["classes"], metrics["confusion_matrix"]):
+        lines.append(f"{str(c)[:width]:<{width + 2}}" + "".join(f"{v:>{width + 2}}" for v in row))
+    loc = metrics.get("localisation")
+    if loc:
+        lines.append("")
+        lines.append(f"localisation ({loc['map']} maps, {loc['n']} images with a lesion mask): pointing game "
+                     f"{_f(loc['pointing_game'])}, energy pointing game {_f(loc['energy_pointing_game'])}, "
+                     f"IoU {_f(loc['iou'])}")
+    faith = metrics.get("faithfulness")
+    if faith:
+        lines.append(f"faithfulness ({faith['n']} images, {faith['target']}): deletion AUC {_f(faith['deletion_auc'])} "
+                     f"vs random map {_f(faith['random_deletion_auc'])} (lower is better); sanity: rank "
+                     f"correlation with {faith['randomised_block']} re-initialised {_f(faith['randomisation_spearman'])}")
+    if metrics.get("comparison"):
+        from cbr.reporting.comparison_table import format_comparison
+
+        lines += ["", format_comparison(metrics["comparison"])]
+    if metrics.get("folds"):
+        lines.append("")
+        parts = []
+        for r in metrics["folds"]:
+            s = _f(r.get("balanced_accuracy"))
+            if r.get("softmax_balanced_accuracy") is not None:
+                s += f"/{_f(r['softmax_balanced_accuracy'])}"
+            parts.append(s)
+        lines.append("balanced accuracy per fold (vote" + ("/softmax" if soft else "") + "): " + "  ".join(parts))
+    leak = metrics.get("leakage")
+    if leak is not None:
+        lines.append("")
+        lines.append(f"leakage: {leak['same_image']} same image, {leak['in_training_set']} in a model's training set, "
+                     f"{leak['same_group']} same patient/group; {leak['images']} image(s) in all, "
+                     + (f"{leak['excluded']} excluded (--strict)" if leak["excluded"] else
+                        ("included (use --strict to exclude)" if leak["images"] else "none found")))
+    if metrics.get("problems"):
+        lines.append(f"skipped {len(metrics['problems'])} file(s); see problems in metrics.json")
+    lines.append(f"elapsed {metrics.get('elapsed_s', 0):.1f} s")
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,148 @@
+"""Pictures for the browser, addressed by query or case id only (never by a file path).
+
+An image is served letterboxed to a square, as the model saw it, so a map drawn over it lines up.
+A map is served apart from its image, as a transparent PNG (jet colours, alpha growing with the
+value), so that the page can change its opacity without asking the server again.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from cbr.errors import CbrError, NotFoundError
+
+__all__ = ["SIZE", "MAP_KINDS", "image_png", "map_png", "query_maps", "case_map", "placeholder_png", "RecordCache"]
+
+SIZE = 320  # pixels on a side: readable beside each other, small enough for k neighbours
+MAP_KINDS = ("similarity", "class")
+SCALES = ("shared", "per-image")
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=1)
+    return buf.getvalue()
+
+
+def placeholder_png(text: str) -> bytes:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (SIZE, SIZE), (60, 60, 60))
+    ImageDraw.Draw(img).text((10, SIZE // 2 - 6), text, fill=(230, 230, 230))
+    return _png(img)
+
+
+def image_png(path: str) -> bytes:
+    """The image at a recorded path, letterboxed to SIZE; a grey placeholder when it is gone."""
+    from cbr.data.image import letterbox, read_image
+
+    try:
+        img, _ = read_image(path)
+    except CbrError:
+        return placeholder_png("image unavailable")
+    return _png(letterbox(img, SIZE))
+
+
+def map_png(raw, vmax: float | None) -> bytes:
+    """A raw map as an RGBA PNG of SIZE: jet colours, alpha proportional to the scaled value."""
+    from PIL import Image
+
+    from explain.overlay import colorize, upsample
+
+    values = upsample(raw, SIZE)
+    scale = float(np.max(raw)) if vmax is None else float(vmax)
+    values = np.clip(values / scale, 0, 1) if scale > 0 else np.zeros_like(values)
+    rgba = np.concatenate([colorize(values), np.round(values * 255).astype(np.uint8)[..., None]], axis=-1)
+    return _png(Image.fromarray(rgba, mode="RGBA"))
+
+
+def _member(record: dict, member_id: int | None) -> dict:
+    if not record["members"]:
+        raise NotFoundError(f"query {record['query_id']} has no member votes")
+    if member_id is None:
+        return record["members"][0]
+    for mem in record["members"]:
+        if mem["model_id"] == int(member_id):
+            return mem
+    raise NotFoundError(f"query {record['query_id']} has no member {member_id}")
+
+
+def query_maps(record: dict, member_id: int | None, kind: str, case_id: int | None, scale: str = "shared"):
+    """(raw map, vmax) of a query (case_id None) or of one of its neighbours, or (None, None).
+
+    similarity: the query's map against its neighbours, a neighbour's map against the query,
+    on one shared scale (as in the report) unless ``scale`` is ``per-image``. class: the query's
+    class map on its own scale, a neighbour's stored case map on its own scale.
+    """
+    from explain.overlay import shared_vmax
+
+    if kind not in MAP_KINDS:
+        raise NotFoundError(f"no map kind {kind!r}; choose from {', '.join(MAP_KINDS)}")
+    if scale not in SCALES:
+        raise NotFoundError(f"no colour scale {scale!r}; choose from {', '.join(SCALES)}")
+    mem = _member(record, member_id)
+    qsim = next((m for m in mem["query_maps"] if m["target"].startswith("similarity")), None)
+    if case_id is None:
+        if kind == "class":
+            m = next((m for m in mem["query_maps"] if m["target"].startswith("class:")), None)
+            return (None, None) if m is None else (m["map"], None)
+        m = qsim
+    else:
+        n = next((n for n in mem["neighbours"] if n["case_id"] == int(case_id)), None)
+        if n is None:
+            raise NotFoundError(f"case {case_id} is not a neighbour of query {record['query_id']}")
+        if kind == "class":
+            m = n["case_map"]
+            return (None, None) if m is None else (m["map"], None)
+        m = n["map"]
+    if m is None:
+        return None, None
+    if scale == "per-image":
+        return m["map"], None
+    sims = [x["map"] for x in [qsim] + [n["map"] for n in mem["neighbours"]] if x is not None]
+    return m["map"], shared_vmax(sims)
+
+
+def case_map(cb, case_id: int):
+    """(raw map, target) of a case's stored map under its first model, or (None, None)."""
+    from sqlalchemy import select
+
+    from cbr.store.schema import Explanation
+    from explain.cam import decode_map
+
+    with cb.read() as s:
+        e = s.scalar(select(Explanation).where(Explanation.case_id == int(case_id), Explanation.role == "case")
+                     .order_by(Explanation.model_id, Explanation.id).limit(1))
+    if e is None:
+        return None, None
+    return decode_map(e.data, (e.height, e.width), e.scale), e.target
+
+
+class RecordCache:
+    """The last few query records with their raw maps (a page asks for 2k+2 pictures of one query).
+
+    Maps never change once recorded, so a cached record is only ever too old in its feedback,
+    which pictures do not use.
+    """
+
+    def __init__(self, size: int = 32):
+        import threading
+        from collections import OrderedDict
+
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, cb, query_id: int) -> dict:
+        from cbr.reporting.report import load_record
+
+        with self._lock:
+            if query_id in self._items:
+                self._items.move_to_end(query_id)
+                return self._items[query_id]
+        record = load_record(cb, query_id)
+        with self._lock:
+            self._items[query_id] = record
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return record

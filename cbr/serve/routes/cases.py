@@ -1,0 +1,38 @@
+"""``/api/cases``: a case's record, its image and its stored map, by id."""
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from cbr.serve.deps import get_casebase, require_token
+
+router = APIRouter(prefix="/api/cases", tags=["cases"], dependencies=[Depends(require_token)])
+HEADERS = {"cache-control": "private, max-age=3600"}
+
+
+@router.get("/{case_id}")
+def get_case(case_id: int, cb=Depends(get_casebase)):
+    """A case: label, patient, metadata, origin (indexed or retained), maps, and the queries that retrieved it."""
+    from cbr.serve.cases import case_record
+
+    return case_record(cb, case_id)
+
+
+@router.get("/{case_id}/image")
+def case_image(case_id: int, cb=Depends(get_casebase)):
+    from cbr.serve.cases import case_record
+    from cbr.serve.pictures import image_png
+
+    return Response(image_png(case_record(cb, case_id, limit=0)["path"]), media_type="image/png", headers=HEADERS)
+
+
+@router.get("/{case_id}/map.png")
+def case_map(case_id: int, cb=Depends(get_casebase)):
+    """The case's stored map (computed at index time) as a transparent PNG; 204 when it has none."""
+    from cbr.serve.cases import case_record
+    from cbr.serve.pictures import case_map as stored_map, map_png
+
+    case_record(cb, case_id, limit=0)  # 404 for an unknown id
+    raw, _ = stored_map(cb, case_id)
+    if raw is None:
+        return Response(status_code=204)
+    return Response(map_png(raw, None), media_type="image/png", headers=HEADERS)

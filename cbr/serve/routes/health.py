@@ -1,0 +1,19 @@
+"""``GET /healthz``: the process is up, with its case base and loaded members."""
+
+from fastapi import APIRouter, Depends
+from sqlalchemy import func, select
+
+from cbr.serve.deps import get_workbench, require_token
+from cbr.serve.models import Health
+from cbr.store.schema import Case
+
+router = APIRouter(tags=["health"], dependencies=[Depends(require_token)])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz(wb=Depends(get_workbench)):
+    with wb.cb.read() as s:
+        cases = s.scalar(select(func.count(Case.id)).where(Case.removed_at.is_(None)))
+    members = [{"model_id": m.model_id, "model": m.label, "fingerprint": m.fingerprint, "vectors": int(m.index.ntotal)}
+               for m in wb.members]
+    return Health(status="ok", cases=int(cases), members=members)

@@ -1,0 +1,158 @@
+"""The browser pages: home, a query (compare, switch maps, feedback, refine), history, a case, login."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import RedirectResponse
+
+from cbr.serve.deps import get_casebase, get_workbench, require_token
+from cbr.serve.pages import render
+
+router = APIRouter(tags=["pages"], dependencies=[Depends(require_token)])
+login_router = APIRouter(tags=["pages"])
+PAGE = 25
+FILTERS = {  # history page filter -> (HistoryFilter field, value, label)
+    "disagreed": ("disagreed", True, "disagreed with the expert"),
+    "abstained": ("abstained", True, "abstained"),
+    "ood": ("out_of_distribution", True, "out of distribution"),
+    "unreviewed": ("reviewed", False, "not yet reviewed"),
+}
+
+
+def _see(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def _check(request: Request, csrf_token: str | None) -> None:
+    request.app.state.guard.check_csrf(request, csrf_token)
+
+
+@router.get("/")
+def home(request: Request, cb=Depends(get_casebase), wb=Depends(get_workbench)):
+    from cbr.pipeline.audit.trail import history
+
+    return render(request, "home.html", {"recent": history(cb, limit=10), "k": wb.searcher.k,
+                                         "max_mb": request.app.state.settings.max_upload_mb})
+
+
+@router.post("/queries")
+def ask(request: Request, csrf_token: str | None = Form(None), image: UploadFile | None = File(None),
+        case_id: int | None = Form(None), patient: str | None = Form(None), k: int | None = Form(None),
+        wb=Depends(get_workbench)):
+    """The home page's form: an uploaded image, or a case of the case base by id."""
+    from pathlib import Path
+
+    from cbr.errors import CbrError
+    from cbr.serve.cases import case_record
+    from cbr.serve.uploads import query_options, read_upload
+
+    _check(request, csrf_token)
+    options = query_options(k, None, None)
+    if image is not None and image.filename:
+        path = wb.save_upload(read_upload(image, request.app.state.settings), image.filename)
+    elif case_id is not None:
+        path = Path(case_record(wb.cb, case_id, limit=0)["path"])
+    else:
+        raise CbrError("choose an image to upload, or give a case id")
+    answer = wb.query(path, patient=(patient or "").strip() or None, **options)
+    return _see(f"/queries/{answer.query_id}")
+
+
+@router.get("/queries/{query_id}")
+def query_page(request: Request, query_id: int, cb=Depends(get_casebase)):
+    from cbr.serve.routes.queries import record_json
+
+    record = record_json(cb, query_id)
+    p = record["prediction"]
+    labels = sorted({*p["probabilities"], *(n["label"] for m in record["members"] for n in m["neighbours"])})
+    return render(request, "query.html", {"r": record, "p": p, "labels": labels})
+
+
+@router.post("/queries/{query_id}/feedback")
+def feedback(request: Request, query_id: int, csrf_token: str | None = Form(None), label: str = Form(""),
+             other_label: str | None = Form(None), note: str | None = Form(None), by: str | None = Form(None),
+             retain: bool = Form(False), wb=Depends(get_workbench)):
+    _check(request, csrf_token)
+    chosen = (other_label or "").strip() or label
+    wb.feedback(query_id, chosen, note=(note or "").strip() or None, by=(by or "").strip() or None, retain=retain)
+    return _see(f"/queries/{query_id}#feedback")
+
+
+@router.post("/queries/{query_id}/refine/region")
+def refine_region(request: Request, query_id: int, csrf_token: str | None = Form(None), x0: float = Form(...),
+                  y0: float = Form(...), x1: float = Form(...), y1: float = Form(...), wb=Depends(get_workbench)):
+    _check(request, csrf_token)
+    answer, _ = wb.refine_region(query_id, (x0, y0, x1, y1))
+    return _see(f"/queries/{answer.query_id}")
+
+
+@router.post("/queries/{query_id}/refine/example")
+async def refine_example(request: Request, query_id: int, wb=Depends(get_workbench)):
+    """Radio buttons ``rel-<case id>`` = relevant | irrelevant | skip, one per neighbour."""
+    from starlette.concurrency import run_in_threadpool
+
+    form = await request.form()
+    _check(request, form.get("csrf_token"))
+    relevant, irrelevant = [], []
+    for key, value in form.multi_items():
+        if key.startswith("rel-") and key[4:].isdigit():
+            {"relevant": relevant, "irrelevant": irrelevant}.get(str(value), []).append(int(key[4:]))
+    answer, _ = await run_in_threadpool(wb.refine_example, query_id, relevant, irrelevant)
+    return _see(f"/queries/{answer.query_id}")
+
+
+@router.get("/history")
+def history_page(request: Request, cb=Depends(get_casebase), page: int = 1, label: str | None = None,
+                 predicted: str | None = None, disagreed: bool = False, abstained: bool = False, ood: bool = False,
+                 unreviewed: bool = False):
+    from cbr.pipeline.audit.trail import HistoryFilter, history
+
+    page = max(1, int(page))
+    chosen = {"disagreed": disagreed, "abstained": abstained, "ood": ood, "unreviewed": unreviewed}
+    where = HistoryFilter(label=(label or "").strip() or None, predicted=(predicted or "").strip() or None,
+                          **{FILTERS[k][0]: FILTERS[k][1] for k, on in chosen.items() if on})
+    rows = history(cb, where, limit=PAGE + 1, offset=(page - 1) * PAGE)
+    params = {k: "1" for k, on in chosen.items() if on}
+    params.update({k: v for k, v in (("label", where.label), ("predicted", where.predicted)) if v})
+
+    def link(n):
+        return "/history?" + urlencode({**params, "page": n})
+
+    return render(request, "history.html", {
+        "rows": rows[:PAGE], "page": page, "filters": FILTERS, "chosen": chosen, "label": where.label or "",
+        "predicted": where.predicted or "",
+        "prev": link(page - 1) if page > 1 else None, "next": link(page + 1) if len(rows) > PAGE else None,
+    })
+
+
+@router.get("/cases/{case_id}")
+def case_page(request: Request, case_id: int, cb=Depends(get_casebase)):
+    from cbr.serve.cases import case_record
+
+    return render(request, "case.html", {"c": case_record(cb, case_id)})
+
+
+@login_router.get("/login")
+def login_form(request: Request, next: str = "/"):
+    return render(request, "login.html", {"next": _local(next), "failed": False})
+
+
+@login_router.post("/login")
+def login(request: Request, token: str = Form(""), next: str = Form("/"), csrf_token: str | None = Form(None)):
+    from cbr.serve.security import SESSION_COOKIE
+
+    guard = request.app.state.guard
+    guard.check_csrf(request, csrf_token)
+    if not guard.login_ok(token):
+        return render(request, "login.html", {"next": _local(next), "failed": True}, status=401)
+    response = _see(_local(next))
+    guard.set_cookie(response, SESSION_COOKIE, guard.session_value)
+    return response
+
+
+def _local(url: str) -> str:
+    """Only a path on this server (never //evil.example or https://...) is a place to go back to."""
+    url = str(url or "/")
+    return url if url.startswith("/") and not url.startswith("//") and "\\" not in url else "/"

@@ -1,0 +1,151 @@
+"""``cbr db check``: is a case base whole? SQLite's own check, then ours.
+
+SQLite's ``integrity_check`` finds damaged pages, wrong free lists and broken indexes. Ours find
+what SQLite cannot know about: an index file that is missing, altered or holds other cases than the
+case base; cases without their embeddings or maps; explanation rows of cases or queries that do not
+exist; a model without its calibration. Nothing is repaired here: each finding says what to run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DatabaseError
+
+__all__ = ["Health", "check_casebase"]
+
+_MAX_SQLITE_MESSAGES = 20
+
+
+@dataclass
+class Health:
+    """What ``check_casebase`` found: ``errors`` make the case base unusable as it is; ``warnings``
+    are repaired by cbr itself at the next query or index run."""
+
+    casebase: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {"casebase": self.casebase, "ok": self.ok, "errors": self.errors, "warnings": self.warnings,
+                "counts": self.counts}
+
+
+def _sqlite_check(cb, health: Health) -> bool:
+    """SQLite's integrity and foreign-key checks; False when the file is too damaged to go on."""
+    try:
+        with cb.engine.connect() as conn:
+            rows = [r[0] for r in conn.exec_driver_sql(f"PRAGMA integrity_check({_MAX_SQLITE_MESSAGES})")]
+            fk = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    except DatabaseError as e:
+        health.errors.append(f"SQLite cannot read the file: {getattr(e, 'orig', e)}; restore it from a backup")
+        return False
+    if rows != ["ok"]:
+        health.errors.extend(f"SQLite integrity_check: {r}" for r in rows)
+        health.errors.append("the file is damaged: restore it from a backup (or salvage it with `sqlite3 "
+                             f"{cb.display} .recover`); cbr refuses to write into it")
+        return False
+    for table, rowid, parent, _ in fk[:_MAX_SQLITE_MESSAGES]:
+        health.errors.append(f"{table} row {rowid} points to a missing {parent} row")
+    return True
+
+
+def _index_check(cb, s, health: Health) -> None:
+    """Each model's index file against its manifest and the active cases' embeddings."""
+    import index as ix
+    import numpy as np
+
+    from cbr.store.member import _db_active_ids, model_label
+    from cbr.store.schema import IndexManifest, Model
+
+    hint = f"run `cbr index --rebuild --db {cb.display}`"
+    for man, model in s.execute(select(IndexManifest, Model).join(Model, Model.id == IndexManifest.model_id)):
+        path = cb.index_dir / man.path
+        who = f"index of model {model.id} ({model_label(model)})"
+        if not path.is_file():
+            health.errors.append(f"{who}: file {path} is missing; {hint}")
+            continue
+        try:
+            if ix.checksum(path) != man.checksum:
+                health.errors.append(f"{who}: file {path} does not match its checksum (damaged or altered); {hint}")
+                continue
+            index = ix.load(path)
+        except (OSError, ValueError, RuntimeError) as e:
+            health.errors.append(f"{who}: file {path} cannot be read ({e}); {hint}")
+            continue
+        stored = np.asarray(ix.ids(index), dtype=np.int64)
+        active = _db_active_ids(cb, model.id)
+        missing, extra = np.setdiff1d(active, stored), np.setdiff1d(stored, active)
+        if index.ntotal != man.ntotal:
+            health.errors.append(f"{who}: holds {index.ntotal} vectors but its manifest says {man.ntotal}; {hint}")
+        elif len(missing) or len(extra):
+            health.warnings.append(f"{who}: lacks {len(missing)} active case(s) and holds {len(extra)} removed or "
+                                   "unknown one(s) (an interrupted run); repaired from the stored embeddings at "
+                                   f"the next index run, or now with {hint}")
+        health.counts[f"index_vectors_model_{model.id}"] = int(index.ntotal)
+
+
+def _row_checks(cb, s, health: Health) -> None:
+    """Cases against embeddings and maps; explanation rows against cases and queries; calibrations."""
+    from cbr.store.schema import Calibration, Case, Embedding, Explanation, IndexManifest, Query, TypicalityScores
+
+    active = select(Case.id).where(Case.removed_at.is_(None))
+    health.counts["cases"] = s.scalar(select(func.count(Case.id))) or 0
+    health.counts["active_cases"] = s.scalar(select(func.count()).select_from(active.subquery())) or 0
+    health.counts["queries"] = s.scalar(select(func.count(Query.id))) or 0
+    health.counts["explanations"] = s.scalar(select(func.count(Explanation.id))) or 0
+    for kind, column, table in (("case", Explanation.case_id, Case), ("query", Explanation.query_id, Query)):
+        orphans = s.scalar(select(func.count(Explanation.id)).where(
+            column.is_not(None), ~column.in_(select(table.id)))) or 0
+        if orphans:
+            health.errors.append(f"{orphans} explanation row(s) belong to a {kind} that does not exist")
+    for model_id in s.scalars(select(IndexManifest.model_id)):
+        lacking = s.scalar(select(func.count()).select_from(active.where(
+            ~Case.id.in_(select(Embedding.case_id).where(Embedding.model_id == model_id))).subquery())) or 0
+        if lacking:
+            health.errors.append(f"{lacking} active case(s) have no embedding under model {model_id}; index the "
+                                 "data again with that model to add them")
+        has_maps = s.scalar(select(func.count(Explanation.id)).where(
+            Explanation.role == "case", Explanation.model_id == model_id)) or 0
+        if has_maps:
+            unmapped = s.scalar(select(func.count()).select_from(active.where(~Case.id.in_(
+                select(Explanation.case_id).where(Explanation.role == "case", Explanation.model_id == model_id)))
+                .subquery())) or 0
+            if unmapped:
+                health.warnings.append(f"{unmapped} active case(s) have no stored map under model {model_id}; "
+                                       "their reports show no map")
+        for table, what in ((Calibration, "vote calibration"), (TypicalityScores, "typicality calibration")):
+            if s.scalar(select(func.count(table.id)).where(table.model_id == model_id)) == 0:
+                health.warnings.append(f"model {model_id} has no {what}; the next writable query computes it")
+
+
+def check_casebase(cb) -> Health:
+    """Check an open case base: SQLite's integrity, the index files and the rows that belong together.
+
+    Args:
+        cb: an open ``CaseBase`` (read-only is enough).
+
+    Returns:
+        a :class:`Health`; ``ok`` is False when something needs a rebuild or a restore.
+
+    Example:
+        >>> health = check_casebase(open_casebase("cases.db", create=False, readonly=None))
+        >>> health.ok, health.errors
+    """
+    health = Health(cb.display)
+    if make_url(cb.url).get_backend_name() == "sqlite" and not _sqlite_check(cb, health):
+        return health
+    try:
+        with cb.read() as s:
+            _row_checks(cb, s, health)
+            _index_check(cb, s, health)
+    except DatabaseError as e:
+        health.errors.append(f"reading the case base failed: {getattr(e, 'orig', e)}; restore it from a backup")
+    return health

@@ -1,0 +1,62 @@
+"""Row encoding: the one way each value goes into the case base's rows and comes back out.
+
+Times are stored in UTC; maps are stored as float16 with their raw magnitude (explain.rawmap's
+encoding); a query id named by a user is looked up with the same actionable message everywhere.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from cbr.errors import NotFoundError
+from cbr.store.schema import Explanation, Query
+
+__all__ = ["as_utc", "iso", "explanation_row", "map_fields", "get_query"]
+
+
+def as_utc(dt: datetime | None) -> datetime | None:
+    """A stored time as an aware UTC datetime (SQLite hands them back naive, in UTC)."""
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+def iso(dt: datetime | None) -> str | None:
+    """UTC times as ``YYYY-MM-DDTHH:MM:SS+00:00``, the same on every backend."""
+    dt = as_utc(dt)
+    return None if dt is None else dt.replace(microsecond=0).isoformat()
+
+
+def explanation_row(raw, *, model_id: int, method: str, target: str, role: str, case_id: int | None = None,
+                    query_id: int | None = None) -> Explanation:
+    """An ``Explanation`` row holding a raw low-resolution map (float16, scaled to [0, 1]).
+
+    Args:
+        raw: the 2-D raw map.
+        model_id: the model whose activations it explains.
+        method: the CAM method; target: what it explains (``class:X``, ``similarity:query``, ...).
+        role: ``case`` (stored at index time), ``query`` or ``neighbour`` (query time).
+        case_id, query_id: the case and/or query it belongs to.
+    """
+    from explain.rawmap import encode_map
+
+    data, shape, scale = encode_map(raw)
+    return Explanation(model_id=model_id, case_id=case_id, query_id=query_id, role=role, method=method,
+                       target=target, height=shape[0], width=shape[1], dtype="float16", scale=float(scale),
+                       data=data)
+
+
+def map_fields(row: Explanation) -> dict:
+    """An ``Explanation`` row as {"method", "target", "shape", "scale", "map"} (the raw map decoded)."""
+    from explain.rawmap import decode_map
+
+    return {"method": row.method, "target": row.target, "shape": [row.height, row.width], "scale": row.scale,
+            "map": decode_map(row.data, (row.height, row.width), row.scale)}
+
+
+def get_query(s, cb, query_id: int) -> Query:
+    """The ``Query`` row ``query_id`` in session ``s``, or NotFoundError saying how to list them."""
+    q = s.get(Query, int(query_id))
+    if q is None:
+        raise NotFoundError(f"no query {query_id} in {cb.display}; list them with `cbr history --db {cb.display}`")
+    return q

@@ -1,0 +1,177 @@
+"""`cbr serve` in a real browser: headless Chromium driven by selenium, against uvicorn on loopback.
+
+Needs Debian's ``chromium`` and ``chromium-driver``. Without them the tests skip, unless
+CBR_REQUIRE_BROWSER=1 (set by .ci/run), which turns the skip into a failure.
+"""
+
+import csv
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+from cbr.store.casebase import open_casebase
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+         "--no-first-run", "--window-size=1400,1100")
+
+
+def _find_browser():
+    binary = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    driver = shutil.which("chromedriver")
+    if binary and driver:
+        return binary, driver
+    reason = ("no headless browser: install Debian's chromium and chromium-driver "
+              "(apt-get install -y chromium chromium-driver) to run the browser tests")
+    if os.environ.get("CBR_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"CBR_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def server(indexed, tmp_path):
+    """uvicorn serving a fresh app over the tiny case base, on a free loopback port, in a thread."""
+    import uvicorn
+
+    from cbr.serve.app import create_app
+    from cbr.serve.settings import ServeSettings
+
+    cb = open_casebase(indexed, create=False)
+    app = create_app(cb, ServeSettings(data_dir=tmp_path / "serve", k=3))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=15)
+    sock.close()
+    cb.close()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    binary, driver_path = _find_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(120)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, condition, timeout=120):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def _overlays_loaded(driver):
+    """Every visible overlay image has finished loading with real pixels."""
+    return driver.execute_script("""
+        const imgs = [...document.querySelectorAll('img.overlay')].filter(i => !i.classList.contains('none'));
+        return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);""")
+
+
+def _image(query_set):
+    with open(query_set, newline="") as fh:
+        return query_set.parent / next(csv.DictReader(fh))["path"]
+
+
+def test_upload_compare_slide_correct_and_find_it_in_history(browser, server, query_set, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(server + "/")
+    assert "Ask the case base" in browser.page_source
+    browser.find_element(By.ID, "image-input").send_keys(str(_image(query_set)))
+    browser.find_element(By.ID, "upload-submit").click()
+    _wait(browser, lambda d: "/queries/" in d.current_url and d.find_elements(By.ID, "diagnosis"))
+    query_url = browser.current_url
+    qid = int(query_url.rstrip("/").rsplit("/", 1)[1])
+
+    # The query beside its neighbours, each with its map drawn over it.
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".tile.neighbour")) == 3
+    _wait(browser, _overlays_loaded, timeout=60)
+    overlay = browser.find_element(By.ID, f"overlay-q-{1}")
+    assert "/maps/similarity.png" in overlay.get_attribute("src")
+    bases = browser.find_elements(By.CSS_SELECTOR, "img.base")
+    assert len(bases) == 4 and all(b.get_attribute("naturalWidth") == "320" for b in bases)
+
+    # Move an opacity slider with the keyboard: the overlay's opacity follows.
+    before = float(browser.execute_script("return getComputedStyle(arguments[0]).opacity", overlay))
+    slider = browser.find_element(By.CSS_SELECTOR, 'input.opacity[data-target="overlay-q-1"]')
+    slider.click()
+    for _ in range(30):
+        slider.send_keys(Keys.ARROW_LEFT)
+    after = float(browser.execute_script("return getComputedStyle(arguments[0]).opacity", overlay))
+    assert before == pytest.approx(0.6) and after < before - 0.2
+    assert after == pytest.approx(int(slider.get_attribute("value")) / 100, abs=0.011)
+
+    # Switch to the class maps: neighbours show their stored map; tinycnn has no class map of the query.
+    browser.find_element(By.CSS_SELECTOR, 'input[name="map-kind"][value="class"]').click()
+    neighbour_overlay = browser.find_element(By.CSS_SELECTOR, ".tile.neighbour img.overlay")
+    assert "/maps/class.png" in neighbour_overlay.get_attribute("src")
+    assert "none" in overlay.get_attribute("class")
+    browser.find_element(By.CSS_SELECTOR, 'input[name="map-kind"][value="similarity"]').click()
+    browser.find_element(By.CSS_SELECTOR, 'input[name="map-scale"][value="per-image"]').click()
+    assert "scale=per-image" in neighbour_overlay.get_attribute("src")
+    _wait(browser, _overlays_loaded, timeout=60)
+    browser.save_screenshot(str(tmp_path / "query-page.png"))
+    assert (tmp_path / "query-page.png").stat().st_size > 10_000
+
+    # Correct the diagnosis with another label and a note.
+    predicted = browser.find_element(By.ID, "diagnosis").text
+    select = Select(browser.find_element(By.ID, "feedback-label"))
+    other = next(o.get_attribute("value") for o in select.options if o.get_attribute("value") != predicted)
+    select.select_by_value(other)
+    browser.find_element(By.ID, "feedback-note").send_keys("looks like the other class to me")
+    browser.find_element(By.ID, "feedback-by").send_keys("dr.browser")
+    browser.find_element(By.ID, "feedback-submit").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "feedback-table"))
+    assert "looks like the other class to me" in browser.find_element(By.ID, "feedback-table").text
+
+    # It is in the history, and in the "disagreed" filter.
+    browser.get(server + "/history?disagreed=1")
+    table = browser.find_element(By.ID, "history-table").text
+    assert f"corrected -> {other}" in table and "looks like the other class to me" in table
+    assert browser.find_element(By.LINK_TEXT, str(qid))
+
+
+def test_draw_a_region_and_query_it(browser, server, query_set):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    browser.get(server + "/")
+    browser.find_element(By.ID, "image-input").send_keys(str(_image(query_set)))
+    browser.find_element(By.ID, "upload-submit").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "region-stack"))
+    parent = int(browser.current_url.rstrip("/").rsplit("/", 1)[1])
+    stack = browser.find_element(By.ID, "region-stack")
+    button = browser.find_element(By.ID, "refine-region")
+    assert not button.is_enabled()
+    ActionChains(browser).move_to_element_with_offset(stack, -100, -100).click_and_hold() \
+        .move_by_offset(120, 150).release().perform()
+    assert button.is_enabled()
+    assert browser.find_element(By.ID, "region-box").is_displayed()
+    button.click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "refines"))
+    assert f"query {parent}" in browser.find_element(By.ID, "refines").text

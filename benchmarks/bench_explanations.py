@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--input-size", type=int, default=None, help="for a backbone name (checkpoints keep theirs)")
     p.add_argument("--skip", default="", help="methods to leave out, a,b")
+    p.add_argument("--target-layer", default=None, help="CAM layer, e.g. features.13 (as cbr demo's case base)")
     p.add_argument("--out", default="explanation-comparison")
     args = p.parse_args()
 
@@ -45,7 +46,7 @@ def main() -> None:
 
     from cbr.data.dataset import read_dataset
     from cbr.evaluation.comparison import comparison_report, format_comparison, parse_methods
-    from cbr.models.embedder import create_embedder
+    from cbr.models.factory import create_embedder
 
     torch.set_num_threads(args.threads)
     records = read_dataset(args.data).records
@@ -54,7 +55,7 @@ def main() -> None:
 
         _, test = group_split([r.label for r in records], [r.group for r in records], fraction=0.25, seed=0)
         records = [records[i] for i in test]
-    embedder = create_embedder(args.model, input_size=args.input_size)
+    embedder = create_embedder(args.model, input_size=args.input_size, target_layer=args.target_layer)
     methods = tuple(m for m in parse_methods(args.methods) if m not in args.skip.split(","))
     t0 = time.perf_counter()
     result = comparison_report(embedder, records, methods, out_dir=args.out,

@@ -133,6 +133,31 @@ def measure(name, cb, foreign, held, alpha, limit):
                 threshold=max(alpha, 1 / (cal.n + 1)), seconds=round(elapsed, 1))
 
 
+def calibration_cost(sizes, dim: int = 1280, group: int = 3) -> list[list]:
+    """Seconds to calibrate (typicality and credibility) a flat index of n random unit vectors,
+    patients of ``group`` images: what `cbr index`, retain and remove pay on top of their work."""
+    import index as ix
+    from cbr.pipeline.calibration import _credibility_rows
+    from cbr.pipeline.typicality import leave_one_out_scores
+
+    rng = np.random.default_rng(0)
+    out = []
+    for n in sizes:
+        x = rng.normal(size=(n, dim)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        ids = np.arange(1, n + 1, dtype=np.int64)
+        index = ix.build(dim, "flat")
+        ix.add(index, x, ids)
+        groups = {int(i): f"p{int(i) // group}" for i in ids}
+        t0 = time.perf_counter()
+        leave_one_out_scores(index, ids, x, groups)
+        t1 = time.perf_counter()
+        _credibility_rows(index, ids, x, {int(i): ("a", groups[int(i)]) for i in ids}, max_cases=500, k_max=50, seed=0)
+        t2 = time.perf_counter()
+        out.append([n, f"{t1 - t0:.2f}", f"{t2 - t1:.2f}"])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(DATA))
@@ -141,12 +166,21 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="foreign queries per pair (default: all)")
     ap.add_argument("--demo", default=None, help="the demo's case base (cbr demo --out DIR: DIR/cases.db)")
     ap.add_argument("--pairs", default="brain,chest", help="which real pairs: brain, chest (comma-separated)")
+    ap.add_argument("--train-epochs", type=int, default=0,
+                    help="fine-tune --model (a backbone name) on each case base's own part first, for N epochs")
+    ap.add_argument("--img-size", type=int, default=160, help="input side of the fine-tuned model")
     ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--cost", default="", help="only time calibration at these case counts, e.g. 1000,10000")
     args = ap.parse_args()
 
     from cbr.pipeline.index import index_dataset
     from cbr.store.casebase import open_casebase
 
+    if args.cost:
+        rows = calibration_cost([int(n) for n in args.cost.split(",")])
+        print(table(["cases", "typicality calibration (s)", "credibility calibration (s)"], rows))
+        write_json("bench_ood_cost", {"rows": rows}, args.out)
+        return
     data = datasets(Path(args.data))
     rows = []
     pairs = {"brain": ("brain_mri_yesno", "chest_xray_pneumonia"), "chest": ("chest_xray_pneumonia", "brain_mri_yesno")}
@@ -156,25 +190,44 @@ def main():
             home, away = pairs[key]
             train, held = split(data[home])
             cb = open_casebase(Path(tmp) / f"{home}.db")
-            kw = {"weights": weights} if weights else {}
-            index_dataset(cb, None, records=train, models=[args.model], explain="none", num_workers=0, **kw)
+            model, kw = args.model, ({"weights": weights} if weights else {})
+            if args.train_epochs:
+                from cbr.learn.config import TrainConfig
+                from cbr.learn.train import train_model
+
+                model, kw = str(Path(tmp) / f"{home}.pt"), {}
+                train_model(out=model, records=train, config=TrainConfig(
+                    backbone=args.model, epochs=args.train_epochs, img_size=args.img_size, num_workers=0, device="cpu"))
+            index_dataset(cb, None, records=train, models=[model], explain="none", num_workers=0, **kw)
             row = measure(f"{home} ({len(train)} cases) <- {away}", cb, data[away], held, args.alpha, args.limit)
             rows.append(row)
             print(f"  {row['pair']}: done in {row['seconds']} s", flush=True)
     if args.demo:
+        from sqlalchemy import select
+
+        from cbr.data.dataset import read_dataset
+        from cbr.store.schema import Case
+
         cb = open_casebase(args.demo, create=False)
+        with cb.read() as s:
+            cases = set(s.scalars(select(Case.sha256)))
+        # the demo's held-out phantoms (unseen patients) are its in-distribution queries
+        phantoms = read_dataset(Path(args.demo).parent / "phantoms" / "manifest.csv").records
+        held = [r for r in phantoms if r.sha256 not in cases]
         for away in ("brain_mri_yesno", "chest_xray_pneumonia"):
-            row = measure(f"demo phantoms <- {away}", cb, data[away], [], args.alpha, args.limit)
+            row = measure(f"demo phantoms <- {away}", cb, data[away], held, args.alpha, args.limit)
             rows.append(row)
             print(f"  {row['pair']}: done in {row['seconds']} s", flush=True)
 
     f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    print(f"\nmodel {args.model}, alpha {args.alpha}, k {rows[0]['k'] if rows else '-'}")
+    tuned = f" fine-tuned {args.train_epochs} epochs at {args.img_size} px on each case base" if args.train_epochs else ""
+    print(f"\nmodel {args.model}{tuned}, alpha {args.alpha}, k {rows[0]['k'] if rows else '-'}")
     print(table(["case base <- foreign", "cal. cases", "threshold", "foreign flagged", "held-out flagged",
                  "LOO flagged", "AUROC", "FPR@95TPR", "n in", "n out"],
                 [[r["pair"], r["calibration_cases"], f(r["threshold"]), f(r["flagged_out"]), f(r["flagged_in"]),
                   f(r["loo_flagged"]), f(r["auroc"]), f(r["fpr_at_95_tpr"]), r["n_in"], r["n_out"]] for r in rows]))
-    write_json("bench_ood", {"model": args.model, "alpha": args.alpha, "limit": args.limit, "rows": rows}, args.out)
+    write_json("bench_ood", {"model": args.model, "train_epochs": args.train_epochs, "alpha": args.alpha,
+                             "limit": args.limit, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -82,11 +82,13 @@ def latency(db: Path, images: list[Path], warmup: int) -> dict:
     from cbr.pipeline.query import Searcher
     from cbr.serve.app import create_app
     from cbr.serve.settings import ServeSettings
+    from cbr.serve.workbench import stored_map_method
     from cbr.store.casebase import open_casebase
 
     cb = open_casebase(db, create=False)
     data = db.parent / "serve-data"
-    searcher = Searcher(cb, out_dir=str(data / "reports"))
+    # As `cbr serve` by default: the CAM method of the case base's stored maps.
+    searcher = Searcher(cb, out_dir=str(data / "reports"), explain=stored_map_method(cb))
     app = create_app(cb, ServeSettings(data_dir=data), searcher=searcher)
     server, thread, url = _serve_in_thread(app)
     lib, http = [], []
@@ -95,15 +97,17 @@ def latency(db: Path, images: list[Path], warmup: int) -> dict:
             for image in images[:warmup]:
                 searcher.query(image)
                 _post(client, url, image)
-            for image in images:
+            for i, image in enumerate(images):
                 # The HTTP path stores the upload first and queries that copy; the library path
-                # reads the file where it is. Both record the query and write its report.
-                t0 = time.perf_counter()
-                searcher.query(image)
-                lib.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                _post(client, url, image)
-                http.append(time.perf_counter() - t0)
+                # reads the file where it is. Both record the query and write its report. The
+                # order alternates, so that neither always finds the neighbours' files cached.
+                for path in (("lib", "http") if i % 2 == 0 else ("http", "lib")):
+                    t0 = time.perf_counter()
+                    if path == "lib":
+                        searcher.query(image)
+                    else:
+                        _post(client, url, image)
+                    (lib if path == "lib" else http).append(time.perf_counter() - t0)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -121,14 +125,15 @@ def throughput(db: Path, images: list[Path], clients: int, per_client: int, sear
     server, thread, url = _serve_in_thread(app)
     out = {}
     try:
-        for n in (1, clients):
+        total = clients * per_client
+        for n in (1, clients):  # the same number of queries, from one client, then from several at once
             errors, done = [], []
 
             def worker(w):
                 with httpx.Client(timeout=600) as client:
-                    for i in range(per_client):
+                    for i in range(total // n):
                         try:
-                            done.append(_post(client, url, images[(w * per_client + i) % len(images)])["query_id"])
+                            done.append(_post(client, url, images[(w * (total // n) + i) % len(images)])["query_id"])
                         except Exception as e:  # noqa: BLE001 - counted and printed
                             errors.append(repr(e))
 
@@ -157,8 +162,9 @@ def cold_start(db: Path, image: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        url = None
+        url, said = None, []
         for line in proc.stdout:
+            said.append(line.strip())
             m = re.search(r"open (http://\S+/)", line)
             if m:
                 url = m.group(1).rstrip("/")
@@ -178,7 +184,7 @@ def cold_start(db: Path, image: Path) -> dict:
     finally:
         if proc.poll() is None:
             proc.kill()
-    return {"url": t_url, "first": t_first, "second": t_second, "exit": proc.returncode}
+    return {"url": t_url, "first": t_first, "second": t_second, "exit": proc.returncode, "said": said[0]}
 
 
 def main():
@@ -199,19 +205,26 @@ def main():
         lat["cb"].close()
         cold = cold_start(scratch, images[0])
     lib_p50, http_p50 = statistics.median(lat["lib"]), statistics.median(lat["http"])
-    print(f"case base {db}, {args.n} queries per path after {args.warmup} warm-up, "
+    print(f"case base {db}, maps {lat['searcher'].explain}, k {lat['searcher'].k}, "
+          f"{args.n} queries per path after {args.warmup} warm-up, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs")
     print(f"{'measure':<44} {'p50':>9} {'p95':>9}")
     print(f"{'Searcher.query (library, warm)':<44} {lib_p50 * 1000:>7.0f}ms {_percentile(lat['lib'], 95) * 1000:>7.0f}ms")
     print(f"{'POST /api/queries (HTTP, warm)':<44} {http_p50 * 1000:>7.0f}ms {_percentile(lat['http'], 95) * 1000:>7.0f}ms")
     print(f"{'HTTP / library (p50 ratio; goal <= 1.3)':<44} {http_p50 / lib_p50:>9.2f}")
+    # Each HTTP query runs next to the library query on the same image: the median of the paired
+    # differences is the overhead, robust to the load drifting during the run.
+    paired = statistics.median(h - l for h, l in zip(lat["http"], lat["lib"]))
+    print(f"{'HTTP overhead, median of paired differences':<44} {paired * 1000:>7.0f}ms")
     for n, t in thr.items():
-        print(f"{f'throughput, {n} client(s) x {args.per_client}':<44} {t['qps']:>7.2f}/s  "
+        per = args.clients * args.per_client // n
+        print(f"{f'throughput, {n} client(s) x {per} queries':<44} {t['qps']:>7.2f}/s  "
               f"({t['queries']} answers, {t['distinct']} distinct ids, {t['errors']} errors, {t['wall']:.1f} s)")
     print(f"{'cbr serve start -> URL printed':<44} {cold['url']:>8.1f}s")
     print(f"{'cbr serve start -> first answer':<44} {cold['first']:>8.1f}s")
     print(f"{'second answer of that process':<44} {cold['second']:>8.2f}s")
     print(f"{'exit status after Ctrl-C':<44} {cold['exit']:>9}")
+    print(f"(it said: {cold['said']})")
 
 
 if __name__ == "__main__":

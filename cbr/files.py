@@ -22,7 +22,10 @@ def atomic_open(path, mode: str = "wb", *, durable: bool = True, **kwargs):
         ...     fh.write("{}")
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # name the file the user asked for, not our temporary one
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
         # mkstemp makes the file 0600; the result must get the mode any new file gets (0666 less
         # the umask), or reports and exports could not be shared as the user's other files are.
@@ -33,6 +36,11 @@ def atomic_open(path, mode: str = "wb", *, durable: bool = True, **kwargs):
             if durable:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename in (None, tmp):  # a full disk or a failed rename: say which file it was for
+            raise type(e)(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -68,6 +68,26 @@ def iou(raw, mask, threshold=0.5):
     return float(np.logical_and(selected, mask).sum() / union) if union else 0.0
 
 
+def iou_top(raw, mask, fraction=0.2):
+    """IoU between the mask and the map's top `fraction` of pixels (a fixed share, not a level).
+
+    A share rather than a threshold on the normalised map: every map selects the same area, so
+    maps of different sharpness (a 7x7 CAM and a fused 28x28 one) compare fairly. An all-zero
+    map selects nothing and scores 0.
+    """
+    mask = _mask(mask)
+    values = _upsampled(raw, mask)
+    if not values.max() > 0:
+        return 0.0
+    count = max(1, int(round(fraction * values.size)))
+    order = np.argsort(-values.ravel(), kind="stable")[:count]
+    selected = np.zeros(values.size, dtype=bool)
+    selected[order] = True
+    selected = selected.reshape(mask.shape)
+    union = np.logical_or(selected, mask).sum()
+    return float(np.logical_and(selected, mask).sum() / union) if union else 0.0
+
+
 def _trapezoid(y, x):
     return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
 

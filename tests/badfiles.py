@@ -222,6 +222,46 @@ def make_hidden(folder) -> Path:
     return p
 
 
+def make_fifo(folder) -> Path:
+    """A named pipe called like an image: opening it for reading would wait for a writer forever."""
+    p = Path(folder) / "fifo.png"
+    os.mkfifo(p)
+    return p
+
+
+def make_device_link(folder) -> Path:
+    """A link named like an image to ``/dev/zero``, a device whose reads never end."""
+    p = Path(folder) / "zero.png"
+    os.symlink("/dev/zero", p)
+    return p
+
+
+HUGE_BYTES = 2 * 1024**3 + 1  # one byte over the default cap (cbr.data.guard.DEFAULT_MAX_FILE_MB)
+
+
+def make_huge(folder) -> Path:
+    """A sparse file one byte over the default size cap: no disk space, but a read would take 2 GiB."""
+    p = Path(folder) / "huge.png"
+    with open(p, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.truncate(HUGE_BYTES)
+    return p
+
+
+NEWLINE_LABEL = "tumour\nnormal"
+ESCAPE_LABEL = "\x1b]0;pwned\x07"
+NFD_LABEL, NFC_LABEL = "cafe\u0301", "caf\u00e9"
+
+
+def make_label_folder(root, label: str, seed: int) -> Path:
+    """A class folder named ``label`` holding one good image."""
+    folder = Path(root) / label
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / f"labelled_{seed}.png"
+    p.write_bytes(_png_bytes(_phantom_image(seed)))
+    return p
+
+
 # -- a whole class-folder corpus -------------------------------------------------------------
 
 
@@ -247,6 +287,14 @@ EXPECTED: dict[str, Expect] = {
     "duplicate": Expect("problem", "duplicate of"),
     "conflict_a": Expect("problem", "label conflict"),
     "conflict_b": Expect("problem", "label conflict"),
+    # issue 12: files that would block or never end, and labels that broke rendering
+    "fifo": Expect("problem", "not a regular file"),
+    "device_link": Expect("problem", "not a regular file"),
+    "huge": Expect("problem", "file too large"),
+    "newline_label": Expect("problem", "label contains a newline"),
+    "escape_label": Expect("problem", "label contains an escape character"),
+    "nfd_label": Expect("record"),  # stored as NFC: one class with nfc_label
+    "nfc_label": Expect("record"),
 }
 GOOD_PER_CLASS = 3
 
@@ -267,6 +315,9 @@ _MAKERS = {
     "symlink_loop": make_symlink_loop,
     "dir_like_image": make_dir_like_image,
     "hidden": make_hidden,
+    "fifo": make_fifo,
+    "device_link": make_device_link,
+    "huge": make_huge,
 }
 
 
@@ -294,6 +345,9 @@ def make_bad_corpus(root) -> dict[str, Path]:
     for key, label in (("conflict_a", CLASSES[1]), ("conflict_b", CLASSES[2])):
         paths[key] = root / label / "conflict.png"
         paths[key].write_bytes(conflict)
+    for seed, (key, label) in enumerate((("newline_label", NEWLINE_LABEL), ("escape_label", ESCAPE_LABEL),
+                                         ("nfd_label", NFD_LABEL), ("nfc_label", NFC_LABEL)), start=30):
+        paths[key] = make_label_folder(root, label, seed)
     return paths
 
 
@@ -312,7 +366,14 @@ MANIFEST_EXPECTED: dict[str, Expect] = {
     "bom": Expect("record", records=2),
     "quoted_commas": Expect("record", records=2),
     "duplicate_rows": Expect("problem", "row 4: listed again; duplicate of row 2", records=2),
+    # issue 12
+    "huge_cell": Expect("problem", "row 3: column 'notes' holds 200000 characters", records=1),
+    "newline_label": Expect("problem", "row 3: label contains a newline", records=1),
+    "control_patient": Expect("problem", "row 3: patient id contains the control character U+0007", records=1),
+    "nfc_labels": Expect("record", records=2),
+    "formula_labels": Expect("record", records=2),
 }
+FORMULA_LABELS = ('=HYPERLINK("http://evil","x")', "@SUM(1+1)")
 QUOTED_NOTE = 'left frontal, "ring" enhancing, 2 cm'
 
 
@@ -340,4 +401,39 @@ def make_bad_manifests(root) -> dict[str, Path]:
         "duplicate_rows",
         f"path,label\nimages/{names[0]},tumour\nimages/{names[1]},cyst\nimages/{names[0]},tumour\n",
     )
+    write("huge_cell", f"path,label,notes\nimages/{names[0]},tumour,short\nimages/{names[1]},cyst,{'x' * 200000}\n")
+    write("newline_label", f'path,label\nimages/{names[0]},tumour\nimages/{names[1]},"{NEWLINE_LABEL}"\n')
+    write("control_patient", f"path,label,patient_id\nimages/{names[0]},tumour,P1\nimages/{names[1]},cyst,P\x072\n")
+    write("nfc_labels", f"path,label\nimages/{names[0]},{NFD_LABEL}\nimages/{names[1]},{NFC_LABEL}\n")
+    quoted = ['"' + label.replace('"', '""') + '"' for label in FORMULA_LABELS]
+    write("formula_labels", f"path,label\nimages/{names[0]},{quoted[0]}\nimages/{names[1]},{quoted[1]}\n")
     return out
+
+
+# -- running something that might hang ------------------------------------------------------
+
+
+class Hung(Exception):
+    """A call did not return within its time limit (it would have blocked the test suite)."""
+
+
+def within(seconds: float):
+    """A context manager that raises :class:`Hung` if its block runs longer than ``seconds``
+    (SIGALRM: main thread only), so that a read that blocks fails a test instead of stalling it."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def limit():
+        def ring(signum, frame):
+            raise Hung(f"still running after {seconds} s: it would hang")
+
+        old = signal.signal(signal.SIGALRM, ring)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
+    return limit()

@@ -199,3 +199,56 @@ def test_older_case_base_is_upgraded_and_calibrated_on_first_query(runner, index
     # calibrated once: the next query says nothing about it
     (again,) = _answers(invoke(runner, "query", foreign, "--db", indexed, "--json", "--explain", "none", "--out", tmp_path))
     assert not any("recomputed" in n for n in again["notes"])
+
+
+def _foreign_folder(root, n=4):
+    """A class-folder dataset of colour checkerboards and noise: nothing like the phantoms."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / ("board" if i % 2 else "noise")
+        folder.mkdir(parents=True, exist_ok=True)
+        if i % 2:
+            img = (np.indices((48, 48)).sum(0) // (4 + i) % 2)[..., None] * np.array([255, 40 * i, 0])
+        else:
+            img = rng.random((48, 48, 3)) * 255
+        Image.fromarray(img.astype("uint8")).save(folder / f"{i}.png")
+    return root
+
+
+def test_evaluate_reports_selective_prediction_and_ood(runner, indexed, query_set, tmp_path):
+    foreign = _foreign_folder(tmp_path / "foreign")
+    out = tmp_path / "eval"
+    result = invoke(runner, "evaluate", query_set, "--db", indexed, "--ood", foreign, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.output)
+    sel = m["selective"]
+    assert 0 <= sel["aurc"] <= 1 and sel["coverage"][-1] == 1.0
+    assert set(sel["accuracy_at"]) == {"0.9", "0.95"} and sel["ood_flagged_in"] == 0.0
+    ood = m["ood"]
+    assert ood["n_out"] == 4 and ood["n_in"] == 3
+    assert ood["flagged_out"] == 1.0 and ood["auroc"] == 1.0 and ood["fpr_at_95_tpr"] == 0.0
+    assert (out / "risk_coverage.png").exists() and (out / "reliability.png").exists()
+    table = invoke(runner, "evaluate", query_set, "--db", indexed, "--ood", foreign, "--out", out)
+    assert table.exit_code == 0, table.output
+    assert "AURC" in table.output and "OOD AUROC" in table.output and "foreign queries flagged 1.000" in table.output
+
+
+def test_cross_validation_queries_the_foreign_data_against_every_fold(runner, phantom_set, tmp_path):
+    foreign = _foreign_folder(tmp_path / "foreign")
+    result = invoke(runner, "evaluate", phantom_set, "--folds", 2, "--no-train", "--backbone", "tinycnn", "--weights",
+                    "none", "--img-size", 48, "-k", 3, "--ood", foreign, "--out", tmp_path / "cv", "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.output)
+    assert m["ood"]["n_out"] == 2 * 4 and m["ood"]["n_in"] == m["n"] == 18
+    assert m["selective"]["aurc"] is not None and (tmp_path / "cv" / "risk_coverage.png").exists()
+
+
+SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "chest_xray_pneumonia").is_dir(), reason="../shared/data is not here")
+def test_a_real_chest_xray_gets_no_diagnosis_from_a_phantom_case_base(runner, indexed, tmp_path):
+    xray = sorted((SHARED_DATA / "chest_xray_pneumonia" / "NORMAL").glob("*.jpeg"))[0]
+    (a,) = _answers(invoke(runner, "query", xray, "--db", indexed, "--json", "--explain", "none", "--out", tmp_path))
+    p = a["prediction"]
+    assert p["out_of_distribution"] and p["label"] is None and p["abstain_reason"] == "out_of_distribution"

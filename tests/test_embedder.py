@@ -19,7 +19,8 @@ from PIL import Image
 from cbr.models.backbones import BACKBONES
 from cbr.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cbr.models.config import ModelConfig
-from cbr.models.embedder import Embedder, UnknownLayerError, create_embedder, default_device
+from cbr.models.embedder import Embedder, UnknownLayerError, default_device
+from cbr.models.factory import create_embedder
 from cbr.errors import CbrError, ModelMismatchError, NotFoundError, UnknownNameError, WeightsNotFoundError
 
 _CACHE = {}
@@ -110,7 +111,7 @@ def test_backbone_shapes_and_fingerprint(name):
 def test_fingerprint_same_in_new_process():
     emb = create_embedder("tinycnn", weights="none", seed=3)
     code = (
-        "from cbr.models.embedder import create_embedder;"
+        "from cbr.models.factory import create_embedder;"
         "print(create_embedder('tinycnn', weights='none', seed=3).fingerprint)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -215,10 +215,14 @@ def test_file_not_found_and_directory(tmp_path):
 def test_permission_denied_simulated(tmp_path, monkeypatch):
     path = badfiles.make_no_permission(tmp_path)
 
-    def denied(p, *a, **kw):
-        raise PermissionError(13, "Permission denied", str(p))
+    real_open = os.open
 
-    monkeypatch.setattr(cbr.data.image, "open", denied, raising=False)
+    def denied(p, *a, **kw):  # every input file is opened by cbr.data.guard, with os.open
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **kw)
+
+    monkeypatch.setattr(os, "open", denied)
     for call in (read_image, sha256_file):
         with pytest.raises(ImageError) as e:
             call(path)

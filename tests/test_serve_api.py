@@ -286,6 +286,11 @@ def test_feedback_retain_adds_a_case_the_warm_server_then_searches(client, image
     health = client.get("/healthz").json()
     assert health["cases"] == 19 and health["members"][0]["vectors"] == 19
     assert client.get(f"/api/cases/{case}").json()["origin"] == "retain"
+    # Retaining it again under another label is refused (409), but that verdict is still recorded.
+    r = _feedback(client, qid, label="tumour", retain=True)
+    assert r.status_code == 409 and "label conflict" in r.json()["detail"]
+    assert [f["label"] for f in client.get(f"/api/queries/{qid}").json()["feedback"]] == ["cyst", "tumour"]
+    assert r.json()["feedback_id"] == client.get(f"/api/queries/{qid}").json()["feedback"][1]["id"]
     # The warm server picked up the new index generation: a near copy of the image finds the case.
     from PIL import Image
 
@@ -362,8 +367,10 @@ def test_token_is_needed_on_every_request(make_client, image):
     assert r.status_code == 401
     page = client.get("/", headers={"accept": "text/html"}, follow_redirects=False)
     assert page.status_code == 303 and page.headers["location"].startswith("/login")
+    assert client.get("/api/openapi.json").status_code == 401
     auth = {"authorization": "Bearer s3cret-token"}
     assert client.get("/healthz", headers=auth).status_code == 200
+    assert "/api/queries/{query_id}/feedback" in client.get("/api/openapi.json", headers=auth).json()["paths"]
     # The login form sets a session cookie (not the token itself); then pages and the API answer.
     login = client.get("/login")
     token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', login.text).group(1)

@@ -62,7 +62,7 @@ def test_same_seed_same_weights(phantoms, tmp_path):
 
 
 def test_train_layers_freezes_the_leading_blocks(phantoms, tmp_path):
-    from cbr.models.embedder import create_embedder
+    from cbr.models.factory import create_embedder
 
     # tinycnn's stages end with block4's conv, BatchNorm and ReLU: the last 3 stages hold one conv
     r = train_model(phantoms, tmp_path / "m.pt", replace(FAST, epochs=1, train_layers=3))

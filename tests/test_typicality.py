@@ -180,3 +180,17 @@ def test_risk_coverage_plot_is_written(tmp_path):
 
     path = plot_risk_coverage(risk_coverage([0.9, 0.5, 0.2], [True, False, True]), tmp_path / "risk_coverage.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("group_size", [1, 3, 300])  # 300: above the batched path's limit
+def test_batched_exclusion_search_equals_the_index_layers(group_size):
+    from cbr.pipeline.typicality import search_excluding
+
+    rng = np.random.default_rng(5)
+    vecs = _sphere(rng, 600, 8)
+    index, ids = _index(vecs)
+    exclude = [[int(j) for j in ids if (int(j) - 1) // group_size == (int(i) - 1) // group_size] for i in ids[:40]]
+    D, I = search_excluding(index, vecs[:40], 7, exclude)
+    D_ref, I_ref = ix.search(index, vecs[:40], 7, exclude=exclude)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref)

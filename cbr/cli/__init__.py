@@ -5,7 +5,9 @@ when it runs, which keeps ``cbr --help`` instant. The root group lives in ``grou
 command module registers its commands on it.
 """
 
-from cbr.cli.group import cli
+import sys
+
+from cbr.cli.group import cli, discard_stdout
 # Importing a command module registers its commands on `cli`.
 from cbr.cli import audit, db, explain, info, learning, retrieval, serve  # noqa: F401
 
@@ -13,4 +15,14 @@ __all__ = ["cli", "main"]
 
 
 def main():
-    cli(prog_name="cbr")
+    """The ``cbr`` command. A closed pipe (``cbr export ... | head -1``) ends it quietly with status 0."""
+    try:
+        cli(prog_name="cbr")
+    except SystemExit:
+        # Output still buffered meets the closed pipe here rather than in the interpreter's
+        # final flush, which would print "Exception ignored" and exit 120.
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            discard_stdout()
+        raise

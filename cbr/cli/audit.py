@@ -40,10 +40,11 @@ def export_formats():
     return EXPORT_FORMATS
 
 
-def _open(db, index_dir):
+def _open(db, index_dir, *, readonly=False):
+    """``readonly=None``: commands that only read also open a read-only case base (a replica)."""
     from cbr.store.casebase import open_casebase
 
-    return open_casebase(db, create=False, index_dir=index_dir)
+    return open_casebase(db, create=False, index_dir=index_dir, readonly=readonly)
 
 
 def _time(iso):
@@ -79,7 +80,7 @@ def history_cmd(db, index_dir, since, label, predicted, disagreed, ood, abstaine
     """
     from cbr.pipeline.audit import history
 
-    rows = history(_open(db, index_dir), since=since, label=label, predicted=predicted, disagreed=disagreed, limit=limit,
+    rows = history(_open(db, index_dir, readonly=None), since=since, label=label, predicted=predicted, disagreed=disagreed, limit=limit,
                    out_of_distribution=True if ood else None, abstained=True if abstained else None,
                    reviewed=reviewed, offset=offset)
     if as_json:
@@ -168,7 +169,7 @@ def show_cmd(query_id, db, index_dir, as_json):
     """
     from cbr.pipeline.audit import show
 
-    record = show(_open(db, index_dir), query_id)
+    record = show(_open(db, index_dir, readonly=None), query_id)
     if as_json:
         click.echo(json.dumps(record, indent=2))
     else:
@@ -291,6 +292,6 @@ def export_cmd(db, index_dir, what, fmt, out):
     """
     from cbr.pipeline.audit import export
 
-    n = export(_open(db, index_dir), what, fmt, out)
+    n = export(_open(db, index_dir, readonly=None), what, fmt, out)
     if out is not None:
         echo(f"exported {n} {what} row(s) to {out}")

@@ -8,7 +8,7 @@ import click
 
 from cbr.errors import CbrError
 
-__all__ = ["CbrGroup", "cli"]
+__all__ = ["CbrGroup", "cli", "discard_stdout"]
 
 
 class CbrGroup(click.Group):
@@ -24,11 +24,27 @@ class CbrGroup(click.Group):
             raise click.ClickException(for_terminal(str(e))) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except BrokenPipeError:
+            # The reader went away (`cbr history | head -1`): end quietly with status 0, as the
+            # Unix tools do (click's own handling exits 1 without a word).
+            discard_stdout()
+            ctx.exit(0)
         except Exception as e:  # noqa: BLE001 - only the failures below become one line; others re-raise
             message = _one_line_failure(e, argv)
             if message is None:
                 raise
             raise click.ClickException(for_terminal(message)) from None
+
+
+def discard_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone, so that the flush of what is still
+    buffered (at exit) cannot raise BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (a test runner's capture): nothing to flush
+        pass
 
 
 def _db_given(argv) -> str | None:
@@ -48,7 +64,7 @@ def _one_line_failure(e: Exception, argv) -> str | None:
         from cbr.store.casebase import describe_db_error
 
         return describe_db_error(e, _db_given(argv))
-    if isinstance(e, OSError):
+    if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):  # a closed pipe (| head) is not an error
         import errno
 
         where = f"{e.filename}: " if e.filename else ""

@@ -6,7 +6,8 @@ import click
 
 from cbr.cli.group import cli
 from cbr.cli.explain import MethodList
-from cbr.cli.options import RegistryChoice, backbone_names, json_option, manifest_options, progress_enabled, vote_names
+from cbr.cli.options import (RegistryChoice, backbone_names, json_option, manifest_options, progress_enabled,
+                             source_options, vote_names, weights_option)
 
 DEFAULT_REPORT_DIR = "cbr-evaluation"
 
@@ -29,8 +30,7 @@ def training_options(f):
     opts = [
         click.option("--backbone", type=RegistryChoice(backbone_names), default="mobilenet_v2", show_default=True,
                      help="Backbone to fine-tune (see `cbr models`)."),
-        click.option("--weights", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True,
-                     help="Start from ImageNet weights, or from random ones."),
+        weights_option(help="Start from ImageNet weights, or from random ones."),
         click.option("--epochs", type=click.IntRange(1, 10_000), default=10, show_default=True,
                      help="Most epochs (early stopping may end sooner)."),
         click.option("--img-size", type=click.IntRange(8, 4096), default=None,
@@ -76,8 +76,9 @@ def _print_training(r, data, training):
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="Share of the images (grouped by patient) kept for validation and early stopping.")
 @manifest_options
+@source_options()
 @json_option
-def train_cmd(data, out, training, val_fraction, manifest, as_json):
+def train_cmd(data, out, training, val_fraction, manifest, sources, as_json):
     """Fine-tune a backbone with a classification head on a labelled dataset.
 
     DATA is a folder with one sub-folder per class, or a CSV manifest. A patient-grouped share of
@@ -90,12 +91,14 @@ def train_cmd(data, out, training, val_fraction, manifest, as_json):
         cbr train data/brain_mri --out brain.pt --epochs 8 --img-size 160
         cbr train cxr.csv --path-column filename --label-column class --group-column patient_key --images cxr/
         cbr train data/ --backbone tinycnn --weights none --epochs 3 --json
+        cbr train dicom_by_class/ --window ct-lung --frames middle --pseudonymise "$KEY"
+        cbr train volumes/ --slices every:4 --axis axial
     """
     from dataclasses import replace
 
     from cbr.learn.train import train_model
 
-    training = replace(training, val_fraction=val_fraction)
+    training = replace(training, val_fraction=val_fraction, sources=sources)
     result = train_model(data, out, training, progress=progress_enabled() and not as_json, manifest=manifest)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -132,15 +135,27 @@ def _explicit(ctx, names):
               help="Explanation methods to score side by side (a,b,c or all; see `cbr models`): pointing games "
               "against a 'mask' column, deletion/insertion AUC, randomisation check, seconds per map; writes "
               "explanations.png. One CAM method also maps every query (localisation figures).")
+@click.option("--explain-budget", type=click.IntRange(1, 100000), default=None,
+              help="Cap on the model evaluations of each attribution map in the comparison. [default: the method's own]")
+@click.option("--target-layer", "target_layers", default=None,
+              help="Sweep the --explain CAM methods over these layers (a,b,c; 'last' = the last block; 'a+b' fuses "
+              "the stages' maps) for class and similarity maps: pointing games and IoU against a 'mask' column, "
+              "deletion AUC, seconds per map; writes map_sweep.csv and map_sweep.png.")
+@click.option("--map-images", type=click.IntRange(1, 100000), default=48, show_default=True,
+              help="With --target-layer: images swept per fold (or in the held-out set).")
 @click.option("--model", "models", multiple=True, help="With --db: use only these members (name, checkpoint or fingerprint).")
 @click.option("--strict", is_flag=True, help="With --db: leave leaking test images out of the figures.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=DEFAULT_REPORT_DIR, show_default=True,
-              help="Report folder: metrics.json, confusion_matrix.png, reliability.png, predictions.csv.")
+              help="Report folder: metrics.json, confusion_matrix.png, reliability.png, risk_coverage.png, predictions.csv.")
+@click.option("--ood", "ood", type=click.Path(exists=True), default=None,
+              help="A foreign dataset (class folders or CSV) queried against each case base: AUROC of typicality, "
+              "FPR at 95% TPR, share flagged out of distribution.")
 @manifest_options
+@source_options()
 @json_option
 @click.pass_context
-def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, explain, models, strict, out_dir,
-                 manifest, as_json):
+def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, explain, explain_budget, target_layers,
+                 map_images, models, strict, out_dir, ood, manifest, sources, as_json):
     """Measure accuracy, calibration, retrieval and localisation, grouped by patient.
 
     \b
@@ -154,7 +169,10 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, e
         base. Test images already in the case base, in a member model's training set, or
         from a patient in the case base are counted as leakage first; --strict leaves them out.
 
-    Queries are never recorded in the audit trail.
+    Queries are never recorded in the audit trail. The vote is scored as given even for a query
+    flagged out of distribution; the flag is scored apart: the risk-coverage curve (AURC,
+    accuracy at 90% and 95% coverage) and, with --ood DATA, how well typicality tells DATA's
+    images from a foreign dataset's.
 
     \b
     Example:
@@ -163,6 +181,10 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, e
         cbr evaluate test/ --db cases.db --strict --json
         cbr evaluate phantoms/manifest.csv --explain gradcam --folds 3
         cbr evaluate test/ --db cases.db --explain all
+        cbr evaluate test/ --db cases.db --ood other_modality/
+        cbr evaluate lesions.csv --explain gradcam,layercam --target-layer features.14,last,features.17+last
+        cbr evaluate volumes/ --slices every:4 --window minmax --folds 3
+        cbr evaluate pneumoniamnist.npz --split test --classes normal,pneumonia --db cases.db
     """
     from cbr.evaluation import EvalConfig, cross_validate, evaluate_casebase
     from cbr.reporting.table import format_table
@@ -170,8 +192,19 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, e
 
     progress = progress_enabled() and not as_json
     one_cam = explain[0] if len(explain) == 1 and explain[0] not in ATTRIBUTION_METHODS else "none"
-    config = EvalConfig(k=k, vote=vote, explain=one_cam, compare=explain, batch_size=training.batch_size,
-                        device=training.device, num_workers=training.num_workers, out_dir=out_dir)
+    layers, swept = (), ()
+    if target_layers:
+        from cbr.evaluation.sweep import parse_layers
+
+        # the sweep takes the CAM methods; attribution methods (no layer) stay in the comparison
+        layers, swept = parse_layers(target_layers), tuple(m for m in explain if m not in ATTRIBUTION_METHODS)
+        if not swept:
+            raise click.UsageError("--target-layer: give CAM methods to sweep with --explain, e.g. --explain gradcam")
+        explain = tuple(m for m in explain if m in ATTRIBUTION_METHODS)
+    config = EvalConfig(k=k, vote=vote, explain=one_cam, compare=explain, explain_budget=explain_budget,
+                        batch_size=training.batch_size, device=training.device, num_workers=training.num_workers,
+                        out_dir=out_dir, ood=ood, sweep_methods=swept, target_layers=layers, map_images=map_images,
+                        sources=sources)
     if db is not None:
         wrong = _explicit(ctx, _CV_ONLY)
         if wrong:
@@ -191,4 +224,8 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, e
         click.echo(json.dumps(metrics, indent=2))
     else:
         click.echo(format_table(metrics))
+        if metrics.get("map_sweep"):
+            from cbr.reporting.sweep_table import format_sweep
+
+            click.echo("\n" + format_sweep(metrics["map_sweep"]))
         click.echo(f"report: {out_dir}")

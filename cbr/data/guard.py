@@ -51,8 +51,18 @@ def _kind(mode: int) -> str:
     return "not a regular file; give an image file"
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} bytes"
+
+
 def _too_big(size: int, cap: int) -> str:
-    return (f"file too large: {size / 2**20:.0f} MiB exceeds the limit of {cap / 2**20:.0f} MiB "
+    shown, limit = _size(size), _size(cap)
+    if shown == limit:  # just over the cap: the rounded sizes would read the same
+        shown, limit = f"{size} bytes", f"{cap} bytes"
+    return (f"file too large: {shown} exceeds the limit of {limit} "
             f"(raise it with cbr --max-file-mb or {ENV_MAX_FILE_MB})")
 
 

@@ -34,7 +34,7 @@ from cbr.data.windows import DEFAULT_WINDOW, parse_window
 from cbr.errors import ImageError
 
 __all__ = ["Source", "SourceSpec", "SourceError", "FRAMES", "SLICE_RULES", "SPLIT_CHOICES", "read_source",
-           "decode_query", "derived_sha256", "pick_indices", "describe_origin", "file_head", "is_clinical"]
+           "decode_query", "check_window", "moved_to", "derived_sha256", "pick_indices", "describe_origin", "file_head", "is_clinical"]
 
 FRAMES = ("all", "middle")
 SLICE_RULES = ("all", "middle", "every:N")
@@ -219,6 +219,22 @@ def read_source(source, *, window: str = DEFAULT_WINDOW, axis: str = "axial", vo
     return img, sha, src
 
 
+def moved_to(recorded: str, given=None) -> str:
+    """The locator to re-read a recorded image from: ``given`` (a file the user says it moved to),
+    with the recorded frame, slice or index when ``given`` names none; else ``recorded``.
+
+    Example:
+        >>> moved_to("/old/cine.dcm#frame=12", "/new/cine.dcm")
+        '/new/cine.dcm#frame=12'
+    """
+    from dataclasses import replace
+
+    if given is None:
+        return recorded
+    new, old = Source.parse(os.path.expanduser(os.fspath(given))), Source.parse(recorded)
+    return replace(old, path=new.path).locator if not new.fragment and old.fragment else new.locator
+
+
 def describe_origin(metadata: dict | None) -> str | None:
     """Where a case came from, for people: "CT series 1.2.3, frame 12 of 30", "volume sub-01,
     axial slice 40 of 155", "pneumoniamnist.npz, test image 17"; None for a plain image file."""
@@ -255,6 +271,22 @@ def is_clinical(path: str) -> bool:
         return False
 
 
+def check_window(window: str | None, windows, what: str = "query") -> None:
+    """Refuse a ``--window`` other than the models' own (``windows``: each member's); None passes.
+
+    Raises:
+        ModelMismatchError: naming both windows and what to do instead.
+    """
+    from cbr.errors import ModelMismatchError
+
+    distinct = sorted(set(windows)) or [DEFAULT_WINDOW]
+    if window is not None and any(w != window for w in distinct):
+        raise ModelMismatchError(
+            f"--window {window}: the case base's models decode DICOM/NIfTI with window "
+            f"{', '.join(distinct)} (part of their preprocessing); {what} without --window, or index with "
+            f"--window {window} first")
+
+
 def decode_query(image, windows, spec: SourceSpec | None = None):
     """Decode a query image with the window of the models that will embed it.
 
@@ -276,11 +308,7 @@ def decode_query(image, windows, spec: SourceSpec | None = None):
     src = Source.parse(image) if not isinstance(image, Source) else image
     distinct = sorted(set(windows)) or [DEFAULT_WINDOW]
     window = distinct[0]
-    if spec.window is not None and any(w != spec.window for w in distinct):
-        raise ModelMismatchError(
-            f"--window {spec.window}: the case base's models decode DICOM/NIfTI with window "
-            f"{', '.join(distinct)} (part of their preprocessing); query without --window, or index with "
-            f"--window {spec.window} first")
+    check_window(spec.window, windows)
     if len(distinct) > 1 and (src.fragment or is_clinical(src.path)):
         raise ModelMismatchError(
             f"the members decode DICOM/NIfTI with different windows ({', '.join(distinct)}); choose the "

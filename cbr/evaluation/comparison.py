@@ -192,7 +192,8 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
     import torch
     from tqdm import tqdm
 
-    from cbr.data.image import letterbox, read_image
+    from cbr.data.image import letterbox
+    from cbr.data.sources import read_source
     from cbr.data.mask import lesion_mask
     from cbr.models.maps import compute_maps
     from explain.metrics import spearman
@@ -206,7 +207,7 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
     if not methods or not pick:
         return None
     size = embedder.config.input_size
-    decoded = [read_image(r.path)[0] for r in pick]
+    decoded = [read_source(r.path, window=embedder.config.window)[0] for r in pick]  # frames/slices too
     x = torch.stack([embedder.preprocess(img) for img in decoded])
     with torch.no_grad():
         acts, vectors = embedder.cam_features(x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cbr.data.sources import SourceSpec
 from cbr.errors import CbrError
 
 __all__ = ["EvalConfig"]
@@ -26,6 +27,15 @@ class EvalConfig:
     num_workers: int | None = None  # decoding worker processes
     out_dir: str | Path | None = None  # the report folder; None writes no files
     compare: tuple[str, ...] = ()  # explanation methods scored side by side (cbr.evaluation.comparison)
+    explain_budget: int | None = None  # cap on model evaluations per attribution map in the comparison
+    ood: str | None = None  # a foreign dataset queried against each case base (typicality AUROC, FPR@95TPR)
+    # CAM methods x these layer specs scored against masks (cbr.evaluation.sweep); () = no sweep
+    sweep_methods: tuple[str, ...] = ()
+    target_layers: tuple[str, ...] = ()
+    map_images: int = 48  # images per fold (or per held-out set) in the sweep
+    # DICOM/NIfTI/.npz: which frames, slices and split of DATA are read; its window decodes them
+    # (cross-validation: the folds' models are built with it; --db: it must be the members' own)
+    sources: SourceSpec = SourceSpec()
 
     def check(self) -> None:
         """Fail on an unknown vote rule or CAM method, or k < 1, before any work."""

@@ -39,11 +39,11 @@ def _fold_model(ckpt: Path, train_recs, training: TrainConfig, train: bool, show
     """Write the fold's model to ``ckpt``: (fold-row figures, problems)."""
     from cbr.learn.train import train_model
     from cbr.models.checkpoint import save_checkpoint
-    from cbr.models.embedder import create_embedder
+    from cbr.models.factory import create_embedder
 
     if not train:
         emb = create_embedder(training.backbone, weights=training.weights, input_size=training.img_size,
-                              seed=training.seed)
+                              seed=training.seed, window=training.sources.window)
         save_checkpoint(emb, ckpt, extra={"dataset": shown, "note": "untrained backbone (evaluate --no-train)"})
         return {}, []
     res = train_model(out=ckpt, config=training, records=train_recs, progress=progress)
@@ -62,6 +62,8 @@ class _Folds:
         self.outcomes, self.rows, self.problems, self.faithfulness = [], [], [], []
         self.softmax_classes, self.input_size = None, None
         self.comparison = None  # the explanation methods compared on the first fold
+        self.foreign = []  # (typicality, flagged) of the --ood dataset's images, every fold
+        self.sweeps = []  # the map sweep of every fold (cbr.evaluation.sweep)
 
     def run(self, f: int, train_recs, test_recs) -> None:
         """Train (or take) fold ``f``'s model, index its training part, query its held-out part."""
@@ -87,7 +89,13 @@ class _Folds:
                                        batch_size=cfg.batch_size, progress=self.progress,
                                        num_workers=cfg.num_workers, device=cfg.device)
                 self.problems.extend(report.problems)
-                searcher = Searcher(cb, k=cfg.k, vote=cfg.vote, explain=cfg.explain, device=cfg.device)
+                # the vote is scored as given; typicality is scored apart (selective, ood)
+                searcher = Searcher(cb, k=cfg.k, vote=cfg.vote, explain=cfg.explain, device=cfg.device,
+                                    answer_anyway=True)
+                if cfg.ood:
+                    from cbr.evaluation.selective import foreign_typicality, read_foreign
+
+                    self.foreign.extend(foreign_typicality(searcher, read_foreign(cfg.ood), progress=self.progress))
                 got, bad = run_queries(searcher, test_recs, fold=f + 1, progress=self.progress,
                                        desc=f"fold {f + 1} queries")
                 self.problems.extend(bad)
@@ -100,11 +108,17 @@ class _Folds:
                                             n=max(1, FAITHFULNESS_IMAGES // self.n_folds), seed=self.training.seed)
                 if checks:
                     self.faithfulness.append(checks)
+                if cfg.target_layers:
+                    from cbr.evaluation.sweep import run_sweep
+
+                    self.sweeps.append(run_sweep(emb, test_recs, cfg, seed=self.training.seed + f,
+                                                 progress=self.progress))
                 if f == 0 and cfg.compare:
                     from cbr.evaluation.comparison import comparison_report
 
                     self.comparison = comparison_report(emb, test_recs, cfg.compare, out_dir=cfg.out_dir,
-                                                        seed=self.training.seed, progress=self.progress)
+                                                        budget=cfg.explain_budget, seed=self.training.seed,
+                                                        progress=self.progress)
             finally:
                 cb.close()
         row.update(fold_figures(got, head_classes))
@@ -132,7 +146,7 @@ def cross_validate(
         config: k, vote, explain (a CAM method adds the localisation figures when records have
             masks), batch size, device, workers and the report folder (see ``EvalConfig``).
         training: the model of each fold (see ``TrainConfig``); with ``train=False`` only its
-            backbone, weights, img_size and seed apply. Its seed also draws the folds. It runs
+            backbone, weights, img_size and seed apply; its ``sources`` are ``config.sources``. Its seed also draws the folds. It runs
             on ``config.device`` (when set).
         folds: number of folds (no patient spans two).
         train: fine-tune a model per fold; False uses the backbone's weights as they are (e.g.
@@ -158,8 +172,9 @@ def cross_validate(
     t0 = time.monotonic()
     config.check()  # unknown names fail before any work
     device = resolve_device(config.device if config.device is not None else training.device)
-    config, training = replace(config, device=device), replace(training, device=device)
-    recs, problems, shown = load_records(source, records, manifest, progress)
+    # the folds' models decode DATA as it was read: config.sources, window included
+    config, training = replace(config, device=device), replace(training, device=device, sources=config.sources)
+    recs, problems, shown = load_records(source, records, manifest, progress, config.sources)
     classes = sorted({r.label for r in recs})
     if len(classes) < 2:
         raise CbrError(f"{shown}: only one class ({classes[0]!r}); evaluation needs at least 2 classes")
@@ -168,7 +183,8 @@ def cross_validate(
     settings = {"protocol": "cross-validation", "source": shown, "folds": folds, "k": config.k, "vote": config.vote,
                 "explain": config.explain, "train": train, "backbone": t.backbone, "weights": t.weights,
                 "epochs": t.epochs if train else None, "img_size": t.img_size, "batch_size": config.batch_size,
-                "lr": t.lr, "patience": t.patience, "train_layers": t.train_layers, "seed": t.seed, "device": device}
+                "lr": t.lr, "patience": t.patience, "train_layers": t.train_layers, "seed": t.seed, "device": device,
+                "sources": config.sources.to_dict()}
 
     run = _Folds(config, training, folds, train, shown, progress)
     run.problems.extend(problems)
@@ -183,12 +199,20 @@ def cross_validate(
     metrics = score(run.outcomes, classes, k=config.k, softmax_classes=run.softmax_classes,
                     input_size=run.input_size, localise=config.explain != "none")
     metrics["faithfulness"] = pool_checks(run.faithfulness)
+    from cbr.evaluation.selective import add_selective, write_selective
+
+    add_selective(metrics, run.outcomes, run.foreign if config.ood else None)
     if run.comparison is not None:
         metrics["comparison"] = dict(run.comparison, fold=1)
+    if run.sweeps:
+        from cbr.evaluation.sweep import finish_sweep, pool_sweeps
+
+        metrics["map_sweep"] = finish_sweep(pool_sweeps(run.sweeps), config.out_dir)
     metrics.update(protocol="cross-validation", folds=run.rows, config=settings,
                    softmax_classes=run.softmax_classes, problems=unique_problems(run.problems),
                    elapsed_s=round(time.monotonic() - t0, 1), report=None)
     if config.out_dir is not None:
         metrics["report"] = str(config.out_dir)
         write_report(metrics, config.out_dir, run.outcomes)
+        write_selective(metrics, config.out_dir)
     return json_safe(metrics)

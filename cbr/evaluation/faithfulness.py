@@ -36,7 +36,7 @@ def explanation_checks(embedder, records, method: str, *, n: int = FAITHFULNESS_
     """
     import torch
 
-    from cbr.data.image import read_image
+    from cbr.data.sources import read_source
     from cbr.models.maps import compute_maps
     from explain.metrics import deletion_curve, random_deletion_auc, randomisation_check
     from explain.targets import ClassTarget, EmbeddingNormTarget
@@ -47,7 +47,8 @@ def explanation_checks(embedder, records, method: str, *, n: int = FAITHFULNESS_
     pick = [r for r in records if embedder.head is None or r.label in names][:n]
     if not pick:
         return None
-    x = torch.stack([embedder.preprocess(read_image(r.path)[0]) for r in pick])
+    window = embedder.config.window  # a DICOM frame, NIfTI slice or .npz index, as the model sees it
+    x = torch.stack([embedder.preprocess(read_source(r.path, window=window)[0]) for r in pick])
     classifier = embedder.head is not None
     targets = [ClassTarget(names.index(r.label)) if classifier else EmbeddingNormTarget() for r in pick]
     with torch.no_grad():

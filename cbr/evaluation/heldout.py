@@ -28,6 +28,22 @@ def _case_classes(cb) -> set[str]:
         return set(s.scalars(select(Case.label).where(Case.removed_at.is_(None)).distinct()))
 
 
+def _keep_reliability(cb, member, method: str, figures):
+    """Store the pointing game of ``member``'s query maps with its model; the stored figures, or None."""
+    from cbr.evaluation.localisation import reliability_from
+    from cbr.store.reliability import reliability_of, store_reliability
+
+    measured = reliability_from(figures, method, member.embedder.config.target_layer)
+    if measured is None:
+        return None
+    if getattr(cb, "readonly", False):
+        LOG.warning("case base %s is read-only: the maps' pointing game is not stored with the model", cb.display)
+        return None
+    store_reliability(cb, member.model_id, measured)
+    with cb.read() as s:
+        return reliability_of(s, [member.model_id])[member.model_id]
+
+
 def evaluate_casebase(
     cb,
     source=None,
@@ -61,6 +77,7 @@ def evaluate_casebase(
         >>> m = evaluate_casebase(open_casebase("cases.db"), "data/test.csv", strict=True)
         >>> m["leakage"], m["balanced_accuracy"]
     """
+    from cbr.data.sources import check_window
     from cbr.evaluation.faithfulness import explanation_checks
     from cbr.evaluation.leakage import find_leakage
     from cbr.evaluation.scoring import score
@@ -72,8 +89,11 @@ def evaluate_casebase(
     t0 = time.monotonic()
     config.check()
     device = resolve_device(config.device)
-    recs, problems, shown = load_records(source, records, manifest, progress)
-    searcher = Searcher(cb, models=models, k=config.k, vote=config.vote, explain=config.explain, device=device)
+    recs, problems, shown = load_records(source, records, manifest, progress, config.sources)
+    # the vote is scored as given; typicality is scored apart (selective, ood)
+    searcher = Searcher(cb, models=models, k=config.k, vote=config.vote, explain=config.explain, device=device,
+                        answer_anyway=True)
+    check_window(config.sources.window, [m.embedder.config.window for m in searcher.members], "evaluate")
     leakage, leaking = find_leakage(cb, searcher.members, recs)
     leakage["excluded"] = len(leaking) if strict else 0
     if leaking and not strict:
@@ -88,18 +108,30 @@ def evaluate_casebase(
     input_size = searcher.members[0].embedder.config.input_size
     metrics = score(outcomes, _case_classes(cb) | {r.label for r in test}, k=config.k,
                     softmax_classes=softmax_classes, input_size=input_size, localise=config.explain != "none")
+    metrics["map_reliability"] = _keep_reliability(cb, searcher.members[0], config.explain, metrics["localisation"])
     metrics["faithfulness"] = explanation_checks(emb or searcher.members[0].embedder, test, config.explain, seed=0)
+    from cbr.evaluation.selective import add_selective, foreign_typicality, read_foreign, write_selective
+
+    add_selective(metrics, outcomes,
+                  foreign_typicality(searcher, read_foreign(config.ood), progress=progress) if config.ood else None)
     if config.compare:
         from cbr.evaluation.comparison import comparison_report
 
         metrics["comparison"] = comparison_report(emb or searcher.members[0].embedder, test, config.compare,
-                                                  out_dir=config.out_dir, progress=progress)
+                                                  out_dir=config.out_dir, budget=config.explain_budget,
+                                                  progress=progress)
+    if config.target_layers:
+        from cbr.evaluation.sweep import finish_sweep, run_sweep
+
+        metrics["map_sweep"] = finish_sweep(run_sweep(emb or searcher.members[0].embedder, test, config,
+                                                      progress=progress), config.out_dir)
     settings = {"protocol": "held-out", "casebase": cb.display, "source": shown, "k": config.k, "vote": config.vote,
                 "explain": config.explain, "strict": strict, "models": [m.label for m in searcher.members],
-                "device": device}
+                "device": device, "sources": config.sources.to_dict()}
     metrics.update(protocol="held-out", leakage=leakage, config=settings, softmax_classes=softmax_classes,
                    problems=unique_problems(problems), elapsed_s=round(time.monotonic() - t0, 1), report=None)
     if config.out_dir is not None:
         metrics["report"] = str(config.out_dir)
         write_report(metrics, config.out_dir, outcomes)
+        write_selective(metrics, config.out_dir)
     return json_safe(metrics)

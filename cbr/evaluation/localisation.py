@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-__all__ = ["localisation"]
+__all__ = ["localisation", "reliability_from"]
 
 LOG = logging.getLogger(__name__)
 
@@ -53,3 +53,13 @@ def localisation(outcomes, input_size: int) -> dict | None:
         by_map[kind] = b
     primary = "class" if "class" in by_map else sorted(by_map)[0]
     return {"map": primary, **by_map[primary], "by_map": by_map}
+
+
+def reliability_from(figures: dict | None, method: str, layer: str):
+    """The ``Reliability`` to keep with the model whose maps ``figures`` (from localisation) scored."""
+    from cbr.store.reliability import Reliability
+
+    if not figures or not figures.get("n"):
+        return None
+    return Reliability(pointing_game=float(figures["pointing_game"]), n=int(figures["n"]), method=method,
+                       layer=layer, target=figures["map"], source="evaluate")

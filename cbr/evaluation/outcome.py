@@ -32,13 +32,14 @@ class Outcome:
         return None if self.prediction["abstained"] else self.prediction["label"]
 
 
-def load_records(source, records, manifest, progress) -> tuple[list[Record], list[Problem], str]:
-    """(records, problems, how to name the data): ``records`` as given, else ``source`` read."""
+def load_records(source, records, manifest, progress, sources=None) -> tuple[list[Record], list[Problem], str]:
+    """(records, problems, how to name the data): ``records`` as given, else ``source`` read (with the
+    ``SourceSpec`` ``sources``: DICOM frames, NIfTI slices, .npz split)."""
     if records is not None:
         return list(records), [], str(source) if source is not None else "<records>"
     if source is None:
         raise CbrError("give a dataset (a folder of class folders or a CSV manifest) or records")
-    scan = read_dataset(source, manifest, progress=progress)
+    scan = read_dataset(source, manifest, progress=progress, sources=sources)
     if not scan.records:
         raise CbrError(f"{source}: no usable images; see the problems listed by `cbr index`")
     return list(scan.records), list(scan.problems), scan.source

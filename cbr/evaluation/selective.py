@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COVERAGES", "risk_coverage", "ood_detection", "plot_risk_coverage"]
+__all__ = ["COVERAGES", "risk_coverage", "ood_detection", "plot_risk_coverage", "read_foreign", "foreign_typicality",
+           "add_selective", "write_selective"]
 
 COVERAGES = (0.9, 0.95)  # accuracy reported at these coverages
 
@@ -135,3 +136,53 @@ def plot_risk_coverage(curve: dict, path, *, title: str = "risk-coverage") -> Pa
     path = Path(path)
     atomic_write(path, buf.getvalue(), durable=False)
     return path
+
+
+# --- wiring into the evaluation protocols ---------------------------------------------------------
+
+def read_foreign(source) -> list:
+    """The records of a foreign dataset (``--ood DATA``: a class-folder dataset or a CSV manifest)."""
+    from cbr.data.dataset import read_dataset
+    from cbr.errors import CbrError
+
+    scan = read_dataset(source)
+    if not scan.records:
+        raise CbrError(f"--ood {source}: no usable images in it; give a folder of class folders or a CSV manifest")
+    return list(scan.records)
+
+
+def foreign_typicality(searcher, records, *, progress: bool = False) -> list[tuple[float | None, bool]]:
+    """(typicality, flagged) of each foreign record queried against ``searcher``'s case base."""
+    from tqdm import tqdm
+
+    from cbr.errors import ImageError
+
+    out = []
+    for r in tqdm(records, desc="foreign queries", unit="img", disable=not progress, leave=False):
+        try:
+            p = searcher.query(r.path, record=False, render=False).prediction
+        except ImageError:
+            continue
+        out.append((p.get("typicality"), bool(p.get("out_of_distribution"))))
+    return out
+
+
+def add_selective(metrics: dict, outcomes, foreign=None) -> dict:
+    """Add ``selective`` (risk-coverage of the vote's confidence) and ``ood`` (typicality against a
+    foreign dataset, when one was queried) to an evaluation's metrics; returns them."""
+    conf = [float(o.prediction["confidence"]) for o in outcomes]
+    correct = [o.predicted is not None and o.predicted == o.record.label for o in outcomes]
+    metrics["selective"] = risk_coverage(conf, correct)
+    flagged_in = [bool(o.prediction.get("out_of_distribution")) for o in outcomes]
+    metrics["selective"]["ood_flagged_in"] = float(np.mean(flagged_in)) if flagged_in else None
+    metrics["ood"] = None
+    if foreign is not None:
+        metrics["ood"] = ood_detection([o.prediction.get("typicality") for o in outcomes], [t for t, _ in foreign],
+                                       flagged_out=[f for _, f in foreign], flagged_in=flagged_in)
+    return metrics
+
+
+def write_selective(metrics: dict, out_dir) -> None:
+    """``risk_coverage.png`` beside ``reliability.png`` in the report folder."""
+    if out_dir is not None and metrics.get("selective") and metrics["selective"]["coverage"]:
+        plot_risk_coverage(metrics["selective"], Path(out_dir) / "risk_coverage.png")

@@ -22,7 +22,8 @@ def add_softmax(embedder, outcomes, *, batch_size=32, num_workers=None, device="
         return None
     records = [o.record for o in outcomes]
     embedder.eval()
-    for idx, tensors, _bad in iter_batches(records, [embedder.preprocess], batch_size, num_workers):
+    for idx, tensors, _bad in iter_batches(records, [embedder.preprocess], batch_size, num_workers,
+                                           window=embedder.config.window):
         if not idx:
             continue
         with torch.no_grad():

@@ -40,14 +40,16 @@ def _letterboxed(img, size: int):
     return pil_to_tensor(letterbox(img, size))
 
 
-def decode_all(records, size: int, *, batch_size: int = 32, num_workers=None, progress=False):
-    """Decode and letterbox ``records`` once: (kept indices, uint8 tensor (N, 3, S, S), problems)."""
+def decode_all(records, size: int, *, batch_size: int = 32, num_workers=None, progress=False, window: str = "auto"):
+    """Decode and letterbox ``records`` once: (kept indices, uint8 tensor (N, 3, S, S), problems);
+    DICOM and NIfTI pixels with the VOI ``window`` (the model's)."""
     import torch
     from tqdm import tqdm
 
     kept, tensors, problems = [], [], []
     with tqdm(total=len(records), desc="decoding", unit="img", disable=not progress) as bar:
-        for idx, batch, bad in iter_batches(records, [partial(_letterboxed, size=size)], batch_size, num_workers):
+        for idx, batch, bad in iter_batches(records, [partial(_letterboxed, size=size)], batch_size, num_workers,
+                                            window=window):
             problems.extend(Problem(records[i].path, reason) for i, reason in bad)
             if idx:
                 kept.extend(idx)

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cbr.data.sources import SourceSpec
 from cbr.errors import CbrError, UnknownNameError
 
 __all__ = ["TrainConfig", "TrainError", "HEAD_LR"]
@@ -36,6 +37,9 @@ class TrainConfig:
     val_fraction: float = 0.2  # share of the images (by patient group) kept for validation
     train_layers: int | None = None  # fine-tune only the last N trunk blocks (0: the head only); None: all
     num_workers: int | None = None  # decoding worker processes; None: 1 on a 2-core machine
+    # DICOM/NIfTI/.npz: which frames, slices and split are read, and the VOI window, which becomes
+    # part of the model's preprocessing and fingerprint (None: auto)
+    sources: SourceSpec = SourceSpec()
 
     def check(self) -> None:
         """Raise TrainError or UnknownNameError naming the first option out of range."""

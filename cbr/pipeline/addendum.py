@@ -46,12 +46,12 @@ class Addendum:
                 "evaluations": self.evaluations, "seconds": round(self.seconds, 3), "report": self.report}
 
 
-def _query_image(q, image):
-    from cbr.data.image import read_image
+def _query_image(q, image, window: str = "auto"):
+    from cbr.data.sources import moved_to, read_source
 
-    path = Path(image if image is not None else q.image_path).expanduser()
+    path = moved_to(q.image_path, image)  # a DICOM frame, NIfTI slice or .npz index as recorded
     try:
-        img, sha = read_image(path)
+        img, sha, _ = read_source(path, window=window)
     except ImageError as e:
         raise ExplainError(f"query {q.id}: image {e.path} cannot be read ({e.reason}); "
                            "if it moved, give it with --image PATH (its sha256 must match)") from None
@@ -103,7 +103,7 @@ def add_explanation(cb, query_id: int, method: str, *, image=None, budget: int |
     missing = set(fingerprints) - {m.model_id for m in members}
     if missing:
         raise ExplainError(f"query {query_id}: model(s) {sorted(missing)} are no longer in the case base")
-    img = _query_image(q, image)
+    img = _query_image(q, image, members[0].embedder.config.window if members else "auto")
     hits = [[Hit(c, float(n.similarity)) for n, c in rows if n.model_id == m.model_id] for m in members]
     final = SimpleNamespace(label=q.prediction)
     notes: list[str] = []

@@ -46,6 +46,8 @@ class Answer:
     notes: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     raw_maps: dict = field(default_factory=dict, repr=False)  # the first member's query maps by target
+    # how often the shown maps' model hit the lesion (cbr.store.reliability); None: never measured
+    map_reliability: dict | None = None
 
     @classmethod
     def from_retrieval(cls, query_id: int | None, r: Retrieval, members, notes) -> "Answer":
@@ -87,4 +89,5 @@ class Answer:
             "model_fingerprints": [m["fingerprint"] for m in self.members],
             "members": self.members,
             "notes": self.notes,
+            "map_reliability": self.map_reliability,
         }

@@ -74,7 +74,7 @@ def _case_meta(cb, ids) -> dict:
 
 
 def _credibility_rows(index, ids, vecs, meta, *, max_cases, k_max, seed) -> list:
-    import index as ix
+    from cbr.pipeline.typicality import search_excluding
 
     by_group: dict = {}
     for cid, (_, g) in meta.items():
@@ -87,7 +87,7 @@ def _credibility_rows(index, ids, vecs, meta, *, max_cases, k_max, seed) -> list
         cid = int(ids[p])
         g = meta[cid][1]
         exclude.append(by_group.get(g, [cid]) if g is not None else [cid])
-    _, I = ix.search(index, vecs[pick], min(k_max, len(ids) - 1), exclude=exclude)
+    _, I = search_excluding(index, vecs[pick], min(k_max, len(ids) - 1), exclude)
     return [[meta[int(ids[p])][0], [meta[int(j)][0] for j in I[n] if j >= 0 and int(j) in meta]]
             for n, p in enumerate(pick)]
 

@@ -14,7 +14,7 @@ from cbr.data.batches import iter_batches
 from cbr.data.dataset import ManifestSpec, Problem, Scan, read_dataset
 from cbr.errors import CbrError
 from cbr.pipeline.calibration import calibrate, has_calibration
-from cbr.pipeline.settings import IndexConfig, with_overrides
+from cbr.pipeline.settings import NO_EXPLANATION, IndexConfig, with_overrides
 from cbr.store.schema import Case, Dataset, Embedding
 from cbr.store.schema import Problem as ProblemRow
 from cbr.store.writer import CaseWriter
@@ -67,6 +67,55 @@ def _one_window(members) -> str:
     return windows.pop() if windows else "auto"
 
 
+def _open_members(cb, c: IndexConfig, window, n_hint: int, notes: list) -> list:
+    """One ``Member`` per model of ``c``: registered, its index loaded (and repaired) or built empty."""
+    import index as ix
+    from cbr.models.factory import create_embedder
+    from cbr.store.member import Member, load_index, register_model
+    from cbr.store.schema import IndexManifest
+
+    members = []
+    for spec in c.models:
+        emb = create_embedder(spec, weights=None if Path(spec).exists() else c.weights,
+                              target_layer=c.target_layer, window=window).to(c.device)
+        emb.eval()
+        model_id = register_model(cb, emb, _model_source(spec))
+        with cb.read() as s:
+            has_manifest = s.scalar(select(IndexManifest.id).where(IndexManifest.model_id == model_id)) is not None
+        if has_manifest:
+            index, kind, repaired = load_index(cb, model_id, persist_repair=True)
+            notes.extend(repaired)
+        else:
+            kind = c.index_type
+            try:
+                index = ix.build(emb.config.embedding_dim, kind, n_hint=n_hint)
+            except ValueError as e:
+                raise CbrError(f"--index-type {kind!r}: {e}") from None
+        members.append(Member(model_id=model_id, fingerprint=emb.fingerprint, label=spec, embedder=emb, index=index,
+                              kind=kind))
+    return members
+
+
+def _plan(records, known: dict, have: dict, model_ids: list, report: IngestReport) -> list:
+    """The records to embed: new images, and stored ones that a member lacks. Images stored for
+    every member are counted as already there; removed or relabelled ones are refused."""
+    todo = []
+    for r in records:
+        if r.sha256 in known:
+            case_id, label, removed = known[r.sha256]
+            if removed is not None:
+                report.problems.append(Problem(r.path, f"was removed from the case base (case {case_id}); not re-added"))
+                continue
+            if label != r.label:
+                report.problems.append(Problem(r.path, f"label conflict: case {case_id} has the same image labelled {label!r}, here {r.label!r}"))
+                continue
+            if set(model_ids) <= have.get(case_id, set()):
+                report.already += 1
+                continue
+        todo.append(r)
+    return todo
+
+
 def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifest: ManifestSpec | None = None,
                   records=None, rebuild: bool = False, progress: bool = False, sources=None,
                   **overrides) -> IngestReport:
@@ -91,11 +140,8 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
     """
     from tqdm import tqdm
 
-    from cbr.models.embedder import create_embedder
-    from cbr.store.member import Member, load_index, rebuild_index, register_model, writer_lock
+    from cbr.store.member import rebuild_index, writer_lock
     from cbr.store.schema import IndexManifest, Model
-
-    import index as ix
 
     c = with_overrides(config, IndexConfig, overrides)
     t0 = time.monotonic()
@@ -120,24 +166,7 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
             scan = read_dataset(source, manifest, progress=progress, sources=sources)
         report.problems.extend(scan.problems)
 
-        members = []
-        for spec in c.models:
-            emb = create_embedder(spec, weights=None if Path(spec).exists() else c.weights,
-                                  target_layer=c.target_layer, window=sources and sources.window).to(c.device)
-            emb.eval()
-            model_id = register_model(cb, emb, _model_source(spec))
-            with cb.read() as s:
-                has_manifest = s.scalar(select(IndexManifest.id).where(IndexManifest.model_id == model_id)) is not None
-            if has_manifest:
-                index, kind, notes = load_index(cb, model_id, persist_repair=True)
-                report.notes.extend(notes)
-            else:
-                kind = c.index_type
-                try:
-                    index = ix.build(emb.config.embedding_dim, kind, n_hint=len(scan.records))
-                except ValueError as e:
-                    raise CbrError(f"--index-type {kind!r}: {e}") from None
-            members.append(Member(model_id, emb.fingerprint, spec, emb, index, kind))
+        members = _open_members(cb, c, sources and sources.window, len(scan.records), report.notes)
         model_ids = [m.model_id for m in members]
         window = _one_window(members)
 
@@ -151,28 +180,13 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
                 s.add(ds)
                 s.flush()
             dataset_id = ds.id
-            known = {c.sha256: (c.id, c.label, c.removed_at) for c in s.scalars(
+            known = {case.sha256: (case.id, case.label, case.removed_at) for case in s.scalars(
                 select(Case).where(Case.sha256.in_([r.sha256 for r in scan.records])))} if scan.records else {}
             have = {}
             for case_id, model_id in s.execute(select(Embedding.case_id, Embedding.model_id).where(Embedding.model_id.in_(model_ids))):
                 have.setdefault(case_id, set()).add(model_id)
 
-        todo, new_count = [], 0
-        for r in scan.records:
-            if r.sha256 in known:
-                case_id, label, removed = known[r.sha256]
-                if removed is not None:
-                    report.problems.append(Problem(r.path, f"was removed from the case base (case {case_id}); not re-added"))
-                    continue
-                if label != r.label:
-                    report.problems.append(Problem(r.path, f"label conflict: case {case_id} has the same image labelled {label!r}, here {r.label!r}"))
-                    continue
-                if set(model_ids) <= have.get(case_id, set()):
-                    report.already += 1
-                    continue
-            else:
-                new_count += 1
-            todo.append(r)
+        todo = _plan(scan.records, known, have, model_ids, report)
 
         writer = CaseWriter(cb, members, explain=c.explain)
         bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
@@ -197,6 +211,10 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
         for m in members:
             if report.added or not has_calibration(cb, m.model_id):
                 calibrate(cb, m.model_id, m.index)
+        if c.explain != NO_EXPLANATION:
+            from cbr.pipeline.map_reliability import measure_case_maps
+
+            report.notes.extend(measure_case_maps(cb, members, scan.records, c.explain))
         if report.problems:
             with cb.write() as s:
                 s.add_all(ProblemRow(dataset_id=dataset_id, path=p.path, reason=p.reason) for p in report.problems)

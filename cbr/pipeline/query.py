@@ -102,6 +102,7 @@ class Searcher:
         from cbr.pipeline.record import record_query
         from cbr.pipeline.search import active_classes, excluded_cases, own_case_notes, search_members
         from cbr.pipeline.typicality import screen
+        from cbr.store.reliability import reliability_of
 
         c = self.config
         t = {}
@@ -131,6 +132,7 @@ class Searcher:
             exclude = excluded_cases(s, sha, patient)
             classes = active_classes(s)
             own = own_case_notes(s, sha)
+            reliability = reliability_of(s, [m.model_id for m in self.members])
             # deep enough for the typicality score (the k-th neighbour of the calibration)
             depth = max([c.k] + [cal.k for cal in self._typicality if cal is not None])
             deep = search_members(s, self.members, [f.vector for f in feats], depth, exclude)
@@ -165,6 +167,9 @@ class Searcher:
         t["database"] = time.perf_counter() - t0
 
         answer = Answer.from_retrieval(query_id, found, self.members, self.notes)
+        answer.map_reliability = reliability.get(self.members[0].model_id) if self.members else None
+        for mem in answer.members:
+            mem["map_reliability"] = reliability.get(mem["model_id"])
         if meter.summary():
             answer.notes.append(meter.summary())
         t0 = time.perf_counter()

@@ -152,6 +152,29 @@ def assess(member_scores: Sequence[float | None], calibrations: Sequence[Typical
     return Typicality(value, ps, float(alpha), threshold, value is not None and alpha > 0 and value <= threshold)
 
 
+BATCH_EXCLUSION_MAX = 256  # above this many excluded ids per query, search each query on its own
+
+
+def search_excluding(index, queries, k: int, exclude):
+    """``index.search(..., exclude=...)`` as one batched search: ask for k + the largest exclusion
+    more, then drop each row's excluded ids. Calibration searches every case with its own
+    exclusion, which the index layer would run as one search per case (16 s instead of 1 s for
+    1,000 calibration cases among 10,000)."""
+    import index as ix
+
+    extra = max((len(e) for e in exclude), default=0)
+    if extra > BATCH_EXCLUSION_MAX:
+        return ix.search(index, queries, k, exclude=exclude)
+    D, I = ix.search(index, queries, k + extra)
+    out_d = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    out_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for r, excluded in enumerate(exclude):
+        keep = (I[r] >= 0) & ~np.isin(I[r], np.asarray(list(excluded), dtype=np.int64))
+        d, i = D[r][keep][:k], I[r][keep][:k]
+        out_d[r, : len(d)], out_i[r, : len(i)] = d, i
+    return out_d, out_i
+
+
 def leave_one_out_scores(index, ids: np.ndarray, vecs: np.ndarray, groups: dict, *, k: int = TYPICALITY_K,
                          max_cases: int = TYPICALITY_CASES, seed: int = 0) -> np.ndarray:
     """Sorted `knn_score`s of up to ``max_cases`` cases, each searched without itself and its group.
@@ -182,7 +205,7 @@ def leave_one_out_scores(index, ids: np.ndarray, vecs: np.ndarray, groups: dict,
         cid = int(ids[p])
         g = groups.get(cid)
         exclude.append(members[g] if g is not None else [cid])
-    D, _ = ix.search(index, vecs[pick], k, exclude=exclude)
+    D, _ = search_excluding(index, vecs[pick], k, exclude)
     scores = [knn_score(row, k) for row in D]
     return np.sort(np.asarray([s for s in scores if s is not None], dtype=np.float64))
 

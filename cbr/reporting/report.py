@@ -17,6 +17,7 @@ from sqlalchemy import select
 from cbr.data.sources import describe_origin
 from cbr.errors import CbrError
 from cbr.files import atomic_write
+from cbr.store.reliability import badge_text, reliability_of
 from cbr.store.rows import get_query, iso, map_fields
 from cbr.store.schema import Case, Explanation, Feedback, Model, Neighbour, Query, Vote
 
@@ -31,6 +32,7 @@ def load_record(cb, query_id: int, *, with_maps: bool = True) -> dict:
         q = get_query(s, cb, query_id)
         votes = s.scalars(select(Vote).where(Vote.query_id == q.id).order_by(Vote.id)).all()
         models = {m.id: m for m in s.scalars(select(Model).where(Model.id.in_([v.model_id for v in votes])))}
+        reliability = reliability_of(s, list(models))
         rows = s.execute(
             select(Neighbour, Case).join(Case, Case.id == Neighbour.case_id)
             .where(Neighbour.query_id == q.id).order_by(Neighbour.model_id, Neighbour.rank)
@@ -59,7 +61,7 @@ def load_record(cb, query_id: int, *, with_maps: bool = True) -> dict:
         members.append({"model_id": m.id, "fingerprint": m.fingerprint, "model": m.source, "backbone": m.backbone,
                         "weights": m.weights, "target_layer": (m.config or {}).get("target_layer") or None,
                         "window": (m.config or {}).get("window", "auto"),
-                        "typicality": v.typicality,
+                        "typicality": v.typicality, "map_reliability": reliability.get(m.id),
                         "vote": {"label": v.prediction, "confidence": v.confidence, "probabilities": v.probabilities,
                                  "abstained": v.abstained, "abstain_reason": v.abstain_reason},
                         "query_maps": query_maps, "neighbours": neigh})
@@ -240,6 +242,7 @@ td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-alig
 .card img{width:224px;height:224px}.meta{font-size:.8em;color:#555;word-break:break-all}
 .missing{width:224px;height:224px;background:#444;color:#eee;display:flex;align-items:center;justify-content:center}
 .warn{color:#a40}.small{font-size:.85em;color:#555}
+.badge{display:inline-block;font-size:.85em;background:#eef;border:1px solid #99c;border-radius:4px;padding:2px 8px}
 .ood{background:#b00020;color:#fff;font-weight:600;font-size:1.1em;padding:12px 16px;border-radius:6px;margin:12px 0}
 """
 
@@ -295,7 +298,8 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
         v = mem["vote"]
         parts.append(f"<h2>Member: {e(mem['model'])}</h2><p class='small'>backbone {e(mem['backbone'])}, weights "
                      f"{e(mem['weights'])}, fingerprint <code>{e(mem['fingerprint'])}</code>; vote "
-                     f"{e(str(v['label']))} ({v['confidence']:.3f})</p>")
+                     f"{e(str(v['label']))} ({v['confidence']:.3f})</p>"
+                     f"<p class='badge'>{e(badge_text(mem.get('map_reliability')))}</p>")
         qmap = _query_map(mem)
         parts.append("<div class='grid'><div class='card'>" + _img_tag(blobs.get(("query", mid)), "query")
                      + f"<div><b>query</b></div><div class='meta'>map: {e(qmap['target']) if qmap else 'none'}"

@@ -33,6 +33,15 @@ def format_table(metrics: dict) -> str:
     lines.append(f"{'mAP':<22}{_f(metrics.get('map')):>10}")
     ab = metrics.get("abstention") or {}
     lines.append(f"{'abstention rate':<22}{_f(ab.get('rate')):>10}   accuracy on answered {_f(ab.get('accuracy_answered'))}")
+    sel = metrics.get("selective")
+    if sel and sel.get("aurc") is not None:
+        at = {c: (v or {}).get("accuracy") for c, v in sel["accuracy_at"].items()}
+        lines.append(f"{'AURC':<22}{_f(sel['aurc']):>10}   accuracy at 90% coverage {_f(at.get('0.9'))}, at 95% "
+                     f"{_f(at.get('0.95'))}; flagged out of distribution {_f(sel.get('ood_flagged_in'))}")
+    ood = metrics.get("ood")
+    if ood:
+        lines.append(f"{'OOD AUROC':<22}{_f(ood['auroc']):>10}   FPR at 95% TPR {_f(ood['fpr_at_95_tpr'])}; foreign "
+                     f"queries flagged {_f(ood['flagged_out'])} ({ood['n_out']} queries)")
     lines.append("")
     lines.append(f"{'class':<22}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for c, v in metrics["per_class"].items():

@@ -57,7 +57,7 @@ def create_app(casebase, settings, *, searcher=None) -> FastAPI:
 
     settings.check()
     app = FastAPI(title="cbr", summary="Case-based reasoning for medical images: a web audit workstation",
-                  docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+                  docs_url=None, redoc_url=None, openapi_url=None)  # the schema is served behind the token
     app.state.settings = settings
     app.state.workbench = Workbench(casebase, settings, searcher=searcher)
     app.state.guard = Guard(settings.token, secure_cookies=settings.secure_cookies)

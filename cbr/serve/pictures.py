@@ -13,7 +13,7 @@ import numpy as np
 
 from cbr.errors import CbrError, NotFoundError
 
-__all__ = ["SIZE", "MAP_KINDS", "image_png", "map_png", "query_maps", "case_map", "placeholder_png", "RecordCache"]
+__all__ = ["SIZE", "MAP_KINDS", "image_png", "map_png", "query_maps", "record_window", "case_map", "placeholder_png", "RecordCache"]
 
 SIZE = 320  # pixels on a side: readable beside each other, small enough for k neighbours
 MAP_KINDS = ("similarity", "class")
@@ -34,12 +34,14 @@ def placeholder_png(text: str) -> bytes:
     return _png(img)
 
 
-def image_png(path: str) -> bytes:
-    """The image at a recorded path, letterboxed to SIZE; a grey placeholder when it is gone."""
-    from cbr.data.image import letterbox, read_image
+def image_png(path: str, window: str = "auto") -> bytes:
+    """The image at a recorded path or locator (a DICOM frame, a NIfTI slice, an ``.npz`` index),
+    decoded with the models' ``window`` and letterboxed to SIZE; a grey placeholder when it is gone."""
+    from cbr.data.image import letterbox
+    from cbr.data.sources import read_source
 
     try:
-        img, _ = read_image(path)
+        img, _, _ = read_source(path, window=window)
     except CbrError:
         return placeholder_png("image unavailable")
     return _png(letterbox(img, SIZE))
@@ -67,6 +69,11 @@ def _member(record: dict, member_id: int | None) -> dict:
         if mem["model_id"] == int(member_id):
             return mem
     raise NotFoundError(f"query {record['query_id']} has no member {member_id}")
+
+
+def record_window(record: dict, member_id: int | None = None) -> str:
+    """The VOI window a query's member decoded DICOM/NIfTI with ("auto" without members)."""
+    return _member(record, member_id).get("window", "auto") if record["members"] else "auto"
 
 
 def query_maps(record: dict, member_id: int | None, kind: str, case_id: int | None, scale: str = "shared"):

@@ -45,8 +45,9 @@ def run_server(db, settings, *, index_dir=None, log=print) -> None:
             raise CbrError(f"cannot listen on {settings.host}:{settings.port} ({e.strerror or e}); "
                            "choose another --port or stop the process using it") from None
         port = sock.getsockname()[1]
-        wb.warm_up()
-        log(f"cbr serve: {cb.display}, {len(wb.members)} member(s) loaded and warmed up in {time.perf_counter() - t0:.1f} s")
+        loaded = time.perf_counter() - t0
+        warm = wb.warm_up()
+        log(f"cbr serve: {cb.display}, {len(wb.members)} member(s) loaded in {loaded:.1f} s, warmed up in {warm:.1f} s")
         for note in wb.searcher.notes:
             log(f"  note: {note}")
         log(f"  uploads and reports: {wb.data_dir}")

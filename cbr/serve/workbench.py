@@ -75,6 +75,11 @@ class Workbench:
     def members(self) -> list:
         return self.searcher.members
 
+    @property
+    def window(self) -> str:
+        """The VOI window the members decode DICOM/NIfTI with (one per case base: ``cbr index`` refuses two)."""
+        return self.members[0].embedder.config.window if self.members else "auto"
+
     # --- queries -------------------------------------------------------------------------------
 
     def save_upload(self, data: bytes, filename: str | None) -> Path:
@@ -171,11 +176,11 @@ class Workbench:
         Returns:
             (answer, detail) where detail is the refinement as recorded.
         """
-        from cbr.data.image import read_image
+        from cbr.data.sources import read_source
 
         path, patient, k, vote, explain = self._parent(query_id)
         try:
-            img, _ = read_image(path)
+            img, _, _ = read_source(path, window=self.window)  # a DICOM frame or NIfTI slice, as queried
         except ImageError as e:
             raise RefineError(f"query {query_id}'s image cannot be read ({e.reason}); it cannot be refined") from None
         crop_box = letterbox_to_pixels(box, img.size)
@@ -205,7 +210,7 @@ class Workbench:
         """
         import numpy as np
 
-        from cbr.data.image import read_image
+        from cbr.data.sources import read_source
         from cbr.store.member import active_embeddings
 
         relevant = sorted({int(i) for i in relevant})
@@ -214,7 +219,7 @@ class Workbench:
             raise RefineError("mark at least one neighbour as relevant or not relevant to refine by example")
         path, patient, k, vote, explain = self._parent(query_id)
         try:
-            img, _ = read_image(path)
+            img, _, _ = read_source(path, window=self.window)
         except ImageError as e:
             raise RefineError(f"query {query_id}'s image cannot be read ({e.reason}); it cannot be refined") from None
         a, b, c = ROCCHIO

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,7 +89,28 @@ def _alembic_config():
     return cfg
 
 
+# The header lines of a migration script: ``revision: str = "0003"``, ``down_revision: ... = None``.
+_HEADER = re.compile(r'^(revision|down_revision)\b[^=\n]*=\s*(?:"([^"]*)"|None)\s*$', re.M)
+
+
 def _head_and_known():
+    """(head revision, every revision) of the migration scripts.
+
+    Read from the scripts' header lines: importing alembic costs a read-only command a third of
+    its start-up. A chain this cannot read (a merge, two heads) goes to alembic itself;
+    tests/test_startup.py checks both agree.
+    """
+    import migrations
+
+    known, parents = set(), set()
+    for script in (Path(migrations.__file__).parent / "versions").glob("*.py"):
+        fields = {m.group(1): m.group(2) for m in _HEADER.finditer(script.read_text(encoding="utf-8"))}
+        if "revision" in fields:
+            known.add(fields["revision"])
+            parents.add(fields.get("down_revision"))
+    heads = known - parents
+    if len(heads) == 1 and parents <= known | {None}:
+        return heads.pop(), known
     from alembic.script import ScriptDirectory
 
     script = ScriptDirectory.from_config(_alembic_config())
@@ -96,9 +118,15 @@ def _head_and_known():
 
 
 def _current_revision(conn) -> str | None:
+    """The case base's schema revision (None for a new database), as alembic records it."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    if len(rows) <= 1:
+        return rows[0][0] if rows else None
     from alembic.runtime.migration import MigrationContext
 
-    return MigrationContext.configure(conn).get_current_revision()
+    return MigrationContext.configure(conn).get_current_revision()  # raises on several heads
 
 
 class CaseBase:

@@ -30,12 +30,14 @@ def resolve_url(db: str | os.PathLike) -> str:
     hint = "use a file path or e.g. postgresql://user@host:5432/db"
     try:
         u = make_url(db)
-        u.port  # noqa: B018 - SQLAlchemy parses the port lazily: a bad one would fail later, with a traceback
+        # SQLAlchemy parses the port lazily: a bad one would fail later, with a traceback.
+        if u.port is not None and not 0 < u.port < 65536:
+            raise ValueError(u.port)
     except ArgumentError as e:
         raise CaseBaseError(f"--db {db!r} is not a valid SQLAlchemy URL ({e}); {hint}") from None
     except ValueError:
         shown = hide_password(db)
-        raise CaseBaseError(f"--db {shown}: the port is not a number; {hint}") from None
+        raise CaseBaseError(f"--db {shown}: the port is not a number from 1 to 65535; {hint}") from None
     if u.get_backend_name() == "sqlite" and _truthy(u.query.get("uri")) and u.database:
         path = u.database
         if not path.startswith("file:"):

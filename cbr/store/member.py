@@ -272,7 +272,7 @@ def rebuild_index(cb, model_id: int, kind: str | None = None):
 
 def _embedder_for(model: Model):
     from cbr.models.config import ModelConfig
-    from cbr.models.embedder import create_embedder
+    from cbr.models.factory import create_embedder
 
     cfg = ModelConfig.from_dict(model.config)
     if model.weights == "checkpoint":
@@ -305,7 +305,7 @@ def _select_models(cb, wanted) -> list[Model]:
         raise CaseBaseError(f"case base {cb.display} has no index yet; build one with `cbr index DATA --db {cb.display}`")
     if not wanted:
         return list(rows)
-    from cbr.models.embedder import create_embedder
+    from cbr.models.factory import create_embedder
 
     chosen = []
     for name in wanted:

@@ -27,6 +27,7 @@ __all__ = [
     "IndexManifest",
     "Calibration",
     "TypicalityScores",
+    "MapReliability",
     "Explanation",
     "Query",
     "Vote",
@@ -144,6 +145,21 @@ class TypicalityScores(Base):
     k: Mapped[int] = mapped_column(Integer)
     scores: Mapped[list] = mapped_column(JSON)  # ascending
     cases_digest: Mapped[str] = mapped_column(String(128))  # active cases it was computed on
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MapReliability(Base):
+    """How often one model's maps hit the lesion: the pointing game measured against masks."""
+
+    __tablename__ = "map_reliability"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), unique=True)  # the latest measurement
+    pointing_game: Mapped[float] = mapped_column(Float)  # share of masked images whose map maximum is inside
+    n: Mapped[int] = mapped_column(Integer)  # masked (non-empty) images it was measured on
+    method: Mapped[str] = mapped_column(String(32))  # the explanation method, e.g. gradcam
+    layer: Mapped[str] = mapped_column(String(255))  # the CAM layer ("" = the last block)
+    target: Mapped[str] = mapped_column(String(32))  # which maps: class | similarity | embedding
+    source: Mapped[str] = mapped_column(String(32))  # evaluate (held-out queries) | index (the cases' maps)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

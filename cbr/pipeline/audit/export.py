@@ -7,19 +7,22 @@ import json
 import sys
 from pathlib import Path
 
-from sqlalchemy import func, select
-
 from cbr.errors import CbrError, UnknownNameError
-from cbr.pipeline.audit.trail import latest_feedback
-from cbr.store.rows import iso
-from cbr.store.schema import Case, Feedback, Query
 
+# SQLAlchemy and the schema are imported by the row generators, when rows are read: the CLI's
+# --what choices (EXPORTS) come from here, and `cbr export --help` should not pay for them.
 __all__ = ["EXPORTS", "EXPORT_FORMATS", "export"]
 
 EXPORT_FORMATS = ("csv", "json")
 
 
 def _queries_rows(s):
+    from sqlalchemy import select
+
+    from cbr.pipeline.audit.trail import latest_feedback
+    from cbr.store.rows import iso
+    from cbr.store.schema import Feedback, Query
+
     latest = latest_feedback()
     stmt = (select(Query, Feedback.label)
             .outerjoin(latest, latest.c.query_id == Query.id)
@@ -34,7 +37,10 @@ def _queries_rows(s):
 
 
 def _cases_rows(s):
-    from cbr.store.schema import Dataset
+    from sqlalchemy import select
+
+    from cbr.store.rows import iso
+    from cbr.store.schema import Case, Dataset
 
     stmt = select(Case, Dataset.source).outerjoin(Dataset, Dataset.id == Case.dataset_id).order_by(Case.id)
     for c, source in s.execute(stmt.execution_options(yield_per=1000)):
@@ -45,6 +51,11 @@ def _cases_rows(s):
 
 
 def _feedback_rows(s):
+    from sqlalchemy import func, select
+
+    from cbr.store.rows import iso
+    from cbr.store.schema import Case, Feedback
+
     retained_case = (select(func.min(Case.id)).where(Case.feedback_id == Feedback.id, Case.origin == "retain")
                      .correlate(Feedback).scalar_subquery())
     stmt = select(Feedback, retained_case).order_by(Feedback.id)
@@ -89,8 +100,9 @@ def _write_rows(fh, columns, rows, fmt) -> int:
 
         rows = itertools.chain([first], rows)
     if fmt == "csv":
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(columns)
+        # Every text cell quoted (OWASP), so that a CR inside one can never split a row; numbers bare.
+        csv.writer(fh, lineterminator="\n").writerow(columns)  # our own names: plain
+        w = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
         for r in rows:
             w.writerow([_csv_cell(r[c]) for c in columns])
             n += 1
@@ -109,7 +121,8 @@ def export(cb, what: str, fmt: str, out=None) -> int:
     CSV holds one header row; JSON-valued columns (probabilities, metadata) are JSON text there.
     JSON is one array of objects. Times are UTC ISO 8601. In CSV, a text cell that a spreadsheet
     would run as a formula (it starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return)
-    gets a leading single quote, as OWASP recommends; JSON keeps every value as it is.
+    gets a leading single quote and every text cell is quoted, as OWASP recommends; JSON keeps
+    every value as it is.
 
     Args:
         cb: an open CaseBase.

@@ -114,19 +114,32 @@ def _check_image_file(image) -> None:
     """Refuse a ``--image`` that is not a regular file within the size cap, recording nothing."""
     from cbr.data.guard import open_regular
 
+    from cbr.data.sources import Source
+
     try:
-        with open_regular(Path(image).expanduser()):
+        with open_regular(Path(Source.parse(image).path).expanduser()):  # "cine.dcm#frame=12": the file
             pass
     except ImageError as e:
         raise CbrError(f"--image {e}; nothing was recorded") from None
 
 
-def _read_query_image(j: _Judged, image):
-    from cbr.data.image import read_image
+def _query_window(cb, query_id: int) -> str:
+    """The VOI window the query's members decoded DICOM/NIfTI with (one per case base)."""
+    from cbr.store.schema import Model, Vote
 
-    path = Path(image if image is not None else j.path).expanduser().resolve()
+    with cb.read() as s:
+        cfg = s.scalar(select(Model.config).join(Vote, Vote.model_id == Model.id)
+                       .where(Vote.query_id == query_id).limit(1))
+    return (cfg or {}).get("window", "auto")
+
+
+def _read_query_image(j: _Judged, image, window: str = "auto"):
+    from cbr.data.sources import Source, moved_to, read_source
+
+    src = Source.parse(moved_to(j.path, image)).resolved()  # the recorded frame, slice or .npz index
+    path = src.locator
     try:
-        img, sha = read_image(path)
+        img, sha, _ = read_source(src, window=window)
     except ImageError as e:
         hint = "give the right file with --image" if image is not None else \
             "if it moved, give it with --image PATH (its sha256 must match)"
@@ -148,7 +161,7 @@ def _retain(cb, j: _Judged, image) -> dict:
     from cbr.store.member import load_members, writer_lock
     from cbr.store.writer import CaseWriter
 
-    img, sha, path = _read_query_image(j, image)
+    img, sha, path = _read_query_image(j, image, _query_window(cb, j.query_id))
     notes = []
     with writer_lock(cb):
         with cb.read() as s:

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from cbr.serve.deps import get_casebase, require_token
+from cbr.serve.deps import get_casebase, get_workbench, require_token
 
 router = APIRouter(prefix="/api/cases", tags=["cases"], dependencies=[Depends(require_token)])
 HEADERS = {"cache-control": "private, max-age=3600"}
@@ -18,11 +18,12 @@ def get_case(case_id: int, cb=Depends(get_casebase)):
 
 
 @router.get("/{case_id}/image")
-def case_image(case_id: int, cb=Depends(get_casebase)):
+def case_image(case_id: int, wb=Depends(get_workbench)):
     from cbr.serve.cases import case_record
     from cbr.serve.pictures import image_png
 
-    return Response(image_png(case_record(cb, case_id, limit=0)["path"]), media_type="image/png", headers=HEADERS)
+    path = case_record(wb.cb, case_id, limit=0)["path"]
+    return Response(image_png(path, wb.window), media_type="image/png", headers=HEADERS)
 
 
 @router.get("/{case_id}/map.png")

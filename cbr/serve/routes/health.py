@@ -1,6 +1,6 @@
 """``GET /healthz``: the process is up, with its case base and loaded members."""
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from sqlalchemy import func, select
 
 from cbr.serve.deps import get_workbench, require_token
@@ -17,3 +17,9 @@ def healthz(wb=Depends(get_workbench)):
     members = [{"model_id": m.model_id, "model": m.label, "fingerprint": m.fingerprint, "vectors": int(m.index.ntotal)}
                for m in wb.members]
     return Health(status="ok", cases=int(cases), members=members)
+
+
+@router.get("/api/openapi.json", include_in_schema=False)
+def openapi(request: Request):
+    """The API's OpenAPI schema (behind the token, like every other route)."""
+    return request.app.openapi()

@@ -92,10 +92,10 @@ def refine_example(query_id: int, body: ExampleIn, wb=Depends(get_workbench)):
 
 @router.get("/{query_id}/image")
 def query_image(query_id: int, request: Request, cb=Depends(get_casebase)):
-    from cbr.serve.pictures import image_png
+    from cbr.serve.pictures import image_png, record_window
 
     record = request.app.state.records.get(cb, query_id)
-    return Response(image_png(record["image"]), media_type=PNG, headers=IMMUTABLE)
+    return Response(image_png(record["image"], record_window(record)), media_type=PNG, headers=IMMUTABLE)
 
 
 def _map_response(record, member, kind, case_id, scale):
@@ -116,12 +116,12 @@ def query_map(query_id: int, kind: str, request: Request, member: int | None = N
 
 @router.get("/{query_id}/neighbours/{case_id}/image")
 def neighbour_image(query_id: int, case_id: int, request: Request, member: int | None = None, cb=Depends(get_casebase)):
-    from cbr.serve.pictures import image_png, query_maps
+    from cbr.serve.pictures import image_png, query_maps, record_window
 
     record = request.app.state.records.get(cb, query_id)
     query_maps(record, member, "similarity", case_id)  # 404 unless it is this query's neighbour
     path = next(n["path"] for mem in record["members"] for n in mem["neighbours"] if n["case_id"] == case_id)
-    return Response(image_png(path), media_type=PNG, headers=IMMUTABLE)
+    return Response(image_png(path, record_window(record, member)), media_type=PNG, headers=IMMUTABLE)
 
 
 @router.get("/{query_id}/neighbours/{case_id}/maps/{kind}.png")

@@ -1,0 +1,256 @@
+"""Which map to show: CAM methods x target layers, scored against lesion masks (``cbr evaluate
+--explain METHODS --target-layer LAYERS``).
+
+For every method, every layer spec and every target, on the same images:
+
+* localisation against the records' ``mask`` (non-empty masks only): the pointing game (the
+  map's maximum lies in the lesion), the energy pointing game (the share of the map's mass in it)
+  and the IoU of the map's top ``top`` share of pixels with the lesion;
+* faithfulness: the deletion AUC (most-attributed pixels removed first; lower is better) on the
+  first ``deletion_images`` images;
+* cost: seconds per map, after the one trunk pass every method shares.
+
+Targets: ``class`` (the labelled class's logit) when the model has a head, ``similarity`` (the
+cosine of the global embeddings to the image's nearest other image in the sample, another
+patient's where patients are known; a CAM of it) and ``similarity-matching`` (the same pair, by
+region matching at the layer: explain.matching; it needs no CAM method, so its rows carry the
+method ``matching``). A layer spec is a dotted module path in the trunk, ``last`` (the trunk
+output) or stages joined by ``+`` (maps fused across them: explain.fusion).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from cbr.errors import CbrError
+
+__all__ = ["SweepSettings", "LAST", "parse_layers", "sweep_maps", "pool_sweeps", "best_rows", "run_sweep", "finish_sweep"]
+
+LAST = "last"  # the trunk output, the layer an empty target_layer means
+MATCHING = "matching"  # the method name of region-matching rows
+SWEEP_IMAGES = 48
+TARGETS = ("class", "similarity", "similarity-matching")
+STATS = ("pointing_game", "energy_pointing_game", "iou_top")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What the sweep scores (see the module docstring)."""
+
+    methods: tuple[str, ...]  # CAM methods (explain.methods); attribution methods have no layer
+    layers: tuple[str, ...]  # layer specs: "features.14", "last", "features.17+last"
+    images: int = SWEEP_IMAGES  # images scored, round-robin over the classes
+    top: float = 0.2  # share of pixels the IoU selects
+    deletion_images: int = 8  # deletion curves cost 11 forward passes per map
+    seed: int = 0
+
+
+def parse_layers(text) -> tuple[str, ...]:
+    """``"features.14, last, features.17+last"`` -> the layer specs, in order, without repeats."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    return tuple(dict.fromkeys(i.strip() for i in items if str(i).strip()))
+
+
+def _stage_name(stage: str) -> str:
+    return "" if stage in (LAST, "") else stage
+
+
+def at_layer(embedder, stage: str):
+    """A shallow copy of ``embedder`` (same modules) whose CAM layer is ``stage``."""
+    layer = _stage_name(stage)
+    if layer:
+        try:
+            embedder.trunk.get_submodule(layer)
+        except AttributeError:
+            names = [n for n, _ in embedder.trunk.named_children()]
+            raise CbrError(f"--target-layer {stage!r}: no such layer in the {embedder.config.backbone} trunk; "
+                           f"write a dotted path such as {names[-1]!r}.0 or {LAST!r}") from None
+    clone = copy.copy(embedder)
+    clone.config = dataclasses.replace(embedder.config, target_layer=layer)
+    clone.__dict__.pop("_cam_split", None)
+    clone._fingerprint = None
+    return clone
+
+
+def _masks(pick, size):
+    import logging
+
+    from cbr.data.mask import lesion_mask
+
+    out = []
+    for r in pick:
+        path, mask = (r.metadata or {}).get("mask"), None
+        if path:
+            try:
+                mask = lesion_mask(path, size)
+            except OSError as e:
+                logging.getLogger(__name__).warning("%s: mask unreadable (%s); left out", path, e)
+        out.append(mask if mask is not None and mask.any() else None)
+    return out
+
+
+def _row(method, layer, kind, raws, masks, seconds, deletions, top):
+    from explain.metrics import energy_pointing_game, iou_top, pointing_game
+
+    scored = [(float(pointing_game(raws[i], m)), energy_pointing_game(raws[i], m), iou_top(raws[i], m, top))
+              for i, m in enumerate(masks) if m is not None]
+    stats = {k: (float(np.mean([s[j] for s in scored])) if scored else None) for j, k in enumerate(STATS)}
+    deletions = [d for d in deletions if d is not None and np.isfinite(d)]
+    return {"method": method, "layer": layer, "target": kind, "n": len(raws), "localised": len(scored), **stats,
+            "deletion_auc": float(np.mean(deletions)) if deletions else None, "deleted": len(deletions),
+            "seconds_per_map": seconds / max(1, len(raws))}
+
+
+def _deletions(scores, x, raws, count):
+    from explain.metrics import deletion_curve
+
+    return [deletion_curve(scores[i], x[i], raws[i], steps=10)[2] for i in range(min(count, len(raws)))]
+
+
+def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = False) -> dict | None:
+    """Score every method x layer x target on the same images.
+
+    Args:
+        embedder: the model explained (a head adds the class target).
+        records: labelled records; a ``mask`` in their metadata adds the localisation columns.
+        settings: methods, layers, images, the IoU share, deletion images and seed.
+        progress: a progress bar over the rows.
+
+    Returns:
+        {"n", "masks", "layers", "methods", "rows": [one dict per method x layer x target]}, or
+        None without images. Rows carry n, localised (images with a mask), pointing_game,
+        energy_pointing_game, iou_top, deletion_auc (on ``deleted`` images) and seconds_per_map.
+
+    Example:
+        >>> sweep_maps(emb, records, SweepSettings(("gradcam", "layercam"), ("features.14", "last")))
+    """
+    import torch
+    from tqdm import tqdm
+
+    from cbr.data.sources import read_source
+    from cbr.evaluation.comparison import _neighbours, _pick, _score_fns
+    from cbr.models.maps import compute_maps
+    from explain.fusion import fuse_maps, split_layers
+    from explain.matching import matching_maps
+    from explain.methods import get_cam_method
+    from explain.targets import ClassTarget, SimilarityTarget
+
+    for m in settings.methods:
+        try:
+            get_cam_method(m)
+        except ValueError as e:
+            raise CbrError(f"{e}; --target-layer sweeps CAM methods only") from None
+    if not 0 < settings.top < 1:
+        raise CbrError(f"the IoU share must lie between 0 and 1, got {settings.top}")
+    names = embedder.config.class_names
+    classifier = embedder.head is not None
+    pick = _pick(records, names if classifier else (), settings.images, settings.seed)
+    if not pick or not settings.layers:
+        return None
+    x = torch.stack([embedder.preprocess(read_source(r.path, window=embedder.config.window)[0]) for r in pick])
+    stages = {s for spec in settings.layers for s in split_layers(spec)}
+    clones = {s: at_layer(embedder, s) for s in stages}
+    with torch.no_grad():
+        vectors = embedder.cam_features(x)[1]
+        acts = {s: clones[s].cam_features(x)[0] for s in stages}
+    nearest = _neighbours(vectors.numpy(), [r.group for r in pick])
+    references = [vectors[j].clone() for j in nearest]
+    labels = [names.index(r.label) if classifier else None for r in pick]
+    targets = {"similarity": [SimilarityTarget(ref) for ref in references]}
+    if classifier:
+        targets = {"class": [ClassTarget(c) for c in labels], **targets}
+    masks = _masks(pick, embedder.config.input_size)
+    rows = []
+    total = len(targets) * len(settings.methods) * len(settings.layers) + len(settings.layers)
+    bar = tqdm(total=total, desc="sweeping maps", unit="row", disable=not progress)
+    for kind, tgs in targets.items():
+        scores = _score_fns(embedder, x, kind, labels, references)
+        for method in settings.methods:
+            for spec in settings.layers:
+                t0 = time.perf_counter()
+                per_stage = [compute_maps(clones[s], x, acts[s], tgs, kind == "class", method)
+                             for s in split_layers(spec)]
+                raws = per_stage[0] if len(per_stage) == 1 else fuse_maps(per_stage)
+                seconds = time.perf_counter() - t0
+                rows.append(_row(method, spec, kind, raws, masks, seconds,
+                                 _deletions(scores, x, raws, settings.deletion_images), settings.top))
+                bar.update(1)
+    scores = _score_fns(embedder, x, "similarity", labels, references)
+    for spec in settings.layers:
+        t0 = time.perf_counter()
+        per_stage = [matching_maps(acts[s].float().numpy(), acts[s][nearest].float().numpy())
+                     for s in split_layers(spec)]
+        raws = per_stage[0] if len(per_stage) == 1 else fuse_maps(per_stage)
+        seconds = time.perf_counter() - t0
+        rows.append(_row(MATCHING, spec, "similarity-matching", raws, masks, seconds,
+                         _deletions(scores, x, raws, settings.deletion_images), settings.top))
+        bar.update(1)
+    bar.close()
+    return {"n": len(pick), "masks": sum(m is not None for m in masks), "top": settings.top,
+            "layers": list(settings.layers), "methods": list(settings.methods), "rows": rows}
+
+
+def pool_sweeps(results: list[dict]) -> dict | None:
+    """Sweeps of several folds as one: each figure averaged with its image counts as weights."""
+    results = [r for r in results if r]
+    if not results:
+        return None
+    pooled = {}
+    for res in results:
+        for row in res["rows"]:
+            key = (row["method"], row["layer"], row["target"])
+            pooled.setdefault(key, []).append(row)
+    rows = []
+    for (method, layer, target), parts in pooled.items():
+        def mean(field, weight):
+            pairs = [(p[field], p[weight]) for p in parts if p[field] is not None and p[weight]]
+            total = sum(w for _, w in pairs)
+            return float(sum(v * w for v, w in pairs) / total) if total else None
+
+        rows.append({"method": method, "layer": layer, "target": target, "n": sum(p["n"] for p in parts),
+                     "localised": sum(p["localised"] for p in parts),
+                     **{k: mean(k, "localised") for k in STATS},
+                     "deletion_auc": mean("deletion_auc", "deleted"), "deleted": sum(p["deleted"] for p in parts),
+                     "seconds_per_map": mean("seconds_per_map", "n")})
+    first = results[0]
+    return {"n": sum(r["n"] for r in results), "masks": sum(r["masks"] for r in results), "top": first["top"],
+            "layers": first["layers"], "methods": first["methods"], "rows": rows, "folds": len(results)}
+
+
+def best_rows(result: dict) -> dict:
+    """Per target, the row with the highest pointing game (ties: energy pointing game, then cost)."""
+    best = {}
+    for row in result["rows"]:
+        if row["pointing_game"] is None:
+            continue
+        key = (row["pointing_game"], row["energy_pointing_game"] or 0.0, -row["seconds_per_map"])
+        current = best.get(row["target"])
+        if current is None or key > current[0]:
+            best[row["target"]] = (key, row)
+    return {target: row for target, (_, row) in best.items()}
+
+
+def run_sweep(embedder, records, config, *, seed: int = 0, progress: bool = False) -> dict | None:
+    """The sweep an ``EvalConfig`` asks for (its sweep_methods x target_layers), or None."""
+    if not config.target_layers or not config.sweep_methods:
+        return None
+    settings = SweepSettings(tuple(config.sweep_methods), tuple(config.target_layers), images=config.map_images,
+                             seed=seed)
+    return sweep_maps(embedder, records, settings, progress=progress)
+
+
+def finish_sweep(result: dict | None, out_dir=None) -> dict | None:
+    """The sweep as the report gives it: the rows, the best row per target, and its files."""
+    if result is None:
+        return None
+    out = dict(result, best=best_rows(result), files=None)
+    if out_dir is not None:
+        from cbr.reporting.sweep_table import write_sweep
+
+        out["files"] = write_sweep(result, out_dir)
+    return out

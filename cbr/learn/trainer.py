@@ -1,0 +1,195 @@
+"""The optimisation loop of ``cbr train``: which blocks learn, at what rate, and when to stop.
+
+See :mod:`cbr.learn.train` for the decisions (class weights, validation, optimiser, partial
+fine-tuning, BatchNorm, reproducibility).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from cbr.learn.config import HEAD_LR, TrainConfig
+
+__all__ = ["Trainer", "trunk_stages"]
+
+BACKBONE_LR_FACTOR = 0.1  # pretrained backbone lr = head lr x this
+WEIGHT_DECAY = 0.01
+FREEZE_BN_BELOW = 16  # pretrained BatchNorm statistics stay frozen for smaller batches
+
+
+def _normaliser(config, device):
+    import torch
+
+    mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(config.std, device=device).view(1, 3, 1, 1) * 255.0
+    return lambda x: (x.to(device=device, dtype=torch.float32) - mean) / std
+
+
+def trunk_stages(trunk) -> list:
+    """The trunk's blocks in order: its children, with plain ``nn.Sequential`` containers opened
+    (so mobilenet's ``features`` gives its 19 blocks, resnet's ``layer4`` its bottlenecks)."""
+    from torch import nn
+
+    out = []
+    for child in trunk.children():
+        if type(child) is nn.Sequential:
+            out.extend(trunk_stages(child))
+        else:
+            out.append(child)
+    return out
+
+
+def _freeze_leading(model, train_layers: int | None) -> list:
+    """Freeze all but the last ``train_layers`` trunk stages; returns the frozen modules."""
+    if train_layers is None:
+        return []
+    stages = trunk_stages(model.trunk)
+    frozen = stages[: max(len(stages) - train_layers, 0)]
+    for m in frozen:
+        m.requires_grad_(False)
+    return frozen
+
+
+def _set_train_mode(model, freeze_bn: bool, frozen) -> None:
+    from torch import nn
+
+    model.train()
+    for m in frozen:
+        m.eval()  # frozen stages keep their BatchNorm statistics (and skip dropout)
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _param_groups(model, lr: float, pretrained: bool) -> list[dict]:
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    body = [p for n, p in model.named_parameters() if not n.startswith("head.") and p.requires_grad]
+    body_lr = lr * BACKBONE_LR_FACTOR if pretrained else lr
+    return [g for g in ({"params": body, "lr": body_lr}, {"params": head, "lr": lr}) if g["params"]]
+
+
+def _evaluate(model, images, targets, normalise, weight, batch_size: int) -> tuple[float, list[int]]:
+    """(mean weighted loss, predicted class indices) on cached uint8 images, no augmentation."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    losses, preds = [], []
+    with torch.no_grad():
+        for s in range(0, len(targets), batch_size):
+            x = normalise(images[s : s + batch_size])
+            y = torch.as_tensor(targets[s : s + batch_size], device=x.device)
+            logits = model.logits(x).float()
+            losses.append(F.cross_entropy(logits, y, weight=weight, reduction="sum").item())
+            preds.extend(logits.argmax(1).tolist())
+    return math.fsum(losses) / max(len(targets), 1), preds
+
+
+class Trainer:
+    """The optimisation loop of one training run: epochs, validation, early stopping."""
+
+    def __init__(self, model, config: TrainConfig, device: str, class_names, class_weight, progress: bool):
+        self.model, self.config, self.device = model, config, device
+        self.class_names, self.class_weight, self.progress = class_names, class_weight, progress
+        self.normalise = _normaliser(model.config, device)
+        self.pretrained = config.weights == "imagenet"
+        self.freeze_bn = self.pretrained and config.batch_size < FREEZE_BN_BELOW
+        self.frozen = _freeze_leading(model, config.train_layers)
+        self.head_lr = HEAD_LR if config.lr is None else float(config.lr)
+
+    def fit(self, train_set, val_images, val_targets) -> tuple[list[dict], int]:
+        """Train; load the best epoch's weights into the model; (history, best epoch)."""
+        import torch
+
+        cfg, n_train = self.config, len(train_set)
+        np_state = np.random.get_state()
+        devices = [torch.cuda.current_device()] if self.device.startswith("cuda") else []
+        history: list[dict] = []
+        best_key, best_state, best_epoch, stale = None, None, 0, 0
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(cfg.seed)
+                np.random.seed(cfg.seed)
+                loader = torch.utils.data.DataLoader(
+                    train_set, batch_size=cfg.batch_size, shuffle=True, num_workers=0,
+                    generator=torch.Generator().manual_seed(cfg.seed),
+                    drop_last=n_train % cfg.batch_size == 1 and n_train > 1,
+                )
+                steps = max(len(loader), 1) * cfg.epochs
+                optimiser = torch.optim.AdamW(_param_groups(self.model, self.head_lr, self.pretrained),
+                                              weight_decay=WEIGHT_DECAY)
+                schedule = torch.optim.lr_scheduler.LambdaLR(
+                    optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+                for epoch in range(1, cfg.epochs + 1):
+                    row, key = self._epoch(epoch, loader, optimiser, schedule, val_images, val_targets)
+                    history.append(row)
+                    if best_key is None or key > best_key:
+                        best_key, best_epoch, stale = key, epoch, 0
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                    else:
+                        stale += 1
+                        if cfg.patience and stale >= cfg.patience:
+                            self._say(f"early stop: no better validation balanced accuracy for {cfg.patience} epoch(s)")
+                            break
+        finally:
+            np.random.set_state(np_state)
+        self.model.load_state_dict(best_state)
+        self.model.eval()
+        return history, best_epoch
+
+    def _epoch(self, epoch, loader, optimiser, schedule, val_images, val_targets) -> tuple[dict, tuple]:
+        """One pass over the training part, then the validation figures: (history row, ranking key)."""
+        import torch.nn.functional as F
+        from tqdm import tqdm
+
+        from cbr.evaluation.metrics import accuracy, balanced_accuracy
+
+        te = time.monotonic()
+        _set_train_mode(self.model, self.freeze_bn, self.frozen)
+        total, seen = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{self.config.epochs}", unit="batch", disable=not self.progress,
+                   leave=False)
+        for xb, yb in bar:
+            x, y = self.normalise(xb), yb.to(self.device)
+            loss = F.cross_entropy(self.model.logits(x).float(), y, weight=self.class_weight)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += loss.item() * len(y)
+            seen += len(y)
+            bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+        bar.close()
+        row = {"epoch": epoch, "loss": total / max(seen, 1), "lr": optimiser.param_groups[-1]["lr"]}
+        if val_targets:
+            val_loss, pred = _evaluate(self.model, val_images, val_targets, self.normalise, self.class_weight,
+                                       self.config.batch_size)
+            truth = [self.class_names[t] for t in val_targets]
+            names = [self.class_names[p] for p in pred]
+            row.update(val_loss=val_loss, val_accuracy=accuracy(truth, names),
+                       val_balanced_accuracy=balanced_accuracy(truth, names))
+            key = (round(row["val_balanced_accuracy"], 12), -val_loss)
+        else:
+            row.update(val_loss=None, val_accuracy=None, val_balanced_accuracy=None)
+            key = (epoch,)
+        row["seconds"] = round(time.monotonic() - te, 3)
+        self._say(_epoch_line(row, self.config.epochs))
+        return row, key
+
+    def _say(self, line: str) -> None:
+        if self.progress:
+            from tqdm import tqdm
+
+            tqdm.write(line)
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    line = f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}"
+    if row.get("val_balanced_accuracy") is not None:
+        line += (f", val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.3f}, "
+                 f"val balanced accuracy {row['val_balanced_accuracy']:.3f}")
+    return line + f" ({row['seconds']:.1f} s)"

@@ -12,7 +12,7 @@ import numpy as np
 
 from .overlay import upsample
 
-__all__ = ["fuse_maps", "LAYER_SEPARATOR", "split_layers"]
+__all__ = ["fuse_maps", "LAYER_SEPARATOR", "split_layers", "stage_ends"]
 
 # A fused target layer is written as its stages joined by "+": "features.14+features.17+features.18".
 LAYER_SEPARATOR = "+"
@@ -50,3 +50,43 @@ def fuse_maps(stages):
             if top > 0:
                 out[i] += np.maximum(upsample(raw / top, shape), 0)
     return out / len(stages)
+
+
+def stage_ends(trunk, images, count=3):
+    """Dotted names (in `trunk`) of the last module at each of its last `count` resolutions.
+
+    The trunk's blocks are its children, through single-child wrappers (mobilenet's `features`);
+    one forward pass with hooks records each block's output size, and a stage ends where the
+    next block changes it. When the top level shows one resolution only (a densenet's whole
+    `features` block), the level below its largest child is used.
+
+    Example:
+        >>> stage_ends(mobilenet_trunk, torch.zeros(1, 3, 224, 224))
+        ['features.6', 'features.13', 'features.18']
+    """
+    import torch
+
+    prefix, module = [], trunk
+    while True:
+        kids = list(module.named_children())
+        if not kids:
+            return [".".join(prefix)] if prefix else []
+        if len(kids) == 1:
+            prefix.append(kids[0][0])
+            module = kids[0][1]
+            continue
+        sizes = {}
+        hooks = [child.register_forward_hook(lambda _m, _i, out, name=name: sizes.__setitem__(name, tuple(out.shape[-2:])))
+                 for name, child in kids]
+        try:
+            with torch.no_grad():
+                trunk(images[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        ordered = [(name, sizes[name]) for name, _ in kids if name in sizes]
+        ends = [name for (name, size), nxt in zip(ordered, ordered[1:] + [(None, None)]) if size != nxt[1]]
+        if len(ends) > 1:
+            return [".".join(prefix + [name]) for name in ends[-count:]]
+        name, module = max(kids, key=lambda kv: sum(1 for _ in kv[1].modules()))
+        prefix.append(name)

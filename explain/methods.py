@@ -21,8 +21,11 @@ ATTRIBUTION_METHODS = {
     "integrated-gradients": "IntegratedGradients",
     "occlusion": "Occlusion",
 }
-# Every --explain choice: the CAM methods, then the attribution methods.
-METHOD_NAMES = tuple(_CLASS_NAMES) + tuple(ATTRIBUTION_METHODS)
+# Multi-layer methods (explain.fusion), name -> the CAM method computed at each of the trunk's
+# last three stages; the stages' normalised maps are averaged (Jiang et al., 2021).
+FUSED_METHODS = {"layercam-fused": "layercam"}
+# Every --explain choice: the CAM methods, the fused ones, then the attribution methods.
+METHOD_NAMES = tuple(_CLASS_NAMES) + tuple(FUSED_METHODS) + tuple(ATTRIBUTION_METHODS)
 
 
 def __getattr__(name):

@@ -6,6 +6,8 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
+from pg import backend, db_url, fresh_db, pg_cluster, pytest_configure, pytest_generate_tests  # noqa: F401
+
 # Tests must never download: an empty hub cache makes any ImageNet lookup fail fast and clearly.
 os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".torch-home-empty"))
 
@@ -39,9 +41,30 @@ def _indexed_template(tmp_path_factory, phantom_set):
     return root
 
 
+@pytest.fixture(scope="session")
+def _pg_indexed_template(tmp_path_factory, phantom_set, pg_cluster):
+    from cbr.cli import cli
+
+    root = tmp_path_factory.mktemp("pg-casebase")
+    url = pg_cluster.create("indexed_template")
+    os.environ["CBR_INDEX_DIR"] = str(root / "indexes")
+    try:
+        result = CliRunner().invoke(cli, ["index", str(phantom_set), "--db", url, *TINY, "--workers", "0"])
+    finally:
+        del os.environ["CBR_INDEX_DIR"]
+    assert result.exit_code == 0, result.output
+    return "indexed_template", root / "indexes"
+
+
 @pytest.fixture
-def indexed(tmp_path, _indexed_template):
-    """A fresh copy of an indexed case base (tinycnn, random init); returns the db path."""
+def indexed(request, backend, tmp_path, fresh_db):
+    """A fresh copy of an indexed case base (tinycnn, random init); returns the db path (SQLite) or URL."""
+    if backend == "postgresql":
+        template, indexes = request.getfixturevalue("_pg_indexed_template")
+        url = fresh_db("cases", template=template)
+        shutil.copytree(indexes, tmp_path / "cases.indexes")
+        return url
+    _indexed_template = request.getfixturevalue("_indexed_template")
     for item in _indexed_template.iterdir():
         dest = tmp_path / item.name
         if item.is_dir():

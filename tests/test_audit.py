@@ -17,6 +17,8 @@ from cbr.store.schema import Case, IndexManifest
 
 import index as ix
 
+pytestmark = pytest.mark.postgres  # every case base here: SQLite and PostgreSQL (tests/pg.py)
+
 
 def _image(manifest, i=0):
     with open(manifest, newline="") as fh:

@@ -9,6 +9,8 @@ from cbr.store.schema import Base, Case, Model
 
 ALL_TABLES = set(Base.metadata.tables)
 
+pytestmark = pytest.mark.postgres  # tests taking db_url run on SQLite and PostgreSQL (tests/pg.py)
+
 
 def test_open_creates_every_table(tmp_path):
     cb = open_casebase(tmp_path / "c.db")
@@ -26,8 +28,8 @@ def test_sqlite_uses_wal_and_busy_timeout(tmp_path):
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 30000
 
 
-def test_stamp_base_then_upgrade_keeps_data(tmp_path):
-    db = tmp_path / "old.db"
+def test_stamp_base_then_upgrade_keeps_data(db_url):
+    db = db_url
     before, after = upgrade(db, "0001")
     assert (before, after) == (None, "0001")
     cb = open_casebase(db, migrate=False)
@@ -45,18 +47,38 @@ def test_stamp_base_then_upgrade_keeps_data(tmp_path):
     assert current(db)["up_to_date"]
 
 
-def test_migrations_match_the_models(tmp_path):
+def test_upgrade_from_0003_adds_map_reliability_and_keeps_data(db_url):
+    db = db_url
+    upgrade(db, "0003")
+    cb = open_casebase(db, migrate=False)
+    with cb.engine.connect() as conn:
+        assert "map_reliability" not in inspect(conn).get_table_names()
+    with cb.write() as s:
+        s.add(Model(fingerprint="e" * 64, backbone="tinycnn", weights="none", source="tinycnn", config={}))
+    cb.close()
+    cb = open_casebase(db)
+    with cb.engine.connect() as conn:
+        assert "map_reliability" in inspect(conn).get_table_names()
+    from cbr.store.reliability import reliability_of
+
+    with cb.read() as s:
+        model_id = s.scalar(select(Model.id))
+        assert reliability_of(s, [model_id]) == {model_id: None}  # an older case base: "not measured"
+    assert current(db)["up_to_date"]
+
+
+def test_migrations_match_the_models(db_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    cb = open_casebase(tmp_path / "c.db")
+    cb = open_casebase(db_url)
     with cb.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
 
 
-def test_newer_schema_is_refused(tmp_path):
-    db = tmp_path / "c.db"
+def test_newer_schema_is_refused(db_url):
+    db = db_url
     cb = open_casebase(db)
     with cb.engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
@@ -97,8 +119,8 @@ def test_any_sqlalchemy_url(tmp_path):
         open_casebase("nodriver://host/db", index_dir=tmp_path / "x")
 
 
-def test_failed_write_rolls_back(tmp_path):
-    cb = open_casebase(tmp_path / "c.db")
+def test_failed_write_rolls_back(db_url):
+    cb = open_casebase(db_url)
     with pytest.raises(RuntimeError):
         with cb.write() as s:
             s.add(Case(sha256="b" * 64, path="/y.png", label="no", meta={}))

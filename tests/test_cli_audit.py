@@ -12,6 +12,8 @@ from cbr.store.casebase import open_casebase
 from cbr.store.schema import Case, Embedding, Explanation, Feedback, IndexManifest, Query
 from conftest import invoke
 
+pytestmark = pytest.mark.postgres  # every case base here: SQLite and PostgreSQL (tests/pg.py)
+
 
 def _images(manifest):
     with open(manifest, newline="") as fh:

@@ -4,6 +4,7 @@ import csv
 import json
 import shutil
 
+import pytest
 from sqlalchemy import func, select
 
 from cbr.store.casebase import open_casebase
@@ -17,8 +18,11 @@ def _query_images(manifest):
     return [manifest.parent / r["path"] for r in rows], rows
 
 
-def test_index_summary_and_stored_rows(runner, phantom_set, tmp_path):
-    db = tmp_path / "cases.db"
+pytestmark = pytest.mark.postgres  # every case base here: SQLite and PostgreSQL (tests/pg.py)
+
+
+def test_index_summary_and_stored_rows(runner, phantom_set, db_url):
+    db = db_url
     result = invoke(runner, "index", phantom_set, "--db", db, *TINY, "--workers", "0")
     assert result.exit_code == 0, result.output
     assert "cases added:   18" in result.output
@@ -33,7 +37,7 @@ def test_index_summary_and_stored_rows(runner, phantom_set, tmp_path):
     assert all(len(m.data) == m.height * m.width * 2 for m in maps)  # float16
 
 
-def test_index_is_incremental(runner, phantom_set, tmp_path):
+def test_index_is_incremental(runner, phantom_set, tmp_path, db_url):
     data = tmp_path / "data"
     shutil.copytree(phantom_set.parent, data)
     manifest = data / phantom_set.name
@@ -45,7 +49,7 @@ def test_index_is_incremental(runner, phantom_set, tmp_path):
         w.writeheader()
         for r in head:
             w.writerow(dict(r, path=str(data / r["path"]), mask=str(data / r["mask"])))
-    db = tmp_path / "cases.db"
+    db = db_url
     result = invoke(runner, "index", part, "--db", db, *TINY, "--workers", "0")
     assert result.exit_code == 0, result.output
     assert "cases added:   10" in result.output
@@ -140,7 +144,7 @@ def test_query_missing_case_base(runner, tmp_path, query_set):
     assert result.exit_code == 1 and "does not exist" in result.output
 
 
-def test_duplicate_manifest_rows_are_counted_as_duplicates(runner, phantom_set, tmp_path):
+def test_duplicate_manifest_rows_are_counted_as_duplicates(runner, phantom_set, tmp_path, db_url):
     # A manifest's duplicate reasons start "row N: duplicate of ...": the count must come from the
     # problem's kind, not from the wording of its reason.
     rows = list(csv.DictReader(open(phantom_set, newline="")))
@@ -150,8 +154,7 @@ def test_duplicate_manifest_rows_are_counted_as_duplicates(runner, phantom_set, 
         w.writeheader()
         for r in rows[:4] + rows[:2]:
             w.writerow(dict(r, path=str(phantom_set.parent / r["path"]), mask=str(phantom_set.parent / r["mask"])))
-    result = invoke(runner, "index", manifest, "--db", tmp_path / "cases.db", *TINY, "--workers", "0",
-                    "--explain", "none")
+    result = invoke(runner, "index", manifest, "--db", db_url, *TINY, "--workers", "0", "--explain", "none")
     assert result.exit_code == 0, result.output
     assert "cases added:   4" in result.output
     assert "duplicates:    2" in result.output and "skipped:       0" in result.output

@@ -71,6 +71,10 @@ def test_retain_a_dicom_frame_decodes_that_frame_with_the_models_window(tmp_path
     cine = make_dicom(tmp_path / "cine.dcm", frames, patient_id="QQ2", intercept=-1024.0, window=(40, 400))
     answer = _query(runner, f"{cine}#frame=2", db, tmp_path, "--explain", "none")
     assert answer["image"].endswith("cine.dcm#frame=2")
+    again = invoke(runner, "explain", answer["query_id"], "--method", "gradcam", "--db", db, "--json",
+                   "--out", tmp_path / "again")
+    assert again.exit_code == 0, again.output  # the frame is re-read, its sha256 checked, then mapped
+    assert any(m["case_id"] is None for m in json.loads(again.output.splitlines()[-1])["maps"])
 
     fb = invoke(runner, "feedback", answer["query_id"], "--label", "nodule", "--retain", "--db", db, "--json")
     assert fb.exit_code == 0, fb.output
@@ -147,6 +151,38 @@ def test_report_rerender_draws_nifti_neighbours(tmp_path, runner):
     assert IMAGE_CHANGED in (tmp_path / "changed.html").read_text()
 
 
+# -- cbr serve: the pictures of a query on a NIfTI slice ----------------------------------------
+
+
+def test_serve_draws_slices_not_placeholders(tmp_path, runner):
+    from fastapi.testclient import TestClient
+
+    from cbr.serve.app import create_app
+    from cbr.serve.pictures import placeholder_png
+    from cbr.serve.settings import ServeSettings
+    from cbr.store.casebase import open_casebase
+
+    db = tmp_path / "cases.db"
+    r = invoke(runner, "index", _volumes(tmp_path / "data"), "--db", db, *TINY, "--workers", "0", "--slices", "every:4",
+               "--explain", "none")
+    assert r.exit_code == 0, r.output
+    query = make_volume(tmp_path / "q.nii.gz", _volume(seed=99) + 150.0)
+    answer = _query(runner, f"{query}#axis=axial&slice=4", db, tmp_path, "--explain", "none")
+    qid, case_id = answer["query_id"], answer["neighbours"][0]["case_id"]
+    cb = open_casebase(db, create=False)
+    try:
+        app = create_app(cb, ServeSettings(data_dir=tmp_path / "serve"))
+        client = TestClient(app, base_url="http://127.0.0.1:8765")
+        unavailable = placeholder_png("image unavailable")
+        for url in (f"/api/queries/{qid}/image", f"/api/queries/{qid}/neighbours/{case_id}/image",
+                    f"/api/cases/{case_id}/image"):
+            got = client.get(url)
+            assert got.status_code == 200 and got.headers["content-type"] == "image/png", url
+            assert got.content != unavailable, url
+    finally:
+        cb.close()
+
+
 # -- cbr evaluate --explain, and the source options of train / evaluate ----------------------------
 
 
@@ -195,7 +231,8 @@ def test_train_window_is_in_the_checkpoint(tmp_path, runner):
     assert runs[None][1].config.window == "auto" and runs[None][0] != fp
     # indexing with the checkpoint keeps its window: a query with another one is refused
     db = tmp_path / "cases.db"
-    r = invoke(runner, "index", data, "--db", db, "--model", tmp_path / "ct-lung.pt", "--workers", "0", "--explain", "none")
+    r = invoke(runner, "index", data, "--db", db, "--model", tmp_path / "ct-lung.pt", "--workers", "0",
+               "--explain", "none")
     assert r.exit_code == 0, r.output
     scan = next((data / "nodule").iterdir())
     bad = invoke(runner, "query", scan, "--db", db, "--window", "ct-bone", "--explain", "none", "--out", tmp_path / "o")
@@ -221,3 +258,56 @@ def test_train_frames_option(tmp_path, runner):
         d = json.loads(r.output)
         sizes[frames] = d["train_size"] + d["val_size"]
     assert sizes == {"all": 30, "middle": 6}
+
+
+# -- a DICOM query's PatientID is its default --patient ------------------------------------------
+
+
+def _twin_of_a_case(data, tmp_path, patient_id):
+    """A new file for patient ``patient_id`` with the pixels of NOD0's first case (another sha256)."""
+    import pydicom
+
+    ds = pydicom.dcmread(data / "nodule" / "IM00")
+    px = ds.pixel_array.astype(np.int16)
+    return make_dicom(tmp_path / "twin.dcm", px, patient_id=patient_id, intercept=-1024.0, window=(40, 400))
+
+
+def _query_rows(runner, db):
+    r = invoke(runner, "export", "--what", "queries", "--db", db, "--format", "json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)
+
+
+@pytest.mark.parametrize("pseudonymised", [False, True])
+def test_dicom_patient_id_is_the_default_patient(tmp_path, runner, monkeypatch, pseudonymised):
+    from cbr.data.identity import pseudonym
+    from cbr.pipeline.patient import FROM_TAG, NO_KEY
+
+    key = "k3y-for-tests"
+    data = _dicom_dataset(tmp_path / "data")
+    db = tmp_path / "cases.db"
+    r = invoke(runner, "index", data, "--db", db, *TINY, "--workers", "0", "--explain", "none",
+               *(["--pseudonymise", key] if pseudonymised else []))
+    assert r.exit_code == 0, r.output
+    twin = _twin_of_a_case(data, tmp_path, "NOD0")
+    nod0 = pseudonym(key, "NOD0") if pseudonymised else "NOD0"
+    every = ("--explain", "none", "-k", "12")  # all 12 cases, unless a patient's are left out
+    # control: another patient given by hand, so NOD0's 2 cases are among the neighbours
+    other = _query(runner, twin, db, tmp_path, *every, "--patient", "SOMEONE-ELSE")
+    assert [n["patient_id"] for n in other["neighbours"]].count(nod0) == 2
+    default = _query(runner, twin, db, tmp_path, *every)
+    if pseudonymised:  # the raw id means nothing here and is not recorded
+        assert NO_KEY in default["notes"] and len(default["neighbours"]) == 12
+        assert _query_rows(runner, db)[-1]["patient_id"] is None
+        monkeypatch.setenv("CBR_PSEUDONYMISE_KEY", key)
+        default = _query(runner, twin, db, tmp_path, *every)
+    assert FROM_TAG in default["notes"]
+    assert len(default["neighbours"]) == 10 and nod0 not in {n["patient_id"] for n in default["neighbours"]}
+    assert _query_rows(runner, db)[-1]["patient_id"] == nod0
+    assert "NOD0" not in db.read_bytes().decode("latin-1") or not pseudonymised
+    # a PNG query has no PatientID: nothing is left out, nothing is said
+    from cbr.data.sources import read_source
+
+    read_source(str(twin))[0].save(tmp_path / "twin.png")
+    png = _query(runner, tmp_path / "twin.png", db, tmp_path, *every)
+    assert FROM_TAG not in png["notes"] and NO_KEY not in png["notes"] and len(png["neighbours"]) == 12

@@ -67,3 +67,33 @@ def test_iou_top_selects_a_fixed_share():
     assert iou_top(raw, mask, 0.2) == pytest.approx(1.0)
     assert iou_top(raw, mask, 0.1) == pytest.approx(10 / 20)
     assert iou_top(np.zeros((10, 10)), mask) == 0.0
+
+
+def test_stage_ends_find_the_last_three_resolutions():
+    import torch
+
+    from cbr.models.factory import create_embedder
+    from explain.fusion import stage_ends
+
+    trunk = create_embedder("tinycnn", weights="none", input_size=48).trunk
+    # block3 and block4 share one resolution (block4 does not pool): the stage ends at block4
+    assert stage_ends(trunk, torch.zeros(1, 3, 48, 48)) == ["block1", "block2", "block4"]
+
+
+def test_the_fused_method_is_offered_and_gives_finite_maps_at_the_finest_stage():
+    import torch
+
+    from cbr.models.factory import create_embedder
+    from cbr.models.maps import compute_maps, map_layer
+    from explain.methods import METHOD_NAMES
+    from explain.targets import ClassTarget
+
+    assert "layercam-fused" in METHOD_NAMES
+    emb = create_embedder("tinycnn", weights="none", input_size=48, class_names=["a", "b"])
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        acts = emb.cam_features(x)[0]
+    raws = compute_maps(emb, x, acts, [ClassTarget(i % 2) for i in range(3)], True, "layercam-fused")
+    assert raws.shape == (3, 24, 24) and np.isfinite(raws).all() and raws.max() <= 1
+    assert map_layer(emb, "layercam-fused") == "block1+block2+block4"
+    assert map_layer(emb, "gradcam") == ""

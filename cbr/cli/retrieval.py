@@ -146,7 +146,8 @@ def _print_answer(a):
 @click.option("--min-credibility", type=click.FloatRange(0, 1), default=None, help="With --vote credibility: abstain below this.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=QueryConfig.temperature,
               show_default=True, help="Softmax temperature of the weighted vote.")
-@click.option("--patient", default=None, help="The query's patient id: that patient's cases are never retrieved.")
+@click.option("--patient", default=None, help="The query's patient id: that patient's cases are never retrieved "
+              "[default: a DICOM query's PatientID, hashed with --pseudonymise KEY when given].")
 @click.option("--model", "models", multiple=True, help="Use only these members (name, checkpoint or fingerprint).")
 @click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=(NO_EXPLANATION,)), default=QueryConfig.explain,
               show_default=True, help="Method for the maps: a CAM, or an attribution (lime, kernelshap, deeplift, "
@@ -164,7 +165,7 @@ def _print_answer(a):
 @click.option("--answer-anyway", is_flag=True, help="Show the vote of an out-of-distribution query all the same (it stays flagged).")
 @click.option("--no-record", is_flag=True, help="Answer without storing the query or writing a report "
               "(works on a read-only case base, e.g. a replica).")
-@source_options("window", "axis", "volume")
+@source_options("window", "axis", "volume", "pseudonymise")
 @json_option
 def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, temperature, patient, models, explain,
               explain_budget, explain_neighbours, scale, out_dir, ood_alpha, answer_anyway, no_record, sources, as_json):
@@ -182,6 +183,7 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
         cbr query scan.png --explain lime --explain-budget 100 --explain-neighbours 2
         cbr query odd.png --ood-alpha 0.05 --answer-anyway
         cbr query ct/IM0042                  # DICOM, any name; a multi-frame file: its middle frame
+        cbr query ct/IM0042 --pseudonymise "$KEY"   # its PatientID, hashed as at index time, is left out
         cbr query "cine.dcm#frame=12" "brain.nii.gz#axis=axial&slice=40" "pneumoniamnist.npz#split=test&index=7"
     """
     from cbr.store.casebase import open_casebase

@@ -34,7 +34,8 @@ from cbr.data.windows import DEFAULT_WINDOW, parse_window
 from cbr.errors import ImageError
 
 __all__ = ["Source", "SourceSpec", "SourceError", "FRAMES", "SLICE_RULES", "SPLIT_CHOICES", "read_source",
-           "decode_query", "check_window", "moved_to", "derived_sha256", "pick_indices", "describe_origin", "file_head", "is_clinical"]
+           "decode_query", "check_window", "dicom_patient_id", "moved_to", "derived_sha256", "pick_indices",
+           "describe_origin", "file_head", "is_clinical"]
 
 FRAMES = ("all", "middle")
 SLICE_RULES = ("all", "middle", "every:N")
@@ -152,6 +153,30 @@ def _to_pil(arr, name: str, max_pixels: int, min_size: int):
     return Image.fromarray(arr).convert("RGB")
 
 
+def _dicom_loader(name: str):
+    from cbr.data import dicom
+
+    def load(data):
+        ds = dicom.parse_dicom(data, name)
+        return ds, dicom.inspect_dicom(ds, name)
+
+    return load
+
+
+def dicom_patient_id(source) -> str | None:
+    """The PatientID of a DICOM source (None for another format, or when the tag is absent or blank).
+
+    Read from the same parse cache as :func:`read_source`, so a query just decoded is not read twice.
+    """
+    from cbr.data import dicom
+
+    src = source if isinstance(source, Source) else Source.parse(source)
+    name = _display(src.locator)
+    if src.split is not None or not dicom.is_dicom(file_head(src.path, name)):
+        return None
+    return _cached(src.path, name, "dicom", _dicom_loader(name))[1][1].patient_id
+
+
 def read_source(source, *, window: str = DEFAULT_WINDOW, axis: str = "axial", volume: int = 0,
                 max_pixels: int | None = None, min_size: int | None = None):
     """Decode one image of any supported format: ``(RGB PIL image, sha256, resolved Source)``.
@@ -191,11 +216,7 @@ def read_source(source, *, window: str = DEFAULT_WINDOW, axis: str = "axial", vo
         if src.slice is not None or src.axis is not None or src.volume is not None:
             raise ImageError(name, "a DICOM file has frames, not slices; use #frame=N")
 
-        def load(data):
-            ds = dicom.parse_dicom(data, name)
-            return ds, dicom.inspect_dicom(ds, name)
-
-        file_sha, (ds, info) = _cached(path, name, "dicom", load)
+        file_sha, (ds, info) = _cached(path, name, "dicom", _dicom_loader(name))
         frame = (src.frame or info.frames // 2 + 1) if info.frames > 1 or src.frame else None
         pixels = dicom.frame_pixels(ds, frame, window, name, max_pixels=max_pixels)
         out = Source(path, frame=frame if info.frames > 1 else None)

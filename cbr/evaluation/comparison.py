@@ -36,7 +36,11 @@ LOG = logging.getLogger(__name__)
 COMPARISON_IMAGES = 8  # images scored per method and target
 RANDOMISED_IMAGES = 4  # of those, re-explained with the randomised model (it costs as many maps again)
 CURVE_STEPS = 20  # deletion and insertion steps (each curve costs steps + 1 forward passes)
-RANDOM = "random"  # the chance row: a uniformly random map
+RANDOM = "random"  # the chance row: a uniformly random map on a coarse grid, upsampled
+# The chance map is random on an 8x8 grid, upsampled like the methods' maps: deleting scattered single
+# pixels (a per-pixel random map) wrecks a CNN's features faster than deleting any coherent region,
+# so a per-pixel chance row would "beat" every method on deletion for the wrong reason.
+RANDOM_GRID = 8
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -239,7 +243,7 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
     bar = tqdm(total=len(methods) * len(targets), desc="comparing explanations", unit="method", disable=not progress)
     for kind, tgs in targets.items():
         scores = _score_fns(embedder, x, kind, labels, references)
-        noise = [rng.random((size, size), dtype=np.float32) for _ in pick]
+        noise = [rng.random((RANDOM_GRID, RANDOM_GRID), dtype=np.float32) for _ in pick]
         rows.append(_row(RANDOM, kind, noise, x, scores, masks, None, None, None))
         for method in methods:
             spec = resolve_spec(method, size, budget)

@@ -43,10 +43,10 @@ class EvalConfig:
 
         get_vote_rule(self.vote)
         if self.explain != "none":
-            from explain.methods import get_cam_method
+            from explain.methods import FUSED_METHODS, get_cam_method
 
             try:
-                get_cam_method(self.explain)
+                get_cam_method(FUSED_METHODS.get(self.explain, self.explain))
             except (KeyError, ValueError) as e:
                 raise CbrError(str(e.args[0] if e.args else e)) from None
         if self.compare:

@@ -31,9 +31,10 @@ def _case_classes(cb) -> set[str]:
 def _keep_reliability(cb, member, method: str, figures):
     """Store the pointing game of ``member``'s query maps with its model; the stored figures, or None."""
     from cbr.evaluation.localisation import reliability_from
+    from cbr.models.maps import map_layer
     from cbr.store.reliability import reliability_of, store_reliability
 
-    measured = reliability_from(figures, method, member.embedder.config.target_layer)
+    measured = reliability_from(figures, method, map_layer(member.embedder, method))
     if measured is None:
         return None
     if getattr(cb, "readonly", False):

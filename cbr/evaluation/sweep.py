@@ -20,8 +20,6 @@ output) or stages joined by ``+`` (maps fused across them: explain.fusion).
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -46,7 +44,7 @@ class SweepSettings:
     layers: tuple[str, ...]  # layer specs: "features.14", "last", "features.17+last"
     images: int = SWEEP_IMAGES  # images scored, round-robin over the classes
     top: float = 0.2  # share of pixels the IoU selects
-    deletion_images: int = 8  # deletion curves cost 11 forward passes per map
+    deletion_images: int = 4  # deletion curves cost 11 forward passes per map
     seed: int = 0
 
 
@@ -61,7 +59,9 @@ def _stage_name(stage: str) -> str:
 
 
 def at_layer(embedder, stage: str):
-    """A shallow copy of ``embedder`` (same modules) whose CAM layer is ``stage``."""
+    """A copy of ``embedder`` (same modules) whose CAM layer is ``stage``; an unknown layer is a CbrError."""
+    from cbr.models.maps import at_layer as copy_at
+
     layer = _stage_name(stage)
     if layer:
         try:
@@ -70,11 +70,7 @@ def at_layer(embedder, stage: str):
             names = [n for n, _ in embedder.trunk.named_children()]
             raise CbrError(f"--target-layer {stage!r}: no such layer in the {embedder.config.backbone} trunk; "
                            f"write a dotted path such as {names[-1]!r}.0 or {LAST!r}") from None
-    clone = copy.copy(embedder)
-    clone.config = dataclasses.replace(embedder.config, target_layer=layer)
-    clone.__dict__.pop("_cam_split", None)
-    clone._fingerprint = None
-    return clone
+    return copy_at(embedder, layer)
 
 
 def _masks(pick, size):
@@ -137,12 +133,12 @@ def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = F
     from cbr.models.maps import compute_maps
     from explain.fusion import fuse_maps, split_layers
     from explain.matching import matching_maps
-    from explain.methods import get_cam_method
+    from explain.methods import FUSED_METHODS, get_cam_method
     from explain.targets import ClassTarget, SimilarityTarget
 
     for m in settings.methods:
         try:
-            get_cam_method(m)
+            get_cam_method(FUSED_METHODS.get(m, m))
         except ValueError as e:
             raise CbrError(f"{e}; --target-layer sweeps CAM methods only") from None
     if not 0 < settings.top < 1:
@@ -171,6 +167,15 @@ def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = F
     for kind, tgs in targets.items():
         scores = _score_fns(embedder, x, kind, labels, references)
         for method in settings.methods:
+            if method in FUSED_METHODS:  # its own stages, whatever the layers asked for
+                t0 = time.perf_counter()
+                raws = compute_maps(embedder, x, None, tgs, kind == "class", method)
+                seconds = time.perf_counter() - t0
+                stages = "+".join(embedder.__dict__.get("_fusion_stages") or ())
+                rows.append(_row(method, stages, kind, raws, masks, seconds,
+                                 _deletions(scores, x, raws, settings.deletion_images), settings.top))
+                bar.update(len(settings.layers))
+                continue
             for spec in settings.layers:
                 t0 = time.perf_counter()
                 per_stage = [compute_maps(clones[s], x, acts[s], tgs, kind == "class", method)

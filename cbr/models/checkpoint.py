@@ -123,7 +123,8 @@ def _checked_config(raw, path) -> ModelConfig:
     bad = next((text_problem(n, "a class name") for n in names if text_problem(n, "a class name")), None)
     if bad or len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
-        raise _fail(path, "class_names", names, f"unique class names without control characters ({bad or 'repeated: ' + ', '.join(dupes)})")
+        why = bad or "repeated: " + ", ".join(dupes)
+        raise _fail(path, "class_names", names, f"unique class names without control characters ({why})")
     try:
         return dataclasses.replace(ModelConfig.from_dict(raw), input_size=size, mean=mean, std=std)
     except TypeError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["case_map_target", "compute_maps"]
+__all__ = ["case_map_target", "compute_maps", "at_layer", "fused_maps", "map_layer"]
 
 
 def case_map_target(embedder, label: str):
@@ -33,8 +33,10 @@ def compute_maps(embedder, x, acts, targets, classifier: bool, method: str, prog
     """
     import torch
     from explain.cam import maps_from_activations, maps_from_images
-    from explain.methods import FAST_METHODS, is_attribution
+    from explain.methods import FAST_METHODS, FUSED_METHODS, is_attribution
 
+    if method in FUSED_METHODS:
+        return fused_maps(embedder, x, targets, classifier, FUSED_METHODS[method])
     if is_attribution(method):
         from explain.attribution import attribution_maps
 
@@ -49,3 +51,46 @@ def compute_maps(embedder, x, acts, targets, classifier: bool, method: str, prog
     model = torch.nn.Sequential(embedder.trunk, head)
     with torch.enable_grad():
         return maps_from_images(model, embedder.target_module(), x, targets, method)
+
+
+def at_layer(embedder, layer: str):
+    """A shallow copy of ``embedder`` (the same modules) whose CAM layer is ``layer`` ("" = the last block)."""
+    import copy
+    import dataclasses
+
+    clone = copy.copy(embedder)
+    clone.config = dataclasses.replace(embedder.config, target_layer=layer)
+    clone.__dict__.pop("_cam_split", None)
+    clone._fingerprint = None
+    return clone
+
+
+def fused_maps(embedder, x, targets, classifier: bool, method: str) -> np.ndarray:
+    """``method``'s maps at the trunk's last three stages, normalised and averaged (explain.fusion).
+
+    The stages are found once per embedder (explain.fusion.stage_ends) and do not depend on the
+    model's own target layer; the maps come out at the finest stage's resolution.
+    """
+    import torch
+    from explain.fusion import fuse_maps, stage_ends
+
+    stages = embedder.__dict__.get("_fusion_stages")
+    if stages is None:
+        stages = embedder.__dict__["_fusion_stages"] = stage_ends(embedder.trunk, x[:1].to(embedder.device))
+    per_stage = []
+    for stage in stages:
+        clone = at_layer(embedder, stage)
+        with torch.no_grad():
+            acts = clone.cam_features(x)[0]
+        per_stage.append(compute_maps(clone, x, acts, targets, classifier, method))
+    return fuse_maps(per_stage)
+
+
+def map_layer(embedder, method: str) -> str:
+    """Where ``method``'s maps of ``embedder`` come from: its CAM layer ("" = the last block), or
+    the fused stages joined by "+" for a fused method (once its stages are known)."""
+    from explain.methods import FUSED_METHODS
+
+    if method in FUSED_METHODS:
+        return "+".join(embedder.__dict__.get("_fusion_stages") or ()) or "last three stages"
+    return embedder.config.target_layer

@@ -23,6 +23,7 @@ def measure_case_maps(cb, members, records, method: str) -> list[str]:
     Returns one note per measured model ("maps of ... hit the lesion in ...").
     """
     from cbr.data.mask import lesion_mask
+    from cbr.models.maps import map_layer
     from cbr.store.reliability import Reliability, badge_text, reliability_of, store_reliability
     from cbr.store.rows import map_fields
     from cbr.store.schema import Case, Explanation
@@ -57,7 +58,7 @@ def measure_case_maps(cb, members, records, method: str) -> list[str]:
             continue
         target = "class" if "class" in targets else sorted(targets)[0]
         store_reliability(cb, m.model_id, Reliability(pointing_game=sum(hits) / len(hits), n=len(hits), method=method,
-                                                      layer=m.embedder.config.target_layer, target=target,
+                                                      layer=map_layer(m.embedder, method), target=target,
                                                       source="index"))
         with cb.read() as s:
             notes.append(f"{m.label}: {badge_text(reliability_of(s, [m.model_id])[m.model_id])}")

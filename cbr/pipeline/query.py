@@ -118,6 +118,11 @@ class Searcher:
             patient = clean_label(patient, "--patient") or None
         _check_name(image)
         img, sha, src = decode_query(image, [m.embedder.config.window for m in self.members], sources)
+        told = []
+        if patient is None:  # a DICOM query names its patient (PatientID), as a manifest's column does
+            from cbr.pipeline.patient import query_patient
+
+            patient, told = query_patient(self.cb, src, sources.pseudonymise if sources is not None else None)
         t["decode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -146,7 +151,7 @@ class Searcher:
         final, typ, flagged = screen(self.combine(votes, classes), [[n.similarity for n in h] for h in deep],
                                      self._typicality, alpha=c.ood_alpha, answer_anyway=c.answer_anyway)
         found = Retrieval(image=src.resolved().locator, sha256=sha, patient=patient, hits=hits, votes=votes,
-                          final=final, typicality=typ, notes=flagged + own)
+                          final=final, typicality=typ, notes=flagged + own + told)
         t["vote"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -41,7 +41,10 @@ def own_case_notes(s, sha256: str) -> list[str]:
 
 def active_classes(s) -> list[str]:
     """The labels of the active cases, sorted: the classes a vote chooses from."""
-    return sorted(s.scalars(select(Case.label).where(Case.removed_at.is_(None)).distinct()))
+    # The labels from their index, then one active case of each: no scan of every case per query.
+    labels = select(Case.label).distinct().subquery()
+    active = select(Case.id).where(Case.label == labels.c.label, Case.removed_at.is_(None)).exists()
+    return sorted(s.scalars(select(labels.c.label).where(active)))
 
 
 def search_members(s, members, vectors, k: int, exclude: list[int]) -> list[list[Hit]]:

@@ -37,6 +37,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cbr.pipeline.settings import DEFAULT_OOD_ALPHA
+
 __all__ = [
     "TYPICALITY_K",
     "TYPICALITY_CASES",
@@ -51,9 +53,8 @@ __all__ = [
     "assess",
     "leave_one_out_scores",
     "screen",
+    "search_excluding",
 ]
-
-from cbr.pipeline.settings import DEFAULT_OOD_ALPHA
 
 TYPICALITY_K = 5  # the neighbour whose similarity is the score
 TYPICALITY_CASES = 1000  # calibration cases at most: p-values in steps of 1/1001

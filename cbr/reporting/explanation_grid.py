@@ -14,7 +14,8 @@ def _caption(row: dict) -> list[str]:
     def f(x, d=2):
         return "-" if x is None else f"{x:.{d}f}"
 
-    lines = [row["method"][:22]]
+    name, _, params = row["method"].partition("(")
+    lines = [name, f"({params}"[:21] if params else ""]
     if row.get("energy_pointing_game") is not None:
         lines.append(f"PG {f(row['pointing_game'])} EPG {f(row['energy_pointing_game'])}")
     lines.append(f"del {f(row['deletion_auc'])} ins {f(row['insertion_auc'])}")
@@ -37,7 +38,7 @@ def write_explanation_grid(result: dict, path, *, target: str | None = None) -> 
     rows = [r for r in result["rows"] if r["target"] == target and r["method"] != "random"]
     n = min(GRID_IMAGES, result["n"])
     font = _font(11)
-    head = 16 * 4 + 6
+    head = 16 * 5 + 6
     label_h = 16
     width = TILE * (len(rows) + 1)
     height = head + n * (TILE + label_h)

@@ -43,7 +43,9 @@ def load_record(cb, query_id: int, *, with_maps: bool = True) -> dict:
         case_ids = [c.id for _, c in rows]
         case_maps = s.scalars(select(Explanation).where(Explanation.case_id.in_(case_ids), Explanation.role == "case")).all() if with_maps and case_ids else []
         feedback = s.scalars(select(Feedback).where(Feedback.query_id == q.id).order_by(Feedback.id)).all()
-        retained = {c.feedback_id: c.id for c in s.scalars(select(Case).where(Case.query_id == q.id))}
+        # Retained cases are the query's own image (same sha256, indexed): no scan of every case.
+        retained = {c.feedback_id: c.id
+                    for c in s.scalars(select(Case).where(Case.sha256 == q.sha256, Case.query_id == q.id))}
 
     members = []
     for v in votes:

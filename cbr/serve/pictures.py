@@ -13,7 +13,8 @@ import numpy as np
 
 from cbr.errors import CbrError, NotFoundError
 
-__all__ = ["SIZE", "MAP_KINDS", "image_png", "map_png", "query_maps", "record_window", "case_map", "placeholder_png", "RecordCache"]
+__all__ = ["SIZE", "MAP_KINDS", "image_png", "map_png", "query_maps", "record_window", "case_map", "placeholder_png",
+           "RecordCache"]
 
 SIZE = 320  # pixels on a side: readable beside each other, small enough for k neighbours
 MAP_KINDS = ("similarity", "class")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from cbr.errors import CbrError, ImageError, NotFoundError
-from cbr.store.schema import IndexManifest, Query
+from cbr.errors import CbrError, ImageError
+from cbr.store.schema import IndexManifest
 
 __all__ = ["Workbench", "RefineError", "default_data_dir", "safe_name"]
 
@@ -96,7 +96,10 @@ class Workbench:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
         if not path.exists():
-            atomic_write(path, data)
+            # Atomic (never half written) but not fsynced: the case base's SQLite runs WAL with
+            # synchronous=NORMAL, so a power cut may lose its last commits as well; an fsync here
+            # cost 15-35 ms a query on a busy disk, most of the HTTP overhead.
+            atomic_write(path, data, durable=False)
         return path.resolve()
 
     def _searcher(self, k=None, vote=None, explain=None):
@@ -159,10 +162,10 @@ class Workbench:
     # --- refinements ---------------------------------------------------------------------------
 
     def _parent(self, query_id: int):
+        from cbr.store.rows import get_query
+
         with self.cb.read() as s:
-            q = s.get(Query, int(query_id))
-            if q is None:
-                raise NotFoundError(f"no query {query_id} in {self.cb.display}")
+            q = get_query(s, self.cb, query_id)
             return q.image_path, q.patient_id, q.k, q.vote_rule, q.explain_method
 
     def refine_region(self, query_id: int, box) -> tuple:

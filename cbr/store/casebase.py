@@ -15,11 +15,12 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DatabaseError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from cbr.errors import CaseBaseError, CbrError, SchemaError
+from cbr.store.postgres import server_engine
 from cbr.store.location import (as_readonly, default_index_dir, hide_password, readonly_url, resolve_url,
                                 sqlite_file, writable)
 
@@ -40,13 +41,7 @@ def _ours_or_empty(cur) -> bool:
 def _make_engine(url: str, readonly: bool = False) -> Engine:
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
-        try:
-            return create_engine(url, pool_pre_ping=True)
-        except (NoSuchModuleError, ImportError) as e:
-            raise CaseBaseError(
-                f"cannot use --db {u.render_as_string(hide_password=True)}: {e}; install the database driver "
-                "(e.g. pip install psycopg for postgresql://) or use a SQLite file path"
-            ) from None
+        return server_engine(url)
     in_memory = not u.database or u.database == ":memory:"
     kwargs = {"connect_args": {"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}}
     if in_memory:
@@ -165,12 +160,12 @@ class CaseBase:
             raise CaseBaseError(f"case base {self.display} is open read-only; nothing can be recorded in it "
                                 "(use a writable copy, or cbr query --no-record)")
         if not self._checked:
-            self.checkwritable()
+            self.check_writable()
         with self._write_sessions() as session:
             with session.begin():
                 yield session
 
-    def checkwritable(self) -> None:
+    def check_writable(self) -> None:
         """Refuse (CaseBaseError) to write into a SQLite case base that reports damage.
 
         Costs one pass over the file (about 2 ms per MB), once per open case base.

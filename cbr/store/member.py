@@ -20,6 +20,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from cbr.errors import CaseBaseError, IndexCorruptError, ModelMismatchError
+from cbr.store.postgres import advisory_lock
 from cbr.store.schema import Case, Embedding, IndexManifest, Model, utcnow
 
 __all__ = [
@@ -68,8 +69,9 @@ def writer_lock(cb, *, wait_notice: bool = True):
                 LOG.warning("waiting for another cbr process that is writing to %s ...", cb.display)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            _sweep_orphans(cb)
-            yield
+            with advisory_lock(cb.engine):  # PostgreSQL: also across machines
+                _sweep_orphans(cb)
+                yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 

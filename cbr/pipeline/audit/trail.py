@@ -68,7 +68,10 @@ def history(cb, where: HistoryFilter | None = None, *, limit: int | None = 50, o
     since, label, predicted, disagreed = where.since, where.label, where.predicted, where.disagreed
     latest = latest_feedback()
     n_feedback = select(func.count(Feedback.id)).where(Feedback.query_id == Query.id).correlate(Query).scalar_subquery()
-    retained = (select(Case.id).where(Case.query_id == Query.id, Case.origin == "retain")
+    # A retained case is the query's own image (feedback checks its sha256), and cases.sha256 is
+    # indexed: each row looks up one case instead of scanning them all.
+    retained = (select(Case.id).where(Case.sha256 == Query.sha256, Case.query_id == Query.id,
+                                      Case.origin == "retain")
                 .correlate(Query).exists())
     stmt = (
         select(Query, Feedback, n_feedback, retained)

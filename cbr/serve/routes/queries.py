@@ -137,13 +137,10 @@ def report(query_id: int, cb=Depends(get_casebase)):
     from pathlib import Path
 
     from cbr.errors import NotFoundError
-    from cbr.store.schema import Query as QueryRow
+    from cbr.store.rows import get_query
 
     with cb.read() as s:
-        q = s.get(QueryRow, int(query_id))
-        if q is None:
-            raise NotFoundError(f"no query {query_id} in {cb.display}")
-        path = q.report_path
+        path = get_query(s, cb, query_id).report_path
     if not path or not Path(path).is_file():
         raise NotFoundError(f"query {query_id} has no report on disk; re-create it with `cbr report {query_id}`")
     return HTMLResponse(Path(path).read_text(encoding="utf-8"),

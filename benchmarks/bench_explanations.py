@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--input-size", type=int, default=None, help="for a backbone name (checkpoints keep theirs)")
     p.add_argument("--skip", default="", help="methods to leave out, a,b")
     p.add_argument("--target-layer", default=None, help="CAM layer, e.g. features.13 (as cbr demo's case base)")
+    p.add_argument("--targets", default="class,similarity", help="class, similarity or both")
     p.add_argument("--out", default="explanation-comparison")
     args = p.parse_args()
 
@@ -59,7 +60,8 @@ def main() -> None:
     methods = tuple(m for m in parse_methods(args.methods) if m not in args.skip.split(","))
     t0 = time.perf_counter()
     result = comparison_report(embedder, records, methods, out_dir=args.out,
-                               images=args.images, budget=args.budget, progress=True)
+                               images=args.images, budget=args.budget, progress=True,
+                               targets=tuple(args.targets.split(",")))
     elapsed = time.perf_counter() - t0
     print(f"{args.model} on {args.data} ({len(records)} records), {machine()}, torch threads {args.threads}")
     print(format_comparison(result))

@@ -34,7 +34,7 @@ STAGES = ["decode", "embed", "search", "vote", "explain", "database", "render"]
 TARGET_RATIO = 1.2
 
 
-def build_casebase(root: Path, backbone: str, n_cases: int, n_real: int, size: int):
+def build_casebase(root: Path, backbone: str, n_cases: int, n_real: int, size: int, target_layer=None):
     from sqlalchemy import select
 
     from cbr.store.casebase import open_casebase
@@ -47,7 +47,7 @@ def build_casebase(root: Path, backbone: str, n_cases: int, n_real: int, size: i
     manifest = make_phantoms(root / "data", patients=max(1, n_real // 3), slices=3, size=size, seed=0)
     queries = make_phantoms(root / "queries", patients=12, slices=1, size=size, seed=99)
     cb = open_casebase(root / "cases.db")
-    index_dataset(cb, manifest, models=[backbone], weights="none", num_workers=0)
+    index_dataset(cb, manifest, models=[backbone], weights="none", num_workers=0, target_layer=target_layer)
     rng = np.random.default_rng(0)
     with cb.read() as s:
         real = s.scalars(select(Case)).all()
@@ -82,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--target-layer", default=None,
+                    help="CAM layer (default: the backbone's; \"\" = the trunk output, the last block)")
     ap.add_argument("--cold", type=int, default=0, help="cold CLI runs")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -93,7 +95,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        cb, images = build_casebase(root, a.backbone, a.cases, a.real, a.size)
+        cb, images = build_casebase(root, a.backbone, a.cases, a.real, a.size, a.target_layer)
         build_s = time.perf_counter() - t0
         searcher = Searcher(cb, k=5, vote="weighted", explain="gradcam", out_dir=str(root / "reports"))
         emb = searcher.members[0].embedder
@@ -132,7 +134,7 @@ def main(argv=None):
     print(f"Query latency, {a.backbone} (random init) at {a.size} px, {a.cases} cases, k=5, gradcam similarity maps "
           f"for 6 images, {a.queries} warm queries; torch threads {torch.get_num_threads()}; "
           f"load average {os.getloadavg()[0]:.1f}; {machine()}")
-    print(f"(case base built in {build_s:.0f} s)")
+    print(f"(case base built in {build_s:.0f} s; CAM layer {emb.config.target_layer or 'the trunk output'})")
     print(table(["stage or variant", "median ms", "p95 ms", "/ forward of 6"], rows))
     write_json("query", {"args": vars(a), "median_ms": {s: median(v) * 1000 for s, v in stages.items()},
                          "p95_ms": {s: percentile(v, 0.95) * 1000 for s, v in stages.items()},

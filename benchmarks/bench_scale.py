@@ -1,4 +1,5 @@
-"""How the index kinds scale: build time, memory, single-thread latency and recall@10 vs flat.
+"""How the index kinds scale: build time, peak RSS, bytes on disk, single-thread latency (median
+and p99) and recall@10 vs flat, for flat, IVF, IVF-SQ8, IVF-PQ and HNSW (the kinds of `auto`).
 
 Run by hand, not by pytest:
 
@@ -79,13 +80,14 @@ def casebase_bytes(dims, n=5000, map_side=7):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from cbr.store.casebase import open_casebase
+    from cbr.store.encoding import EMBEDDING_DTYPES, encode_vector
     from cbr.store.schema import Case, Embedding, Explanation, Model
     from common import table, write_json
     from explain.cam import encode_map
 
     rng = np.random.default_rng(0)
     rows, out = [], {}
-    for d in dims:
+    for d, dtype in [(d, t) for d in dims for t in EMBEDDING_DTYPES]:
         with tempfile.TemporaryDirectory() as tmp:
             cb = open_casebase(Path(tmp) / "cases.db")
             with cb.write() as s:
@@ -99,7 +101,7 @@ def casebase_bytes(dims, n=5000, map_side=7):
                     s.add(c)
                     s.flush()
                     v = rng.normal(size=d).astype(np.float32)
-                    s.add(Embedding(case_id=c.id, model_id=m.id, vector=(v / np.linalg.norm(v)).tobytes()))
+                    s.add(Embedding(case_id=c.id, model_id=m.id, vector=encode_vector(v / np.linalg.norm(v), dtype)))
                     data, shape, scale = encode_map(rng.random((map_side, map_side)).astype(np.float32))
                     s.add(Explanation(model_id=m.id, case_id=c.id, role="case", method="gradcam", target="class:class0",
                                       height=shape[0], width=shape[1], dtype="float16", scale=scale, data=data))
@@ -116,12 +118,12 @@ def casebase_bytes(dims, n=5000, map_side=7):
         def b(*names):
             return sum(v for k, v in per_table.items() if any(k == nm or k.startswith(f"ix_{nm}") or k.startswith(f"sqlite_autoindex_{nm}") for nm in names)) / n
 
-        out[d] = {"total": size / n, "cases": b("cases"), "explanations": b("explanations"), "embeddings": b("embeddings"),
-                  "raw_map_data": map_side * map_side * 2}
-        rows.append([d, f"{map_side}x{map_side}", f"{out[d]['raw_map_data']}", f"{out[d]['explanations']:.0f}",
-                     f"{out[d]['cases']:.0f}", f"{out[d]['embeddings']:.0f}", f"{out[d]['total']:.0f}"])
+        got = out[f"{d}-{dtype}"] = {"total": size / n, "cases": b("cases"), "explanations": b("explanations"),
+                                     "embeddings": b("embeddings"), "raw_map_data": map_side * map_side * 2}
+        rows.append([d, dtype, f"{map_side}x{map_side}", f"{got['raw_map_data']}", f"{got['explanations']:.0f}",
+                     f"{got['cases']:.0f}", f"{got['embeddings']:.0f}", f"{got['total']:.0f}"])
     print(f"\nCase base bytes per case (SQLite, {n} cases; tables with their indexes)")
-    print(table(["dim", "map", "raw map bytes", "map row (table+index)", "case row", "embedding row", "whole file / case"], rows))
+    print(table(["dim", "embedding dtype", "map", "raw map bytes", "map row (table+index)", "case row", "embedding row", "whole file / case"], rows))
     write_json("casebase_bytes", {"n": n, "per_dim": out})
 
 
@@ -252,8 +254,20 @@ class Run:
         add_preassigned(sq, xb, assign, xids)
         self.sweep(kind, n, d, f"ivf-sq8 IVF{nlist},SQ8", sq, train_s + assign_s
                    + time.perf_counter() - t, _rss() - rss, xq, Iref)
+        del sq, sq_quantizer
+
+        # IVF-PQ, as index.sizing builds it past AUTO_SQ8_BELOW: pq_bytes(d) code bytes a vector.
+        m = index.pq_bytes(d)
+        pq = faiss.IndexIVFPQ(faiss.clone_index(quantizer), d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        pq.do_polysemous_training = False
+        rss = _rss()
+        t = time.perf_counter()
+        pq.train(np.ascontiguousarray(xb[:max(len(sample), 256 * 40)]))  # PQ needs 256 points a centroid set
+        add_preassigned(pq, xb, assign, xids)
+        self.sweep(kind, n, d, f"ivf-pq IVF{nlist},PQ{m}", pq, train_s + assign_s
+                   + time.perf_counter() - t, _rss() - rss, xq, Iref)
         self.rates["ivf"] = (time.perf_counter() - t_ivf) / (n * d)
-        del sq, sq_quantizer, quantizer
+        del pq, quantizer
 
     def sweep(self, kind, n, d, label, ivf, build_s, grew, xq, Iref):
         size = _size(ivf)
@@ -315,10 +329,11 @@ class Run:
             self.row(kind, n, d, label, f"efSearch={ef}", build_s, size, grew, lat, I, Iref)
 
     def row(self, kind, n, d, label, setting, build_s, size, grew, lat, I, Iref):
-        ms, nlat = lat
+        ms, p99, nlat = lat
         r = {"dataset": kind, "n": n, "d": d, "index": label, "setting": setting,
              "build_s": round(build_s, 2), "index_mb": round(size / 2**20, 1),
-             "rss_growth_mb": round(grew / 2**20, 1), "median_ms": round(ms, 3),
+             "bytes_per_vector": round(size / n, 1), "rss_growth_mb": round(grew / 2**20, 1),
+             "peak_rss_mb": round(_peak_rss() / 2**20), "median_ms": round(ms, 3), "p99_ms": round(p99, 3),
              "latency_queries": nlat, "recall_at_10": round(_recall(I, Iref), 4)}
         LOG.info("%s", r)
         self.rows.append(r)
@@ -335,7 +350,7 @@ class Run:
         lines.append(target_verdict(self.rows))
         load = os.getloadavg()
         lines.append(f"- total {elapsed:.0f} s on {os.cpu_count()} cores, faiss {faiss.__version__}; "
-                     f"latency = median over single-thread queries (faiss.omp_set_num_threads(1))")
+                     f"latency = median and p99 over single-thread queries (faiss.omp_set_num_threads(1))")
         # Other work on the machine slows every figure down: say how busy it was.
         lines.append(f"- load average (1 min) {self.load_before[0]:.1f} at start, "
                      f"{load[0]:.1f} at end")
@@ -373,13 +388,14 @@ def dataset(kind, n, d, nq, seed):
 
 def markdown(rows):
     """Rows as a markdown table."""
-    head = ("| dataset | n | d | index | setting | build s | index MB | RSS +MB "
-            "| median ms/query (1 thread) | queries timed | recall@10 |")
-    out = [head, "|" + "---|" * 11]
+    head = ("| dataset | n | d | index | setting | build s | bytes on disk /vector | RSS +MB | peak RSS MB "
+            "| p50 ms (1 thread) | p99 ms | queries timed | recall@10 |")
+    out = [head, "|" + "---|" * 13]
     for r in rows:
         out.append(f"| {r['dataset']} | {r['n']:,} | {r['d']} | {r['index']} | {r['setting']} "
-                   f"| {r['build_s']:.1f} | {r['index_mb']:.0f} | {r['rss_growth_mb']:.0f} "
-                   f"| {r['median_ms']:.2f} | {r['latency_queries']} | {r['recall_at_10']:.3f} |")
+                   f"| {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | {r['rss_growth_mb']:.0f} "
+                   f"| {r['peak_rss_mb']} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} "
+                   f"| {r['latency_queries']} | {r['recall_at_10']:.3f} |")
     return "\n".join(out)
 
 
@@ -397,7 +413,8 @@ def target_verdict(rows):
 
 
 def _latency(search_one, xq, threads):
-    """(median ms, queries timed): one query at a time on one thread, within LATENCY_SECONDS."""
+    """(median ms, p99 ms, queries timed): one query at a time on one thread, within LATENCY_SECONDS
+    (p99 of fewer than 100 queries is their slowest)."""
     faiss.omp_set_num_threads(1)
     try:
         search_one(xq[:1])  # warm-up: first touch of the index pages
@@ -411,7 +428,7 @@ def _latency(search_one, xq, threads):
                 break
     finally:
         faiss.omp_set_num_threads(threads)
-    return 1000 * statistics.median(times), len(times)
+    return 1000 * statistics.median(times), 1000 * float(np.percentile(times, 99)), len(times)
 
 
 def _recall(I, Iref):
@@ -429,6 +446,13 @@ def _size(ix):
 
     faiss.write_index(ix, faiss.PyCallbackIOWriter(count))
     return total
+
+
+def _peak_rss():
+    """The process's peak resident set so far (ru_maxrss), in bytes: what the machine must hold."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _rss():

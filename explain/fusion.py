@@ -76,7 +76,8 @@ def stage_ends(trunk, images, count=3):
             module = kids[0][1]
             continue
         sizes = {}
-        hooks = [child.register_forward_hook(lambda _m, _i, out, name=name: sizes.__setitem__(name, tuple(out.shape[-2:])))
+        hooks = [child.register_forward_hook(
+                     lambda _m, _i, out, name=name: sizes.__setitem__(name, tuple(out.shape[-2:])))
                  for name, child in kids]
         try:
             with torch.no_grad():

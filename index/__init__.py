@@ -1,18 +1,25 @@
 """FAISS layer of cbr: free functions over numpy arrays. Never imports cbr."""
 
 from .device import to_device, to_host
+from .sizing import LARGE_KINDS, auto_kind, factory_for, pq_bytes
 from .storage import IndexFileError, checksum, load, save
-from .vectors import KINDS, add, brute_force_search, build, ids, remove, search
+from .vectors import KINDS, add, brute_force_search, build, ids, learned, needs_training, remove, search
 
 __all__ = [
     "KINDS",
+    "LARGE_KINDS",
     "IndexFileError",
     "add",
+    "auto_kind",
     "brute_force_search",
     "build",
     "checksum",
+    "factory_for",
     "ids",
+    "learned",
     "load",
+    "needs_training",
+    "pq_bytes",
     "remove",
     "save",
     "search",

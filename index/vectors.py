@@ -8,27 +8,20 @@ import faiss
 import numpy as np
 
 from .device import on_device, to_device
+from .selection import selected_search
+from .sizing import KINDS, LARGE_KINDS, MIN_POINTS_PER_LIST, factory_for, nlist_for  # noqa: F401
 
 LOG = logging.getLogger(__name__)
-
-# Name -> faiss factory string. Vectors are L2-normalised float32, so inner product is cosine.
-KINDS = {
-    "flat": "Flat",  # exact; the reference every other kind is measured against
-    "hnsw": "HNSW32",  # graph: no training, fast, CPU only, removal costs a rebuild
-    "ivf": "IVF256,Flat",  # inverted lists: build() sizes nlist from n_hint when given
-}
 
 # HNSW: raising efConstruction costs build time once; efSearch costs every query. efSearch=128
 # keeps recall@10 near 1 up to ~1e5 vectors (tests/test_index.py, benchmarks/bench_scale.py).
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 
-# k-means needs enough points per centroid to place it (faiss warns below 39); past a few dozen
-# more points barely move the centroids, so training samples at most MAX_POINTS_PER_LIST per list
-# (faiss would use 256: four times the training time on a million vectors).
-MIN_POINTS_PER_LIST = 39
+# Past a few dozen points per centroid more points barely move the centroids, so training
+# samples at most MAX_POINTS_PER_LIST per list (faiss would use 256: four times the training time
+# on a million vectors).
 MAX_POINTS_PER_LIST = 64
-MAX_NLIST = 65536
 # IVF probes at least this many vectors per query: below a few thousand an exhaustive scan costs
 # well under a millisecond, so trading recall for speed there buys nothing.
 MIN_SCANNED = 4096
@@ -39,8 +32,9 @@ def build(dim, kind="flat", *, n_hint=None):
 
     Args:
         dim: vector dimension.
-        kind: a `KINDS` name, or any faiss factory string such as "IVF1024,Flat" or "HNSW32".
-        n_hint: expected number of vectors; sizes nlist for "ivf" (about 4 * sqrt(n)).
+        kind: a `KINDS` or `LARGE_KINDS` name, or any faiss factory string such as "IVF1024,Flat".
+        n_hint: expected number of vectors; sizes nlist of the IVF kinds (about 4 * sqrt(n)) and
+            picks the kind of "auto" (`sizing.auto_kind`).
 
     Example:
         >>> ix = build(512, "hnsw")
@@ -48,15 +42,13 @@ def build(dim, kind="flat", *, n_hint=None):
     """
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"index kind must be one of {sorted(KINDS)} or a faiss factory string")
-    factory = KINDS.get(kind, kind)
-    if kind == "ivf" and n_hint:
-        factory = f"IVF{nlist_for(n_hint)},Flat"
+    factory = factory_for(kind, int(dim), n_hint)
     try:
         inner = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1]
         raise ValueError(
-            f"unknown index kind {kind!r}: use one of {sorted(KINDS)} "
+            f"unknown index kind {kind!r}: use one of {sorted(KINDS) + sorted(LARGE_KINDS)} "
             f"or a valid faiss factory string ({reason})"
         ) from None
     if isinstance(inner, faiss.IndexIDMap):
@@ -69,9 +61,17 @@ def build(dim, kind="flat", *, n_hint=None):
     return to_device(index)
 
 
-def nlist_for(n):
-    """Number of IVF lists for about n vectors: 4 * sqrt(n), with enough points to train each."""
-    return int(max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST, MAX_NLIST)))
+def needs_training(dim, kind, n_hint=None):
+    """Whether an index of this kind learns from the vectors (IVF lists, PQ or SQ codes): such an
+    index is best trained once on the whole collection, not on the first batch that reaches it."""
+    return not build(dim, kind, n_hint=n_hint).is_trained
+
+
+def learned(index):
+    """Whether this index's structure was learnt from vectors (IVF, PQ, SQ), as opposed to exact."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return (faiss.try_extract_index_ivf(inner) is not None
+            or isinstance(inner, (faiss.IndexPQ, faiss.IndexScalarQuantizer)))
 
 
 def add(index, vectors, ids):
@@ -101,7 +101,7 @@ def add(index, vectors, ids):
     index.add_with_ids(x, xids)
 
 
-def search(index, queries, k, *, exclude=None):
+def search(index, queries, k, *, exclude=None, allow=None):
     """Return (D, I) of the k best inner products per query, like faiss.
 
     Slots without a result hold I = -1 and D = -inf (faiss itself writes -FLT_MAX there for
@@ -113,8 +113,11 @@ def search(index, queries, k, *, exclude=None):
         k: neighbours per query; more than the index holds is fine (padded).
         exclude: None, or m iterables of ids that query i must never return (its own image,
             the same patient's other images).
+        allow: None, or the only ids any query may return (a metadata filter); with a flat index
+            the result is still the exact top k among them (`selection.selected_search`).
     """
     x = _as_matrix(queries, index.d, "queries")
+    allowed = None if allow is None else np.unique(_as_ids(allow))
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -122,14 +125,14 @@ def search(index, queries, k, *, exclude=None):
     groups = _group_by_exclusion(exclude, m)
     D = np.full((m, k), -np.inf, dtype=np.float32)
     I = np.full((m, k), -1, dtype=np.int64)
-    if m == 0 or index.ntotal == 0:
+    if m == 0 or index.ntotal == 0 or (allowed is not None and allowed.size == 0):
         # An empty IVF index is untrained and faiss would refuse to search it.
         return D, I
     kk = min(k, index.ntotal)
     with _threads(1 if m <= SMALL_BATCH else None):
         for excluded, rows in groups.items():
-            if excluded:
-                d, i = _search_excluding(index, x[rows], kk, excluded)
+            if excluded or allowed is not None:
+                d, i = selected_search(index, x[rows], kk, excluded, allowed)
             else:
                 d, i = index.search(x[rows], kk)
             D[rows, :kk] = d
@@ -173,8 +176,8 @@ def ids(index):
     return _stored_ids(index)
 
 
-def brute_force_search(vectors, ids, queries, k, exclude=None):
-    """Exact numpy reference for `search`: same (D, I), same padding, same exclusion."""
+def brute_force_search(vectors, ids, queries, k, exclude=None, allow=None):
+    """Exact numpy reference for `search`: same (D, I), same padding, same exclusion and allow-list."""
     x = np.asarray(vectors, dtype=np.float32)
     xids = _as_ids(ids)
     q = np.asarray(queries, dtype=np.float32)
@@ -184,6 +187,8 @@ def brute_force_search(vectors, ids, queries, k, exclude=None):
             raise ValueError(f"exclude has {len(exclude)} items for {len(q)} queries")
         for row, excluded in enumerate(exclude):
             scores[row, np.isin(xids, list(_excluded_ids(excluded)))] = -np.inf
+    if allow is not None:
+        scores[:, ~np.isin(xids, _as_ids(allow))] = -np.inf
     kk = min(int(k), len(xids))
     order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
     D = np.full((len(q), k), -np.inf, dtype=np.float32)
@@ -216,6 +221,11 @@ def _tune(inner, n):
     ivf = faiss.try_extract_index_ivf(inner)
     if ivf is not None:
         ivf.nprobe = _nprobe_for(ivf.nlist, n)
+        ivf = faiss.downcast_index(ivf)
+        if isinstance(ivf, faiss.IndexIVFPQ):
+            # Polysemous codes multiply PQ training time (a minute on 20k vectors) and only
+            # serve Hamming-filtered search, which search() never asks for.
+            ivf.do_polysemous_training = False
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         inner.hnsw.efSearch = HNSW_EF_SEARCH
@@ -270,44 +280,6 @@ def _group_by_exclusion(exclude, m):
 def _excluded_ids(item):
     # None is accepted as "exclude nothing" for convenience.
     return frozenset() if item is None else frozenset(int(i) for i in item)
-
-
-def _search_excluding(index, x, k, excluded):
-    if on_device(index):
-        # GPU indexes take no IDSelector. Only exact flat indexes go to the GPU, so fetching
-        # len(excluded) extra neighbours and dropping the excluded ones is still exact.
-        kk = min(k + len(excluded), index.ntotal)
-        D, I = index.search(x, kk)
-        return _drop(D, I, excluded, k)
-    batch = faiss.IDSelectorBatch(np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
-    sel = faiss.IDSelectorNot(batch)
-    # IndexIDMap2 wraps the selector so that it sees external ids, not storage positions
-    # (checked in tests/test_index.py).
-    D, I = index.search(x, k, params=_search_params(index, sel))
-    return D, I
-
-
-def _search_params(index, sel):
-    # Parameters replace the index's own settings, and their defaults (nprobe=1, efSearch=16)
-    # would silently ruin recall: copy the index's values.
-    inner = faiss.downcast_index(index.index)
-    if isinstance(inner, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(sel=sel, nprobe=inner.nprobe, max_codes=inner.max_codes)
-    if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
-    return faiss.SearchParameters(sel=sel)
-
-
-def _drop(D, I, excluded, k):
-    hit = np.isin(I, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
-    # A stable sort on the mask moves kept neighbours to the front in their original order.
-    order = np.argsort(hit, axis=1, kind="stable")
-    D = np.take_along_axis(D, order, axis=1)[:, :k].copy()
-    I = np.take_along_axis(I, order, axis=1)[:, :k].copy()
-    gone = np.take_along_axis(hit, order, axis=1)[:, :k]
-    D[gone] = -np.inf
-    I[gone] = -1
-    return D, I
 
 
 def _remove_from_ivf(index, drop):

@@ -73,7 +73,7 @@ def torchvision_pooled(emb, x):
         ref.classifier[2] = identity  # keep its LayerNorm: our neck includes it
     else:
         ref.classifier = identity
-    if name == "vgg16":
+    if name.startswith("vgg"):
         ref.avgpool = torch.nn.AdaptiveAvgPool2d(1)  # torchvision pools to 7x7 for its classifier
     with torch.no_grad():
         return ref.eval()(x)
@@ -100,7 +100,8 @@ def test_backbone_shapes_and_fingerprint(name):
     if reference is not None:
         torch.testing.assert_close(pooled, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
 
-    assert emb.target_module() is emb.trunk  # default target layer = the trunk output
+    # default target layer = the registry's measured one ("" = the trunk output)
+    assert emb.target_module() is (emb.trunk.get_submodule(spec.target_layer) if spec.target_layer else emb.trunk)
 
     # Same seed -> same weights and fingerprint; another seed -> another model.
     again = create_embedder(name, weights="none", input_size=s, seed=0)

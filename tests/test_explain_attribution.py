@@ -360,3 +360,14 @@ def test_evaluate_explain_all_prints_the_comparison(runner, indexed, query_set, 
 def test_evaluate_explain_rejects_unknown_names(runner, indexed, query_set, tmp_path):
     result = invoke(runner, "evaluate", query_set, "--db", indexed, "--explain", "gradcam,shap")
     assert result.exit_code == 2 and "unknown explanation method 'shap'" in result.output
+
+
+def test_cross_validation_compares_on_the_first_fold(runner, phantom_set, tmp_path):
+    out = tmp_path / "cv"
+    result = invoke(runner, "evaluate", phantom_set, "--folds", "2", "--no-train", "--backbone", "tinycnn",
+                    "--weights", "none", "--explain", "gradcam,occlusion", "--explain-budget", "9", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "images of fold 1" in result.output
+    rows = [line.split()[0] for line in result.output.splitlines() if line.split()[1:2] == ["similarity"]]
+    assert rows == ["random", "gradcam", "occlusion(w=22,s=22)"]
+    assert (out / "explanations.png").exists()

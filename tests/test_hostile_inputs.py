@@ -151,9 +151,9 @@ def test_stored_multiline_and_escape_labels_render_and_never_reach_the_terminal(
         assert r.exit_code == 0 and "\x1b" not in r.output, r.output
 
 
-def test_error_messages_never_carry_escape_sequences(runner, tmp_path):
-    result = invoke(runner, "query", tmp_path / "\x1b]0;pwned\x07.png", "--db", tmp_path / "none.db")
-    assert result.exit_code == 1 and "\x1b" not in result.output and "\x07" not in result.output
+def test_error_messages_never_carry_escape_sequences(runner, indexed, tmp_path):
+    line = assert_one_line_error(invoke(runner, "query", tmp_path / "\x1b]0;pwned\x07.png", "--db", indexed))
+    assert "\x1b" not in line and "\x07" not in line and "\\x1b]0;pwned\\x07.png" in line
 
 
 # -- 2. FIFOs, devices, huge files -----------------------------------------------------------

@@ -45,7 +45,7 @@ def _digest(*paths) -> str:
 
 
 def _count(db, column) -> int:
-    cb = open_casebase(db, create=False, readonly=None)
+    cb = open_casebase(db, create=False)
     try:
         with cb.read() as s:
             return s.scalar(select(func.count(column)))

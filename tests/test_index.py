@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import index
-from index import vectors
+from index import selection, vectors
 
 D = 64
 N = 3000
@@ -126,7 +126,7 @@ def test_gpu_style_exclusion_by_overfetch(monkeypatch, data):
     xb, xids, _ = data
     ix = index.build(D, "flat")
     index.add(ix, xb, xids)
-    monkeypatch.setattr(vectors, "on_device", lambda _: True)
+    monkeypatch.setattr(selection, "on_device", lambda _: True)
     xq = xb[:20]
     exclude = [xids[i : i + 1 + i % 4] for i in range(20)]
     Dist, I = index.search(ix, xq, K, exclude=exclude)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from test_reliability_crash import check_consistency, fork_server, index_argv, phantom_hashes
+from test_reliability_crash import check_consistency, child_env, fork_server, index_argv, phantom_hashes
 
 QUERIERS = 4
 
@@ -86,10 +86,26 @@ def _manifests(root, n_patients, size):
     return make_phantoms(Path(root) / "data", patients=n_patients, slices=3, size=size, seed=3)
 
 
+def _generations(db) -> int:
+    """How many index generations a server's case base records (0 before its tables exist)."""
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(str(db))
+    try:
+        with engine.connect() as conn:
+            has = inspect(conn).has_table("index_manifests")
+            return conn.execute(text("SELECT count(*) FROM index_manifests")).scalar() if has else 0
+    finally:
+        engine.dispose()
+
+
 def _wait_for_first_generation(db, indexer_alive, timeout=300.0):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if Path(db).exists():
+        if "://" in str(db):
+            if _generations(db):
+                return
+        elif Path(db).exists():
             con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
             try:
                 if con.execute("SELECT count(*) FROM index_manifests").fetchone()[0]:
@@ -103,22 +119,24 @@ def _wait_for_first_generation(db, indexer_alive, timeout=300.0):
     raise AssertionError("no index generation appeared")
 
 
-def test_queries_while_indexing(server, tmp_path, query_set):
+@pytest.mark.postgres
+def test_queries_while_indexing(server, tmp_path, query_set, db_url):
     from cbr.store.casebase import open_casebase
     from cbr.store.schema import Query
 
     manifest = _manifests(tmp_path, n_patients=80, size=32)  # 240 tiny images
     with open(query_set, newline="") as fh:
         image = str(query_set.parent / next(csv.DictReader(fh))["path"])
-    db, stop = tmp_path / "cases.db", tmp_path / "stop"
+    db, stop = db_url, tmp_path / "stop"
     # A generation is saved after every batch of 4: readers meet the manifest switching under them.
-    indexer, indexer_log = server.start(index_argv(manifest, db), set={"cbr.store.writer:SAVE_EVERY_S": 0.0})
+    indexer, indexer_log = server.start(index_argv(manifest, db), set={"cbr.store.writer:SAVE_EVERY_S": 0.0},
+                                        env=child_env())
     _wait_for_first_generation(db, lambda: server.running(indexer))
     queriers = []
     for i in range(QUERIERS):
         args = {"db": str(db), "image": image, "stop": str(stop), "mode": "api" if i % 2 else "cli",
                 "out": str(tmp_path / f"querier-{i}.jsonl"), "reports": str(tmp_path / "reports")}
-        queriers.append((server.start(code=QUERIER, args=args), Path(args["out"])))
+        queriers.append((server.start(code=QUERIER, args=args, env=child_env()), Path(args["out"])))
     done = server.wait(indexer, kill_after=600)
     stop.touch()
     ended = [server.wait(pid, kill_after=600) for (pid, _), _ in queriers]
@@ -145,7 +163,8 @@ def test_queries_while_indexing(server, tmp_path, query_set):
     assert check_consistency(db, phantom_hashes(manifest)) == []
 
 
-def test_two_indexers_at_once_are_serialised(server, tmp_path):
+@pytest.mark.postgres
+def test_two_indexers_at_once_are_serialised(server, tmp_path, db_url):
     """Two `cbr index` runs on one case base (overlapping data): both finish, nothing is doubled."""
     manifest = _manifests(tmp_path, n_patients=8, size=32)
     rows = list(csv.DictReader(open(manifest, newline="")))
@@ -155,9 +174,9 @@ def test_two_indexers_at_once_are_serialised(server, tmp_path):
         w.writeheader()
         for r in rows[len(rows) // 3:]:
             w.writerow(dict(r, path=str(manifest.parent / r["path"]), mask=str(manifest.parent / r["mask"])))
-    db = tmp_path / "cases.db"
-    a, log_a = server.start(index_argv(manifest, db))
-    b, log_b = server.start(index_argv(half, db))
+    db = db_url
+    a, log_a = server.start(index_argv(manifest, db), env=child_env())
+    b, log_b = server.start(index_argv(half, db), env=child_env())
     ra, rb = server.wait(a, kill_after=600), server.wait(b, kill_after=600)
     assert ra["returncode"] == 0, log_a.read_text()
     assert rb["returncode"] == 0, log_b.read_text()

@@ -234,10 +234,11 @@ def check_consistency(db, expected: dict[str, str] | None = None, *, explained: 
     bad: list[str] = []
     cb = open_casebase(db, create=False, migrate=False)
     try:
-        with cb.engine.connect() as conn:
-            check = conn.exec_driver_sql("PRAGMA integrity_check").scalar()
-            if check != "ok":
-                bad.append(f"integrity_check: {check}")
+        if cb.engine.dialect.name == "sqlite":
+            with cb.engine.connect() as conn:
+                check = conn.exec_driver_sql("PRAGMA integrity_check").scalar()
+                if check != "ok":
+                    bad.append(f"integrity_check: {check}")
         with cb.read() as s:
             cases = s.execute(select(Case.id, Case.sha256, Case.label).where(Case.removed_at.is_(None))).all()
             models = s.scalars(select(Model.id)).all()
@@ -320,9 +321,24 @@ def stored_vectors(db) -> dict[str, np.ndarray]:
         cb.close()
 
 
+def child_env() -> dict | None:
+    """What a forked job needs from this test's environment: a PostgreSQL case base's index folder."""
+    return {"CBR_INDEX_DIR": os.environ["CBR_INDEX_DIR"]} if "CBR_INDEX_DIR" in os.environ else None
+
+
 def count_cases(db) -> int:
     import sqlite3
 
+    if "://" in str(db):  # a server's case base (tests/pg.py)
+        from sqlalchemy import create_engine, inspect, text
+
+        engine = create_engine(str(db))
+        try:
+            with engine.connect() as conn:
+                has = inspect(conn).has_table("cases")
+                return conn.execute(text("SELECT count(*) FROM cases")).scalar() if has else 0
+        finally:
+            engine.dispose()
     if not Path(db).exists():
         return 0
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
@@ -495,15 +511,16 @@ def test_kill_during_final_save_leaves_old_or_new_generation_and_no_stray_files(
     assert check_consistency(db, phantom_hashes(manifest)) == []
 
 
-def test_first_run_killed_before_any_index_is_saved(server, crash_data, tmp_path):
+@pytest.mark.postgres
+def test_first_run_killed_before_any_index_is_saved(server, crash_data, db_url):
     """Cases committed by a first run that never saved an index are indexed by the next run."""
     manifest, _ = crash_data
-    db = tmp_path / "cases.db"
+    db = db_url
     # Die at the first save: every batch is committed, no index generation exists.
-    out = server.run(index_argv(manifest, db), setup=CRASH_POINTS["temp file written"])
+    out = server.run(index_argv(manifest, db), setup=CRASH_POINTS["temp file written"], env=child_env())
     assert out["killed"], out["log"]
     assert count_cases(db) == 24
-    rerun = server.run(index_argv(manifest, db))
+    rerun = server.run(index_argv(manifest, db), env=child_env())
     assert rerun["returncode"] == 0, rerun["log"]
     assert "already there: 24" in rerun["log"]
     assert check_consistency(db, phantom_hashes(manifest)) == []

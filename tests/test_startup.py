@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, invoke
+from conftest import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 # Never imported by a read-only command (seconds each on a small machine).

@@ -6,8 +6,8 @@ import click
 
 from cbr.cli.group import cli
 from cbr.cli.explain import MethodList
-from cbr.cli.options import (RegistryChoice, backbone_names, json_option, manifest_options, progress_enabled,
-                             source_options, vote_names, weights_option)
+from cbr.cli.options import (RegistryChoice, backbone_names, contrast_option, json_option, manifest_options,
+                             progress_enabled, source_options, tta_option, vote_names, weights_option, where_option)
 
 DEFAULT_REPORT_DIR = "cbr-evaluation"
 
@@ -19,12 +19,13 @@ def training_options(f):
 
     @functools.wraps(f)
     def wrapper(*args, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
-                workers, **kwargs):
+                workers, contrast, tta, **kwargs):
         from cbr.learn.config import TrainConfig
 
         training = TrainConfig(backbone=backbone, weights=weights, epochs=epochs, img_size=img_size,
                                batch_size=batch_size, lr=lr, seed=seed, device=device, patience=patience,
-                               train_layers=train_layers, num_workers=workers)
+                               train_layers=train_layers, num_workers=workers, contrast=contrast or "none",
+                               tta=tta or "none")
         return f(*args, training=training, **kwargs)
 
     opts = [
@@ -47,6 +48,8 @@ def training_options(f):
                      help="Fine-tune only the last N backbone blocks and the head (0: the head only) [default: all]."),
         click.option("--workers", type=click.IntRange(0, 64), default=None,
                      help="Decoding worker processes [default: 1 on 2 cores]."),
+        contrast_option,
+        tta_option,
     ]
     for opt in reversed(opts):
         wrapper = opt(wrapper)
@@ -131,6 +134,8 @@ def _explicit(ctx, names):
 @click.option("--no-train", is_flag=True, help="Cross-validate the backbone's weights as they are (no fine-tuning).")
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=5, show_default=True, help="Neighbours per query.")
 @click.option("--vote", type=RegistryChoice(vote_names), default="weighted", show_default=True, help="Vote rule.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Softmax temperature of the weighted vote. [default: fitted on each case base's calibration slice]")
 @click.option("--explain", "explain", type=MethodList(), default="none", show_default=True,
               help="Explanation methods to score side by side (a,b,c or all; see `cbr models`): pointing games "
               "against a 'mask' column, deletion/insertion AUC, randomisation check, seconds per map; writes "
@@ -145,6 +150,7 @@ def _explicit(ctx, names):
               help="With --target-layer: images swept per fold (or in the held-out set).")
 @click.option("--model", "models", multiple=True, help="With --db: use only these members (name, checkpoint or fingerprint).")
 @click.option("--strict", is_flag=True, help="With --db: leave leaking test images out of the figures.")
+@where_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=DEFAULT_REPORT_DIR, show_default=True,
               help="Report folder: metrics.json, confusion_matrix.png, reliability.png, risk_coverage.png, predictions.csv.")
 @click.option("--ood", "ood", type=click.Path(exists=True), default=None,
@@ -154,8 +160,8 @@ def _explicit(ctx, names):
 @source_options()
 @json_option
 @click.pass_context
-def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, explain, explain_budget, target_layers,
-                 map_images, models, strict, out_dir, ood, manifest, sources, as_json):
+def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, temperature, explain, explain_budget, target_layers,
+                 map_images, models, strict, where, out_dir, ood, manifest, sources, as_json):
     """Measure accuracy, calibration, retrieval and localisation, grouped by patient.
 
     \b
@@ -185,6 +191,7 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, e
         cbr evaluate lesions.csv --explain gradcam,layercam --target-layer features.14,last,features.17+last
         cbr evaluate volumes/ --slices every:4 --window minmax --folds 3
         cbr evaluate pneumoniamnist.npz --split test --classes normal,pneumonia --db cases.db
+        cbr evaluate lesions.csv --where site=back --folds 3
     """
     from cbr.evaluation import EvalConfig, cross_validate, evaluate_casebase
     from cbr.reporting.table import format_table
@@ -204,7 +211,7 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, e
     config = EvalConfig(k=k, vote=vote, explain=one_cam, compare=explain, explain_budget=explain_budget,
                         batch_size=training.batch_size, device=training.device, num_workers=training.num_workers,
                         out_dir=out_dir, ood=ood, sweep_methods=swept, target_layers=layers, map_images=map_images,
-                        sources=sources)
+                        sources=sources, where=where, temperature=temperature)
     if db is not None:
         wrong = _explicit(ctx, _CV_ONLY)
         if wrong:

@@ -5,7 +5,7 @@ import sys
 import click
 
 __all__ = ["db_option", "index_dir_option", "progress_enabled", "json_option", "weights_option", "scale_option",
-           "source_options"]
+           "source_options", "where_option", "contrast_option", "tta_option"]
 
 
 def db_option(f):
@@ -40,6 +40,27 @@ def scale_option(f):
 
     return click.option("--scale", type=click.Choice(SCALES), default=SCALES[0], show_default=True,
                         help="Colour scale of the maps.")(f)
+
+
+def where_option(f):
+    return click.option("--where", "where", multiple=True, metavar="KEY=VALUE",
+                        help="Retrieve only cases whose metadata (manifest columns) match; repeat to require several.")(f)
+
+
+def contrast_option(f):
+    from cbr.data.contrast import CONTRASTS
+
+    return click.option("--contrast", type=click.Choice(list(CONTRASTS)), default=None,
+                        help="Contrast normalisation before letterboxing, kept with the model (equalize, clahe: "
+                        "for X-ray and MRI) [default: none, or a checkpoint's own].")(f)
+
+
+def tta_option(f):
+    from cbr.models.config import TTAS
+
+    return click.option("--tta", type=click.Choice(list(TTAS)), default=None,
+                        help="Test-time augmentation of the embeddings, kept with the model (flip: mean of the image's "
+                        "and its mirror's; costs a second forward pass) [default: none, or a checkpoint's own].")(f)
 
 
 def progress_enabled() -> bool:

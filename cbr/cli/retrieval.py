@@ -20,7 +20,12 @@ from cbr.cli.options import (
     source_options,
     vote_names,
     weights_option,
+    where_option,
+    contrast_option,
+    tta_option,
 )
+from cbr.pipeline.engine import ENGINES
+from cbr.store.encoding import EMBEDDING_DTYPES
 from cbr.pipeline.settings import DEFAULT_REPORTS, NO_EXPLANATION, IndexConfig, QueryConfig
 
 # The registries are plain dicts in light modules; listing their names here must not import torch.
@@ -55,7 +60,8 @@ def _print_report(report, db):
 @click.option("--model", "models", multiple=True, help=f"Embedder: {BACKBONE_HINT}. Repeat for an ensemble. [default: mobilenet_v2]")
 @weights_option
 @click.option("--index-type", default=IndexConfig.index_type, show_default=True,
-              help="flat, hnsw, ivf, or any faiss factory string.")
+              help="flat, hnsw, ivf, ivf-sq8, ivf-pq, auto (by size: flat < 100k, ivf-sq8 < 10M, "
+              "else ivf-pq), or a faiss factory string.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=IndexConfig.batch_size, show_default=True)
 @click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=(NO_EXPLANATION,)),
               default=IndexConfig.explain, show_default=True, help="CAM method for each case's stored map.")
@@ -63,11 +69,19 @@ def _print_report(report, db):
               "(e.g. features.13) [default: the last convolutional block].")
 @click.option("--rebuild", is_flag=True, help="Rebuild every index from the embeddings stored in the case base (no image is re-read).")
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="Decoding worker processes [default: 1 on 2 cores].")
+@click.option("--engine", type=click.Choice(ENGINES), default=IndexConfig.engine, show_default=True,
+              help="Where images are decoded, embedded and explained: here, or on Ray (pip install 'cbr[ray]').")
+@click.option("--ray-address", default=None, help="--engine ray: the cluster to use (e.g. ray://head:10001) "
+              "[default: start a local one].")
+@click.option("--embedding-dtype", type=click.Choice(EMBEDDING_DTYPES), default=IndexConfig.embedding_dtype,
+              show_default=True, help="How embeddings are stored: float32 (exact rebuilds) or float16 (half the bytes).")
+@contrast_option
+@tta_option
 @manifest_options
 @source_options()
 @json_option
 def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, explain, target_layer, rebuild, workers,
-              manifest, sources, as_json):
+              engine, ray_address, embedding_dtype, contrast, tta, manifest, sources, as_json):
     """Index a labelled dataset into a case base (incremental and resumable).
 
     DATA is a folder with one sub-folder per class, a CSV manifest with the columns
@@ -82,9 +96,11 @@ def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, expl
         cbr index data/ --model model.pt --model resnet50 --db cases.db
         cbr index data/ --explain layercam --target-layer features.13
         cbr index --rebuild --db cases.db
+        cbr index xrays/ --contrast clahe --tta flip
         cbr index dicom_by_class/ --window ct-lung --pseudonymise "$KEY"
         cbr index volumes/ --slices every:4 --axis axial
         cbr index pneumoniamnist.npz --split train --classes normal,pneumonia
+        cbr index archive.csv --engine ray --ray-address ray://head:10001 --db postgresql+psycopg://cbr@db/cases
     """
     from cbr.store.casebase import open_casebase
     from cbr.pipeline.index import index_dataset
@@ -92,7 +108,9 @@ def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, expl
     if data is None and not rebuild:
         raise click.UsageError("give a DATA folder or CSV manifest, or --rebuild")
     config = IndexConfig(models=models or IndexConfig.models, weights=weights, index_type=index_type,
-                         batch_size=batch_size, explain=explain, target_layer=target_layer, num_workers=workers)
+                         batch_size=batch_size, explain=explain, target_layer=target_layer, num_workers=workers,
+                         engine=engine, ray_address=ray_address, embedding_dtype=embedding_dtype, contrast=contrast,
+                         tta=tta)
     cb = open_casebase(db, index_dir=index_dir)
     report = index_dataset(cb, data, config, manifest=manifest, rebuild=rebuild, progress=progress_enabled(),
                            sources=sources)
@@ -144,11 +162,13 @@ def _print_answer(a):
 @click.option("--ensemble", type=RegistryChoice(ensemble_names), default=QueryConfig.ensemble, show_default=True,
               help="How members combine.")
 @click.option("--min-credibility", type=click.FloatRange(0, 1), default=None, help="With --vote credibility: abstain below this.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=QueryConfig.temperature,
-              show_default=True, help="Softmax temperature of the weighted vote.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Softmax temperature of the weighted vote. [default: fitted by likelihood on the case base's "
+              "calibration slice, shown in --json]")
 @click.option("--patient", default=None, help="The query's patient id: that patient's cases are never retrieved "
               "[default: a DICOM query's PatientID, hashed with --pseudonymise KEY when given].")
 @click.option("--model", "models", multiple=True, help="Use only these members (name, checkpoint or fingerprint).")
+@where_option
 @click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=(NO_EXPLANATION,)), default=QueryConfig.explain,
               show_default=True, help="Method for the maps: a CAM, or an attribution (lime, kernelshap, deeplift, "
               "integrated-gradients, occlusion) that costs many model evaluations per map.")
@@ -167,7 +187,7 @@ def _print_answer(a):
               "(works on a read-only case base, e.g. a replica).")
 @source_options("window", "axis", "volume", "pseudonymise")
 @json_option
-def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, temperature, patient, models, explain,
+def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, temperature, patient, models, where, explain,
               explain_budget, explain_neighbours, scale, out_dir, ood_alpha, answer_anyway, no_record, sources, as_json):
     """Diagnose images from their nearest cases, with maps of where the network looked.
 
@@ -182,6 +202,7 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
         cbr query scan.png --no-record --db "sqlite:////replica/cases.db?mode=ro&uri=true"
         cbr query scan.png --explain lime --explain-budget 100 --explain-neighbours 2
         cbr query odd.png --ood-alpha 0.05 --answer-anyway
+        cbr query lesion.jpg --where site=back --where sex=female
         cbr query ct/IM0042                  # DICOM, any name; a multi-frame file: its middle frame
         cbr query ct/IM0042 --pseudonymise "$KEY"   # its PatientID, hashed as at index time, is left out
         cbr query "cine.dcm#frame=12" "brain.nii.gz#axis=axial&slice=40" "pneumoniamnist.npz#split=test&index=7"
@@ -192,7 +213,7 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
     config = QueryConfig(k=k, vote=vote, ensemble=ensemble, min_credibility=min_credibility, temperature=temperature,
                          explain=explain, scale=scale, models=models, out_dir=out_dir, explain_budget=explain_budget,
                          explain_neighbours=explain_neighbours, progress=progress_enabled(), ood_alpha=ood_alpha,
-                         answer_anyway=answer_anyway)
+                         answer_anyway=answer_anyway, where=where)
     cb = open_casebase(db, create=False, index_dir=index_dir, readonly=None if no_record else False)
     answers = query_images(cb, images, config, patient=patient, sources=sources, record=not no_record)
     if as_json:

@@ -173,7 +173,7 @@ def _row(method, kind, raws, x, scores, masks, seconds, evaluations, rhos):
 
 
 def compare_explanations(embedder, records, methods, *, images: int = COMPARISON_IMAGES, budget: int | None = None,
-                         seed: int = 0, progress: bool = False) -> dict | None:
+                         seed: int = 0, progress: bool = False, targets=("class", "similarity")) -> dict | None:
     """Score each method on the same images, for the class and the similarity target.
 
     Args:
@@ -183,6 +183,7 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
         images: how many images (round-robin over the classes, shuffled with ``seed``).
         budget: cap on the model evaluations per attribution map (as ``cbr query --explain-budget``).
         progress: a progress bar over methods x targets.
+        targets: the targets to score ("class" needs a head and is skipped without one).
 
     Returns:
         {"n", "images", "targets", "randomised_block", "rows": [one dict per method x target, plus
@@ -218,9 +219,11 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
     nearest = _neighbours(vectors.numpy(), [r.group for r in pick])
     references = [vectors[j].clone() for j in nearest]
     labels = [names.index(r.label) if classifier else None for r in pick]
+    wanted = targets
     targets = {"similarity": [SimilarityTarget(ref) for ref in references]}
     if classifier:
         targets = {"class": [ClassTarget(c) for c in labels], **targets}
+    targets = {kind: tgs for kind, tgs in targets.items() if kind in wanted}
     masks = []
     for r in pick:
         path = (r.metadata or {}).get("mask")
@@ -266,14 +269,15 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
 
 
 def comparison_report(embedder, records, methods, *, out_dir=None, images: int = COMPARISON_IMAGES,
-                      budget: int | None = None, seed: int = 0, progress: bool = False) -> dict | None:
+                      budget: int | None = None, seed: int = 0, progress: bool = False,
+                      targets=("class", "similarity")) -> dict | None:
     """compare_explanations as JSON-ready figures, with ``explanations.png`` written into ``out_dir``.
 
     Returns None without methods or images; else {"n", "masks", "targets", "randomised_block",
     "images", "rows", "figure" (its path or None)}. Print it with format_comparison.
     """
     result = compare_explanations(embedder, records, methods, images=images, budget=budget, seed=seed,
-                                  progress=progress)
+                                  progress=progress, targets=targets)
     if result is None:
         return None
     figure = None

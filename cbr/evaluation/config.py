@@ -36,6 +36,13 @@ class EvalConfig:
     # DICOM/NIfTI/.npz: which frames, slices and split of DATA are read; its window decodes them
     # (cross-validation: the folds' models are built with it; --db: it must be the members' own)
     sources: SourceSpec = SourceSpec()
+    where: tuple[tuple[str, str], ...] = ()  # neighbours only among cases whose metadata match (key, value)
+    temperature: float | None = None  # of the weighted vote; None: fitted on each case base's calibration slice
+
+    def __post_init__(self):
+        from cbr.pipeline.settings import parse_where
+
+        object.__setattr__(self, "where", parse_where(self.where))
 
     def check(self) -> None:
         """Fail on an unknown vote rule or CAM method, or k < 1, before any work."""

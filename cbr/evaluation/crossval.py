@@ -43,13 +43,14 @@ def _fold_model(ckpt: Path, train_recs, training: TrainConfig, train: bool, show
 
     if not train:
         emb = create_embedder(training.backbone, weights=training.weights, input_size=training.img_size,
-                              seed=training.seed, window=training.sources.window)
+                              seed=training.seed, window=training.sources.window, contrast=training.contrast,
+                              tta=training.tta)
         save_checkpoint(emb, ckpt, extra={"dataset": shown, "note": "untrained backbone (evaluate --no-train)"})
         return {}, []
     res = train_model(out=ckpt, config=training, records=train_recs, progress=progress)
     return {"epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
             "best_val_balanced_accuracy": res.best_val_balanced_accuracy,
-            "train_seconds": round(res.elapsed, 1)}, res.problems
+            "train_seconds": round(res.elapsed, 1), "history": res.history}, res.problems
 
 
 class _Folds:
@@ -91,7 +92,9 @@ class _Folds:
                 self.problems.extend(report.problems)
                 # the vote is scored as given; typicality is scored apart (selective, ood)
                 searcher = Searcher(cb, k=cfg.k, vote=cfg.vote, explain=cfg.explain, device=cfg.device,
-                                    answer_anyway=True)
+                                    answer_anyway=True, where=cfg.where, temperature=cfg.temperature)
+                if cfg.vote == "weighted":  # the fold's fitted (or given) temperature, for the report
+                    row["temperature"] = searcher.temperatures[searcher.members[0].model_id][0]
                 if cfg.ood:
                     from cbr.evaluation.selective import foreign_typicality, read_foreign
 

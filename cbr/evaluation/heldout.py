@@ -93,7 +93,7 @@ def evaluate_casebase(
     recs, problems, shown = load_records(source, records, manifest, progress, config.sources)
     # the vote is scored as given; typicality is scored apart (selective, ood)
     searcher = Searcher(cb, models=models, k=config.k, vote=config.vote, explain=config.explain, device=device,
-                        answer_anyway=True)
+                        answer_anyway=True, where=config.where, temperature=config.temperature)
     check_window(config.sources.window, [m.embedder.config.window for m in searcher.members], "evaluate")
     leakage, leaking = find_leakage(cb, searcher.members, recs)
     leakage["excluded"] = len(leaking) if strict else 0

@@ -25,6 +25,7 @@ class Outcome:
     softmax: list[float] | None = None  # head probabilities in ``softmax_classes`` order
     maps: dict = field(default_factory=dict, repr=False)  # raw query maps by target
     fold: int | None = None
+    hits: list = field(default_factory=list, repr=False)  # the first member's neighbours: label, similarity, path
 
     @property
     def predicted(self) -> str | None:
@@ -58,7 +59,8 @@ def run_queries(searcher, records, *, fold=None, progress=False, desc="querying"
             continue
         outcomes.append(Outcome(record=r, prediction=a.prediction,
                                 neighbours=[n["label"] for n in a.neighbours],
-                                maps=dict(a.raw_maps), fold=fold))
+                                maps=dict(a.raw_maps), fold=fold,
+                                hits=[{k: n[k] for k in ("label", "similarity", "path")} for n in a.neighbours]))
     return outcomes, problems
 
 

@@ -27,7 +27,8 @@ import numpy as np
 
 from cbr.errors import CbrError
 
-__all__ = ["SweepSettings", "LAST", "parse_layers", "sweep_maps", "pool_sweeps", "best_rows", "run_sweep", "finish_sweep"]
+__all__ = ["SweepSettings", "LAST", "parse_layers", "sweep_maps", "pool_sweeps", "best_rows", "run_sweep",
+           "finish_sweep"]
 
 LAST = "last"  # the trunk output, the layer an empty target_layer means
 MATCHING = "matching"  # the method name of region-matching rows

@@ -31,16 +31,19 @@ GREY_TOLERANCE = 1.0  # mean |R-G| + |G-B| in grey levels still counted as grey 
 GREY_SHARE = 0.9  # a dataset is grayscale when at least this share of the sampled images is grey
 
 
-def _letterboxed(img, size: int):
-    """PIL image -> uint8 (3, size, size), letterboxed: the cache training augments from."""
+def _letterboxed(img, size: int, contrast: str = "none"):
+    """PIL image -> uint8 (3, size, size), letterboxed (after the model's contrast normalisation,
+    as ``Embedder.preprocess`` does): the cache training augments from."""
     from torchvision.transforms.functional import pil_to_tensor
 
+    from cbr.data.contrast import apply_contrast
     from cbr.data.image import letterbox
 
-    return pil_to_tensor(letterbox(img, size))
+    return pil_to_tensor(letterbox(apply_contrast(img, contrast, size), size))
 
 
-def decode_all(records, size: int, *, batch_size: int = 32, num_workers=None, progress=False, window: str = "auto"):
+def decode_all(records, size: int, *, batch_size: int = 32, num_workers=None, progress=False, window: str = "auto",
+               contrast: str = "none"):
     """Decode and letterbox ``records`` once: (kept indices, uint8 tensor (N, 3, S, S), problems);
     DICOM and NIfTI pixels with the VOI ``window`` (the model's)."""
     import torch
@@ -48,7 +51,8 @@ def decode_all(records, size: int, *, batch_size: int = 32, num_workers=None, pr
 
     kept, tensors, problems = [], [], []
     with tqdm(total=len(records), desc="decoding", unit="img", disable=not progress) as bar:
-        for idx, batch, bad in iter_batches(records, [partial(_letterboxed, size=size)], batch_size, num_workers,
+        for idx, batch, bad in iter_batches(records, [partial(_letterboxed, size=size, contrast=contrast)], batch_size,
+                                            num_workers,
                                             window=window):
             problems.extend(Problem(records[i].path, reason) for i, reason in bad)
             if idx:

@@ -40,6 +40,8 @@ class TrainConfig:
     # DICOM/NIfTI/.npz: which frames, slices and split are read, and the VOI window, which becomes
     # part of the model's preprocessing and fingerprint (None: auto)
     sources: SourceSpec = SourceSpec()
+    contrast: str = "none"  # cbr.data.contrast.CONTRASTS: equalisation before letterboxing (kept with the model)
+    tta: str = "none"  # test-time augmentation the checkpoint's embeddings use (models.config.TTAS)
 
     def check(self) -> None:
         """Raise TrainError or UnknownNameError naming the first option out of range."""
@@ -50,6 +52,13 @@ class TrainConfig:
             raise UnknownNameError("backbone", self.backbone, BACKBONES)
         if self.weights not in WEIGHTS:
             raise UnknownNameError("weights", self.weights, WEIGHTS)
+        from cbr.data.contrast import check_contrast
+
+        check_contrast(self.contrast)
+        from cbr.models.config import TTAS
+
+        if self.tta not in TTAS:
+            raise UnknownNameError("test-time augmentation", self.tta, TTAS)
         if self.epochs < 1:
             raise TrainError(f"--epochs {self.epochs}: train for at least 1 epoch")
         if self.batch_size < 1:

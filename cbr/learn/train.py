@@ -152,11 +152,12 @@ def train_model(
     class_names = _check_classes(records, what)
     # Built before decoding, so missing ImageNet weights fail fast.
     model = create_embedder(config.backbone, weights=config.weights, input_size=config.img_size,
-                            class_names=class_names, seed=config.seed, device=device, window=config.sources.window)
+                            class_names=class_names, seed=config.seed, device=device, window=config.sources.window,
+                            contrast=config.contrast, tta=config.tta)
     size = model.config.input_size
 
     kept, cache, bad = decode_all(records, size, batch_size=config.batch_size, num_workers=config.num_workers,
-                                  progress=progress, window=model.config.window)
+                                  progress=progress, window=model.config.window, contrast=model.config.contrast)
     problems += bad
     records = [records[i] for i in kept]
     _check_classes(records, what)

@@ -21,7 +21,11 @@ class BackboneSpec:
     embedding_dim: int  # channels of the trunk output = length of the embedding
     split: str  # function in cbr.models.layers: built model -> (trunk, neck)
     min_input_size: int = 32  # smallest input side for which the trunk output is non-empty
-    target_layer: str = ""  # default CAM layer: "" = the trunk output (the last conv block)
+    # Default CAM layer and method, chosen by one rule for every backbone from the measured map sweep
+    # (cbr evaluate --explain ... --target-layer ..., on HAM10000 lesion masks and the phantoms): LayerCAM
+    # at the end of the stride-16 stage (explain.fusion.stage_ends(trunk)[-2]). "" = the trunk output.
+    target_layer: str = ""
+    cam_method: str = "gradcam"
     builder_kwargs: dict = field(default_factory=dict)  # extra builder arguments
     # The file torchvision saves weights_enum under (the base name of its URL), so that `cbr models`
     # and the weights lookup need no torchvision; tests/test_startup.py checks it against the enum.
@@ -35,30 +39,40 @@ def _imagenet_v1(builder: str, weights: str, file: str, embedding_dim: int, spli
                         weights_file=file, **kw)
 
 
+_MEASURED = {"cam_method": "layercam"}  # the measured default method (see BackboneSpec.target_layer)
+
 # IMAGENET1K_V1 everywhere: the original recipes. The newer V2 recipes (label smoothing, mixup,
 # long schedules) score higher on ImageNet but their penultimate features transfer worse, and
 # V1 is the file the offline package ships for mobilenet_v2. All use ImageNet mean/std; inception
 # takes 299 px.
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": _imagenet_v1("resnet18", "ResNet18", "resnet18-f37072fd.pth", 512, "_split_resnet"),
-    "resnet50": _imagenet_v1("resnet50", "ResNet50", "resnet50-0676ba61.pth", 2048, "_split_resnet"),
+    "resnet18": _imagenet_v1("resnet18", "ResNet18", "resnet18-f37072fd.pth", 512, "_split_resnet", **_MEASURED,
+                        target_layer="layer3"),
+    "resnet50": _imagenet_v1("resnet50", "ResNet50", "resnet50-0676ba61.pth", 2048, "_split_resnet", **_MEASURED,
+                        target_layer="layer3"),
     "densenet121": _imagenet_v1("densenet121", "DenseNet121", "densenet121-a639ec97.pth", 1024,
-                                "_split_densenet"),
+                                "_split_densenet", **_MEASURED, target_layer="features.denseblock3"),
     "mobilenet_v2": _imagenet_v1("mobilenet_v2", "MobileNet_V2", "mobilenet_v2-b0353104.pth", 1280,
-                                 "_split_features"),
+                                 "_split_features", **_MEASURED, target_layer="features.13"),
     # 960 = the pooled last conv block; torchvision's 1280-d Linear+Hardswish after the pool is
     # part of its ImageNet classifier, not of the feature extractor.
     "mobilenet_v3_large": _imagenet_v1("mobilenet_v3_large", "MobileNet_V3_Large", "mobilenet_v3_large-8738ca79.pth",
-                                       960, "_split_features"),
+                                       960, "_split_features", **_MEASURED, target_layer="features.12"),
     "efficientnet_b0": _imagenet_v1("efficientnet_b0", "EfficientNet_B0", "efficientnet_b0_rwightman-7f5810bc.pth",
-                                    1280, "_split_features"),
+                                    1280, "_split_features", **_MEASURED, target_layer="features.5"),
     # Trunk = all of ``features`` including the last max-pool (pytorch-grad-cam's VGG layer).
     "vgg16": _imagenet_v1("cbr.models.layers:vgg16_features", "VGG16", "vgg16-397923af.pth", 512,
-                          "_split_features"),
+                          "_split_features", **_MEASURED, target_layer="features.29"),
+    "vgg19": _imagenet_v1("cbr.models.layers:vgg19_features", "VGG19", "vgg19-dcbb9e9d.pth", 512,
+                          "_split_features", **_MEASURED, target_layer="features.35"),
+    # EfficientNetV2 (the chest X-ray seed's family); its ImageNet weights expect 384 px.
+    "efficientnet_v2_s": _imagenet_v1("efficientnet_v2_s", "EfficientNet_V2_S", "efficientnet_v2_s-dd5fe13b.pth",
+                                      1280, "_split_features", input_size=384, **_MEASURED, target_layer="features.5"),
     "convnext_tiny": _imagenet_v1("convnext_tiny", "ConvNeXt_Tiny", "convnext_tiny-983f1562.pth", 768,
-                                  "_split_convnext"),
+                                  "_split_convnext", **_MEASURED, target_layer="features.5"),
     "inception_v3": _imagenet_v1("inception_v3", "Inception_V3", "inception_v3_google-0cc3c7bd.pth", 2048,
-                                 "_split_inception", input_size=299, min_input_size=75,
+                                 "_split_inception", input_size=299, min_input_size=75, **_MEASURED,
+                                 target_layer="Mixed_6e",
                                  builder_kwargs={"aux_logits": False, "init_weights": True}),
     "tinycnn": BackboneSpec("cbr.models.layers:tinycnn", "", 64, 64, "_split_tinycnn", min_input_size=8),
 }

@@ -6,13 +6,15 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-__all__ = ["ModelConfig", "IMAGENET_MEAN", "IMAGENET_STD", "WEIGHTS"]
+__all__ = ["ModelConfig", "IMAGENET_MEAN", "IMAGENET_STD", "WEIGHTS", "TTAS"]
 
 LOG = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS = ("imagenet", "none")  # create_embedder's choices; a loaded model's config says "checkpoint"
+# Test-time augmentation of embeddings: name -> what it does (the CLI's --tta choices).
+TTAS = {"none": "one view", "flip": "the mean of the image's and its left-right mirror's embeddings"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class ModelConfig:
     class_names: tuple[str, ...] = ()  # classification head's classes; empty = no head
     seed: int = 0  # initialisation seed for random weights (and a new head), reproducible anywhere
     window: str = "auto"  # VOI window DICOM/NIfTI pixels are decoded with (cbr.data.windows); in the fingerprint
+    cam_method: str = "gradcam"  # the backbone's measured default explanation method (registry); not in the fingerprint
+    contrast: str = "none"  # cbr.data.contrast.CONTRASTS: equalisation before letterboxing; in the fingerprint
+    tta: str = "none"  # TTAS: views whose embeddings are averaged (indexing and queries); in the fingerprint
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (tuples become lists)."""

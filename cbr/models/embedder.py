@@ -104,7 +104,7 @@ class Embedder(nn.Module):
         Respects the caller's grad mode, so the explanation code can back-propagate the neck.
         """
         acts = self.trunk(self._prepare(x))
-        return acts, F.normalize(self.neck(acts).float(), dim=1, eps=_EPS)
+        return acts, self._normalised(self.neck(acts), x, self.trunk)
 
     def forward(self, x: Tensor) -> Tensor:
         """L2-normalised float32 embeddings ``(B, D)`` of a normalised image batch ``(B, 3, S, S)``."""
@@ -154,7 +154,18 @@ class Embedder(nn.Module):
             return self.features(x)
         lower, upper = split
         acts = lower(self._prepare(x))
-        return acts, F.normalize(self.neck(upper(acts)).float(), dim=1, eps=_EPS)
+        return acts, self._normalised(self.neck(upper(acts)), x, self.trunk)
+
+    def _normalised(self, z: Tensor, x: Tensor, trunk: nn.Module) -> Tensor:
+        """The embedding: ``z`` normalised, with ``tta="flip"`` after adding the mirror image's.
+
+        Only without autograd (indexing, queries): a backward pass for a map explains the one
+        view it was given, and hooked CAM code expects one forward call of its target layer.
+        """
+        if self.config.tta == "flip" and not torch.is_grad_enabled():
+            # The sum, not the mean: normalisation removes the factor.
+            z = z + self.neck(trunk(self._prepare(torch.flip(x, dims=[3]))))
+        return F.normalize(z.float(), dim=1, eps=_EPS)
 
     def cam_head(self, classifier: bool = False) -> nn.Module:
         """CAM-layer activations -> the embedding (un-normalised) or, with ``classifier``, logits."""
@@ -174,6 +185,10 @@ class Embedder(nn.Module):
             mean = torch.tensor(self.config.mean, dtype=torch.float32).view(3, 1, 1)
             self._norm = (1.0 / (255.0 * std), -mean / std)
         scale, shift = self._norm
+        if self.config.contrast != "none":
+            from cbr.data.contrast import apply_contrast
+
+            img = apply_contrast(img, self.config.contrast, self.config.input_size)
         x = pil_to_tensor(letterbox(img, self.config.input_size)).float()
         return torch.addcmul(shift, x, scale)
 
@@ -190,6 +205,10 @@ class Embedder(nn.Module):
         h.update(repr((c.class_names, c.input_size, tuple(c.mean), tuple(c.std), c.target_layer)).encode())
         if c.window != "auto":  # the default adds nothing, so fingerprints from before windows still match
             h.update(f"\0window={c.window}".encode())
+        if c.contrast != "none":  # likewise: models without contrast keep their fingerprints
+            h.update(f"\0contrast={c.contrast}".encode())
+        if c.tta != "none":
+            h.update(f"\0tta={c.tta}".encode())
         return h.hexdigest()
 
     @property

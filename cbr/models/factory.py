@@ -11,7 +11,7 @@ import os
 
 from cbr.errors import CbrError, UnknownNameError
 from cbr.models.backbones import BACKBONES
-from cbr.models.config import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS, ModelConfig
+from cbr.models.config import IMAGENET_MEAN, IMAGENET_STD, TTAS, WEIGHTS, ModelConfig
 from cbr.models.embedder import Embedder, _build, _check_class_names, _check_target_layer
 
 __all__ = ["create_embedder"]
@@ -27,6 +27,8 @@ def create_embedder(
     seed: int | None = None,
     device: str = "cpu",
     window: str | None = None,
+    contrast: str | None = None,
+    tta: str | None = None,
 ) -> Embedder:
     """Build a registry backbone, or load a checkpoint file; ``None`` keeps the default.
 
@@ -42,6 +44,10 @@ def create_embedder(
         device: where the model lives.
         window: VOI window for DICOM/NIfTI pixels (``cbr.data.windows``); default ``auto``, or the
             checkpoint's. Part of the preprocessing, hence of the fingerprint.
+        contrast: a ``cbr.data.contrast.CONTRASTS`` name; default ``none``, or the checkpoint's.
+            Part of the preprocessing, hence of the fingerprint.
+        tta: a ``TTAS`` name (``flip``: embeddings averaged with the mirror image's); default
+            ``none``, or the checkpoint's. In the fingerprint.
 
     Example:
         >>> emb = create_embedder("tinycnn", weights="none", input_size=64)
@@ -55,13 +61,16 @@ def create_embedder(
         from cbr.models.checkpoint import load_checkpoint  # lazy: torch.load only for checkpoints
 
         emb, _ = load_checkpoint(name, device=device)
-        if input_size is None and target_layer is None and window in (None, emb.config.window):
+        if input_size is None and target_layer is None and window in (None, emb.config.window) \
+                and contrast in (None, emb.config.contrast) and tta in (None, emb.config.tta):
             return emb
         config = dataclasses.replace(
             emb.config,
             input_size=emb.config.input_size if input_size is None else input_size,
             target_layer=emb.config.target_layer if target_layer is None else target_layer,
             window=emb.config.window if window is None else window,
+            contrast=emb.config.contrast if contrast is None else contrast,
+            tta=emb.config.tta if tta is None else tta,
         )
         _check_config(config)
         _check_target_layer(config.backbone, emb.trunk, config.target_layer)
@@ -83,9 +92,12 @@ def create_embedder(
         std=IMAGENET_STD,
         embedding_dim=spec.embedding_dim,
         target_layer=spec.target_layer if target_layer is None else target_layer,
+        cam_method=spec.cam_method,
         class_names=() if class_names is None else _check_class_names(class_names),
         seed=0 if seed is None else int(seed),
         window="auto" if window is None else window,
+        contrast="none" if contrast is None else contrast,
+        tta="none" if tta is None else tta,
     )
     _check_config(config)
     return _build(config, device)
@@ -96,6 +108,11 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _check_config(config: ModelConfig) -> None:
+    from cbr.data.contrast import check_contrast
+
+    check_contrast(config.contrast)
+    if config.tta not in TTAS:
+        raise UnknownNameError("test-time augmentation", config.tta, TTAS)
     spec = BACKBONES[config.backbone]
     if config.input_size < spec.min_input_size:
         raise CbrError(

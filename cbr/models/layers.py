@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from cbr.models.config import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["TinyCNN", "VGG16Features", "tinycnn", "vgg16_features"]
+__all__ = ["TinyCNN", "VGG16Features", "tinycnn", "vgg16_features", "vgg19_features"]
 
 
 def _pool() -> nn.Sequential:
@@ -97,11 +97,11 @@ class VGG16Features(nn.Module):
     """torchvision's VGG16 without its classifier: the 100M-parameter random init of the classifier
     we discard would dominate build time. Same keys (``features.*``) and init as torchvision's."""
 
-    def __init__(self):
+    def __init__(self, cfg: str = "D"):
         super().__init__()
         from torchvision.models.vgg import cfgs, make_layers
 
-        self.features = make_layers(cfgs["D"], batch_norm=False)
+        self.features = make_layers(cfgs[cfg], batch_norm=False)
         for mod in self.modules():
             if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
@@ -110,6 +110,11 @@ class VGG16Features(nn.Module):
 
 def vgg16_features(*, weights=None) -> VGG16Features:
     return VGG16Features()
+
+
+def vgg19_features(*, weights=None) -> VGG16Features:
+    """VGG19 (torchvision's configuration "E": 16 conv layers), likewise without its classifier."""
+    return VGG16Features("E")
 
 
 def _split_tinycnn(m):

@@ -130,8 +130,8 @@ def _fix_keys(backbone_name: str, state_dict: dict) -> dict:
             (m.group(1) + m.group(2) if (m := _DENSENET_KEY.match(k)) else k): v
             for k, v in state_dict.items()
         }
-    if backbone_name == "vgg16":
-        # Our VGG16 has no classifier (see cbr.models.embedder.VGG16Features).
+    if backbone_name in ("vgg16", "vgg19"):
+        # Our VGGs have no classifier (see cbr.models.layers.VGG16Features).
         state_dict = {k: v for k, v in state_dict.items() if k.startswith("features.")}
     if backbone_name == "inception_v3":
         # We build Inception without its auxiliary classifier, which only matters for training.

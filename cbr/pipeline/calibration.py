@@ -87,9 +87,20 @@ def _credibility_rows(index, ids, vecs, meta, *, max_cases, k_max, seed) -> list
         cid = int(ids[p])
         g = meta[cid][1]
         exclude.append(by_group.get(g, [cid]) if g is not None else [cid])
-    _, I = search_excluding(index, vecs[pick], min(k_max, len(ids) - 1), exclude)
-    return [[meta[int(ids[p])][0], [meta[int(j)][0] for j in I[n] if j >= 0 and int(j) in meta]]
-            for n, p in enumerate(pick)]
+    D, I = search_excluding(index, vecs[pick], min(k_max, len(ids) - 1), exclude)
+    rows = []
+    for n, p in enumerate(pick):
+        kept = [(meta[int(j)][0], round(float(d), 6)) for j, d in zip(I[n], D[n]) if j >= 0 and int(j) in meta]
+        # [true label, neighbour labels, their similarities]: the similarities fit the temperature
+        rows.append([meta[int(ids[p])][0], [lab for lab, _ in kept], [d for _, d in kept]])
+    return rows
+
+
+def _fit_default_k(rows):
+    from cbr.pipeline.settings import QueryConfig
+    from cbr.pipeline.temperature import fit_temperature
+
+    return fit_temperature(rows, QueryConfig.k)
 
 
 def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k_max: int = CALIBRATION_K,
@@ -119,15 +130,16 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
         return None
     meta = _case_meta(cb, ids)
     rows = _credibility_rows(index, ids, vecs, meta, max_cases=max_cases, k_max=k_max, seed=seed)
+    temperature = _fit_default_k(rows)
     k = min(TYPICALITY_K, len(ids) - 1)
     scores = leave_one_out_scores(index, ids, vecs, {cid: g for cid, (_, g) in meta.items()}, k=k, seed=seed)
     if store:
         with cb.write() as s:
             row = s.scalar(select(Calibration).where(Calibration.model_id == model_id))
             if row is None:
-                s.add(Calibration(model_id=model_id, rows=rows, cases_digest=digest))
+                s.add(Calibration(model_id=model_id, rows=rows, cases_digest=digest, temperature=temperature))
             else:
-                row.rows, row.cases_digest = rows, digest
+                row.rows, row.cases_digest, row.temperature = rows, digest, temperature
             t = s.scalar(select(TypicalityScores).where(TypicalityScores.model_id == model_id))
             if t is None:
                 s.add(TypicalityScores(model_id=model_id, score=SCORE_NAME, k=k, scores=scores.tolist(),

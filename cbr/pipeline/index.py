@@ -77,7 +77,8 @@ def _open_members(cb, c: IndexConfig, window, n_hint: int, notes: list) -> list:
     members = []
     for spec in c.models:
         emb = create_embedder(spec, weights=None if Path(spec).exists() else c.weights,
-                              target_layer=c.target_layer, window=window).to(c.device)
+                              target_layer=c.target_layer, window=window, contrast=c.contrast,
+                              tta=c.tta).to(c.device)
         emb.eval()
         model_id = register_model(cb, emb, _model_source(spec))
         with cb.read() as s:
@@ -88,12 +89,50 @@ def _open_members(cb, c: IndexConfig, window, n_hint: int, notes: list) -> list:
         else:
             kind = c.index_type
             try:
-                index = ix.build(emb.config.embedding_dim, kind, n_hint=n_hint)
+                # A kind that learns from the vectors (IVF, PQ) is trained once on the whole collection
+                # at the end of the run (_train_on_collection); until then cases go into an exact index.
+                staged = ix.needs_training(emb.config.embedding_dim, kind, n_hint)
+                index = ix.build(emb.config.embedding_dim, "flat" if staged else kind, n_hint=n_hint)
             except ValueError as e:
                 raise CbrError(f"--index-type {kind!r}: {e}") from None
         members.append(Member(model_id=model_id, fingerprint=emb.fingerprint, label=spec, embedder=emb, index=index,
                               kind=kind))
     return members
+
+
+def _computed(todo, members, writer, c: IndexConfig, window):
+    """Yield (record indices, embeddings per member, maps per member, [(index, problem)]) per batch,
+    decoded and computed here (engine "local") or on Ray (pipeline/engine.py)."""
+    if c.engine == "ray":
+        from cbr.pipeline.engine import RaySettings, ray_batches
+
+        settings = RaySettings(models=tuple(c.models), weights=c.weights, target_layer=c.target_layer,
+                               window=members[0].embedder.config.window if members else None, explain=c.explain,
+                               fingerprints=tuple(m.fingerprint for m in members), batch_size=c.batch_size)
+        yield from ray_batches(todo, settings, c.ray_address)
+        return
+    for idx, tensors, bad in iter_batches(todo, [m.embedder.preprocess for m in members], c.batch_size,
+                                          c.num_workers, window=window):
+        if not idx:
+            yield idx, None, None, bad
+            continue
+        embeddings, maps = writer.compute([todo[i] for i in idx], [t.to(c.device) for t in tensors])
+        yield idx, embeddings, maps, bad
+
+
+def _train_on_collection(cb, members, notes: list) -> None:
+    """Replace each exact stand-in (see _open_members) by its kind, trained on every stored vector;
+    a collection too small to train it keeps the exact index until a later run."""
+    import index as ix
+    from cbr.store.member import rebuild_index
+
+    for m in members:
+        if m.index.ntotal and not ix.learned(m.index) and ix.needs_training(m.index.d, m.kind, m.index.ntotal):
+            try:
+                m.index = rebuild_index(cb, m.model_id, m.kind)
+            except ValueError as e:
+                notes.append(f"{m.label}: index kind {m.kind!r} stays exact (flat) for now: {str(e).split(' (')[0]}; "
+                             "the next `cbr index` run trains it")
 
 
 def _plan(records, known: dict, have: dict, model_ids: list, report: IngestReport) -> list:
@@ -188,17 +227,15 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
 
         todo = _plan(scan.records, known, have, model_ids, report)
 
-        writer = CaseWriter(cb, members, explain=c.explain)
+        writer = CaseWriter(cb, members, explain=c.explain, embedding_dtype=c.embedding_dtype)
         bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
         decode_problems = []
-        for idx, tensors, bad in iter_batches(todo, [m.embedder.preprocess for m in members], c.batch_size,
-                                              c.num_workers, window=window):
+        for idx, embeddings, maps, bad in _computed(todo, members, writer, c, window):
             decode_problems.extend(Problem(todo[i].path, reason) for i, reason in bad)
             if idx:
                 batch = [todo[i] for i in idx]
-                tensors = [t.to(c.device) for t in tensors]
                 before_new = sum(1 for r in batch if r.sha256 not in known)
-                writer.add(batch, tensors, dataset_id=dataset_id)
+                writer.store(batch, embeddings, maps, dataset_id=dataset_id)
                 report.added += before_new
                 report.embedded += len(batch) - before_new
                 writer.maybe_save()
@@ -208,6 +245,7 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
         if any(m.index.ntotal == 0 for m in members):
             writer.mark_dirty()
         writer.maybe_save(force=True)
+        _train_on_collection(cb, members, report.notes)
         for m in members:
             if report.added or not has_calibration(cb, m.model_id):
                 calibrate(cb, m.model_id, m.index)

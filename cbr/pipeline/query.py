@@ -69,12 +69,26 @@ class Searcher:
 
         c = self.config
         self.vote_rule, self.combine = get_vote_rule(c.vote), get_ensemble(c.ensemble)
-        self.vote_kw = {"temperature": c.temperature, "min_credibility": c.min_credibility}
-        if c.vote == "credibility" and not self._calibration:
+        self.vote_kw = {"min_credibility": c.min_credibility}
+        fitted = c.vote == "weighted" and c.temperature is None
+        stored = {}
+        if (c.vote == "credibility" or fitted) and not self._calibration:
             with self.cb.read() as s:
                 for m in self.members:
                     row = s.scalar(select(Calibration).where(Calibration.model_id == m.model_id))
                     self._calibration[m.model_id] = row.rows if row else []
+                    stored[m.model_id] = row.temperature if row else None
+        # Per member: (temperature of the weighted vote, "given" | "fitted" | "default").
+        self.temperatures = {m.model_id: (c.temperature, "given") for m in self.members}
+        if fitted:
+            from cbr.pipeline.temperature import temperature_for
+
+            self.temperatures = {m.model_id: temperature_for(stored.get(m.model_id), self._calibration.get(m.model_id),
+                                                             c.k) for m in self.members}
+
+    def _temperature_kw(self, member) -> dict:
+        value = self.temperatures.get(member.model_id, (None, ""))[0]
+        return {} if value is None else {"temperature": value}
 
     # Read-only views of the config, the names the audit trail and older callers use.
     k = property(lambda self: self.config.k)
@@ -100,7 +114,8 @@ class Searcher:
         from cbr.pipeline.explanation import embed_query, query_maps
         from cbr.pipeline.map_meter import MapMeter
         from cbr.pipeline.record import record_query
-        from cbr.pipeline.search import active_classes, excluded_cases, own_case_notes, search_members
+        from cbr.pipeline.search import (active_classes, allowed_cases, excluded_cases, own_case_notes,
+                                         search_members, where_note)
         from cbr.pipeline.typicality import screen
         from cbr.store.reliability import reliability_of
 
@@ -142,11 +157,18 @@ class Searcher:
             depth = max([c.k] + [cal.k for cal in self._typicality if cal is not None])
             deep = search_members(s, self.members, [f.vector for f in feats], depth, exclude)
             hits = [h[: c.k] for h in deep]
+            allow = allowed_cases(s, c.where)
+            if allow is not None:
+                # Typicality stays measured against the whole case base (``deep``): whether an image
+                # is in distribution does not depend on which cases the user chose to compare with.
+                hits = search_members(s, self.members, [f.vector for f in feats], c.k, exclude, allow)
+                own = own + where_note(c.where, allow)
         t["search"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         votes = [self.vote_rule([n.case.label for n in h], [n.similarity for n in h], classes,
-                                calibration=self._calibration.get(m.model_id, ()), **self.vote_kw)
+                                calibration=self._calibration.get(m.model_id, ()), **self.vote_kw,
+                                **self._temperature_kw(m))
                  for m, h in zip(self.members, hits)]
         final, typ, flagged = screen(self.combine(votes, classes), [[n.similarity for n in h] for h in deep],
                                      self._typicality, alpha=c.ood_alpha, answer_anyway=c.answer_anyway)
@@ -175,6 +197,8 @@ class Searcher:
         answer.map_reliability = reliability.get(self.members[0].model_id) if self.members else None
         for mem in answer.members:
             mem["map_reliability"] = reliability.get(mem["model_id"])
+            if c.vote == "weighted":
+                mem["temperature"], mem["temperature_source"] = self.temperatures[mem["model_id"]]
         if meter.summary():
             answer.notes.append(meter.summary())
         t0 = time.perf_counter()

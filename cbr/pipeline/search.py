@@ -12,7 +12,8 @@ from sqlalchemy import select
 
 from cbr.store.schema import Case
 
-__all__ = ["Hit", "SEARCH_MARGIN", "excluded_cases", "own_case_notes", "active_classes", "search_members"]
+__all__ = ["Hit", "SEARCH_MARGIN", "excluded_cases", "allowed_cases", "own_case_notes", "active_classes",
+           "search_members"]
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
 
@@ -32,6 +33,28 @@ def excluded_cases(s, sha256: str, patient: str | None) -> list[int]:
     return sorted(exclude)
 
 
+def allowed_cases(s, where) -> list[int] | None:
+    """Ids of the active cases whose metadata match every ``(key, value)`` of ``where``, sorted;
+    None when there is no filter (every case may be retrieved)."""
+    if not where:
+        return None
+    q = select(Case.id).where(Case.removed_at.is_(None))
+    for key, value in where:
+        q = q.where(Case.meta[key].as_string() == str(value))
+    return sorted(s.scalars(q))
+
+
+def where_note(where, allowed) -> list[str]:
+    """What a metadata filter left to search, for the answer's notes."""
+    if not where:
+        return []
+    text = ", ".join(f"{k}={v}" for k, v in where)
+    if not allowed:
+        return [f"no active case has metadata {text}: nothing was retrieved (check the spelling; "
+                "`cbr export` lists the cases' metadata)"]
+    return [f"neighbours restricted to the {len(allowed)} active case(s) with metadata {text}"]
+
+
 def own_case_notes(s, sha256: str) -> list[str]:
     """Say so when the query image already is a case: it is left out of its own neighbours."""
     rows = s.execute(select(Case.id, Case.label).where(Case.sha256 == sha256, Case.removed_at.is_(None))).all()
@@ -47,7 +70,7 @@ def active_classes(s) -> list[str]:
     return sorted(s.scalars(select(labels.c.label).where(active)))
 
 
-def search_members(s, members, vectors, k: int, exclude: list[int]) -> list[list[Hit]]:
+def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) -> list[list[Hit]]:
     """Per member, its k best active hits for the query embedding it produced.
 
     Args:
@@ -56,12 +79,13 @@ def search_members(s, members, vectors, k: int, exclude: list[int]) -> list[list
         vectors: per member, the query's (1, D) float32 embedding.
         k: hits per member.
         exclude: case ids never returned (see ``excluded_cases``).
+        allow: None, or the only case ids that may be returned (see ``allowed_cases``).
     """
     import index as ix
 
     hits = []
     for m, e in zip(members, vectors):
-        D, I = ix.search(m.index, e, k + SEARCH_MARGIN, exclude=[exclude])
+        D, I = ix.search(m.index, e, k + SEARCH_MARGIN, exclude=[exclude], allow=allow)
         pairs = [(int(i), float(d)) for i, d in zip(I[0], D[0]) if i >= 0]
         rows = {c.id: c for c in s.scalars(select(Case).where(Case.id.in_([i for i, _ in pairs])))}
         hits.append([Hit(rows[i], d) for i, d in pairs if i in rows and rows[i].removed_at is None][:k])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from cbr.errors import CbrError, UnknownNameError
 
 __all__ = ["QueryConfig", "IndexConfig", "DEFAULT_REPORTS", "SCALES", "NO_EXPLANATION", "check_explain",
-           "with_overrides"]
+           "with_overrides", "parse_where"]
 
 DEFAULT_REPORTS = "cbr-reports"  # where query reports go unless --out says otherwise
 SCALES = ("shared", "per-image")  # colour scales of the maps in a report
@@ -29,6 +29,29 @@ def check_explain(name: str) -> str:
     return name
 
 
+def parse_where(where) -> tuple[tuple[str, str], ...]:
+    """A metadata filter as sorted ``(key, value)`` pairs, from ``key=value`` strings, pairs or a dict.
+
+    Example:
+        >>> parse_where(["site=back", "sex=female"])
+        (('sex', 'female'), ('site', 'back'))
+    """
+    items = where.items() if isinstance(where, dict) else (where or ())
+    pairs = {}
+    for item in items:
+        if isinstance(item, str):
+            key, sep, value = item.partition("=")
+        else:
+            (key, value), sep = item, "="
+        key, value = str(key).strip(), str(value).strip()
+        if not sep or not key:
+            raise CbrError(f"--where {item!r}: write key=value, e.g. --where site=back (repeat for several)")
+        if pairs.get(key, value) != value:
+            raise CbrError(f"--where {key}: given twice with different values ({pairs[key]!r}, {value!r})")
+        pairs[key] = value
+    return tuple(sorted(pairs.items()))
+
+
 def _models(models) -> tuple[str, ...] | None:
     return None if not models else tuple(str(m) for m in models)
 
@@ -41,7 +64,7 @@ class QueryConfig:
     vote: str = "weighted"  # a VOTE_RULES name
     ensemble: str = "confidence"  # an ENSEMBLES name: how the members' votes combine
     min_credibility: float | None = None  # with the credibility vote: abstain below this p-value
-    temperature: float = 0.07  # softmax temperature of the weighted vote
+    temperature: float | None = None  # of the weighted vote; None: fitted on the calibration slice
     explain: str = "gradcam"  # a CAM method name, or "none" for no maps
     scale: str = "shared"  # colour scale of the report's maps: one for all images, or per image
     models: tuple[str, ...] | None = None  # only these members (names, checkpoints, fingerprints)
@@ -53,6 +76,7 @@ class QueryConfig:
     progress: bool = False  # a progress bar over the attribution maps, with their evaluations
     ood_alpha: float = DEFAULT_OOD_ALPHA  # typicality below this: out of distribution, no diagnosis
     answer_anyway: bool = False  # give the vote of an out-of-distribution query all the same
+    where: tuple[tuple[str, str], ...] = ()  # only neighbours whose metadata match every (key, value)
 
     def __post_init__(self):
         if self.k < 1:
@@ -68,6 +92,7 @@ class QueryConfig:
             raise UnknownNameError("colour scale", self.scale, SCALES)
         object.__setattr__(self, "models", _models(self.models))
         object.__setattr__(self, "out_dir", str(self.out_dir))
+        object.__setattr__(self, "where", parse_where(self.where))
 
 
 @dataclass(frozen=True)
@@ -82,9 +107,22 @@ class IndexConfig:
     target_layer: str | None = None  # CAM layer inside the trunk; None = the last conv block (fast path)
     num_workers: int | None = None  # decoding worker processes; None = chosen from the CPU count
     device: str = "cpu"  # torch device of the embedders
+    engine: str = "local"  # where decoding, embedding and maps run: ENGINES (pipeline/engine.py)
+    ray_address: str | None = None  # --engine ray: a running cluster; None starts a local one
+    embedding_dtype: str = "float32"  # how embeddings are stored: EMBEDDING_DTYPES (store/encoding.py)
+    contrast: str | None = None  # backbone names: cbr.data.contrast.CONTRASTS (None: none); checkpoints: their own
+    tta: str | None = None  # test-time augmentation of the embeddings (models.config.TTAS); None: none / the checkpoint's
 
     def __post_init__(self):
+        from cbr.pipeline.engine import ENGINES
+
         check_explain(self.explain)
+        if self.engine not in ENGINES:
+            raise UnknownNameError("engine", self.engine, ENGINES)
+        from cbr.store.encoding import EMBEDDING_DTYPES
+
+        if self.embedding_dtype not in EMBEDDING_DTYPES:
+            raise UnknownNameError("embedding dtype", self.embedding_dtype, EMBEDDING_DTYPES)
         object.__setattr__(self, "models", _models(self.models) or IndexConfig.models)
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cbr.errors import CbrError, UnknownNameError
+from cbr.pipeline.temperature import DEFAULT_TEMPERATURE
 
 __all__ = [
     "Vote",
@@ -138,7 +139,7 @@ def majority(labels, similarities, classes, **kw) -> Vote:
     return Vote(label=label, confidence=proba[label], probabilities=proba)
 
 
-def weighted(labels, similarities, classes, *, temperature: float = 0.07, **kw) -> Vote:
+def weighted(labels, similarities, classes, *, temperature: float = DEFAULT_TEMPERATURE, **kw) -> Vote:
     """DINO-style weighted kNN: weight exp(similarity / temperature), summed per class.
 
     The weights are a softmax over the neighbours' ``similarity / temperature`` (shifted by the
@@ -148,7 +149,8 @@ def weighted(labels, similarities, classes, *, temperature: float = 0.07, **kw) 
         labels: the neighbours' labels.
         similarities: their cosine similarities to the query.
         classes: every label of the case base (the probability keys).
-        temperature: softmax temperature; smaller trusts the closest neighbours more.
+        temperature: softmax temperature; smaller trusts the closest neighbours more (queries fit it
+            on the calibration slice: `cbr.pipeline.temperature`).
 
     Example:
         >>> weighted(["a", "a", "b", "b", "b"], [0.9, 0.88, 0.7, 0.7, 0.7], ["a", "b"]).label
@@ -188,7 +190,7 @@ def _calibration_alphas(calibration, k: int) -> np.ndarray:
     # its nonconformity can only come out lower, which lowers the query's p-values (conservative).
     return np.sort(
         np.fromiter(
-            (sum(lab != true for lab in list(neigh)[:k]) for true, neigh in calibration),
+            (sum(lab != true for lab in list(neigh)[:k]) for true, neigh, *_ in calibration),
             dtype=np.int64,
             count=len(calibration),
         )

@@ -18,9 +18,10 @@ def format_comparison(result: dict) -> str:
     if loc:
         head += f"{'pointing':>9}{'energy':>8}"
     head += f"{'deletion':>10}{'insertion':>10}{'rand. rho':>10}{'s/map':>8}{'evals/map':>10}"
-    lines = [f"explanation methods on {result['n']} images ({result['masks']} with a lesion mask); deletion: lower is "
-             f"better, insertion: higher is better; rand. rho: rank correlation with {result['randomised_block']} "
-             f"re-initialised (lower is better)", "", head]
+    fold = f" of fold {result['fold']}" if result.get("fold") else ""
+    lines = [f"explanation methods on {result['n']} images{fold} ({result['masks']} with a lesion mask); "
+             f"deletion: lower is better, insertion: higher is better; rand. rho: rank correlation with "
+             f"{result['randomised_block']} re-initialised (lower is better)", "", head]
     for r in result["rows"]:
         line = f"{r['method'][:29]:<30}{r['target']:<12}"
         if loc:

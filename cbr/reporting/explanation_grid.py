@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 __all__ = ["write_explanation_grid", "GRID_IMAGES"]
@@ -58,8 +59,6 @@ def write_explanation_grid(result: dict, path, *, target: str | None = None) -> 
             sheet.paste(render_overlay(picture, raw).resize((TILE, TILE)), (c * TILE, y))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import io
-
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     atomic_write(path, buf.getvalue(), durable=False)

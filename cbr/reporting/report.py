@@ -26,8 +26,10 @@ __all__ = ["load_record", "write_outputs", "render_html"]
 TILE = 224
 
 
-def load_record(cb, query_id: int, *, with_maps: bool = True) -> dict:
-    """The full record of a query: prediction, members' votes and neighbours, maps, feedback."""
+def load_record(cb, query_id: int, *, with_maps: bool = True, decode_maps: bool = True) -> dict:
+    """The full record of a query: prediction, members' votes and neighbours, maps, feedback.
+
+    ``decode_maps=False`` describes each map without its pixels (no numpy), as ``show`` prints it."""
     with cb.read() as s:
         q = get_query(s, cb, query_id)
         votes = s.scalars(select(Vote).where(Vote.query_id == q.id).order_by(Vote.id)).all()
@@ -54,12 +56,14 @@ def load_record(cb, query_id: int, *, with_maps: bool = True) -> dict:
         for n, c in rows:
             if n.model_id != v.model_id:
                 continue
-            sim_map = next((map_fields(e) for e in exps if e.model_id == m.id and e.case_id == c.id), None)
-            stored = next((map_fields(e) for e in case_maps if e.model_id == m.id and e.case_id == c.id), None)
+            sim_map = next((map_fields(e, decode=decode_maps) for e in exps
+                            if e.model_id == m.id and e.case_id == c.id), None)
+            stored = next((map_fields(e, decode=decode_maps) for e in case_maps
+                           if e.model_id == m.id and e.case_id == c.id), None)
             neigh.append({"rank": n.rank, "case_id": c.id, "label": n.label, "similarity": n.similarity,
                           "path": c.path, "sha256": c.sha256, "patient_id": c.group_id, "metadata": c.meta,
                           "removed": c.removed_at is not None, "map": sim_map, "case_map": stored})
-        query_maps = [map_fields(e) for e in exps if e.model_id == m.id and e.case_id is None]
+        query_maps = [map_fields(e, decode=decode_maps) for e in exps if e.model_id == m.id and e.case_id is None]
         members.append({"model_id": m.id, "fingerprint": m.fingerprint, "model": m.source, "backbone": m.backbone,
                         "weights": m.weights, "target_layer": (m.config or {}).get("target_layer") or None,
                         "window": (m.config or {}).get("window", "auto"),

@@ -1,4 +1,4 @@
-"""The report folder of ``cbr evaluate``: metrics.json, predictions.csv and the two plots."""
+"""The report folder of ``cbr evaluate``: metrics.json, predictions.csv, the plots and failures.html."""
 
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ def _predictions_csv(outcomes, softmax_classes) -> str:
 
 
 def write_report(metrics: dict, out_dir, outcomes=()) -> Path:
-    """Write ``metrics.json`` (atomically), ``confusion_matrix.png``, ``reliability.png`` and
-    ``predictions.csv`` into ``out_dir``; returns the folder.
+    """Write ``metrics.json`` (atomically), ``confusion_matrix.png``, ``reliability.png``,
+    ``per_class_recall.png``, ``training.png`` (cross-validation with training), ``failures.html``
+    and ``predictions.csv`` into ``out_dir``; returns the folder.
 
     Args:
         metrics: the metrics dict of either protocol.
@@ -61,6 +62,17 @@ def write_report(metrics: dict, out_dir, outcomes=()) -> Path:
     if metrics.get("n"):
         plot_confusion(metrics["confusion_matrix"], metrics["classes"], out / "confusion_matrix.png")
         plot_reliability(metrics["reliability"], out / "reliability.png")
+        if metrics.get("per_class"):
+            from cbr.reporting.curves import plot_class_recall
+
+            plot_class_recall(metrics["per_class"], out / "per_class_recall.png")
+    if metrics.get("folds"):
+        from cbr.reporting.curves import plot_training
+
+        plot_training(metrics["folds"], out / "training.png")
+    from cbr.reporting.failures import write_failures
+
+    write_failures(outcomes, out)
     atomic_write(out / "predictions.csv", _predictions_csv(outcomes, metrics.get("softmax_classes") or []))
     atomic_write(out / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
     return out

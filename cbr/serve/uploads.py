@@ -26,7 +26,7 @@ def read_upload(upload, settings) -> bytes:
     return data
 
 
-def query_options(k, vote, explain) -> dict:
+def query_options(k, vote, explain, where=None) -> dict:
     """Validated per-query overrides (None keeps the server's default), with the CLI's choices."""
     from cbr.pipeline.vote import VOTE_RULES
     from explain.methods import METHOD_NAMES
@@ -37,4 +37,10 @@ def query_options(k, vote, explain) -> dict:
         raise UnknownNameError("vote rule", vote, VOTE_RULES)
     if explain is not None and explain != "none" and explain not in METHOD_NAMES:
         raise UnknownNameError("CAM method", explain, (*METHOD_NAMES, "none"))
-    return {"k": None if k is None else int(k), "vote": vote or None, "explain": explain or None}
+    from cbr.pipeline.settings import parse_where
+
+    try:
+        pairs = parse_where(where)
+    except CbrError as e:
+        raise BadValue(str(e).replace("--where", "where", 1)) from None
+    return {"k": None if k is None else int(k), "vote": vote or None, "explain": explain or None, "where": pairs}

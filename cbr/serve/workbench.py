@@ -102,20 +102,23 @@ class Workbench:
             atomic_write(path, data, durable=False)
         return path.resolve()
 
-    def _searcher(self, k=None, vote=None, explain=None):
-        key = (k or self.searcher.k, vote or self.searcher.vote_name, explain or self.searcher.explain)
-        if key == (self.searcher.k, self.searcher.vote_name, self.searcher.explain):
+    def _searcher(self, k=None, vote=None, explain=None, where=()):
+        own = (self.searcher.k, self.searcher.vote_name, self.searcher.explain, self.searcher.config.where)
+        key = (k or own[0], vote or own[1], explain or own[2], tuple(where) or own[3])
+        if key == own:
             return self.searcher
         if key not in self._variants:
-            self._variants[key] = self.searcher.with_options(k=key[0], vote=key[1], explain=key[2])
+            self._variants[key] = self.searcher.with_options(k=key[0], vote=key[1], explain=key[2], where=key[3])
         return self._variants[key]
 
     def query(self, image: Path, *, patient: str | None = None, k: int | None = None, vote: str | None = None,
-              explain: str | None = None, vectors=None):
-        """Answer and record one query (an image already on disk); returns the Answer."""
+              explain: str | None = None, vectors=None, where=()):
+        """Answer and record one query (an image already on disk); returns the Answer.
+
+        ``where``: (key, value) pairs; only cases whose metadata match are retrieved."""
         with self.lock:
             self._refresh_indexes()
-            searcher = self._searcher(k, vote, explain)
+            searcher = self._searcher(k, vote, explain, where)
             if vectors is None:
                 answer = searcher.query(image, patient=patient)
             else:

@@ -20,6 +20,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from cbr.errors import CaseBaseError, IndexCorruptError, ModelMismatchError
+from cbr.store.encoding import decode_vectors
 from cbr.store.postgres import advisory_lock
 from cbr.store.schema import Case, Embedding, IndexManifest, Model, utcnow
 
@@ -129,10 +130,11 @@ def active_embeddings(cb, model_id: int, ids=None) -> tuple[np.ndarray, np.ndarr
         q = q.where(Embedding.case_id.in_([int(i) for i in ids]))
     with cb.read() as s:
         rows = s.execute(q).all()
+        dim = s.get(Model, model_id).config.get("embedding_dim") if rows else None
     if not rows:
         return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
     ids_out = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    vecs = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+    vecs = decode_vectors([r[1] for r in rows], dim or len(rows[0][1]) // 4)  # float32 or float16 rows
     return ids_out, vecs
 
 
@@ -285,10 +287,11 @@ def _embedder_for(model: Model):
             )
         # The stored settings win: an index may use another CAM layer than the checkpoint's default.
         emb = create_embedder(model.source, input_size=cfg.input_size, target_layer=cfg.target_layer,
-                              window=cfg.window)
+                              window=cfg.window, contrast=cfg.contrast, tta=cfg.tta)
     else:
         emb = create_embedder(model.backbone, weights=model.weights, input_size=cfg.input_size,
-                              target_layer=cfg.target_layer or None, seed=cfg.seed, window=cfg.window)
+                              target_layer=cfg.target_layer or None, seed=cfg.seed, window=cfg.window,
+                              contrast=cfg.contrast, tta=cfg.tta)
     if emb.fingerprint != model.fingerprint:
         raise ModelMismatchError(
             f"model {model.source} now has fingerprint {emb.fingerprint[:12]}, but the index was built with "

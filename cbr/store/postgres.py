@@ -28,6 +28,9 @@ INDEX_LOCK = 0x63627202  # "cbr" 2: one index writer at a time (member.writer_lo
 def server_engine(url: str) -> Engine:
     """An engine for a non-SQLite URL; on PostgreSQL, write transactions are serialised."""
     u = make_url(url)
+    if u.drivername == "postgresql" and _missing("psycopg2") and not _missing("psycopg"):
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; cbr[postgres] installs psycopg 3.
+        url = u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     try:
         engine = create_engine(url, pool_pre_ping=True)
     except (NoSuchModuleError, ImportError) as e:
@@ -41,6 +44,12 @@ def server_engine(url: str) -> Engine:
             if conn.get_execution_options().get("cbr_write", False):
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
     return engine
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
 
 
 @contextmanager

@@ -46,12 +46,15 @@ def explanation_row(raw, *, model_id: int, method: str, target: str, role: str, 
                        data=data)
 
 
-def map_fields(row: Explanation) -> dict:
-    """An ``Explanation`` row as {"method", "target", "shape", "scale", "map"} (the raw map decoded)."""
-    from explain.rawmap import decode_map
+def map_fields(row: Explanation, *, decode: bool = True) -> dict:
+    """An ``Explanation`` row as {"method", "target", "shape", "scale", "map"} (the raw map decoded);
+    without "map" when not ``decode`` (``cbr show`` prints no pixels and need not import numpy)."""
+    fields = {"method": row.method, "target": row.target, "shape": [row.height, row.width], "scale": row.scale}
+    if decode:
+        from explain.rawmap import decode_map
 
-    return {"method": row.method, "target": row.target, "shape": [row.height, row.width], "scale": row.scale,
-            "map": decode_map(row.data, (row.height, row.width), row.scale)}
+        fields["map"] = decode_map(row.data, (row.height, row.width), row.scale)
+    return fields
 
 
 def get_query(s, cb, query_id: int) -> Query:

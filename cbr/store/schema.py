@@ -133,6 +133,8 @@ class Calibration(Base):
     rows: Mapped[list] = mapped_column(JSON)  # [[true_label, [neighbour labels in rank order]], ...]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     cases_digest: Mapped[str | None] = mapped_column(String(128))  # active cases it was computed on
+    # the weighted vote's fitted temperature (cbr.pipeline.temperature): {"value", "k", "n", "nll", ...}
+    temperature: Mapped[dict | None] = mapped_column(JSON)
 
 
 class TypicalityScores(Base):

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from cbr.data.dataset import Record
 from cbr.models.maps import case_map_target, compute_maps
+from cbr.store.encoding import encode_vector
 from cbr.store.rows import explanation_row
 from cbr.store.schema import Case, Embedding
 
@@ -25,11 +26,13 @@ SAVE_EVERY_S = 60.0
 class CaseWriter:
     """Adds decoded images as cases to the case base and to every member's index."""
 
-    def __init__(self, cb, members, *, explain: str = "gradcam"):
-        """``members``: the ``Member``s whose indexes receive the new cases."""
+    def __init__(self, cb, members, *, explain: str = "gradcam", embedding_dtype: str = "float32"):
+        """``members``: the ``Member``s whose indexes receive the new cases; ``embedding_dtype``:
+        how their embeddings are stored (``store/encoding.py``)."""
         self.cb = cb
         self.members = members
         self.explain = explain
+        self.embedding_dtype = embedding_dtype
         self._dirty = False
         self._last_save = time.monotonic()
 
@@ -50,8 +53,13 @@ class CaseWriter:
 
         Existing cases (same sha256) only get the embeddings and maps they lack.
         """
-        from explain.spec import resolve_spec
+        embeddings, maps = self.compute(records, tensors)
+        return self.store(records, embeddings, maps, dataset_id=dataset_id, origin=origin, query_id=query_id,
+                          feedback_id=feedback_id, only_models=only_models)
 
+    def compute(self, records: list[Record], tensors: list) -> tuple[list, list]:
+        """Per member: the batch's embeddings (numpy) and its case maps ((target name, raw map) per
+        record, or None without maps). Pure computation: a remote worker (the Ray engine) runs it."""
         embedded = self.embed(tensors)
         maps_per_member = []
         for member, (_, acts, x) in zip(self.members, embedded):
@@ -70,6 +78,12 @@ class CaseWriter:
                 for j, i in enumerate(idx):
                     maps[i] = (name, raw[j])
             maps_per_member.append(maps)
+        return [e for e, _, _ in embedded], maps_per_member
+
+    def store(self, records: list[Record], embeddings: list, maps_per_member: list, *, dataset_id=None,
+              origin="index", query_id=None, feedback_id=None, only_models=None) -> list[int]:
+        """Write what ``compute`` returned in one transaction, then add the vectors to the indexes."""
+        from explain.spec import resolve_spec
 
         ids, added = [], [[] for _ in self.members]
         with self.cb.write() as s:
@@ -89,7 +103,8 @@ class CaseWriter:
                     model_id = member.model_id
                     if model_id in have or (only_models is not None and model_id not in only_models):
                         continue
-                    s.add(Embedding(case_id=case.id, model_id=model_id, vector=embedded[m][0][i].tobytes()))
+                    s.add(Embedding(case_id=case.id, model_id=model_id,
+                                    vector=encode_vector(embeddings[m][i], self.embedding_dtype)))
                     added[m].append(i)
                     if maps_per_member[m] is not None:
                         name, raw = maps_per_member[m][i]
@@ -102,7 +117,7 @@ class CaseWriter:
         id_arr = np.asarray(ids, dtype=np.int64)
         for m, member in enumerate(self.members):
             if added[m]:
-                ix.add(member.index, embedded[m][0][added[m]], id_arr[added[m]])
+                ix.add(member.index, embeddings[m][added[m]], id_arr[added[m]])
                 self._dirty = True
         return ids
 

@@ -129,7 +129,7 @@ def show(cb, query_id: int) -> dict:
     """
     from cbr.reporting.report import load_record, strip_maps
 
-    return strip_maps(load_record(cb, query_id))
+    return strip_maps(load_record(cb, query_id, decode_maps=False))
 
 
 def rerender_report(cb, query_id: int, out=None, scale: str = "shared") -> str:

@@ -24,11 +24,13 @@ def answer_json(answer) -> JSONResponse:
 @router.post("", dependencies=[Depends(same_origin)])
 def ask(request: Request, image: UploadFile = File(..., description="the query image (any format cbr reads)"),
         patient: str | None = Form(None), k: int | None = Form(None), explain: str | None = Form(None),
-        vote: str | None = Form(None), wb=Depends(get_workbench)):
-    """Answer one uploaded image and record it, like ``cbr query --json``."""
+        vote: str | None = Form(None),
+        where: list[str] | None = Form(None, description="key=value, repeatable: only cases whose metadata match"),
+        wb=Depends(get_workbench)):
+    """Answer one uploaded image and record it, like ``cbr query --json`` (``where`` as its ``--where``)."""
     from cbr.serve.uploads import query_options, read_upload
 
-    options = query_options(k, vote, explain)
+    options = query_options(k, vote, explain, where)
     data = read_upload(image, request.app.state.settings)
     path = wb.save_upload(data, image.filename)
     return answer_json(wb.query(path, patient=(patient or "").strip() or None, **options))

@@ -1,0 +1,78 @@
+"""Searching only some ids: ids a query must never return (exclude) and, optionally, the only ids
+it may return (allow, e.g. the cases whose metadata match a filter).
+
+On CPU both go into one faiss ID selector, so a flat index stays exact whatever the filter; GPU
+indexes take no selector, so there the whole index is ranked and the filter applied afterwards,
+which is exact too (only flat indexes go to the GPU).
+"""
+
+import faiss
+import numpy as np
+
+from .device import on_device
+
+__all__ = ["selected_search"]
+
+
+def selected_search(index, x, k, excluded, allowed=None):
+    """(D, I) of the k best ids per row of ``x`` that are in ``allowed`` and not in ``excluded``.
+
+    Args:
+        index: an `IndexIDMap2` from `vectors.build` or `storage.load`.
+        x: float32 queries (m, d).
+        k: neighbours per query, at most ``index.ntotal``.
+        excluded: a frozenset of ids never returned (may be empty).
+        allowed: None (every id) or a sorted int64 array of the only ids that may be returned.
+    """
+    if on_device(index):
+        return _ranked_then_filtered(index, x, k, excluded, allowed)
+    sel, keep_alive = _selector(excluded, allowed)
+    # IndexIDMap2 wraps the selector so that it sees external ids, not storage positions
+    # (checked in tests/test_index.py).
+    D, I = index.search(x, k, params=_search_params(index, sel))
+    del keep_alive
+    return D, I
+
+
+def _selector(excluded, allowed):
+    # Every selector only points at the ones it combines: hold them all until the search is done.
+    parts = []
+    if excluded:
+        batch = faiss.IDSelectorBatch(np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
+        parts += [batch, faiss.IDSelectorNot(batch)]
+    if allowed is not None:
+        # IDSelectorBatch is a hash set (with a Bloom pre-filter): O(1) per id whatever its size,
+        # where IDSelectorArray would scan the list for every vector.
+        parts.append(faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)))
+    if excluded and allowed is not None:
+        parts.append(faiss.IDSelectorAnd(parts[1], parts[2]))
+    return parts[-1], parts
+
+
+def _search_params(index, sel):
+    # Parameters replace the index's own settings, and their defaults (nprobe=1, efSearch=16)
+    # would silently ruin recall: copy the index's values.
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=sel, nprobe=inner.nprobe, max_codes=inner.max_codes)
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=sel)
+
+
+def _ranked_then_filtered(index, x, k, excluded, allowed):
+    # Fetching len(excluded) extra neighbours is enough to stay exact with an exclusion alone; an
+    # allow-list can leave any number of the best out, so then the whole index is ranked.
+    kk = index.ntotal if allowed is not None else min(k + len(excluded), index.ntotal)
+    D, I = index.search(x, kk)
+    drop = np.isin(I, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
+    if allowed is not None:
+        drop |= ~np.isin(I, allowed)
+    # A stable sort on the mask moves kept neighbours to the front in their original order.
+    order = np.argsort(drop, axis=1, kind="stable")
+    D = np.take_along_axis(D, order, axis=1)[:, :k].copy()
+    I = np.take_along_axis(I, order, axis=1)[:, :k].copy()
+    gone = np.take_along_axis(drop, order, axis=1)[:, :k]
+    D[gone] = -np.inf
+    I[gone] = -1
+    return D, I

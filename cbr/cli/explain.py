@@ -6,6 +6,7 @@ import click
 
 from cbr.cli.group import cli
 from cbr.cli.options import RegistryChoice, cam_names, db_option, index_dir_option, json_option, progress_enabled
+from cbr.pipeline.settings import DEFAULT_REPORTS
 
 
 class MethodList(click.ParamType):
@@ -43,7 +44,7 @@ class MethodList(click.ParamType):
               help="Maps for the top n neighbours only. [default: all]")
 @click.option("--image", type=click.Path(dir_okay=False), default=None,
               help="The query image, if it moved from its recorded path (its sha256 must match).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="cbr-reports", show_default=True,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=DEFAULT_REPORTS, show_default=True,
               help="Where the query's report is re-written, with a switch between its methods.")
 @db_option
 @index_dir_option

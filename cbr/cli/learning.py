@@ -19,13 +19,13 @@ def training_options(f):
 
     @functools.wraps(f)
     def wrapper(*args, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
-                workers, contrast, tta, **kwargs):
+                workers, contrast, tta, label_smoothing, warmup, **kwargs):
         from cbr.learn.config import TrainConfig
 
         training = TrainConfig(backbone=backbone, weights=weights, epochs=epochs, img_size=img_size,
                                batch_size=batch_size, lr=lr, seed=seed, device=device, patience=patience,
                                train_layers=train_layers, num_workers=workers, contrast=contrast or "none",
-                               tta=tta or "none")
+                               tta=tta or "none", label_smoothing=label_smoothing, warmup_epochs=warmup)
         return f(*args, training=training, **kwargs)
 
     opts = [
@@ -50,6 +50,10 @@ def training_options(f):
                      help="Decoding worker processes [default: 1 on 2 cores]."),
         contrast_option,
         tta_option,
+        click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+                     help="Cross-entropy label smoothing (e.g. 0.1)."),
+        click.option("--warmup", type=click.IntRange(0, 10_000), default=0, show_default=True,
+                     help="Epochs of linear learning-rate warm-up before the cosine decay."),
     ]
     for opt in reversed(opts):
         wrapper = opt(wrapper)

@@ -42,6 +42,8 @@ class TrainConfig:
     sources: SourceSpec = SourceSpec()
     contrast: str = "none"  # cbr.data.contrast.CONTRASTS: equalisation before letterboxing (kept with the model)
     tta: str = "none"  # test-time augmentation the checkpoint's embeddings use (models.config.TTAS)
+    label_smoothing: float = 0.0  # share of each target spread over the other classes (cross-entropy)
+    warmup_epochs: int = 0  # epochs of linear learning-rate warm-up before the cosine decay
 
     def check(self) -> None:
         """Raise TrainError or UnknownNameError naming the first option out of range."""
@@ -59,6 +61,10 @@ class TrainConfig:
 
         if self.tta not in TTAS:
             raise UnknownNameError("test-time augmentation", self.tta, TTAS)
+        if not 0 <= self.label_smoothing < 1:
+            raise TrainError(f"--label-smoothing {self.label_smoothing}: use a value in [0, 1), e.g. 0.1")
+        if self.warmup_epochs < 0:
+            raise TrainError(f"--warmup {self.warmup_epochs}: use 0 (no warm-up) or more epochs")
         if self.epochs < 1:
             raise TrainError(f"--epochs {self.epochs}: train for at least 1 epoch")
         if self.batch_size < 1:

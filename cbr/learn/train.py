@@ -195,7 +195,8 @@ def train_model(
         "options": {"backbone": config.backbone, "weights": config.weights, "epochs": config.epochs,
                     "img_size": size, "batch_size": config.batch_size, "lr": run.head_lr, "seed": config.seed,
                     "patience": config.patience, "val_fraction": config.val_fraction, "freeze_bn": run.freeze_bn,
-                    "train_layers": config.train_layers, "sources": config.sources.to_dict()},
+                    "train_layers": config.train_layers, "sources": config.sources.to_dict(),
+                    "label_smoothing": config.label_smoothing, "warmup_epochs": config.warmup_epochs},
     }
     try:
         fingerprint = save_checkpoint(model, out, train_sha256=seen_sha, extra=extra)

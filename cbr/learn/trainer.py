@@ -122,8 +122,12 @@ class Trainer:
                 steps = max(len(loader), 1) * cfg.epochs
                 optimiser = torch.optim.AdamW(_param_groups(self.model, self.head_lr, self.pretrained),
                                               weight_decay=WEIGHT_DECAY)
+                # Linear warm-up over the first warmup_epochs (the new head's first gradients are
+                # large and random: they would shake the pretrained trunk), then the cosine decay.
+                warm = max(len(loader), 1) * min(cfg.warmup_epochs, cfg.epochs)
                 schedule = torch.optim.lr_scheduler.LambdaLR(
-                    optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+                    optimiser, lambda step: min(1.0, (step + 1) / warm if warm else 1.0)
+                    * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
                 for epoch in range(1, cfg.epochs + 1):
                     row, key = self._epoch(epoch, loader, optimiser, schedule, val_images, val_targets)
                     history.append(row)
@@ -155,7 +159,8 @@ class Trainer:
                    leave=False)
         for xb, yb in bar:
             x, y = self.normalise(xb), yb.to(self.device)
-            loss = F.cross_entropy(self.model.logits(x).float(), y, weight=self.class_weight)
+            loss = F.cross_entropy(self.model.logits(x).float(), y, weight=self.class_weight,
+                                   label_smoothing=self.config.label_smoothing)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cbr.cli.group import help_argvs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median, table, write_json  # noqa: E402
 
@@ -64,22 +66,6 @@ def _wall(cmd: list[str], name: str | None = None) -> float:
     return elapsed
 
 
-def help_commands() -> list[list[str]]:
-    """`--help` of the root and of every command and sub-command, from the click tree."""
-    import click
-
-    from cbr.cli import cli
-
-    out = [["--help"]]
-
-    def walk(group, prefix):
-        for name, cmd in sorted(group.commands.items()):
-            out.append(prefix + [name, "--help"])
-            if isinstance(cmd, click.Group):
-                walk(cmd, prefix + [name])
-
-    walk(cli, [])
-    return out
 
 
 def read_only_commands(db: str, query_id: int, out: str) -> dict[str, list[str]]:
@@ -132,7 +118,7 @@ def main(argv=None):
             rows.append([f"`cbr {name}`", f"{median(times):.3f}", f"{median(CPU_S[name]):.3f}",
                          "yes" if median(times) < READ_ONLY_TARGET_S else "NO"])
         helps = {" ".join(args): median([_wall(_cbr() + args) for _ in range(a.help_repeats)])
-                 for args in help_commands()}
+                 for args in help_argvs()}
         slowest = max(helps, key=helps.get)
         results["--help"] = helps
         rows.append([f"`--help` of {len(helps)} commands: slowest `cbr {slowest}`", f"{helps[slowest]:.3f}",

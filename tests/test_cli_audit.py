@@ -60,7 +60,7 @@ def test_retain_then_same_image_is_excluded_and_near_duplicate_finds_it(runner, 
         all_models = set(s.scalars(select(IndexManifest.model_id)))
         maps = s.scalars(select(Explanation).where(Explanation.case_id == 19, Explanation.role == "case")).all()
     assert emb_models == all_models and len(maps) == len(all_models)
-    assert all(m.scale > 0 and m.method == "gradcam" for m in maps)
+    assert all(m.scale > 0 and m.method == "layercam" for m in maps)  # the measured default method
     members = load_members(cb)
     assert all(m.notes == [] for m in members)  # saved consistently: nothing to repair
     assert all(19 in ix.ids(m.index) for m in members)
@@ -292,7 +292,7 @@ def test_show_and_report_rebuilt_after_files_are_gone(runner, indexed, query_set
     assert text.exit_code == 0, text.output
     for n in a["neighbours"]:
         assert f"{n['case_id']:>6}  {n['label']}" in text.output
-    assert "gradcam similarity:query" in text.output and "feedback:   none" in text.output
+    assert "layercam similarity:query" in text.output and "feedback:   none" in text.output
     assert a["model_fingerprints"][0][:12] in text.output
     record = json.loads(invoke(runner, "show", qid, "--db", indexed, "--json").output)
     assert record["prediction"]["label"] == a["prediction"]["label"] and record["k"] == 3

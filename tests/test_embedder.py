@@ -100,8 +100,7 @@ def test_backbone_shapes_and_fingerprint(name):
     if reference is not None:
         torch.testing.assert_close(pooled, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
 
-    # default target layer = the registry's measured one ("" = the trunk output)
-    assert emb.target_module() is (emb.trunk.get_submodule(spec.target_layer) if spec.target_layer else emb.trunk)
+    assert emb.target_module() is emb.trunk  # default target layer = the trunk output
 
     # Same seed -> same weights and fingerprint; another seed -> another model.
     again = create_embedder(name, weights="none", input_size=s, seed=0)

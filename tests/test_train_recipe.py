@@ -33,7 +33,8 @@ def test_warmup_and_smoothing_change_training_and_are_recorded(manifest, tmp_pat
     from cbr.models.checkpoint import load_checkpoint
 
     _, extra = load_checkpoint(tmp_path / "b.pt")
-    assert extra["options"]["label_smoothing"] == 0.1 and extra["options"]["warmup_epochs"] == 2
+    options = extra["extra"]["options"]
+    assert options["label_smoothing"] == 0.1 and options["warmup_epochs"] == 2
 
 
 @pytest.mark.parametrize("field, value, message", [("label_smoothing", 1.0, "--label-smoothing 1.0"),

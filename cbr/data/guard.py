@@ -66,7 +66,8 @@ def _too_big(size: int, cap: int) -> str:
             f"(raise it with cbr --max-file-mb or {ENV_MAX_FILE_MB})")
 
 
-def _os_reason(e: OSError) -> str:
+def os_reason(e: OSError) -> str:
+    """A short reason for an OS error met while opening or reading a file."""
     if isinstance(e, FileNotFoundError):
         return "file not found"
     if isinstance(e, IsADirectoryError):
@@ -92,7 +93,7 @@ def open_regular(path, name: str | None = None, *, max_bytes: int | None = None)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise ImageError(name, _os_reason(e)) from None
+        raise ImageError(name, os_reason(e)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -116,7 +117,7 @@ def read_regular(path, name: str | None = None, *, max_bytes: int | None = None)
         try:
             data = fh.read(cap + 1)
         except OSError as e:
-            raise ImageError(name, _os_reason(e)) from None
+            raise ImageError(name, os_reason(e)) from None
     if len(data) > cap:  # it grew after the check
         raise ImageError(name, _too_big(len(data), cap))
     return data

@@ -84,17 +84,6 @@ def _looks_like_image(data: bytes) -> bool:
     return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
 
 
-def _os_reason(e: OSError) -> str:
-    """A short reason for an OS error met while reading a file."""
-    if isinstance(e, FileNotFoundError):
-        return "file not found"
-    if isinstance(e, IsADirectoryError):
-        return "is a directory"
-    if isinstance(e, PermissionError):
-        return "permission denied"
-    return f"cannot read file ({e.strerror or e})"
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB (see the module docstring for alpha and high bit depth)."""
     mode = img.mode
@@ -238,7 +227,7 @@ def read_image(
 
 def sha256_file(path) -> str:
     """SHA-256 hex digest of a file, read in chunks; raises :class:`ImageError` if unreadable."""
-    from cbr.data.guard import open_regular
+    from cbr.data.guard import open_regular, os_reason
 
     h = hashlib.sha256()
     with open_regular(path, _display(path)) as (f, _):
@@ -246,7 +235,7 @@ def sha256_file(path) -> str:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
         except OSError as e:
-            raise ImageError(_display(path), _os_reason(e)) from None
+            raise ImageError(_display(path), os_reason(e)) from None
     return h.hexdigest()
 
 

@@ -21,10 +21,11 @@ class BackboneSpec:
     embedding_dim: int  # channels of the trunk output = length of the embedding
     split: str  # function in cbr.models.layers: built model -> (trunk, neck)
     min_input_size: int = 32  # smallest input side for which the trunk output is non-empty
-    # Default CAM layer and method, chosen by one rule for every backbone from the measured map sweep
-    # (cbr evaluate --explain ... --target-layer ..., on HAM10000 lesion masks and the phantoms): LayerCAM
-    # at the end of the stride-16 stage (explain.fusion.stage_ends(trunk)[-2]). "" = the trunk output.
-    target_layer: str = ""
+    target_layer: str = ""  # default CAM layer: "" = the trunk output (the last conv block)
+    # The default explanation method, one rule for every ImageNet backbone from the measured map sweep
+    # (cbr evaluate --explain ... --target-layer ..., HAM10000 lesion masks and the phantoms; docs in
+    # README "Explanations on real lesions"): LayerCAM at the last block beat Grad-CAM there on both, for
+    # class and similarity maps, at the same cost; "layercam-fused" localises best but costs ~10x more.
     cam_method: str = "gradcam"
     builder_kwargs: dict = field(default_factory=dict)  # extra builder arguments
     # The file torchvision saves weights_enum under (the base name of its URL), so that `cbr models`
@@ -39,40 +40,37 @@ def _imagenet_v1(builder: str, weights: str, file: str, embedding_dim: int, spli
                         weights_file=file, **kw)
 
 
-_MEASURED = {"cam_method": "layercam"}  # the measured default method (see BackboneSpec.target_layer)
+_MEASURED = {"cam_method": "layercam"}  # the measured default method (see BackboneSpec.cam_method)
 
 # IMAGENET1K_V1 everywhere: the original recipes. The newer V2 recipes (label smoothing, mixup,
 # long schedules) score higher on ImageNet but their penultimate features transfer worse, and
 # V1 is the file the offline package ships for mobilenet_v2. All use ImageNet mean/std; inception
 # takes 299 px.
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": _imagenet_v1("resnet18", "ResNet18", "resnet18-f37072fd.pth", 512, "_split_resnet", **_MEASURED,
-                        target_layer="layer3"),
-    "resnet50": _imagenet_v1("resnet50", "ResNet50", "resnet50-0676ba61.pth", 2048, "_split_resnet", **_MEASURED,
-                        target_layer="layer3"),
+    "resnet18": _imagenet_v1("resnet18", "ResNet18", "resnet18-f37072fd.pth", 512, "_split_resnet", **_MEASURED),
+    "resnet50": _imagenet_v1("resnet50", "ResNet50", "resnet50-0676ba61.pth", 2048, "_split_resnet", **_MEASURED),
     "densenet121": _imagenet_v1("densenet121", "DenseNet121", "densenet121-a639ec97.pth", 1024,
-                                "_split_densenet", **_MEASURED, target_layer="features.denseblock3"),
+                                "_split_densenet", **_MEASURED),
     "mobilenet_v2": _imagenet_v1("mobilenet_v2", "MobileNet_V2", "mobilenet_v2-b0353104.pth", 1280,
-                                 "_split_features", **_MEASURED, target_layer="features.13"),
+                                 "_split_features", **_MEASURED),
     # 960 = the pooled last conv block; torchvision's 1280-d Linear+Hardswish after the pool is
     # part of its ImageNet classifier, not of the feature extractor.
     "mobilenet_v3_large": _imagenet_v1("mobilenet_v3_large", "MobileNet_V3_Large", "mobilenet_v3_large-8738ca79.pth",
-                                       960, "_split_features", **_MEASURED, target_layer="features.12"),
+                                       960, "_split_features", **_MEASURED),
     "efficientnet_b0": _imagenet_v1("efficientnet_b0", "EfficientNet_B0", "efficientnet_b0_rwightman-7f5810bc.pth",
-                                    1280, "_split_features", **_MEASURED, target_layer="features.5"),
+                                    1280, "_split_features", **_MEASURED),
     # Trunk = all of ``features`` including the last max-pool (pytorch-grad-cam's VGG layer).
     "vgg16": _imagenet_v1("cbr.models.layers:vgg16_features", "VGG16", "vgg16-397923af.pth", 512,
-                          "_split_features", **_MEASURED, target_layer="features.29"),
+                          "_split_features", **_MEASURED),
     "vgg19": _imagenet_v1("cbr.models.layers:vgg19_features", "VGG19", "vgg19-dcbb9e9d.pth", 512,
-                          "_split_features", **_MEASURED, target_layer="features.35"),
+                          "_split_features", **_MEASURED),
     # EfficientNetV2 (the chest X-ray seed's family); its ImageNet weights expect 384 px.
     "efficientnet_v2_s": _imagenet_v1("efficientnet_v2_s", "EfficientNet_V2_S", "efficientnet_v2_s-dd5fe13b.pth",
-                                      1280, "_split_features", input_size=384, **_MEASURED, target_layer="features.5"),
+                                      1280, "_split_features", input_size=384, **_MEASURED),
     "convnext_tiny": _imagenet_v1("convnext_tiny", "ConvNeXt_Tiny", "convnext_tiny-983f1562.pth", 768,
-                                  "_split_convnext", **_MEASURED, target_layer="features.5"),
+                                  "_split_convnext", **_MEASURED),
     "inception_v3": _imagenet_v1("inception_v3", "Inception_V3", "inception_v3_google-0cc3c7bd.pth", 2048,
                                  "_split_inception", input_size=299, min_input_size=75, **_MEASURED,
-                                 target_layer="Mixed_6e",
                                  builder_kwargs={"aux_logits": False, "init_weights": True}),
     "tinycnn": BackboneSpec("cbr.models.layers:tinycnn", "", 64, 64, "_split_tinycnn", min_input_size=8),
 }

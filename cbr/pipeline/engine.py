@@ -1,8 +1,8 @@
 """Where `cbr index` decodes, embeds and explains: in this process (``local``) or on a Ray cluster
 (``ray``), whose results stream back here to the one writer.
 
-On Ray, the records go through Ray Data's ``map_batches`` with a pool of actors; each actor builds
-the members' embedders once (checked against the fingerprints the writer registered) and runs
+On Ray, the records go through Ray Data's ``map_batches`` with a pool of actors; each actor receives
+the writer's own embedders once (serialised with their weights: no machine needs its own copy) and runs
 ``CaseWriter.compute``: decoding, every member's preprocessing, embeddings and case maps, the same
 code as the local engine. The driver writes each returned batch in one transaction, so the
 guarantees do not change: an interruption loses at most the batches in flight, a re-run skips what
@@ -27,14 +27,11 @@ class RayNotInstalled(CbrError):
 
 @dataclass(frozen=True)
 class RaySettings:
-    """What the actors need to rebuild the writer's members."""
+    """What the actors run: the writer's own embedders (shipped whole, weights included, so every
+    machine computes with exactly the model the case base registered), the map method, the batch size."""
 
-    models: tuple[str, ...]
-    weights: str
-    target_layer: str | None
-    window: str | None  # the --window given to the embedders (None: each model's own)
+    embedders: tuple
     explain: str
-    fingerprints: tuple[str, ...]
     batch_size: int
 
 
@@ -44,26 +41,15 @@ class _Member:
 
 
 class _Embedders:
-    """A Ray actor: the members' embedders, built once, computing whole batches of records."""
+    """A Ray actor: the members' embedders, loaded once, computing whole batches of records."""
 
     def __init__(self, settings: RaySettings, records: list):
-        from pathlib import Path
-
         import torch
 
-        from cbr.models.factory import create_embedder
         from cbr.store.writer import CaseWriter
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        members = []
-        for spec, fingerprint in zip(settings.models, settings.fingerprints):
-            emb = create_embedder(spec, weights=None if Path(spec).exists() else settings.weights,
-                                  target_layer=settings.target_layer, window=settings.window).to(device)
-            emb.eval()
-            if emb.fingerprint != fingerprint:
-                raise CbrError(f"the Ray worker's {spec} differs from the writer's (fingerprint "
-                               f"{emb.fingerprint[:12]} != {fingerprint[:12]}): install the same weights on every machine")
-            members.append(_Member(emb))
+        members = [_Member(emb.to(device).eval()) for emb in settings.embedders]
         # One decoding for every member, with their shared window (index._one_window checked it).
         self.records, self.device, self.window = records, device, members[0].embedder.config.window
         self.writer = CaseWriter(None, members, explain=settings.explain)
@@ -102,7 +88,11 @@ def ray_batches(records: list, settings: RaySettings, address: str | None = None
     if not records:
         return
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        try:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise CbrError(f"--ray-address {address}: cannot join the Ray cluster ({str(e).splitlines()[0]}); "
+                           "start one with `ray start --head`, or leave --ray-address out to run Ray here") from None
     # Case ids follow the order cases are written: keep the records' order, as the local engine does.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     resources = ray.cluster_resources()
@@ -117,7 +107,7 @@ def ray_batches(records: list, settings: RaySettings, address: str | None = None
         ok = batch["i"] >= 0
         idx = batch["i"][ok].tolist()
         rows_e, rows_m = batch["embeddings"][ok], batch["maps"][ok]
-        n_members = len(settings.models)
+        n_members = len(settings.embedders)
         embeddings = [np.stack([row[m] for row in rows_e]) if idx else None for m in range(n_members)]
         maps = [None if not idx or rows_m[0][m] is None else [row[m] for row in rows_m] for m in range(n_members)]
         bad = [(-1 - int(i), str(reason)) for i, reason in zip(batch["i"][~ok], batch["maps"][~ok])]

@@ -106,9 +106,11 @@ def _computed(todo, members, writer, c: IndexConfig, window):
     if c.engine == "ray":
         from cbr.pipeline.engine import RaySettings, ray_batches
 
-        settings = RaySettings(models=tuple(c.models), weights=c.weights, target_layer=c.target_layer,
-                               window=members[0].embedder.config.window if members else None, explain=c.explain,
-                               fingerprints=tuple(m.fingerprint for m in members), batch_size=c.batch_size)
+        import copy
+
+        # CPU copies travel to the actors (a CUDA tensor cannot load where there is no GPU).
+        settings = RaySettings(embedders=tuple(copy.deepcopy(m.embedder).to("cpu") for m in members),
+                               explain=c.explain, batch_size=c.batch_size)
         yield from ray_batches(todo, settings, c.ray_address)
         return
     for idx, tensors, bad in iter_batches(todo, [m.embedder.preprocess for m in members], c.batch_size,

@@ -65,7 +65,7 @@ class QueryConfig:
     ensemble: str = "confidence"  # an ENSEMBLES name: how the members' votes combine
     min_credibility: float | None = None  # with the credibility vote: abstain below this p-value
     temperature: float | None = None  # of the weighted vote; None: fitted on the calibration slice
-    explain: str = "gradcam"  # a CAM method name, or "none" for no maps
+    explain: str = "layercam"  # a CAM method name, or "none"; the measured default (BackboneSpec.cam_method)
     scale: str = "shared"  # colour scale of the report's maps: one for all images, or per image
     models: tuple[str, ...] | None = None  # only these members (names, checkpoints, fingerprints)
     device: str = "cpu"  # torch device of the embedders
@@ -103,7 +103,7 @@ class IndexConfig:
     weights: str = "imagenet"  # for backbone names: a WEIGHTS name (checkpoints carry their own)
     index_type: str = "flat"  # flat, hnsw, ivf or a faiss factory string (new indexes only)
     batch_size: int = 32  # images per forward pass
-    explain: str = "gradcam"  # CAM method of each case's stored map, or "none"
+    explain: str = "layercam"  # CAM method of each case's stored map, or "none" (measured: see cam_method)
     target_layer: str | None = None  # CAM layer inside the trunk; None = the last conv block (fast path)
     num_workers: int | None = None  # decoding worker processes; None = chosen from the CPU count
     device: str = "cpu"  # torch device of the embedders

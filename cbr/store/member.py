@@ -290,7 +290,7 @@ def _embedder_for(model: Model):
                               window=cfg.window, contrast=cfg.contrast, tta=cfg.tta)
     else:
         emb = create_embedder(model.backbone, weights=model.weights, input_size=cfg.input_size,
-                              target_layer=cfg.target_layer or None, seed=cfg.seed, window=cfg.window,
+                              target_layer=cfg.target_layer, seed=cfg.seed, window=cfg.window,
                               contrast=cfg.contrast, tta=cfg.tta)
     if emb.fingerprint != model.fingerprint:
         raise ModelMismatchError(

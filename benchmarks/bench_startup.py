@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cbr.cli.group import help_argvs
+from cbr.cli import help_argvs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median, table, write_json  # noqa: E402

@@ -264,7 +264,9 @@ def test_explain_appends_and_never_overwrites(runner, indexed, query_set, tmp_pa
     assert result.exit_code == 0, result.output
     qid = json.loads(result.output)["query_id"]
     before = _rows(indexed, qid)
-    assert {r[2] for r in before} == {"gradcam"}
+    from cbr.pipeline.settings import QueryConfig
+
+    assert {r[2] for r in before} == {QueryConfig.explain}  # the default method (measured: layercam)
     for method in ("deeplift", "deeplift", "lime"):
         result = invoke(runner, "explain", qid, "--method", method, "--explain-budget", "20", "--db", indexed,
                         "--out", tmp_path / "r")
@@ -277,7 +279,7 @@ def test_explain_appends_and_never_overwrites(runner, indexed, query_set, tmp_pa
     assert {r[1] for r in added} == {"query-added", "neighbour-added"}
     report = (tmp_path / "r" / f"query-{qid}" / "report.html").read_text()
     assert "Explanation methods" in report and "lime(n=20,seg=slic50) (added later)" in report
-    assert "gradcam (at query time)" in report
+    assert f"{QueryConfig.explain} (at query time)" in report
 
 
 def test_explain_errors_are_one_line(runner, indexed, tmp_path):

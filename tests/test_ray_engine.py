@@ -65,3 +65,32 @@ def test_ray_engine_matches_the_local_engine(runner, phantom_set, tmp_path):
             ids[db] = [c.sha256 for c in s.scalars(select(Case).order_by(Case.id))]
         cb.close()
     assert ids[local] == ids[remote]
+
+
+def test_ray_run_interrupted_then_rerun_is_consistent(runner, phantom_set, tmp_path, monkeypatch):
+    """A Ray run that dies after its first stored batch: the re-run completes it, nothing doubled or lost."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]' to run this test")
+    from cbr.store.writer import CaseWriter
+    from test_reliability_crash import check_consistency, phantom_hashes
+
+    real, calls = CaseWriter.store, []
+
+    def dies_on_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash of the writer")
+        return real(self, *args, **kwargs)
+
+    db = tmp_path / "ray.db"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        monkeypatch.setattr(CaseWriter, "store", dies_on_the_second_batch)
+        crashed = invoke(runner, "index", phantom_set, "--db", db, *TINY, "--batch-size", "4", "--engine", "ray")
+        assert crashed.exit_code != 0 and isinstance(crashed.exception, RuntimeError)
+        monkeypatch.undo()
+        rerun = invoke(runner, "index", phantom_set, "--db", db, *TINY, "--batch-size", "4", "--engine", "ray")
+        assert rerun.exit_code == 0, rerun.output
+        assert "cases added:   14" in rerun.output and "already there: 4" in rerun.output
+    finally:
+        ray.shutdown()
+    assert check_consistency(db, phantom_hashes(phantom_set)) == []

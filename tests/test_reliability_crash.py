@@ -476,17 +476,36 @@ def crash_data(tmp_path_factory, server):
     return manifest, template
 
 
+@pytest.fixture(scope="module")
+def pg_crash_template(crash_data, server, pg_cluster, tmp_path_factory):
+    """The crash_data case base on PostgreSQL: a template database and its index folder."""
+    _, template = crash_data
+    part = template.parent / "first.csv"  # make_crash_data's first third, as in crash_data
+    indexes = tmp_path_factory.mktemp("pg-crash") / "indexes"
+    url = pg_cluster.create("crash_template")
+    out = server.run(index_argv(part, url), env={"CBR_INDEX_DIR": str(indexes)})
+    assert out["returncode"] == 0, out["log"]
+    return "crash_template", indexes
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_kill_during_final_save_leaves_old_or_new_generation_and_no_stray_files(server, crash_data, tmp_path, point):
+def test_kill_during_final_save_leaves_old_or_new_generation_and_no_stray_files(server, crash_data, tmp_path, point,
+                                                                              backend, fresh_db, request):
     import index as ix
     from cbr.store.casebase import open_casebase
     from cbr.store.member import load_index
     from cbr.store.schema import IndexManifest
 
     manifest, template = crash_data
-    shutil.copytree(template, tmp_path / "cb")
-    db = tmp_path / "cb" / "cases.db"
-    out = server.run(index_argv(manifest, db), setup=CRASH_POINTS[point])
+    if backend == "postgresql":
+        name, indexes = request.getfixturevalue("pg_crash_template")
+        db = fresh_db("cb", template=name)
+        shutil.copytree(indexes, tmp_path / "cb.indexes")
+    else:
+        shutil.copytree(template, tmp_path / "cb")
+        db = tmp_path / "cb" / "cases.db"
+    out = server.run(index_argv(manifest, db), setup=CRASH_POINTS[point], env=child_env())
     assert out["killed"], out["log"]  # it died at the hook, i.e. inside the final save
     assert count_cases(db) == 24  # every batch was committed before the save
     cb = open_casebase(db, create=False)
@@ -505,7 +524,7 @@ def test_kill_during_final_save_leaves_old_or_new_generation_and_no_stray_files(
     if point == "temp file written":
         assert any(f.endswith(".tmp") for f in files)
 
-    rerun = server.run(index_argv(manifest, db))
+    rerun = server.run(index_argv(manifest, db), env=child_env())
     assert rerun["returncode"] == 0, rerun["log"]
     assert "cases added:   0" in rerun["log"]
     assert check_consistency(db, phantom_hashes(manifest)) == []

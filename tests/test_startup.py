@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cbr.cli.group import help_argvs
+from cbr.cli import help_argvs
 from conftest import invoke
 
 ROOT = Path(__file__).resolve().parents[1]

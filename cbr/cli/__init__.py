@@ -7,11 +7,13 @@ command module registers its commands on it.
 
 import sys
 
+import click
+
 from cbr.cli.group import cli, discard_stdout
 # Importing a command module registers its commands on `cli`.
 from cbr.cli import audit, db, explain, info, learning, retrieval, serve  # noqa: F401
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "main", "help_argvs"]
 
 
 def main():
@@ -26,3 +28,17 @@ def main():
         except BrokenPipeError:
             discard_stdout()
         raise
+
+
+def help_argvs() -> list[list[str]]:
+    """The argv of ``--help`` for the root and every command and sub-command, from the click tree."""
+    out = [["--help"]]
+
+    def walk(group, prefix):
+        for name, cmd in sorted(group.commands.items()):
+            out.append(prefix + [name, "--help"])
+            if isinstance(cmd, click.Group):
+                walk(cmd, prefix + [name])
+
+    walk(cli, [])
+    return out

@@ -8,7 +8,7 @@ import click
 
 from cbr.errors import CbrError
 
-__all__ = ["CbrGroup", "cli", "discard_stdout", "help_argvs"]
+__all__ = ["CbrGroup", "cli", "discard_stdout"]
 
 
 class CbrGroup(click.Group):
@@ -101,19 +101,3 @@ def cli(ctx, quiet, max_file_mb):
     if max_file_mb is not None:  # read by cbr.data.guard, in this process and its decoding workers
         os.environ["CBR_MAX_FILE_MB"] = str(max_file_mb)
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(message)s", stream=sys.stderr)
-
-
-def help_argvs() -> list[list[str]]:
-    """The argv of ``--help`` for the root and every command and sub-command, from the click tree."""
-    import cbr.cli  # noqa: F401 - registers every command on ``cli``
-
-    out = [["--help"]]
-
-    def walk(group, prefix):
-        for name, cmd in sorted(group.commands.items()):
-            out.append(prefix + [name, "--help"])
-            if isinstance(cmd, click.Group):
-                walk(cmd, prefix + [name])
-
-    walk(cli, [])
-    return out

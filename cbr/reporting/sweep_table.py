@@ -23,11 +23,11 @@ def format_sweep(result: dict) -> str:
     lines = [f"maps on {result['n']} images ({result['masks']} with a lesion mask"
              + (f", {result['folds']} folds" if result.get("folds") else "") + f"); IoU of the top {top}% of each "
              "map; deletion: lower is better; seconds per map after the shared trunk pass", "",
-             f"{'target':<20}{'method':<10}{'layer':<30}{'pointing':>9}{'energy':>8}{'IoU@' + str(top):>8}"
+             f"{'target':<20}{'method':<16}{'layer':<30}{'pointing':>9}{'energy':>8}{'IoU@' + str(top):>8}"
              f"{'deletion':>10}{'s/map':>9}"]
     order = sorted(result["rows"], key=lambda r: (r["target"], -(r["pointing_game"] or -1)))
     for r in order:
-        lines.append(f"{r['target']:<20}{r['method']:<10}{r['layer'][:29]:<30}{_f(r['pointing_game'], 2):>9}"
+        lines.append(f"{r['target']:<20}{r['method'][:15]:<16}{r['layer'][:29]:<30}{_f(r['pointing_game'], 2):>9}"
                      f"{_f(r['energy_pointing_game'], 2):>8}{_f(r['iou_top'], 2):>8}{_f(r['deletion_auc']):>10}"
                      f"{_f(r['seconds_per_map'], 4):>9}")
     return "\n".join(lines)
@@ -47,7 +47,8 @@ def write_sweep(result: dict, out_dir) -> dict:
         for r in result["rows"]:
             w.writerow(["" if r[c] is None else r[c] for c in COLUMNS])
     targets = sorted({r["target"] for r in result["rows"]})
-    layers = result["layers"]
+    # a fused method's rows carry its own stages as their layer: one more group on the axis
+    layers = list(dict.fromkeys([*result["layers"], *(r["layer"] for r in result["rows"])]))
     fig = _figure(max(5.0, 1.2 * len(layers) + 2), 2.6 * len(targets))
     for i, target in enumerate(targets):
         ax = fig.add_subplot(len(targets), 1, i + 1)
@@ -60,7 +61,7 @@ def write_sweep(result: dict, out_dir) -> dict:
             ax.bar(np.arange(len(layers)) + j * width, [np.nan if v is None else v for v in values], width,
                    label=method)
         ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2)
-        ax.set_xticklabels(layers, fontsize=7)
+        ax.set_xticklabels(layers, fontsize=7, rotation=12, ha="right")
         ax.set_ylim(0, 1)
         ax.set_ylabel("pointing game")
         ax.set_title(f"{target} maps", fontsize=9)

@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Never imported by a read-only command (seconds each on a small machine).
 HEAVY = ("torch", "torchvision", "faiss", "pytorch_grad_cam", "captum", "sklearn", "scipy", "matplotlib", "cv2")
 # A cold query needs torch, torchvision and faiss, and nothing that only grad-cam's package drags in.
-# (SciPy is not listed: the vote's temperature is fitted with scipy.optimize when none is stored.)
-NOT_FOR_A_QUERY = ("pytorch_grad_cam", "captum", "sklearn", "matplotlib", "cv2")
+NOT_FOR_A_QUERY = ("pytorch_grad_cam", "captum", "sklearn", "scipy", "matplotlib", "cv2")
 
 # Runs each argument list through the CLI in this one process and reports, after each, the heavy
 # modules it has loaded.

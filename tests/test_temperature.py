@@ -86,3 +86,16 @@ def test_query_uses_reports_and_stores_the_fitted_temperature(runner, indexed, q
     other_k = _query(runner, indexed, image, "-k", "3")["members"][0]
     assert other_k["temperature"] == fit_temperature(rows, 3)["value"]
     assert "temperature" not in _query(runner, indexed, image, "--vote", "majority")["members"][0]
+
+
+def test_golden_section_search_agrees_with_scipy():
+    # Our minimiser replaces scipy.optimize.minimize_scalar on the query path; same answer.
+    from scipy.optimize import minimize_scalar
+
+    from cbr.pipeline.temperature import _golden_min
+
+    for centre in (-3.1, -1.0, 0.4):
+        f = lambda x, c=centre: (x - c) ** 2 + 0.1 * abs(x - c) ** 3  # noqa: E731
+        ours, _ = _golden_min(f, -5.0, 2.0, tol=1e-6)
+        ref = minimize_scalar(f, bounds=(-5.0, 2.0), method="bounded", options={"xatol": 1e-8}).x
+        assert abs(ours - ref) < 1e-4

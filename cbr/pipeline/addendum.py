@@ -78,7 +78,7 @@ def add_explanation(cb, query_id: int, method: str, *, image=None, budget: int |
         >>> add_explanation(open_casebase("cases.db"), 12, "lime", budget=100).method
         'lime(n=100,seg=slic50)'
     """
-    from cbr.pipeline.explanation import embed_query, query_maps
+    from cbr.pipeline.explanation import MapRequest, embed_query, query_maps
     from cbr.pipeline.map_meter import MapMeter
     from cbr.pipeline.search import Hit
     from cbr.pipeline.settings import check_explain
@@ -108,8 +108,8 @@ def add_explanation(cb, query_id: int, method: str, *, image=None, budget: int |
     final = SimpleNamespace(label=q.prediction)
     notes: list[str] = []
     meter = MapMeter(enabled=progress)
-    maps, images = query_maps(members, embed_query(members, img), hits, final, method, notes, budget=budget,
-                              neighbours=neighbours, meter=meter)
+    maps, images = query_maps(members, embed_query(members, img), hits, final,
+                              MapRequest(method, budget, neighbours), notes, meter=meter)
     meter.close()
     specs = {m.model_id: resolve_spec(method, m.embedder.config.input_size, budget) for m in members}
     added = Addendum(query_id=q.id, method=specs[members[0].model_id], notes=notes,

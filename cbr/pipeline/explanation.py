@@ -8,11 +8,12 @@ small pooling head (see explain.cam).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from cbr.errors import CbrError
 
-__all__ = ["Features", "embed_query", "query_maps", "IMAGE_OK", "IMAGE_CHANGED", "IMAGE_MISSING"]
+__all__ = ["Features", "MapRequest", "embed_query", "query_maps", "IMAGE_OK", "IMAGE_CHANGED", "IMAGE_MISSING"]
 
 # A neighbour's file as read again at query time (``--json``: ``neighbours[].image_status``).
 IMAGE_OK = "ok"
@@ -28,6 +29,15 @@ class Features(NamedTuple):
     vector: object  # (1, D) float32 numpy embedding, L2-normalised
 
 
+@dataclass(frozen=True)
+class MapRequest:
+    """Which maps a query asks for."""
+
+    method: str  # an explanation method name (explain.methods.METHOD_NAMES)
+    budget: int | None = None  # cap on the model evaluations of each attribution map (explain.spec)
+    neighbours: int | None = None  # similarity maps for the top n neighbours only (None: all)
+
+
 def embed_query(members, img) -> list[Features]:
     """Embed a decoded image with every member, keeping the activations for its maps."""
     import torch
@@ -41,19 +51,17 @@ def embed_query(members, img) -> list[Features]:
     return out
 
 
-def query_maps(members, features, hits, final, method: str, notes: list, *, budget: int | None = None,
-               neighbours: int | None = None, meter=None, status: dict | None = None) -> tuple[dict, dict]:
+def query_maps(members, features, hits, final, request: MapRequest, notes: list, *, meter=None,
+               status: dict | None = None) -> tuple[dict, dict]:
     """Raw maps of a query and its neighbours, and the neighbours' letterboxed images.
 
     Args:
         members: the loaded ``Member``s; features: their ``Features`` of the query.
         hits: per member, its ``search.Hit``s.
         final: the ensemble's vote (the class map explains its label).
-        method: an explanation method name (explain.methods.METHOD_NAMES).
+        request: the method, its budget and how many neighbours get maps (the query's map still
+            explains its similarity to the mean of all its neighbours).
         notes: gets a line for each neighbour whose image cannot be read (its stored map is shown).
-        budget: cap on the model evaluations of each attribution map (explain.spec).
-        neighbours: similarity maps for the top n neighbours only (None: all); the query's map
-            still explains its similarity to the mean of all its neighbours.
         meter: a ``map_meter.MapMeter`` that counts (and shows) the attribution maps' cost.
         status: gets {case_id: IMAGE_OK, IMAGE_CHANGED or IMAGE_MISSING} for every neighbour whose
             file was read again; a changed or missing one gets no map (never from other pixels).
@@ -70,6 +78,7 @@ def query_maps(members, features, hits, final, method: str, notes: list, *, budg
     from explain.spec import resolve_spec
     from explain.targets import ClassTarget, SimilarityTarget
 
+    method, budget, neighbours = request.method, request.budget, request.neighbours
     maps, images = {}, {}
     for m, (xq, aq, eq), h in zip(members, features, hits):
         emb = m.embedder

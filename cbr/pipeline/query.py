@@ -111,7 +111,7 @@ class Searcher:
         """
         from cbr.data.image import letterbox
         from cbr.data.sources import decode_query
-        from cbr.pipeline.explanation import embed_query, query_maps
+        from cbr.pipeline.explanation import MapRequest, embed_query, query_maps
         from cbr.pipeline.map_meter import MapMeter
         from cbr.pipeline.record import record_query
         from cbr.pipeline.search import (active_classes, allowed_cases, excluded_cases, own_case_notes,
@@ -180,9 +180,9 @@ class Searcher:
         neighbour_images = {}
         meter = MapMeter(enabled=c.progress)
         if c.explain != NO_EXPLANATION:
-            found.maps, neighbour_images = query_maps(self.members, feats, hits, found.final, c.explain, found.notes,
-                                                      budget=c.explain_budget, neighbours=c.explain_neighbours,
-                                                      meter=meter, status=found.image_status)
+            found.maps, neighbour_images = query_maps(self.members, feats, hits, found.final,
+                                                      MapRequest(c.explain, c.explain_budget, c.explain_neighbours),
+                                                      found.notes, meter=meter, status=found.image_status)
         meter.close()
         t["explain"] = time.perf_counter() - t0
 

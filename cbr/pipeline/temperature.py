@@ -51,6 +51,26 @@ def vote_nll(sims: np.ndarray, same: np.ndarray, temperature: float) -> float:
     return float(-np.log(np.maximum(p, _FLOOR)).mean())
 
 
+def _golden_min(f, a: float, b: float, tol: float = 1e-3) -> tuple[float, float]:
+    """(x, f(x)) minimising ``f`` on [a, b] by golden-section search.
+
+    Our own few lines rather than scipy.optimize: a query that refits for another k must not pay
+    scipy's import (about a second on a small machine)."""
+    inv_phi = (math.sqrt(5) - 1) / 2
+    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - inv_phi * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + inv_phi * (b - a)
+            fd = f(d)
+    return (c, fc) if fc <= fd else (d, fd)
+
+
 def fit_temperature(rows, k: int) -> dict | None:
     """The temperature minimising the weighted vote's NLL on the calibration rows, for k neighbours.
 
@@ -67,8 +87,6 @@ def fit_temperature(rows, k: int) -> dict | None:
         >>> fit_temperature(rows, 2)["value"] < 0.07
         True
     """
-    from scipy.optimize import minimize_scalar
-
     sims, same = _arrays(rows, int(k))
     if len(sims) == 0:
         return None
@@ -80,9 +98,9 @@ def fit_temperature(rows, k: int) -> dict | None:
     best = int(np.argmin(losses))
     step = grid[1] - grid[0]
     a, b = max(lo, grid[best] - step), min(hi, grid[best] + step)
-    found = minimize_scalar(lambda g: vote_nll(sims, same, math.exp(g)), bounds=(a, b), method="bounded",
-                            options={"xatol": 1e-3})
-    g = float(found.x) if found.fun <= losses[best] else float(grid[best])
+    g, loss = _golden_min(lambda g: vote_nll(sims, same, math.exp(g)), a, b)
+    if loss > losses[best]:
+        g = float(grid[best])
     return dict(value=round(math.exp(g), 6), k=int(k), n=int(len(sims)),
                              nll=round(vote_nll(sims, same, math.exp(g)), 6),
                              nll_default=round(vote_nll(sims, same, DEFAULT_TEMPERATURE), 6))

@@ -90,12 +90,19 @@ def _overlays_loaded(driver):
         return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);""")
 
 
+def _query_method(cb, qid):
+    from cbr.store.schema import Query
+
+    with cb.read() as s:
+        return s.get(Query, qid).explain_method or ""
+
+
 def _image(query_set):
     with open(query_set, newline="") as fh:
         return query_set.parent / next(csv.DictReader(fh))["path"]
 
 
-def test_upload_compare_slide_correct_and_find_it_in_history(browser, server, query_set, tmp_path):
+def test_upload_compare_slide_correct_and_find_it_in_history(browser, server, query_set, tmp_path, indexed):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
@@ -137,6 +144,26 @@ def test_upload_compare_slide_correct_and_find_it_in_history(browser, server, qu
     _wait(browser, _overlays_loaded, timeout=60)
     browser.save_screenshot(str(tmp_path / "query-page.png"))
     assert (tmp_path / "query-page.png").stat().st_size > 10_000
+
+    # Add maps by another method (as `cbr explain` does), then switch the page to them.
+    from cbr.pipeline.addendum import add_explanation
+
+    cb = open_casebase(indexed, create=False)
+    try:
+        used = add_explanation(cb, qid, "gradcam" if "eigencam" in _query_method(cb, qid) else "eigencam")
+    finally:
+        cb.close()
+    browser.get(query_url)
+    _wait(browser, _overlays_loaded, timeout=60)
+    method_select = Select(browser.find_element(By.ID, "map-method"))
+    assert [o.text for o in method_select.options][1] == f"{used.method} (added later)"
+    overlay = browser.find_element(By.ID, "overlay-q-1")
+    neighbour_overlay = browser.find_element(By.CSS_SELECTOR, ".tile.neighbour img.overlay")
+    before_src = (overlay.get_attribute("src"), neighbour_overlay.get_attribute("src"))
+    method_select.select_by_index(1)
+    after_src = (overlay.get_attribute("src"), neighbour_overlay.get_attribute("src"))
+    assert all(a != b and "method=" + used.method in a for a, b in zip(after_src, before_src))
+    _wait(browser, _overlays_loaded, timeout=60)
 
     # Correct the diagnosis with another label and a note.
     predicted = browser.find_element(By.ID, "diagnosis").text

@@ -62,12 +62,14 @@ def ask(request: Request, csrf_token: str | None = Form(None), image: UploadFile
 
 @router.get("/queries/{query_id}")
 def query_page(request: Request, query_id: int, cb=Depends(get_casebase)):
+    from cbr.serve.methods import stored_specs
     from cbr.serve.routes.queries import record_json
 
     record = record_json(cb, query_id)
     p = record["prediction"]
     labels = sorted({*p["probabilities"], *(n["label"] for m in record["members"] for n in m["neighbours"])})
-    return render(request, "query.html", {"r": record, "p": p, "labels": labels})
+    return render(request, "query.html", {"r": record, "p": p, "labels": labels,
+                                          "methods": stored_specs(cb, query_id)})
 
 
 @router.post("/queries/{query_id}/feedback")

@@ -100,20 +100,38 @@ def query_image(query_id: int, request: Request, cb=Depends(get_casebase)):
     return Response(image_png(record["image"], record_window(record)), media_type=PNG, headers=IMMUTABLE)
 
 
-def _map_response(record, member, kind, case_id, scale):
+def _map_response(record, member, kind, case_id, scale, method=None, cb=None):
+    from cbr.serve.methods import method_maps
     from cbr.serve.pictures import map_png, query_maps
 
-    raw, vmax = query_maps(record, member, kind, case_id, scale)
+    if method is None:
+        raw, vmax = query_maps(record, member, kind, case_id, scale)
+    else:  # a spec stored for this query (checked), e.g. one added later by `cbr explain`
+        raw, vmax = method_maps(cb, record, method, member, kind, case_id, scale)
+    # a method added again later replaces its maps, so only the query-time ones are immutable
+    headers = IMMUTABLE if method is None else {"cache-control": "no-cache"}
     if raw is None:
-        return Response(status_code=204, headers=IMMUTABLE)
-    return Response(map_png(raw, vmax), media_type=PNG, headers=IMMUTABLE)
+        return Response(status_code=204, headers=headers)
+    return Response(map_png(raw, vmax), media_type=PNG, headers=headers)
 
 
 @router.get("/{query_id}/maps/{kind}.png")
 def query_map(query_id: int, kind: str, request: Request, member: int | None = None, scale: str = "shared",
+              method: str | None = Query(None, max_length=200, description="a stored method spec; default: query time"),
               cb=Depends(get_casebase)):
     """The query's map (similarity to its neighbours, or its class map) as a transparent PNG."""
-    return _map_response(request.app.state.records.get(cb, query_id), member, kind, None, scale)
+    return _map_response(request.app.state.records.get(cb, query_id), member, kind, None, scale, method, cb)
+
+
+@router.get("/{query_id}/methods")
+def query_methods(query_id: int, cb=Depends(get_casebase)):
+    """The explanation methods stored for this query: [{"method", "added"}], query time first."""
+    from cbr.serve.methods import stored_specs
+    from cbr.store.rows import get_query
+
+    with cb.read() as s:
+        get_query(s, cb, query_id)  # 404 for an unknown query, not an empty list
+    return JSONResponse(stored_specs(cb, query_id), headers=NO_STORE)
 
 
 @router.get("/{query_id}/neighbours/{case_id}/image")
@@ -128,9 +146,11 @@ def neighbour_image(query_id: int, case_id: int, request: Request, member: int |
 
 @router.get("/{query_id}/neighbours/{case_id}/maps/{kind}.png")
 def neighbour_map(query_id: int, case_id: int, kind: str, request: Request, member: int | None = None,
-                  scale: str = "shared", cb=Depends(get_casebase)):
+                  scale: str = "shared",
+                  method: str | None = Query(None, max_length=200, description="a stored method spec; default: query time"),
+                  cb=Depends(get_casebase)):
     """A neighbour's map: why it was retrieved (similarity to the query), or its stored class map."""
-    return _map_response(request.app.state.records.get(cb, query_id), member, kind, case_id, scale)
+    return _map_response(request.app.state.records.get(cb, query_id), member, kind, case_id, scale, method, cb)
 
 
 @router.get("/{query_id}/report", response_class=HTMLResponse)

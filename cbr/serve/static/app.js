@@ -6,13 +6,21 @@ function checkedValue(name, fallback) {
   return checked ? checked.value : fallback;
 }
 
-// Show each overlay's map of the chosen kind and scale; hide it where that map does not exist.
+// The method chosen in the switch, or "" for the query-time maps (the first option, the default URLs).
+function chosenMethod() {
+  const select = document.getElementById("map-method");
+  return select && select.selectedIndex > 0 ? select.value : "";
+}
+
+// Show each overlay's map of the chosen kind, scale and method; hide it where that map does not exist.
 function showMaps() {
   const kind = checkedValue("map-kind", "similarity");
   const scale = checkedValue("map-scale", "shared");
+  const method = chosenMethod();
+  const extra = "scale=" + encodeURIComponent(scale) + (method ? "&method=" + encodeURIComponent(method) : "");
   document.querySelectorAll("img.overlay").forEach((img) => {
     const base = img.dataset[kind];
-    const src = base && (base + (base.includes("?") ? "&" : "?") + "scale=" + encodeURIComponent(scale));
+    const src = base && (base + (base.includes("?") ? "&" : "?") + extra);
     if (src) {
       if (img.getAttribute("src") !== src) img.setAttribute("src", src);
       img.classList.remove("none");
@@ -73,6 +81,12 @@ document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll('input[name="map-kind"], input[name="map-scale"]').forEach((radio) => {
     radio.addEventListener("change", showMaps);
   });
+  // A method may lack a map that another has (204): hide the overlay rather than show a broken image.
+  document.querySelectorAll("img.overlay").forEach((img) => {
+    img.addEventListener("error", () => { if (img.getAttribute("src")) img.classList.add("none"); });
+  });
+  const methodSelect = document.getElementById("map-method");
+  if (methodSelect) methodSelect.addEventListener("change", showMaps);
   showMaps();
   wireSliders();
   wireRegion();

@@ -608,3 +608,22 @@ def test_demo_ends_with_the_command_that_serves_its_case_base(runner, monkeypatc
     result = invoke(runner, "demo", "--out", tmp_path / "my demo")
     assert result.exit_code == 0, result.output
     assert result.output.rstrip().splitlines()[-1].endswith(f"cbr serve --db '{db}'")
+
+
+def test_a_changed_case_image_is_never_served_as_the_case(client, image, monkeypatch):
+    # A file swapped after indexing: the pages show a placeholder, never the new pixels.
+    import cbr.data.sources as sources
+    from cbr.serve.pictures import CHANGED, placeholder_png
+
+    a = _ask(client, image, k=3)
+    qid, case = a["query_id"], a["neighbours"][0]["case_id"]
+    real = sources.read_source
+
+    def swapped(path, **kw):
+        img, sha, origin = real(path, **kw)
+        return img, "0" * 64, origin
+
+    monkeypatch.setattr(sources, "read_source", swapped)
+    changed = placeholder_png(CHANGED)
+    for path in [f"/api/cases/{case}/image", f"/api/queries/{qid}/neighbours/{case}/image"]:
+        assert client.get(path).content == changed, path

@@ -12,12 +12,14 @@ import io
 import numpy as np
 
 from cbr.errors import CbrError, NotFoundError
+from cbr.pipeline.explanation import IMAGE_CHANGED
 
 __all__ = ["SIZE", "MAP_KINDS", "image_png", "map_png", "query_maps", "record_window", "case_map", "placeholder_png",
            "RecordCache"]
 
 SIZE = 320  # pixels on a side: readable beside each other, small enough for k neighbours
 MAP_KINDS = ("similarity", "class")
+CHANGED = IMAGE_CHANGED  # the wording of the table, --json and the report
 SCALES = ("shared", "per-image")
 
 
@@ -35,16 +37,19 @@ def placeholder_png(text: str) -> bytes:
     return _png(img)
 
 
-def image_png(path: str, window: str = "auto") -> bytes:
+def image_png(path: str, window: str = "auto", sha256: str | None = None) -> bytes:
     """The image at a recorded path or locator (a DICOM frame, a NIfTI slice, an ``.npz`` index),
-    decoded with the models' ``window`` and letterboxed to SIZE; a grey placeholder when it is gone."""
+    decoded with the models' ``window`` and letterboxed to SIZE; a grey placeholder when it is gone,
+    or when its content no longer has the recorded ``sha256`` (never show other pixels as the case)."""
     from cbr.data.image import letterbox
-    from cbr.data.sources import read_source
+    from cbr.data import sources
 
     try:
-        img, _, _ = read_source(path, window=window)
+        img, sha, _ = sources.read_source(path, window=window)
     except CbrError:
         return placeholder_png("image unavailable")
+    if sha256 and sha != sha256:
+        return placeholder_png(CHANGED)
     return _png(letterbox(img, SIZE))
 
 

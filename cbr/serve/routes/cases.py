@@ -22,8 +22,8 @@ def case_image(case_id: int, wb=Depends(get_workbench)):
     from cbr.serve.cases import case_record
     from cbr.serve.pictures import image_png
 
-    path = case_record(wb.cb, case_id, limit=0)["path"]
-    return Response(image_png(path, wb.window), media_type="image/png", headers=HEADERS)
+    case = case_record(wb.cb, case_id, limit=0)
+    return Response(image_png(case["path"], wb.window, case["sha256"]), media_type="image/png", headers=HEADERS)
 
 
 @router.get("/{case_id}/map.png")

@@ -97,7 +97,8 @@ def query_image(query_id: int, request: Request, cb=Depends(get_casebase)):
     from cbr.serve.pictures import image_png, record_window
 
     record = request.app.state.records.get(cb, query_id)
-    return Response(image_png(record["image"], record_window(record)), media_type=PNG, headers=IMMUTABLE)
+    return Response(image_png(record["image"], record_window(record), record.get("sha256")), media_type=PNG,
+                    headers=IMMUTABLE)
 
 
 def _map_response(record, member, kind, case_id, scale, method=None, cb=None):
@@ -140,8 +141,9 @@ def neighbour_image(query_id: int, case_id: int, request: Request, member: int |
 
     record = request.app.state.records.get(cb, query_id)
     query_maps(record, member, "similarity", case_id)  # 404 unless it is this query's neighbour
-    path = next(n["path"] for mem in record["members"] for n in mem["neighbours"] if n["case_id"] == case_id)
-    return Response(image_png(path, record_window(record, member)), media_type=PNG, headers=IMMUTABLE)
+    n = next(n for mem in record["members"] for n in mem["neighbours"] if n["case_id"] == case_id)
+    return Response(image_png(n["path"], record_window(record, member), n.get("sha256")), media_type=PNG,
+                    headers=NO_STORE)
 
 
 @router.get("/{query_id}/neighbours/{case_id}/maps/{kind}.png")

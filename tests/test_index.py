@@ -9,33 +9,12 @@ import pytest
 
 import index
 from index import selection, vectors
+from index_data import faiss_one_thread, recall, unit_vectors  # noqa: F401 - the fixture applies to this module
 
 D = 64
 N = 3000
 NQ = 100
 K = 10
-
-
-def unit_vectors(n, d, seed):
-    """Random float32 rows on the unit sphere (no ties between inner products, in practice)."""
-    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def recall(I, Iref):
-    """Mean fraction of the reference neighbours found, per query, ignoring padding."""
-    found = [len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, (b >= 0).sum()) for a, b in zip(I, Iref)]
-    return float(np.mean(found))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny searches gain nothing from threads, and on a busy machine OpenMP's spinning
-    # threads make them many times slower.
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

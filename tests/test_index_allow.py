@@ -1,26 +1,13 @@
 """Searching only an allow-list of ids (a metadata filter): exact against brute force."""
 
-import faiss
 import numpy as np
 import pytest
 
 import index
 from index import selection
+from index_data import faiss_one_thread, unit_vectors  # noqa: F401 - the fixture applies to this module
 
 D, N, NQ, K = 32, 1500, 40, 8
-
-
-def unit_vectors(n, d, seed):
-    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

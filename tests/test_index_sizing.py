@@ -5,18 +5,11 @@ import numpy as np
 import pytest
 
 import index
+from index_data import faiss_one_thread, recall  # noqa: F401 - the fixture applies to this module
 
 D = 64
 N = 12000  # enough for 256 centroids per PQ sub-quantiser
 K = 10
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +21,6 @@ def clustered():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids = rng.choice(50 * N, N, replace=False).astype(np.int64)
     return x, ids
-
-
-def _recall(I, Iref):
-    return float(np.mean([len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, (b >= 0).sum()) for a, b in zip(I, Iref)]))
 
 
 @pytest.mark.parametrize("n, kind", [(0, "flat"), (99_999, "flat"), (100_000, "ivf-sq8"),
@@ -74,7 +63,7 @@ def test_filtered_search_on_compressed_kinds(clustered, kind, floor):
         kept = [i for i in Iwide[row].tolist() if i not in excluded][:K]
         assert set(I[row].tolist()) == set(kept)
     _, Iref = index.brute_force_search(x, ids, q, K, exclude=exclude)
-    assert _recall(I, Iref) >= floor
+    assert recall(I, Iref) >= floor
 
 
 def test_ivf_pq_remove_save_load(clustered, tmp_path):

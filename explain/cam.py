@@ -41,7 +41,7 @@ def _relu32(cam):
     return np.maximum(np.asarray(cam, dtype=np.float32), 0)
 
 
-def maps_from_activations(head, activations, targets, method="gradcam"):
+def maps_from_activations(head, activations, targets, method="gradcam", reshape=None):
     """Raw maps at the trunk output, back-propagating through `head` only (the fast path).
 
     The caller has run the trunk without autograd. Each sample's score depends only on its own
@@ -50,9 +50,12 @@ def maps_from_activations(head, activations, targets, method="gradcam"):
 
     Args:
         head: module mapping activations (B, C, h, w) to one 1-D output per sample.
-        activations: trunk output, a (B, C, h, w) tensor.
+        activations: trunk output, a (B, C, h, w) tensor (or what `reshape` turns into one).
         targets: one target callable per sample (see explain.targets).
         method: a name in FAST_METHODS.
+        reshape: None, or a callable turning activations (and their gradients, of the same
+            shape) into (B, C, h, w): a vision transformer's tokens (B, N, C) into the patch grid,
+            its class and register tokens dropped. `head` still receives the raw activations.
 
     Returns:
         (B, h, w) float32 array of non-negative raw maps.
@@ -68,11 +71,13 @@ def maps_from_activations(head, activations, targets, method="gradcam"):
             f"CAM method {method!r} needs the whole model, not only the head; "
             f"use maps_from_images, or one of {', '.join(sorted(FAST_METHODS))}"
         )
-    if activations.ndim != 4:
-        raise ValueError(f"activations must be (B, C, h, w), got shape {tuple(activations.shape)}")
+    grid = activations if reshape is None else reshape(activations)
+    if grid.ndim != 4:
+        raise ValueError(f"activations must be (B, C, h, w), got shape {tuple(grid.shape)}; "
+                         "pass reshape= for token activations")
     targets = _check_targets(targets, activations.shape[0])
     if not targets:
-        return np.zeros((0, *activations.shape[2:]), dtype=np.float32)
+        return np.zeros((0, *grid.shape[2:]), dtype=np.float32)
 
     grads = None
     if method in USES_GRADIENTS:
@@ -84,12 +89,12 @@ def maps_from_activations(head, activations, targets, method="gradcam"):
             score = sum(target(output) for target, output in zip(targets, outputs))
             # Gradients w.r.t. the activations only: no parameter .grad is touched.
             (grad,) = torch.autograd.grad(score, acts)
-        grads = _numpy(grad)
+        grads = _numpy(grad if reshape is None else reshape(grad))
     # grad-cam's own weighting, without importing grad-cam (explain.weighting).
-    return _relu32(CAM_WEIGHTING[method](_numpy(activations), grads))
+    return _relu32(CAM_WEIGHTING[method](_numpy(grid), grads))
 
 
-def maps_from_images(model, target_layer, images, targets, method="gradcam"):
+def maps_from_images(model, target_layer, images, targets, method="gradcam", reshape=None):
     """Raw maps at any layer, for any method, through grad-cam's hooks (the reference path).
 
     This is grad-cam's BaseCAM.forward without its final scale_cam_image (which upsamples and
@@ -102,6 +107,8 @@ def maps_from_images(model, target_layer, images, targets, method="gradcam"):
         images: (B, C, H, W) tensor.
         targets: one target callable per sample.
         method: any name in CAM_METHODS.
+        reshape: None, or grad-cam's reshape_transform: the layer's output (and its gradient)
+            -> (B, C, h, w), e.g. a vision transformer's tokens -> the patch grid.
 
     Returns:
         (B, h, w) float32 array of non-negative raw maps, (h, w) being the layer's resolution.
@@ -117,7 +124,7 @@ def maps_from_images(model, target_layer, images, targets, method="gradcam"):
     error = None
     with torch.inference_mode(False), torch.enable_grad():
         # The context manager removes grad-cam's hooks however we leave it.
-        with cls(model=model, target_layers=[target_layer]) as cam:
+        with cls(model=model, target_layers=[target_layer], reshape_transform=reshape) as cam:
             try:
                 maps = _hooked_maps(cam, model, target_layer, images, targets)
             except IndexError as exc:

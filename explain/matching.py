@@ -11,7 +11,9 @@ air) matches anything but carries no evidence, and the norm keeps it low.
 
 import numpy as np
 
-__all__ = ["region_matches", "matching_maps"]
+from typing import NamedTuple
+
+__all__ = ["region_matches", "region_pair", "RegionPair", "matching_maps"]
 
 _EPS = 1e-8
 
@@ -23,6 +25,18 @@ def _locations(acts):
     flat = acts.reshape(acts.shape[0], -1).T  # (h*w, C)
     norms = np.linalg.norm(flat, axis=1)
     return flat / np.maximum(norms, _EPS)[:, None], norms
+
+
+def _correspondence(query_acts, neighbour_acts):
+    """(cosine matrix (h*w, h2*w2), query map, neighbour map), the maps flat."""
+    a, na = _locations(query_acts)
+    b, nb = _locations(neighbour_acts)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"channel counts differ: {a.shape[1]} and {b.shape[1]}")
+    cos = a @ b.T
+    strength_a = na / max(float(na.max()), _EPS)
+    strength_b = nb / max(float(nb.max()), _EPS)
+    return cos, np.maximum(cos.max(axis=1), 0) * strength_a, np.maximum(cos.max(axis=0), 0) * strength_b
 
 
 def region_matches(query_acts, neighbour_acts):
@@ -42,20 +56,40 @@ def region_matches(query_acts, neighbour_acts):
         >>> q, n, match = region_matches(acts[0], acts[3])
         >>> divmod(match[np.unravel_index(q.argmax(), q.shape)], n.shape[1])  # where it points
     """
-    a, na = _locations(query_acts)
-    b, nb = _locations(neighbour_acts)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"channel counts differ: {a.shape[1]} and {b.shape[1]}")
-    cos = a @ b.T  # (h*w, h2*w2)
+    cos, query_map, neighbour_map = _correspondence(query_acts, neighbour_acts)
     h, w = np.asarray(query_acts).shape[1:]
     h2, w2 = np.asarray(neighbour_acts).shape[1:]
-    strength_a = na / max(float(na.max()), _EPS)
-    strength_b = nb / max(float(nb.max()), _EPS)
-    query_map = np.maximum(cos.max(axis=1), 0) * strength_a
-    neighbour_map = np.maximum(cos.max(axis=0), 0) * strength_b
     match = cos.argmax(axis=1).reshape(h, w)
     return (query_map.reshape(h, w).astype(np.float32), neighbour_map.reshape(h2, w2).astype(np.float32),
             match.astype(np.int64))
+
+
+class RegionPair(NamedTuple):
+    """Two linked maps: the query's strongest region and the neighbour's region it resembles most."""
+
+    query_map: np.ndarray  # (h, w), as region_matches
+    neighbour_map: np.ndarray  # (h2, w2), as region_matches
+    query_cell: tuple  # (row, col) of the query map's maximum
+    neighbour_cell: tuple  # (row, col) in the neighbour's grid of the location query_cell matches best
+    cosine: float  # the cosine of those two locations' activation vectors
+
+
+def region_pair(query_acts, neighbour_acts) -> RegionPair:
+    """region_matches plus the link shown with the pair: the query map's maximum (first in row
+    order on a tie) and its best-matching location in the neighbour.
+
+    Example:
+        >>> pair = region_pair(acts[0], acts[3])
+        >>> pair.query_cell, pair.neighbour_cell, round(pair.cosine, 3)
+        ((2, 3), (4, 1), 0.912)
+    """
+    cos, query_map, neighbour_map = _correspondence(query_acts, neighbour_acts)
+    h, w = np.asarray(query_acts).shape[1:]
+    h2, w2 = np.asarray(neighbour_acts).shape[1:]
+    strongest = int(query_map.argmax())
+    best = int(cos[strongest].argmax())
+    return RegionPair(query_map.reshape(h, w).astype(np.float32), neighbour_map.reshape(h2, w2).astype(np.float32),
+                      divmod(strongest, int(w)), divmod(best, int(w2)), float(cos[strongest, best]))
 
 
 def matching_maps(query_acts, neighbour_acts):

@@ -29,7 +29,7 @@ def selected_search(index, x, k, excluded, allowed=None):
     sel, keep_alive = _selector(excluded, allowed)
     # IndexIDMap2 wraps the selector so that it sees external ids, not storage positions
     # (checked in tests/test_index.py).
-    D, I = index.search(x, k, params=_search_params(index, sel))
+    D, I = index.search(x, k, params=_search_params(index, sel, keep_alive))
     del keep_alive
     return D, I
 
@@ -49,10 +49,16 @@ def _selector(excluded, allowed):
     return parts[-1], parts
 
 
-def _search_params(index, sel):
+def _search_params(index, sel, keep):
     # Parameters replace the index's own settings, and their defaults (nprobe=1, efSearch=16)
     # would silently ruin recall: copy the index's values.
-    inner = faiss.downcast_index(index.index)
+    # A bare IVF (index.shards' merged index) stores the external ids itself: no map around it.
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if inner is index and isinstance(inner, faiss.IndexPreTransform):  # e.g. OPQ before the IVF
+        ivf = faiss.extract_index_ivf(inner)
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe, max_codes=ivf.max_codes)
+        keep.append(params)  # faiss holds a bare pointer to the inner parameters
+        return faiss.SearchParametersPreTransform(index_params=params)
     if isinstance(inner, faiss.IndexIVF):
         return faiss.SearchParametersIVF(sel=sel, nprobe=inner.nprobe, max_codes=inner.max_codes)
     if isinstance(inner, faiss.IndexHNSW):

@@ -10,6 +10,8 @@ from pg import backend, db_url, fresh_db, pg_cluster, pytest_configure, pytest_g
 
 # Tests must never download: an empty hub cache makes any ImageNet lookup fail fast and clearly.
 os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".torch-home-empty"))
+# Likewise timm's weights (Hugging Face hub): tests build timm models with weights="none" only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY = ["--model", "tinycnn", "--weights", "none"]
 

@@ -124,7 +124,7 @@ def test_export_stdout_and_errors(indexed, capsys, tmp_path):
     assert export(cb, "feedback", "json") == 0
     assert json.loads(capsys.readouterr().out) == []
     assert export(cb, "feedback", "csv") == 0
-    assert capsys.readouterr().out == "id,query_id,label,note,by,created_at,retained_case_id\n"
+    assert capsys.readouterr().out == "id,query_id,label,note,by,created_at,retained_case_id,region\n"
     with pytest.raises(UnknownNameError, match="choose from cases, feedback, queries"):
         export(cb, "votes", "csv")
     with pytest.raises(UnknownNameError, match="csv, json"):

@@ -292,7 +292,7 @@ def test_show_and_report_rebuilt_after_files_are_gone(runner, indexed, query_set
     assert text.exit_code == 0, text.output
     for n in a["neighbours"]:
         assert f"{n['case_id']:>6}  {n['label']}" in text.output
-    assert "layercam similarity:query" in text.output and "feedback:   none" in text.output
+    assert "layercam(sim=match) similarity:query" in text.output and "feedback:   none" in text.output
     assert a["model_fingerprints"][0][:12] in text.output
     record = json.loads(invoke(runner, "show", qid, "--db", indexed, "--json").output)
     assert record["prediction"]["label"] == a["prediction"]["label"] and record["k"] == 3
@@ -311,7 +311,8 @@ def test_show_and_report_rebuilt_after_files_are_gone(runner, indexed, query_set
     assert r.output == f"report: cbr-reports/query-{qid}/report.html\n" and default.exists()
     assert placeholders == ["image changed or missing since indexing"]  # no map drawn on it (issue 12)
     html = default.read_text()
-    assert html.count("data:image/jpeg;base64,") == 4 and "<script" not in html
+    # the query, the lost case's placeholder, and a linked pair (query side, case side) for each other case
+    assert html.count("data:image/jpeg;base64,") == 1 + 1 + 2 * 2 and "<script" not in html
     assert f"case {lost}" in html
 
     custom = tmp_path / "audit" / "q.html"

@@ -91,7 +91,8 @@ def test_query_json(runner, indexed, query_set, tmp_path):
         assert s.scalar(select(func.count(Query.id))) == len(images)
         q_maps = s.scalars(select(Explanation).where(Explanation.query_id == answers[0]["query_id"])).all()
     assert {m.role for m in q_maps} == {"query", "neighbour"}
-    assert len(q_maps) == 1 + 3
+    # the query's map, each neighbour's map and, for region matching, each pair's query-side map
+    assert len(q_maps) == 1 + 3 + 3
 
 
 def test_query_table_output(runner, indexed, query_set, tmp_path):

@@ -266,7 +266,10 @@ def test_explain_appends_and_never_overwrites(runner, indexed, query_set, tmp_pa
     before = _rows(indexed, qid)
     from cbr.pipeline.settings import QueryConfig
 
-    assert {r[2] for r in before} == {QueryConfig.explain}  # the default method (measured: layercam)
+    from cbr.models.similarity_maps import similarity_spec
+
+    query_time = similarity_spec(QueryConfig.explain, QueryConfig.similarity_map)  # "layercam(sim=match)"
+    assert {r[2] for r in before} == {query_time}  # the default method (measured: layercam)
     for method in ("deeplift", "deeplift", "lime"):
         result = invoke(runner, "explain", qid, "--method", method, "--explain-budget", "20", "--db", indexed,
                         "--out", tmp_path / "r")
@@ -279,7 +282,7 @@ def test_explain_appends_and_never_overwrites(runner, indexed, query_set, tmp_pa
     assert {r[1] for r in added} == {"query-added", "neighbour-added"}
     report = (tmp_path / "r" / f"query-{qid}" / "report.html").read_text()
     assert "Explanation methods" in report and "lime(n=20,seg=slic50) (added later)" in report
-    assert f"{QueryConfig.explain} (at query time)" in report
+    assert f"{query_time} (at query time)" in report
 
 
 def test_explain_errors_are_one_line(runner, indexed, tmp_path):

@@ -209,8 +209,11 @@ def report_cmd(query_id, db, index_dir, out, scale):
 @click.option("--retain", is_flag=True, help="Add the query image to the case base with this label.")
 @click.option("--image", type=click.Path(dir_okay=False), default=None,
               help="With --retain: the query image if it moved (its sha256 must match the query's).")
+@click.option("--region", default=None, metavar="X0,Y0,X1,Y1",
+              help="The expert's box on the lesion, in the query image's pixels; exported as a lesion mask "
+              "for `cbr train --mask-guidance` (`cbr export --what regions --masks DIR`).")
 @json_option
-def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, as_json):
+def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, region, as_json):
     """Record an expert's verdict on a query: confirm or correct it, and optionally retain it.
 
     Verdicts are never overwritten: each is a new row with its time. --retain adds the query
@@ -221,12 +224,14 @@ def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, as_jso
         cbr feedback 12 --label tumour --by dr.lee --db cases.db
         cbr feedback 12 --label cyst --note "fluid level" --retain
         cbr feedback 12 --label cyst --retain --image /archive/scan-12.png
+        cbr feedback 12 --label tumour --region 40,32,120,96
     """
     from cbr.pipeline.audit import add_feedback
 
     if image is not None and not retain:
         raise click.UsageError("--image is only used with --retain")
-    result = add_feedback(_open(db, index_dir), query_id, label, note=note, by=by, retain=retain, image=image)
+    result = add_feedback(_open(db, index_dir), query_id, label, note=note, by=by, retain=retain, image=image,
+                          region=region)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -272,8 +277,11 @@ def remove_cmd(case_ids, db, index_dir, reason, as_json):
 @click.option("--what", type=RegistryChoice(export_kinds), required=True, help="Which rows.")
 @click.option("--format", "fmt", type=RegistryChoice(export_formats), default="csv", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file (written atomically) [default: stdout].")
-def export_cmd(db, index_dir, what, fmt, out):
-    """Export queries, cases or feedback as CSV or JSON for analysis outside cbr.
+@click.option("--masks", type=click.Path(file_okay=False), default=None,
+              help="With --what regions: write each box as a mask image in this folder, with a training "
+              "manifest (regions.csv: path, label, patient, mask) for `cbr train --mask-guidance`.")
+def export_cmd(db, index_dir, what, fmt, out, masks):
+    """Export queries, cases, feedback or expert regions as CSV or JSON for analysis outside cbr.
 
     \b
     Columns:
@@ -282,15 +290,30 @@ def export_cmd(db, index_dir, what, fmt, out):
                   typicality, out_of_distribution
         cases:    id, sha256, path, label, group_id, origin, dataset, added_at, removed_at,
                   removed_reason, metadata, query_id, feedback_id
-        feedback: id, query_id, label, note, by, created_at, retained_case_id
+        feedback: id, query_id, label, note, by, created_at, retained_case_id, region
+        regions:  query_id, feedback_id, image, label, patient_id, region (each reviewed query's
+                  latest expert box, with its latest verdict's label)
     JSON columns (probabilities, metadata) are JSON text in CSV. Times are UTC.
 
     \b
     Example:
         cbr export --what queries --format csv --out queries.csv --db cases.db
         cbr export --what cases --format json | jq '.[] | select(.origin == "retain")'
+        cbr export --what regions --masks boxes/ && cbr train boxes/regions.csv --mask-guidance 1
     """
     from cbr.pipeline.audit import export
+
+    if masks is not None:
+        if what != "regions" or out is not None:
+            raise click.UsageError("--masks is only used with --what regions (and writes its own regions.csv, "
+                                   "so drop --out)")
+        from cbr.pipeline.audit.regions import export_regions
+
+        result = export_regions(_open(db, index_dir, readonly=None), masks)
+        for p in result["problems"]:
+            echo(f"skipped query {p['query_id']}: {p['reason']}")
+        echo(f"wrote {result['rows']} mask(s) and the manifest {result['manifest']}")
+        return
 
     n = export(_open(db, index_dir, readonly=None), what, fmt, out)
     if out is not None:

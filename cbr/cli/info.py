@@ -18,7 +18,9 @@ def models_cmd(as_json):
     """
     import json
 
-    from cbr.models.backbones import BACKBONES
+    import importlib.util
+
+    from cbr.models.backbones import BACKBONES, TIMM_FORM, TIMM_INSTALL
     from cbr.pipeline.vote import ENSEMBLES, VOTE_RULES
     from cbr.models.weights import offline_weights_available, weights_file_name
     from explain.methods import ATTRIBUTION_METHODS, FAST_METHODS, METHOD_NAMES
@@ -28,7 +30,11 @@ def models_cmd(as_json):
         file = weights_file_name(name) if spec.weights_enum else None
         rows.append({"backbone": name, "input_size": spec.input_size, "embedding_dim": spec.embedding_dim,
                      "imagenet_file": file, "offline": bool(file) and offline_weights_available(name)})
-    info = {"backbones": rows, "cam_methods": [{"name": m, "fast_path": m in FAST_METHODS} for m in METHOD_NAMES],
+    # find_spec, not an import: timm takes seconds to import and cbr models stays instant.
+    timm = {"form": TIMM_FORM, "installed": importlib.util.find_spec("timm") is not None,
+            "install": TIMM_INSTALL}
+    info = {"backbones": rows, "timm": timm,
+            "cam_methods": [{"name": m, "fast_path": m in FAST_METHODS} for m in METHOD_NAMES],
             "vote_rules": list(VOTE_RULES), "ensembles": list(ENSEMBLES)}
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -37,6 +43,8 @@ def models_cmd(as_json):
     for r in rows:
         state = "-" if not r["imagenet_file"] else f"{r['imagenet_file']} ({'available offline' if r['offline'] else 'not cached'})"
         click.echo(f"{r['backbone']:<20} {r['input_size']:>5} {r['embedding_dim']:>5}  {state}")
+    click.echo(f"{TIMM_FORM:<20} any model of timm.list_models(), size and mean/std from its pretrained config; "
+               + ("timm is installed" if timm["installed"] else f"not installed: {timm['install']}"))
     click.echo("explanation methods: " + ", ".join(
         m + ("" if m in FAST_METHODS else " (captum)" if m in ATTRIBUTION_METHODS else " (hooked path)")
         for m in METHOD_NAMES))

@@ -6,10 +6,28 @@ import click
 
 from cbr.cli.group import cli
 from cbr.cli.explain import MethodList
-from cbr.cli.options import (RegistryChoice, backbone_names, contrast_option, json_option, manifest_options,
+from cbr.cli.options import (RegistryChoice, backbone_names, contrast_option, crop_option, json_option, manifest_options,
                              progress_enabled, source_options, tta_option, vote_names, weights_option, where_option)
 
 DEFAULT_REPORT_DIR = "cbr-evaluation"
+
+
+def _objectives():
+    from cbr.learn.objective import OBJECTIVES
+
+    return OBJECTIVES
+
+
+def _samplers():
+    from cbr.learn.sampling import SAMPLERS
+
+    return SAMPLERS
+
+
+def _flips():
+    from cbr.learn.augmentation import FLIPS
+
+    return FLIPS
 
 
 def training_options(f):
@@ -19,18 +37,20 @@ def training_options(f):
 
     @functools.wraps(f)
     def wrapper(*args, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
-                workers, contrast, tta, label_smoothing, warmup, **kwargs):
+                workers, contrast, tta, crop, label_smoothing, warmup, mask_guidance, objective, sampler, flip, **kwargs):
         from cbr.learn.config import TrainConfig
 
         training = TrainConfig(backbone=backbone, weights=weights, epochs=epochs, img_size=img_size,
                                batch_size=batch_size, lr=lr, seed=seed, device=device, patience=patience,
                                train_layers=train_layers, num_workers=workers, contrast=contrast or "none",
-                               tta=tta or "none", label_smoothing=label_smoothing, warmup_epochs=warmup)
+                               tta=tta or "none", crop=crop or "none", label_smoothing=label_smoothing, warmup_epochs=warmup,
+                               mask_guidance=mask_guidance, objective=objective, sampler=sampler, flip=flip)
         return f(*args, training=training, **kwargs)
 
     opts = [
         click.option("--backbone", type=RegistryChoice(backbone_names), default="mobilenet_v2", show_default=True,
-                     help="Backbone to fine-tune (see `cbr models`)."),
+                     help="Backbone to fine-tune (see `cbr models`); timm:<name> is any model of timm.list_models() "
+                     "(pip install 'cbr[timm]')."),
         weights_option(help="Start from ImageNet weights, or from random ones."),
         click.option("--epochs", type=click.IntRange(1, 10_000), default=10, show_default=True,
                      help="Most epochs (early stopping may end sooner)."),
@@ -50,10 +70,20 @@ def training_options(f):
                      help="Decoding worker processes [default: 1 on 2 cores]."),
         contrast_option,
         tta_option,
+        crop_option,
         click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
                      help="Cross-entropy label smoothing (e.g. 0.1)."),
         click.option("--warmup", type=click.IntRange(0, 10_000), default=0, show_default=True,
                      help="Epochs of linear learning-rate warm-up before the cosine decay."),
+        click.option("--mask-guidance", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Weight of a loss on the share of the class map (LayerCAM) outside the lesion, for "
+                     "training images with a 'mask' column entry (0: off; e.g. 1)."),
+        click.option("--objective", type=RegistryChoice(_objectives), default="ce", show_default=True,
+                     help="Loss: cross-entropy, supervised contrastive on the stored embedding, or both."),
+        click.option("--sampler", type=RegistryChoice(_samplers), default="shuffle", show_default=True,
+                     help="Batches: shuffled (class-weighted loss) or drawn class-balanced (unweighted loss)."),
+        click.option("--flip", type=RegistryChoice(_flips), default="horizontal", show_default=True,
+                     help="Training flips: none where anatomy has a side (chest X-ray), both where it has no up."),
     ]
     for opt in reversed(opts):
         wrapper = opt(wrapper)
@@ -66,8 +96,12 @@ def _print_training(r, data, training):
     grouped = "by patient" if r.grouped else "by image"
     click.echo(f"  images:       {r.train_size} training, {r.val_size} validation (split {grouped})")
     click.echo(f"  epochs:       {r.epochs_run} run, best {r.best_epoch}")
+    click.echo(f"  objective:    {training.objective} (batches: {training.sampler}; flips: {training.flip})")
     bacc = "-" if r.best_val_balanced_accuracy is None else f"{r.best_val_balanced_accuracy:.3f}"
     click.echo(f"  best validation balanced accuracy: {bacc}")
+    if r.masked_images is not None:
+        click.echo(f"  mask guidance: weight {training.mask_guidance:g}, {r.masked_images} of {r.train_size} "
+                   "training images with a lesion mask")
     click.echo(f"  skipped:      {len(r.problems)}")
     for p in r.problems:
         click.echo(f"    {p.path}: {p.reason}")
@@ -100,6 +134,8 @@ def train_cmd(data, out, training, val_fraction, manifest, sources, as_json):
         cbr train data/ --backbone tinycnn --weights none --epochs 3 --json
         cbr train dicom_by_class/ --window ct-lung --frames middle --pseudonymise "$KEY"
         cbr train volumes/ --slices every:4 --axis axial
+        cbr train lesions.csv --group-column lesion_id --mask-guidance 1
+        cbr train data/brain_mri --objective ce+supcon --sampler balanced --flip none
     """
     from dataclasses import replace
 
@@ -115,7 +151,7 @@ def train_cmd(data, out, training, val_fraction, manifest, sources, as_json):
 
 # Options that only make sense for cross-validation (protocol 1) or only against --db (protocol 2).
 _CV_ONLY = ("folds", "no_train", "backbone", "weights", "epochs", "img_size", "lr", "seed", "patience",
-            "train_layers")
+            "train_layers", "mask_guidance", "objective", "sampler", "flip")
 _DB_ONLY = ("strict", "models", "index_dir")
 
 
@@ -196,6 +232,8 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, t
         cbr evaluate volumes/ --slices every:4 --window minmax --folds 3
         cbr evaluate pneumoniamnist.npz --split test --classes normal,pneumonia --db cases.db
         cbr evaluate lesions.csv --where site=back --folds 3
+        cbr evaluate lesions.csv --group-column lesion_id --explain layercam --mask-guidance 1
+        cbr evaluate data/brain_mri --objective supcon --sampler balanced --folds 5
     """
     from cbr.evaluation import EvalConfig, cross_validate, evaluate_casebase
     from cbr.reporting.table import format_table
@@ -229,6 +267,8 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, t
         wrong = _explicit(ctx, _DB_ONLY)
         if wrong:
             raise click.UsageError(f"{', '.join(wrong)}: only with --db (a held-out test set against a case base)")
+        if no_train and training.mask_guidance:
+            raise click.UsageError("--mask-guidance is a training loss; drop --no-train to use it")
         metrics = cross_validate(data, config, training, folds=folds, train=not no_train, progress=progress,
                                  manifest=manifest)
     if as_json:

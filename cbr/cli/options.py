@@ -5,7 +5,7 @@ import sys
 import click
 
 __all__ = ["db_option", "index_dir_option", "progress_enabled", "json_option", "weights_option", "scale_option",
-           "source_options", "where_option", "contrast_option", "tta_option"]
+           "source_options", "where_option", "contrast_option", "tta_option", "crop_option"]
 
 
 def db_option(f):
@@ -55,6 +55,15 @@ def contrast_option(f):
                         "for X-ray and MRI) [default: none, or a checkpoint's own].")(f)
 
 
+def crop_option(f):
+    from cbr.data.crop import CROPS
+
+    return click.option("--crop", type=click.Choice(list(CROPS)), default=None,
+                        help="Crop to the foreground's bounding box (+4% margin) before letterboxing, kept with the "
+                        "model: wide black, white or grey borders stop wasting the input [default: none, or a "
+                        "checkpoint's own].")(f)
+
+
 def tta_option(f):
     from cbr.models.config import TTAS
 
@@ -74,7 +83,8 @@ class RegistryChoice(click.Choice):
     """A click.Choice whose names come from a registry, looked up only when needed.
 
     ``loader`` returns the registry's names; it runs when an option is validated or its help is
-    shown, never at import, so ``cbr --help`` does not import numpy or torch.
+    shown, never at import, so ``cbr --help`` does not import numpy or torch. A name shaped
+    ``prefix:<what>`` is a form: any value ``prefix:...`` passes here, and the library checks the rest.
     """
 
     def __init__(self, loader, extra=()):
@@ -90,6 +100,14 @@ class RegistryChoice(click.Choice):
     @choices.setter
     def choices(self, value):
         self._choices = tuple(value)
+
+    def convert(self, value, param, ctx):
+        for choice in self.choices:
+            prefix, sep, _ = choice.partition("<")
+            if sep and choice.endswith(">") and isinstance(value, str) and value.startswith(prefix) \
+                    and len(value) > len(prefix):
+                return value
+        return super().convert(value, param, ctx)
 
 
 def cam_names():
@@ -111,9 +129,9 @@ def ensemble_names():
 
 
 def backbone_names():
-    from cbr.models.backbones import BACKBONES
+    from cbr.models.backbones import BACKBONES, TIMM_FORM
 
-    return list(BACKBONES)
+    return [*BACKBONES, TIMM_FORM]
 
 
 def manifest_options(f):

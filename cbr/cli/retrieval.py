@@ -22,14 +22,16 @@ from cbr.cli.options import (
     weights_option,
     where_option,
     contrast_option,
+    crop_option,
     tta_option,
 )
 from cbr.pipeline.engine import ENGINES
 from cbr.store.encoding import EMBEDDING_DTYPES
 from cbr.pipeline.settings import DEFAULT_REPORTS, NO_EXPLANATION, IndexConfig, QueryConfig
+from cbr.models.similarity_maps import SIMILARITY_MAPS
 
 # The registries are plain dicts in light modules; listing their names here must not import torch.
-BACKBONE_HINT = "a backbone name (see `cbr models`) or a checkpoint path from `cbr train`"
+BACKBONE_HINT = "a backbone name (see `cbr models`; timm:<name> for a timm model) or a checkpoint path from `cbr train`"
 
 
 def _print_report(report, db):
@@ -77,11 +79,12 @@ def _print_report(report, db):
               show_default=True, help="How embeddings are stored: float32 (exact rebuilds) or float16 (half the bytes).")
 @contrast_option
 @tta_option
+@crop_option
 @manifest_options
 @source_options()
 @json_option
 def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, explain, target_layer, rebuild, workers,
-              engine, ray_address, embedding_dtype, contrast, tta, manifest, sources, as_json):
+              engine, ray_address, embedding_dtype, contrast, tta, crop, manifest, sources, as_json):
     """Index a labelled dataset into a case base (incremental and resumable).
 
     DATA is a folder with one sub-folder per class, a CSV manifest with the columns
@@ -97,6 +100,7 @@ def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, expl
         cbr index data/ --explain layercam --target-layer features.13
         cbr index --rebuild --db cases.db
         cbr index xrays/ --contrast clahe --tta flip
+        cbr index mri/ --crop foreground
         cbr index dicom_by_class/ --window ct-lung --pseudonymise "$KEY"
         cbr index volumes/ --slices every:4 --axis axial
         cbr index pneumoniamnist.npz --split train --classes normal,pneumonia
@@ -110,7 +114,7 @@ def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, expl
     config = IndexConfig(models=models or IndexConfig.models, weights=weights, index_type=index_type,
                          batch_size=batch_size, explain=explain, target_layer=target_layer, num_workers=workers,
                          engine=engine, ray_address=ray_address, embedding_dtype=embedding_dtype, contrast=contrast,
-                         tta=tta)
+                         tta=tta, crop=crop)
     cb = open_casebase(db, index_dir=index_dir)
     report = index_dataset(cb, data, config, manifest=manifest, rebuild=rebuild, progress=progress_enabled(),
                            sources=sources)
@@ -172,6 +176,9 @@ def _print_answer(a):
 @click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=(NO_EXPLANATION,)), default=QueryConfig.explain,
               show_default=True, help="Method for the maps: a CAM, or an attribution (lime, kernelshap, deeplift, "
               "integrated-gradients, occlusion) that costs many model evaluations per map.")
+@click.option("--similarity-map", type=click.Choice(tuple(SIMILARITY_MAPS)), default=QueryConfig.similarity_map,
+              show_default=True, help="Why-this-neighbour maps of a CAM method: region matching (linked regions of the "
+              "query and the case; measured to localise better) or a CAM of the global cosine.")
 @click.option("--explain-budget", type=click.IntRange(1, 100000), default=None,
               help="Cap on the model evaluations of each attribution map (LIME/KernelSHAP samples, "
               "integrated-gradients steps, occlusion positions). [default: 200 samples, 32 steps, 225 positions]")
@@ -188,7 +195,7 @@ def _print_answer(a):
 @source_options("window", "axis", "volume", "pseudonymise")
 @json_option
 def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, temperature, patient, models, where, explain,
-              explain_budget, explain_neighbours, scale, out_dir, ood_alpha, answer_anyway, no_record, sources, as_json):
+              similarity_map, explain_budget, explain_neighbours, scale, out_dir, ood_alpha, answer_anyway, no_record, sources, as_json):
     """Diagnose images from their nearest cases, with maps of where the network looked.
 
     Prints the prediction, its confidence, per-class probabilities and each neighbour, and writes
@@ -201,6 +208,7 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
         cbr query scan.png --patient P017 --explain gradcam++
         cbr query scan.png --no-record --db "sqlite:////replica/cases.db?mode=ro&uri=true"
         cbr query scan.png --explain lime --explain-budget 100 --explain-neighbours 2
+        cbr query scan.png --similarity-map cosine   # global-cosine CAMs instead of region matching
         cbr query odd.png --ood-alpha 0.05 --answer-anyway
         cbr query lesion.jpg --where site=back --where sex=female
         cbr query ct/IM0042                  # DICOM, any name; a multi-frame file: its middle frame
@@ -213,7 +221,7 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
     config = QueryConfig(k=k, vote=vote, ensemble=ensemble, min_credibility=min_credibility, temperature=temperature,
                          explain=explain, scale=scale, models=models, out_dir=out_dir, explain_budget=explain_budget,
                          explain_neighbours=explain_neighbours, progress=progress_enabled(), ood_alpha=ood_alpha,
-                         answer_anyway=answer_anyway, where=where)
+                         answer_anyway=answer_anyway, where=where, similarity_map=similarity_map)
     cb = open_casebase(db, create=False, index_dir=index_dir, readonly=None if no_record else False)
     answers = query_images(cb, images, config, patient=patient, sources=sources, record=not no_record)
     if as_json:

@@ -197,7 +197,7 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
     import torch
     from tqdm import tqdm
 
-    from cbr.data.image import letterbox
+    from cbr.data.crop import model_view
     from cbr.data.sources import read_source
     from cbr.data.mask import lesion_mask
     from cbr.models.maps import compute_maps
@@ -225,12 +225,12 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
         targets = {"class": [ClassTarget(c) for c in labels], **targets}
     targets = {kind: tgs for kind, tgs in targets.items() if kind in wanted}
     masks = []
-    for r in pick:
+    for r, img in zip(pick, decoded):
         path = (r.metadata or {}).get("mask")
         mask = None
         if path:
             try:
-                mask = lesion_mask(path, size)
+                mask = lesion_mask(path, size, crop=embedder.config.crop, image=img)
             except OSError as e:
                 LOG.warning("%s: mask unreadable (%s); left out of the localisation columns", path, e)
         masks.append(mask if mask is not None and mask.any() else None)
@@ -262,7 +262,7 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
             maps[(spec, kind)] = raws
             bar.update(1)
     bar.close()
-    shown = [letterbox(img, size) for img in decoded]
+    shown = [model_view(img, size, embedder.config.crop) for img in decoded]  # the maps' geometry
     return {"n": len(pick), "images": [r.path for r in pick], "labels": [r.label for r in pick],
             "targets": list(targets), "randomised_block": block, "rows": rows, "maps": maps, "pictures": shown,
             "masks": sum(m is not None for m in masks)}

@@ -44,7 +44,7 @@ def _fold_model(ckpt: Path, train_recs, training: TrainConfig, train: bool, show
     if not train:
         emb = create_embedder(training.backbone, weights=training.weights, input_size=training.img_size,
                               seed=training.seed, window=training.sources.window, contrast=training.contrast,
-                              tta=training.tta)
+                              tta=training.tta, crop=training.crop)
         save_checkpoint(emb, ckpt, extra={"dataset": shown, "note": "untrained backbone (evaluate --no-train)"})
         return {}, []
     res = train_model(out=ckpt, config=training, records=train_recs, progress=progress)
@@ -62,6 +62,7 @@ class _Folds:
         self.shown, self.progress = shown, progress
         self.outcomes, self.rows, self.problems, self.faithfulness = [], [], [], []
         self.softmax_classes, self.input_size = None, None
+        self.model_config = None  # the folds' ModelConfig: its crop places the lesion masks
         self.comparison = None  # the explanation methods compared on the first fold
         self.foreign = []  # (typicality, flagged) of the --ood dataset's images, every fold
         self.sweeps = []  # the map sweep of every fold (cbr.evaluation.sweep)
@@ -103,7 +104,7 @@ class _Folds:
                                        desc=f"fold {f + 1} queries")
                 self.problems.extend(bad)
                 emb = searcher.members[0].embedder
-                self.input_size = emb.config.input_size
+                self.input_size, self.model_config = emb.config.input_size, emb.config
                 head_classes = add_softmax(emb, got, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                            device=cfg.device)
                 self.softmax_classes = head_classes or self.softmax_classes
@@ -174,6 +175,8 @@ def cross_validate(
 
     t0 = time.monotonic()
     config.check()  # unknown names fail before any work
+    if train:
+        training.check()  # an unknown objective, sampler or flip too, not at the first fold
     device = resolve_device(config.device if config.device is not None else training.device)
     # the folds' models decode DATA as it was read: config.sources, window included
     config, training = replace(config, device=device), replace(training, device=device, sources=config.sources)
@@ -181,13 +184,18 @@ def cross_validate(
     classes = sorted({r.label for r in recs})
     if len(classes) < 2:
         raise CbrError(f"{shown}: only one class ({classes[0]!r}); evaluation needs at least 2 classes")
+    if train:
+        from cbr.learn.guidance import check_guidance
+
+        check_guidance(training.mask_guidance, recs, shown)  # before the first fold, not inside it
     fold_of = grouped_folds([r.label for r in recs], [r.group for r in recs], folds, seed=training.seed)
     t = training
     settings = {"protocol": "cross-validation", "source": shown, "folds": folds, "k": config.k, "vote": config.vote,
                 "explain": config.explain, "train": train, "backbone": t.backbone, "weights": t.weights,
                 "epochs": t.epochs if train else None, "img_size": t.img_size, "batch_size": config.batch_size,
                 "lr": t.lr, "patience": t.patience, "train_layers": t.train_layers, "seed": t.seed, "device": device,
-                "sources": config.sources.to_dict()}
+                "sources": config.sources.to_dict(), "mask_guidance": t.mask_guidance,
+                "objective": t.objective, "sampler": t.sampler, "flip": t.flip, "crop": t.crop}
 
     run = _Folds(config, training, folds, train, shown, progress)
     run.problems.extend(problems)
@@ -200,7 +208,7 @@ def cross_validate(
         run.run(f, train_recs, test_recs)
 
     metrics = score(run.outcomes, classes, k=config.k, softmax_classes=run.softmax_classes,
-                    input_size=run.input_size, localise=config.explain != "none")
+                    input_size=run.input_size, localise=config.explain != "none", model=run.model_config)
     metrics["faithfulness"] = pool_checks(run.faithfulness)
     from cbr.evaluation.selective import add_selective, write_selective
 
@@ -216,6 +224,6 @@ def cross_validate(
                    elapsed_s=round(time.monotonic() - t0, 1), report=None)
     if config.out_dir is not None:
         metrics["report"] = str(config.out_dir)
-        write_report(metrics, config.out_dir, run.outcomes)
+        write_report(metrics, config.out_dir, run.outcomes, model=run.model_config)
         write_selective(metrics, config.out_dir)
     return json_safe(metrics)

@@ -108,7 +108,8 @@ def evaluate_casebase(
                                   device=device)
     input_size = searcher.members[0].embedder.config.input_size
     metrics = score(outcomes, _case_classes(cb) | {r.label for r in test}, k=config.k,
-                    softmax_classes=softmax_classes, input_size=input_size, localise=config.explain != "none")
+                    softmax_classes=softmax_classes, input_size=input_size, localise=config.explain != "none",
+                    model=searcher.members[0].embedder.config)
     metrics["map_reliability"] = _keep_reliability(cb, searcher.members[0], config.explain, metrics["localisation"])
     metrics["faithfulness"] = explanation_checks(emb or searcher.members[0].embedder, test, config.explain, seed=0)
     from cbr.evaluation.selective import add_selective, foreign_typicality, read_foreign, write_selective
@@ -133,6 +134,6 @@ def evaluate_casebase(
                    problems=unique_problems(problems), elapsed_s=round(time.monotonic() - t0, 1), report=None)
     if config.out_dir is not None:
         metrics["report"] = str(config.out_dir)
-        write_report(metrics, config.out_dir, outcomes)
+        write_report(metrics, config.out_dir, outcomes, model=searcher.members[0].embedder.config)
         write_selective(metrics, config.out_dir)
     return json_safe(metrics)

@@ -2,7 +2,7 @@
 
 When records carry a ``mask`` (metadata) and ``explain`` is not ``none``, the query's map (the
 class map of the predicted class when the model has a head, else the similarity map to its
-neighbours) is scored against the mask, letterboxed like the image. Images with an empty mask
+neighbours) is scored against the mask, in the model's view of the image (its crop, then letterbox). Images with an empty mask
 (no lesion) are left out: there is nothing to point at.
 """
 
@@ -23,8 +23,11 @@ def _block(rows) -> dict:
             "iou": float(np.mean([r[3] for r in rows]))}
 
 
-def localisation(outcomes, input_size: int) -> dict | None:
-    """The localisation figures of the outcomes' maps, by map kind and class (None: no mask)."""
+def localisation(outcomes, input_size: int, model=None) -> dict | None:
+    """The localisation figures of the outcomes' maps, by map kind and class (None: no mask).
+
+    ``model``: the ``ModelConfig`` whose maps these are (its ``crop`` and ``window`` place the
+    masks); None: no crop."""
     from cbr.data.mask import lesion_mask
     from explain.metrics import energy_pointing_game, iou, pointing_game
 
@@ -34,7 +37,8 @@ def localisation(outcomes, input_size: int) -> dict | None:
         if not mask_path or not o.maps:
             continue
         try:
-            mask = lesion_mask(mask_path, input_size)
+            mask = lesion_mask(mask_path, input_size, crop=getattr(model, "crop", "none"), image=o.record.path,
+                               window=getattr(model, "window", "auto"))
         except OSError as e:
             LOG.warning("%s: mask unreadable (%s); left out of the localisation figures", mask_path, e)
             continue

@@ -25,7 +25,7 @@ def _classification(truth, pred, proba, confidence, classes) -> dict:
 
 
 def score(outcomes, classes, *, k: int, softmax_classes=None, input_size: int | None = None,
-          localise: bool = False) -> dict:
+          localise: bool = False, model=None) -> dict:
     """The metrics dict of a list of ``Outcome``s.
 
     Args:
@@ -35,6 +35,7 @@ def score(outcomes, classes, *, k: int, softmax_classes=None, input_size: int | 
         softmax_classes: the head's classes when outcomes carry softmax probabilities.
         input_size: the model's input side, for letterboxing the lesion masks.
         localise: add the localisation figures (queries were explained).
+        model: the ``ModelConfig`` of the maps (its crop places the masks); None: no crop.
     """
     from cbr.evaluation.localisation import localisation
     from cbr.evaluation.metrics import abstention, mean_average_precision, precision_at_k
@@ -57,7 +58,7 @@ def score(outcomes, classes, *, k: int, softmax_classes=None, input_size: int | 
     if soft:
         metrics["softmax"] = _classification([o.record.label for o in soft], s_pred, s_proba, s_conf, classes)
         metrics["softmax"]["n"] = len(soft)
-    metrics["localisation"] = localisation(outcomes, input_size) if localise and input_size else None
+    metrics["localisation"] = localisation(outcomes, input_size, model) if localise and input_size else None
     metrics["n"] = len(outcomes)
     metrics["classes"] = classes
     return metrics

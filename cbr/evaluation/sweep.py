@@ -74,7 +74,8 @@ def at_layer(embedder, stage: str):
     return copy_at(embedder, layer)
 
 
-def _masks(pick, size):
+def _masks(pick, config):
+    """Each picked record's non-empty mask in the model's view (``config``: its size, crop, window), or None."""
     import logging
 
     from cbr.data.mask import lesion_mask
@@ -84,7 +85,7 @@ def _masks(pick, size):
         path, mask = (r.metadata or {}).get("mask"), None
         if path:
             try:
-                mask = lesion_mask(path, size)
+                mask = lesion_mask(path, config.input_size, crop=config.crop, image=r.path, window=config.window)
             except OSError as e:
                 logging.getLogger(__name__).warning("%s: mask unreadable (%s); left out", path, e)
         out.append(mask if mask is not None and mask.any() else None)
@@ -161,7 +162,7 @@ def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = F
     targets = {"similarity": [SimilarityTarget(ref) for ref in references]}
     if classifier:
         targets = {"class": [ClassTarget(c) for c in labels], **targets}
-    masks = _masks(pick, embedder.config.input_size)
+    masks = _masks(pick, embedder.config)
     rows = []
     total = len(targets) * len(settings.methods) * len(settings.layers) + len(settings.layers)
     bar = tqdm(total=total, desc="sweeping maps", unit="row", disable=not progress)
@@ -189,7 +190,8 @@ def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = F
     scores = _score_fns(embedder, x, "similarity", labels, references)
     for spec in settings.layers:
         t0 = time.perf_counter()
-        per_stage = [matching_maps(acts[s].float().numpy(), acts[s][nearest].float().numpy())
+        per_stage = [matching_maps(clones[s].grid(acts[s]).float().numpy(),  # a ViT's tokens: its patch grid
+                                   clones[s].grid(acts[s][nearest]).float().numpy())
                      for s in split_layers(spec)]
         raws = per_stage[0] if len(per_stage) == 1 else fuse_maps(per_stage)
         seconds = time.perf_counter() - t0

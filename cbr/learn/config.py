@@ -25,7 +25,7 @@ class TrainConfig:
     Cross-validation trains one model per fold with the same config.
     """
 
-    backbone: str = "mobilenet_v2"  # a name in cbr.models.backbones.BACKBONES
+    backbone: str = "mobilenet_v2"  # a name in cbr.models.backbones.BACKBONES, or timm:<model>
     weights: str = "imagenet"  # "imagenet" (fine-tune) or "none" (random weights)
     epochs: int = 10  # the most epochs to run (early stopping may end sooner)
     img_size: int | None = None  # input side in pixels; None: the backbone's
@@ -42,21 +42,35 @@ class TrainConfig:
     sources: SourceSpec = SourceSpec()
     contrast: str = "none"  # cbr.data.contrast.CONTRASTS: equalisation before letterboxing (kept with the model)
     tta: str = "none"  # test-time augmentation the checkpoint's embeddings use (models.config.TTAS)
+    crop: str = "none"  # cbr.data.crop.CROPS: foreground crop before letterboxing (kept with the model)
     label_smoothing: float = 0.0  # share of each target spread over the other classes (cross-entropy)
     warmup_epochs: int = 0  # epochs of linear learning-rate warm-up before the cosine decay
+    objective: str = "ce"  # cbr.learn.objective.OBJECTIVES: what the loss optimises (ce, supcon, ce+supcon)
+    sampler: str = "shuffle"  # cbr.learn.sampling.SAMPLERS: how batches are drawn (balanced: by class)
+    flip: str = "horizontal"  # cbr.learn.augmentation.FLIPS: training flips (horizontal: as always)
+    mask_guidance: float = 0.0  # weight of the map-outside-the-lesion loss (cbr.learn.guidance); 0: off
 
     def check(self) -> None:
         """Raise TrainError or UnknownNameError naming the first option out of range."""
-        from cbr.models.backbones import BACKBONES
+        from cbr.models.backbones import backbone_spec
         from cbr.models.config import WEIGHTS
 
-        if self.backbone not in BACKBONES:
-            raise UnknownNameError("backbone", self.backbone, BACKBONES)
+        spec = backbone_spec(self.backbone)  # an unknown name raises, naming the choices
         if self.weights not in WEIGHTS:
             raise UnknownNameError("weights", self.weights, WEIGHTS)
         from cbr.data.contrast import check_contrast
 
         check_contrast(self.contrast)
+        from cbr.data.crop import check_crop
+
+        check_crop(self.crop)
+        from cbr.learn.augmentation import check_flip
+        from cbr.learn.objective import get_objective
+        from cbr.learn.sampling import get_sampler
+
+        get_objective(self.objective)
+        get_sampler(self.sampler)
+        check_flip(self.flip)
         from cbr.models.config import TTAS
 
         if self.tta not in TTAS:
@@ -65,6 +79,8 @@ class TrainConfig:
             raise TrainError(f"--label-smoothing {self.label_smoothing}: use a value in [0, 1), e.g. 0.1")
         if self.warmup_epochs < 0:
             raise TrainError(f"--warmup {self.warmup_epochs}: use 0 (no warm-up) or more epochs")
+        if not self.mask_guidance >= 0:
+            raise TrainError(f"--mask-guidance {self.mask_guidance}: use 0 (off) or a positive weight such as 1")
         if self.epochs < 1:
             raise TrainError(f"--epochs {self.epochs}: train for at least 1 epoch")
         if self.batch_size < 1:
@@ -77,7 +93,6 @@ class TrainConfig:
             raise TrainError(f"--patience {self.patience}: use 0 (no early stopping) or more")
         if not 0 <= self.val_fraction < 1:
             raise TrainError(f"validation fraction {self.val_fraction}: use a value in [0, 1)")
-        spec = BACKBONES[self.backbone]
         if self.img_size is not None and self.img_size < spec.min_input_size:
             raise TrainError(
                 f"--img-size {self.img_size} is too small for {self.backbone}; use at least "

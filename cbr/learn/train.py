@@ -7,7 +7,8 @@ Decisions (decoding and augmentation: see :mod:`cbr.learn.augmentation`):
 
 * **Class balance**: cross-entropy weighted by n / (K * n_class) over the training part (the
   "balanced" weights), so every image is seen once per epoch and rare classes count as much as
-  common ones.
+  common ones. With ``sampler="balanced"`` the batches are drawn by class instead and the loss is
+  unweighted (:mod:`cbr.learn.sampling`); ``objective`` picks the loss (:mod:`cbr.learn.objective`).
 * **Validation**: a patient-grouped, stratified split (:func:`cbr.evaluation.splits.group_split`) keeps
   ``val_fraction`` of the images out of training; no patient is on both sides. Early stopping
   watches the validation balanced accuracy (ties: lower validation loss) and keeps the best
@@ -39,8 +40,10 @@ import numpy as np
 
 from cbr.data.dataset import ManifestSpec, Problem, Record, read_dataset
 from cbr.errors import DatasetError
-from cbr.learn.augmentation import AUGMENTATION, Augmented, decode_all, is_grayscale, make_augmentation
+from cbr.learn.augmentation import (AUGMENTATION, Augmented, augmentation_text, decode_all, is_grayscale,
+                                    make_augmentation)
 from cbr.learn.config import TrainConfig, TrainError, check_out
+from cbr.learn.guidance import check_guidance, lesion_masks
 from cbr.learn.trainer import Trainer, trunk_stages
 
 __all__ = [
@@ -78,6 +81,7 @@ class TrainResult:
     val_groups: list[str] = field(default_factory=list, repr=False)  # group ids in the validation part
     problems: list[Problem] = field(default_factory=list)  # files skipped (unreadable...)
     grouped: bool = False  # whether the validation split was by patient group (else by image)
+    masked_images: int | None = None  # with --mask-guidance: training images guided by a lesion mask
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -150,14 +154,16 @@ def train_model(
         records, problems = list(records), []
         what = str(source) if source is not None else "the training records"
     class_names = _check_classes(records, what)
+    check_guidance(config.mask_guidance, records, what)  # before anything slow
     # Built before decoding, so missing ImageNet weights fail fast.
     model = create_embedder(config.backbone, weights=config.weights, input_size=config.img_size,
                             class_names=class_names, seed=config.seed, device=device, window=config.sources.window,
-                            contrast=config.contrast, tta=config.tta)
+                            contrast=config.contrast, tta=config.tta, crop=config.crop)
     size = model.config.input_size
 
     kept, cache, bad = decode_all(records, size, batch_size=config.batch_size, num_workers=config.num_workers,
-                                  progress=progress, window=model.config.window, contrast=model.config.contrast)
+                                  progress=progress, window=model.config.window, contrast=model.config.contrast,
+                                  crop=model.config.crop)
     problems += bad
     records = [records[i] for i in kept]
     _check_classes(records, what)
@@ -177,7 +183,8 @@ def train_model(
     class_weight = torch.tensor(len(train_idx) / (len(class_names) * np.maximum(counts, 1)),
                                 dtype=torch.float32, device=device)
     run = Trainer(model, config, device, class_names, class_weight, progress)
-    train_set = Augmented(cache[train_idx], [targets[i] for i in train_idx], make_augmentation(grey))
+    guide = _guidance(config, [records[i] for i in train_idx], model.config, problems)  # () or (masks, has)
+    train_set = Augmented(cache[train_idx], [targets[i] for i in train_idx], make_augmentation(grey, config.flip), *guide)
     history, best_epoch = run.fit(train_set, cache[val_idx], [targets[i] for i in val_idx])
 
     seen_sha = [r.sha256 for r in records]
@@ -191,12 +198,14 @@ def train_model(
         "val_size": len(val_idx),
         "val_sha256": [records[i].sha256 for i in val_idx],
         "grayscale": grey,
-        "augmentation": AUGMENTATION if not grey else AUGMENTATION.split(" (+")[0],
+        "augmentation": augmentation_text(grey, config.flip),
         "options": {"backbone": config.backbone, "weights": config.weights, "epochs": config.epochs,
                     "img_size": size, "batch_size": config.batch_size, "lr": run.head_lr, "seed": config.seed,
                     "patience": config.patience, "val_fraction": config.val_fraction, "freeze_bn": run.freeze_bn,
                     "train_layers": config.train_layers, "sources": config.sources.to_dict(),
-                    "label_smoothing": config.label_smoothing, "warmup_epochs": config.warmup_epochs},
+                    "label_smoothing": config.label_smoothing, "warmup_epochs": config.warmup_epochs,
+                    "objective": config.objective, "sampler": config.sampler, "flip": config.flip,
+                    "mask_guidance": config.mask_guidance, "masked_images": _masked(guide)},
     }
     try:
         fingerprint = save_checkpoint(model, out, train_sha256=seen_sha, extra=extra)
@@ -208,8 +217,25 @@ def train_model(
         val_size=len(val_idx), fingerprint=fingerprint, elapsed=time.monotonic() - t0, grayscale=grey,
         train_groups=sorted({_group(records[i], i) for i in train_idx}),
         val_groups=sorted({_group(records[i], i) for i in val_idx}), problems=problems,
-        grouped=any(records[i].group is not None for i in train_idx),
+        grouped=any(records[i].group is not None for i in train_idx), masked_images=_masked(guide),
     )
+
+
+def _guidance(config: TrainConfig, records, model_config, problems: list) -> tuple:
+    """With mask guidance: (masks, has) of the training records in the model's view (its input
+    size, crop and window); unreadable masks join the problems."""
+    if not config.mask_guidance:
+        return ()
+    masks, has, bad = lesion_masks(records, model_config.input_size, crop=model_config.crop,
+                                   window=model_config.window)
+    problems += bad
+    LOG.info("mask guidance %g: %d of %d training images have a lesion mask", config.mask_guidance, int(has.sum()),
+             len(records))
+    return masks, has
+
+
+def _masked(guide: tuple) -> int | None:
+    return int(guide[1].sum()) if guide else None
 
 
 def _group(r: Record, i: int) -> str:

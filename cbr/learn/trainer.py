@@ -12,6 +12,8 @@ import time
 import numpy as np
 
 from cbr.learn.config import HEAD_LR, TrainConfig
+from cbr.learn.objective import LossSettings, get_objective
+from cbr.learn.sampling import get_sampler
 
 __all__ = ["Trainer", "trunk_stages"]
 
@@ -100,6 +102,9 @@ class Trainer:
         self.freeze_bn = self.pretrained and config.batch_size < FREEZE_BN_BELOW
         self.frozen = _freeze_leading(model, config.train_layers)
         self.head_lr = HEAD_LR if config.lr is None else float(config.lr)
+        self.objective, self.sampler = get_objective(config.objective), get_sampler(config.sampler)
+        # a balanced sampler has already equalised the classes: weighting the loss too would correct twice
+        self.loss_settings = LossSettings(class_weight if self.sampler.weighted_loss else None, config.label_smoothing)
 
     def fit(self, train_set, val_images, val_targets) -> tuple[list[dict], int]:
         """Train; load the best epoch's weights into the model; (history, best epoch)."""
@@ -115,8 +120,8 @@ class Trainer:
                 torch.manual_seed(cfg.seed)
                 np.random.seed(cfg.seed)
                 loader = torch.utils.data.DataLoader(
-                    train_set, batch_size=cfg.batch_size, shuffle=True, num_workers=0,
-                    generator=torch.Generator().manual_seed(cfg.seed),
+                    train_set, batch_size=cfg.batch_size, num_workers=0,
+                    **self.sampler.loader_options(train_set.targets, torch.Generator().manual_seed(cfg.seed)),
                     drop_last=n_train % cfg.batch_size == 1 and n_train > 1,
                 )
                 steps = max(len(loader), 1) * cfg.epochs
@@ -147,20 +152,24 @@ class Trainer:
 
     def _epoch(self, epoch, loader, optimiser, schedule, val_images, val_targets) -> tuple[dict, tuple]:
         """One pass over the training part, then the validation figures: (history row, ranking key)."""
-        import torch.nn.functional as F
         from tqdm import tqdm
 
         from cbr.evaluation.metrics import accuracy, balanced_accuracy
+        from cbr.learn.guidance import guidance_penalty
 
         te = time.monotonic()
         _set_train_mode(self.model, self.freeze_bn, self.frozen)
         total, seen = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{self.config.epochs}", unit="batch", disable=not self.progress,
                    leave=False)
-        for xb, yb in bar:
+        guided = 0.0  # summed mask-guidance penalties (cbr.learn.guidance), per image
+        for xb, yb, *masks in bar:
             x, y = self.normalise(xb), yb.to(self.device)
-            loss = F.cross_entropy(self.model.logits(x).float(), y, weight=self.class_weight,
-                                   label_smoothing=self.config.label_smoothing)
+            logits, penalty = guidance_penalty(self.model, x, y, *masks) if masks else (None, None)
+            loss = self.objective(self.model, x, y, self.loss_settings, logits=logits)
+            if penalty is not None:
+                loss = loss + self.config.mask_guidance * penalty
+                guided += penalty.item() * len(y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -170,6 +179,8 @@ class Trainer:
             bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
         bar.close()
         row = {"epoch": epoch, "loss": total / max(seen, 1), "lr": optimiser.param_groups[-1]["lr"]}
+        if self.config.mask_guidance:
+            row["guidance"] = guided / max(seen, 1)  # mean outside-lesion share of the map (0 without a mask)
         if val_targets:
             val_loss, pred = _evaluate(self.model, val_images, val_targets, self.normalise, self.class_weight,
                                        self.config.batch_size)

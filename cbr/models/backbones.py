@@ -8,7 +8,16 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-__all__ = ["BACKBONES", "BackboneSpec", "builder", "splitter"]
+from cbr.errors import CbrError, UnknownNameError
+from cbr.models.config import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["BACKBONES", "BackboneSpec", "TIMM_PREFIX", "TIMM_FORM", "TIMM_INSTALL", "backbone_spec", "builder",
+           "is_timm", "splitter"]
+
+# Any timm model, built on demand (cbr.models.timm_models; the optional extra cbr[timm]).
+TIMM_PREFIX = "timm:"
+TIMM_FORM = TIMM_PREFIX + "<name>"  # how the CLI's choices and `cbr models` show it
+TIMM_INSTALL = "pip install 'cbr[timm]'"
 
 
 @dataclass(frozen=True)
@@ -19,7 +28,7 @@ class BackboneSpec:
     weights_enum: str  # torchvision weights member for weights="imagenet"; "" = none exist
     input_size: int  # default input side (that of the ImageNet weights' transforms)
     embedding_dim: int  # channels of the trunk output = length of the embedding
-    split: str  # function in cbr.models.layers: built model -> (trunk, neck)
+    split: str  # function in cbr.models.layers (or "module:function"): built model -> (trunk, neck)
     min_input_size: int = 32  # smallest input side for which the trunk output is non-empty
     target_layer: str = ""  # default CAM layer: "" = the trunk output (the last conv block)
     # The default explanation method, one rule for every ImageNet backbone from the measured map sweep
@@ -31,6 +40,8 @@ class BackboneSpec:
     # The file torchvision saves weights_enum under (the base name of its URL), so that `cbr models`
     # and the weights lookup need no torchvision; tests/test_startup.py checks it against the enum.
     weights_file: str = ""
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation the weights expect
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 def _imagenet_v1(builder: str, weights: str, file: str, embedding_dim: int, split: str, input_size: int = 224,
@@ -76,6 +87,31 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+def is_timm(name) -> bool:
+    """Whether ``name`` has the ``timm:<model>`` form."""
+    return isinstance(name, str) and name.startswith(TIMM_PREFIX)
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The registry entry of ``name``: a ``BACKBONES`` key, or ``timm:<model>`` (imports timm)."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if is_timm(name):
+        try:
+            from cbr.models.timm_models import timm_spec
+        except ModuleNotFoundError as e:
+            if e.name != "timm":
+                raise
+            raise CbrError(f"timm backbones need the timm package; install it with {TIMM_INSTALL}") from None
+        return BackboneSpec(**timm_spec(name[len(TIMM_PREFIX):]))
+    raise UnknownNameError("backbone", name, [*BACKBONES, TIMM_FORM])
+
+
+def _function(path: str, default_module: str):
+    module, _, fn = path.rpartition(":")
+    return getattr(importlib.import_module(module or default_module), fn)
+
+
 def builder(spec: BackboneSpec):
     """The function that builds ``spec``'s network (imports torchvision)."""
     if ":" in spec.builder:
@@ -88,6 +124,4 @@ def builder(spec: BackboneSpec):
 
 def splitter(spec: BackboneSpec):
     """The function that splits ``spec``'s built network into (trunk, neck)."""
-    from cbr.models import layers
-
-    return getattr(layers, spec.split)
+    return _function(spec.split, "cbr.models.layers")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from cbr.errors import CbrError, ModelMismatchError, NotFoundError
 from cbr.files import atomic_open
-from cbr.models.backbones import BACKBONES
+from cbr.models.backbones import BACKBONES, TIMM_FORM, backbone_spec, is_timm
 from cbr.models.config import ModelConfig
 from cbr.models.embedder import Embedder, _build
 
@@ -105,10 +105,10 @@ def _checked_config(raw, path) -> ModelConfig:
         raise CheckpointError(f"{path}: its model config is a {type(raw).__name__}, not a mapping; the file was "
                               "altered or was not written by cbr train")
     backbone = raw.get("backbone")
-    if not isinstance(backbone, str) or backbone not in BACKBONES:
+    if not isinstance(backbone, str) or (backbone not in BACKBONES and not is_timm(backbone)):
         raise CheckpointError(f"{path}: backbone {backbone!r} is not known to this version of cbr; "
-                              f"choose from {', '.join(sorted(BACKBONES))}")
-    spec = BACKBONES[backbone]
+                              f"choose from {', '.join(sorted(BACKBONES))} or {TIMM_FORM}")
+    spec = backbone_spec(backbone)  # timm:<model>: needs timm (the error names the extra)
     size = _int_field(raw, "input_size", path, spec.min_input_size, MAX_INPUT_SIZE)
     _int_field(raw, "embedding_dim", path, 1, 1 << 16)
     if "seed" in raw:

@@ -34,6 +34,7 @@ class ModelConfig:
     cam_method: str = "gradcam"  # the backbone's measured default explanation method (registry); not in the fingerprint
     contrast: str = "none"  # cbr.data.contrast.CONTRASTS: equalisation before letterboxing; in the fingerprint
     tta: str = "none"  # TTAS: views whose embeddings are averaged (indexing and queries); in the fingerprint
+    crop: str = "none"  # cbr.data.crop.CROPS: foreground crop before letterboxing (geometry of maps too); in the fingerprint
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (tuples become lists)."""

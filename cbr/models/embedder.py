@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from cbr.data.image import letterbox
+from cbr.data.crop import model_view
 from cbr.errors import CbrError, UnknownNameError
-from cbr.models.backbones import BACKBONES, builder, splitter
+from cbr.models.backbones import BACKBONES, backbone_spec, builder, is_timm, splitter
 from cbr.models.config import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS, ModelConfig
 
 __all__ = ["BACKBONES", "ModelConfig", "Embedder", "default_device", "UnknownLayerError"]
@@ -130,6 +130,16 @@ class Embedder(nn.Module):
             raise CbrError(f"this {self.config.backbone} model has no classification head")
         return nn.Sequential(self.neck, self.head)
 
+    @property
+    def reshape(self):
+        """Activations -> a ``(B, C, h, w)`` grid for CAMs and region matching: a transformer's
+        token-to-grid callable (``timm_models.TokenGrid``), or None when they are grids already."""
+        return getattr(self.trunk, "reshape", None)
+
+    def grid(self, acts: Tensor) -> Tensor:
+        """``acts`` (CAM-layer or trunk activations) as a ``(B, C, h, w)`` grid (see ``reshape``)."""
+        return acts if self.reshape is None else self.reshape(acts)
+
     def target_module(self) -> nn.Module:
         """The module whose output CAMs weight: the trunk itself when ``target_layer`` is ''."""
         if not self.config.target_layer:
@@ -176,7 +186,7 @@ class Embedder(nn.Module):
         return head if not self.config.target_layer else nn.Sequential(split[1], head)
 
     def preprocess(self, img: Image.Image) -> Tensor:
-        """A PIL image -> the normalised ``(3, S, S)`` float tensor this model expects (letterboxed)."""
+        """A PIL image -> the normalised ``(3, S, S)`` float tensor this model expects (``model_view``)."""
         from torchvision.transforms.functional import pil_to_tensor
 
         # (x / 255 - mean) / std as one multiply-add with constants computed once per model.
@@ -185,11 +195,7 @@ class Embedder(nn.Module):
             mean = torch.tensor(self.config.mean, dtype=torch.float32).view(3, 1, 1)
             self._norm = (1.0 / (255.0 * std), -mean / std)
         scale, shift = self._norm
-        if self.config.contrast != "none":
-            from cbr.data.contrast import apply_contrast
-
-            img = apply_contrast(img, self.config.contrast, self.config.input_size)
-        x = pil_to_tensor(letterbox(img, self.config.input_size)).float()
+        x = pil_to_tensor(model_view(img, self.config.input_size, self.config.crop, self.config.contrast)).float()
         return torch.addcmul(shift, x, scale)
 
     def compute_fingerprint(self) -> str:
@@ -209,6 +215,8 @@ class Embedder(nn.Module):
             h.update(f"\0contrast={c.contrast}".encode())
         if c.tta != "none":
             h.update(f"\0tta={c.tta}".encode())
+        if c.crop != "none":  # likewise: models without a crop keep their fingerprints
+            h.update(f"\0crop={c.crop}".encode())
         return h.hexdigest()
 
     @property
@@ -276,13 +284,15 @@ def _check_class_names(class_names) -> tuple[str, ...]:
 
 def _build(config: ModelConfig, device: str) -> Embedder:
     """Build the modules for ``config``: random init under ``config.seed``, ImageNet if asked."""
-    spec = BACKBONES[config.backbone]
+    spec = backbone_spec(config.backbone)
     build = builder(spec)
     with torch.random.fork_rng(devices=[]):
         # A private seed: a random-init model (and a new head) is the same in every process.
         torch.manual_seed(config.seed)
         head = nn.Linear(config.embedding_dim, len(config.class_names)) if config.class_names else None
-        if config.weights == "imagenet":
+        if is_timm(config.backbone):  # timm loads its own pretrained weights, sized for the input
+            model = build(weights=config.weights, input_size=config.input_size, **spec.builder_kwargs)
+        elif config.weights == "imagenet":
             from cbr.models.weights import imagenet_state_dict
 
             state_dict = imagenet_state_dict(config.backbone)

@@ -27,7 +27,8 @@ def compute_maps(embedder, x, acts, targets, classifier: bool, method: str, prog
     ``acts`` are the CAM-layer activations from ``embedder.cam_features(x)``. The fast path
     back-propagates only from the CAM layer up (explain.cam.maps_from_activations); methods
     that need the image (scorecam) and layers the trunk cannot be cut at go through grad-cam's
-    hooked path on the whole model. Attribution methods (lime, ..., or a spec such as
+    hooked path on the whole model; both read a transformer's tokens through ``embedder.reshape``
+    (token -> patch grid). Attribution methods (lime, ..., or a spec such as
     ``lime(n=100,seg=slic50)``, see explain.spec) explain the whole model from its pixels through
     captum; ``progress(done, total, evaluations)`` is called after each of their maps.
     """
@@ -46,11 +47,11 @@ def compute_maps(embedder, x, acts, targets, classifier: bool, method: str, prog
     if method in FAST_METHODS and embedder.cam_split() is not None:
         if acts.is_inference():
             acts = acts.clone()  # inference tensors cannot enter autograd
-        return maps_from_activations(embedder.cam_head(classifier), acts, targets, method)
+        return maps_from_activations(embedder.cam_head(classifier), acts, targets, method, reshape=embedder.reshape)
     head = embedder.classifier_head() if classifier else embedder.neck
     model = torch.nn.Sequential(embedder.trunk, head)
     with torch.enable_grad():
-        return maps_from_images(model, embedder.target_module(), x, targets, method)
+        return maps_from_images(model, embedder.target_module(), x, targets, method, reshape=embedder.reshape)
 
 
 def at_layer(embedder, layer: str):
@@ -76,7 +77,9 @@ def fused_maps(embedder, x, targets, classifier: bool, method: str) -> np.ndarra
 
     stages = embedder.__dict__.get("_fusion_stages")
     if stages is None:
-        stages = embedder.__dict__["_fusion_stages"] = stage_ends(embedder.trunk, x[:1].to(embedder.device))
+        # A transformer has no resolution stages: its trunk names the layers to fuse (timm_models).
+        stages = getattr(embedder.trunk, "fusion_stages", None) or stage_ends(embedder.trunk, x[:1].to(embedder.device))
+        embedder.__dict__["_fusion_stages"] = stages
     per_stage = []
     for stage in stages:
         clone = at_layer(embedder, stage)

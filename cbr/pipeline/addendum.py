@@ -2,7 +2,9 @@
 
 The query's recorded neighbours, prediction and members are read back; the query image (checked
 against its recorded sha256) and the neighbours' images get maps with the asked method, exactly as
-``cbr query`` would have made them (cbr.pipeline.explanation.query_maps). The maps are *added*:
+``cbr query`` would have made them (cbr.pipeline.explanation.query_maps); a query that already has
+region-matching maps gets the CAM method's own global-cosine maps instead, since region matching
+would only repeat them (cbr.models.similarity_maps). The maps are *added*:
 new rows with the roles ``query-added`` / ``neighbour-added`` (time-stamped by ``created_at``), so
 the audit trail tells them from the maps made at query time, and nothing stored is ever replaced.
 """
@@ -17,7 +19,8 @@ from sqlalchemy import select
 
 from cbr.errors import CbrError, ImageError
 from cbr.store.rows import explanation_row, get_query
-from cbr.store.schema import Case, Model, Neighbour, Vote
+from cbr.models.similarity_maps import DEFAULT_SIMILARITY_MAP, similarity_of, similarity_spec
+from cbr.store.schema import Case, Explanation, Model, Neighbour, Vote
 
 __all__ = ["add_explanation", "Addendum", "ADDED_ROLES"]
 
@@ -96,6 +99,12 @@ def add_explanation(cb, query_id: int, method: str, *, image=None, budget: int |
         for _, c in rows:
             s.expunge(c)
         s.expunge(q)
+        # Region matching is no CAM method: its maps are the same whichever CAM asks. A query that
+        # has them already gets the asked method's own (global-cosine) maps, which the method
+        # switch can compare; one without them gets them, as `cbr query` would have made them.
+        specs = s.scalars(select(Explanation.method).where(Explanation.query_id == q.id).distinct()).all()
+        matched = any(similarity_of(spec) == "matching" for spec in specs)
+        similarity = "cosine" if matched else DEFAULT_SIMILARITY_MAP
     if not votes:
         raise ExplainError(f"query {query_id} has no recorded vote; there is nothing to explain")
     members = load_members(cb, list(fingerprints.values()))
@@ -109,9 +118,10 @@ def add_explanation(cb, query_id: int, method: str, *, image=None, budget: int |
     notes: list[str] = []
     meter = MapMeter(enabled=progress)
     maps, images = query_maps(members, embed_query(members, img), hits, final,
-                              MapRequest(method, budget, neighbours), notes, meter=meter)
+                              MapRequest(method, budget, neighbours, similarity), notes, meter=meter)
     meter.close()
-    specs = {m.model_id: resolve_spec(method, m.embedder.config.input_size, budget) for m in members}
+    specs = {m.model_id: similarity_spec(resolve_spec(method, m.embedder.config.input_size, budget), similarity)
+             for m in members}
     added = Addendum(query_id=q.id, method=specs[members[0].model_id], notes=notes,
                      evaluations=meter.evaluations, seconds=meter.seconds)
     with cb.write() as s:
@@ -124,10 +134,9 @@ def add_explanation(cb, query_id: int, method: str, *, image=None, budget: int |
             added.maps.append({"explanation_id": row.id, "model_id": model_id, "case_id": case_id, "target": target,
                                "shape": [row.height, row.width]})
     if out_dir is not None:
-        from cbr.data.image import letterbox
         from cbr.reporting.report import write_outputs
 
-        images[None] = letterbox(img, 224)
+        images[None] = img  # decoded: the report views it through each member's crop
         paths = write_outputs(cb, q.id, Path(out_dir) / f"query-{q.id}", images=images)
         added.report = paths["report"]
     return added

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cbr.models.similarity_maps import MatchLink
+
 __all__ = ["Retrieval", "Answer", "vote_dict"]
 
 
@@ -59,16 +61,21 @@ class Answer:
         answer = cls(query_id=query_id, image=r.image, sha256=r.sha256, prediction=prediction,
                      members=[], notes=list(r.notes) + list(notes))
         member_typ = typ.members if typ is not None else [None] * len(r.votes)
+        # Region-matching pairs: each one's query-side map is keyed by its link (similarity_maps).
+        links = {(mid, link.case_id): link for (mid, cid, target) in r.maps if cid is None
+                 for link in [MatchLink.parse(target)] if link is not None}
         if members:
             first = members[0].model_id
-            answer.raw_maps = {target: raw for (mid, cid, target), raw in r.maps.items() if mid == first and cid is None}
+            answer.raw_maps = {target: raw for (mid, cid, target), raw in r.maps.items()
+                               if mid == first and cid is None and MatchLink.parse(target) is None}
         for m, v, h, p in zip(members, r.votes, r.hits, member_typ):
             answer.members.append({
                 "model_id": m.model_id, "fingerprint": m.fingerprint, "model": m.label, "vote": vote_dict(v),
                 "typicality": p,
                 "neighbours": [{"rank": rank + 1, "case_id": c.id, "label": c.label, "similarity": round(d, 6),
                                 "path": c.path, "patient_id": c.group_id, "metadata": c.meta, "explanation": None,
-                                "image_status": r.image_status.get(c.id)}
+                                "image_status": r.image_status.get(c.id),
+                                "match": links[(m.model_id, c.id)].to_dict() if (m.model_id, c.id) in links else None}
                                for rank, (c, d) in enumerate(h)],
             })
         return answer

@@ -3,7 +3,9 @@ class map when the model has a head.
 
 The query's activations come from its embedding pass, so the maps of the query and its k
 neighbours need one trunk pass over the neighbours and one batched backward pass through the
-small pooling head (see explain.cam).
+small pooling head (see explain.cam). With a CAM method and ``similarity="matching"`` (the
+default) the similarity maps are region-matching pairs instead (cbr.models.similarity_maps): no
+backward pass at all.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from cbr.errors import CbrError
+from cbr.models.similarity_maps import DEFAULT_SIMILARITY_MAP
 
 __all__ = ["Features", "MapRequest", "embed_query", "query_maps", "IMAGE_OK", "IMAGE_CHANGED", "IMAGE_MISSING"]
 
@@ -36,6 +39,7 @@ class MapRequest:
     method: str  # an explanation method name (explain.methods.METHOD_NAMES)
     budget: int | None = None  # cap on the model evaluations of each attribution map (explain.spec)
     neighbours: int | None = None  # similarity maps for the top n neighbours only (None: all)
+    similarity: str = DEFAULT_SIMILARITY_MAP  # SIMILARITY_MAPS: region matching, or a CAM of the global cosine
 
 
 def embed_query(members, img) -> list[Features]:
@@ -53,7 +57,7 @@ def embed_query(members, img) -> list[Features]:
 
 def query_maps(members, features, hits, final, request: MapRequest, notes: list, *, meter=None,
                status: dict | None = None) -> tuple[dict, dict]:
-    """Raw maps of a query and its neighbours, and the neighbours' letterboxed images.
+    """Raw maps of a query and its neighbours, and the neighbours' decoded images.
 
     Args:
         members: the loaded ``Member``s; features: their ``Features`` of the query.
@@ -67,11 +71,13 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
             file was read again; a changed or missing one gets no map (never from other pixels).
 
     Returns:
-        ({(model_id, case_id or None for the query, target): raw map}, {case_id: letterboxed image})
+        ({(model_id, case_id or None for the query, target): raw map}, {case_id: decoded image (the
+        report views it through each member's crop)});
+        with region matching, each pair's query-side map comes as (model_id, None, its link's target)
+        (cbr.models.similarity_maps.MatchLink).
     """
     import torch
 
-    from cbr.data.image import letterbox
     from cbr.data.sources import read_source
     from cbr.models.maps import compute_maps
     from explain.methods import is_attribution
@@ -104,7 +110,7 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
                 continue
             if status is not None:
                 status[c.id] = IMAGE_OK
-            images.setdefault(c.id, letterbox(nimg, 224))
+            images.setdefault(c.id, nimg)
             xs.append(emb.preprocess(nimg))
             cases.append(c)
         if cases:
@@ -114,6 +120,12 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
             en_np = en.float().numpy()
             top = {hit.case.id for hit in h[:neighbours]}
             keep = [i for i, c in enumerate(cases) if c.id in top]
+        if cases and _matching(spec, request.similarity):
+            from cbr.models.similarity_maps import pair_maps
+
+            pairs = pair_maps(emb, aq, an, [c.id for c in cases], paired={cases[i].id for i in keep})
+            maps.update({(m.model_id, cid, target): r for (cid, target), r in pairs.items()})
+        elif cases:
             cases = [cases[i] for i in keep]
             query_target = SimilarityTarget(en_np.mean(axis=0))
             neighbour_target = SimilarityTarget(eq[0])
@@ -129,3 +141,11 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
                                progress=meter.callback() if track else None)
             maps[(m.model_id, None, f"class:{final.label}")] = raw[0]
     return maps, images
+
+
+def _matching(spec: str, similarity: str) -> bool:
+    """Whether a query's similarity maps are region matches (CAM methods under ``matching``);
+    attribution methods explain the global cosine from the pixels whatever the variant."""
+    from cbr.models.similarity_maps import similarity_of, similarity_spec
+
+    return similarity_of(similarity_spec(spec, similarity)) == "matching"

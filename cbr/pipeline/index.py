@@ -78,7 +78,7 @@ def _open_members(cb, c: IndexConfig, window, n_hint: int, notes: list) -> list:
     for spec in c.models:
         emb = create_embedder(spec, weights=None if Path(spec).exists() else c.weights,
                               target_layer=c.target_layer, window=window, contrast=c.contrast,
-                              tta=c.tta).to(c.device)
+                              tta=c.tta, crop=c.crop).to(c.device)
         emb.eval()
         model_id = register_model(cb, emb, _model_source(spec))
         with cb.read() as s:

@@ -37,6 +37,8 @@ def measure_case_maps(cb, members, records, method: str) -> list[str]:
     with cb.read() as s:
         cases = dict(s.execute(select(Case.sha256, Case.id).where(Case.sha256.in_(list(masked)))).all())
     by_case = {case_id: masked[sha] for sha, case_id in cases.items()}
+    images = {r.sha256: r.path for r in records}  # with a crop, a mask's box is its image's
+    image_of = {case_id: images[sha] for sha, case_id in cases.items()}
     for m in members:
         size = m.embedder.config.input_size
         with cb.read() as s:
@@ -47,7 +49,8 @@ def measure_case_maps(cb, members, records, method: str) -> list[str]:
         hits, targets = [], set()
         for case_id, fields in maps:
             try:
-                mask = lesion_mask(by_case[case_id], size)
+                cfg = m.embedder.config
+                mask = lesion_mask(by_case[case_id], size, crop=cfg.crop, image=image_of[case_id], window=cfg.window)
             except OSError as e:
                 LOG.warning("%s: mask unreadable (%s); left out of the map reliability", by_case[case_id], e)
                 continue

@@ -109,7 +109,6 @@ class Searcher:
             sources: a ``SourceSpec`` for DICOM/NIfTI queries: a ``window`` other than the models'
                 own is refused; ``axis``/``volume`` pick the slice of a whole volume.
         """
-        from cbr.data.image import letterbox
         from cbr.data.sources import decode_query
         from cbr.pipeline.explanation import MapRequest, embed_query, query_maps
         from cbr.pipeline.map_meter import MapMeter
@@ -181,7 +180,8 @@ class Searcher:
         meter = MapMeter(enabled=c.progress)
         if c.explain != NO_EXPLANATION:
             found.maps, neighbour_images = query_maps(self.members, feats, hits, found.final,
-                                                      MapRequest(c.explain, c.explain_budget, c.explain_neighbours),
+                                                      MapRequest(c.explain, c.explain_budget, c.explain_neighbours,
+                                                                 c.similarity_map),
                                                       found.notes, meter=meter, status=found.image_status)
         meter.close()
         t["explain"] = time.perf_counter() - t0
@@ -205,7 +205,7 @@ class Searcher:
         if render:
             from cbr.reporting.report import write_outputs
 
-            images = {None: letterbox(img, 224)}
+            images = {None: img}  # decoded: each member's maps are drawn on its own view (crop, letterbox)
             images.update(neighbour_images)
             paths = _write_or_mark(self.cb, query_id, Path(c.out_dir) / f"query-{query_id}", images, c.scale,
                                    write_outputs)

@@ -3,6 +3,7 @@ neighbours, and the raw maps, so that ``cbr show`` and ``cbr report`` can rebuil
 
 from __future__ import annotations
 
+from cbr.models.similarity_maps import similarity_spec
 from cbr.store.rows import explanation_row
 from explain.spec import resolve_spec
 from cbr.store.schema import Neighbour, Query, Vote
@@ -37,7 +38,9 @@ def record_query(cb, config, members, r) -> int:
                 s.add(Neighbour(query_id=q.id, model_id=m.model_id, rank=rank + 1, case_id=c.id, similarity=float(d),
                                 label=c.label))
         # Each map records the parameters it ran with, e.g. "lime(n=200,seg=slic50)" (explain.spec).
-        specs = {m.model_id: resolve_spec(config.explain, m.embedder.config.input_size, config.explain_budget)
+        # ... and its similarity variant, "layercam(sim=match)" (cbr.models.similarity_maps).
+        specs = {m.model_id: similarity_spec(resolve_spec(config.explain, m.embedder.config.input_size,
+                                                          config.explain_budget), config.similarity_map)
                  for m in members}
         for (model_id, case_id, target), raw in r.maps.items():
             s.add(explanation_row(raw, model_id=model_id, method=specs[model_id], target=target, case_id=case_id,

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from cbr.errors import CbrError, UnknownNameError
+from cbr.models.similarity_maps import DEFAULT_SIMILARITY_MAP
 
 __all__ = ["QueryConfig", "IndexConfig", "DEFAULT_REPORTS", "SCALES", "NO_EXPLANATION", "check_explain",
            "with_overrides", "parse_where"]
@@ -77,6 +78,7 @@ class QueryConfig:
     ood_alpha: float = DEFAULT_OOD_ALPHA  # typicality below this: out of distribution, no diagnosis
     answer_anyway: bool = False  # give the vote of an out-of-distribution query all the same
     where: tuple[tuple[str, str], ...] = ()  # only neighbours whose metadata match every (key, value)
+    similarity_map: str = DEFAULT_SIMILARITY_MAP  # why-this-neighbour maps: SIMILARITY_MAPS (cbr/models/similarity_maps.py)
 
     def __post_init__(self):
         if self.k < 1:
@@ -88,6 +90,9 @@ class QueryConfig:
         if self.explain_neighbours is not None and self.explain_neighbours < 0:
             raise CbrError(f"--explain-neighbours {self.explain_neighbours}: give 0 or more")
         check_explain(self.explain)
+        from cbr.models.similarity_maps import check_similarity
+
+        check_similarity(self.similarity_map)
         if self.scale not in SCALES:
             raise UnknownNameError("colour scale", self.scale, SCALES)
         object.__setattr__(self, "models", _models(self.models))
@@ -112,6 +117,7 @@ class IndexConfig:
     embedding_dtype: str = "float32"  # how embeddings are stored: EMBEDDING_DTYPES (store/encoding.py)
     contrast: str | None = None  # backbone names: cbr.data.contrast.CONTRASTS (None: none); checkpoints: their own
     tta: str | None = None  # test-time augmentation of the embeddings (models.config.TTAS); None: none / the checkpoint's
+    crop: str | None = None  # foreground crop before letterboxing (cbr.data.crop.CROPS); None: none / the checkpoint's
 
     def __post_init__(self):
         from cbr.pipeline.engine import ENGINES

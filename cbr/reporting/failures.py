@@ -39,14 +39,16 @@ def _jpeg(img) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _thumbnail(path, raw=None) -> str | None:
-    """A letterboxed JPEG data URI of the image at ``path`` (its map blended in), None if unreadable."""
-    from cbr.data.image import letterbox
+def _thumbnail(path, raw=None, model=None) -> str | None:
+    """A JPEG data URI of the image at ``path`` in the ``model``'s view (its crop and window, so that
+    its map lines up; None: letterboxed), its map blended in; None if unreadable."""
+    from cbr.data.crop import model_view
     from cbr.data.sources import read_source
     from cbr.errors import CbrError
 
     try:
-        img = letterbox(read_source(path)[0], TILE)
+        img = model_view(read_source(path, window=getattr(model, "window", "auto"))[0], TILE,
+                         getattr(model, "crop", "none"))
     except (CbrError, OSError, ValueError):
         return None
     if raw is not None:
@@ -62,14 +64,14 @@ def _figure(uri, caption: str, wrong: bool = False) -> str:
     return f'<figure class="{"wrong" if wrong else ""}">{picture}<figcaption>{e(caption)}</figcaption></figure>'
 
 
-def _row(o) -> str:
+def _row(o, model=None) -> str:
     e = html.escape
     raw = next(iter(o.maps.values()), None) if o.maps else None
-    cells = [_figure(_thumbnail(o.record.path, raw), f"query: {o.record.label}")]
+    cells = [_figure(_thumbnail(o.record.path, raw, model), f"query: {o.record.label}")]
     for rank, n in enumerate(getattr(o, "hits", None) or [], 1):
         sim = n.get("similarity")
         caption = f"#{rank} {n.get('label')}" + ("" if sim is None else f" ({sim:.3f})")
-        cells.append(_figure(_thumbnail(n["path"]) if n.get("path") else None, caption, n.get("label") != o.record.label))
+        cells.append(_figure(_thumbnail(n["path"], model=model) if n.get("path") else None, caption, n.get("label") != o.record.label))
     said = "abstained" if o.predicted is None else f"predicted {o.predicted}"
     fold = "" if o.fold is None else f", fold {o.fold}"
     head = (f"<b>{e(str(o.record.path))}</b><br>true {e(str(o.record.label))}, {e(said)} "
@@ -77,19 +79,20 @@ def _row(o) -> str:
     return f"<tr><td>{head}<br>{''.join(cells)}</td></tr>"
 
 
-def write_failures(outcomes, out_dir, *, limit: int = FAILURES_SHOWN) -> Path:
+def write_failures(outcomes, out_dir, *, limit: int = FAILURES_SHOWN, model=None) -> Path:
     """Write ``failures.html`` into ``out_dir`` (atomically); returns its path.
 
     Args:
         outcomes: the evaluated queries (``cbr.evaluation.outcome.Outcome``).
         out_dir: the report folder.
         limit: how many failures the page shows.
+        model: the ``ModelConfig`` of the maps (its crop and window); None: letterbox only.
     """
     from cbr.files import atomic_write
 
     shown = worst_failures(outcomes, limit)
     n_wrong = sum(o.predicted != o.record.label for o in outcomes)
-    rows = "".join(_row(o) for o in shown) or "<tr><td>No misclassified query.</td></tr>"
+    rows = "".join(_row(o, model) for o in shown) or "<tr><td>No misclassified query.</td></tr>"
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>cbr evaluate: failures</title>'
             f"<style>{_CSS}</style></head><body><h1>Misclassified queries</h1>"
             f"<p>{n_wrong} of {len(outcomes)} queries wrong (abstentions included); the {len(shown)} most "

@@ -14,6 +14,7 @@ import io
 
 from sqlalchemy import select
 
+from cbr.models.similarity_maps import PAIR_PREFIX
 from cbr.store.rows import map_fields
 from cbr.store.schema import Explanation
 
@@ -57,6 +58,8 @@ def _panel(entry, member, images, scale) -> str:
     vmax = shared_vmax([m["map"] for m in sims]) if scale == "shared" and sims else None
     cards = []
     for target, m in entry["query"].items():
+        if target.startswith(PAIR_PREFIX):  # a neighbour's region-matching pair: the main grid shows it linked
+            continue
         own = None if target.startswith("similarity") else "own"
         over = render_overlay(images[None], m["map"], vmax=None if own else vmax)
         cards.append((over, "query", f"{target}{' (own scale)' if own else ''}, raw max {m['scale']:.3g}"))
@@ -77,7 +80,7 @@ def switch_fragments(cb, record: dict, images: dict, *, scale: str = "shared") -
     Args:
         cb: the open CaseBase.
         record: the query's record (cbr.reporting.report.load_record).
-        images: None (the query) and case ids -> letterboxed PIL images.
+        images: {model_id: {None (the query) and case ids -> PIL images in that member's view}}.
         scale: "shared" (one colour scale per method) or "per-image".
     """
     methods = stored_methods(cb, record["query_id"])
@@ -94,7 +97,7 @@ def switch_fragments(cb, record: dict, images: dict, *, scale: str = "shared") -
             tag = " (added later)" if entry["added"] else " (at query time)"
             radios.append(f"<input type='radio' name='{name}' id='{rid}'{' checked' if i == 1 else ''}>"
                           f"<label for='{rid}'>{html.escape(entry['method'])}{tag}</label>")
-            panels.append(f"<div class='mpanel'>{_panel(entry, member, images, scale)}</div>")
+            panels.append(f"<div class='mpanel'>{_panel(entry, member, images.get(mid, {}), scale)}</div>")
             rules.append(f"#{name} input:nth-of-type({i}):checked ~ div.mpanel:nth-of-type({i}){{display:flex}}")
         style = ("<style>.mswitch .mpanel{display:none;flex-wrap:wrap;gap:10px;margin-top:8px}"
                  ".mswitch label{margin-right:14px;font-size:.9em}.mcard{width:170px}.mcard img{width:160px;height:160px}"

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from cbr.data.sources import describe_origin
 from cbr.errors import CbrError
 from cbr.files import atomic_write
+from cbr.reporting.match_pair import PAIR_CSS, pair_fields, pair_figure, split_pairs
 from cbr.store.reliability import badge_text, reliability_of
 from cbr.store.rows import get_query, iso, map_fields
 from cbr.store.schema import Case, Explanation, Feedback, Model, Neighbour, Query, Vote
@@ -49,6 +50,7 @@ def load_record(cb, query_id: int, *, with_maps: bool = True, decode_maps: bool 
         retained = {c.feedback_id: c.id
                     for c in s.scalars(select(Case).where(Case.sha256 == q.sha256, Case.query_id == q.id))}
 
+    pairs, exps = split_pairs(exps)  # region-matching pairs: each neighbour's query-side map and link
     members = []
     for v in votes:
         m = models[v.model_id]
@@ -62,11 +64,13 @@ def load_record(cb, query_id: int, *, with_maps: bool = True, decode_maps: bool 
                            if e.model_id == m.id and e.case_id == c.id), None)
             neigh.append({"rank": n.rank, "case_id": c.id, "label": n.label, "similarity": n.similarity,
                           "path": c.path, "sha256": c.sha256, "patient_id": c.group_id, "metadata": c.meta,
-                          "removed": c.removed_at is not None, "map": sim_map, "case_map": stored})
+                          "removed": c.removed_at is not None, "map": sim_map, "case_map": stored,
+                          **pair_fields(pairs, m.id, c.id, decode_maps)})
         query_maps = [map_fields(e, decode=decode_maps) for e in exps if e.model_id == m.id and e.case_id is None]
         members.append({"model_id": m.id, "fingerprint": m.fingerprint, "model": m.source, "backbone": m.backbone,
                         "weights": m.weights, "target_layer": (m.config or {}).get("target_layer") or None,
                         "window": (m.config or {}).get("window", "auto"),
+                        "crop": (m.config or {}).get("crop", "none"),
                         "typicality": v.typicality, "map_reliability": reliability.get(m.id),
                         "vote": {"label": v.prediction, "confidence": v.confidence, "probabilities": v.probabilities,
                                  "abstained": v.abstained, "abstain_reason": v.abstain_reason},
@@ -97,18 +101,18 @@ def strip_maps(record: dict) -> dict:
     for mem in record["members"]:
         mem = dict(mem)
         mem["query_maps"] = [clean(m) for m in mem["query_maps"]]
-        mem["neighbours"] = [dict(n, map=clean(n["map"]), case_map=clean(n["case_map"])) for n in mem["neighbours"]]
+        mem["neighbours"] = [dict(n, map=clean(n["map"]), case_map=clean(n["case_map"]), pair_map=clean(n.get("pair_map")))
+                             for n in mem["neighbours"]]
         out["members"].append(mem)
     return out
 
 
 def _load_image(path: str, window: str = "auto"):
-    from cbr.data.image import letterbox
+    """The decoded image at ``path`` (each member views it through its own crop), None if unreadable."""
     from cbr.data.sources import read_source
 
     try:
-        img, _, _ = read_source(path, window=window)  # the frame/slice the locator names, as the model saw it
-        return letterbox(img, TILE)
+        return read_source(path, window=window)[0]  # the frame/slice the locator names, as the model saw it
     except CbrError:
         return None
 
@@ -117,9 +121,8 @@ IMAGE_CHANGED = "image changed or missing since indexing"
 
 
 def _load_case_image(n: dict, window: str):
-    """A neighbour's letterboxed image; None when its file is gone or holds other pixels than the
+    """A neighbour's decoded image; None when its file is gone or holds other pixels than the
     ones indexed (its sha256 differs), so that nothing is drawn from them."""
-    from cbr.data.image import letterbox
     from cbr.data.sources import read_source
 
     try:
@@ -128,7 +131,7 @@ def _load_case_image(n: dict, window: str):
         return None
     if n.get("sha256") and sha != n["sha256"]:
         return None
-    return letterbox(img, TILE)
+    return img
 
 
 def _placeholder(text: str):
@@ -159,9 +162,11 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
                   report_name: str = "report.html") -> dict:
     """Write a query's overlays, panel and ``report.html`` into ``out_dir``; return their paths.
 
-    ``images`` maps None (the query) and case ids to letterboxed images already in memory;
-    anything missing is read from its recorded path.
+    ``images`` maps None (the query) and case ids to decoded images already in memory;
+    anything missing is read from its recorded path. Each member's maps are drawn on its own view
+    of them (``model_view``: its crop, then letterbox), the geometry its maps were computed in.
     """
+    from cbr.data.crop import model_view
     from explain.overlay import render_overlay, render_panel, shared_vmax
 
     record = load_record(cb, query_id)
@@ -169,16 +174,24 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
     out.mkdir(parents=True, exist_ok=True)
     images = dict(images or {})
     if None not in images:
-        images[None] = _load_image(record["image"]) or _placeholder("query image unavailable")
-    paths, blobs = {}, {}
+        images[None] = _load_image(record["image"])
+    paths, blobs, viewed = {}, {}, {}
     unusable = set()  # case ids whose file is gone or changed since indexing
     for mem in record["members"]:
+        views = viewed.setdefault(mem["model_id"], {})
+
+        def view(key, crop=mem.get("crop", "none"), views=views):
+            if key not in views and images.get(key) is not None:
+                views[key] = model_view(images[key], TILE, crop)
+            return views.get(key)
+
         qmap = _query_map(mem)
         nmaps = [(n, n["map"] or n["case_map"]) for n in mem["neighbours"]]
-        all_maps = [m["map"] for m in [qmap] + [m for _, m in nmaps] if m is not None]
+        pair_maps = [n.get("pair_map") for n in mem["neighbours"]]
+        all_maps = [m["map"] for m in [qmap] + [m for _, m in nmaps] + pair_maps if m is not None]
         vmax = shared_vmax(all_maps) if scale == "shared" and all_maps else None
         tiles = []
-        qimg = images[None]
+        qimg = view(None) or _placeholder("query image unavailable")
         over = render_overlay(qimg, qmap["map"], vmax=vmax) if qmap else qimg
         key = ("query", mem["model_id"])
         blobs[key] = _jpeg(over)
@@ -196,18 +209,20 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
                 else:
                     images[n["case_id"]] = img
             n["image_status"] = IMAGE_CHANGED if n["case_id"] in unusable else "ok"
-            img = images.get(n["case_id"])
+            img = view(n["case_id"])
             if img is None:  # never drawn from other pixels: a map belongs to the indexed ones
                 img, m = _placeholder(IMAGE_CHANGED), None
             over = render_overlay(img, m["map"], vmax=vmax) if m else img
             blobs[("neighbour", mem["model_id"], n["case_id"])] = _jpeg(over)
+            if n.get("pair_map") and m is not None:  # the query side of the linked pair
+                blobs[("pair", mem["model_id"], n["case_id"])] = _jpeg(render_overlay(qimg, n["pair_map"]["map"], vmax=vmax))
             tiles.append((over, f"#{n['rank']} {n['label']} {n['similarity']:.3f}"))
         blobs[("panel", mem["model_id"])] = _jpeg(render_panel(tiles, tile_size=TILE))
     first = record["members"][0]["model_id"] if record["members"] else None
     for key, data in blobs.items():
         suffix = "" if key[1] == first else f"-m{key[1]}"
         name = {"query": f"query{suffix}.jpg", "panel": f"panel{suffix}.jpg",
-                "class": f"query-class{suffix}.jpg"}.get(key[0]) or f"neighbour-c{key[2]}{suffix}.jpg"
+                "class": f"query-class{suffix}.jpg"}.get(key[0]) or f"{key[0]}-c{key[2]}{suffix}.jpg"
         path = out / name
         atomic_write(path, data, durable=False)
         paths[key] = str(path)
@@ -216,7 +231,9 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
     report = out / report_name
     from cbr.reporting.method_switch import switch_fragments
 
-    switch = switch_fragments(cb, record, images, scale=scale)
+    viewed = {mid: {None: views.get(None) or _placeholder("query image unavailable"), **views}
+              for mid, views in viewed.items()}
+    switch = switch_fragments(cb, record, viewed, scale=scale)
     atomic_write(report, render_html(record, blobs, scale=scale, switch=switch).encode(), durable=False)
     paths["report"] = str(report)
     with cb.write() as s:
@@ -286,7 +303,7 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
     cred = "" if p["credibility"] is None else f" &nbsp; credibility {p['credibility']:.3f}"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>cbr query {record['query_id']}</title><style>{CSS}</style></head><body>",
+        f"<title>cbr query {record['query_id']}</title><style>{CSS}{PAIR_CSS}</style></head><body>",
         f"<h1>cbr query {record['query_id']}</h1>",
         f"<p class='small'>{e(record['created_at'] or '')} &middot; image {e(record['image'])}"
         f"{' &middot; patient ' + e(str(record['patient_id'])) if record['patient_id'] else ''}</p>",
@@ -318,8 +335,10 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
             m = n["map"] or n["case_map"]
             meta = ", ".join(f"{e(str(k))}={e(str(val))}" for k, val in (n["metadata"] or {}).items())
             origin = describe_origin(n["metadata"])  # "CT series ..., frame 12 of 30", "volume ..., slice 40 of 155"
+            pair = pair_figure(n, blobs.get(("pair", mid, n["case_id"])), blobs.get(("neighbour", mid, n["case_id"])))
             parts.append(
-                "<div class='card'>" + _img_tag(blobs.get(("neighbour", mid, n["case_id"])), f"case {n['case_id']}")
+                ("<div class='card pair'>" + pair if pair else
+                 "<div class='card'>" + _img_tag(blobs.get(("neighbour", mid, n["case_id"])), f"case {n['case_id']}"))
                 + f"<div><b>#{n['rank']} {e(n['label'])}</b> similarity {n['similarity']:.3f}</div>"
                 + (f"<div class='warn'>{e(n['image_status'])}</div>" if n.get("image_status") not in (None, "ok") else "")
                 + f"<div class='meta'>case {n['case_id']}{' (removed since)' if n['removed'] else ''}"

@@ -42,7 +42,7 @@ def _predictions_csv(outcomes, softmax_classes) -> str:
     return buf.getvalue()
 
 
-def write_report(metrics: dict, out_dir, outcomes=()) -> Path:
+def write_report(metrics: dict, out_dir, outcomes=(), model=None) -> Path:
     """Write ``metrics.json`` (atomically), ``confusion_matrix.png``, ``reliability.png``,
     ``per_class_recall.png``, ``training.png`` (cross-validation with training), ``failures.html``
     and ``predictions.csv`` into ``out_dir``; returns the folder.
@@ -51,6 +51,7 @@ def write_report(metrics: dict, out_dir, outcomes=()) -> Path:
         metrics: the metrics dict of either protocol.
         out_dir: the folder (created).
         outcomes: the evaluated queries (``cbr.evaluation.outcome.Outcome``), one CSV row each.
+        model: the ``ModelConfig`` of the queries' maps (failures.html draws them in its view).
     """
     from cbr.reporting.plots import plot_confusion, plot_reliability
 
@@ -72,7 +73,7 @@ def write_report(metrics: dict, out_dir, outcomes=()) -> Path:
         plot_training(metrics["folds"], out / "training.png")
     from cbr.reporting.failures import write_failures
 
-    write_failures(outcomes, out)
+    write_failures(outcomes, out, model=model)
     atomic_write(out / "predictions.csv", _predictions_csv(outcomes, metrics.get("softmax_classes") or []))
     atomic_write(out / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
     return out

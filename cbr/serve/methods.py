@@ -70,8 +70,9 @@ def method_maps(cb, record: dict, method: str, member_id: int | None, kind: str,
         record: the query's record (``RecordCache.get``).
         method: a spec stored for this query (checked here; unknown -> NotFoundError).
         member_id: the member's model id, or None for the first member.
-        kind: "similarity" or "class". A neighbour's class map is its stored case map, which no
-            query's method changes, so it is the same under every method.
+        kind: "similarity", "class" or "pair" (a neighbour's region-matching pair, its query side).
+            A neighbour's class map is its stored case map, which no query's method changes, so it
+            is the same under every method.
         case_id: None for the query, else one of its neighbours' case ids.
         scale: "shared" (the query's and the neighbours' similarity maps by this method on one
             scale) or "per-image".
@@ -90,8 +91,12 @@ def method_maps(cb, record: dict, method: str, member_id: int | None, kind: str,
     if kind == "class":
         raw = next((m for t, m in query.items() if t.startswith("class:")), None)
         return raw, None
+    from cbr.models.similarity_maps import MatchLink
+
     qsim = next((m for t, m in query.items() if t.startswith("similarity")), None)
-    raw = qsim if case_id is None else neighbours.get(int(case_id))
+    # region-matching pairs: each neighbour's query-side map, keyed by its link's target
+    pairs = {link.case_id: m for t, m in query.items() for link in [MatchLink.parse(t)] if link is not None}
+    raw = qsim if case_id is None else (pairs if kind == "pair" else neighbours).get(int(case_id))
     if raw is None or scale == "per-image":
         return raw, None
-    return raw, shared_vmax([m for m in [qsim, *neighbours.values()] if m is not None])
+    return raw, shared_vmax([m for m in [qsim, *neighbours.values(), *pairs.values()] if m is not None])

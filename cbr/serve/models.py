@@ -21,6 +21,8 @@ class FeedbackIn(BaseModel):
     note: str | None = Field(default=None, max_length=10_000)
     by: str | None = Field(default=None, max_length=255)
     retain: bool = False
+    # the expert's box on the lesion, [x0, y0, x1, y1] in the query image's pixels (checked by add_feedback)
+    region: tuple[int, int, int, int] | None = None
 
 
 class RegionIn(BaseModel):

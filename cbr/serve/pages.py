@@ -21,6 +21,9 @@ def templates():
     env.filters["pct"] = lambda v: "-" if v is None else f"{100 * float(v):.1f}%"
     env.tests["startingwith"] = lambda v, prefix: str(v).startswith(prefix)
     env.filters["num"] = lambda v, d=3: "-" if v is None else f"{float(v):.{d}f}"
+    from cbr.reporting.match_pair import pair_sentence
+
+    env.globals["match_sentence"] = pair_sentence  # the report's wording of a region-matching pair
     return Jinja2Templates(env=env)
 
 

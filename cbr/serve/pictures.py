@@ -1,6 +1,7 @@
 """Pictures for the browser, addressed by query or case id only (never by a file path).
 
-An image is served letterboxed to a square, as the model saw it, so a map drawn over it lines up.
+An image is served in its model's view (its crop, then letterboxed to a square), as the model saw
+it, so a map drawn over it lines up.
 A map is served apart from its image, as a transparent PNG (jet colours, alpha growing with the
 value), so that the page can change its opacity without asking the server again.
 """
@@ -14,11 +15,11 @@ import numpy as np
 from cbr.errors import CbrError, NotFoundError
 from cbr.pipeline.explanation import IMAGE_CHANGED
 
-__all__ = ["SIZE", "MAP_KINDS", "image_png", "map_png", "query_maps", "record_window", "case_map", "placeholder_png",
+__all__ = ["SIZE", "MAP_KINDS", "image_png", "map_png", "query_maps", "record_window", "record_crop", "case_map", "placeholder_png",
            "RecordCache"]
 
 SIZE = 320  # pixels on a side: readable beside each other, small enough for k neighbours
-MAP_KINDS = ("similarity", "class")
+MAP_KINDS = ("similarity", "class", "pair")  # pair: a neighbour's region-matching pair, its query side
 CHANGED = IMAGE_CHANGED  # the wording of the table, --json and the report
 SCALES = ("shared", "per-image")
 
@@ -37,11 +38,12 @@ def placeholder_png(text: str) -> bytes:
     return _png(img)
 
 
-def image_png(path: str, window: str = "auto", sha256: str | None = None) -> bytes:
+def image_png(path: str, window: str = "auto", sha256: str | None = None, crop: str = "none") -> bytes:
     """The image at a recorded path or locator (a DICOM frame, a NIfTI slice, an ``.npz`` index),
-    decoded with the models' ``window`` and letterboxed to SIZE; a grey placeholder when it is gone,
-    or when its content no longer has the recorded ``sha256`` (never show other pixels as the case)."""
-    from cbr.data.image import letterbox
+    decoded with the models' ``window``, cut by the model's ``crop`` and letterboxed to SIZE; a grey
+    placeholder when it is gone, or when its content no longer has the recorded ``sha256`` (never
+    show other pixels as the case)."""
+    from cbr.data.crop import model_view
     from cbr.data import sources
 
     try:
@@ -50,7 +52,7 @@ def image_png(path: str, window: str = "auto", sha256: str | None = None) -> byt
         return placeholder_png("image unavailable")
     if sha256 and sha != sha256:
         return placeholder_png(CHANGED)
-    return _png(letterbox(img, SIZE))
+    return _png(model_view(img, SIZE, crop))
 
 
 def map_png(raw, vmax: float | None) -> bytes:
@@ -82,12 +84,18 @@ def record_window(record: dict, member_id: int | None = None) -> str:
     return _member(record, member_id).get("window", "auto") if record["members"] else "auto"
 
 
+def record_crop(record: dict, member_id: int | None = None) -> str:
+    """The crop a query's member views images with ("none" without members)."""
+    return _member(record, member_id).get("crop", "none") if record["members"] else "none"
+
+
 def query_maps(record: dict, member_id: int | None, kind: str, case_id: int | None, scale: str = "shared"):
     """(raw map, vmax) of a query (case_id None) or of one of its neighbours, or (None, None).
 
     similarity: the query's map against its neighbours, a neighbour's map against the query,
     on one shared scale (as in the report) unless ``scale`` is ``per-image``. class: the query's
-    class map on its own scale, a neighbour's stored case map on its own scale.
+    class map on its own scale, a neighbour's stored case map on its own scale. pair: the query
+    side of a neighbour's region-matching pair (cbr.models.similarity_maps), on the similarity scale.
     """
     from explain.overlay import shared_vmax
 
@@ -98,6 +106,8 @@ def query_maps(record: dict, member_id: int | None, kind: str, case_id: int | No
     mem = _member(record, member_id)
     qsim = next((m for m in mem["query_maps"] if m["target"].startswith("similarity")), None)
     if case_id is None:
+        if kind == "pair":
+            raise NotFoundError("a pair map belongs to a neighbour: ask for /neighbours/CASE_ID/maps/pair.png")
         if kind == "class":
             m = next((m for m in mem["query_maps"] if m["target"].startswith("class:")), None)
             return (None, None) if m is None else (m["map"], None)
@@ -109,12 +119,13 @@ def query_maps(record: dict, member_id: int | None, kind: str, case_id: int | No
         if kind == "class":
             m = n["case_map"]
             return (None, None) if m is None else (m["map"], None)
-        m = n["map"]
+        m = n.get("pair_map") if kind == "pair" else n["map"]
     if m is None:
         return None, None
     if scale == "per-image":
         return m["map"], None
-    sims = [x["map"] for x in [qsim] + [n["map"] for n in mem["neighbours"]] if x is not None]
+    pairs = [n.get("pair_map") for n in mem["neighbours"]]
+    sims = [x["map"] for x in [qsim] + [n["map"] for n in mem["neighbours"]] + pairs if x is not None]
     return m["map"], shared_vmax(sims)
 
 

@@ -80,6 +80,11 @@ class Workbench:
         """The VOI window the members decode DICOM/NIfTI with (one per case base: ``cbr index`` refuses two)."""
         return self.members[0].embedder.config.window if self.members else "auto"
 
+    @property
+    def crop(self) -> str:
+        """The crop the first member views images with: the page's query square is that view."""
+        return self.members[0].embedder.config.crop if self.members else "none"
+
     # --- queries -------------------------------------------------------------------------------
 
     def save_upload(self, data: bytes, filename: str | None) -> Path:
@@ -176,8 +181,8 @@ class Workbench:
 
         Args:
             query_id: the parent query.
-            box: (x0, y0, x1, y1) as fractions (0..1) of the square, letterboxed image the
-                reviewer sees; it is mapped back onto the original pixels.
+            box: (x0, y0, x1, y1) as fractions (0..1) of the square the reviewer sees (the first
+                member's view: its crop, letterboxed); it is mapped back onto the original pixels.
 
         Returns:
             (answer, detail) where detail is the refinement as recorded.
@@ -189,7 +194,11 @@ class Workbench:
             img, _, _ = read_source(path, window=self.window)  # a DICOM frame or NIfTI slice, as queried
         except ImageError as e:
             raise RefineError(f"query {query_id}'s image cannot be read ({e.reason}); it cannot be refined") from None
-        crop_box = letterbox_to_pixels(box, img.size)
+        from cbr.data.crop import crop_box as view_box
+
+        seen = view_box(img, self.crop) or (0, 0) + img.size  # the part of the image the square shows
+        x0, y0, x1, y1 = letterbox_to_pixels(box, (seen[2] - seen[0], seen[3] - seen[1]))
+        crop_box = (x0 + seen[0], y0 + seen[1], x1 + seen[0], y1 + seen[1])
         crop = img.crop(crop_box)
         from cbr.data.image import MIN_SIZE
 
@@ -254,11 +263,11 @@ class Workbench:
 
     # --- feedback ------------------------------------------------------------------------------
 
-    def feedback(self, query_id: int, label: str, *, note=None, by=None, retain=False) -> dict:
+    def feedback(self, query_id: int, label: str, *, note=None, by=None, retain=False, region=None) -> dict:
         """``cbr feedback``: a new verdict row (never overwritten), optionally retaining the image."""
         from cbr.pipeline.audit import add_feedback
 
-        result = add_feedback(self.cb, query_id, label, note=note, by=by, retain=retain)
+        result = add_feedback(self.cb, query_id, label, note=note, by=by, retain=retain, region=region)
         if retain:
             with self.lock:
                 self._refresh_indexes()

@@ -287,11 +287,11 @@ def _embedder_for(model: Model):
             )
         # The stored settings win: an index may use another CAM layer than the checkpoint's default.
         emb = create_embedder(model.source, input_size=cfg.input_size, target_layer=cfg.target_layer,
-                              window=cfg.window, contrast=cfg.contrast, tta=cfg.tta)
+                              window=cfg.window, contrast=cfg.contrast, tta=cfg.tta, crop=cfg.crop)
     else:
         emb = create_embedder(model.backbone, weights=model.weights, input_size=cfg.input_size,
                               target_layer=cfg.target_layer, seed=cfg.seed, window=cfg.window,
-                              contrast=cfg.contrast, tta=cfg.tta)
+                              contrast=cfg.contrast, tta=cfg.tta, crop=cfg.crop)
     if emb.fingerprint != model.fingerprint:
         raise ModelMismatchError(
             f"model {model.source} now has fingerprint {emb.fingerprint[:12]}, but the index was built with "

@@ -247,6 +247,10 @@ class Feedback(Base):
     note: Mapped[str | None] = mapped_column(Text)
     by: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The expert's box [x0, y0, x1, y1] on the query image, in its pixels (x1, y1 exclusive), or
+    # None; `cbr export --what regions` turns boxes into lesion masks for `cbr train --mask-guidance`.
+    # none_as_null: a verdict without a box is SQL NULL (not JSON null), so `region IS NOT NULL` finds the boxes
+    region: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
 
 
 class Problem(Base):

@@ -61,7 +61,13 @@ def _feedback_rows(s):
     stmt = select(Feedback, retained_case).order_by(Feedback.id)
     for f, case_id in s.execute(stmt.execution_options(yield_per=1000)):
         yield {"id": f.id, "query_id": f.query_id, "label": f.label, "note": f.note, "by": f.by,
-               "created_at": iso(f.created_at), "retained_case_id": case_id}
+               "created_at": iso(f.created_at), "retained_case_id": case_id, "region": f.region}
+
+
+def _regions_rows(s):
+    from cbr.pipeline.audit.regions import region_rows
+
+    return region_rows(s)
 
 
 # what -> (columns, row generator over a read session)
@@ -71,7 +77,10 @@ EXPORTS = {
                  "out_of_distribution"), _queries_rows),
     "cases": (("id", "sha256", "path", "label", "group_id", "origin", "dataset", "added_at", "removed_at",
                "removed_reason", "metadata", "query_id", "feedback_id"), _cases_rows),
-    "feedback": (("id", "query_id", "label", "note", "by", "created_at", "retained_case_id"), _feedback_rows),
+    "feedback": (("id", "query_id", "label", "note", "by", "created_at", "retained_case_id", "region"),
+                 _feedback_rows),
+    # each reviewed query's latest expert box, with its latest verdict (cbr.pipeline.audit.regions)
+    "regions": (("query_id", "feedback_id", "image", "label", "patient_id", "region"), _regions_rows),
 }
 
 

@@ -8,6 +8,7 @@ between is repaired from the stored embeddings on the next open.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from cbr.pipeline.search import active_classes
 from cbr.store.rows import get_query, iso
 from cbr.store.schema import Case, Explanation, Feedback
 
-__all__ = ["RetainError", "add_feedback"]
+__all__ = ["RetainError", "add_feedback", "parse_region"]
 
 
 class RetainError(CbrError):
@@ -47,7 +48,7 @@ class _Judged:
 
 
 def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: str | None = None,
-                 retain: bool = False, image=None) -> dict:
+                 retain: bool = False, image=None, region=None) -> dict:
     """Record an expert's verdict on a query (revise) and optionally add its image as a case (retain).
 
     The feedback row is committed first and is never overwritten. Retaining decodes the query's
@@ -62,10 +63,12 @@ def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: 
         note, by: free text and the expert's name, stored with the verdict.
         retain: add the query image to the case base with this label.
         image: where the query image is now, when it moved since the query.
+        region: the expert's box on the query image, "x0,y0,x1,y1" or 4 numbers in its pixels
+            (``parse_region``); stored with the verdict, exported as a lesion mask (cbr.pipeline.audit.regions).
 
     Returns:
         {"feedback_id", "query_id", "label", "prediction", "verdict", "new_class", "retained_case_id",
-         "existing_case_id", "members", "messages"}
+         "existing_case_id", "members", "messages", "region"}
 
     Example:
         >>> add_feedback(open_casebase("cases.db"), 12, "tumour", by="dr.x", retain=True)
@@ -77,12 +80,13 @@ def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: 
         raise CbrError("--label is empty; give the expert's label, e.g. --label tumour")
     note = None if note is None else clean_note(note, "--note")
     by = None if by is None else (clean_label(by, "--by") or None)
+    region = parse_region(region)  # a bad box is refused before anything is recorded
     if retain and image is not None:
         _check_image_file(image)  # before anything is recorded: a FIFO or device would block the retain
     with cb.write() as s:
         q = get_query(s, cb, query_id)
         new_class = label not in active_classes(s)
-        fb = Feedback(query_id=q.id, label=label, note=note, by=by)
+        fb = Feedback(query_id=q.id, label=label, note=note, by=by, region=region)
         s.add(fb)
         s.flush()
         fid, prediction = fb.id, q.prediction
@@ -91,6 +95,8 @@ def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: 
     verdict = "confirmed" if label == prediction else "corrected"
     messages = [f"feedback {fid} on query {query_id}: {verdict}"
                 + ("" if verdict == "confirmed" else f" (predicted {prediction or 'nothing (abstained)'}, expert says {label})")]
+    if region is not None:
+        messages.append(f"expert region x {region[0]}-{region[2]}, y {region[1]}-{region[3]} kept with the verdict")
     if previous:
         messages.append(f"query {query_id} now has {previous + 1} feedback rows; the latest counts, none is overwritten")
     if new_class:
@@ -98,7 +104,7 @@ def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: 
                         + (" until now" if retain else "; retain cases with it (--retain) so queries can predict it"))
     result = {"feedback_id": fid, "query_id": int(query_id), "label": label, "prediction": prediction,
               "verdict": verdict, "new_class": new_class, "retained_case_id": None, "existing_case_id": None,
-              "members": 0, "messages": messages}
+              "members": 0, "messages": messages, "region": region}
     if retain:
         try:
             result.update(_retain(cb, judged, image))
@@ -108,6 +114,29 @@ def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: 
             raise RetainError(fid, int(query_id), str(e)) from None
         messages.extend(result.pop("notes", []))
     return result
+
+
+_REGION_HOW = "give --region x0,y0,x1,y1 in image pixels with x0 < x1 and y0 < y1, e.g. --region 40,32,120,96"
+
+
+def parse_region(value) -> list[int] | None:
+    """``"x0,y0,x1,y1"`` (or 4 numbers) -> [x0, y0, x1, y1] of non-negative whole pixels; None stays None.
+
+    Raises CbrError naming ``--region`` for anything else.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        nums = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        raise CbrError(f"--region {value!r}: not four numbers; {_REGION_HOW}") from None
+    if len(nums) != 4 or not all(math.isfinite(n) and n == int(n) and n >= 0 for n in nums):
+        raise CbrError(f"--region {value!r}: four whole, non-negative pixel numbers; {_REGION_HOW}")
+    x0, y0, x1, y1 = (int(n) for n in nums)
+    if not (x0 < x1 and y0 < y1):
+        raise CbrError(f"--region {value!r}: an empty box; {_REGION_HOW}")
+    return [x0, y0, x1, y1]
 
 
 def _check_image_file(image) -> None:

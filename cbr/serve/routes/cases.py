@@ -23,7 +23,8 @@ def case_image(case_id: int, wb=Depends(get_workbench)):
     from cbr.serve.pictures import image_png
 
     case = case_record(wb.cb, case_id, limit=0)
-    return Response(image_png(case["path"], wb.window, case["sha256"]), media_type="image/png", headers=HEADERS)
+    return Response(image_png(case["path"], wb.window, case["sha256"], wb.crop), media_type="image/png",
+                    headers=HEADERS)
 
 
 @router.get("/{case_id}/map.png")

@@ -75,10 +75,11 @@ def query_page(request: Request, query_id: int, cb=Depends(get_casebase)):
 @router.post("/queries/{query_id}/feedback")
 def feedback(request: Request, query_id: int, csrf_token: str | None = Form(None), label: str = Form(""),
              other_label: str | None = Form(None), note: str | None = Form(None), by: str | None = Form(None),
-             retain: bool = Form(False), wb=Depends(get_workbench)):
+             retain: bool = Form(False), region: str | None = Form(None), wb=Depends(get_workbench)):
     _check(request, csrf_token)
     chosen = (other_label or "").strip() or label
-    wb.feedback(query_id, chosen, note=(note or "").strip() or None, by=(by or "").strip() or None, retain=retain)
+    wb.feedback(query_id, chosen, note=(note or "").strip() or None, by=(by or "").strip() or None, retain=retain,
+                region=(region or "").strip() or None)
     return _see(f"/queries/{query_id}#feedback")
 
 

@@ -75,7 +75,8 @@ def get_query(query_id: int, cb=Depends(get_casebase)):
 @router.post("/{query_id}/feedback", dependencies=[Depends(json_write)])
 def feedback(query_id: int, body: FeedbackIn, wb=Depends(get_workbench)):
     """An expert's verdict, as ``cbr feedback --json``: a new row every time, never overwritten."""
-    return wb.feedback(query_id, body.label, note=body.note or None, by=body.by or None, retain=body.retain)
+    return wb.feedback(query_id, body.label, note=body.note or None, by=body.by or None, retain=body.retain,
+                       region=body.region)
 
 
 @router.post("/{query_id}/refine/region", dependencies=[Depends(json_write)])
@@ -93,12 +94,13 @@ def refine_example(query_id: int, body: ExampleIn, wb=Depends(get_workbench)):
 
 
 @router.get("/{query_id}/image")
-def query_image(query_id: int, request: Request, cb=Depends(get_casebase)):
-    from cbr.serve.pictures import image_png, record_window
+def query_image(query_id: int, request: Request, member: int | None = None, cb=Depends(get_casebase)):
+    """The query image in a member's view (its crop; default the first member's), as its maps see it."""
+    from cbr.serve.pictures import image_png, record_crop, record_window
 
     record = request.app.state.records.get(cb, query_id)
-    return Response(image_png(record["image"], record_window(record), record.get("sha256")), media_type=PNG,
-                    headers=IMMUTABLE)
+    return Response(image_png(record["image"], record_window(record, member), record.get("sha256"),
+                              record_crop(record, member)), media_type=PNG, headers=IMMUTABLE)
 
 
 def _map_response(record, member, kind, case_id, scale, method=None, cb=None):
@@ -137,13 +139,13 @@ def query_methods(query_id: int, cb=Depends(get_casebase)):
 
 @router.get("/{query_id}/neighbours/{case_id}/image")
 def neighbour_image(query_id: int, case_id: int, request: Request, member: int | None = None, cb=Depends(get_casebase)):
-    from cbr.serve.pictures import image_png, query_maps, record_window
+    from cbr.serve.pictures import image_png, query_maps, record_crop, record_window
 
     record = request.app.state.records.get(cb, query_id)
     query_maps(record, member, "similarity", case_id)  # 404 unless it is this query's neighbour
     n = next(n for mem in record["members"] for n in mem["neighbours"] if n["case_id"] == case_id)
-    return Response(image_png(n["path"], record_window(record, member), n.get("sha256")), media_type=PNG,
-                    headers=NO_STORE)
+    return Response(image_png(n["path"], record_window(record, member), n.get("sha256"), record_crop(record, member)),
+                    media_type=PNG, headers=NO_STORE)
 
 
 @router.get("/{query_id}/neighbours/{case_id}/maps/{kind}.png")

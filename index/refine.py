@@ -1,0 +1,156 @@
+"""Re-ranking a compressed index's shortlist by exact inner product, from a float16 sidecar.
+
+A product-quantised index (IVF-PQ: 32 code bytes + 8 id bytes a vector at d=512) ranks well
+enough to put the true neighbours among its first few hundred, not to order them: at 40 bytes a
+vector the codes cannot tell apart neighbours whose cosines differ by 0.01. So a query asks the
+index for ``k * factor`` candidates and ranks those again by the exact inner product with the
+stored vectors, which live beside the index as a float16 array on disk, memory-mapped (2 bytes a
+dimension: never in the index's RAM, read only for the few hundred rows a query touches).
+
+A sidecar is two .npy files at ``<base>.f16.npy`` (rows) and ``<base>.ids.npy`` (the external id
+of each row). It is created full of id -1; writers (any process, any order) fill row ranges; a
+sidecar with a row still at -1 is incomplete and refuses to open, so a half-written one is never
+used for ranking.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .vectors import search
+
+__all__ = ["Sidecar", "create_sidecar", "open_sidecar", "put_rows", "refined_search", "sidecar_files"]
+
+MISSING = -1
+
+
+class SidecarError(OSError):
+    """A sidecar is missing, incomplete, or does not match the index or the query."""
+
+
+def sidecar_files(base) -> tuple[str, str]:
+    """(rows file, ids file) of the sidecar at ``base``."""
+    base = os.fspath(base)
+    return f"{base}.f16.npy", f"{base}.ids.npy"
+
+
+def create_sidecar(base, n: int, dim: int) -> None:
+    """Create an empty sidecar for n rows of dimension dim (sparse files: no bytes written yet)."""
+    rows_file, ids_file = sidecar_files(base)
+    rows = np.lib.format.open_memmap(rows_file, mode="w+", dtype=np.float16, shape=(n, dim))
+    del rows
+    ids = np.lib.format.open_memmap(ids_file, mode="w+", dtype=np.int64, shape=(n,))
+    ids[:] = MISSING
+    ids.flush()
+    del ids
+
+
+def put_rows(base, start: int, vectors, ids) -> None:
+    """Write vectors (stored as float16) and their ids at rows start .. start+len-1.
+
+    Ids go last and are flushed after the rows, so a row whose id is set has its vector on disk.
+    """
+    rows_file, ids_file = sidecar_files(base)
+    x = np.asarray(vectors)
+    xids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if len(x) != len(xids):
+        raise ValueError(f"got {len(x)} vectors but {len(xids)} ids")
+    rows = np.load(rows_file, mmap_mode="r+")
+    rows[start:start + len(x)] = x
+    rows.flush()
+    del rows
+    out = np.load(ids_file, mmap_mode="r+")
+    out[start:start + len(xids)] = xids
+    out.flush()
+    del out
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """A complete sidecar, memory-mapped read-only."""
+
+    rows: np.ndarray  # float16 (n, d), memory-mapped
+    first: int | None  # ids are first .. first+n-1 in row order: the row of an id is id - first
+    sorted_ids: np.ndarray | None  # otherwise: the ids sorted, and the row of each
+    order: np.ndarray | None
+
+    @property
+    def dim(self) -> int:
+        return self.rows.shape[1]
+
+    def rows_of(self, ids) -> np.ndarray:
+        """Row numbers of these ids (every one must be in the sidecar)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.first is not None:
+            pos = ids - self.first
+            ok = (pos >= 0) & (pos < len(self.rows))
+        else:
+            at = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
+            ok = self.sorted_ids[at] == ids
+            pos = self.order[at]
+        if not ok.all():
+            raise SidecarError(f"ids not in the sidecar: {ids[~ok][:10].tolist()}")
+        return pos
+
+
+def open_sidecar(base) -> Sidecar:
+    """Memory-map a complete sidecar written by `create_sidecar` + `put_rows`."""
+    rows_file, ids_file = sidecar_files(base)
+    try:
+        rows = np.load(rows_file, mmap_mode="r")
+        ids = np.load(ids_file)
+    except (OSError, ValueError) as e:
+        raise SidecarError(f"cannot read the sidecar at {base}: {e}") from None
+    if rows.ndim != 2 or rows.dtype != np.float16 or ids.shape != (len(rows),):
+        raise SidecarError(f"sidecar at {base} is not float16 rows with one id each")
+    if (ids == MISSING).any():
+        raise SidecarError(f"sidecar at {base} is incomplete: {int((ids == MISSING).sum())} rows "
+                           "were never written")
+    if len(ids) and np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
+        return Sidecar(rows, int(ids[0]), None, None)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    if (np.diff(sorted_ids) == 0).any():
+        raise SidecarError(f"sidecar at {base} holds an id twice")
+    return Sidecar(rows, None, sorted_ids, order)
+
+
+def refined_search(index, sidecar: Sidecar, queries, k, *, factor=10, exclude=None, allow=None):
+    """(D, I) of the k best per query: ``k * factor`` candidates from the index (with its
+    exclusions and allow-list, `vectors.search`), ranked again by exact inner product with their
+    sidecar rows. D is that inner product (float16-rounded vectors); padding is -inf / -1.
+
+    Args:
+        index: any index `vectors.search` takes (an IVF-PQ, or a sharded one from `index.shards`).
+        sidecar: `open_sidecar` of the same vectors (every id the index holds).
+        queries: float32 (m, d).
+        k: neighbours per query.
+        factor: candidates per neighbour kept for re-ranking (R).
+        exclude, allow: as `vectors.search`.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != sidecar.dim:
+        raise ValueError(f"queries must have shape (m, {sidecar.dim}), got {q.shape}")
+    k = int(k)
+    _, cand = search(index, q, k * max(1, int(factor)), exclude=exclude, allow=allow)
+    m = len(q)
+    scores = np.full(cand.shape, -np.inf, dtype=np.float32)
+    valid = cand >= 0
+    if valid.any():
+        rows = sidecar.rows_of(cand[valid])
+        # One sorted read of each distinct row: neighbouring rows share pages.
+        uniq, back = np.unique(rows, return_inverse=True)
+        vecs = np.asarray(sidecar.rows[uniq], dtype=np.float32)
+        qi = np.nonzero(valid)[0]
+        scores[valid] = np.einsum("ij,ij->i", q[qi], vecs[back.reshape(-1)])
+    kk = min(k, cand.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+    D = np.full((m, k), -np.inf, dtype=np.float32)
+    I = np.full((m, k), -1, dtype=np.int64)
+    D[:, :kk] = np.take_along_axis(scores, order, axis=1)
+    I[:, :kk] = np.take_along_axis(cand, order, axis=1)
+    I[D == -np.inf] = -1
+    return D, I

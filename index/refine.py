@@ -22,7 +22,7 @@ import numpy as np
 
 from .vectors import search
 
-__all__ = ["Sidecar", "create_sidecar", "open_sidecar", "put_rows", "refined_search", "sidecar_files"]
+__all__ = ["Sidecar", "SidecarError", "create_sidecar", "open_sidecar", "put_rows", "refined_search", "sidecar_files"]
 
 MISSING = -1
 

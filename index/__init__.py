@@ -5,7 +5,7 @@ from .refine import create_sidecar, open_sidecar, put_rows, refined_search
 from .shards import ShardBuildError, ShardPlan, build_sharded, load_sharded
 from .sizing import LARGE_KINDS, auto_kind, factory_for, pq_bytes
 from .storage import IndexFileError, checksum, load, save
-from .vectors import KINDS, add, brute_force_search, build, ids, learned, needs_training, remove, search
+from .vectors import KINDS, add, brute_force_search, build, ids, learned, lossy, needs_training, remove, search
 
 __all__ = [
     "KINDS",
@@ -27,6 +27,7 @@ __all__ = [
     "factory_for",
     "ids",
     "learned",
+    "lossy",
     "load",
     "needs_training",
     "pq_bytes",

@@ -74,6 +74,19 @@ def learned(index):
             or isinstance(inner, (faiss.IndexPQ, faiss.IndexScalarQuantizer)))
 
 
+def lossy(index):
+    """Whether this index scores with compressed codes (PQ, SQ), so its similarities and order are
+    approximate; flat, HNSW-flat and IVF-flat indexes score the exact vectors."""
+    try:
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+        ivf = faiss.try_extract_index_ivf(inner)
+        if ivf is not None:
+            return not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat)
+        return isinstance(inner, (faiss.IndexPQ, faiss.IndexScalarQuantizer))
+    except (AttributeError, RuntimeError):  # a GPU clone or an exotic type: treat as exact
+        return False
+
+
 def add(index, vectors, ids):
     """Add vectors under external ids, training the index first if it needs it.
 

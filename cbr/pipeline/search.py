@@ -10,12 +10,18 @@ from typing import NamedTuple
 
 from sqlalchemy import select
 
-from cbr.store.schema import Case
+from cbr.store.schema import Case, Embedding
 
-__all__ = ["Hit", "SEARCH_MARGIN", "excluded_cases", "allowed_cases", "own_case_notes", "active_classes",
+__all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes", "active_classes",
            "search_members"]
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
+# A lossy index (PQ or SQ codes) gives this many candidates per wanted hit, re-ranked by the exact
+# embeddings stored in the case base. PQ codes alone find a fair shortlist but order its head
+# badly (recall@10 0.05-0.2 at 1M-10M vectors); re-ranking 50 candidates per hit brought 1M
+# clustered vectors to recall 0.97 (benchmarks/bench_scale_stream.py, README "Scale"). With k = 5
+# that is 500 rows read by primary key, a few milliseconds.
+RERANK_FACTOR = 50
 
 
 class Hit(NamedTuple):
@@ -85,8 +91,30 @@ def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) 
 
     hits = []
     for m, e in zip(members, vectors):
-        D, I = ix.search(m.index, e, k + SEARCH_MARGIN, exclude=[exclude], allow=allow)
+        lossy = ix.lossy(m.index)
+        want = k + SEARCH_MARGIN
+        D, I = ix.search(m.index, e, want * (RERANK_FACTOR if lossy else 1), exclude=[exclude], allow=allow)
         pairs = [(int(i), float(d)) for i, d in zip(I[0], D[0]) if i >= 0]
+        if lossy:
+            pairs = _reranked(s, m.model_id, e, pairs)[:want]
         rows = {c.id: c for c in s.scalars(select(Case).where(Case.id.in_([i for i, _ in pairs])))}
         hits.append([Hit(rows[i], d) for i, d in pairs if i in rows and rows[i].removed_at is None][:k])
     return hits
+
+
+def _reranked(s, model_id: int, query, pairs):
+    """``pairs`` (case id, approximate similarity) re-scored by the stored embeddings, best first."""
+    import numpy as np
+
+    from cbr.store.encoding import decode_vectors
+
+    if not pairs:
+        return pairs
+    q = np.asarray(query, dtype=np.float32).reshape(-1)
+    rows = s.execute(select(Embedding.case_id, Embedding.vector).where(
+        Embedding.model_id == model_id, Embedding.case_id.in_([i for i, _ in pairs]))).all()
+    if not rows:
+        return pairs
+    exact = decode_vectors([r.vector for r in rows], q.shape[0]) @ q
+    scored = sorted(zip((int(r.case_id) for r in rows), exact.tolist()), key=lambda p: -p[1])
+    return [(i, float(d)) for i, d in scored]

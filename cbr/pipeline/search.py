@@ -10,10 +10,10 @@ from typing import NamedTuple
 
 from sqlalchemy import select
 
-from cbr.store.schema import Case, Embedding
+from cbr.store.schema import Case
 
-__all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes", "active_classes",
-           "search_members"]
+__all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes",
+           "active_classes", "search_members"]
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
 # A lossy index (PQ or SQ codes) gives this many candidates per wanted hit, re-ranked by the exact
@@ -106,15 +106,14 @@ def _reranked(s, model_id: int, query, pairs):
     """``pairs`` (case id, approximate similarity) re-scored by the stored embeddings, best first."""
     import numpy as np
 
-    from cbr.store.encoding import decode_vectors
+    from cbr.store.member import embeddings_in
 
     if not pairs:
         return pairs
     q = np.asarray(query, dtype=np.float32).reshape(-1)
-    rows = s.execute(select(Embedding.case_id, Embedding.vector).where(
-        Embedding.model_id == model_id, Embedding.case_id.in_([i for i, _ in pairs]))).all()
-    if not rows:
+    ids, vecs = embeddings_in(s, model_id, [i for i, _ in pairs], dim=q.shape[0])
+    if not len(ids):
         return pairs
-    exact = decode_vectors([r.vector for r in rows], q.shape[0]) @ q
-    scored = sorted(zip((int(r.case_id) for r in rows), exact.tolist()), key=lambda p: -p[1])
-    return [(i, float(d)) for i, d in scored]
+    exact = vecs @ q
+    order = np.argsort(-exact, kind="stable")
+    return [(int(ids[j]), float(exact[j])) for j in order]

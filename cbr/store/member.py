@@ -125,14 +125,20 @@ def _of_active_cases(stmt, model_id: int):
 
 def active_embeddings(cb, model_id: int, ids=None) -> tuple[np.ndarray, np.ndarray]:
     """(case ids, float32 vectors) of active cases under a model, optionally only ``ids``."""
+    with cb.read() as s:
+        return embeddings_in(s, model_id, ids)
+
+
+def embeddings_in(s, model_id: int, ids=None, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``active_embeddings`` inside an open session ``s`` (the query's own read transaction);
+    ``dim``: the vectors' dimension when the caller knows it (else the model's config says)."""
     q = _of_active_cases(select(Embedding.case_id, Embedding.vector), model_id).order_by(Embedding.case_id)
     if ids is not None:
         q = q.where(Embedding.case_id.in_([int(i) for i in ids]))
-    with cb.read() as s:
-        rows = s.execute(q).all()
-        dim = s.get(Model, model_id).config.get("embedding_dim") if rows else None
+    rows = s.execute(q).all()
     if not rows:
         return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
+    dim = dim or s.get(Model, model_id).config.get("embedding_dim")
     ids_out = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     vecs = decode_vectors([r[1] for r in rows], dim or len(rows[0][1]) // 4)  # float32 or float16 rows
     return ids_out, vecs

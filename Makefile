@@ -1,11 +1,11 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Two entry points for a fresh machine: `make demo` and `make test` (`make check`: the fast subset).
 # Both create (or reuse) the virtual environment in .venv and install cbr into it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cbr-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test check install clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Every test not marked slow (end-to-end runs of real models): under 90 s on a quiet 2-core machine.
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf demo-output cbr-reports .pytest_cache

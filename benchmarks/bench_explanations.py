@@ -47,12 +47,12 @@ def main() -> None:
 
     from cbr.data.dataset import read_dataset
     from cbr.evaluation.comparison import comparison_report, format_comparison, parse_methods
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     torch.set_num_threads(args.threads)
     records = read_dataset(args.data).records
     if args.heldout_of == "demo":
-        from cbr.evaluation.splits import group_split
+        from cbr.data.splits import group_split
 
         _, test = group_split([r.label for r in records], [r.group for r in records], fraction=0.25, seed=0)
         records = [records[i] for i in test]

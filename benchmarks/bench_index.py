@@ -112,7 +112,7 @@ def bench(backbone: str, records, tmp: Path, *, batch_size: int, workers: int, n
 
     from cbr.models.checkpoint import save_checkpoint
 
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
     from cbr.data.image import read_image
     from cbr.data.phantom import CLASSES
 

@@ -49,7 +49,7 @@ def datasets(root: Path) -> dict:
 
 
 def split(records, seed: int = 0):
-    from cbr.evaluation.splits import group_split
+    from cbr.data.splits import group_split
 
     labels = [r.label for r in records]
     groups = [r.group if r.group is not None else r.sha256 for r in records]

@@ -254,7 +254,7 @@ def real_spectrum(n_images):
     import torch
 
     from cbr.data.image import read_image
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     root = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
     files = sorted(root.glob("*/*.jpg"))

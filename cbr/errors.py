@@ -11,6 +11,9 @@ __all__ = [
     "IndexCorruptError",
     "WeightsNotFoundError",
     "NotFoundError",
+    "PseudonymKeyError",
+    "OutputError",
+    "DamagedRowError",
 ]
 
 
@@ -63,3 +66,15 @@ class WeightsNotFoundError(CbrError):
 
 class NotFoundError(CbrError):
     """A query, case or file named by the user does not exist."""
+
+
+class PseudonymKeyError(CaseBaseError):
+    """A pseudonymised case base was used without its key, or with another one (or the reverse)."""
+
+
+class OutputError(CbrError):
+    """An output path names something cbr must not replace (a device, a link, a socket, a folder)."""
+
+
+class DamagedRowError(CaseBaseError):
+    """A stored value does not decode (a map of the wrong size, JSON that is not JSON, a NaN embedding)."""

@@ -3,11 +3,64 @@
 from __future__ import annotations
 
 import os
+import stat
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_open", "atomic_write"]
+from cbr.errors import OutputError
+
+__all__ = ["STDOUT", "atomic_open", "atomic_write", "output_kind", "special_kind"]
+
+STDOUT = "-"  # as an output path: write to standard output
+
+# What stat says a path is, for the one-line refusal.
+_SPECIAL = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISSOCK, "a socket"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def special_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words (``"a character device"``)."""
+    return next((name for test, name in _SPECIAL if test(mode)), "a special file")
+
+
+def output_kind(path) -> str:
+    """What writing to ``path`` means: ``"stdout"`` (``-``), ``"new"``, ``"file"`` or ``"pipe"``.
+
+    Only a regular file or a new name is replaced atomically. A FIFO, or a link to one (bash's
+    ``>(...)`` gives ``/dev/fd/N``), is written through: a reader is waiting on it. Anything else
+    (a device, a socket, a folder, another link) is refused, since renaming over it would destroy
+    it (run as root, ``--out /dev/null`` would replace the machine's /dev/null).
+
+    Raises:
+        OutputError: one line naming the path, what it is, and the fix.
+
+    Example:
+        >>> output_kind("report.html")
+        'new'
+    """
+    if str(path) == STDOUT:
+        return "stdout"
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "new"
+    except OSError as e:
+        raise OutputError(f"{path}: {e.strerror}; choose another --out") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISFIFO(mode):
+        return "pipe"
+    if stat.S_ISLNK(mode):
+        try:
+            if stat.S_ISFIFO(os.stat(path).st_mode):
+                return "pipe"
+        except OSError:
+            pass
+        raise OutputError(f"{path} is a symbolic link (to {os.readlink(path)}); cbr would replace the link, not "
+                          "write its target: give the target itself, or another --out")
+    raise OutputError(f"{path} is {special_kind(mode)}, not a regular file; give a file name as --out (or - for stdout)")
 
 
 @contextmanager
@@ -17,10 +70,25 @@ def atomic_open(path, mode: str = "wb", *, durable: bool = True, **kwargs):
     ``durable=False`` skips the fsync: still never half-written, but a power cut may lose the
     new content. For files that can be re-created from the case base (report images).
 
+    ``-`` is standard output and a FIFO is written through (see ``output_kind``); a device, a
+    socket, a folder or a symbolic link is refused with ``OutputError`` before anything is written.
+
     Example:
         >>> with atomic_open("metrics.json", "w", encoding="utf-8") as fh:
         ...     fh.write("{}")
     """
+    kind = output_kind(path)
+    if kind == "stdout":
+        stream = getattr(sys.stdout, "buffer", None) if "b" in mode else sys.stdout
+        if stream is None:  # a terminal (cbr.cli.terminal): bytes would pass its escaping
+            raise OutputError("- (stdout) is a terminal, and this output is binary; give a file name as --out")
+        yield stream
+        stream.flush()
+        return
+    if kind == "pipe":
+        with open(path, mode, **kwargs) as fh:
+            yield fh
+        return
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -8,6 +8,8 @@ choices) does not import torch.
 import importlib
 
 _EXPORTS = {
+    "METHODS": "methods",
+    "MethodSpec": "methods",
     "CAM_METHODS": "methods",
     "FAST_METHODS": "methods",
     "METHOD_NAMES": "methods",

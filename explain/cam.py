@@ -13,7 +13,6 @@ the samples of a batch); grad-cam's hooked path also switches the model to eval 
 """
 
 import numpy as np
-import torch
 
 from .methods import FAST_METHODS, get_cam_method
 from .rawmap import decode_map, encode_map
@@ -26,6 +25,8 @@ SCORECAM_BATCH_SIZE = 32
 
 
 def _numpy(tensor):
+    import torch
+
     return tensor.detach().to("cpu", torch.float32).numpy()
 
 
@@ -65,6 +66,8 @@ def maps_from_activations(head, activations, targets, method="gradcam", reshape=
         ...     acts = trunk(images)
         >>> maps = maps_from_activations(neck, acts, [EmbeddingNormTarget()] * len(acts))
     """
+    import torch
+
     if method not in FAST_METHODS:
         get_cam_method(method)  # an unknown name raises, naming the choices
         raise ValueError(
@@ -117,6 +120,8 @@ def maps_from_images(model, target_layer, images, targets, method="gradcam", res
         >>> model = nn.Sequential(trunk, neck)
         >>> maps = maps_from_images(model, trunk, images, targets, method="scorecam")
     """
+    import torch
+
     cls = get_cam_method(method)
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (B, C, H, W) batch, got shape {tuple(images.shape)}")

@@ -6,7 +6,6 @@ Raw maps are upsampled (explain.overlay.upsample) to the mask's or the image's s
 import copy
 
 import numpy as np
-import torch
 
 from .cam import maps_from_activations
 from .overlay import upsample
@@ -88,10 +87,6 @@ def iou_top(raw, mask, fraction=0.2):
     return float(np.logical_and(selected, mask).sum() / union) if union else 0.0
 
 
-def _trapezoid(y, x):
-    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
-
-
 def deletion_curve(score_fn, image, saliency, *, steps=20, baseline=0.0):
     """Scores as the most-attributed pixels are removed first (Petsiuk et al., RISE).
 
@@ -118,6 +113,9 @@ def deletion_curve(score_fn, image, saliency, *, steps=20, baseline=0.0):
         >>> _, _, auc = deletion_curve(lambda x: model(x).softmax(1)[:, 0], image, raw)
         >>> auc < random_deletion_auc(lambda x: model(x).softmax(1)[:, 0], image)
     """
+    import torch
+    from sklearn.metrics import auc
+
     if image.ndim == 4:
         if image.shape[0] != 1:
             raise ValueError("deletion_curve takes one image")
@@ -148,7 +146,7 @@ def deletion_curve(score_fn, image, saliency, *, steps=20, baseline=0.0):
         normalised = np.full_like(scores, np.nan)
         return fractions, normalised, float("nan")
     normalised = (scores - scores[-1]) / span
-    return fractions, normalised, _trapezoid(normalised, fractions)
+    return fractions, normalised, float(auc(fractions, normalised))
 
 
 def random_deletion_auc(score_fn, image, *, steps=20, seed=0, baseline=0.0):
@@ -208,6 +206,8 @@ def randomisation_check(trunk, head, module, images, targets, method="gradcam", 
     Example:
         >>> randomisation_check(trunk, neck, "features.18", images, [EmbeddingNormTarget()] * 4)
     """
+    import torch
+
     name = _module_name(trunk, module)
     randomised = copy.deepcopy(trunk)
     target = randomised.get_submodule(name)

@@ -67,7 +67,8 @@ def render_overlay(image, raw, *, vmax=None, alpha=0.45):
     return Image.fromarray(np.round(blended).astype(np.uint8), mode="RGB")
 
 
-def _font(size):
+def load_font(size):
+    """Pillow's default font at ``size`` px (its bitmap font where FreeType is missing)."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ImportError, OSError):  # Pillow without FreeType: fixed bitmap font
@@ -112,7 +113,7 @@ def render_panel(tiles, *, tile_size=224):
     if not tiles:
         raise ValueError("a panel needs at least one tile")
     caption_height = max(12, round(tile_size * CAPTION_HEIGHT_RATIO))
-    font = _font(max(8, caption_height - 6))
+    font = load_font(max(8, caption_height - 6))
     panel = Image.new("RGB", (tile_size * len(tiles), tile_size + caption_height), "white")
     draw = ImageDraw.Draw(panel)
     margin = 2

@@ -12,6 +12,9 @@ import math
 import re
 from dataclasses import dataclass
 
+from .methods import METHODS, SPEC_PATTERN, base_name, is_attribution
+from .superpixels import resolve_segmentation
+
 __all__ = ["AttributionSettings", "spec_label", "parse_spec", "resolve_spec", "concrete_settings", "base_name", "MAX_SPEC_LENGTH"]
 
 MAX_SPEC_LENGTH = 32  # the width of explanations.method
@@ -45,7 +48,8 @@ class AttributionSettings:
         if budget is not None and budget < 1:
             raise ValueError(f"budget must be at least 1, got {budget}")
         s = self
-        if method == "occlusion":
+        capped = METHODS[method].budget if method in METHODS else None
+        if capped == "stride":  # occlusion: the positions, not one count, must fit the budget
             window = s.window or max(1, input_size // 8)
             window = min(window, input_size)
             stride = s.stride or max(1, window // 2)
@@ -56,10 +60,8 @@ class AttributionSettings:
                     # Windows at least as wide as their stride: every pixel gets covered.
                     window = min(max(window, stride), input_size)
             return dataclasses.replace(s, window=window, stride=stride)
-        if budget is not None and method in ("lime", "kernelshap"):
-            return dataclasses.replace(s, samples=min(s.samples, budget))
-        if budget is not None and method == "integrated-gradients":
-            return dataclasses.replace(s, steps=min(s.steps, budget))
+        if budget is not None and capped is not None:
+            return dataclasses.replace(s, **{capped: min(getattr(s, capped), budget)})
         return s
 
 
@@ -75,29 +77,31 @@ def spec_label(method: str, settings: AttributionSettings | None = None) -> str:
         'lime(n=100,seg=slic50)'
     """
     s = settings or AttributionSettings()
-    if method in ("lime", "kernelshap"):
-        label = f"{method}(n={s.samples},seg={s.segmentation}{s.segments})"
-    elif method == "integrated-gradients":
-        label = f"{method}(n={s.steps})"
-    elif method == "occlusion":
-        if not (s.window and s.stride):
-            raise ValueError("resolve the occlusion settings (window and stride) before labelling them")
-        label = f"{method}(w={s.window},s={s.stride})"
-    else:
-        label = method
+    params = METHODS[method].parameters if method in METHODS else {}
+    if not all(getattr(s, f) for f in params.values()):  # 0: "derive from the input size"
+        raise ValueError(f"resolve the {method} settings ({' and '.join(params.values())}) before labelling them")
+    label = f"{method}({','.join(f'{key}={_format(s, f)}' for key, f in params.items())})" if params else method
     if len(label) > MAX_SPEC_LENGTH:
         raise ValueError(f"method spec {label!r} is longer than {MAX_SPEC_LENGTH} characters")
     return label
 
 
-_SPEC = re.compile(r"^([a-z0-9+\-]+)(?:\((.*)\))?$")
 _SEG = re.compile(r"^([a-z]+)(\d+)$")
 
 
-def base_name(spec: str) -> str:
-    """The registry name of a spec: "lime(n=200,seg=slic50)" -> "lime"."""
-    match = _SPEC.match(str(spec))
-    return match.group(1) if match else str(spec)
+def _format(settings: AttributionSettings, field: str) -> str:
+    # Superpixels are recorded with the segmentation that made them: "slic50".
+    value = getattr(settings, field)
+    return f"{settings.segmentation}{value}" if field == "segments" else str(value)
+
+
+def _parse(field: str, value: str) -> dict:
+    if field == "segments":
+        match = _SEG.match(value)
+        if not match:
+            raise ValueError
+        return {"segmentation": match.group(1), "segments": int(match.group(2))}
+    return {field: int(value)}
 
 
 def parse_spec(spec: str, defaults: AttributionSettings | None = None) -> tuple[str, AttributionSettings]:
@@ -108,28 +112,20 @@ def parse_spec(spec: str, defaults: AttributionSettings | None = None) -> tuple[
         16
     """
     settings = defaults or AttributionSettings()
-    match = _SPEC.match(str(spec))
+    match = SPEC_PATTERN.match(str(spec))
     if not match:
         raise ValueError(f"cannot read method spec {spec!r}; write name or name(key=value,...)")
     name, body = match.group(1), match.group(2)
     if not body:
         return name, settings
+    params = METHODS[name].parameters if name in METHODS else {}
     changes = {}
     for item in body.split(","):
         key, _, value = item.partition("=")
-        if key == "n" and name in ("lime", "kernelshap"):
-            changes["samples"] = int(value)
-        elif key == "n" and name == "integrated-gradients":
-            changes["steps"] = int(value)
-        elif key == "seg" and _SEG.match(value):
-            kind, count = _SEG.match(value).groups()
-            changes.update(segmentation=kind, segments=int(count))
-        elif key == "w" and name == "occlusion":
-            changes["window"] = int(value)
-        elif key == "s" and name == "occlusion":
-            changes["stride"] = int(value)
-        else:
-            raise ValueError(f"unknown parameter {item!r} in method spec {spec!r}")
+        try:
+            changes.update(_parse(params[key], value))
+        except (KeyError, ValueError):
+            raise ValueError(f"unknown parameter {item!r} in method spec {spec!r}") from None
     return name, dataclasses.replace(settings, **changes)
 
 
@@ -137,9 +133,7 @@ def concrete_settings(name: str, settings: AttributionSettings, input_size: int,
     """`settings` resolved for `name` on inputs of `input_size` within `budget`, with the
     segmentation that will actually run (SLIC falls back to a grid without scikit-image)."""
     settings = settings.resolved(name, int(input_size), budget)
-    if name in ("lime", "kernelshap"):
-        from .superpixels import resolve_segmentation
-
+    if "segments" in METHODS[name].parameters.values():
         settings = dataclasses.replace(settings, segmentation=resolve_segmentation(settings.segmentation))
     return settings
 
@@ -152,6 +146,6 @@ def resolve_spec(method: str, input_size: int, budget: int | None = None) -> str
         'occlusion(w=28,s=22)'
     """
     name, settings = parse_spec(method)
-    if name not in ("lime", "kernelshap", "deeplift", "integrated-gradients", "occlusion"):
+    if not is_attribution(name):
         return method
     return spec_label(name, concrete_settings(name, settings, input_size, budget))

@@ -5,8 +5,6 @@ ClassifierOutputTarget, a 2-D batch, for which it returns one score per row.
 """
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 class ClassTarget:
@@ -30,6 +28,9 @@ class SimilarityTarget:
     """
 
     def __init__(self, reference):
+        import torch
+        import torch.nn.functional as F
+
         if isinstance(reference, torch.Tensor):
             reference = reference.detach().to("cpu", torch.float32)
         else:
@@ -39,6 +40,8 @@ class SimilarityTarget:
         self.reference = F.normalize(reference, dim=0)
 
     def __call__(self, output):
+        import torch.nn.functional as F
+
         reference = self.reference.to(device=output.device, dtype=output.dtype)
         return (F.normalize(output, dim=-1) * reference).sum(dim=-1)
 
@@ -53,6 +56,8 @@ class EmbeddingNormTarget:
     """
 
     def __call__(self, output):
+        import torch
+
         return torch.linalg.vector_norm(output, dim=-1)
 
     def __repr__(self):

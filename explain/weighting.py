@@ -10,6 +10,8 @@ reference and the hooked path (explain.cam.maps_from_images).
 
 import numpy as np
 
+from .methods import METHODS
+
 __all__ = ["CAM_WEIGHTING", "USES_GRADIENTS"]
 
 
@@ -67,14 +69,6 @@ def eigencam(acts, grads=None):
     return np.float32(projections)
 
 
-# name -> weighting; the names are explain.methods.FAST_METHODS.
-CAM_WEIGHTING = {
-    "gradcam": gradcam,
-    "gradcam++": gradcam_plusplus,
-    "hirescam": hirescam,
-    "xgradcam": xgradcam,
-    "layercam": layercam,
-    "eigencam": eigencam,
-}
-# Eigen-CAM reads the activations only: no backward pass.
-USES_GRADIENTS = frozenset(CAM_WEIGHTING) - {"eigencam"}
+# name -> weighting, for the methods of explain.methods.METHODS that have a fast path.
+CAM_WEIGHTING = {name: globals()[m.weighting] for name, m in METHODS.items() if m.fast_path}
+USES_GRADIENTS = frozenset(name for name in CAM_WEIGHTING if METHODS[name].uses_gradients)

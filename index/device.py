@@ -2,7 +2,6 @@
 
 import logging
 
-import faiss
 
 LOG = logging.getLogger(__name__)
 
@@ -13,6 +12,8 @@ _RESOURCES = None
 
 def gpu_available():
     """True when this faiss has GPU support and sees at least one GPU."""
+    import faiss
+
     # faiss-cpu has neither StandardGpuResources nor a useful get_num_gpus, so check both.
     if not hasattr(faiss, "StandardGpuResources"):
         return False
@@ -24,6 +25,8 @@ def gpu_available():
 
 def on_device(index):
     """True when the index (or the index inside its id map) lives on a GPU."""
+    import faiss
+
     inner = getattr(index, "index", index)
     return type(faiss.downcast_index(inner)).__name__.startswith("Gpu")
 
@@ -37,6 +40,8 @@ def to_device(index):
     Args:
         index: an `IndexIDMap2` built by `index.build` or read by `index.load`.
     """
+    import faiss
+
     if not gpu_available() or on_device(index):
         return index
     inner = faiss.downcast_index(getattr(index, "index", index))
@@ -52,6 +57,8 @@ def to_device(index):
 
 def to_host(index):
     """Return a CPU copy of an index that lives on a GPU, else the index itself."""
+    import faiss
+
     if not on_device(index):
         return index
     return faiss.index_gpu_to_cpu(index)

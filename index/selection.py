@@ -6,7 +6,6 @@ indexes take no selector, so there the whole index is ranked and the filter appl
 which is exact too (only flat indexes go to the GPU).
 """
 
-import faiss
 import numpy as np
 
 from .device import on_device
@@ -36,6 +35,8 @@ def selected_search(index, x, k, excluded, allowed=None):
 
 def _selector(excluded, allowed):
     # Every selector only points at the ones it combines: hold them all until the search is done.
+    import faiss
+
     parts = []
     if excluded:
         batch = faiss.IDSelectorBatch(np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
@@ -53,6 +54,8 @@ def _search_params(index, sel, keep):
     # Parameters replace the index's own settings, and their defaults (nprobe=1, efSearch=16)
     # would silently ruin recall: copy the index's values.
     # A bare IVF (index.shards' merged index) stores the external ids itself: no map around it.
+    import faiss
+
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if inner is index and isinstance(inner, faiss.IndexPreTransform):  # e.g. OPQ before the IVF
         ivf = faiss.extract_index_ivf(inner)

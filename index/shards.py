@@ -28,11 +28,14 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
 from .storage import IndexFileError, save
+
+if TYPE_CHECKING:  # faiss loads in the functions that use it
+    import faiss
 
 LOG = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ class ShardPlan:
 def fill(trained_path, shard_path, plan: ShardPlan, shard: int) -> int:
     """Add this shard's chunks to a copy of the trained index and write it atomically; return
     how many vectors it holds. Runs in a worker process; also callable directly."""
+    import faiss
+
     faiss.omp_set_num_threads(plan.threads)
     ivf = faiss.read_index(os.fspath(trained_path))
     for chunk in range(shard, plan.chunks, plan.workers):
@@ -88,6 +93,8 @@ def build_sharded(trained, plan: ShardPlan, path) -> faiss.Index:
     Raises:
         ShardBuildError: a worker raised or died, or the shards' sizes do not add up.
     """
+    import faiss
+
     if faiss.try_extract_index_ivf(trained) is None or not trained.is_trained or trained.ntotal:
         raise ValueError("build_sharded needs an empty, trained IVF index")
     path = os.path.abspath(os.fspath(path))
@@ -124,6 +131,8 @@ def load_sharded(path) -> faiss.Index:
     (IO_FLAG_MMAP itself crashes faiss 1.15 on an index with on-disk lists; those lists are
     memory-mapped whatever the flag.)
     """
+    import faiss
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise IndexFileError(f"index file not found: {path}")
@@ -142,6 +151,8 @@ def load_sharded(path) -> faiss.Index:
 
 def ivfdata_path(ix) -> str:
     """The inverted-lists file a sharded index maps."""
+    import faiss
+
     return faiss.downcast_InvertedLists(faiss.extract_index_ivf(ix).invlists).filename
 
 

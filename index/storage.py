@@ -6,8 +6,6 @@ import logging
 import os
 import uuid
 
-import faiss
-
 from .device import to_device, to_host
 
 LOG = logging.getLogger(__name__)
@@ -28,6 +26,8 @@ def save(index, path):
         index: any faiss index; one on a GPU is copied to the host first.
         path: destination file; its directory must exist.
     """
+    import faiss
+
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     # Same directory, so os.replace is a rename within one file system. Created with
@@ -57,6 +57,8 @@ def load(path, *, sha256=None):
         path: the index file.
         sha256: expected hex digest; a different file raises IndexFileError.
     """
+    import faiss
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise IndexFileError(f"index file not found: {path}")

@@ -4,7 +4,6 @@ import contextlib
 import logging
 import math
 
-import faiss
 import numpy as np
 
 from .device import on_device, to_device
@@ -40,6 +39,8 @@ def build(dim, kind="flat", *, n_hint=None):
         >>> ix = build(512, "hnsw")
         >>> add(ix, vectors, ids); D, I = search(ix, queries, 10, exclude=[{own_id}])
     """
+    import faiss
+
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"index kind must be one of {sorted(KINDS)} or a faiss factory string")
     factory = factory_for(kind, int(dim), n_hint)
@@ -69,6 +70,8 @@ def needs_training(dim, kind, n_hint=None):
 
 def learned(index):
     """Whether this index's structure was learnt from vectors (IVF, PQ, SQ), as opposed to exact."""
+    import faiss
+
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     return (faiss.try_extract_index_ivf(inner) is not None
             or isinstance(inner, (faiss.IndexPQ, faiss.IndexScalarQuantizer)))
@@ -77,6 +80,8 @@ def learned(index):
 def lossy(index):
     """Whether this index scores with compressed codes (PQ, SQ), so its similarities and order are
     approximate; flat, HNSW-flat and IVF-flat indexes score the exact vectors."""
+    import faiss
+
     try:
         inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
         ivf = faiss.try_extract_index_ivf(inner)
@@ -161,6 +166,8 @@ SMALL_BATCH = 4
 
 @contextlib.contextmanager
 def _threads(n):
+    import faiss
+
     if n is None:
         yield
         return
@@ -174,6 +181,8 @@ def _threads(n):
 
 def remove(index, ids):
     """Remove the vectors stored under these ids; return how many were removed."""
+    import faiss
+
     drop = np.unique(_as_ids(ids))
     if drop.size == 0 or index.ntotal == 0:
         return 0
@@ -213,6 +222,8 @@ def brute_force_search(vectors, ids, queries, k, exclude=None, allow=None):
 
 
 def _stored_ids(index):
+    import faiss
+
     return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
 
 
@@ -231,6 +242,8 @@ def _as_ids(ids):
 
 
 def _tune(inner, n):
+    import faiss
+
     ivf = faiss.try_extract_index_ivf(inner)
     if ivf is not None:
         ivf.nprobe = _nprobe_for(ivf.nlist, n)
@@ -252,6 +265,8 @@ def _nprobe_for(nlist, n):
 
 
 def _train(index, x):
+    import faiss
+
     n = len(x)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -299,6 +314,8 @@ def _remove_from_ivf(index, drop):
     # IndexIDMap2.remove_ids assumes the inner index renumbers the vectors it keeps, as flat
     # indexes do; IVF keeps the old numbers, so the id map would then point past its end. Remove
     # by storage position and renumber the inverted lists ourselves.
+    import faiss
+
     stored = _stored_ids(index)
     gone = np.flatnonzero(np.isin(stored, drop))
     if gone.size == 0:
@@ -327,6 +344,8 @@ def _remove_from_ivf(index, drop):
 def _remove_by_rebuild(index, drop):
     # HNSW and GPU indexes cannot remove vectors: rebuild the inner index from the kept vectors
     # in place, so callers holding this index object see the change.
+    import faiss
+
     stored = _stored_ids(index)
     keep = ~np.isin(stored, drop)
     n_removed = int(keep.size - keep.sum())

@@ -22,6 +22,65 @@ from PIL import Image
 from cbr.data.phantom import CLASSES, phantom
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+CANNOT_DROP = 77  # a child's exit status: it could not become an unprivileged user
+
+
+def as_unprivileged(body, tmp_path) -> None:
+    """Run ``body(folder)`` as a user without privileges, in an empty folder that user owns.
+
+    Root reads mode-000 files, so a permission test run as root (CI) runs ``body`` in a forked
+    child that has become ``nobody``. That user may not read Python itself (a Python under /root),
+    so the child imports nothing: ``body`` first runs here, as root, in a scratch folder, only to
+    import what it needs (its outcome as root is meaningless and ignored). It skips only where root
+    cannot drop privileges (no CAP_SETUID), and fails there too when CBR_REQUIRE_UNPRIVILEGED is
+    set, as CI does. Not root: runs in-process.
+    """
+    import pwd
+    import tempfile
+    import traceback
+
+    import pytest
+
+    if not IS_ROOT:
+        body(tmp_path)
+        return
+    Image.init()
+    try:
+        body(Path(tempfile.mkdtemp(dir=tmp_path)))
+    except (Exception, pytest.fail.Exception):  # root reads what the body expects to be refused
+        pass
+    user = pwd.getpwnam("nobody")
+    folder = Path(tempfile.mkdtemp(prefix="cbr-unprivileged-"))
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.close(read)
+            try:
+                os.setgroups([])
+                os.setgid(user.pw_gid)
+                os.setuid(user.pw_uid)
+            except PermissionError:
+                status = CANNOT_DROP
+                raise
+            body(folder)
+            status = 0
+        except BaseException:
+            os.write(write, traceback.format_exc().encode())
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        report = fh.read().decode(errors="replace")
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    for path in folder.rglob("*"):  # the body may leave mode-000 files and folders behind
+        path.chmod(0o700)
+    shutil.rmtree(folder, ignore_errors=True)
+    if status == CANNOT_DROP and not os.environ.get("CBR_REQUIRE_UNPRIVILEGED"):
+        pytest.skip("running as root and unable to become 'nobody' (no CAP_SETUID)")
+    assert status == 0, f"as 'nobody' (exit {status}):\n{report}"
 
 
 @dataclass(frozen=True)
@@ -253,6 +312,28 @@ ESCAPE_LABEL = "\x1b]0;pwned\x07"
 NFD_LABEL, NFC_LABEL = "cafe\u0301", "caf\u00e9"
 
 
+def make_burned_in_dicom(folder) -> Path:
+    """A DICOM whose pixels carry burned-in text (BurnedInAnnotation=YES), named as archives name them."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.BurnedInAnnotation = "OT", "YES"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.Rows = ds.Columns = 48
+    ds.PixelData = np.asarray(_phantom_image(40).convert("L"), dtype=np.uint8).tobytes()
+    path = Path(folder) / "Doe^John_19450317.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def make_label_folder(root, label: str, seed: int) -> Path:
     """A class folder named ``label`` holding one good image."""
     folder = Path(root) / label
@@ -291,6 +372,7 @@ EXPECTED: dict[str, Expect] = {
     "fifo": Expect("problem", "not a regular file"),
     "device_link": Expect("problem", "not a regular file"),
     "huge": Expect("problem", "file too large"),
+    "burned_in_dicom": Expect("problem", "burned-in annotation (BurnedInAnnotation=YES)"),
     "newline_label": Expect("problem", "label contains a newline"),
     "escape_label": Expect("problem", "label contains an escape character"),
     "nfd_label": Expect("record"),  # stored as NFC: one class with nfc_label
@@ -318,6 +400,7 @@ _MAKERS = {
     "fifo": make_fifo,
     "device_link": make_device_link,
     "huge": make_huge,
+    "burned_in_dicom": make_burned_in_dicom,
 }
 
 

@@ -143,7 +143,9 @@ def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
         both = (metafunc.definition.get_closest_marker("postgres") is not None
                 and metafunc.definition.get_closest_marker("sqlite_only") is None)
-        metafunc.parametrize("backend", list(BACKENDS) if both else ["sqlite"], indirect=True)
+        # The PostgreSQL run of a test is slow (a server, a database per test): `make test` only.
+        backends = [pytest.param(b, marks=pytest.mark.slow) if b == "postgresql" else b for b in BACKENDS]
+        metafunc.parametrize("backend", backends if both else ["sqlite"], indirect=True)
 
 
 @pytest.fixture

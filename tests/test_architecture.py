@@ -1,7 +1,8 @@
-"""The layout's rules, checked on the source: imports point one way, no cycle, small modules.
+"""The layout's rules, checked on the source: every package on its own layer and imports pointing
+down, no cycle, imports at the top of the file, no private names across modules, short functions.
 
-Every module of ``cbr/``, ``index/`` and ``explain/`` is parsed (nothing is imported), and every
-import statement counts, including those inside functions: a lazy import is still a dependency.
+Every module of ``cbr/``, ``index/`` and ``explain/`` is parsed (nothing is imported). Every import
+statement counts as an edge of the graph, including one inside a function.
 """
 
 import ast
@@ -12,17 +13,33 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cbr", "index", "explain")
-MAX_LINES = 400
+MAX_FUNCTION_LINES = 80
 
-# Layers, highest first: a module may import its own layer and the layers below it, never above.
-# cbr/errors.py and cbr/files.py are leaves that every layer may import.
+# Layers, highest first, one package each: a module may import its own package and the layers
+# below it, never one above (a back-edge). cbr/errors.py and cbr/files.py are leaves that every
+# layer may import.
 LAYERS = (
     ("cli", ("cbr.cli", "cbr.__main__")),
-    ("pipelines", ("cbr.pipeline", "cbr.learn", "cbr.evaluation", "cbr.serve")),
-    ("parts", ("cbr.store", "cbr.models", "cbr.data", "cbr.reporting")),
-    ("libraries", ("index", "explain")),
+    ("evaluation", ("cbr.evaluation",)),
+    ("serve", ("cbr.serve",)),
+    ("pipeline", ("cbr.pipeline",)),
+    ("reporting", ("cbr.reporting",)),
+    ("learn", ("cbr.learn",)),
+    ("store", ("cbr.store",)),
+    ("models", ("cbr.models",)),
+    ("data", ("cbr.data",)),
+    ("explain", ("explain",)),
+    ("index", ("index",)),
 )
 LEAVES = ("cbr", "cbr.errors", "cbr.files")
+
+# Deferred to the functions that use them, so that `cbr --help` and the read-only commands stay
+# fast (tests/test_startup.py runs them).
+HEAVY = ("torch", "torchvision", "faiss", "sklearn", "scipy", "captum", "pytorch_grad_cam", "matplotlib", "cv2",
+         "pydicom", "nibabel", "ray", "timm", "skimage")
+# The modules that subclass torch.nn.Module load torch as they load; they count as heavy packages
+# themselves, and are the only modules of ours another may import inside a function.
+TORCH_BOUND = frozenset({"cbr.models.embedder", "cbr.models.layers", "cbr.models.timm_models", "explain.attribution"})
 
 
 def _modules() -> dict[str, Path]:
@@ -38,43 +55,63 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+TREES = {m: ast.parse(p.read_text(), str(p)) for m, p in MODULES.items()}
 
 
-def _resolve(name: str) -> str | None:
+def _resolve(name: str, modules=MODULES) -> str | None:
     """The longest prefix of ``name`` that is one of our modules (None for third-party names)."""
     parts = name.split(".")
     while parts:
         candidate = ".".join(parts)
-        if candidate in MODULES:
+        if candidate in modules:
             return candidate
         parts.pop()
     return None
 
 
-def _imports(module: str, path: Path) -> set[str]:
-    """Our modules that ``module`` imports anywhere in its file (top level or inside functions)."""
-    is_package = path.name == "__init__.py"
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
-                base = ".".join(anchor + ([base] if base else []))
-            # `from pkg import name` imports the submodule pkg.name when there is one, else pkg.
-            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
-        else:
-            continue
-        for name in names:
-            target = _resolve(name)
-            if target is not None and target != module:
-                found.add(target)
-    return found
+def _statements(tree: ast.AST):
+    """Every import statement of a module, with whether it sits inside a function."""
+    def walk(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                yield child, in_function
+            yield from walk(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                      ast.Lambda)))
+    yield from walk(tree, False)
 
 
-GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
+def _base(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The absolute module a ``from ... import`` statement reads from."""
+    base = node.module or ""
+    if node.level:
+        parts = module.split(".")
+        anchor = parts[: len(parts) - node.level + (1 if is_package else 0)]
+        base = ".".join(anchor + ([base] if base else []))
+    return base
+
+
+def _targets(module: str, is_package: bool, node, modules=MODULES) -> set[str]:
+    """Our modules one import statement imports."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        base = _base(module, is_package, node)
+        # `from pkg import name` imports the submodule pkg.name when there is one, else pkg.
+        names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+    return {t for t in map(lambda n: _resolve(n, modules), names) if t is not None and t != module}
+
+
+def _graph(trees=TREES, modules=MODULES) -> dict[str, set[str]]:
+    return {m: set().union(*(_targets(m, _is_package(m, modules), node, modules) for node, _ in _statements(tree)))
+            for m, tree in trees.items()}
+
+
+def _is_package(module: str, modules=MODULES) -> bool:
+    path = modules.get(module)
+    return path is not None and path.name == "__init__.py"
+
+
+GRAPH = _graph()
 
 
 def _layer(module: str) -> int | None:
@@ -116,11 +153,76 @@ def _cycles(graph=None) -> list[list[str]]:
     return sorted(out)
 
 
+# --- the checks, as functions of (module, its parsed source), so that the self-test can feed them
+
+def back_edges(module: str, imports: set[str]) -> list[str]:
+    """The modules ``module`` imports from a layer above its own."""
+    own = _layer(module)
+    if own is None:  # a leaf (cbr, errors, files) imports only other leaves
+        return sorted(imports - set(LEAVES))
+    return sorted(n for n in imports if n not in LEAVES and _layer(n) is not None and _layer(n) < own)
+
+
+def late_imports(module: str, tree: ast.AST, modules=MODULES) -> list[str]:
+    """``line: statement`` of each import of our modules inside a function (torch-bound ones aside)."""
+    out = []
+    for node, in_function in _statements(tree):
+        targets = _targets(module, _is_package(module, modules), node, modules)
+        if in_function and targets - TORCH_BOUND:
+            out.append(f"{node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+def heavy_top_imports(tree: ast.AST) -> list[str]:
+    """The heavy third-party packages a module imports at its top level."""
+    out = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names if a.name.split(".")[0] in HEAVY]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in HEAVY:
+            out.append(node.module)
+    return out
+
+
+def private_imports(module: str, tree: ast.AST, modules=MODULES) -> list[str]:
+    """``line: module.name`` of each private name imported from another of our modules."""
+    out = []
+    for node, _ in _statements(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = _base(module, _is_package(module, modules), node)
+            if _resolve(base, modules) is None:
+                continue
+            out += [f"{node.lineno}: {base}.{a.name}" for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")]
+        else:
+            out += [f"{node.lineno}: {a.name}" for a in node.names
+                    if _resolve(a.name, modules) and any(p.startswith("_") and not p.startswith("__")
+                                                         for p in a.name.split("."))]
+    return out
+
+
+def long_functions(tree: ast.AST, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``name (line): n lines`` of each function or method longer than ``limit`` lines."""
+    return [f"{node.name} (line {node.lineno}): {node.end_lineno - node.lineno + 1} lines"
+            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > limit]
+
+
+def torch_modules(tree: ast.AST) -> bool:
+    """Whether a module defines a subclass of torch.nn.Module."""
+    return any(isinstance(node, ast.ClassDef) and any(ast.unparse(b) in ("nn.Module", "torch.nn.Module", "Module")
+                                                      for b in node.bases)
+               for node in ast.walk(tree))
+
+
+# --- the tree as it is ----------------------------------------------------------------------
+
 def test_the_walk_sees_the_tree():
-    # Guards the test itself: it must find the packages and their lazy imports.
+    # Guards the test itself: it must find the packages and the imports inside functions.
     assert {"cbr.cli", "cbr.pipeline.query", "index.vectors", "explain.cam"} <= set(MODULES)
-    assert "cbr.pipeline.query" in GRAPH["cbr.cli.retrieval"]  # imported inside a command function
-    assert "index" in GRAPH["cbr.store.member"]  # `import index as ix` inside functions
+    assert "cbr.pipeline.query" in GRAPH["cbr.cli.retrieval"]
+    assert "index" in GRAPH["cbr.store.member"]
+    assert "cbr.models.embedder" in GRAPH["cbr.pipeline.index"]  # imported inside a function
     assert all(_layer(m) is not None or m in LEAVES for m in MODULES), \
         [m for m in MODULES if _layer(m) is None and m not in LEAVES]
 
@@ -130,12 +232,6 @@ def test_import_graph_has_no_cycle():
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
-def test_cycle_finder_finds_a_planted_cycle():
-    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
-    assert _cycles(graph) == [["a", "b", "c"]]
-    assert _cycles({"a": {"b"}, "b": set()}) == []
-
-
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.split(".")[0] in ("index", "explain")))
 def test_libraries_never_import_cbr(module):
     assert not [n for n in GRAPH[module] if n.split(".")[0] == "cbr"]
@@ -143,19 +239,82 @@ def test_libraries_never_import_cbr(module):
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_point_down_the_layers(module):
-    own = _layer(module)
-    if own is None:  # a leaf (cbr, errors, files) imports only other leaves
-        assert GRAPH[module] <= set(LEAVES), GRAPH[module]
-        return
-    upward = sorted(n for n in GRAPH[module] if n not in LEAVES and _layer(n) < own)
-    assert not upward, f"{module} ({LAYERS[own][0]}) imports a higher layer: {', '.join(upward)}"
+    upward = back_edges(module, GRAPH[module])
+    assert not upward, f"{module} ({LAYERS[_layer(module)][0] if _layer(module) is not None else 'leaf'}) " \
+                       f"imports a higher layer: {', '.join(upward)}"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_module_is_small(module):
-    lines = len(MODULES[module].read_text().splitlines())
-    assert lines <= MAX_LINES, f"{MODULES[module].relative_to(ROOT)} has {lines} lines; split it by concept"
+def test_our_modules_are_imported_at_the_top(module):
+    late = late_imports(module, TREES[module])
+    assert not late, f"{MODULES[module].relative_to(ROOT)}: move to the top of the file: {'; '.join(late)}"
 
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_heavy_packages_are_imported_inside_functions(module):
+    heavy = heavy_top_imports(TREES[module])
+    assert module in TORCH_BOUND or not heavy, \
+        f"{MODULES[module].relative_to(ROOT)} imports {', '.join(heavy)} at its top; import it where it is used"
+
+
+def test_torch_bound_modules_are_those_with_torch_classes():
+    # The exception above is exactly the modules that cannot load without torch.
+    assert {m for m, tree in TREES.items() if torch_modules(tree)} == TORCH_BOUND
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_private_name_crosses_modules(module):
+    private = private_imports(module, TREES[module])
+    assert not private, f"{MODULES[module].relative_to(ROOT)} imports private names " \
+                        f"(make them public or move them): {'; '.join(private)}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_functions_are_short(module):
+    long = long_functions(TREES[module])
+    assert not long, f"{MODULES[module].relative_to(ROOT)}: split at a natural seam: {'; '.join(long)}"
+
+
+# --- the checks can fail ---------------------------------------------------------------------
+
+BAD = '''
+from cbr.pipeline.query import Searcher
+from cbr.models.embedder import _build
+import torch
+
+
+def late():
+    from cbr.data.text import for_terminal
+    from cbr.models.embedder import create_embedder  # torch-bound: allowed here
+    return for_terminal, create_embedder
+
+
+def long():
+''' + "    x = 1\n" * MAX_FUNCTION_LINES
+
+
+def test_the_checks_find_planted_faults():
+    modules = {"cbr.store.bad": Path("cbr/store/bad.py"), "cbr.pipeline.query": Path("q.py"),
+               "cbr.models.embedder": Path("e.py"), "cbr.data.text": Path("t.py")}
+    tree = ast.parse(BAD)
+    imports = _graph({"cbr.store.bad": tree}, modules)["cbr.store.bad"]
+    assert imports == {"cbr.pipeline.query", "cbr.models.embedder", "cbr.data.text"}
+    assert back_edges("cbr.store.bad", imports) == ["cbr.pipeline.query"]
+    assert late_imports("cbr.store.bad", tree, modules) == ["8: from cbr.data.text import for_terminal"]
+    assert private_imports("cbr.store.bad", tree, modules) == ["3: cbr.models.embedder._build"]
+    assert heavy_top_imports(tree) == ["torch"]
+    assert long_functions(tree) == [f"long (line 13): {MAX_FUNCTION_LINES + 1} lines"]
+    assert long_functions(ast.parse("def ok():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1))) == []
+    assert torch_modules(ast.parse("class M(nn.Module):\n    pass\n"))
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+# --- the documentation of the layout --------------------------------------------------------
 
 def _documented() -> set[str]:
     """Files named in ARCHITECTURE.md's module list: `name.py` under a `### `package/`` heading."""

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import select
 
+import cbr.pipeline.audit.removal as removal
 import cbr.store.member as member
 from cbr.pipeline.audit import add_feedback, export, history, remove_cases, rerender_report
 from cbr.store.casebase import open_casebase
@@ -46,7 +47,7 @@ def test_crash_after_remove_commit_is_repaired_on_next_open(indexed, query_set, 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash before the index generation is written")
 
-    monkeypatch.setattr(member, "save_index", crash)
+    monkeypatch.setattr(removal, "save_index", crash)  # the name remove_cases calls
     with pytest.raises(RuntimeError, match="simulated crash"):
         remove_cases(cb, [3, 4], reason="crash test")
     monkeypatch.undo()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cbr.models.backbones import BACKBONES
-from cbr.models.factory import create_embedder
+from cbr.models.embedder import create_embedder
 from cbr.models.maps import compute_maps
 from explain.cam import maps_from_activations, maps_from_images
 from explain.methods import FAST_METHODS

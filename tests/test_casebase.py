@@ -128,3 +128,53 @@ def test_failed_write_rolls_back(db_url):
             raise RuntimeError("crash mid-transaction")
     with cb.read() as s:
         assert s.scalar(select(Case)) is None
+
+
+def _old_query(conn, notes):
+    """A queries row as revision 0006 wrote it (no lineage columns); returns its id."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, column, insert, table
+
+    queries = table("queries", column("id", Integer), column("created_at", DateTime(timezone=True)),
+                    column("image_path", String), column("sha256", String),
+                    column("k", Integer), column("vote_rule", String), column("ensemble", String),
+                    column("explain_method", String), column("prediction", String), column("confidence", Float),
+                    column("probabilities", JSON), column("abstained", Boolean), column("notes", JSON))
+    return conn.execute(insert(queries).values(
+        created_at=datetime(2026, 12, 1, tzinfo=timezone.utc), image_path="/q.png", sha256="c" * 64, k=3, vote_rule="weighted", ensemble="single", explain_method="gradcam",
+        prediction="yes", confidence=0.9, probabilities={"yes": 0.9}, abstained=False, notes=notes,
+    ).returning(queries.c.id)).scalar_one()
+
+
+def test_upgrade_from_0006_moves_refinement_notes_into_lineage_columns(db_url):
+    from cbr.serve.lineage import children_of, parent_of
+    from cbr.store.schema import Query
+
+    upgrade(db_url, "0006")
+    cb = open_casebase(db_url, migrate=False)
+    with cb.engine.connect() as conn:
+        assert "parent_query_id" not in {c["name"] for c in inspect(conn).get_columns("queries")}
+    with cb.engine.begin() as conn:
+        first = _old_query(conn, None)
+        other = _old_query(conn, ["out of distribution: typicality 0.01"])
+        region = _old_query(conn, ["a note", f"refinement of query {first} by region: box (0.100, 0.100, 0.700, "
+                                            "0.800) of the letterboxed image, pixels (3, 3, 22, 26)"])
+        example = _old_query(conn, [f"refinement of query {region} by example (Rocchio (1.0, 0.75, 0.15)): "
+                                    "relevant cases 4; not relevant none"])
+        orphan = _old_query(conn, ["refinement of query 999 by region: box (0, 0, 1, 1)"])  # no such parent
+    cb.close()
+    before, after = upgrade(db_url)
+    assert (before, after) == ("0006", current(db_url)["head"])
+    cb = open_casebase(db_url)
+    with cb.read() as s:
+        lineage = dict(s.execute(select(Query.id, Query.parent_query_id)).all())
+        kinds = dict(s.execute(select(Query.id, Query.refinement_kind)).all())
+        assert s.get(Query, region).notes[0] == "a note"  # the notes are kept, for display
+    assert lineage == {first: None, other: None, region: first, example: region, orphan: None}
+    assert kinds == {first: None, other: None, region: "region", example: "example", orphan: None}
+    with cb.write() as s:  # the notes are for display only: the lineage no longer reads them
+        for q in s.scalars(select(Query)):
+            q.notes = []
+    assert parent_of(cb, example) == (region, "example") and parent_of(cb, first) is None
+    assert [c["query_id"] for c in children_of(cb, first)] == [region]

@@ -5,16 +5,34 @@ import sys
 
 import click
 import pytest
+from click.utils import make_default_short_help
 
 from cbr.cli import cli
+from cbr.cli.group import COMMANDS
 from conftest import invoke
 
 
 def _commands(group, prefix=()):
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group, info_name=prefix[-1] if prefix else "cbr")
+    for name in group.list_commands(ctx):  # the lazy group imports each command's module here
+        cmd = group.get_command(ctx, name)
         yield prefix + (name,), cmd
         if isinstance(cmd, click.Group):
             yield from _commands(cmd, prefix + (name,))
+
+
+def test_the_lazy_group_lists_every_command_module():
+    # A command missing from COMMANDS would be unreachable; a stale entry would fail here on import.
+    names = [path[0] for path, _ in _commands(cli) if len(path) == 1]
+    assert names == sorted(names) and {"index", "query", "demo", "serve", "db", "history"} <= set(names)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_the_help_summary_is_the_commands_own(name):
+    # `cbr --help` shows COMMANDS' summaries (no import); they must say what the docstrings say.
+    command = cli.get_command(None, name)
+    for limit in (45, 60, 200):
+        assert make_default_short_help(COMMANDS[name][1], limit) == command.get_short_help_str(limit)
 
 
 @pytest.mark.parametrize("path,command", list(_commands(cli)), ids=lambda p: " ".join(p) if isinstance(p, tuple) else "")

@@ -119,5 +119,5 @@ def test_library_errors_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("name", ["train", "evaluate"])
 def test_commands_have_examples(name):
-    doc = cli.commands[name].help
+    doc = cli.get_command(None, name).help
     assert "\b\nExample:" in doc.replace("    ", "")

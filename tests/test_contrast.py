@@ -60,7 +60,7 @@ def _old_fingerprint(emb):
 
 
 def test_fingerprint_unchanged_without_contrast_and_changed_with_it():
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     plain = create_embedder("tinycnn", weights="none", input_size=32)
     assert plain.config.contrast == "none" and plain.fingerprint == _old_fingerprint(plain)
@@ -93,7 +93,7 @@ def test_index_with_contrast_then_query(runner, phantom_set, query_set, tmp_path
 
 
 def test_train_records_contrast_in_the_checkpoint(runner, phantom_set, tmp_path):
-    from cbr.models.checkpoint import load_checkpoint
+    from cbr.models.embedder import load_checkpoint
 
     out = tmp_path / "m.pt"
     result = invoke(runner, "train", phantom_set, "--backbone", "tinycnn", "--weights", "none", "--epochs", "1",

@@ -98,7 +98,7 @@ def test_mask_of_another_size_gets_the_box_scaled():
 
 
 def test_fingerprint_unchanged_without_crop_and_changed_with_it():
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
     from test_contrast import _old_fingerprint  # the recipe from before contrast, tta and crop
 
     plain = create_embedder("tinycnn", weights="none", input_size=32)
@@ -144,7 +144,7 @@ def test_masks_line_up_with_the_maps_of_a_cropped_model(tmp_path):
     from cbr.data.mask import lesion_mask
     from cbr.evaluation.localisation import localisation
     from cbr.evaluation.outcome import Outcome
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
     from explain.metrics import pointing_game
 
     scan, mask_path = _padded_phantom(tmp_path)
@@ -174,7 +174,7 @@ def test_masks_line_up_with_the_maps_of_a_cropped_model(tmp_path):
 def test_report_overlays_use_the_models_crop(runner, tmp_path):
     from cbr.data.phantom import make_phantoms
     from cbr.models.checkpoint import save_checkpoint
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
     from explain.overlay import render_overlay
 
     manifest = make_phantoms(tmp_path / "ph", patients=6, slices=1, size=48, seed=0)
@@ -215,7 +215,7 @@ def test_report_overlays_use_the_models_crop(runner, tmp_path):
 def test_checkpoint_records_the_crop_and_index_applies_it(runner, phantom_set, tmp_path):
     from sqlalchemy import select
 
-    from cbr.models.checkpoint import load_checkpoint
+    from cbr.models.embedder import load_checkpoint
     from cbr.store.casebase import open_casebase
     from cbr.store.schema import Model
 

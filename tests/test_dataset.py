@@ -186,9 +186,12 @@ def test_permission_denied_simulated(tmp_path, monkeypatch):
     assert len(scan.records) == 1
 
 
-@pytest.mark.skipif(badfiles.IS_ROOT, reason="root can read mode-000 files and folders")
 def test_permission_denied_real(tmp_path):
-    data = tmp_path / "data"
+    badfiles.as_unprivileged(_permission_denied_real, tmp_path)  # root would read mode-000 files and folders
+
+
+def _permission_denied_real(folder):
+    data = folder / "data"
     (data / "a").mkdir(parents=True)
     locked = badfiles.make_no_permission(data / "a")
     (data / "b").mkdir()

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from cbr.pipeline.demo import run_demo
 
 
@@ -13,8 +15,12 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.weights == "none"  # tinycnn has no ImageNet weights: the demo says so and goes on
     assert any("random weights" in line for line in lines)
     assert result.queries == len(result.rows) > 0
-    assert 0.0 <= result.accuracy <= 1.0 and 0.0 <= result.balanced_accuracy <= 1.0
-    assert result.pointing_game is None or 0.0 <= result.pointing_game <= 1.0
+    truth, answers = [r["label"] for r in result.rows], [r["prediction"] for r in result.rows]
+    assert result.accuracy == sum(t == a for t, a in zip(truth, answers)) / len(truth)
+    recalls = [sum(a == c for t, a in zip(truth, answers) if t == c) / truth.count(c) for c in set(truth)]
+    assert result.balanced_accuracy == pytest.approx(sum(recalls) / len(recalls))
+    pointed = [r["pointing"] for r in result.rows if r["pointing"] is not None]
+    assert result.pointing_game == (sum(pointed) / len(pointed) if pointed else None)
     assert Path(result.report).is_file() and Path(result.case_base).is_file()
     # Running it again recreates the case base rather than piling up queries.
     again = run_demo(tmp_path / "demo", patients=12, slices=2, size=48, epochs=1, img_size=32,

@@ -325,7 +325,7 @@ def test_query_with_another_window_is_refused(tmp_path, runner):
 
 
 def test_window_is_part_of_the_fingerprint():
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     auto = create_embedder("tinycnn", weights="none", input_size=32)
     lung = create_embedder("tinycnn", weights="none", input_size=32, window="ct-lung")

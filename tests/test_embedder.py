@@ -6,6 +6,7 @@ channels_last 1.09 s (29 img/s); under heavier load 3.9 vs 2.4 s and 7.7 vs 5.7 
 CHANNELS_LAST_ON_CPU in cbr/embedder.py.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,10 +18,9 @@ import torch
 from PIL import Image
 
 from cbr.models.backbones import BACKBONES
-from cbr.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cbr.models.checkpoint import CheckpointError, save_checkpoint
 from cbr.models.config import ModelConfig
-from cbr.models.embedder import Embedder, UnknownLayerError, default_device
-from cbr.models.factory import create_embedder
+from cbr.models.embedder import Embedder, UnknownLayerError, create_embedder, default_device, load_checkpoint
 from cbr.errors import CbrError, ModelMismatchError, NotFoundError, UnknownNameError, WeightsNotFoundError
 
 _CACHE = {}
@@ -111,7 +111,7 @@ def test_backbone_shapes_and_fingerprint(name):
 def test_fingerprint_same_in_new_process():
     emb = create_embedder("tinycnn", weights="none", seed=3)
     code = (
-        "from cbr.models.factory import create_embedder;"
+        "from cbr.models.embedder import create_embedder;"
         "print(create_embedder('tinycnn', weights='none', seed=3).fingerprint)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -199,6 +199,25 @@ def test_none_kwargs_keep_defaults():
         backbone="tinycnn", weights="none", input_size=64, mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225), embedding_dim=64,
     )  # fmt: skip
+
+
+def test_a_stored_config_rebuilds_the_same_model(tmp_path):
+    emb = create_embedder("tinycnn", weights="none", class_names=["a", "b"], seed=5, target_layer="block3",
+                          tta="flip", crop="foreground")
+    again = create_embedder("tinycnn", config=ModelConfig.from_dict(emb.config.to_dict()))
+    assert again.config == emb.config and again.fingerprint == emb.fingerprint
+    assert create_embedder("tinycnn", config=emb.config, seed=6).config.seed == 6  # an override wins
+    path = tmp_path / "m.pt"
+    save_checkpoint(emb, path)
+    moved = dataclasses.replace(load_checkpoint(path)[0].config, target_layer="block4")
+    assert create_embedder(path, config=moved).config == moved  # a checkpoint takes its settings
+    with pytest.raises(CbrError, match="class names and seed are fixed by the checkpoint"):
+        create_embedder(path, seed=3)
+
+
+def test_unknown_setting_names_the_choices():
+    with pytest.raises(TypeError, match="unknown settings colour, mean; choose from weights, input_size, "):
+        create_embedder("tinycnn", weights="none", mean=(0, 0, 0), colour="red")
 
 
 def test_config_json_round_trip():

@@ -4,7 +4,7 @@ import csv
 import json
 
 from cbr.models.checkpoint import save_checkpoint
-from cbr.models.factory import create_embedder
+from cbr.models.embedder import create_embedder
 from conftest import invoke
 
 

@@ -270,7 +270,7 @@ def test_cross_validation_known_answer(tmp_path):
 
 def test_held_out_known_answer(tmp_path):
     from cbr.models.checkpoint import save_checkpoint
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     scan = read_dataset(_planted(tmp_path / "planted"))
     ckpt = tmp_path / "model.pt"

@@ -31,7 +31,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     return create_embedder("tinycnn", weights="none", input_size=32, class_names=["a", "b", "c"])
 
@@ -197,7 +197,7 @@ def test_registry_names_and_checks():
 def test_cli_choices_come_from_the_registry(runner, command):
     from cbr.cli import cli
 
-    cmd = cli.commands[command[0]]
+    cmd = cli.get_command(None, command[0])
     option = next(p for p in cmd.params if p.name in ("explain", "method"))
     assert tuple(option.type.choices)[: len(METHOD_NAMES)] == METHOD_NAMES
     result = invoke(runner, *command, "--help")
@@ -327,7 +327,7 @@ def test_curves_reward_the_planted_patch():
 def test_compare_with_a_head_has_both_targets(phantom_set):
     from cbr.data.dataset import read_dataset
     from cbr.evaluation.comparison import compare_explanations, format_comparison
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     records = read_dataset(phantom_set).records
     embedder = create_embedder("tinycnn", weights="none", input_size=32, class_names=["cyst", "normal", "tumour"])

@@ -87,6 +87,15 @@ def test_deletion_informative_map_beats_random():
     assert random_deletion_auc(_region_score, image, steps=20) == chance
 
 
+def test_deletion_auc_is_the_trapezoid_of_the_normalised_curve():
+    image = torch.ones(1, 4, 4)
+    saliency = np.arange(16, dtype=np.float32).reshape(4, 4)  # 4 more pixels deleted at each step
+    fractions, scores, auc = deletion_curve(lambda b: b.mean(dim=(1, 2, 3)) ** 2, image, saliency, steps=4)
+    assert fractions.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert scores.tolist() == [1.0, 0.5625, 0.25, 0.0625, 0.0]  # (1 - f)^2
+    assert auc == 0.34375  # 0.25 * (1/2 + 0.5625 + 0.25 + 0.0625 + 0/2)
+
+
 def test_deletion_of_an_irrelevant_image_is_nan():
     image = torch.zeros(3, 32, 32)
     _, scores, auc = deletion_curve(_region_score, image[None], np.ones((8, 8)), steps=4)

@@ -295,7 +295,7 @@ def test_csv_export_neutralises_formula_cells(runner, cb_copy, tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from cbr.models.checkpoint import save_checkpoint
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     save_checkpoint(create_embedder("tinycnn", weights="none", class_names=["a", "b"]), path)
@@ -320,7 +320,8 @@ CRAFTED = {
 def test_crafted_checkpoint_config_is_one_line(runner, checkpoint, phantom_set, tmp_path, kind):
     import torch
 
-    from cbr.models.checkpoint import CheckpointError, load_checkpoint
+    from cbr.models.checkpoint import CheckpointError
+    from cbr.models.embedder import load_checkpoint
 
     payload = torch.load(checkpoint, weights_only=True)
     alter, needle = CRAFTED[kind]
@@ -341,7 +342,7 @@ def test_crafted_checkpoint_config_is_one_line(runner, checkpoint, phantom_set, 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
 def test_written_files_get_the_umask_mode(runner, cb_copy, tmp_path, umask, mode):
     from cbr.models.checkpoint import save_checkpoint
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     db, manifest = cb_copy
     old = os.umask(umask)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import uuid
 from pathlib import Path
@@ -318,3 +319,101 @@ def test_full_disk_under_the_case_base_is_one_line_and_nothing_is_lost(runner, i
         check = invoke(runner, "db", "check", "--db", db)
         assert check.exit_code == 0, check.output
         assert _count(db, Feedback.id) in (0, 1)
+
+
+# -- issue 24, item 9: rows that do not decode ------------------------------------------------
+
+
+def _nan_vector(con) -> tuple:
+    n = con.execute("SELECT length(vector) FROM embeddings WHERE case_id = 3").fetchone()[0]
+    return (b"\x00\x00\xc0\x7f" * (n // 4),)  # float32 NaN in every component
+
+
+# name: (SQL, its parameters, what `db check` names, whether `cbr index DATA --rebuild` repairs it)
+DAMAGED_ROWS = {
+    "map-of-the-wrong-size": ("UPDATE explanations SET data = x'0000' WHERE role = 'case' AND case_id = 3", None,
+                              "case map of case 3", True),
+    "calibration-not-json": ("UPDATE calibrations SET rows = '[[\"normal\", ['", None, "calibrations row", True),
+    "embedding-of-4-bytes": ("UPDATE embeddings SET vector = x'00000000' WHERE case_id = 3", None,
+                             "embedding of case 3", True),
+    "nan-embedding": ("UPDATE embeddings SET vector = ? WHERE case_id = 3", _nan_vector, "embedding of case 3", True),
+    "manifest-row-deleted": ("DELETE FROM index_manifests", None, "no index manifest", True),
+    "malformed-sha256": ("UPDATE cases SET sha256 = 'not-a-sha256' WHERE id = 3", None, "case 3", False),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_ROWS))
+def test_db_check_decodes_every_row_and_the_readers_refuse_bad_ones(runner, indexed, phantom_set, query_set, tmp_path,
+                                                                    damage):
+    sql, params, needle, rebuild_repairs = DAMAGED_ROWS[damage]
+    con = sqlite3.connect(indexed)
+    con.execute("PRAGMA foreign_keys=OFF")
+    con.execute(sql, params(con) if params else ())
+    con.commit()
+    con.close()
+    check = invoke(runner, "db", "check", "--db", indexed)
+    assert check.exit_code == 1 and "Traceback" not in check.output, check.output
+    found = [line for line in check.output.splitlines() if needle in line]
+    assert found, check.output
+    assert "cbr index" in found[0] or "cbr remove" in found[0], found[0]  # each finding says how to repair it
+    image = _images(query_set)[0]
+    # Every reader: a one-line refusal naming the row, or an answer that lost no case.
+    query = invoke(runner, "query", image, "--db", indexed, "--out", tmp_path / "q", "-k", 18, "--json")
+    if query.exit_code != 0:
+        line = assert_one_line_error(query)
+        assert "cbr index --rebuild" in line or "cbr db check" in line, line
+    else:
+        assert len(json.loads(query.stdout)["members"][0]["neighbours"]) == 18
+    rebuild = invoke(runner, "index", phantom_set, "--db", indexed, "--rebuild", "--model", "tinycnn", "--weights",
+                     "none", "--workers", "0")
+    assert rebuild.exit_code == 0 and "Traceback" not in rebuild.output, rebuild.output
+    if not rebuild_repairs:
+        return
+    after = invoke(runner, "db", "check", "--db", indexed)
+    assert after.exit_code == 0, after.output
+    query = invoke(runner, "query", image, "--db", indexed, "--out", tmp_path / "q2", "-k", 18, "--json")
+    assert query.exit_code == 0, query.output
+    assert len(json.loads(query.stdout)["members"][0]["neighbours"]) == 18  # no case silently gone
+
+
+# -- issue 24, item 11: a --db that is not a regular file -------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "symlink-to-device"])
+@pytest.mark.parametrize("command", [["history"], ["index", "DATA", "--model", "tinycnn", "--weights", "none"]])
+def test_db_that_is_not_a_regular_file_is_refused_in_one_line(runner, phantom_set, tmp_path, kind, command):
+    """`--db sqlite:////dev/zero` once suggested building a case base at /dev/zero."""
+    node = tmp_path / "node"
+    if kind == "fifo":
+        os.mkfifo(node)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # the numbers of /dev/zero, in tmp_path
+    db = node
+    if kind == "symlink-to-device":
+        db = tmp_path / "link.db"
+        os.symlink(node, db)
+    args = [str(phantom_set) if a == "DATA" else a for a in command]
+    for url in (str(db), f"sqlite:///{db}"):
+        line = assert_one_line_error(invoke(runner, *args, "--db", url), "not a regular file")
+        assert "cbr index DATA" not in line, line
+    assert not stat.S_ISREG(os.stat(node).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"node", db.name})  # no -wal, -journal or .indexes
+
+
+# -- issue 24, item 11: a read-only open leaves nothing beside the file -----------------------
+
+
+@pytest.mark.parametrize("how", ["mode=ro", "immutable-file"])
+def test_read_only_open_leaves_no_wal_or_shm(runner, readonly_copy, query_set, tmp_path, how):
+    db = readonly_copy
+    before = _digest(db)
+    url = f"sqlite:///{db}?mode=ro&uri=true" if how == "mode=ro" else db
+    with immutable(*([db] if how == "immutable-file" else [])):
+        for command in (["history"], ["export", "--what", "cases"], ["db", "check"],
+                        ["query", _images(query_set)[0], "--no-record", "--out", tmp_path / "q"]):
+            result = invoke(runner, *command, "--db", url)
+            assert result.exit_code == 0, result.output
+            assert sorted(p.name for p in db.parent.iterdir()) == ["cases.db", "cases.db.indexes"], command
+    assert _digest(db) == before

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+from sqlalchemy import select
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,8 +17,9 @@ from cbr.data.text import TextError, check_candidates, for_terminal
 from cbr.errors import CbrError
 from cbr.store.casebase import open_casebase
 from cbr.store.schema import Case
-from conftest import invoke
+from conftest import TINY, invoke
 from test_hostile_inputs import _images
+from test_reliability_corruption import assert_one_line_error
 
 # Any code point (surrogates included: a library caller can pass them), biased toward the hostile ones.
 _HOSTILE = st.sampled_from(["\n", "\r", "\t", "\x1b", "\x07", "\x00", "\x7f", "\x85", "\u2028", "\u202e", "\ud800",
@@ -100,3 +102,55 @@ def test_case_labels_and_patients_are_refused_with_their_row_or_survive_query_an
         return
     assert got.report and any(n["label"] == kept[0].label for n in got.neighbours)
     _survives(cb, got.query_id, root)
+
+
+# -- issue 24, item 11: labels that render alike ----------------------------------------------
+
+
+def _manifest(folder, query_set, labels):
+    """A manifest of the query phantoms (new to the case base) with these labels, one image each."""
+    from pathlib import Path
+
+    folder.mkdir()
+    images = sorted((Path(query_set).parent / "images").glob("*.png"))
+    rows = ["path,label,patient_id"] + [f"{img},{label},Q{i}" for i, (img, label) in enumerate(zip(images, labels))]
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder / "manifest.csv"
+
+
+def _labels(db):
+    cb = open_casebase(db, create=False)
+    try:
+        with cb.read() as s:
+            return set(s.scalars(select(Case.label).distinct()))
+    finally:
+        cb.close()
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\u200d", "\u00ad", "\u2060", "\ufeff", "\u034f", "\ufe0f",
+                                       "\U000e0041"])
+def test_labels_with_invisible_code_points_are_refused(runner, indexed, query_set, tmp_path, invisible):
+    manifest = _manifest(tmp_path / "m", query_set, ["tumour" + invisible, "tu" + invisible + "mour", "tumour"])
+    result = invoke(runner, "index", manifest, "--db", indexed, *TINY, "--workers", "0", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["added"] == 1 and len(report["problems"]) == 2, report
+    assert all(f"U+{ord(invisible):04X}" in p["reason"] for p in report["problems"]), report["problems"]
+    assert _labels(indexed) == {"normal", "cyst", "tumour"}
+    line = assert_one_line_error(invoke(runner, "feedback", "1", "--label", "cyst" + invisible, "--db", indexed))
+    assert f"U+{ord(invisible):04X}" in line
+
+
+def test_a_mixed_script_label_confusable_with_a_class_is_warned(runner, indexed, query_set, tmp_path):
+    cyrillic = "tum\u043eur"  # Cyrillic о: renders as "tumour"
+    manifest = _manifest(tmp_path / "m", query_set, [cyrillic, "\u043e\u043f\u0443\u0445\u043e\u043b\u044c"])
+    result = invoke(runner, "index", manifest, "--db", indexed, *TINY, "--workers", "0", "--json")
+    assert result.exit_code == 0, result.output
+    notes = [n for n in json.loads(result.stdout)["notes"] if "confusable" in n]
+    # Only the mixed-script look-alike is warned about; a label wholly in another script is not.
+    assert len(notes) == 1 and "'tumour'" in notes[0] and "U+043E" in notes[0], notes
+    result = invoke(runner, "query", _images(query_set)[0], "--db", indexed, "--explain", "none", "--out",
+                    tmp_path / "q")
+    assert result.exit_code == 0, result.output
+    said = invoke(runner, "feedback", "1", "--label", "cy\u0455t", "--db", indexed)  # Cyrillic ѕ
+    assert said.exit_code == 0 and "confusable" in said.output and "'cyst'" in said.output, said.output

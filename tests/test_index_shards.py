@@ -179,7 +179,7 @@ def test_a_shard_half_written_is_never_a_shard(tmp_path, monkeypatch):
             f.write(b"IwPQ" + b"\0" * 100)
         raise OSError("killed")
 
-    monkeypatch.setattr(index.storage.faiss, "write_index", half_write)
+    monkeypatch.setattr(faiss, "write_index", half_write)  # index.storage imports faiss when it saves
     with pytest.raises(OSError, match="killed"):
         shards.fill(tmp_path / "trained.index", tmp_path / "shard-000.index",
                     shards.ShardPlan(Chunks(), CHUNKS, workers=2), 0)

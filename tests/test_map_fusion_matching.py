@@ -72,7 +72,7 @@ def test_iou_top_selects_a_fixed_share():
 def test_stage_ends_find_the_last_three_resolutions():
     import torch
 
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
     from explain.fusion import stage_ends
 
     trunk = create_embedder("tinycnn", weights="none", input_size=48).trunk
@@ -83,7 +83,7 @@ def test_stage_ends_find_the_last_three_resolutions():
 def test_the_fused_method_is_offered_and_gives_finite_maps_at_the_finest_stage():
     import torch
 
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
     from cbr.models.maps import compute_maps, map_layer
     from explain.methods import METHOD_NAMES
     from explain.targets import ClassTarget

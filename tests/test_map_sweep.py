@@ -6,7 +6,7 @@ import pytest
 
 from cbr.errors import CbrError
 from cbr.evaluation.sweep import SweepSettings, best_rows, parse_layers, pool_sweeps, sweep_maps
-from tests.conftest import invoke
+from conftest import invoke
 
 COLUMNS = {"method", "layer", "target", "n", "localised", "pointing_game", "energy_pointing_game", "iou_top",
            "deletion_auc", "seconds_per_map"}
@@ -21,7 +21,7 @@ def records(phantom_set):
 
 @pytest.fixture(scope="module")
 def embedder(records):
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     return create_embedder("tinycnn", weights="none", input_size=48, class_names=sorted({r.label for r in records}))
 

@@ -15,8 +15,7 @@ from cbr.learn.augmentation import Augmented, decode_all, make_augmentation
 from cbr.learn.config import TrainConfig, TrainError
 from cbr.learn.guidance import guidance_penalty, guided_logits, layercam, lesion_masks, outside_share
 from cbr.learn.train import train_model
-from cbr.models.checkpoint import load_checkpoint
-from cbr.models.factory import create_embedder
+from cbr.models.embedder import create_embedder, load_checkpoint
 
 FAST = TrainConfig(backbone="tinycnn", weights="none", img_size=64, batch_size=8, num_workers=0, val_fraction=0,
                    patience=0)

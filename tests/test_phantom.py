@@ -2,7 +2,6 @@
 
 import csv
 import io
-import time
 from collections import Counter
 
 import numpy as np
@@ -15,14 +14,12 @@ from cbr.data.phantom import CLASSES, make_phantoms, near_duplicate, phantom, sa
 
 @pytest.fixture(scope="module")
 def default_set(tmp_path_factory):
-    """The default data set (30 patients x 3 slices at 128 px), timed."""
+    """The default data set (30 patients x 3 slices at 128 px); its speed is benchmarks/bench_phantoms.py."""
     out = tmp_path_factory.mktemp("phantoms")
-    start = time.perf_counter()
     manifest = make_phantoms(out)
-    elapsed = time.perf_counter() - start
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
-    return out, manifest, rows, elapsed
+    return out, manifest, rows
 
 
 def _load(path) -> np.ndarray:
@@ -30,13 +27,8 @@ def _load(path) -> np.ndarray:
         return np.asarray(img)
 
 
-def test_default_set_is_fast(default_set):
-    # About 1 s on one core; generous here because the test machine's cores are shared.
-    assert default_set[3] < 6.0
-
-
 def test_manifest_columns_and_layout(default_set):
-    out, manifest, rows, _ = default_set
+    out, manifest, rows = default_set
     assert manifest == out / "manifest.csv"
     assert list(rows[0]) == ["path", "label", "patient_id", "mask", "slice"]
     assert len(rows) == 90
@@ -57,7 +49,7 @@ def test_class_balance_and_patient_slices(default_set):
 
 
 def test_masks_match_classes(default_set):
-    out, _, rows, _ = default_set
+    out, _, rows = default_set
     for row in rows:
         mask = _load(out / row["mask"])
         assert set(np.unique(mask)) <= {0, 255}
@@ -71,7 +63,7 @@ def test_masks_match_classes(default_set):
 
 
 def test_slices_share_the_lesion(default_set):
-    out, _, rows, _ = default_set
+    out, _, rows = default_set
     by_patient = {}
     for row in rows:
         if row["label"] != "normal":

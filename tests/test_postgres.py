@@ -113,3 +113,35 @@ def test_a_plain_postgresql_url_uses_psycopg_3(backend, db_url, tmp_path):
     cb = open_casebase(db_url.replace("postgresql+psycopg://", "postgresql://"), index_dir=tmp_path / "i")
     assert cb.engine.dialect.driver == "psycopg"
     cb.close()
+
+
+def test_machines_with_their_own_index_folders_each_index_and_query(backend, db_url, phantom_set, query_set, tmp_path):
+    """Issue 24: one PostgreSQL case base, an --index-dir per machine. Each machine's `cbr index`
+    and query work (the index file another machine wrote is rebuilt here from the stored
+    embeddings); a file of this folder that is gone is damage, and the hint names this --index-dir."""
+    from click.testing import CliRunner
+
+    from conftest import TINY, invoke
+    from test_hostile_inputs import _images
+    from test_reliability_corruption import assert_one_line_error
+
+    if backend == "sqlite":
+        pytest.skip("a SQLite case base keeps its index folder beside its file")
+    runner = CliRunner()
+    folders = [tmp_path / f"machine-{i}" for i in range(3)]
+    for folder, data in zip(folders, [phantom_set, query_set, phantom_set]):
+        result = invoke(runner, "index", data, "--db", db_url, "--index-dir", folder, *TINY, "--workers", "0",
+                        "--json")
+        assert result.exit_code == 0, result.output
+    total = 18 + 3
+    image = _images(query_set)[0]
+    for folder in folders:
+        result = invoke(runner, "query", image, "--db", db_url, "--index-dir", folder, "--explain", "none",
+                        "--no-record", "--json", "-k", total)
+        assert result.exit_code == 0, result.output
+        assert len(json.loads(result.stdout)["members"][0]["neighbours"]) == total - 1  # all but the image itself
+    last = next(p for p in folders[-1].glob("*.faiss"))
+    last.unlink()  # the folder that wrote the manifest's file lost it: damage, named with its repair
+    line = assert_one_line_error(invoke(runner, "query", image, "--db", db_url, "--index-dir", folders[-1],
+                                        "--no-record", "--explain", "none"), "cbr index --rebuild")
+    assert f"--index-dir {folders[-1]}" in line, line

@@ -228,7 +228,7 @@ def check_consistency(db, expected: dict[str, str] | None = None, *, explained: 
     """
     import index as ix
     from cbr.store.casebase import open_casebase
-    from cbr.store.member import _db_active_ids, load_index
+    from cbr.store.member import db_active_ids, load_index
     from cbr.store.schema import Calibration, Case, Embedding, Explanation, IndexManifest, Model
 
     bad: list[str] = []
@@ -289,7 +289,7 @@ def check_consistency(db, expected: dict[str, str] | None = None, *, explained: 
             raw = ix.load(path)  # the file as saved, before any repair on load
             if raw.ntotal != ntotal:
                 bad.append(f"index file {name}: {raw.ntotal} vectors, manifest says {ntotal}")
-            active = np.sort(_db_active_ids(cb, model_id))
+            active = np.sort(db_active_ids(cb, model_id))
             if not np.array_equal(np.sort(ix.ids(raw)), active):
                 bad.append(f"model {model_id}: index ids {len(ix.ids(raw))} != case base active ids {len(active)}")
             if raw.ntotal != len(cases):

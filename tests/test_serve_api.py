@@ -59,6 +59,7 @@ def _ask(client, image, **fields):
         r = client.post("/api/queries", files={"image": (image.name, fh, "image/png")},
                         data={k: str(v) for k, v in fields.items()})
     assert r.status_code == 200, r.text
+    assert r.headers["cache-control"] == "no-store"
     return r.json()
 
 
@@ -97,6 +98,10 @@ def test_post_query_returns_exactly_the_cli_json_and_records_it(client, runner, 
     assert result.exit_code == 0, result.output
     cli = json.loads(result.output)
     assert list(http) == list(cli)
+    schema = client.app.openapi()
+    answer = schema["paths"]["/api/queries"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer == {"$ref": "#/components/schemas/AnswerOut"}  # typed: the schema lists every key
+    assert list(schema["components"]["schemas"]["AnswerOut"]["properties"]) == list(cli)
     assert http["prediction"] == cli["prediction"]
     assert http["model_fingerprints"] == cli["model_fingerprints"]
     assert [(n["case_id"], n["similarity"], n["label"]) for n in http["neighbours"]] == \
@@ -120,8 +125,10 @@ def test_query_options_k_vote_explain(client, image):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"k": "0"}, "k 0"), ({"k": "5000"}, "k 5000"), ({"vote": "loudest"}, "unknown vote rule 'loudest'"),
-    ({"explain": "magic"}, "unknown CAM method 'magic'"), ({"k": "three"}, "k:"),
+    ({"k": "0"}, "k: Input should be greater than or equal to 1"),
+    ({"k": "5000"}, "k: Input should be less than or equal to 1000"),
+    ({"vote": "loudest"}, "vote: Input should be 'majority', 'weighted' or 'credibility'"),
+    ({"explain": "magic"}, "explain: Input should be 'gradcam', 'gradcam++',"), ({"k": "three"}, "k:"),
 ])
 def test_bad_query_options_are_422(client, image, fields, message):
     with open(image, "rb") as fh:
@@ -599,12 +606,13 @@ def test_cli_history_has_the_same_filters(client, runner, indexed, query_set):
 
 
 def test_demo_ends_with_the_command_that_serves_its_case_base(runner, monkeypatch, tmp_path):
+    import cbr.cli.retrieval as retrieval
     import cbr.pipeline.demo as demo
 
     db = tmp_path / "my demo" / "cases.db"
     fake = demo.DemoResult(out_dir=str(db.parent), weights="none", train_images=3, case_base=str(db), queries=0,
                            accuracy=1.0, balanced_accuracy=1.0, pointing_game=None, report=None)
-    monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: fake)
+    monkeypatch.setattr(retrieval, "run_demo", lambda *a, **kw: fake)  # the name `cbr demo` calls
     result = invoke(runner, "demo", "--out", tmp_path / "my demo")
     assert result.exit_code == 0, result.output
     assert result.output.rstrip().splitlines()[-1].endswith(f"cbr serve --db '{db}'")

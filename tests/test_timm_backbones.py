@@ -13,8 +13,8 @@ import torch
 timm = pytest.importorskip("timm", reason="timm is the optional extra cbr[timm]; `make test` installs it (dev extra)")
 
 from cbr.models.backbones import backbone_spec  # noqa: E402
-from cbr.models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from cbr.models.factory import create_embedder  # noqa: E402
+from cbr.models.checkpoint import save_checkpoint  # noqa: E402
+from cbr.models.embedder import create_embedder, load_checkpoint  # noqa: E402
 from cbr.models.maps import compute_maps  # noqa: E402
 from cbr.errors import CbrError  # noqa: E402
 from cbr.models.timm_models import TokenGrid  # noqa: E402

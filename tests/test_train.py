@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cbr.data.dataset import read_dataset
-from cbr.models.checkpoint import load_checkpoint
+from cbr.models.embedder import load_checkpoint
 from cbr.errors import CbrError, DatasetError, UnknownNameError
 from cbr.data.phantom import make_phantoms
 from cbr.learn.train import TrainConfig, TrainError, is_grayscale, make_augmentation, train_model, trunk_stages
@@ -62,7 +62,7 @@ def test_same_seed_same_weights(phantoms, tmp_path):
 
 
 def test_train_layers_freezes_the_leading_blocks(phantoms, tmp_path):
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     # tinycnn's stages end with block4's conv, BatchNorm and ReLU: the last 3 stages hold one conv
     r = train_model(phantoms, tmp_path / "m.pt", replace(FAST, epochs=1, train_layers=3))

@@ -17,7 +17,7 @@ from cbr.learn.config import TrainConfig
 from cbr.learn.objective import OBJECTIVES, LossSettings, get_objective, supcon_loss
 from cbr.learn.sampling import SAMPLERS, draw_weights, get_sampler
 from cbr.learn.train import train_model
-from cbr.models.checkpoint import load_checkpoint
+from cbr.models.embedder import load_checkpoint
 
 FAST = ["--backbone", "tinycnn", "--weights", "none", "--img-size", "32", "--batch-size", "8", "--workers", "0"]
 FAST_CONFIG = TrainConfig(backbone="tinycnn", weights="none", img_size=32, batch_size=8, num_workers=0,
@@ -30,7 +30,7 @@ def manifest(tmp_path_factory):
 
 
 def _tiny_model():
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     return create_embedder("tinycnn", weights="none", input_size=32, class_names=["a", "b", "c"], seed=0,
                            device="cpu")

@@ -30,7 +30,7 @@ def test_warmup_and_smoothing_change_training_and_are_recorded(manifest, tmp_pat
     # warm-up over both epochs: the first ends below the plain cosine schedule
     assert recipe["history"][0]["lr"] < plain["history"][0]["lr"]
     assert recipe["history"][0]["loss"] != plain["history"][0]["loss"]
-    from cbr.models.checkpoint import load_checkpoint
+    from cbr.models.embedder import load_checkpoint
 
     _, extra = load_checkpoint(tmp_path / "b.pt")
     options = extra["extra"]["options"]
@@ -42,3 +42,22 @@ def test_warmup_and_smoothing_change_training_and_are_recorded(manifest, tmp_pat
 def test_bad_recipe_values_are_refused(field, value, message):
     with pytest.raises(TrainError, match=message):
         TrainConfig(**{field: value}).check()
+
+
+@pytest.mark.parametrize("warm, steps", [(0, 7), (1, 5), (4, 12), (12, 12)])
+def test_the_schedule_is_warmup_times_cosine(warm, steps):
+    import math
+
+    import torch
+
+    from cbr.learn.trainer import lr_schedule
+
+    model = torch.nn.Linear(2, 1)
+    optimiser = torch.optim.AdamW([{"params": [model.weight], "lr": 0.01}, {"params": [model.bias], "lr": 0.1}])
+    schedule = lr_schedule(optimiser, warm, steps)
+    for step in range(steps + 1):  # the rates each optimiser step uses, and the one after the last
+        factor = min(1.0, (step + 1) / warm if warm else 1.0) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        assert [g["lr"] for g in optimiser.param_groups] == pytest.approx([0.01 * factor, 0.1 * factor], rel=1e-9,
+                                                                           abs=1e-15)
+        optimiser.step()
+        schedule.step()

@@ -10,7 +10,7 @@ from conftest import TINY, invoke
 
 
 def test_flip_embedding_is_the_normalised_sum_of_both_views():
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     plain = create_embedder("tinycnn", weights="none", input_size=32)
     tta = create_embedder("tinycnn", weights="none", input_size=32, tta="flip")
@@ -30,7 +30,7 @@ def test_flip_embedding_is_the_normalised_sum_of_both_views():
 def test_unknown_tta_is_refused():
     from cbr.errors import UnknownNameError
     from cbr.learn.config import TrainConfig
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     with pytest.raises(UnknownNameError, match="test-time augmentation 'rotate'"):
         create_embedder("tinycnn", weights="none", tta="rotate")
@@ -50,7 +50,7 @@ def test_index_with_tta_then_query(runner, phantom_set, query_set, tmp_path):
 
 
 def test_train_records_tta(runner, phantom_set, tmp_path):
-    from cbr.models.checkpoint import load_checkpoint
+    from cbr.models.embedder import load_checkpoint
 
     out = tmp_path / "m.pt"
     result = invoke(runner, "train", phantom_set, "--backbone", "tinycnn", "--weights", "none", "--epochs", "1",

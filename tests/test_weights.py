@@ -8,7 +8,7 @@ import torch
 
 import cbr.models.weights
 from cbr.models.backbones import BACKBONES
-from cbr.models.factory import create_embedder
+from cbr.models.embedder import create_embedder
 from cbr.errors import WeightsNotFoundError
 from cbr.models.weights import imagenet_state_dict, offline_weights_available, weights_file_name
 

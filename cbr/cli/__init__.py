@@ -1,8 +1,8 @@
 """Command-line interface: thin click commands over the library.
 
-Modules here import only click at top level; each command imports the library (and so torch)
-when it runs, which keeps ``cbr --help`` instant. The root group lives in ``group``; importing a
-command module registers its commands on it.
+The root group lives in ``group``; it imports a command's module only when that command runs or
+shows its help (click's lazy loading). Command modules import the library at their top; the library
+defers only heavy third-party packages (torch, faiss, ...), so ``cbr --help`` stays instant.
 """
 
 import sys
@@ -10,8 +10,6 @@ import sys
 import click
 
 from cbr.cli.group import cli, discard_stdout
-# Importing a command module registers its commands on `cli`.
-from cbr.cli import audit, db, explain, info, learning, retrieval, serve  # noqa: F401
 
 __all__ = ["cli", "main", "help_argvs"]
 
@@ -34,11 +32,12 @@ def help_argvs() -> list[list[str]]:
     """The argv of ``--help`` for the root and every command and sub-command, from the click tree."""
     out = [["--help"]]
 
-    def walk(group, prefix):
-        for name, cmd in sorted(group.commands.items()):
+    def walk(group, prefix, ctx):
+        for name in group.list_commands(ctx):
+            cmd = group.get_command(ctx, name)
             out.append(prefix + [name, "--help"])
             if isinstance(cmd, click.Group):
-                walk(cmd, prefix + [name])
+                walk(cmd, prefix + [name], click.Context(cmd, info_name=name, parent=ctx))
 
-    walk(cli, [])
+    walk(cli, [], click.Context(cli, info_name="cbr"))
     return out

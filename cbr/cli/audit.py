@@ -5,10 +5,14 @@ from datetime import datetime
 
 import click
 
-from cbr.cli.group import cli
 from cbr.cli.terminal import echo
 from cbr.cli.options import RegistryChoice, db_option, index_dir_option, json_option, scale_option
+from cbr.files import STDOUT
+from cbr.pipeline.audit import add_feedback, export, history, remove_cases, rerender_report, show
+from cbr.pipeline.audit.export import EXPORT_FORMATS, EXPORTS
+from cbr.pipeline.audit.regions import export_regions
 from cbr.pipeline.settings import DEFAULT_REPORTS
+from cbr.store.casebase import open_casebase
 
 SINCE_FORMAT = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][+HH:MM] (UTC unless an offset is given)"
 
@@ -29,21 +33,15 @@ class IsoDateTime(click.ParamType):
 
 
 def export_kinds():
-    from cbr.pipeline.audit.export import EXPORTS
-
     return list(EXPORTS)
 
 
 def export_formats():
-    from cbr.pipeline.audit.export import EXPORT_FORMATS
-
     return EXPORT_FORMATS
 
 
 def _open(db, index_dir, *, readonly=False):
     """``readonly=None``: commands that only read also open a read-only case base (a replica)."""
-    from cbr.store.casebase import open_casebase
-
     return open_casebase(db, create=False, index_dir=index_dir, readonly=readonly)
 
 
@@ -51,7 +49,7 @@ def _time(iso):
     return (iso or "")[:19].replace("T", " ")
 
 
-@cli.command("history")
+@click.command("history")
 @db_option
 @index_dir_option
 @click.option("--since", type=IsoDateTime(), default=None, help=f"Only queries since then: {SINCE_FORMAT}.")
@@ -78,8 +76,6 @@ def history_cmd(db, index_dir, since, label, predicted, disagreed, ood, abstaine
         cbr history --ood
         cbr history --unreviewed --abstained --limit 20 --offset 20
     """
-    from cbr.pipeline.audit import history
-
     rows = history(_open(db, index_dir, readonly=None), since=since, label=label, predicted=predicted, disagreed=disagreed, limit=limit,
                    out_of_distribution=True if ood else None, abstained=True if abstained else None,
                    reviewed=reviewed, offset=offset)
@@ -151,7 +147,7 @@ def _print_record(r):
         echo(f"  report:     {r['report']}")
 
 
-@cli.command("show")
+@click.command("show")
 @click.argument("query_id", type=int)
 @db_option
 @index_dir_option
@@ -167,8 +163,6 @@ def show_cmd(query_id, db, index_dir, as_json):
         cbr show 12 --db cases.db
         cbr show 12 --json
     """
-    from cbr.pipeline.audit import show
-
     record = show(_open(db, index_dir, readonly=None), query_id)
     if as_json:
         click.echo(json.dumps(record, indent=2))
@@ -176,12 +170,12 @@ def show_cmd(query_id, db, index_dir, as_json):
         _print_record(record)
 
 
-@cli.command("report")
+@click.command("report")
 @click.argument("query_id", type=int)
 @db_option
 @index_dir_option
 @click.option("--out", type=click.Path(), default=None,
-              help=f"Report file (or an existing folder) [default: {DEFAULT_REPORTS}/query-ID/report.html].")
+              help=f"Report file (or an existing folder; - is stdout) [default: {DEFAULT_REPORTS}/query-ID/report.html].")
 @scale_option
 def report_cmd(query_id, db, index_dir, out, scale):
     """Re-create a past query's self-contained HTML report from the case base.
@@ -194,12 +188,12 @@ def report_cmd(query_id, db, index_dir, out, scale):
         cbr report 12 --db cases.db
         cbr report 12 --out audit/query-12.html --scale per-image
     """
-    from cbr.pipeline.audit import rerender_report
+    path = rerender_report(_open(db, index_dir), query_id, out, scale=scale)
+    if out != STDOUT:
+        echo(f"report: {path}")
 
-    echo(f"report: {rerender_report(_open(db, index_dir), query_id, out, scale=scale)}")
 
-
-@cli.command("feedback")
+@click.command("feedback")
 @click.argument("query_id", type=int)
 @db_option
 @index_dir_option
@@ -226,8 +220,6 @@ def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, region
         cbr feedback 12 --label cyst --retain --image /archive/scan-12.png
         cbr feedback 12 --label tumour --region 40,32,120,96
     """
-    from cbr.pipeline.audit import add_feedback
-
     if image is not None and not retain:
         raise click.UsageError("--image is only used with --retain")
     result = add_feedback(_open(db, index_dir), query_id, label, note=note, by=by, retain=retain, image=image,
@@ -239,7 +231,7 @@ def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, region
         echo(line)
 
 
-@cli.command("remove")
+@click.command("remove")
 @click.argument("case_ids", nargs=-1, required=True, type=int)
 @db_option
 @index_dir_option
@@ -254,8 +246,6 @@ def remove_cmd(case_ids, db, index_dir, reason, as_json):
     Example:
         cbr remove 17 18 --reason "mislabelled" --db cases.db
     """
-    from cbr.pipeline.audit import remove_cases
-
     result = remove_cases(_open(db, index_dir), case_ids, reason=reason)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -271,12 +261,12 @@ def remove_cmd(case_ids, db, index_dir, reason, as_json):
                    + (f" ({a['reason']})" if a["reason"] else ""))
 
 
-@cli.command("export")
+@click.command("export")
 @db_option
 @index_dir_option
 @click.option("--what", type=RegistryChoice(export_kinds), required=True, help="Which rows.")
 @click.option("--format", "fmt", type=RegistryChoice(export_formats), default="csv", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file (written atomically) [default: stdout].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file (written atomically; a FIFO is written through; - is stdout) [default: stdout].")
 @click.option("--masks", type=click.Path(file_okay=False), default=None,
               help="With --what regions: write each box as a mask image in this folder, with a training "
               "manifest (regions.csv: path, label, patient, mask) for `cbr train --mask-guidance`.")
@@ -301,13 +291,10 @@ def export_cmd(db, index_dir, what, fmt, out, masks):
         cbr export --what cases --format json | jq '.[] | select(.origin == "retain")'
         cbr export --what regions --masks boxes/ && cbr train boxes/regions.csv --mask-guidance 1
     """
-    from cbr.pipeline.audit import export
-
     if masks is not None:
         if what != "regions" or out is not None:
             raise click.UsageError("--masks is only used with --what regions (and writes its own regions.csv, "
                                    "so drop --out)")
-        from cbr.pipeline.audit.regions import export_regions
 
         result = export_regions(_open(db, index_dir, readonly=None), masks)
         for p in result["problems"]:
@@ -316,5 +303,5 @@ def export_cmd(db, index_dir, what, fmt, out, masks):
         return
 
     n = export(_open(db, index_dir, readonly=None), what, fmt, out)
-    if out is not None:
+    if out is not None and out != STDOUT:
         echo(f"exported {n} {what} row(s) to {out}")

@@ -2,11 +2,13 @@
 
 import click
 
-from cbr.cli.group import cli
 from cbr.cli.options import db_option, index_dir_option, json_option
+from cbr.cli.terminal import echo
+from cbr.store.casebase import current, open_casebase, upgrade
+from cbr.store.health import check_casebase
 
 
-@cli.group()
+@click.group()
 def db():
     """Case base schema: upgrade and inspect (Alembic).
 
@@ -28,8 +30,6 @@ def db_upgrade(db, revision):
     Example:
         cbr db upgrade --db cases.db
     """
-    from cbr.store.casebase import upgrade
-
     before, after = upgrade(db, revision)
     if before == after:
         click.echo(f"{db}: already at revision {after}")
@@ -46,8 +46,6 @@ def db_current(db):
     Example:
         cbr db current --db cases.db
     """
-    from cbr.store.casebase import current
-
     info = current(db)
     state = "up to date" if info["up_to_date"] else ("newer than this cbr" if not info["known"] else "upgrade available")
     click.echo(f"{db}: revision {info['current'] or 'empty'} (head {info['head']}, {state})")
@@ -69,10 +67,6 @@ def db_check(db, index_dir, as_json):
         cbr db check --db "sqlite:///replica.db?mode=ro&uri=true" --json
     """
     import json
-
-    from cbr.cli.terminal import echo
-    from cbr.store.casebase import open_casebase
-    from cbr.store.health import check_casebase
 
     cb = open_casebase(db, create=False, migrate=False, index_dir=index_dir, readonly=True)
     try:

@@ -4,9 +4,12 @@ import json
 
 import click
 
-from cbr.cli.group import cli
 from cbr.cli.options import RegistryChoice, cam_names, db_option, index_dir_option, json_option, progress_enabled
+from cbr.errors import UnknownNameError
+from cbr.evaluation.comparison import parse_methods
+from cbr.pipeline.addendum import add_explanation
 from cbr.pipeline.settings import DEFAULT_REPORTS
+from cbr.store.casebase import open_casebase
 
 
 class MethodList(click.ParamType):
@@ -21,9 +24,6 @@ class MethodList(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        from cbr.errors import UnknownNameError
-        from cbr.evaluation.comparison import parse_methods
-
         try:
             return parse_methods(value)
         except UnknownNameError as e:
@@ -33,7 +33,7 @@ class MethodList(click.ParamType):
         return "a,b,c|all|none"
 
 
-@cli.command("explain")
+@click.command("explain")
 @click.argument("query_id", type=int)
 @click.option("--method", "method", type=RegistryChoice(cam_names), required=True,
               help="Explanation method: a CAM or an attribution (lime, kernelshap, deeplift, integrated-gradients, "
@@ -61,9 +61,6 @@ def explain_cmd(query_id, method, budget, neighbours, image, out_dir, db, index_
         cbr explain 12 --method lime --db cases.db
         cbr explain 12 --method integrated-gradients --explain-neighbours 2 --json
     """
-    from cbr.pipeline.addendum import add_explanation
-    from cbr.store.casebase import open_casebase
-
     cb = open_casebase(db, create=False, index_dir=index_dir)
     added = add_explanation(cb, query_id, method, image=image, budget=budget, neighbours=neighbours,
                             progress=progress_enabled(), out_dir=out_dir)

@@ -2,11 +2,14 @@
 
 import click
 
-from cbr.cli.group import cli
 from cbr.cli.options import json_option
+from cbr.models.backbones import BACKBONES, TIMM_FORM, TIMM_INSTALL
+from cbr.models.weights import offline_weights_available, weights_file_name
+from cbr.pipeline.vote import ENSEMBLES, VOTE_RULES
+from explain.methods import ATTRIBUTION_METHODS, FAST_METHODS, METHOD_NAMES
 
 
-@cli.command("models")
+@click.command("models")
 @json_option
 def models_cmd(as_json):
     """List the backbones, CAM methods and vote rules, and which ImageNet weights are offline.
@@ -19,11 +22,6 @@ def models_cmd(as_json):
     import json
 
     import importlib.util
-
-    from cbr.models.backbones import BACKBONES, TIMM_FORM, TIMM_INSTALL
-    from cbr.pipeline.vote import ENSEMBLES, VOTE_RULES
-    from cbr.models.weights import offline_weights_available, weights_file_name
-    from explain.methods import ATTRIBUTION_METHODS, FAST_METHODS, METHOD_NAMES
 
     rows = []
     for name, spec in BACKBONES.items():

@@ -4,29 +4,33 @@ import json
 
 import click
 
-from cbr.cli.group import cli
 from cbr.cli.explain import MethodList
 from cbr.cli.options import (RegistryChoice, backbone_names, contrast_option, crop_option, json_option, manifest_options,
                              progress_enabled, source_options, tta_option, vote_names, weights_option, where_option)
+from cbr.evaluation import cross_validate, EvalConfig, evaluate_casebase
+from cbr.evaluation.sweep import parse_layers
+from cbr.learn.augmentation import FLIPS
+from cbr.learn.config import TrainConfig
+from cbr.learn.objective import OBJECTIVES
+from cbr.learn.sampling import SAMPLERS
+from cbr.learn.train import train_model
+from cbr.reporting.sweep_table import format_sweep
+from cbr.reporting.table import format_table
+from cbr.store.casebase import open_casebase
+from explain.methods import ATTRIBUTION_METHODS
 
 DEFAULT_REPORT_DIR = "cbr-evaluation"
 
 
 def _objectives():
-    from cbr.learn.objective import OBJECTIVES
-
     return OBJECTIVES
 
 
 def _samplers():
-    from cbr.learn.sampling import SAMPLERS
-
     return SAMPLERS
 
 
 def _flips():
-    from cbr.learn.augmentation import FLIPS
-
     return FLIPS
 
 
@@ -38,8 +42,6 @@ def training_options(f):
     @functools.wraps(f)
     def wrapper(*args, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
                 workers, contrast, tta, crop, label_smoothing, warmup, mask_guidance, objective, sampler, flip, **kwargs):
-        from cbr.learn.config import TrainConfig
-
         training = TrainConfig(backbone=backbone, weights=weights, epochs=epochs, img_size=img_size,
                                batch_size=batch_size, lr=lr, seed=seed, device=device, patience=patience,
                                train_layers=train_layers, num_workers=workers, contrast=contrast or "none",
@@ -109,7 +111,7 @@ def _print_training(r, data, training):
     click.echo(f"  elapsed:      {r.elapsed:.1f} s")
 
 
-@cli.command("train")
+@click.command("train")
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--out", default="model.pt", show_default=True, type=click.Path(dir_okay=False),
               help="Checkpoint file to write.")
@@ -139,8 +141,6 @@ def train_cmd(data, out, training, val_fraction, manifest, sources, as_json):
     """
     from dataclasses import replace
 
-    from cbr.learn.train import train_model
-
     training = replace(training, val_fraction=val_fraction, sources=sources)
     result = train_model(data, out, training, progress=progress_enabled() and not as_json, manifest=manifest)
     if as_json:
@@ -163,7 +163,7 @@ def _explicit(ctx, names):
     return [flags[n] for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
 
 
-@cli.command("evaluate")
+@click.command("evaluate")
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--db", default=None, envvar="CBR_DB", show_envvar=True,
               help="Evaluate DATA as a held-out test set against this case base [default: cross-validate DATA].")
@@ -176,6 +176,8 @@ def _explicit(ctx, names):
 @click.option("--vote", type=RegistryChoice(vote_names), default="weighted", show_default=True, help="Vote rule.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Softmax temperature of the weighted vote. [default: fitted on each case base's calibration slice]")
+@click.option("--coverage", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9, show_default=True,
+              help="Of the conformal prediction sets; their per-class coverage and mean size are reported.")
 @click.option("--explain", "explain", type=MethodList(), default="none", show_default=True,
               help="Explanation methods to score side by side (a,b,c or all; see `cbr models`): pointing games "
               "against a 'mask' column, deletion/insertion AUC, randomisation check, seconds per map; writes "
@@ -200,7 +202,7 @@ def _explicit(ctx, names):
 @source_options()
 @json_option
 @click.pass_context
-def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, temperature, explain, explain_budget, target_layers,
+def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, temperature, coverage, explain, explain_budget, target_layers,
                  map_images, models, strict, where, out_dir, ood, manifest, sources, as_json):
     """Measure accuracy, calibration, retrieval and localisation, grouped by patient.
 
@@ -235,16 +237,10 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, t
         cbr evaluate lesions.csv --group-column lesion_id --explain layercam --mask-guidance 1
         cbr evaluate data/brain_mri --objective supcon --sampler balanced --folds 5
     """
-    from cbr.evaluation import EvalConfig, cross_validate, evaluate_casebase
-    from cbr.reporting.table import format_table
-    from explain.methods import ATTRIBUTION_METHODS
-
     progress = progress_enabled() and not as_json
     one_cam = explain[0] if len(explain) == 1 and explain[0] not in ATTRIBUTION_METHODS else "none"
     layers, swept = (), ()
     if target_layers:
-        from cbr.evaluation.sweep import parse_layers
-
         # the sweep takes the CAM methods; attribution methods (no layer) stay in the comparison
         layers, swept = parse_layers(target_layers), tuple(m for m in explain if m not in ATTRIBUTION_METHODS)
         if not swept:
@@ -253,12 +249,11 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, t
     config = EvalConfig(k=k, vote=vote, explain=one_cam, compare=explain, explain_budget=explain_budget,
                         batch_size=training.batch_size, device=training.device, num_workers=training.num_workers,
                         out_dir=out_dir, ood=ood, sweep_methods=swept, target_layers=layers, map_images=map_images,
-                        sources=sources, where=where, temperature=temperature)
+                        sources=sources, where=where, temperature=temperature, coverage=coverage)
     if db is not None:
         wrong = _explicit(ctx, _CV_ONLY)
         if wrong:
             raise click.UsageError(f"{', '.join(wrong)}: only for cross-validation; drop --db (and CBR_DB) to cross-validate")
-        from cbr.store.casebase import open_casebase
 
         cb = open_casebase(db, create=False, index_dir=index_dir)
         metrics = evaluate_casebase(cb, data, config, models=models or None, strict=strict, progress=progress,
@@ -276,7 +271,5 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, t
     else:
         click.echo(format_table(metrics))
         if metrics.get("map_sweep"):
-            from cbr.reporting.sweep_table import format_sweep
-
             click.echo("\n" + format_sweep(metrics["map_sweep"]))
         click.echo(f"report: {out_dir}")

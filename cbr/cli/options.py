@@ -4,6 +4,18 @@ import sys
 
 import click
 
+from cbr.data.contrast import CONTRASTS
+from cbr.data.crop import CROPS
+from cbr.data.dataset import ManifestSpec
+from cbr.data.sources import SourceSpec
+from cbr.data.windows import WINDOWS
+from cbr.errors import CbrError
+from cbr.models.backbones import BACKBONES, TIMM_FORM
+from cbr.models.config import TTAS, WEIGHTS
+from cbr.pipeline.settings import SCALES
+from cbr.pipeline.vote import ENSEMBLES, VOTE_RULES
+from explain.methods import METHOD_NAMES
+
 __all__ = ["db_option", "index_dir_option", "progress_enabled", "json_option", "weights_option", "scale_option",
            "source_options", "where_option", "contrast_option", "tta_option", "crop_option"]
 
@@ -28,16 +40,12 @@ def json_option(f):
 
 def weights_option(f=None, *, help="Weights for backbone names (checkpoints carry their own)."):
     """``--weights``, its choices from ``cbr.models.config.WEIGHTS``; ``@weights_option(help=...)`` rewords it."""
-    from cbr.models.config import WEIGHTS
-
     if f is None:
         return lambda g: weights_option(g, help=help)
     return click.option("--weights", type=click.Choice(WEIGHTS), default=WEIGHTS[0], show_default=True, help=help)(f)
 
 
 def scale_option(f):
-    from cbr.pipeline.settings import SCALES
-
     return click.option("--scale", type=click.Choice(SCALES), default=SCALES[0], show_default=True,
                         help="Colour scale of the maps.")(f)
 
@@ -48,16 +56,12 @@ def where_option(f):
 
 
 def contrast_option(f):
-    from cbr.data.contrast import CONTRASTS
-
     return click.option("--contrast", type=click.Choice(list(CONTRASTS)), default=None,
                         help="Contrast normalisation before letterboxing, kept with the model (equalize, clahe: "
                         "for X-ray and MRI) [default: none, or a checkpoint's own].")(f)
 
 
 def crop_option(f):
-    from cbr.data.crop import CROPS
-
     return click.option("--crop", type=click.Choice(list(CROPS)), default=None,
                         help="Crop to the foreground's bounding box (+4% margin) before letterboxing, kept with the "
                         "model: wide black, white or grey borders stop wasting the input [default: none, or a "
@@ -65,8 +69,6 @@ def crop_option(f):
 
 
 def tta_option(f):
-    from cbr.models.config import TTAS
-
     return click.option("--tta", type=click.Choice(list(TTAS)), default=None,
                         help="Test-time augmentation of the embeddings, kept with the model (flip: mean of the image's "
                         "and its mirror's; costs a second forward pass) [default: none, or a checkpoint's own].")(f)
@@ -111,26 +113,18 @@ class RegistryChoice(click.Choice):
 
 
 def cam_names():
-    from explain.methods import METHOD_NAMES
-
     return METHOD_NAMES
 
 
 def vote_names():
-    from cbr.pipeline.vote import VOTE_RULES
-
     return list(VOTE_RULES)
 
 
 def ensemble_names():
-    from cbr.pipeline.vote import ENSEMBLES
-
     return list(ENSEMBLES)
 
 
 def backbone_names():
-    from cbr.models.backbones import BACKBONES, TIMM_FORM
-
     return [*BACKBONES, TIMM_FORM]
 
 
@@ -140,8 +134,6 @@ def manifest_options(f):
 
     @functools.wraps(f)
     def wrapper(*args, path_column, label_column, group_column, images, **kwargs):
-        from cbr.data.dataset import ManifestSpec
-
         spec = ManifestSpec(path_column, label_column, group_column, tuple(images))
         return f(*args, manifest=spec, **kwargs)
 
@@ -157,8 +149,6 @@ def _axis_names():
 
 def _source_option(name):
     """One of the clinical-format options (see ``source_options``)."""
-    from cbr.data.windows import WINDOWS
-
     presets = ", ".join(WINDOWS)
     return {
         "window": click.option("--window", default=None, metavar="WINDOW",
@@ -179,12 +169,18 @@ def _source_option(name):
                                 help=".npz: class names in label order [default: the label numbers]."),
         "pseudonymise": click.option("--pseudonymise", default=None, metavar="KEY", envvar="CBR_PSEUDONYMISE_KEY",
                                      show_envvar=True,
-                                     help="Store patient ids (DICOM PatientID, manifest patient column) as HMAC-SHA256 "
-                                          "keyed hashes: stable across runs with the same key; the key is never stored."),
+                                     help="Store patient ids (DICOM PatientID, manifest patient column, --patient) as "
+                                          "HMAC-SHA256 keyed hashes, and DICOM images under a neutral locator instead "
+                                          "of their file names. The key is never stored: a case base indexed with it "
+                                          "refuses a query or index run without it, or with another key."),
+        "allow_burned_in": click.option("--allow-burned-in", is_flag=True,
+                                        help="DICOM: accept images marked BurnedInAnnotation=YES (text such as names "
+                                             "drawn into the pixels) [default: skip them, or refuse such a query]."),
     }[name]
 
 
-SOURCE_OPTION_NAMES = ("window", "frames", "slices", "axis", "volume", "split", "classes", "pseudonymise")
+SOURCE_OPTION_NAMES = ("window", "frames", "slices", "axis", "volume", "split", "classes", "pseudonymise",
+                       "allow_burned_in")
 
 
 def source_options(*names):
@@ -197,9 +193,6 @@ def source_options(*names):
     def decorate(f):
         @functools.wraps(f)
         def wrapper(*args, **kwargs):
-            from cbr.data.sources import SourceSpec
-            from cbr.errors import CbrError
-
             given = {n: kwargs.pop(n) for n in names}
             if "classes" in given:
                 given["classes"] = tuple(c.strip() for c in given["classes"].split(",")) if given["classes"] else ()

@@ -5,8 +5,7 @@ import shlex
 
 import click
 
-from cbr.cli.group import cli
-from cbr.cli.terminal import echo
+from cbr.cli.terminal import echo, warn
 from cbr.cli.options import (
     RegistryChoice,
     cam_names,
@@ -25,18 +24,22 @@ from cbr.cli.options import (
     crop_option,
     tta_option,
 )
+from cbr.data.dataset import DUPLICATE
+from cbr.pipeline.demo import DemoConfig, run_demo
 from cbr.pipeline.engine import ENGINES
+from cbr.pipeline.index import index_dataset
+from cbr.pipeline.query import query_images
+from cbr.store.casebase import open_casebase
 from cbr.store.encoding import EMBEDDING_DTYPES
 from cbr.pipeline.settings import DEFAULT_REPORTS, NO_EXPLANATION, IndexConfig, QueryConfig
 from cbr.models.similarity_maps import SIMILARITY_MAPS
+from cbr.reporting.uncertainty import answer_lines, conflict_text, shows_probabilities
 
 # The registries are plain dicts in light modules; listing their names here must not import torch.
 BACKBONE_HINT = "a backbone name (see `cbr models`; timm:<name> for a timm model) or a checkpoint path from `cbr train`"
 
 
 def _print_report(report, db):
-    from cbr.data.dataset import DUPLICATE
-
     echo(f"Indexed {report.source} into {db}")
     echo(f"  models:        {', '.join(report.models)}")
     echo(f"  cases added:   {report.added}")
@@ -55,7 +58,7 @@ def _print_report(report, db):
     echo(f"  elapsed:       {report.elapsed:.1f} s ({report.images_per_s:.1f} images/s)")
 
 
-@cli.command("index")
+@click.command("index")
 @click.argument("data", required=False, type=click.Path(exists=True))
 @db_option
 @index_dir_option
@@ -106,9 +109,6 @@ def index_cmd(data, db, index_dir, models, weights, index_type, batch_size, expl
         cbr index pneumoniamnist.npz --split train --classes normal,pneumonia
         cbr index archive.csv --engine ray --ray-address ray://head:10001 --db postgresql+psycopg://cbr@db/cases
     """
-    from cbr.store.casebase import open_casebase
-    from cbr.pipeline.index import index_dataset
-
     if data is None and not rebuild:
         raise click.UsageError("give a DATA folder or CSV manifest, or --rebuild")
     config = IndexConfig(models=models or IndexConfig.models, weights=weights, index_type=index_type,
@@ -136,12 +136,18 @@ def _print_answer(a):
     if p.get("out_of_distribution"):
         echo(f"  WARNING: out of distribution, unlike every case in this case base (typicality {p['typicality']:.3g}); "
              + ("no diagnosis is given" if p["abstained"] else "the vote below is shown only because of --answer-anyway"))
+    if conflict_text(p.get("conflict"), p["label"]):
+        warn("  " + conflict_text(p["conflict"], p["label"]))
     echo(f"  diagnosis: {label}  confidence {p['confidence']:.3f}{cred}{typ}")
-    echo("  probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(p["probabilities"].items(), key=lambda kv: -kv[1])))
+    for line in answer_lines(dict(p, calibration=a.calibration)):
+        echo(f"  {line}")
+    if shows_probabilities(p):  # an abstention's probabilities would read as a diagnosis
+        echo("  probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(p["probabilities"].items(),
+                                                                               key=lambda kv: -kv[1])))
     for mem in a.members:
         if len(a.members) > 1:
             v = mem["vote"]
-            echo(f"  member {mem['model']}: {v['label']} ({v['confidence']:.3f})")
+            echo(f"  member {mem['model']}: {v['label']} ({v['confidence']:.3f}; {mem['evidence']['text']})")
         echo(f"  {'rank':>4}  {'case':>6}  {'label':<14} {'similarity':>10}  {'patient':<12} path")
         for n in mem["neighbours"]:
             status = n.get("image_status")
@@ -157,7 +163,7 @@ def _print_answer(a):
         echo(f"  report: {a.report}")
 
 
-@cli.command("query")
+@click.command("query")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @db_option
 @index_dir_option
@@ -170,7 +176,7 @@ def _print_answer(a):
               help="Softmax temperature of the weighted vote. [default: fitted by likelihood on the case base's "
               "calibration slice, shown in --json]")
 @click.option("--patient", default=None, help="The query's patient id: that patient's cases are never retrieved "
-              "[default: a DICOM query's PatientID, hashed with --pseudonymise KEY when given].")
+              "(hashed with --pseudonymise KEY in a pseudonymised case base) [default: a DICOM query's PatientID].")
 @click.option("--model", "models", multiple=True, help="Use only these members (name, checkpoint or fingerprint).")
 @where_option
 @click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=(NO_EXPLANATION,)), default=QueryConfig.explain,
@@ -190,12 +196,18 @@ def _print_answer(a):
 @click.option("--ood-alpha", type=click.FloatRange(0, 1, max_open=True), default=QueryConfig.ood_alpha, show_default=True,
               help="Out of distribution (no diagnosis) when the query's typicality p-value is at most this; 0 never flags.")
 @click.option("--answer-anyway", is_flag=True, help="Show the vote of an out-of-distribution query all the same (it stays flagged).")
+@click.option("--coverage", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=QueryConfig.coverage,
+              show_default=True, help="Of the prediction set: it holds the true class of at least this share of each "
+              "class's queries (conformal, calibrated on cases the model never trained on).")
+@click.option("--abstain-ambiguous", is_flag=True, help="No diagnosis (abstain_reason 'ambiguous') when the prediction "
+              "set holds more than one class.")
 @click.option("--no-record", is_flag=True, help="Answer without storing the query or writing a report "
               "(works on a read-only case base, e.g. a replica).")
-@source_options("window", "axis", "volume", "pseudonymise")
+@source_options("window", "axis", "volume", "pseudonymise", "allow_burned_in")
 @json_option
 def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, temperature, patient, models, where, explain,
-              similarity_map, explain_budget, explain_neighbours, scale, out_dir, ood_alpha, answer_anyway, no_record, sources, as_json):
+              similarity_map, explain_budget, explain_neighbours, scale, out_dir, ood_alpha, answer_anyway, coverage,
+              abstain_ambiguous, no_record, sources, as_json):
     """Diagnose images from their nearest cases, with maps of where the network looked.
 
     Prints the prediction, its confidence, per-class probabilities and each neighbour, and writes
@@ -210,18 +222,17 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
         cbr query scan.png --explain lime --explain-budget 100 --explain-neighbours 2
         cbr query scan.png --similarity-map cosine   # global-cosine CAMs instead of region matching
         cbr query odd.png --ood-alpha 0.05 --answer-anyway
+        cbr query scan.png --coverage 0.95 --abstain-ambiguous   # no answer unless the set is one class
         cbr query lesion.jpg --where site=back --where sex=female
         cbr query ct/IM0042                  # DICOM, any name; a multi-frame file: its middle frame
         cbr query ct/IM0042 --pseudonymise "$KEY"   # its PatientID, hashed as at index time, is left out
         cbr query "cine.dcm#frame=12" "brain.nii.gz#axis=axial&slice=40" "pneumoniamnist.npz#split=test&index=7"
     """
-    from cbr.store.casebase import open_casebase
-    from cbr.pipeline.query import query_images
-
     config = QueryConfig(k=k, vote=vote, ensemble=ensemble, min_credibility=min_credibility, temperature=temperature,
                          explain=explain, scale=scale, models=models, out_dir=out_dir, explain_budget=explain_budget,
                          explain_neighbours=explain_neighbours, progress=progress_enabled(), ood_alpha=ood_alpha,
-                         answer_anyway=answer_anyway, where=where, similarity_map=similarity_map)
+                         answer_anyway=answer_anyway, where=where, similarity_map=similarity_map, coverage=coverage,
+                         abstain_ambiguous=abstain_ambiguous)
     cb = open_casebase(db, create=False, index_dir=index_dir, readonly=None if no_record else False)
     answers = query_images(cb, images, config, patient=patient, sources=sources, record=not no_record)
     if as_json:
@@ -232,7 +243,7 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
             _print_answer(a)
 
 
-@cli.command("demo")
+@click.command("demo")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo-output", show_default=True,
               help="Folder for the phantoms, model, case base and reports.")
 @click.option("--patients", type=click.IntRange(12, 10000), default=36, show_default=True, help="Synthetic patients (3 classes).")
@@ -252,8 +263,6 @@ def demo_cmd(out_dir, patients, epochs, seed, as_json):
         cbr demo --out /tmp/demo --patients 60
     """
     from dataclasses import asdict
-
-    from cbr.pipeline.demo import DemoConfig, run_demo
 
     result = run_demo(out_dir, DemoConfig(patients=patients, epochs=epochs, seed=seed), progress=progress_enabled(),
                       log=(lambda *_: None) if as_json else click.echo)

@@ -3,6 +3,7 @@ member's preprocessing, and report unusable files instead of failing."""
 
 from __future__ import annotations
 
+from cbr.data.sources import read_source
 from cbr.errors import ImageError
 
 __all__ = ["DecodedRecords", "decode_workers", "iter_batches"]
@@ -24,8 +25,6 @@ class DecodedRecords:
         return len(self.records)
 
     def __getitem__(self, i):
-        from cbr.data.sources import read_source
-
         r = self.records[i]
         try:
             img, sha, _ = read_source(r.path, window=self.window)
@@ -36,7 +35,9 @@ class DecodedRecords:
         return i, [t(img) for t in self.transforms], None
 
 
-def _collate(items):
+def collate(items):
+    """(index, tensors, error) items -> (indexes, stacked tensors, [(index, error)]) of one batch:
+    items that failed to decode are set aside with their error, the rest stacked per tensor."""
     import torch
 
     ok = [(i, t) for i, t, err in items if err is None]
@@ -70,6 +71,6 @@ def iter_batches(records, transforms, batch_size: int, num_workers: int | None =
         num_workers = decode_workers(len(records), batch_size)
     loader = torch.utils.data.DataLoader(
         DecodedRecords(records, transforms, window), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers if len(records) > batch_size else 0, collate_fn=_collate,
+        num_workers=num_workers if len(records) > batch_size else 0, collate_fn=collate,
     )
     yield from loader

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 
+from cbr.data.contrast import apply_contrast
+from cbr.data.image import letterbox
 from cbr.errors import UnknownNameError
 
 __all__ = ["CROPS", "check_crop", "foreground_box", "crop_box", "model_view", "mask_view"]
@@ -137,9 +139,6 @@ def model_view(img, size: int, crop: str = "none", contrast: str = "none"):
         >>> model_view(Image.open("scan.png"), 224, crop="foreground").size
         (224, 224)
     """
-    from cbr.data.contrast import apply_contrast
-    from cbr.data.image import letterbox
-
     box = crop_box(img, crop)
     if box is not None:
         img = img.crop(box)
@@ -157,8 +156,6 @@ def mask_view(mask, size: int, box=None, image_size=None):
         box: ``crop_box`` of the mask's image (None: the whole image).
         image_size: (width, height) of that image; a mask of another size gets the box scaled.
     """
-    from cbr.data.image import letterbox
-
     if box is not None:
         if image_size is not None and tuple(image_size) != mask.size:
             sx, sy = mask.size[0] / image_size[0], mask.size[1] / image_size[1]

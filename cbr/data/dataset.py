@@ -20,6 +20,7 @@ import os
 from cbr.data.folders import scan_folder
 from cbr.data.identity import hash_and_dedupe
 from cbr.data.manifest import scan_manifest
+from cbr.data.npz import scan_npz
 from cbr.data.records import (
     DUPLICATE,
     IMAGE_EXTENSIONS,
@@ -30,6 +31,8 @@ from cbr.data.records import (
     printable_path,
     valid_utf8,
 )
+from cbr.data.sources import SourceSpec
+from cbr.data.text import check_candidates
 from cbr.errors import DatasetError
 
 __all__ = ["ManifestSpec", "IMAGE_EXTENSIONS", "Record", "Problem", "DUPLICATE", "Scan", "read_dataset",
@@ -58,8 +61,6 @@ def read_dataset(source, manifest: ManifestSpec | None = None, *, progress: bool
         >>> len(scan.records), [p.reason for p in scan.problems][:3]
         >>> scan = read_dataset("pneumoniamnist.npz", sources=SourceSpec(split="test"))
     """
-    from cbr.data.sources import SourceSpec
-
     m = manifest or ManifestSpec()
     spec = sources or SourceSpec()
     given = os.fspath(source)
@@ -75,15 +76,12 @@ def read_dataset(source, manifest: ManifestSpec | None = None, *, progress: bool
             src, given, m.path_column, m.label_column, m.group_column, _roots(m.images)
         )
     elif os.path.isfile(src) and src.lower().endswith(".npz"):
-        from cbr.data.npz import scan_npz
-
         kind = "npz"
         candidates, problems = scan_npz(src, printable_path(given), spec.split, spec.classes)
     elif not os.path.exists(src):
         raise DatasetError(f"{printable_path(given)}: no such folder or file; give {_KINDS}")
     else:
         raise DatasetError(f"{printable_path(given)}: not a folder, a .csv manifest or an .npz archive; give {_KINDS}")
-    from cbr.data.text import check_candidates
 
     candidates, refused = check_candidates(candidates)  # NFC; no control characters in labels or ids
     problems = problems + refused

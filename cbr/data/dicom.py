@@ -7,6 +7,14 @@ Decisions:
   patient group and the frame count). Patient names, birth dates, addresses, physicians and every
   other attribute stay inside the parsed dataset and are dropped with it. pydicom's own warnings
   and log records can quote attribute values, so they are silenced, never logged.
+* An allow-listed value is kept only when it obeys its value representation (the VR of the
+  standard's data dictionary, not the one the file claims): a CS is at most 16 upper-case letters,
+  digits, spaces and underscores; a UI digits and dots, at most 64; LO/SH have their length and no
+  control characters; DA/TM/AS/DS/IS their formats (:func:`fits_vr`). Free text typed into a coded
+  field (``BodyPartExamined="Chest of SMITH^JOHN"``) is dropped, not copied. A value that obeys its VR
+  can still be a name (``"CHEST SMITH"`` is a valid CS); only the allow-list bounds that risk.
+* ``BurnedInAnnotation=YES`` is reported (:attr:`DicomInfo.burned_in`); readers refuse such images
+  unless told otherwise (:mod:`cbr.data.identity`, :func:`cbr.data.sources.decode_query`).
 * Pixels: modality LUT (rescale slope/intercept: CT in HU), then the VOI window (see
   :mod:`cbr.data.windows`), then MONOCHROME1 is inverted so that dense tissue is always bright.
   Colour: YBR is converted to RGB by pydicom (``as_rgb``), palette colour through its LUT, and
@@ -21,21 +29,30 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
+import zlib
 
 import numpy as np
 
+from cbr.data.guard import check_decoded, max_decoded_bytes
 from cbr.data.windows import DEFAULT_WINDOW, apply_window, centre_width, minmax_to_uint8
 from cbr.errors import ImageError
 
-__all__ = ["KEPT", "DicomInfo", "is_dicom", "parse_dicom", "inspect_dicom", "frame_pixels", "decode_dicom_bytes"]
+__all__ = ["KEPT", "BURNED_IN", "DicomInfo", "is_dicom", "parse_dicom", "inspect_dicom", "frame_pixels",
+           "decode_dicom_bytes", "fits_vr", "check_dicom_size"]
 
 LOG = logging.getLogger(__name__)
+
+BURNED_IN = ("burned-in annotation (BurnedInAnnotation=YES): text such as names may be drawn into the pixels; "
+             "give --allow-burned-in once it is known to hold none")
 
 # The only attributes copied into a case's metadata.
 KEPT = ("Modality", "BodyPartExamined", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 _DICOMDIR_UID = "1.2.840.10008.1.3.10"
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is deflated
+_INFLATED_HEAD = 1 << 20  # inflated bytes read for the attributes before a deflated file's pixels
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # every Structured Report storage SOP class
 
 
@@ -51,15 +68,66 @@ _silence_pydicom()
 class DicomInfo:
     """What the dataset reader needs from a DICOM file: no pixels, no identifying attributes."""
 
-    __slots__ = ("frames", "patient_id", "metadata")
+    __slots__ = ("frames", "patient_id", "metadata", "burned_in")
 
-    def __init__(self, frames: int, patient_id: str | None, metadata: dict):
+    def __init__(self, frames: int, patient_id: str | None, metadata: dict, burned_in: bool = False):
         self.frames = frames  # number of frames (1 for a single image)
         self.patient_id = patient_id  # PatientID, stripped; None when absent or blank
-        self.metadata = metadata  # the KEPT attributes present, as strings
+        self.metadata = metadata  # the KEPT attributes present that obey their VR, as strings
+        self.burned_in = burned_in  # BurnedInAnnotation=YES: text may be drawn into the pixels
 
     def __repr__(self) -> str:  # never show the patient id in a traceback or log
-        return f"DicomInfo(frames={self.frames}, metadata={self.metadata})"
+        return f"DicomInfo(frames={self.frames}, metadata={self.metadata}, burned_in={self.burned_in})"
+
+
+_CS = re.compile(r"[A-Z0-9 _]{1,16}")
+_UI = re.compile(r"[0-9]+(\.[0-9]+)*")
+_DS = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_IS = re.compile(r"[+-]?[0-9]+")
+_AS = re.compile(r"[0-9]{3}[DWMY]")
+_TM = re.compile(r"([01][0-9]|2[0-3])([0-5][0-9]([0-5][0-9]|60)?)?(\.[0-9]{1,6})?")
+_TEXT_LENGTH = {"LO": 64, "SH": 16}
+
+
+def fits_vr(value: str, vr: str) -> bool:
+    """Whether ``value`` (one value, as text) obeys the rules of DICOM value representation ``vr``
+    (PS3.5 6.2: character repertoire, length, format). A VR without a rule here (a person name,
+    free text) never fits: such a value is not copied.
+
+    Example:
+        >>> fits_vr("CHEST", "CS"), fits_vr("Chest of SMITH^JOHN", "CS")
+        (True, False)
+    """
+    text = value.strip(" \0") if vr == "UI" else value.strip(" ")
+    if vr == "CS":
+        return _CS.fullmatch(text) is not None
+    if vr == "UI":
+        return 0 < len(text) <= 64 and _UI.fullmatch(text) is not None
+    if vr in _TEXT_LENGTH:
+        return 0 < len(text) <= _TEXT_LENGTH[vr] and text.isprintable() and "\\" not in text
+    if vr == "DS":
+        return len(text) <= 16 and _DS.fullmatch(text) is not None
+    if vr == "IS":
+        return len(text) <= 12 and _IS.fullmatch(text) is not None and -2**31 <= int(text) < 2**31
+    if vr == "AS":
+        return _AS.fullmatch(text) is not None
+    if vr == "TM":
+        return len(text) <= 16 and _TM.fullmatch(text) is not None
+    if vr == "DA":
+        return _date(text)
+    return False
+
+
+def _date(text: str) -> bool:
+    from datetime import datetime
+
+    if len(text) != 8 or not text.isdigit():
+        return False
+    try:
+        datetime.strptime(text, "%Y%m%d")
+    except ValueError:
+        return False
+    return True
 
 
 def is_dicom(head: bytes) -> bool:
@@ -71,6 +139,7 @@ def parse_dicom(data: bytes, name: str):
     """Parse a whole DICOM file held in memory; raises ImageError when it cannot be parsed."""
     from pydicom import dcmread
 
+    check_dicom_size(data, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -78,6 +147,66 @@ def parse_dicom(data: bytes, name: str):
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on a damaged file
         # The exception text may quote values; only its type is kept.
         raise ImageError(name, f"truncated or corrupt DICOM file ({type(e).__name__})") from None
+
+
+def _before_pixels(tag, vr, length) -> bool:
+    return tag >= 0x7FE00008  # (7FE0,0008) float, (7FE0,0009) double, (7FE0,0010) pixel data
+
+
+def check_dicom_size(data, name: str) -> None:
+    """Refuse a file whose image attributes declare more decoded bytes than the budget
+    (Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated / 8), before a pixel is read.
+
+    A deflated file (1.2.840.10008.1.2.1.99) is inflated by pydicom as a whole, so its attributes
+    are read from the first MiB inflated here, and then its inflated size is counted, a chunk at a
+    time and nothing kept, against the same budget. Damage is left to :func:`parse_dicom` to name.
+    """
+    from pydicom import dcmread
+    from pydicom.filereader import read_dataset, read_preamble
+
+    fp = io.BytesIO(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            read_preamble(fp, False)
+            meta = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
+            deflated = str(meta.get("TransferSyntaxUID", "")).strip("\0 ") == _DEFLATED
+            if not deflated:
+                ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+            else:
+                inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+                head = inflater.decompress(memoryview(data)[fp.tell():], _INFLATED_HEAD)
+                ds = read_dataset(io.BytesIO(head), False, True, stop_when=_before_pixels)
+    except Exception:  # noqa: BLE001 - a damaged file: parse_dicom names it
+        return
+    _declared_size(ds, name)
+    if deflated:
+        _count_inflated(inflater, len(head), name)
+
+
+def _declared_size(ds, name: str) -> None:
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        bits, samples = int(ds.get("BitsAllocated") or 0), int(ds.get("SamplesPerPixel") or 1)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return  # inconsistent attributes: refused by name when the image is checked
+    dims = (rows, cols) + ((frames,) if frames > 1 else ()) + ((samples,) if samples > 1 else ())
+    check_decoded(name, dims, bits / 8)
+
+
+def _count_inflated(inflater, done: int, name: str) -> None:
+    cap, total = max_decoded_bytes(), done
+    try:
+        while total <= cap:
+            chunk = inflater.decompress(inflater.unconsumed_tail, 1 << 24)
+            if not chunk and not inflater.unconsumed_tail:
+                break
+            total += len(chunk)
+    except zlib.error:
+        return  # damaged deflate data: parse_dicom names it
+    if total > cap:
+        check_decoded(name, (), 1, what="the deflated dataset inflates past", max_bytes=cap)
 
 
 def _sop_name(ds) -> str:
@@ -139,15 +268,25 @@ def _frames(ds) -> int:
 
 def inspect_dicom(ds, name: str) -> DicomInfo:
     """Check that a parsed file is a decodable image; return its frame count and kept attributes."""
+    from pydicom.datadict import dictionary_VR
+    from pydicom.multival import MultiValue
+
     _check_image(ds, name)
     metadata = {}
     for key in KEPT:
-        value = ds.get(key)
-        if value not in (None, ""):
-            metadata[key] = str(value).strip()
+        with warnings.catch_warnings():  # pydicom's warning about a bad value quotes the value
+            warnings.simplefilter("ignore")
+            value = ds.get(key)
+        # Every kept attribute has one value (VM 1): several are not a value cbr can trust.
+        if value in (None, "") or isinstance(value, (MultiValue, list, tuple)):
+            continue
+        text = str(value).strip()
+        if fits_vr(text, dictionary_VR(key)):
+            metadata[key] = text
     pid = ds.get("PatientID")
     pid = str(pid).strip() if pid is not None else ""
-    return DicomInfo(_frames(ds), pid or None, metadata)
+    burned = str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES"
+    return DicomInfo(_frames(ds), pid or None, metadata, burned)
 
 
 def _first(value):
@@ -196,11 +335,40 @@ def _grey(ds, arr: np.ndarray, window: str) -> np.ndarray:
         # stored value (at most 65,536) and index, instead of float maths on every pixel
         # (several times faster on a 512x512 CT slice; bench_formats.py).
         lo, hi = int(arr.min()), int(arr.max())
-        idx = np.subtract(arr, lo, dtype=np.int32)
+        # arr - lo in the unsigned type of arr's width: exact (0 <= arr - lo < 2**bits, modular
+        # arithmetic), and no wider than arr itself.
+        unsigned = np.dtype(f"u{arr.dtype.itemsize}")
+        idx = arr.view(unsigned) - unsigned.type(lo % (1 << 8 * arr.dtype.itemsize))
         table = apply_modality_lut(np.arange(lo, hi + 1, dtype=np.int32), ds)
-        present = np.bincount(idx.ravel(), minlength=hi - lo + 1) > 0 if centre_width(window) is None else None
-        return _levels(ds, np.asarray(table, dtype=np.float64), window, present)[idx]
+        present = _present(idx, hi - lo + 1) if centre_width(window) is None else None
+        return _lookup(_levels(ds, np.asarray(table, dtype=np.float64), window, present), idx)
     return _levels(ds, np.asarray(apply_modality_lut(arr, ds), dtype=np.float64), window)
+
+
+_ROWS_AT_ONCE = 1 << 20  # pixels per step of the lookups below
+
+
+def _steps(arr: np.ndarray):
+    step = max(1, _ROWS_AT_ONCE // max(1, arr[0].size)) if arr.ndim > 1 else _ROWS_AT_ONCE
+    return range(0, len(arr), step), step
+
+
+def _present(idx: np.ndarray, n: int) -> np.ndarray:
+    """Which of ``n`` table entries occur in ``idx``, a block at a time (bincount copies to 64 bits)."""
+    seen = np.zeros(n, dtype=bool)
+    starts, step = _steps(idx)
+    for i in starts:
+        seen |= np.bincount(idx[i:i + step].ravel(), minlength=n)[:n] > 0
+    return seen
+
+
+def _lookup(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``table[idx]``, a block of rows at a time (fancy indexing first copies the whole index to 64 bits)."""
+    out = np.empty(idx.shape + table.shape[1:], dtype=table.dtype)
+    starts, step = _steps(idx)
+    for i in starts:
+        out[i:i + step] = table[idx[i:i + step]]
+    return out
 
 
 def _colour(ds, arr: np.ndarray) -> np.ndarray:
@@ -214,6 +382,9 @@ def _colour(ds, arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
     scale = 255.0 / float((1 << bits) - 1)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize <= 2:  # one grey level per stored value
+        levels = np.arange(1 << 8 * arr.dtype.itemsize, dtype=np.float64)
+        return _lookup(np.clip(np.rint(levels * scale), 0, 255).astype(np.uint8), arr)
     return np.clip(np.rint(arr.astype(np.float64) * scale), 0, 255).astype(np.uint8)
 
 

@@ -11,7 +11,12 @@ Decisions:
 * Patient groups: the manifest's patient column when it has one, else DICOM PatientID, else (for
   NIfTI) the volume file's path inside the dataset. With ``--pseudonymise KEY`` every patient id
   (DICOM or manifest) becomes HMAC-SHA256(KEY, id): stable across runs, so grouping still works,
-  and the id itself is never stored.
+  and the id itself is never stored (:mod:`cbr.data.pseudonyms`).
+* With ``--pseudonymise`` a DICOM image is also *shown* under a neutral locator,
+  ``dicom:<sha256 of its SOPInstanceUID>[#frame=N]``, never its file name (names and birth dates
+  are often in it: ``Doe^John_19450317.dcm``); the file itself is kept only to re-read pixels.
+* A DICOM with ``BurnedInAnnotation=YES`` (text drawn into the pixels) is skipped unless
+  ``--allow-burned-in``.
 * Duplicates (same sha256): with the same label the first by path is kept; with different labels
   every copy is dropped, since we cannot tell which label is right. Distinct files with the same
   DICOM SOPInstanceUID (and frame) are the same instance stored twice: the first is kept.
@@ -20,21 +25,20 @@ Decisions:
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import re
 from collections import defaultdict
 
+from cbr.data import dicom, nifti
 from cbr.data.guard import read_regular
+from cbr.data.pseudonyms import key_id, neutral_locator, pseudonym, stored_patient_id
+from cbr.data.image import sha256_file
 from cbr.data.records import DUPLICATE, Candidate, Problem, Record, file_problem
+from cbr.data.sources import derived_sha256, file_head, pick_indices, Source, SourceSpec
 from cbr.errors import ImageError
 
-__all__ = ["hash_and_dedupe", "pseudonym", "natural_key"]
-
-
-def pseudonym(key: str, patient_id: str) -> str:
-    """The keyed hash that replaces a patient id: HMAC-SHA256, 32 hex digits."""
-    return hmac.new(key.encode("utf-8"), patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+# pseudonym, stored_patient_id and key_id are cbr.data.pseudonyms', named here too for older callers
+__all__ = ["hash_and_dedupe", "pseudonym", "stored_patient_id", "key_id", "natural_key"]
 
 
 def natural_key(path: str):
@@ -43,31 +47,29 @@ def natural_key(path: str):
 
 
 def _dicom_items(c: Candidate, spec, name: str):
-    from cbr.data import dicom
-    from cbr.data.sources import Source, derived_sha256, pick_indices
-
     data = read_regular(c.path, name)
     file_sha = hashlib.sha256(data).hexdigest()
     info = dicom.inspect_dicom(dicom.parse_dicom(data, name), name)
-    group = c.group if c.group is not None else info.patient_id
-    if group is not None and spec.pseudonymise:
-        group = pseudonym(spec.pseudonymise, group)
+    if info.burned_in and not spec.allow_burned_in:
+        raise ImageError(name, dicom.BURNED_IN)
+    group = stored_patient_id(c.group if c.group is not None else info.patient_id, spec.pseudonymise)
     meta = {**c.metadata, "format": "dicom", **info.metadata}
+    uid = info.metadata.get("SOPInstanceUID")
     if info.frames == 1:
-        return [(Candidate(c.path, c.label, group, meta, c.row, c.order), file_sha)]
+        shown = neutral_locator(uid, file_sha) if spec.pseudonymise else None
+        return [(Candidate(c.path, c.label, group, meta, c.row, c.order, shown=shown), file_sha)]
     frames = range(info.frames) if spec.frames == "all" else pick_indices(info.frames, "middle")
     items = []
     for i in frames:
         src = Source(c.path, frame=i + 1)
         m = dict(meta, frame=i + 1, frames=info.frames)
-        items.append((Candidate(src.locator, c.label, group, m, c.row, c.order), derived_sha256(file_sha, src)))
+        shown = neutral_locator(uid, file_sha, i + 1) if spec.pseudonymise else None
+        items.append((Candidate(src.locator, c.label, group, m, c.row, c.order, shown=shown),
+                      derived_sha256(file_sha, src)))
     return items
 
 
 def _nifti_items(c: Candidate, spec, top: str, name: str):
-    from cbr.data import nifti
-    from cbr.data.sources import Source, derived_sha256, pick_indices
-
     data = read_regular(c.path, name)
     file_sha = hashlib.sha256(data).hexdigest()
     shape, volumes = nifti.volume_shape(data, name)
@@ -75,11 +77,8 @@ def _nifti_items(c: Candidate, spec, top: str, name: str):
         raise ImageError(name, f"volume {spec.volume} does not exist (the file has {volumes}); "
                                f"choose --volume 0..{volumes - 1}")
     n = shape[nifti.AXES[spec.axis]]
-    group = c.group
-    if group is not None and spec.pseudonymise:
-        group = pseudonym(spec.pseudonymise, group)
-    elif group is None:
-        group = os.path.relpath(c.path, top)  # the volume is the patient unless a manifest says otherwise
+    # the volume is the patient unless a manifest says otherwise (its path hashed like any patient id)
+    group = stored_patient_id(c.group if c.group is not None else os.path.relpath(c.path, top), spec.pseudonymise)  # the volume is the patient unless a manifest says otherwise
     meta = {**c.metadata, "format": "nifti", "volume_file": nifti.display_name(c.path), "axis": spec.axis,
             "slices": n}
     if volumes > 1:
@@ -94,10 +93,6 @@ def _nifti_items(c: Candidate, spec, top: str, name: str):
 
 def _items(c: Candidate, spec, top: str):
     """[(candidate, sha256)] for one found file; raises ImageError with the reason to skip it."""
-    from cbr.data import dicom, nifti
-    from cbr.data.image import sha256_file
-    from cbr.data.sources import file_head
-
     if c.sha256 is not None:
         return [(c, c.sha256)]
     reason = file_problem(c.path)
@@ -113,10 +108,8 @@ def _items(c: Candidate, spec, top: str):
         raise ImageError(c.path, f"cannot read file ({e.strerror or e})") from None
     if c.path.lower().endswith(".npz") and head.startswith(b"PK"):
         raise ImageError(c.path, "an .npz archive is indexed on its own: cbr index FILE.npz [--split ...]")
-    group = c.group
-    if group is not None and spec.pseudonymise:
-        group = pseudonym(spec.pseudonymise, group)
-        c = Candidate(c.path, c.label, group, c.metadata, c.row, c.order)
+    if c.group is not None and spec.pseudonymise:
+        c = Candidate(c.path, c.label, stored_patient_id(c.group, spec.pseudonymise), c.metadata, c.row, c.order)
     return [(c, sha256_file(c.path))]
 
 
@@ -127,8 +120,6 @@ def hash_and_dedupe(candidates, problems, progress, spec=None, top: str = "") ->
     returned, in path order, with the records (sorted by path, frames and slices in number order).
     """
     from tqdm import tqdm  # imported here: cbr's CLI start-up stays fast
-
-    from cbr.data.sources import SourceSpec
 
     spec = spec or SourceSpec()
     hashed: list[tuple[Candidate, str]] = []
@@ -155,7 +146,7 @@ def hash_and_dedupe(candidates, problems, progress, spec=None, top: str = "") ->
                                             f"labelled {c.label!r} vs {other.label!r}"))
             continue
         first = copies[0]
-        kept.append(Record(first.path, first.label, first.group, first.metadata, digest))
+        kept.append(Record(first.path, first.label, first.group, first.metadata, digest, shown=first.shown))
         for c in copies[1:]:
             if c.path == first.path:
                 reason = f"{c.at}listed again; duplicate of {first.at.rstrip(': ')}"

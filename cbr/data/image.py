@@ -16,6 +16,9 @@ Decisions:
 * 16- and 32-bit data (``I;16``, ``I;16B``, ``I``, ``F``) is **scaled linearly from the image's
   own min..max to 0..255**. Clipping would turn 12-bit data stored in 16-bit containers (CT, MR,
   X-ray exports) into white, and dividing by 256 would leave it near-black.
+* Decompression bombs: the decoded size the header declares (width x height x bands x bytes per
+  sample) must be within :func:`cbr.data.guard.check_decoded` before the pixels are decoded, and
+  high-bit-depth data is scaled a block at a time, in its stored type (no float64 copy).
 * Pixel bombs are refused twice: our own ``max_pixels`` check right after ``Image.open`` (only the
   header has been read), and Pillow's ``DecompressionBombError`` (its hard limit, about 1.8e8
   pixels, still applies when ``max_pixels`` is larger). Pillow's softer warning is silenced
@@ -36,6 +39,9 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cbr.data.dicom import decode_dicom_bytes
+from cbr.data.guard import check_decoded, open_regular, os_reason, read_regular
+from cbr.data.windows import minmax_to_uint8
 from cbr.errors import ImageError
 
 __all__ = [
@@ -53,6 +59,8 @@ MAX_PIXELS = 100_000_000  # our own pixel-bomb limit (width * height)
 MIN_SIZE = 8  # smallest accepted width and height, in pixels
 
 _CHUNK = 1 << 20
+# Bytes per decoded sample of Pillow's modes, where not 1 (the decoded-size budget).
+_SAMPLE_BYTES = {"1": 1 / 8, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "I": 4, "I;32": 4, "F": 4}
 
 # Leading bytes of formats Pillow can read: a file that starts like an image but fails to open
 # is corrupt, not "not an image".
@@ -100,15 +108,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode in ("L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
         return img.convert("RGB")
     if mode.startswith("I") or mode == "F":
-        a = np.asarray(img).astype(np.float64)
-        finite = np.isfinite(a)
-        if not finite.any():
-            return Image.new("RGB", img.size)
-        lo, hi = float(a[finite].min()), float(a[finite].max())
-        a = np.where(finite, a, lo)
-        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        # In the stored type, scaled a block at a time: no full-size float64 copy (3.6 GB at 1e8 pixels).
+        grey = Image.fromarray(minmax_to_uint8(np.asarray(img)))
+        return grey.convert("RGB")
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as e:
@@ -136,7 +138,6 @@ def decode_image(
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
     if data[128:132] == b"DICM":  # DICOM decodes in its own module (window: the file's own)
-        from cbr.data.dicom import decode_dicom_bytes
 
         pixels = decode_dicom_bytes(data, name, max_pixels=max_pixels)
         h, w = pixels.shape[:2]
@@ -174,6 +175,8 @@ def _decode(data: bytes, name: str, max_pixels: int, min_size: int) -> Image.Ima
             raise ImageError(
                 name, f"image is {w}x{h} pixels; too small (minimum {min_size}x{min_size})"
             )
+        bands = len(img.getbands())
+        check_decoded(name, (w, h, bands) if bands > 1 else (w, h), _SAMPLE_BYTES.get(img.mode, 1))
         try:
             img.seek(0)  # multi-frame (GIF, TIFF, APNG): the first frame
             img.load()
@@ -183,11 +186,13 @@ def _decode(data: bytes, name: str, max_pixels: int, min_size: int) -> Image.Ima
             raise ImageError(name, _too_large(w, h, max_pixels)) from None
         except Exception:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError...
             raise ImageError(name, "truncated or corrupt image data") from None
+        # High-bit images become a new 8-bit image in _to_rgb: turn them in place, saving a full copy.
+        in_place = img.mode.startswith("I") or img.mode == "F"
         try:
-            upright = ImageOps.exif_transpose(img)
+            upright = ImageOps.exif_transpose(img, in_place=in_place) or img
         except Exception as e:  # noqa: BLE001 - a broken EXIF block must not lose the pixels
             LOG.warning("%s: ignoring unreadable EXIF orientation (%s)", name, e)
-            upright = img.copy()  # img is closed below
+            upright = img if in_place else img.copy()  # img is closed below
         try:
             return _to_rgb(upright)
         except ValueError as e:
@@ -218,8 +223,6 @@ def read_image(
     its own window; :func:`cbr.data.sources.read_source` reads any frame, NIfTI slice or ``.npz``
     image, with any window.
     """
-    from cbr.data.guard import read_regular
-
     data = read_regular(path, _display(path))  # regular files within the size cap only: never a FIFO
     digest = hashlib.sha256(data).hexdigest()
     return decode_image(data, _display(path), max_pixels=max_pixels, min_size=min_size), digest
@@ -227,8 +230,6 @@ def read_image(
 
 def sha256_file(path) -> str:
     """SHA-256 hex digest of a file, read in chunks; raises :class:`ImageError` if unreadable."""
-    from cbr.data.guard import open_regular, os_reason
-
     h = hashlib.sha256()
     with open_regular(path, _display(path)) as (f, _):
         try:

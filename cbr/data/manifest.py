@@ -12,6 +12,7 @@ import csv
 import io
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 
 from cbr.data.records import IMAGE_EXTENSIONS, Candidate, Problem, printable_path, printable_text, valid_utf8
 from cbr.errors import DatasetError
@@ -21,8 +22,53 @@ __all__ = ["scan_manifest", "MAX_CELL_CHARS"]
 MAX_CELL_CHARS = 131072  # a longer cell is a broken or hostile row (Python's csv default field limit)
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """Where a manifest's fields are: the header, and the index of each column cbr reads."""
+
+    header: list[str]
+    path: int
+    label: int
+    group: int | None
+    metadata: list[tuple[int, str]]
+
+
 def scan_manifest(csv_path, given, path_column, label_column, group_column, roots):
+    """Read a CSV manifest into candidates and problems (see the module docstring for the rules).
+
+    Args:
+        csv_path: the manifest file.
+        given: the path as the user gave it (for messages).
+        path_column, label_column: the columns of the image path and the label.
+        group_column: the patient column; None = ``patient_id`` if there is one.
+        roots: folders to look for the images in, before the CSV's own folder.
+    """
     shown = printable_path(given)
+    rows = _read_rows(csv_path, shown)
+    start = next((i for i, row in enumerate(rows) if any(c.strip() for c in row)), None)
+    if start is None:
+        raise DatasetError(
+            f"{shown} is empty; it needs a header row with columns "
+            f"{path_column!r} and {label_column!r}"
+        )
+    columns = _columns(rows[start], shown, path_column, label_column, group_column)
+    bases = roots + [os.path.dirname(csv_path)]
+    bases = list(dict.fromkeys(bases))  # the CSV's folder may also be an images root
+    listings: dict[str, dict[str, list[str]]] = {}
+    candidates: list[Candidate] = []
+    problems: list[Problem] = []
+    for index in range(start + 1, len(rows)):
+        row, rowno = rows[index], index + 1  # spreadsheet numbering: the header is row 1
+        if not any(c.strip() for c in row):
+            continue
+        found = _read_row(row, rowno, columns, shown, bases, listings, problems)
+        if found is not None:
+            candidates.append(Candidate(*found, rowno, len(candidates)))
+    return candidates, problems
+
+
+def _read_rows(csv_path, shown: str) -> list[list[str]]:
+    """The manifest's rows as lists of cells; an unreadable or malformed file raises DatasetError."""
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
@@ -38,19 +84,16 @@ def scan_manifest(csv_path, given, path_column, label_column, group_column, root
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text) + 1))  # one huge cell skips its row (below), not the manifest
     try:
-        rows = list(reader)
+        return list(reader)
     except csv.Error as e:
         raise DatasetError(f"{shown}: malformed CSV at line {reader.line_num}: {e}") from None
     finally:
         csv.field_size_limit(limit)
 
-    start = next((i for i, row in enumerate(rows) if any(c.strip() for c in row)), None)
-    if start is None:
-        raise DatasetError(
-            f"{shown} is empty; it needs a header row with columns "
-            f"{path_column!r} and {label_column!r}"
-        )
-    header = [h.strip() or f"column {j + 1}" for j, h in enumerate(rows[start])]
+
+def _columns(first: list[str], shown: str, path_column, label_column, group_column) -> _Columns:
+    """The header row's columns; a missing or repeated column raises DatasetError."""
+    header = [h.strip() or f"column {j + 1}" for j, h in enumerate(first)]
     for name in header:
         if header.count(name) > 1:
             raise DatasetError(
@@ -71,68 +114,61 @@ def scan_manifest(csv_path, given, path_column, label_column, group_column, root
         )
     pi, li = header.index(path_column), header.index(label_column)
     gi = header.index(group_column) if group_column is not None else None
-    meta_cols = [(j, h) for j, h in enumerate(header) if j not in (pi, li, gi)]
+    return _Columns(header, pi, li, gi, [(j, h) for j, h in enumerate(header) if j not in (pi, li, gi)])
 
-    bases = roots + [os.path.dirname(csv_path)]
-    bases = list(dict.fromkeys(bases))  # the CSV's folder may also be an images root
+
+def _read_row(row, rowno: int, columns: _Columns, shown: str, bases, listings, problems):
+    """One data row -> (path, label, group, metadata), or None with its problem appended."""
+    header, n = columns.header, len(columns.header)
     looked_in = ", ".join(printable_path(b) for b in bases)
-    listings: dict[str, dict[str, list[str]]] = {}
-    candidates: list[Candidate] = []
-    problems: list[Problem] = []
-    n = len(header)
-    for index in range(start + 1, len(rows)):
-        row, rowno = rows[index], index + 1  # spreadsheet numbering: the header is row 1
-        if not any(c.strip() for c in row):
-            continue
-        big = max(row, key=len)
-        if len(big) > MAX_CELL_CHARS:
-            where = f"column {header[row.index(big)]!r}" if row.index(big) < len(header) else "a cell"
-            problems.append(Problem(shown, f"row {rowno}: {where} holds {len(big)} characters (limit "
-                                           f"{MAX_CELL_CHARS}); row skipped"))
-            continue
-        if len(row) > n and any(c.strip() for c in row[n:]):
+    big = max(row, key=len)
+    if len(big) > MAX_CELL_CHARS:
+        where = f"column {header[row.index(big)]!r}" if row.index(big) < len(header) else "a cell"
+        problems.append(Problem(shown, f"row {rowno}: {where} holds {len(big)} characters (limit "
+                                       f"{MAX_CELL_CHARS}); row skipped"))
+        return None
+    if len(row) > n and any(c.strip() for c in row[n:]):
+        problems.append(
+            Problem(
+                shown,
+                f"row {rowno}: has {len(row)} cells but the header has {n}; "
+                "quote cells that contain commas",
+            )
+        )
+        return None
+    row = row + [""] * (n - len(row))
+    cell = row[columns.path].strip()
+    if not cell:
+        problems.append(Problem(shown, f"row {rowno}: empty {header[columns.path]!r} cell"))
+        return None
+    path = _resolve(cell, bases, listings)
+    if path is None:
+        problems.append(Problem(cell, f"row {rowno}: file not found (looked in: {looked_in})"))
+        return None
+    if not valid_utf8(path):
+        reason = f"row {rowno}: file name is not valid UTF-8; rename it"
+        problems.append(Problem(printable_path(path), reason))
+        return None
+    label = row[columns.label].strip()
+    if not label:
+        problems.append(Problem(path, f"row {rowno}: blank label in column {header[columns.label]!r}"))
+        return None
+    group = (row[columns.group].strip() or None) if columns.group is not None else None
+    metadata = {h: row[j] for j, h in columns.metadata if row[j] != ""}
+    if "mask" in metadata:
+        mask = _resolve(metadata["mask"].strip(), bases, listings)
+        if mask is not None and os.path.isfile(mask) and valid_utf8(mask):
+            metadata["mask"] = mask
+        else:
             problems.append(
                 Problem(
-                    shown,
-                    f"row {rowno}: has {len(row)} cells but the header has {n}; "
-                    "quote cells that contain commas",
+                    path,
+                    f"row {rowno}: mask {metadata.pop('mask')!r} not found "
+                    f"(looked in: {looked_in}); the image is kept without a mask",
+                    skipped=False,
                 )
             )
-            continue
-        row = row + [""] * (n - len(row))
-        cell = row[pi].strip()
-        if not cell:
-            problems.append(Problem(shown, f"row {rowno}: empty {path_column!r} cell"))
-            continue
-        path = _resolve(cell, bases, listings)
-        if path is None:
-            problems.append(Problem(cell, f"row {rowno}: file not found (looked in: {looked_in})"))
-            continue
-        if not valid_utf8(path):
-            reason = f"row {rowno}: file name is not valid UTF-8; rename it"
-            problems.append(Problem(printable_path(path), reason))
-            continue
-        label = row[li].strip()
-        if not label:
-            problems.append(Problem(path, f"row {rowno}: blank label in column {label_column!r}"))
-            continue
-        group = (row[gi].strip() or None) if gi is not None else None
-        metadata = {h: row[j] for j, h in meta_cols if row[j] != ""}
-        if "mask" in metadata:
-            mask = _resolve(metadata["mask"].strip(), bases, listings)
-            if mask is not None and os.path.isfile(mask) and valid_utf8(mask):
-                metadata["mask"] = mask
-            else:
-                problems.append(
-                    Problem(
-                        path,
-                        f"row {rowno}: mask {metadata.pop('mask')!r} not found "
-                        f"(looked in: {looked_in}); the image is kept without a mask",
-                        skipped=False,
-                    )
-                )
-        candidates.append(Candidate(path, label, group, metadata, rowno, len(candidates)))
-    return candidates, problems
+    return path, label, group, metadata
 
 
 def _resolve(cell: str, bases: list[str], listings: dict) -> str | None:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from cbr.data.crop import crop_box, mask_view
+from cbr.data.guard import read_regular
+from cbr.data.sources import read_source
+from cbr.errors import ImageError
+
 __all__ = ["lesion_mask"]
 
 
@@ -26,10 +31,6 @@ def lesion_mask(path: str, size: int, *, crop: str = "none", image=None, window:
 
     from PIL import Image
 
-    from cbr.data.crop import crop_box, mask_view
-    from cbr.data.guard import read_regular
-    from cbr.errors import ImageError
-
     try:
         data = read_regular(path)  # never open() a FIFO or device: it would block or never end
         box = image_size = None
@@ -37,8 +38,6 @@ def lesion_mask(path: str, size: int, *, crop: str = "none", image=None, window:
             if image is None:
                 raise ValueError(f"lesion_mask with crop={crop!r} needs the mask's image")
             if not isinstance(image, Image.Image):
-                from cbr.data.sources import read_source
-
                 image = read_source(image, window=window)[0]
             box, image_size = crop_box(image, crop), image.size
     except ImageError as e:

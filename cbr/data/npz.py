@@ -8,42 +8,131 @@ Decisions:
 * Labels are integers, shape ``(N,)`` or ``(N, 1)``; class names come from ``--classes`` in label
   order, otherwise the label numbers. Multi-label arrays (ChestMNIST's ``(N, 14)``) and 3D
   volumes (``(N, D, H, W)``) are refused with the reason.
-* Arrays are loaded with ``allow_pickle=False``: an archive can never run code.
+* Arrays are read with ``allow_pickle=False``: an archive can never run code.
+* Memory: each member's ``.npy`` header is read first, without inflating its data, and the
+  decoded size it declares must be within :func:`cbr.data.guard.check_decoded`; the zip entry's
+  own size must match it (a member cannot inflate past its header). Only the arrays needed are
+  read: a member stored uncompressed (``np.savez``) is a view of the archive's pages (memory
+  mapped, so only the images touched are read), a compressed one is inflated once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
+import mmap
+import os
+import struct
 import zipfile
 
 import numpy as np
 
+from cbr.data.guard import check_decoded, map_regular
 from cbr.data.locator import SPLITS, Source
+from cbr.data.records import Candidate
+from cbr.data.windows import minmax_to_uint8
 from cbr.errors import DatasetError, ImageError
 
-__all__ = ["SPLITS", "load_npz", "npz_labels", "item_pixels", "item_sha256", "scan_npz"]
+__all__ = ["SPLITS", "npz_names", "load_npz", "npz_labels", "item_pixels", "item_sha256", "scan_npz"]
 
-def load_npz(data: bytes, name: str) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` held in memory (no pickles); raises ImageError if unreadable."""
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError,
+               RuntimeError, struct.error)  # RuntimeError: an encrypted member
+
+
+class _MappedFile:
+    """A memory map as a file for zipfile: ``mmap`` has no ``seekable()`` before Python 3.13."""
+
+    def __init__(self, mapped: mmap.mmap):
+        self._mapped = mapped
+
+    def seekable(self) -> bool:
+        return True
+
+    def __getattr__(self, attr):  # read, seek, tell
+        return getattr(self._mapped, attr)
+
+
+def _archive(data, name: str) -> zipfile.ZipFile:
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        return zipfile.ZipFile(_MappedFile(data) if isinstance(data, mmap.mmap) else io.BytesIO(data))
+    except _ZIP_ERRORS as e:
         raise ImageError(name, f"not a readable .npz archive ({type(e).__name__})") from None
 
 
-def _split_arrays(arrays: dict, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+def npz_names(data, name: str) -> list[str]:
+    """The arrays of an ``.npz`` (its ``.npy`` members, without the suffix), reading no array."""
+    with _archive(data, name) as z:
+        return [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+
+
+def _layout(z: zipfile.ZipFile, info: zipfile.ZipInfo, name: str):
+    """``(shape, fortran order, dtype, header bytes)`` of a member, from its ``.npy`` header alone."""
+    fmt = np.lib.format
+    with z.open(info) as fh:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        return tuple(shape), fortran, dtype, fh.tell()
+
+
+def _read_member(data, z: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> np.ndarray:
+    shape, fortran, dtype, header = _layout(z, info, name)
+    member = info.filename
+    if dtype.hasobject:
+        raise ImageError(name, f"{member} holds Python objects (pickles); only numeric arrays are read")
+    check_decoded(name, shape, dtype.itemsize)
+    declared = math.prod(shape) * dtype.itemsize
+    if info.file_size > header + declared:
+        raise ImageError(name, f"{member} holds {info.file_size} bytes but its header declares "
+                               f"{header + declared}; refused (a zip bomb or a damaged archive)")
+    if info.file_size < header + declared:
+        raise ImageError(name, f"{member} is truncated ({info.file_size} of {header + declared} bytes)")
+    order = "F" if fortran else "C"
+    if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1:
+        at = info.header_offset
+        name_len, extra_len = struct.unpack("<HH", bytes(data[at + 26:at + 30]))
+        start = at + 30 + name_len + extra_len + header
+        if start + declared > len(data):
+            raise ImageError(name, f"{member} is truncated")
+        flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start)
+        return flat.reshape(shape, order=order)
+    with z.open(info) as fh:  # inflated once; its size was checked above
+        return np.lib.format.read_array(fh, allow_pickle=False)
+
+
+def load_npz(data, name: str, keys=None) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (default all) of an ``.npz`` held in memory or mapped (no pickles).
+
+    Raises ImageError if the archive is unreadable or an array is past the decoded-size budget.
+    """
+    with _archive(data, name) as z:
+        try:
+            members = {n.filename[:-4]: n for n in z.infolist() if n.filename.endswith(".npy")}
+            wanted = members if keys is None else [k for k in keys if k in members]
+            return {k: _read_member(data, z, members[k], name) for k in wanted}
+        except _ZIP_ERRORS as e:
+            raise ImageError(name, f"not a readable .npz archive ({type(e).__name__})") from None
+
+
+def _split_arrays(arrays: dict, split: str, name: str, names=None) -> tuple[np.ndarray, np.ndarray]:
     ik, lk = f"{split}_images", f"{split}_labels"
     if ik not in arrays or lk not in arrays:
-        have = ", ".join(sorted(arrays)) or "none"
+        have = ", ".join(sorted(arrays if names is None else names)) or "none"
         raise DatasetError(f"{name}: no {ik!r} and {lk!r} arrays (arrays: {have}); choose another --split")
     return arrays[ik], arrays[lk]
 
 
-def npz_labels(arrays: dict, split: str, name: str, classes: tuple[str, ...] = ()) -> list[str]:
-    """The class name of every image of a split; raises DatasetError for unusable arrays."""
-    images, labels = _split_arrays(arrays, split, name)
+def npz_labels(arrays: dict, split: str, name: str, classes: tuple[str, ...] = (), names=None) -> list[str]:
+    """The class name of every image of a split; raises DatasetError for unusable arrays.
+
+    ``names``: every array of the archive (for the message when the split's are missing).
+    """
+    images, labels = _split_arrays(arrays, split, name, names)
     if images.ndim == 4 and images.shape[-1] not in (1, 3):
         raise DatasetError(f"{name}: {split}_images has shape {images.shape}; 3D volumes are not supported")
     if images.ndim not in (3, 4):
@@ -64,8 +153,6 @@ def npz_labels(arrays: dict, split: str, name: str, classes: tuple[str, ...] = (
 
 def item_pixels(arrays: dict, split: str, index: int, name: str) -> np.ndarray:
     """One image as uint8 ``(H, W)`` or ``(H, W, 3)``."""
-    from cbr.data.windows import minmax_to_uint8
-
     key = f"{split}_images"
     if key not in arrays:
         raise ImageError(name, f"no {key!r} array in the archive")
@@ -92,29 +179,22 @@ def scan_npz(path: str, shown: str, split: str = "train", classes: tuple[str, ..
 
     Raises DatasetError when the archive or the split's arrays cannot be used.
     """
-    import os
-
-    from cbr.data.records import Candidate
-
-    from cbr.data.guard import read_regular
-
     try:
-        data = read_regular(path, shown)
+        data = map_regular(path, shown)
+        names = npz_names(data, shown)
+        splits = SPLITS if split == "all" else (split,)
+        present = [s for s in splits if f"{s}_images" in names or f"{s}_labels" in names]
+        if split == "all" and not present:
+            have = ", ".join(sorted(names)) or "none"
+            raise DatasetError(f"{shown}: no train/val/test _images and _labels arrays (arrays: {have})")
+        used = present if split == "all" else splits
+        arrays = load_npz(data, shown, [f"{s}_{kind}" for s in used for kind in ("images", "labels")])
     except ImageError as e:
         raise DatasetError(f"{shown}: {e.reason}") from None
-    try:
-        arrays = load_npz(data, shown)
-    except ImageError as e:
-        raise DatasetError(f"{shown}: {e.reason}") from None
-    splits = SPLITS if split == "all" else (split,)
-    present = [s for s in splits if f"{s}_images" in arrays or f"{s}_labels" in arrays]
-    if split == "all" and not present:
-        have = ", ".join(sorted(arrays)) or "none"
-        raise DatasetError(f"{shown}: no train/val/test _images and _labels arrays (arrays: {have})")
     candidates = []
     archive = os.path.basename(path)
-    for s in present if split == "all" else splits:
-        labels = npz_labels(arrays, s, shown, classes)
+    for s in used:
+        labels = npz_labels(arrays, s, shown, classes, names)
         images = arrays[f"{s}_images"]
         for i, label in enumerate(labels):
             src = Source(path, split=s, index=i)

@@ -143,49 +143,63 @@ def phantom(
     img = img + brain * tissue
 
     if p["ventricles"] > 0:
-        vs = p["ventricles"]
-        for side in (-1, 1):
-            vx, vy = xr - side * 0.09 * vs, yr + 0.05
-            t = side * 0.3
-            ux, uy = math.cos(t) * vx + math.sin(t) * vy, -math.sin(t) * vx + math.cos(t) * vy
-            rv = np.sqrt((ux / (0.045 * vs)) ** 2 + (uy / (0.17 * vs)) ** 2)
-            v = 1 - _smoothstep(1.0, 0.15, rv)
-            img = img * (1 - v * brain) + 0.16 * v * brain
+        img = _ventricles(img, p["ventricles"], xr, yr, brain)
 
     hard_brain = d < -skull - _BRAIN_MARGIN
     mask = np.zeros((size, size), dtype=bool)
     if label != "normal":
+        # the lesion's frame: its centre within the brain ellipse, rotated by its angle
         les = p["lesion"]
         brain_a, brain_b = a - skull - _BRAIN_MARGIN, b - skull - _BRAIN_MARGIN
         lx, ly = xr - les["u"] * brain_a, yr - les["v"] * brain_b
         lc, ls = math.cos(les["angle"]), math.sin(les["angle"])
-        ex, ey = lc * lx + ls * ly, -ls * lx + lc * ly
-        rho = np.sqrt((ex / les["aspect"]) ** 2 + (ey * les["aspect"]) ** 2)
-        theta = np.arctan2(ey, ex)
-        if label == "tumour":
-            wobble = sum(amp * np.sin(k * theta + ph) for k, amp, ph in les["wobble"])
-            r = rho / (les["radius"] * (1 + wobble))
-            inside = (1 - _smoothstep(1.0, aa / les["radius"], r)) * brain
-            core = 0.64 + 0.12 * (tex - 0.5)
-            rim = 0.36 * np.exp(-((r - 0.85) / 0.11) ** 2)
-            halo = 0.10 * np.clip(1 - (r - 1) / 0.7, 0, 1) * (r >= 1) * brain
-            img = img * (1 - inside) + (core + rim) * inside + halo * (0.6 + tex)
-        else:  # cyst: dark fluid, round, sharp edge, a faint wall
-            r = rho / les["radius"]
-            inside = (1 - _smoothstep(1.0, 0.5 * px / les["radius"], r)) * brain
-            wall = 0.08 * np.exp(-((r - 1.0) / 0.06) ** 2) * brain
-            img = img * (1 - inside) + 0.05 * inside + wall
+        img, r = _lesion(img, label, les, lc * lx + ls * ly, -ls * lx + lc * ly, brain, tex, aa, px)
         mask = (r < 1) & hard_brain
+    out = _scanner(img, rng, x, y, size)
+    return Image.fromarray(out), mask
 
-    # Smooth coil-sensitivity bias field and Rician noise (magnitude of complex Gaussian noise).
+
+def _ventricles(img: np.ndarray, vs: float, xr: np.ndarray, yr: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """Two dark, tilted ventricles of scale ``vs`` either side of the midline."""
+    for side in (-1, 1):
+        vx, vy = xr - side * 0.09 * vs, yr + 0.05
+        t = side * 0.3
+        ux, uy = math.cos(t) * vx + math.sin(t) * vy, -math.sin(t) * vx + math.cos(t) * vy
+        rv = np.sqrt((ux / (0.045 * vs)) ** 2 + (uy / (0.17 * vs)) ** 2)
+        v = 1 - _smoothstep(1.0, 0.15, rv)
+        img = img * (1 - v * brain) + 0.16 * v * brain
+    return img
+
+
+def _lesion(img, label: str, les: dict, ex, ey, brain, tex, aa: float, px: float):
+    """Paint a tumour or cyst in the lesion's frame (ex, ey); returns (image, lesion radius field)."""
+    rho = np.sqrt((ex / les["aspect"]) ** 2 + (ey * les["aspect"]) ** 2)
+    theta = np.arctan2(ey, ex)
+    if label == "tumour":
+        wobble = sum(amp * np.sin(k * theta + ph) for k, amp, ph in les["wobble"])
+        r = rho / (les["radius"] * (1 + wobble))
+        inside = (1 - _smoothstep(1.0, aa / les["radius"], r)) * brain
+        core = 0.64 + 0.12 * (tex - 0.5)
+        rim = 0.36 * np.exp(-((r - 0.85) / 0.11) ** 2)
+        halo = 0.10 * np.clip(1 - (r - 1) / 0.7, 0, 1) * (r >= 1) * brain
+        img = img * (1 - inside) + (core + rim) * inside + halo * (0.6 + tex)
+    else:  # cyst: dark fluid, round, sharp edge, a faint wall
+        r = rho / les["radius"]
+        inside = (1 - _smoothstep(1.0, 0.5 * px / les["radius"], r)) * brain
+        wall = 0.08 * np.exp(-((r - 1.0) / 0.06) ** 2) * brain
+        img = img * (1 - inside) + 0.05 * inside + wall
+    return img, r
+
+
+def _scanner(img: np.ndarray, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, size: int) -> np.ndarray:
+    """Smooth coil-sensitivity bias field and Rician noise (magnitude of complex Gaussian noise), as uint8."""
     g = [rng.uniform(-1, 1) for _ in range(2)]
     bias = 1 + 0.08 * (g[0] * x + g[1] * y) + 0.1 * (_smooth_noise(rng, size, 3) - 0.5)
     sigma = rng.uniform(0.015, 0.035)
     img = img * bias
     n1, n2 = (sigma * rng.standard_normal(img.shape, dtype=np.float32) for _ in range(2))
     img = np.sqrt((img + n1) ** 2 + n2**2)
-    out = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
-    return Image.fromarray(out), mask
+    return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 
 
 def make_phantoms(

@@ -24,6 +24,7 @@ class Record:
     group: str | None  # patient / group id, None when the source has no groups
     metadata: dict  # JSON-serialisable: manifest columns as strings; "mask" is an absolute path
     sha256: str
+    shown: str | None = None  # what is stored and shown instead of ``path`` (a neutral DICOM locator)
 
 
 DUPLICATE = "duplicate"  # Problem.kind of a second copy of an image already kept
@@ -65,6 +66,7 @@ class Candidate:
     row: int | None  # manifest row (the header is row 1), None for folders
     order: int
     sha256: str | None = None  # known already (an array image); None: hashed from the file
+    shown: str | None = None  # see Record.shown
 
     @property
     def at(self) -> str:

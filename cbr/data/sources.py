@@ -26,16 +26,24 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections import OrderedDict
 from dataclasses import dataclass, fields
 
+from cachetools import LRUCache
+
+from cbr.data import dicom, nifti, npz
+from cbr.data.dicom import is_dicom
+from cbr.data.guard import map_regular, open_regular, read_regular
+from cbr.data.image import MAX_PIXELS, MIN_SIZE, read_image
 from cbr.data.locator import AXIS_NAMES, SPLITS, Source, SourceError, derived_sha256, pick_indices
+from cbr.data.nifti import is_nifti_name
+from cbr.data.pseudonyms import key_id, neutral_locator
 from cbr.data.windows import DEFAULT_WINDOW, parse_window
-from cbr.errors import ImageError
+from cbr.errors import ImageError, ModelMismatchError
 
 __all__ = ["Source", "SourceSpec", "SourceError", "FRAMES", "SLICE_RULES", "SPLIT_CHOICES", "read_source",
            "decode_query", "check_window", "dicom_patient_id", "moved_to", "derived_sha256", "pick_indices",
-           "describe_origin", "file_head", "is_clinical"]
+           "describe_origin", "file_head", "is_clinical", "refuse_burned_in",
+           "dicom_neutral_locator"]
 
 FRAMES = ("all", "middle")
 SLICE_RULES = ("all", "middle", "every:N")
@@ -54,6 +62,7 @@ class SourceSpec:
     split: str = "train"  # npz: train | val | test | all
     classes: tuple[str, ...] = ()  # npz: class names in label order (default the label numbers)
     pseudonymise: str | None = None  # HMAC key for patient ids; never stored or shown
+    allow_burned_in: bool = False  # DICOM: accept BurnedInAnnotation=YES (text drawn into the pixels)
 
     def __post_init__(self):
         if self.window is not None:
@@ -77,16 +86,18 @@ class SourceSpec:
         return f"SourceSpec({shown}, pseudonymised={self.pseudonymise is not None})"
 
     def to_dict(self) -> dict:
-        """JSON-ready, as stored with a dataset row: the key itself is left out."""
+        """JSON-ready, as stored with a dataset row: the key itself is left out; its ``key_id`` (a keyed
+        hash that cannot give it back) lets a later run tell a wrong key from the right one."""
         return {"window": self.window, "frames": self.frames, "slices": self.slices, "axis": self.axis,
                 "volume": self.volume, "split": self.split, "classes": list(self.classes),
-                "pseudonymised": self.pseudonymise is not None}
+                "pseudonymised": self.pseudonymise is not None,
+                "key_id": key_id(self.pseudonymise) if self.pseudonymise else None,
+                "allow_burned_in": self.allow_burned_in}
 
 
 # -- reading files, with a small cache so that the slices of one volume load it once -----------
 
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 2
+_CACHE: LRUCache = LRUCache(maxsize=2)
 
 
 def _display(path) -> str:
@@ -110,15 +121,11 @@ def _stat(path: str, name: str) -> os.stat_result:
 
 
 def _read(path: str, name: str) -> bytes:
-    from cbr.data.guard import read_regular
-
     return read_regular(path, name)  # a regular file within the size cap: never a FIFO or device
 
 
 def file_head(path: str, name: str, n: int = 132) -> bytes:
     """The first ``n`` bytes of a regular, non-empty file (ImageError otherwise)."""
-    from cbr.data.guard import open_regular
-
     _stat(path, name)
     with open_regular(path, name) as (f, _):
         try:
@@ -127,18 +134,20 @@ def file_head(path: str, name: str, n: int = 132) -> bytes:
             raise ImageError(name, f"cannot read file ({e.strerror or e})") from None
 
 
-def _cached(path: str, name: str, kind, load):
-    """``load(bytes) -> value``, cached per (file, size, mtime, kind); returns (file sha256, value)."""
+def _cached(path: str, name: str, kind, load, *, mapped: bool = False):
+    """``load(bytes) -> value``, cached per (file, size, mtime, kind); returns (file sha256, value).
+
+    ``mapped``: ``load`` gets a read-only memory map instead, and the file is not hashed (an
+    archive's images are identified by their pixels), so only the pages it touches are read.
+    """
     st = _stat(path, name)
     key = (path, st.st_size, st.st_mtime_ns, kind)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    data = _read(path, name)
-    entry = (hashlib.sha256(data).hexdigest(), load(data))
-    _CACHE[key] = entry
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    entry = _CACHE.get(key)  # a hit becomes the most recently used
+    if entry is None and mapped:
+        entry = _CACHE[key] = (None, load(map_regular(path, name)))
+    elif entry is None:
+        data = _read(path, name)
+        entry = _CACHE[key] = (hashlib.sha256(data).hexdigest(), load(data))
     return entry
 
 
@@ -154,8 +163,6 @@ def _to_pil(arr, name: str, max_pixels: int, min_size: int):
 
 
 def _dicom_loader(name: str):
-    from cbr.data import dicom
-
     def load(data):
         ds = dicom.parse_dicom(data, name)
         return ds, dicom.inspect_dicom(ds, name)
@@ -163,18 +170,47 @@ def _dicom_loader(name: str):
     return load
 
 
+def _dicom_info(source):
+    """The DicomInfo of a DICOM source (None for another format), from :func:`read_source`'s parse cache."""
+    src = source if isinstance(source, Source) else Source.parse(source)
+    name = _display(src.locator)
+    if src.split is not None or not dicom.is_dicom(file_head(src.path, name)):
+        return None
+    return _cached(src.path, name, "dicom", _dicom_loader(name))[1][1]
+
+
 def dicom_patient_id(source) -> str | None:
     """The PatientID of a DICOM source (None for another format, or when the tag is absent or blank).
 
     Read from the same parse cache as :func:`read_source`, so a query just decoded is not read twice.
     """
-    from cbr.data import dicom
+    info = _dicom_info(source)
+    return info.patient_id if info is not None else None
 
-    src = source if isinstance(source, Source) else Source.parse(source)
-    name = _display(src.locator)
-    if src.split is not None or not dicom.is_dicom(file_head(src.path, name)):
+
+def dicom_neutral_locator(source, sha256: str) -> str | None:
+    """The neutral locator a pseudonymised case base shows for a decoded DICOM ``source`` (its
+    hashed SOPInstanceUID and frame, :func:`cbr.data.pseudonyms.neutral_locator`); None for
+    another format. ``sha256``: the image's, as :func:`read_source` gave it."""
+    info = _dicom_info(source)
+    if info is None:
         return None
-    return _cached(src.path, name, "dicom", _dicom_loader(name))[1][1].patient_id
+    src = source if isinstance(source, Source) else Source.parse(source)
+    return neutral_locator(info.metadata.get("SOPInstanceUID"), sha256, src.frame)
+
+
+def refuse_burned_in(source, spec: SourceSpec | None = None) -> None:
+    """Refuse a DICOM query marked ``BurnedInAnnotation=YES`` unless ``spec.allow_burned_in``.
+
+    Raises:
+        ImageError: naming the file, the attribute and ``--allow-burned-in``.
+    """
+    if spec is not None and spec.allow_burned_in:
+        return
+    info = _dicom_info(source)
+    if info is not None and info.burned_in:
+        src = source if isinstance(source, Source) else Source.parse(source)
+        raise ImageError(_display(src.locator), dicom.BURNED_IN)
 
 
 def read_source(source, *, window: str = DEFAULT_WINDOW, axis: str = "axial", volume: int = 0,
@@ -198,16 +234,14 @@ def read_source(source, *, window: str = DEFAULT_WINDOW, axis: str = "axial", vo
         >>> img, sha, src = read_source("ct/IM0001", window="ct-lung")
         >>> img, sha, src = read_source("brain.nii.gz#axis=axial&slice=40")
     """
-    from cbr.data import dicom, nifti, npz
-    from cbr.data.image import MAX_PIXELS, MIN_SIZE, read_image
-
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     min_size = MIN_SIZE if min_size is None else min_size
     src = source if isinstance(source, Source) else Source.parse(source)
     name = _display(src.locator)
     path = src.path
     if src.split is not None:
-        _, arrays = _cached(path, name, "npz", lambda d: npz.load_npz(d, name))
+        key = f"{src.split}_images"  # only this array is read, and of it only the image's pages when stored
+        _, arrays = _cached(path, name, ("npz", key), lambda d: npz.load_npz(d, name, (key,)), mapped=True)
         pixels = npz.item_pixels(arrays, src.split, src.index, name)
         sha = npz.item_sha256(arrays[f"{src.split}_images"][src.index])
         return _to_pil(pixels, name, max_pixels, min_size), sha, src
@@ -278,12 +312,8 @@ def describe_origin(metadata: dict | None) -> str | None:
 
 def is_clinical(path: str) -> bool:
     """Whether a plain path (no locator) names a DICOM, NIfTI or ``.npz`` file (by content or name)."""
-    from cbr.data.dicom import is_dicom
-    from cbr.data.nifti import is_nifti_name
-
     if is_nifti_name(path) or path.lower().endswith(".npz"):
         return True
-    from cbr.data.guard import open_regular
 
     try:
         with open_regular(path) as (f, _):
@@ -298,8 +328,6 @@ def check_window(window: str | None, windows, what: str = "query") -> None:
     Raises:
         ModelMismatchError: naming both windows and what to do instead.
     """
-    from cbr.errors import ModelMismatchError
-
     distinct = sorted(set(windows)) or [DEFAULT_WINDOW]
     if window is not None and any(w != window for w in distinct):
         raise ModelMismatchError(
@@ -322,9 +350,8 @@ def decode_query(image, windows, spec: SourceSpec | None = None):
     Raises:
         ModelMismatchError: the query asks for another window than the models were built with, or
             the members disagree and the image is DICOM or NIfTI.
+        ImageError: a DICOM marked BurnedInAnnotation=YES without ``spec.allow_burned_in``.
     """
-    from cbr.errors import ModelMismatchError
-
     spec = spec or SourceSpec()
     src = Source.parse(image) if not isinstance(image, Source) else image
     distinct = sorted(set(windows)) or [DEFAULT_WINDOW]
@@ -334,4 +361,5 @@ def decode_query(image, windows, spec: SourceSpec | None = None):
         raise ModelMismatchError(
             f"the members decode DICOM/NIfTI with different windows ({', '.join(distinct)}); choose the "
             "members of one window with --model")
+    refuse_burned_in(src, spec)
     return read_source(src, window=window, axis=spec.axis, volume=spec.volume)

@@ -9,6 +9,12 @@ overlays' captions, the HTML report, the terminal, CSV exports) can rely on it:
   line/paragraph separators and no bidirectional overrides (which make text display reversed): a
   label with a newline broke every rendering of every query that retrieved it, and an escape
   sequence in a label reached the reader's terminal;
+* labels, patient ids and names hold no default-ignorable code point either (zero-width space
+  and joiners, soft hyphen, variation selectors, tags...): ``tumour`` and ``tumour`` + U+200B
+  render alike but would be two classes;
+* a new label in several scripts that looks like an existing class (``tumоur`` with a Cyrillic
+  ``о``) is stored, with a warning (:func:`confusable_with`): a label wholly in another script is
+  a language, not a trick;
 * notes keep their newlines and tabs (CR LF becomes LF) but no other control character.
 
 :func:`for_terminal` is the other half: what is already stored is printed with every control
@@ -19,16 +25,38 @@ from __future__ import annotations
 
 import unicodedata
 
+from cbr.data.records import printable_path, Problem
 from cbr.errors import CbrError
 
 __all__ = ["TextError", "MAX_LABEL_CHARS", "MAX_NOTE_CHARS", "clean_label", "clean_note", "text_problem",
-           "check_candidates", "for_terminal"]
+           "check_candidates", "for_terminal", "confusable_with", "lookalike_note"]
 
 MAX_LABEL_CHARS = 1000  # labels, patient ids and names
 MAX_NOTE_CHARS = 100_000
 
 # Bidirectional embeddings, overrides and isolates: they reorder what a reader sees.
 _BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): the format characters (Cf)
+# but those below, plus these ranges (Other_Default_Ignorable_Code_Point and variation selectors).
+_IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x2065, 0x2065),
+                     (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0xE0000, 0xE0FFF))
+# Format characters that are visible (prepended concatenation marks, interlinear annotation,
+# Egyptian hieroglyph format controls), hence not default-ignorable.
+_VISIBLE_FORMAT = ((0x0600, 0x0605), (0x06DD, 0x06DD), (0x070F, 0x070F), (0x0890, 0x0891), (0x08E2, 0x08E2),
+                   (0xFFF9, 0xFFFB), (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x1343F))
+
+
+def _in(ranges, o: int) -> bool:
+    return any(lo <= o <= hi for lo, hi in ranges)
+
+
+def _ignorable(ch: str) -> bool:
+    """Whether ``ch`` is default-ignorable: drawn as nothing at all."""
+    o = ord(ch)
+    if unicodedata.category(ch) == "Cf":
+        return not _in(_VISIBLE_FORMAT, o)
+    return _in(_IGNORABLE_RANGES, o)
 
 
 class TextError(CbrError):
@@ -55,6 +83,11 @@ def text_problem(text: str, what: str = "label") -> str | None:
     ch = _bad_char(text)
     if ch is not None:
         return f"{what} contains {_describe(ch)}; remove it"
+    ch = next((c for c in text if _ignorable(c)), None)
+    if ch is not None:
+        name = unicodedata.name(ch, "")
+        return (f"{what} contains the invisible character U+{ord(ch):04X}{f' ({name})' if name else ''}, which "
+                "would make a label that looks like another; remove it")
     if len(text) > MAX_LABEL_CHARS:
         return f"{what} is {len(text)} characters long; the limit is {MAX_LABEL_CHARS}"
     return None
@@ -112,8 +145,6 @@ def check_candidates(candidates) -> tuple[list, list]:
     id cannot be stored becomes a Problem naming its row (``row 3: label contains a newline``)."""
     import dataclasses
 
-    from cbr.data.records import Problem, printable_path
-
     kept, problems = [], []
     for c in candidates:
         label = unicodedata.normalize("NFC", c.label).strip()
@@ -124,3 +155,64 @@ def check_candidates(candidates) -> tuple[list, list]:
             continue
         kept.append(c if (label, group) == (c.label, c.group) else dataclasses.replace(c, label=label, group=group))
     return kept, problems
+
+
+def _skeleton(text: str) -> str:
+    """``text`` with each character replaced by the one its look-alikes share (after NFKC and case
+    folding), so that two labels that render alike have the same skeleton (UTS #39, roughly)."""
+    classes = _lookalike_classes()
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(classes.get(ch, ch) for ch in folded)
+
+
+_LOOKALIKES: dict | None = None
+
+
+def _lookalike_classes() -> dict:
+    """Each character of Unicode's confusables data -> one representative of its look-alikes."""
+    global _LOOKALIKES
+    if _LOOKALIKES is None:
+        from confusable_homoglyphs.confusables import confusables_data
+
+        parent: dict = {}
+
+        def find(c):
+            while parent.setdefault(c, c) != c:
+                parent[c] = parent[parent[c]]
+                c = parent[c]
+            return c
+
+        for ch, glyphs in confusables_data.items():
+            for g in glyphs:
+                a, b = find(ch), find(g["c"])
+                if a != b:
+                    parent[max(a, b)] = min(a, b)  # the lowest code point leads: Latin where there is one
+        _LOOKALIKES = {c: find(c) for c in list(parent) if len(c) == 1}
+    return _LOOKALIKES
+
+
+def confusable_with(label: str, classes) -> str | None:
+    """The existing class that a new, mixed-script ``label`` renders like, or None.
+
+    Only a label mixing scripts is suspect (``tumоur``: Latin with a Cyrillic ``о``); one wholly
+    in another script is a language. The caller warns and stores it: the check cannot tell a
+    trick from a real name, and refusing would lose the row.
+
+    Example:
+        >>> confusable_with("tum\u043eur", {"tumour", "cyst"})
+        'tumour'
+    """
+    from confusable_homoglyphs.confusables import is_mixed_script
+
+    if label in classes or not is_mixed_script(label):
+        return None
+    skeleton = _skeleton(label)
+    return next((c for c in sorted(classes) if c != label and _skeleton(c) == skeleton), None)
+
+
+def lookalike_note(label: str, other: str) -> str:
+    """The warning for a label that renders like the class ``other``."""
+    odd = ", ".join(f"U+{ord(ch):04X}" for ch in dict.fromkeys(label) if ch not in other)
+    return (f"label {label!r} is confusable with the class {other!r}: it mixes scripts ({odd}); "
+            "if it is meant to be that class, correct the label")
+

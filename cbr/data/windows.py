@@ -19,7 +19,8 @@ import math
 
 from cbr.errors import CbrError
 
-__all__ = ["WINDOWS", "DEFAULT_WINDOW", "WindowError", "parse_window", "apply_window", "minmax_to_uint8"]
+__all__ = ["WINDOWS", "DEFAULT_WINDOW", "WindowError", "parse_window", "apply_window", "minmax_to_uint8",
+           "finite_range"]
 
 DEFAULT_WINDOW = "auto"
 
@@ -73,6 +74,43 @@ def centre_width(window: str) -> tuple[float, float] | None:
     return None
 
 
+_BLOCK = 1 << 20  # values per step: float64 temporaries stay at 8 MiB whatever the image's size
+
+
+def _blockwise(values, fn):
+    """``fn`` (a float64 block -> uint8 block) over ``values`` a block at a time, as one uint8 array.
+
+    A 10000x10000 16-bit image would otherwise need several full-size float64 copies (3.6 GB).
+    """
+    import numpy as np
+
+    x = np.asarray(values)
+    flat = x.reshape(-1)  # a copy only when x is a non-contiguous view (a rotated slice)
+    out = np.empty(flat.shape, dtype=np.uint8)
+    for i in range(0, flat.size, _BLOCK):
+        out[i:i + _BLOCK] = fn(flat[i:i + _BLOCK].astype(np.float64))
+    return out.reshape(x.shape)
+
+
+def finite_range(values) -> tuple[float, float] | None:
+    """The finite min..max of an array, without a full-size copy; None when nothing is finite."""
+    import numpy as np
+
+    x = np.asarray(values)
+    if x.size == 0:
+        return None
+    if x.dtype.kind in "iub":
+        return float(x.min()), float(x.max())
+    lo, hi = math.inf, -math.inf
+    flat = x.reshape(-1)
+    for i in range(0, flat.size, _BLOCK):
+        block = flat[i:i + _BLOCK]
+        block = block[np.isfinite(block)]
+        if block.size:
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    return (lo, hi) if lo <= hi else None
+
+
 def apply_window(values, centre: float, width: float):
     """DICOM's linear VOI function onto 0..255 (uint8 array).
 
@@ -80,24 +118,31 @@ def apply_window(values, centre: float, width: float):
     """
     import numpy as np  # here: the CLI reads WINDOWS for its help without loading numpy
 
-    x = np.asarray(values, dtype=np.float64)
     if width <= 1:  # DICOM: a width of 1 is a threshold at the centre
-        return np.where(x > centre - 0.5, 255, 0).astype(np.uint8)
-    y = ((x - (centre - 0.5)) / (width - 1) + 0.5) * 255.0
-    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+        return _blockwise(values, lambda x: np.where(x > centre - 0.5, 255, 0).astype(np.uint8))
+
+    def window(x):
+        y = ((x - (centre - 0.5)) / (width - 1) + 0.5) * 255.0
+        return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+
+    return _blockwise(values, window)
 
 
 def minmax_to_uint8(values, lo: float | None = None, hi: float | None = None):
     """Scale linearly from ``lo..hi`` (default the finite min..max) to 0..255 (uint8); NaNs become 0."""
     import numpy as np
 
-    x = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(x)
-    if not finite.any():
+    x = np.asarray(values)
+    seen = finite_range(x)
+    if seen is None:
         return np.zeros(x.shape, dtype=np.uint8)
-    lo = float(x[finite].min()) if lo is None else lo
-    hi = float(x[finite].max()) if hi is None else hi
-    x = np.where(finite, x, lo)
+    lo = seen[0] if lo is None else lo
+    hi = seen[1] if hi is None else hi
     if hi <= lo:
         return np.zeros(x.shape, dtype=np.uint8)
-    return np.clip(np.rint((x - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+    def scale(b):
+        b = np.where(np.isfinite(b), b, lo)
+        return np.clip(np.rint((b - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+    return _blockwise(x, scale)

@@ -1,22 +1,10 @@
-"""Measuring the whole pipeline: metrics, patient-grouped splits, leakage, explanation checks and
-the two protocols of ``cbr evaluate`` (cross-validation and a held-out test set).
-
-Names are imported from their modules on first use: ``cbr.learn`` imports the metrics and splits
-from here, and must not pull in the protocols (which train) with them.
+"""Measuring the whole pipeline: leakage, explanation checks and the two protocols of ``cbr evaluate``
+(cross-validation and a held-out test set). The metrics live in ``cbr.learn.metrics`` and the
+patient-grouped splits in ``cbr.data.splits``, below the training that uses them too.
 """
 
-import importlib
+from cbr.evaluation.config import EvalConfig
+from cbr.evaluation.crossval import cross_validate
+from cbr.evaluation.heldout import evaluate_casebase
 
-_EXPORTS = {
-    "EvalConfig": "config",
-    "cross_validate": "crossval",
-    "evaluate_casebase": "heldout",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["EvalConfig", "cross_validate", "evaluate_casebase"]

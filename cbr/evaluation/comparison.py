@@ -27,8 +27,17 @@ import time
 
 import numpy as np
 
+from cbr.data.crop import model_view
+from cbr.data.mask import lesion_mask
+from cbr.data.sources import read_source
 from cbr.errors import UnknownNameError
+from cbr.models.maps import compute_maps
 from cbr.reporting.comparison_table import format_comparison  # re-exported: every caller prints the table
+from cbr.reporting.explanation_grid import write_explanation_grid
+from explain.methods import is_attribution, METHOD_NAMES
+from explain.metrics import deletion_curve, energy_pointing_game, pointing_game, spearman
+from explain.spec import resolve_spec
+from explain.targets import ClassTarget, SimilarityTarget
 
 __all__ = ["COMPARISON_IMAGES", "parse_methods", "compare_explanations", "comparison_report", "format_comparison"]
 
@@ -50,8 +59,6 @@ def parse_methods(text: str) -> tuple[str, ...]:
         >>> parse_methods("gradcam, lime")
         ('gradcam', 'lime')
     """
-    from explain.methods import METHOD_NAMES
-
     text = str(text).strip()
     if text in ("", "none"):
         return ()
@@ -64,7 +71,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return names
 
 
-def _pick(records, classes, n, seed):
+def pick_round_robin(records, classes, n, seed):
     """Up to n records, round-robin over the labels (shuffled with seed), so every class shows."""
     rng = np.random.default_rng(seed)
     by_label = {}
@@ -84,7 +91,7 @@ def _pick(records, classes, n, seed):
     return out
 
 
-def _neighbours(vectors, groups):
+def nearest_other(vectors, groups):
     """Index of each image's most similar other image (another group's when groups are known)."""
     sims = vectors @ vectors.T
     np.fill_diagonal(sims, -np.inf)
@@ -123,7 +130,7 @@ def _randomised(embedder, block, seed):
     return clone.eval()
 
 
-def _score_fns(embedder, x, kind, labels, references):
+def score_functions(embedder, x, kind, labels, references):
     """One (N, C, H, W) -> (N,) score function per image: class probability or cosine."""
     import torch
 
@@ -142,8 +149,6 @@ def _score_fns(embedder, x, kind, labels, references):
 
 
 def _curves(score, image, raw):
-    from explain.metrics import deletion_curve
-
     deletion = deletion_curve(score, image, raw, steps=CURVE_STEPS)[2]
     # Insertion = deletion of the least-attributed pixels first, read backwards: the image with the
     # top f of the map kept is the image with the bottom 1 - f deleted; the normalised curve and
@@ -158,8 +163,6 @@ def _nanmean(values):
 
 
 def _row(method, kind, raws, x, scores, masks, seconds, evaluations, rhos):
-    from explain.metrics import energy_pointing_game, pointing_game
-
     curves = [_curves(scores[i], x[i], raws[i]) for i in range(len(raws))]
     located = [(pointing_game(raws[i], m), energy_pointing_game(raws[i], m)) for i, m in enumerate(masks) if m is not None]
     return {"method": method, "target": kind, "n": len(raws),
@@ -170,6 +173,21 @@ def _row(method, kind, raws, x, scores, masks, seconds, evaluations, rhos):
             "randomisation_spearman": _nanmean(rhos) if rhos is not None else None,
             "seconds_per_map": None if seconds is None else seconds / len(raws),
             "evaluations_per_map": None if evaluations is None else evaluations / len(raws)}
+
+
+def _lesion_masks(pick, decoded, size: int, crop: str) -> list:
+    """Each picked record's lesion mask in its model view, or None (no mask, an empty or unreadable one)."""
+    masks = []
+    for r, img in zip(pick, decoded):
+        path = (r.metadata or {}).get("mask")
+        mask = None
+        if path:
+            try:
+                mask = lesion_mask(path, size, crop=crop, image=img)
+            except OSError as e:
+                LOG.warning("%s: mask unreadable (%s); left out of the localisation columns", path, e)
+        masks.append(mask if mask is not None and mask.any() else None)
+    return masks
 
 
 def compare_explanations(embedder, records, methods, *, images: int = COMPARISON_IMAGES, budget: int | None = None,
@@ -197,18 +215,9 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
     import torch
     from tqdm import tqdm
 
-    from cbr.data.crop import model_view
-    from cbr.data.sources import read_source
-    from cbr.data.mask import lesion_mask
-    from cbr.models.maps import compute_maps
-    from explain.metrics import spearman
-    from explain.methods import is_attribution
-    from explain.spec import resolve_spec
-    from explain.targets import ClassTarget, SimilarityTarget
-
     names = embedder.config.class_names
     classifier = embedder.head is not None
-    pick = _pick(records, names if classifier else (), images, seed)
+    pick = pick_round_robin(records, names if classifier else (), images, seed)
     if not methods or not pick:
         return None
     size = embedder.config.input_size
@@ -216,7 +225,7 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
     x = torch.stack([embedder.preprocess(img) for img in decoded])
     with torch.no_grad():
         acts, vectors = embedder.cam_features(x)
-    nearest = _neighbours(vectors.numpy(), [r.group for r in pick])
+    nearest = nearest_other(vectors.numpy(), [r.group for r in pick])
     references = [vectors[j].clone() for j in nearest]
     labels = [names.index(r.label) if classifier else None for r in pick]
     wanted = targets
@@ -224,16 +233,7 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
     if classifier:
         targets = {"class": [ClassTarget(c) for c in labels], **targets}
     targets = {kind: tgs for kind, tgs in targets.items() if kind in wanted}
-    masks = []
-    for r, img in zip(pick, decoded):
-        path = (r.metadata or {}).get("mask")
-        mask = None
-        if path:
-            try:
-                mask = lesion_mask(path, size, crop=embedder.config.crop, image=img)
-            except OSError as e:
-                LOG.warning("%s: mask unreadable (%s); left out of the localisation columns", path, e)
-        masks.append(mask if mask is not None and mask.any() else None)
+    masks = _lesion_masks(pick, decoded, size, embedder.config.crop)
     block = _last_block(embedder.trunk)
     shuffled = _randomised(embedder, block, seed + 12345)
     n_random = min(RANDOMISED_IMAGES, len(pick))
@@ -245,7 +245,7 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
     rows, maps = [], {}
     bar = tqdm(total=len(methods) * len(targets), desc="comparing explanations", unit="method", disable=not progress)
     for kind, tgs in targets.items():
-        scores = _score_fns(embedder, x, kind, labels, references)
+        scores = score_functions(embedder, x, kind, labels, references)
         noise = [rng.random((RANDOM_GRID, RANDOM_GRID), dtype=np.float32) for _ in pick]
         rows.append(_row(RANDOM, kind, noise, x, scores, masks, None, None, None))
         for method in methods:
@@ -283,8 +283,6 @@ def comparison_report(embedder, records, methods, *, out_dir=None, images: int =
     figure = None
     if out_dir is not None:
         from pathlib import Path
-
-        from cbr.reporting.explanation_grid import write_explanation_grid
 
         figure = str(write_explanation_grid(result, Path(out_dir) / "explanations.png"))
     keep = ("n", "masks", "targets", "randomised_block", "images", "rows")

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from cbr.data.sources import SourceSpec
 from cbr.errors import CbrError
+from cbr.pipeline.settings import DEFAULT_COVERAGE, parse_where
+from cbr.pipeline.vote import get_vote_rule
+from explain.methods import check_method, FUSED_METHODS, get_cam_method, UnknownMethodError
 
 __all__ = ["EvalConfig"]
 
@@ -38,27 +41,20 @@ class EvalConfig:
     sources: SourceSpec = SourceSpec()
     where: tuple[tuple[str, str], ...] = ()  # neighbours only among cases whose metadata match (key, value)
     temperature: float | None = None  # of the weighted vote; None: fitted on each case base's calibration slice
+    coverage: float = DEFAULT_COVERAGE  # of the conformal prediction sets (per-class coverage is reported)
 
     def __post_init__(self):
-        from cbr.pipeline.settings import parse_where
-
         object.__setattr__(self, "where", parse_where(self.where))
 
     def check(self) -> None:
         """Fail on an unknown vote rule or CAM method, or k < 1, before any work."""
-        from cbr.pipeline.vote import get_vote_rule
-
         get_vote_rule(self.vote)
         if self.explain != "none":
-            from explain.methods import FUSED_METHODS, get_cam_method
-
             try:
                 get_cam_method(FUSED_METHODS.get(self.explain, self.explain))
             except (KeyError, ValueError) as e:
                 raise CbrError(str(e.args[0] if e.args else e)) from None
         if self.compare:
-            from explain.methods import UnknownMethodError, check_method
-
             for name in self.compare:
                 try:
                     check_method(name)

@@ -14,9 +14,24 @@ from pathlib import Path
 
 from cbr.data.dataset import ManifestSpec
 from cbr.errors import CbrError
+from cbr.evaluation.comparison import comparison_report
 from cbr.evaluation.config import EvalConfig
+from cbr.evaluation.faithfulness import explanation_checks, FAITHFULNESS_IMAGES, pool_checks
 from cbr.evaluation.outcome import load_records, run_queries, unique_problems
+from cbr.evaluation.scoring import fold_figures, score
+from cbr.evaluation.selective import add_selective, foreign_typicality, read_foreign, write_selective
+from cbr.evaluation.softmax import add_softmax
+from cbr.data.splits import grouped_folds
+from cbr.evaluation.sweep import finish_sweep, pool_sweeps, run_sweep
 from cbr.learn.config import TrainConfig
+from cbr.learn.guidance import check_guidance
+from cbr.learn.train import train_model
+from cbr.models.checkpoint import save_checkpoint
+from cbr.models.device import resolve_device
+from cbr.pipeline.index import index_dataset
+from cbr.pipeline.query import Searcher
+from cbr.reporting.report_folder import json_safe, write_report
+from cbr.store.casebase import open_casebase
 
 __all__ = ["cross_validate"]
 
@@ -37,9 +52,7 @@ def _say(progress: bool, line: str) -> None:
 
 def _fold_model(ckpt: Path, train_recs, training: TrainConfig, train: bool, shown: str, progress: bool):
     """Write the fold's model to ``ckpt``: (fold-row figures, problems)."""
-    from cbr.learn.train import train_model
-    from cbr.models.checkpoint import save_checkpoint
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     if not train:
         emb = create_embedder(training.backbone, weights=training.weights, input_size=training.img_size,
@@ -69,13 +82,6 @@ class _Folds:
 
     def run(self, f: int, train_recs, test_recs) -> None:
         """Train (or take) fold ``f``'s model, index its training part, query its held-out part."""
-        from cbr.evaluation.faithfulness import FAITHFULNESS_IMAGES, explanation_checks
-        from cbr.evaluation.scoring import fold_figures
-        from cbr.evaluation.softmax import add_softmax
-        from cbr.pipeline.index import index_dataset
-        from cbr.pipeline.query import Searcher
-        from cbr.store.casebase import open_casebase
-
         cfg, tf = self.config, time.monotonic()
         _say(self.progress, f"fold {f + 1}/{self.n_folds}: {len(train_recs)} training images, "
                             f"{len(test_recs)} held out")
@@ -93,12 +99,13 @@ class _Folds:
                 self.problems.extend(report.problems)
                 # the vote is scored as given; typicality is scored apart (selective, ood)
                 searcher = Searcher(cb, k=cfg.k, vote=cfg.vote, explain=cfg.explain, device=cfg.device,
-                                    answer_anyway=True, where=cfg.where, temperature=cfg.temperature)
+                                    answer_anyway=True, where=cfg.where, temperature=cfg.temperature,
+                                    coverage=cfg.coverage)
                 if cfg.vote == "weighted":  # the fold's fitted (or given) temperature, for the report
                     row["temperature"] = searcher.temperatures[searcher.members[0].model_id][0]
+                # nested: each fold's vote is calibrated on its own model's validation images
+                row["calibration"] = searcher.calibration_info(sorted({r.label for r in train_recs}))
                 if cfg.ood:
-                    from cbr.evaluation.selective import foreign_typicality, read_foreign
-
                     self.foreign.extend(foreign_typicality(searcher, read_foreign(cfg.ood), progress=self.progress))
                 got, bad = run_queries(searcher, test_recs, fold=f + 1, progress=self.progress,
                                        desc=f"fold {f + 1} queries")
@@ -113,13 +120,9 @@ class _Folds:
                 if checks:
                     self.faithfulness.append(checks)
                 if cfg.target_layers:
-                    from cbr.evaluation.sweep import run_sweep
-
                     self.sweeps.append(run_sweep(emb, test_recs, cfg, seed=self.training.seed + f,
                                                  progress=self.progress))
                 if f == 0 and cfg.compare:
-                    from cbr.evaluation.comparison import comparison_report
-
                     self.comparison = comparison_report(emb, test_recs, cfg.compare, out_dir=cfg.out_dir,
                                                         budget=cfg.explain_budget, seed=self.training.seed,
                                                         progress=self.progress)
@@ -130,6 +133,16 @@ class _Folds:
         self.rows.append(row)
         self.outcomes.extend(got)
         _say(self.progress, _fold_line(row))
+
+
+def _settings(config: EvalConfig, t: TrainConfig, shown: str, folds: int, train: bool) -> dict:
+    """The run's settings as the report's ``config`` records them."""
+    return {"protocol": "cross-validation", "source": shown, "folds": folds, "k": config.k, "vote": config.vote,
+            "explain": config.explain, "train": train, "backbone": t.backbone, "weights": t.weights,
+            "epochs": t.epochs if train else None, "img_size": t.img_size, "batch_size": config.batch_size,
+            "lr": t.lr, "patience": t.patience, "train_layers": t.train_layers, "seed": t.seed, "device": t.device,
+            "sources": config.sources.to_dict(), "mask_guidance": t.mask_guidance,
+            "objective": t.objective, "sampler": t.sampler, "flip": t.flip, "crop": t.crop}
 
 
 def cross_validate(
@@ -167,12 +180,6 @@ def cross_validate(
         >>> m = cross_validate("data/brain_mri", training=TrainConfig(epochs=4, img_size=160))
         >>> m["balanced_accuracy"], m["softmax"]["balanced_accuracy"]
     """
-    from cbr.evaluation.faithfulness import pool_checks
-    from cbr.evaluation.scoring import score
-    from cbr.evaluation.splits import grouped_folds
-    from cbr.models.device import resolve_device
-    from cbr.reporting.report_folder import json_safe, write_report
-
     t0 = time.monotonic()
     config.check()  # unknown names fail before any work
     if train:
@@ -185,17 +192,9 @@ def cross_validate(
     if len(classes) < 2:
         raise CbrError(f"{shown}: only one class ({classes[0]!r}); evaluation needs at least 2 classes")
     if train:
-        from cbr.learn.guidance import check_guidance
-
         check_guidance(training.mask_guidance, recs, shown)  # before the first fold, not inside it
     fold_of = grouped_folds([r.label for r in recs], [r.group for r in recs], folds, seed=training.seed)
-    t = training
-    settings = {"protocol": "cross-validation", "source": shown, "folds": folds, "k": config.k, "vote": config.vote,
-                "explain": config.explain, "train": train, "backbone": t.backbone, "weights": t.weights,
-                "epochs": t.epochs if train else None, "img_size": t.img_size, "batch_size": config.batch_size,
-                "lr": t.lr, "patience": t.patience, "train_layers": t.train_layers, "seed": t.seed, "device": device,
-                "sources": config.sources.to_dict(), "mask_guidance": t.mask_guidance,
-                "objective": t.objective, "sampler": t.sampler, "flip": t.flip, "crop": t.crop}
+    settings = _settings(config, training, shown, folds, train)
 
     run = _Folds(config, training, folds, train, shown, progress)
     run.problems.extend(problems)
@@ -210,14 +209,11 @@ def cross_validate(
     metrics = score(run.outcomes, classes, k=config.k, softmax_classes=run.softmax_classes,
                     input_size=run.input_size, localise=config.explain != "none", model=run.model_config)
     metrics["faithfulness"] = pool_checks(run.faithfulness)
-    from cbr.evaluation.selective import add_selective, write_selective
 
     add_selective(metrics, run.outcomes, run.foreign if config.ood else None)
     if run.comparison is not None:
         metrics["comparison"] = dict(run.comparison, fold=1)
     if run.sweeps:
-        from cbr.evaluation.sweep import finish_sweep, pool_sweeps
-
         metrics["map_sweep"] = finish_sweep(pool_sweeps(run.sweeps), config.out_dir)
     metrics.update(protocol="cross-validation", folds=run.rows, config=settings,
                    softmax_classes=run.softmax_classes, problems=unique_problems(run.problems),

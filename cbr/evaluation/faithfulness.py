@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from cbr.data.sources import read_source
+from cbr.models.maps import compute_maps
+from explain.metrics import deletion_curve, random_deletion_auc, randomisation_check
+from explain.targets import ClassTarget, EmbeddingNormTarget
+
 __all__ = ["FAITHFULNESS_IMAGES", "explanation_checks", "pool_checks"]
 
 FAITHFULNESS_IMAGES = 8  # per model: deletion curves cost (steps + 1) forward passes per image
@@ -35,11 +40,6 @@ def explanation_checks(embedder, records, method: str, *, n: int = FAITHFULNESS_
       and of a copy whose last block is re-initialised (low: the maps depend on the weights).
     """
     import torch
-
-    from cbr.data.sources import read_source
-    from cbr.models.maps import compute_maps
-    from explain.metrics import deletion_curve, random_deletion_auc, randomisation_check
-    from explain.targets import ClassTarget, EmbeddingNormTarget
 
     if method == "none" or not records:
         return None

@@ -11,8 +11,24 @@ import logging
 import time
 
 from cbr.data.dataset import ManifestSpec
+from cbr.data.sources import check_window
+from cbr.evaluation.comparison import comparison_report
 from cbr.evaluation.config import EvalConfig
+from cbr.evaluation.faithfulness import explanation_checks
+from cbr.evaluation.leakage import find_leakage
+from cbr.evaluation.localisation import reliability_from
 from cbr.evaluation.outcome import load_records, run_queries, unique_problems
+from cbr.evaluation.scoring import score
+from cbr.evaluation.selective import add_selective, foreign_typicality, read_foreign, write_selective
+from cbr.evaluation.softmax import add_softmax
+from cbr.evaluation.sweep import finish_sweep, run_sweep
+from cbr.models.device import resolve_device
+from cbr.models.maps import map_layer
+from cbr.pipeline.patient import check_key
+from cbr.pipeline.query import Searcher
+from cbr.reporting.report_folder import json_safe, write_report
+from cbr.store.reliability import reliability_of, store_reliability
+from cbr.store.schema import Case
 
 __all__ = ["evaluate_casebase"]
 
@@ -22,18 +38,12 @@ LOG = logging.getLogger(__name__)
 def _case_classes(cb) -> set[str]:
     from sqlalchemy import select
 
-    from cbr.store.schema import Case
-
     with cb.read() as s:
         return set(s.scalars(select(Case.label).where(Case.removed_at.is_(None)).distinct()))
 
 
 def _keep_reliability(cb, member, method: str, figures):
     """Store the pointing game of ``member``'s query maps with its model; the stored figures, or None."""
-    from cbr.evaluation.localisation import reliability_from
-    from cbr.models.maps import map_layer
-    from cbr.store.reliability import reliability_of, store_reliability
-
     measured = reliability_from(figures, method, map_layer(member.embedder, method))
     if measured is None:
         return None
@@ -43,6 +53,15 @@ def _keep_reliability(cb, member, method: str, figures):
     store_reliability(cb, member.model_id, measured)
     with cb.read() as s:
         return reliability_of(s, [member.model_id])[member.model_id]
+
+
+def _map_studies(metrics: dict, embedder, test, config: EvalConfig, progress: bool) -> None:
+    """The methods' comparison (``--compare``) and the layer sweep (``--target-layer``), when asked for."""
+    if config.compare:
+        metrics["comparison"] = comparison_report(embedder, test, config.compare, out_dir=config.out_dir,
+                                                  budget=config.explain_budget, progress=progress)
+    if config.target_layers:
+        metrics["map_sweep"] = finish_sweep(run_sweep(embedder, test, config, progress=progress), config.out_dir)
 
 
 def evaluate_casebase(
@@ -78,22 +97,17 @@ def evaluate_casebase(
         >>> m = evaluate_casebase(open_casebase("cases.db"), "data/test.csv", strict=True)
         >>> m["leakage"], m["balanced_accuracy"]
     """
-    from cbr.data.sources import check_window
-    from cbr.evaluation.faithfulness import explanation_checks
-    from cbr.evaluation.leakage import find_leakage
-    from cbr.evaluation.scoring import score
-    from cbr.evaluation.softmax import add_softmax
-    from cbr.models.device import resolve_device
-    from cbr.pipeline.query import Searcher
-    from cbr.reporting.report_folder import json_safe, write_report
-
     t0 = time.monotonic()
     config.check()
     device = resolve_device(config.device)
+    # the test set's patient ids must be hashed with the case base's own key to find its patients
+    if records is None:
+        check_key(cb, config.sources.pseudonymise, "evaluate")
     recs, problems, shown = load_records(source, records, manifest, progress, config.sources)
     # the vote is scored as given; typicality is scored apart (selective, ood)
     searcher = Searcher(cb, models=models, k=config.k, vote=config.vote, explain=config.explain, device=device,
-                        answer_anyway=True, where=config.where, temperature=config.temperature)
+                        answer_anyway=True, where=config.where, temperature=config.temperature,
+                        coverage=config.coverage)
     check_window(config.sources.window, [m.embedder.config.window for m in searcher.members], "evaluate")
     leakage, leaking = find_leakage(cb, searcher.members, recs)
     leakage["excluded"] = len(leaking) if strict else 0
@@ -112,21 +126,10 @@ def evaluate_casebase(
                     model=searcher.members[0].embedder.config)
     metrics["map_reliability"] = _keep_reliability(cb, searcher.members[0], config.explain, metrics["localisation"])
     metrics["faithfulness"] = explanation_checks(emb or searcher.members[0].embedder, test, config.explain, seed=0)
-    from cbr.evaluation.selective import add_selective, foreign_typicality, read_foreign, write_selective
 
     add_selective(metrics, outcomes,
                   foreign_typicality(searcher, read_foreign(config.ood), progress=progress) if config.ood else None)
-    if config.compare:
-        from cbr.evaluation.comparison import comparison_report
-
-        metrics["comparison"] = comparison_report(emb or searcher.members[0].embedder, test, config.compare,
-                                                  out_dir=config.out_dir, budget=config.explain_budget,
-                                                  progress=progress)
-    if config.target_layers:
-        from cbr.evaluation.sweep import finish_sweep, run_sweep
-
-        metrics["map_sweep"] = finish_sweep(run_sweep(emb or searcher.members[0].embedder, test, config,
-                                                      progress=progress), config.out_dir)
+    _map_studies(metrics, emb or searcher.members[0].embedder, test, config, progress)
     settings = {"protocol": "held-out", "casebase": cb.display, "source": shown, "k": config.k, "vote": config.vote,
                 "explain": config.explain, "strict": strict, "models": [m.label for m in searcher.members],
                 "device": device, "sources": config.sources.to_dict()}

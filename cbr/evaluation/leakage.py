@@ -7,6 +7,8 @@ patient/group id is in the case base (``same_group``).
 
 from __future__ import annotations
 
+from cbr.store.schema import Case, Model
+
 __all__ = ["LEAKAGE_EXAMPLES", "find_leakage"]
 
 LEAKAGE_EXAMPLES = 20
@@ -16,8 +18,7 @@ def _case_base_facts(cb, members) -> tuple[set[str], set[str], set[str]]:
     """(case sha256s, case group ids, sha256s a member model was trained on)."""
     from sqlalchemy import select
 
-    from cbr.models.checkpoint import load_checkpoint
-    from cbr.store.schema import Case, Model
+    from cbr.models.embedder import load_checkpoint
 
     with cb.read() as s:
         rows = s.execute(select(Case.sha256, Case.group_id).where(Case.removed_at.is_(None))).all()

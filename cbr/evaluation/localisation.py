@@ -12,6 +12,10 @@ import logging
 
 import numpy as np
 
+from cbr.data.mask import lesion_mask
+from cbr.store.reliability import Reliability
+from explain.metrics import energy_pointing_game, iou, pointing_game
+
 __all__ = ["localisation", "reliability_from"]
 
 LOG = logging.getLogger(__name__)
@@ -28,9 +32,6 @@ def localisation(outcomes, input_size: int, model=None) -> dict | None:
 
     ``model``: the ``ModelConfig`` whose maps these are (its ``crop`` and ``window`` place the
     masks); None: no crop."""
-    from cbr.data.mask import lesion_mask
-    from explain.metrics import energy_pointing_game, iou, pointing_game
-
     scored: dict[str, list[tuple[str, bool, float, float]]] = {}
     for o in outcomes:
         mask_path = o.record.metadata.get("mask") if o.record.metadata else None
@@ -61,8 +62,6 @@ def localisation(outcomes, input_size: int, model=None) -> dict | None:
 
 def reliability_from(figures: dict | None, method: str, layer: str):
     """The ``Reliability`` to keep with the model whose maps ``figures`` (from localisation) scored."""
-    from cbr.store.reliability import Reliability
-
     if not figures or not figures.get("n"):
         return None
     return Reliability(pointing_game=float(figures["pointing_game"]), n=int(figures["n"]), method=method,

@@ -53,7 +53,8 @@ def run_queries(searcher, records, *, fold=None, progress=False, desc="querying"
     outcomes, problems = [], []
     for r in tqdm(records, desc=desc, unit="img", disable=not progress, leave=False):
         try:
-            a = searcher.query(r.path, patient=r.group, record=False, render=False)
+            # r.group is stored-form already (hashed by the dataset reader with the same key)
+            a = searcher.query(r.path, patient=r.group, record=False, render=False, patient_stored=True)
         except ImageError as e:
             problems.append(Problem(r.path, e.reason))
             continue

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cbr.data.dataset import read_dataset
+from cbr.errors import CbrError, ImageError
+from cbr.files import atomic_write
+
 __all__ = ["COVERAGES", "risk_coverage", "ood_detection", "plot_risk_coverage", "read_foreign", "foreign_typicality",
            "add_selective", "write_selective"]
 
@@ -114,8 +118,6 @@ def plot_risk_coverage(curve: dict, path, *, title: str = "risk-coverage") -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cbr.files import atomic_write
-
     fig, ax = plt.subplots(figsize=(4.5, 4))
     if curve["coverage"]:
         ax.step([0.0] + curve["coverage"], [curve["risk"][0]] + curve["risk"], where="post", color="#3a7bd5",
@@ -142,9 +144,6 @@ def plot_risk_coverage(curve: dict, path, *, title: str = "risk-coverage") -> Pa
 
 def read_foreign(source) -> list:
     """The records of a foreign dataset (``--ood DATA``: a class-folder dataset or a CSV manifest)."""
-    from cbr.data.dataset import read_dataset
-    from cbr.errors import CbrError
-
     scan = read_dataset(source)
     if not scan.records:
         raise CbrError(f"--ood {source}: no usable images in it; give a folder of class folders or a CSV manifest")
@@ -155,12 +154,10 @@ def foreign_typicality(searcher, records, *, progress: bool = False) -> list[tup
     """(typicality, flagged) of each foreign record queried against ``searcher``'s case base."""
     from tqdm import tqdm
 
-    from cbr.errors import ImageError
-
     out = []
     for r in tqdm(records, desc="foreign queries", unit="img", disable=not progress, leave=False):
         try:
-            p = searcher.query(r.path, record=False, render=False).prediction
+            p = searcher.query(r.path, record=False, render=False, patient_stored=True).prediction
         except ImageError:
             continue
         out.append((p.get("typicality"), bool(p.get("out_of_distribution"))))

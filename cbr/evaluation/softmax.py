@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from cbr.data.batches import iter_batches
+
 __all__ = ["add_softmax", "softmax_predictions"]
 
 
 def add_softmax(embedder, outcomes, *, batch_size=32, num_workers=None, device="cpu") -> list[str] | None:
     """Fill ``outcome.softmax`` from the model's head; returns the head's classes (None: no head)."""
     import torch
-
-    from cbr.data.batches import iter_batches
 
     if embedder is None or embedder.head is None or not outcomes:
         return None

@@ -25,7 +25,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cbr.data.mask import lesion_mask
+from cbr.data.sources import read_source
 from cbr.errors import CbrError
+from cbr.evaluation.comparison import nearest_other, pick_round_robin, score_functions
+from cbr.models.maps import at_layer as copy_at, compute_maps
+from cbr.reporting.sweep_table import write_sweep
+from explain.fusion import fuse_maps, split_layers
+from explain.matching import matching_maps
+from explain.methods import FUSED_METHODS, get_cam_method
+from explain.metrics import deletion_curve, energy_pointing_game, iou_top, pointing_game
+from explain.targets import ClassTarget, SimilarityTarget
 
 __all__ = ["SweepSettings", "LAST", "parse_layers", "sweep_maps", "pool_sweeps", "best_rows", "run_sweep",
            "finish_sweep"]
@@ -61,8 +71,6 @@ def _stage_name(stage: str) -> str:
 
 def at_layer(embedder, stage: str):
     """A copy of ``embedder`` (same modules) whose CAM layer is ``stage``; an unknown layer is a CbrError."""
-    from cbr.models.maps import at_layer as copy_at
-
     layer = _stage_name(stage)
     if layer:
         try:
@@ -78,8 +86,6 @@ def _masks(pick, config):
     """Each picked record's non-empty mask in the model's view (``config``: its size, crop, window), or None."""
     import logging
 
-    from cbr.data.mask import lesion_mask
-
     out = []
     for r in pick:
         path, mask = (r.metadata or {}).get("mask"), None
@@ -93,8 +99,6 @@ def _masks(pick, config):
 
 
 def _row(method, layer, kind, raws, masks, seconds, deletions, top):
-    from explain.metrics import energy_pointing_game, iou_top, pointing_game
-
     scored = [(float(pointing_game(raws[i], m)), energy_pointing_game(raws[i], m), iou_top(raws[i], m, top))
               for i, m in enumerate(masks) if m is not None]
     stats = {k: (float(np.mean([s[j] for s in scored])) if scored else None) for j, k in enumerate(STATS)}
@@ -105,9 +109,18 @@ def _row(method, layer, kind, raws, masks, seconds, deletions, top):
 
 
 def _deletions(scores, x, raws, count):
-    from explain.metrics import deletion_curve
-
     return [deletion_curve(scores[i], x[i], raws[i], steps=10)[2] for i in range(min(count, len(raws)))]
+
+
+def _check(settings: SweepSettings) -> None:
+    """CAM methods only, and an IoU share inside (0, 1); CbrError otherwise, before any work."""
+    for m in settings.methods:
+        try:
+            get_cam_method(FUSED_METHODS.get(m, m))
+        except ValueError as e:
+            raise CbrError(f"{e}; --target-layer sweeps CAM methods only") from None
+    if not 0 < settings.top < 1:
+        raise CbrError(f"the IoU share must lie between 0 and 1, got {settings.top}")
 
 
 def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = False) -> dict | None:
@@ -130,24 +143,10 @@ def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = F
     import torch
     from tqdm import tqdm
 
-    from cbr.data.sources import read_source
-    from cbr.evaluation.comparison import _neighbours, _pick, _score_fns
-    from cbr.models.maps import compute_maps
-    from explain.fusion import fuse_maps, split_layers
-    from explain.matching import matching_maps
-    from explain.methods import FUSED_METHODS, get_cam_method
-    from explain.targets import ClassTarget, SimilarityTarget
-
-    for m in settings.methods:
-        try:
-            get_cam_method(FUSED_METHODS.get(m, m))
-        except ValueError as e:
-            raise CbrError(f"{e}; --target-layer sweeps CAM methods only") from None
-    if not 0 < settings.top < 1:
-        raise CbrError(f"the IoU share must lie between 0 and 1, got {settings.top}")
+    _check(settings)
     names = embedder.config.class_names
     classifier = embedder.head is not None
-    pick = _pick(records, names if classifier else (), settings.images, settings.seed)
+    pick = pick_round_robin(records, names if classifier else (), settings.images, settings.seed)
     if not pick or not settings.layers:
         return None
     x = torch.stack([embedder.preprocess(read_source(r.path, window=embedder.config.window)[0]) for r in pick])
@@ -156,7 +155,7 @@ def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = F
     with torch.no_grad():
         vectors = embedder.cam_features(x)[1]
         acts = {s: clones[s].cam_features(x)[0] for s in stages}
-    nearest = _neighbours(vectors.numpy(), [r.group for r in pick])
+    nearest = nearest_other(vectors.numpy(), [r.group for r in pick])
     references = [vectors[j].clone() for j in nearest]
     labels = [names.index(r.label) if classifier else None for r in pick]
     targets = {"similarity": [SimilarityTarget(ref) for ref in references]}
@@ -167,7 +166,7 @@ def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = F
     total = len(targets) * len(settings.methods) * len(settings.layers) + len(settings.layers)
     bar = tqdm(total=total, desc="sweeping maps", unit="row", disable=not progress)
     for kind, tgs in targets.items():
-        scores = _score_fns(embedder, x, kind, labels, references)
+        scores = score_functions(embedder, x, kind, labels, references)
         for method in settings.methods:
             if method in FUSED_METHODS:  # its own stages, whatever the layers asked for
                 t0 = time.perf_counter()
@@ -187,7 +186,7 @@ def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = F
                 rows.append(_row(method, spec, kind, raws, masks, seconds,
                                  _deletions(scores, x, raws, settings.deletion_images), settings.top))
                 bar.update(1)
-    scores = _score_fns(embedder, x, "similarity", labels, references)
+    scores = score_functions(embedder, x, "similarity", labels, references)
     for spec in settings.layers:
         t0 = time.perf_counter()
         per_stage = [matching_maps(clones[s].grid(acts[s]).float().numpy(),  # a ViT's tokens: its patch grid
@@ -258,7 +257,5 @@ def finish_sweep(result: dict | None, out_dir=None) -> dict | None:
         return None
     out = dict(result, best=best_rows(result), files=None)
     if out_dir is not None:
-        from cbr.reporting.sweep_table import write_sweep
-
         out["files"] = write_sweep(result, out_dir)
     return out

@@ -23,7 +23,9 @@ from functools import partial
 import numpy as np
 
 from cbr.data.batches import iter_batches
+from cbr.data.crop import model_view
 from cbr.data.dataset import Problem
+from cbr.errors import UnknownNameError
 
 __all__ = ["AUGMENTATION", "FLIPS", "Augmented", "augmentation_text", "decode_all", "is_grayscale",
            "make_augmentation"]
@@ -48,8 +50,6 @@ def _letterboxed(img, size: int, contrast: str = "none", crop: str = "none"):
     """PIL image -> uint8 (3, size, size): the model's view (crop, contrast normalisation,
     letterbox), as ``Embedder.preprocess`` makes it: the cache training augments from."""
     from torchvision.transforms.functional import pil_to_tensor
-
-    from cbr.data.crop import model_view
 
     return pil_to_tensor(model_view(img, size, crop, contrast))
 
@@ -95,8 +95,6 @@ def is_grayscale(images, *, sample: int = GREY_SAMPLE, seed: int = 0) -> bool:
 
 def check_flip(flip: str) -> None:
     """UnknownNameError unless ``flip`` is a name in ``FLIPS``."""
-    from cbr.errors import UnknownNameError
-
     if flip not in FLIPS:
         raise UnknownNameError("flip", flip, FLIPS)
 

@@ -6,8 +6,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cbr.data.contrast import check_contrast
+from cbr.data.crop import check_crop
 from cbr.data.sources import SourceSpec
 from cbr.errors import CbrError, UnknownNameError
+from cbr.files import output_kind
+from cbr.learn.augmentation import check_flip
+from cbr.learn.objective import get_objective
+from cbr.learn.sampling import get_sampler
+from cbr.models.backbones import backbone_spec
+from cbr.models.config import TTAS, WEIGHTS
 
 __all__ = ["TrainConfig", "TrainError", "HEAD_LR"]
 
@@ -52,26 +60,16 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise TrainError or UnknownNameError naming the first option out of range."""
-        from cbr.models.backbones import backbone_spec
-        from cbr.models.config import WEIGHTS
-
         spec = backbone_spec(self.backbone)  # an unknown name raises, naming the choices
         if self.weights not in WEIGHTS:
             raise UnknownNameError("weights", self.weights, WEIGHTS)
-        from cbr.data.contrast import check_contrast
 
         check_contrast(self.contrast)
-        from cbr.data.crop import check_crop
 
         check_crop(self.crop)
-        from cbr.learn.augmentation import check_flip
-        from cbr.learn.objective import get_objective
-        from cbr.learn.sampling import get_sampler
-
         get_objective(self.objective)
         get_sampler(self.sampler)
         check_flip(self.flip)
-        from cbr.models.config import TTAS
 
         if self.tta not in TTAS:
             raise UnknownNameError("test-time augmentation", self.tta, TTAS)
@@ -105,6 +103,11 @@ def check_out(out) -> Path:
     p = Path(out)
     if p.is_dir():
         raise TrainError(f"--out {out}: is a folder; give a file name such as {p / 'model.pt'}")
+    # A checkpoint is read back by `cbr index`: it must be a file, so no stdout or FIFO here, and
+    # a device, socket or link is refused before hours of training (output_kind says why).
+    if output_kind(out) not in ("new", "file"):
+        raise TrainError(f"--out {out}: a checkpoint must be a regular file (cbr index reads it back); "
+                         "give a file name such as model.pt")
     parent = p.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

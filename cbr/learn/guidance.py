@@ -30,6 +30,7 @@ import logging
 from contextlib import contextmanager
 
 from cbr.data.dataset import Problem
+from cbr.data.mask import lesion_mask
 from cbr.learn.config import TrainError
 
 __all__ = ["GUIDANCE", "check_guidance", "guided_logits", "layercam", "lesion_masks", "outside_share",
@@ -56,8 +57,6 @@ def lesion_masks(records, size: int, *, crop: str = "none", window: str = "auto"
     the image, decoded with ``window``, then letterboxed to ``size``): (uint8 tensor (N, 1, S, S)
     of 0/1, bool tensor (N,) of which have a non-empty mask, problems for unreadable masks)."""
     import torch
-
-    from cbr.data.mask import lesion_mask
 
     masks = torch.zeros((len(records), 1, size, size), dtype=torch.uint8)
     has = torch.zeros(len(records), dtype=torch.bool)

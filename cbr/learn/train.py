@@ -9,7 +9,7 @@ Decisions (decoding and augmentation: see :mod:`cbr.learn.augmentation`):
   "balanced" weights), so every image is seen once per epoch and rare classes count as much as
   common ones. With ``sampler="balanced"`` the batches are drawn by class instead and the loss is
   unweighted (:mod:`cbr.learn.sampling`); ``objective`` picks the loss (:mod:`cbr.learn.objective`).
-* **Validation**: a patient-grouped, stratified split (:func:`cbr.evaluation.splits.group_split`) keeps
+* **Validation**: a patient-grouped, stratified split (:func:`cbr.data.splits.group_split`) keeps
   ``val_fraction`` of the images out of training; no patient is on both sides. Early stopping
   watches the validation balanced accuracy (ties: lower validation loss) and keeps the best
   epoch's weights. Without any validation image (``val_fraction=0`` or too few groups) every
@@ -40,11 +40,14 @@ import numpy as np
 
 from cbr.data.dataset import ManifestSpec, Problem, Record, read_dataset
 from cbr.errors import DatasetError
+from cbr.data.splits import group_split
 from cbr.learn.augmentation import (AUGMENTATION, Augmented, augmentation_text, decode_all, is_grayscale,
                                     make_augmentation)
 from cbr.learn.config import TrainConfig, TrainError, check_out
 from cbr.learn.guidance import check_guidance, lesion_masks
 from cbr.learn.trainer import Trainer, trunk_stages
+from cbr.models.checkpoint import save_checkpoint
+from cbr.models.device import resolve_device
 
 __all__ = [
     "TrainConfig",
@@ -133,61 +136,30 @@ def train_model(
         >>> result = train_model("data/brain_mri", "model.pt", TrainConfig(epochs=5, img_size=160))
         >>> result.best_val_balanced_accuracy, result.path
     """
-    import torch
-
-    from cbr.evaluation.splits import group_split
-    from cbr.models.checkpoint import save_checkpoint
-    from cbr.models.device import resolve_device
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     t0 = time.monotonic()
     config.check()
     out = check_out(out)
     device = resolve_device(config.device)
-    if records is None:
-        if source is None:
-            raise TrainError("give a dataset (a folder of class folders or a CSV manifest) or records")
-        scan = read_dataset(source, manifest, progress=progress, sources=config.sources)
-        records, problems = list(scan.records), list(scan.problems)
-        what = str(source)
-    else:
-        records, problems = list(records), []
-        what = str(source) if source is not None else "the training records"
+    records, problems, what = _training_records(source, records, manifest, progress, config)
     class_names = _check_classes(records, what)
     check_guidance(config.mask_guidance, records, what)  # before anything slow
     # Built before decoding, so missing ImageNet weights fail fast.
     model = create_embedder(config.backbone, weights=config.weights, input_size=config.img_size,
                             class_names=class_names, seed=config.seed, device=device, window=config.sources.window,
                             contrast=config.contrast, tta=config.tta, crop=config.crop)
-    size = model.config.input_size
-
-    kept, cache, bad = decode_all(records, size, batch_size=config.batch_size, num_workers=config.num_workers,
-                                  progress=progress, window=model.config.window, contrast=model.config.contrast,
-                                  crop=model.config.crop)
-    problems += bad
-    records = [records[i] for i in kept]
-    _check_classes(records, what)
-    if len({r.label for r in records}) < len(class_names):
-        lost = sorted(set(class_names) - {r.label for r in records})
-        raise DatasetError(f"{what}: no readable image of class(es) {', '.join(lost)}; see the problems listed")
+    records, cache = _decode(records, model.config, config, progress, problems, what, class_names)
     targets = [class_names.index(r.label) for r in records]
     grey = is_grayscale(cache, seed=config.seed)
 
-    train_idx, val_idx = group_split([r.label for r in records], [r.group for r in records],
-                                     fraction=config.val_fraction, seed=config.seed)
-    train_idx, val_idx = train_idx.tolist(), val_idx.tolist()
-    if not val_idx:
-        LOG.warning("no validation images (too few patient groups or val_fraction=0): all %d epochs run "
-                    "and the last one is kept", config.epochs)
-    counts = np.bincount([targets[i] for i in train_idx], minlength=len(class_names)).astype(np.float64)
-    class_weight = torch.tensor(len(train_idx) / (len(class_names) * np.maximum(counts, 1)),
-                                dtype=torch.float32, device=device)
+    train_idx, val_idx = _split(records, config)
+    class_weight = _class_weight([targets[i] for i in train_idx], len(class_names), device)
     run = Trainer(model, config, device, class_names, class_weight, progress)
     guide = _guidance(config, [records[i] for i in train_idx], model.config, problems)  # () or (masks, has)
     train_set = Augmented(cache[train_idx], [targets[i] for i in train_idx], make_augmentation(grey, config.flip), *guide)
     history, best_epoch = run.fit(train_set, cache[val_idx], [targets[i] for i in val_idx])
 
-    seen_sha = [r.sha256 for r in records]
     best_bacc = history[best_epoch - 1]["val_balanced_accuracy"]
     extra = {
         "history": history,
@@ -199,16 +171,10 @@ def train_model(
         "val_sha256": [records[i].sha256 for i in val_idx],
         "grayscale": grey,
         "augmentation": augmentation_text(grey, config.flip),
-        "options": {"backbone": config.backbone, "weights": config.weights, "epochs": config.epochs,
-                    "img_size": size, "batch_size": config.batch_size, "lr": run.head_lr, "seed": config.seed,
-                    "patience": config.patience, "val_fraction": config.val_fraction, "freeze_bn": run.freeze_bn,
-                    "train_layers": config.train_layers, "sources": config.sources.to_dict(),
-                    "label_smoothing": config.label_smoothing, "warmup_epochs": config.warmup_epochs,
-                    "objective": config.objective, "sampler": config.sampler, "flip": config.flip,
-                    "mask_guidance": config.mask_guidance, "masked_images": _masked(guide)},
+        "options": _options(config, run, model.config.input_size, _masked(guide)),
     }
     try:
-        fingerprint = save_checkpoint(model, out, train_sha256=seen_sha, extra=extra)
+        fingerprint = save_checkpoint(model, out, train_sha256=[r.sha256 for r in records], extra=extra)
     except OSError as e:
         raise TrainError(f"--out {out}: cannot write the checkpoint ({e.strerror or e}); choose another --out") from None
     return TrainResult(
@@ -219,6 +185,61 @@ def train_model(
         val_groups=sorted({_group(records[i], i) for i in val_idx}), problems=problems,
         grouped=any(records[i].group is not None for i in train_idx), masked_images=_masked(guide),
     )
+
+
+def _decode(records, model_config, config: TrainConfig, progress: bool, problems: list, what: str, class_names):
+    """Decode every record once in the model's view: (the readable records, their pixel cache);
+    unreadable ones join the problems, and a class left without images raises DatasetError."""
+    kept, cache, bad = decode_all(records, model_config.input_size, batch_size=config.batch_size,
+                                  num_workers=config.num_workers, progress=progress, window=model_config.window,
+                                  contrast=model_config.contrast, crop=model_config.crop)
+    problems += bad
+    records = [records[i] for i in kept]
+    _check_classes(records, what)
+    if len({r.label for r in records}) < len(class_names):
+        lost = sorted(set(class_names) - {r.label for r in records})
+        raise DatasetError(f"{what}: no readable image of class(es) {', '.join(lost)}; see the problems listed")
+    return records, cache
+
+
+def _split(records, config: TrainConfig) -> tuple[list[int], list[int]]:
+    """Training and validation indexes: patient-grouped and stratified (``group_split``)."""
+    train_idx, val_idx = group_split([r.label for r in records], [r.group for r in records],
+                                     fraction=config.val_fraction, seed=config.seed)
+    train_idx, val_idx = train_idx.tolist(), val_idx.tolist()
+    if not val_idx:
+        LOG.warning("no validation images (too few patient groups or val_fraction=0): all %d epochs run "
+                    "and the last one is kept", config.epochs)
+    return train_idx, val_idx
+
+
+def _training_records(source, records, manifest, progress: bool, config: TrainConfig) -> tuple[list, list, str]:
+    """(records, problems, the name messages use): ``records`` as given, else read from ``source``."""
+    if records is None:
+        if source is None:
+            raise TrainError("give a dataset (a folder of class folders or a CSV manifest) or records")
+        scan = read_dataset(source, manifest, progress=progress, sources=config.sources)
+        return list(scan.records), list(scan.problems), str(source)
+    return list(records), [], str(source) if source is not None else "the training records"
+
+
+def _class_weight(train_targets: list[int], n_classes: int, device):
+    """Inverse class frequency of the training split (a class without images weighs as one image)."""
+    import torch
+
+    counts = np.bincount(train_targets, minlength=n_classes).astype(np.float64)
+    return torch.tensor(len(train_targets) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+
+
+def _options(config: TrainConfig, run, size: int, masked_images) -> dict:
+    """The options a checkpoint records of the run that wrote it."""
+    return {"backbone": config.backbone, "weights": config.weights, "epochs": config.epochs,
+            "img_size": size, "batch_size": config.batch_size, "lr": run.head_lr, "seed": config.seed,
+            "patience": config.patience, "val_fraction": config.val_fraction, "freeze_bn": run.freeze_bn,
+            "train_layers": config.train_layers, "sources": config.sources.to_dict(),
+            "label_smoothing": config.label_smoothing, "warmup_epochs": config.warmup_epochs,
+            "objective": config.objective, "sampler": config.sampler, "flip": config.flip,
+            "mask_guidance": config.mask_guidance, "masked_images": masked_images}
 
 
 def _guidance(config: TrainConfig, records, model_config, problems: list) -> tuple:

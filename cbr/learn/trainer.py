@@ -11,7 +11,9 @@ import time
 
 import numpy as np
 
+from cbr.learn.metrics import accuracy, balanced_accuracy
 from cbr.learn.config import HEAD_LR, TrainConfig
+from cbr.learn.guidance import guidance_penalty
 from cbr.learn.objective import LossSettings, get_objective
 from cbr.learn.sampling import get_sampler
 
@@ -42,6 +44,23 @@ def trunk_stages(trunk) -> list:
         else:
             out.append(child)
     return out
+
+
+def lr_schedule(optimiser, warm: int, steps: int):
+    """The learning-rate schedule of ``steps`` optimiser steps: a cosine decay from the optimiser's
+    rates to 0, multiplied during the first ``warm`` steps by a linear warm-up from 1/warm to 1
+    (the new head's first gradients are large and random: they would shake the pretrained trunk).
+
+    Step t's factor is min(1, (t + 1) / warm) * (1 + cos(pi t / steps)) / 2. The two schedules act
+    at once (chained), not one after the other, so the warm-up ends on the cosine curve.
+    """
+    import torch
+
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=0.0)
+    if warm <= 1:  # a one-step warm-up starts at the full rate: nothing to warm
+        return cosine
+    warmup = torch.optim.lr_scheduler.LinearLR(optimiser, start_factor=1 / warm, end_factor=1.0, total_iters=warm - 1)
+    return torch.optim.lr_scheduler.ChainedScheduler([warmup, cosine])
 
 
 def _freeze_leading(model, train_layers: int | None) -> list:
@@ -127,12 +146,8 @@ class Trainer:
                 steps = max(len(loader), 1) * cfg.epochs
                 optimiser = torch.optim.AdamW(_param_groups(self.model, self.head_lr, self.pretrained),
                                               weight_decay=WEIGHT_DECAY)
-                # Linear warm-up over the first warmup_epochs (the new head's first gradients are
-                # large and random: they would shake the pretrained trunk), then the cosine decay.
                 warm = max(len(loader), 1) * min(cfg.warmup_epochs, cfg.epochs)
-                schedule = torch.optim.lr_scheduler.LambdaLR(
-                    optimiser, lambda step: min(1.0, (step + 1) / warm if warm else 1.0)
-                    * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+                schedule = lr_schedule(optimiser, warm, steps)
                 for epoch in range(1, cfg.epochs + 1):
                     row, key = self._epoch(epoch, loader, optimiser, schedule, val_images, val_targets)
                     history.append(row)
@@ -153,9 +168,6 @@ class Trainer:
     def _epoch(self, epoch, loader, optimiser, schedule, val_images, val_targets) -> tuple[dict, tuple]:
         """One pass over the training part, then the validation figures: (history row, ranking key)."""
         from tqdm import tqdm
-
-        from cbr.evaluation.metrics import accuracy, balanced_accuracy
-        from cbr.learn.guidance import guidance_penalty
 
         te = time.monotonic()
         _set_train_mode(self.model, self.freeze_bn, self.frozen)

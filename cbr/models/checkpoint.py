@@ -1,20 +1,21 @@
-"""Checkpoints: a model with its config and fingerprint, loadable with ``weights_only=True``."""
+"""Checkpoints: a model with its config and fingerprint, loadable with ``weights_only=True``.
+
+The file format only: writing one, and reading one back as a checked config and its tensors.
+``cbr.models.embedder.load_checkpoint`` builds the model from what ``read_checkpoint`` returns.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-import torch
-from torch import Tensor
-
-from cbr.errors import CbrError, ModelMismatchError, NotFoundError
+from cbr.data.text import text_problem
+from cbr.errors import CbrError, NotFoundError
 from cbr.files import atomic_open
 from cbr.models.backbones import BACKBONES, TIMM_FORM, backbone_spec, is_timm
 from cbr.models.config import ModelConfig
-from cbr.models.embedder import Embedder, _build
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "CHECKPOINT_FORMAT"]
+__all__ = ["save_checkpoint", "read_checkpoint", "CheckpointError", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -23,10 +24,9 @@ class CheckpointError(CbrError):
     """A file is not a cbr checkpoint we can load."""
 
 
-_PRIMITIVES = (str, int, float, bool, type(None), Tensor)
-
-
 def _check_primitive(value, where: str) -> None:
+    import torch
+
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, (str, int)):
@@ -35,19 +35,21 @@ def _check_primitive(value, where: str) -> None:
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             _check_primitive(v, f"{where}[{i}]")
-    elif not isinstance(value, _PRIMITIVES):
+    elif not isinstance(value, (str, int, float, bool, type(None), torch.Tensor)):
         raise TypeError(f"{where}: {type(value).__name__} cannot be loaded with weights_only=True")
 
 
-def save_checkpoint(embedder: Embedder, path, *, train_sha256=(), extra: dict | None = None) -> str:
+def save_checkpoint(embedder, path, *, train_sha256=(), extra: dict | None = None) -> str:
     """Write ``embedder`` atomically to ``path`` as a ``weights_only``-loadable dict; returns its fingerprint.
 
     Args:
-        embedder: the model to save.
+        embedder: the ``Embedder`` to save.
         path: destination file; its folder must exist.
         train_sha256: sha256 of the training images, so a case base can tell what a model has seen.
         extra: more primitive values (str/int/float/bool/None/tensors, in dicts and lists).
     """
+    import torch
+
     path = Path(path)
     fingerprint = embedder.compute_fingerprint()
     embedder._fingerprint = fingerprint
@@ -99,8 +101,6 @@ def _triple(raw: dict, key: str, path, *, positive: bool) -> tuple[float, float,
 def _checked_config(raw, path) -> ModelConfig:
     """A checkpoint's model config, validated as strictly as a new model's (a crafted file gives
     one line naming the bad field, never a traceback from deep inside torch)."""
-    from cbr.data.text import text_problem
-
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: its model config is a {type(raw).__name__}, not a mapping; the file was "
                               "altered or was not written by cbr train")
@@ -132,8 +132,18 @@ def _checked_config(raw, path) -> ModelConfig:
                               "cbr train") from None
 
 
-def load_checkpoint(path, *, device: str = "cpu") -> tuple[Embedder, dict]:
-    """Load a ``save_checkpoint`` file: the model, and the rest (``train_sha256``, ``extra``, ...)."""
+def read_checkpoint(path) -> tuple[ModelConfig, dict, str, dict]:
+    """Read a ``save_checkpoint`` file, checked field by field; the model is not built here.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        (its ModelConfig as saved, its state dict, its fingerprint, the rest: ``train_sha256``,
+        ``extra``, ...). A missing file raises NotFoundError; anything else CheckpointError.
+    """
+    import torch
+
     path = Path(path)
     expected = "a cbr model checkpoint written by save_checkpoint (cbr train)"
     if not path.is_file():
@@ -146,22 +156,7 @@ def load_checkpoint(path, *, device: str = "cpu") -> tuple[Embedder, dict]:
         got = f"keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: got {got}; expected {expected}")
     saved = _checked_config(ckpt["config"], path)
-    emb = _build(dataclasses.replace(saved, weights="none"), "cpu")
-    try:
-        emb.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: its weights do not fit a {saved.backbone}: {e}") from e
-    emb.config = dataclasses.replace(saved, weights="checkpoint")
-    emb = emb.to(device)
-    if emb._channels_last():
-        emb = emb.to(memory_format=torch.channels_last)
-    emb.eval()
-    if emb.fingerprint != ckpt["fingerprint"]:
-        raise ModelMismatchError(
-            f"{path}: the loaded model's fingerprint {emb.fingerprint[:12]} differs from the saved "
-            f"{str(ckpt['fingerprint'])[:12]}; the file was altered or written by an incompatible cbr"
-        )
     rest = {k: v for k, v in ckpt.items() if k not in ("config", "state_dict", "fingerprint")}
     rest.setdefault("train_sha256", [])
     rest.setdefault("extra", {})
-    return emb, rest
+    return saved, ckpt["state_dict"], ckpt["fingerprint"], rest

@@ -1,6 +1,9 @@
-"""The embedder: a backbone split into trunk / neck / head, its fingerprint, and the factory.
+"""The embedder: a backbone split into trunk / neck / head, its fingerprint, and the factory
+``create_embedder`` (a registry backbone by name, or a checkpoint file, ready to embed).
 
-Heavy (imports torch); nothing imports it eagerly.
+Heavy: ``Embedder`` is a ``torch.nn.Module``, so importing this module imports torch. It is the
+one project module others import inside their functions (as they do torch), which keeps
+``cbr --help`` and the read-only commands free of torch.
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from cbr.data.crop import model_view
-from cbr.errors import CbrError, UnknownNameError
+from cbr.data.contrast import check_contrast
+from cbr.data.crop import check_crop, model_view
+from cbr.errors import CbrError, ModelMismatchError, UnknownNameError
 from cbr.models.backbones import BACKBONES, backbone_spec, builder, is_timm, splitter
-from cbr.models.config import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS, ModelConfig
+from cbr.models.checkpoint import CheckpointError, read_checkpoint
+from cbr.models.config import TTAS, WEIGHTS, ModelConfig
+from cbr.models.device import resolve_device
+from cbr.models.weights import imagenet_state_dict
 
-__all__ = ["BACKBONES", "ModelConfig", "Embedder", "default_device", "UnknownLayerError"]
+__all__ = ["BACKBONES", "CHECKPOINT_SETTINGS", "Embedder", "ModelConfig", "SETTINGS", "UnknownLayerError",
+           "build_embedder", "create_embedder", "default_config", "default_device", "load_checkpoint"]
 
 LOG = logging.getLogger(__name__)
 
@@ -49,8 +57,6 @@ class UnknownLayerError(UnknownNameError):
 
 def default_device() -> str:
     """``"cuda"`` if a GPU is usable, else ``"cpu"`` (see ``cbr.models.device.resolve_device``)."""
-    from cbr.models.device import resolve_device
-
     return resolve_device()
 
 
@@ -282,8 +288,13 @@ def _check_class_names(class_names) -> tuple[str, ...]:
     return names
 
 
-def _build(config: ModelConfig, device: str) -> Embedder:
-    """Build the modules for ``config``: random init under ``config.seed``, ImageNet if asked."""
+def build_embedder(config: ModelConfig, device: str) -> Embedder:
+    """Build the modules for ``config``: random init under ``config.seed``, ImageNet if asked.
+
+    Args:
+        config: the complete ModelConfig (``create_embedder`` fills one from a name and settings).
+        device: where the model lives.
+    """
     spec = backbone_spec(config.backbone)
     build = builder(spec)
     with torch.random.fork_rng(devices=[]):
@@ -293,8 +304,6 @@ def _build(config: ModelConfig, device: str) -> Embedder:
         if is_timm(config.backbone):  # timm loads its own pretrained weights, sized for the input
             model = build(weights=config.weights, input_size=config.input_size, **spec.builder_kwargs)
         elif config.weights == "imagenet":
-            from cbr.models.weights import imagenet_state_dict
-
             state_dict = imagenet_state_dict(config.backbone)
             # Built on the meta device and given the loaded tensors: no random init to throw away.
             with torch.device("meta"):
@@ -308,3 +317,119 @@ def _build(config: ModelConfig, device: str) -> Embedder:
     if emb._channels_last():
         emb = emb.to(memory_format=torch.channels_last)
     return emb.eval()
+
+
+# The settings a caller may choose; the backbone fixes the rest (mean, std, embedding size, CAM method).
+SETTINGS = ("weights", "input_size", "target_layer", "class_names", "seed", "window", "contrast", "tta", "crop")
+# A checkpoint fixes its weights, classes and seed; these may still be overridden.
+CHECKPOINT_SETTINGS = ("input_size", "target_layer", "window", "contrast", "tta", "crop")
+
+
+def default_config(name: str) -> ModelConfig:
+    """The ModelConfig of registry backbone ``name`` with every setting at its default."""
+    spec = backbone_spec(name)  # an unknown name raises "unknown backbone ...; choose from ..."
+    return ModelConfig(backbone=name, weights="imagenet", input_size=spec.input_size, mean=spec.mean,
+                       std=spec.std, embedding_dim=spec.embedding_dim, target_layer=spec.target_layer,
+                       cam_method=spec.cam_method)
+
+
+def create_embedder(name_or_checkpoint: str | os.PathLike, *, device: str = "cpu",
+                    config: ModelConfig | None = None, **overrides) -> Embedder:
+    """Build a registry backbone, or load a checkpoint file, with settings over its ModelConfig.
+
+    As timm's ``create_model``, an override that is ``None`` keeps the default.
+
+    Args:
+        name_or_checkpoint: a name in ``BACKBONES``, ``timm:<model>`` (any ``timm.list_models()``
+            name; the extra ``cbr[timm]``) or the path of a ``save_checkpoint`` file.
+        device: where the model lives.
+        config: a stored ModelConfig whose settings (``SETTINGS``) to rebuild; overrides win.
+        **overrides: ModelConfig fields in ``SETTINGS``: ``weights`` (``"imagenet"``, torchvision's,
+            found offline by ``cbr.models.weights``, or ``"none"``), ``input_size``, ``target_layer``
+            (a dotted path inside ``trunk``; ``""`` = trunk output), ``class_names`` (of a new, randomly
+            initialised head), ``seed`` (of random weights and a new head), ``window`` (VOI window of
+            DICOM/NIfTI pixels), ``contrast``, ``tta``, ``crop``. The last four are preprocessing,
+            hence in the fingerprint. For a checkpoint only ``CHECKPOINT_SETTINGS`` apply (``weights``
+            is ignored; ``class_names`` and ``seed`` are refused).
+
+    Example:
+        >>> emb = create_embedder("tinycnn", weights="none", input_size=64)
+        >>> emb(torch.zeros(2, 3, 64, 64)).shape
+        torch.Size([2, 64])
+    """
+    unknown = sorted(set(overrides) - set(SETTINGS))
+    if unknown:
+        raise TypeError(f"create_embedder() got unknown settings {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    stored = {} if config is None else {k: getattr(config, k) for k in SETTINGS}
+    settings = {k: v for k, v in {**stored, **overrides}.items() if v is not None}
+    name = os.fspath(name_or_checkpoint)
+    if name not in BACKBONES and not is_timm(name) and (os.path.isfile(name) or _looks_like_path(name)):
+        if any(overrides.get(k) is not None for k in ("class_names", "seed")):
+            raise CbrError(f"{name}: class names and seed are fixed by the checkpoint")
+        return _from_checkpoint(name, device, {k: v for k, v in settings.items() if k in CHECKPOINT_SETTINGS})
+    if settings.get("weights", "imagenet") not in WEIGHTS:
+        raise UnknownNameError("weights", settings["weights"], WEIGHTS)
+    if "class_names" in settings:
+        settings["class_names"] = _check_class_names(settings["class_names"])
+    for key in ("input_size", "seed"):
+        if key in settings:
+            settings[key] = int(settings[key])
+    config = dataclasses.replace(default_config(name), **settings)
+    _check_config(config)
+    return build_embedder(config, device)
+
+
+def _from_checkpoint(path: str, device: str, settings: dict) -> Embedder:
+    emb, _ = load_checkpoint(path, device=device)
+    config = dataclasses.replace(emb.config, **settings)
+    if config == emb.config:
+        return emb
+    _check_config(config)
+    _check_target_layer(config.backbone, emb.trunk, config.target_layer)
+    emb.config, emb._fingerprint = config, None
+    emb.__dict__.pop("_cam_split", None)
+    emb.__dict__.pop("_norm", None)
+    return emb
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or "/" in name or name.endswith((".pt", ".pth", ".ckpt"))
+
+
+def _check_config(config: ModelConfig) -> None:
+    check_contrast(config.contrast)
+    check_crop(config.crop)
+    if config.tta not in TTAS:
+        raise UnknownNameError("test-time augmentation", config.tta, TTAS)
+    spec = backbone_spec(config.backbone)
+    if config.input_size < spec.min_input_size:
+        raise CbrError(
+            f"input size {config.input_size} is too small for {config.backbone}; "
+            f"use at least {spec.min_input_size} (default {spec.input_size})"
+        )
+
+
+def load_checkpoint(path, *, device: str = "cpu") -> tuple[Embedder, dict]:
+    """Load a ``save_checkpoint`` file: the model, and the rest (``train_sha256``, ``extra``, ...).
+
+    Args:
+        path: the checkpoint file (``cbr.models.checkpoint.read_checkpoint`` checks it).
+        device: where the model lives.
+    """
+    saved, state_dict, fingerprint, rest = read_checkpoint(path)
+    emb = build_embedder(dataclasses.replace(saved, weights="none"), "cpu")
+    try:
+        emb.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit a {saved.backbone}: {e}") from e
+    emb.config = dataclasses.replace(saved, weights="checkpoint")
+    emb = emb.to(device)
+    if emb._channels_last():
+        emb = emb.to(memory_format=torch.channels_last)
+    emb.eval()
+    if emb.fingerprint != fingerprint:
+        raise ModelMismatchError(
+            f"{path}: the loaded model's fingerprint {emb.fingerprint[:12]} differs from the saved "
+            f"{str(fingerprint)[:12]}; the file was altered or written by an incompatible cbr"
+        )
+    return emb, rest

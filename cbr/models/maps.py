@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from explain.cam import maps_from_activations, maps_from_images
+from explain.fusion import fuse_maps, stage_ends
+from explain.methods import FAST_METHODS, FUSED_METHODS, is_attribution
+from explain.targets import ClassTarget, EmbeddingNormTarget
+
 __all__ = ["case_map_target", "compute_maps", "at_layer", "fused_maps", "map_layer"]
 
 
@@ -13,8 +18,6 @@ def case_map_target(embedder, label: str):
     else the embedding norm (what the embedding is made of), which any embedder has.
 
     Returns (target, its name, whether it needs the classifier head)."""
-    from explain.targets import ClassTarget, EmbeddingNormTarget
-
     names = embedder.config.class_names
     if embedder.head is not None and label in names:
         return ClassTarget(names.index(label)), f"class:{label}", True
@@ -33,9 +36,6 @@ def compute_maps(embedder, x, acts, targets, classifier: bool, method: str, prog
     captum; ``progress(done, total, evaluations)`` is called after each of their maps.
     """
     import torch
-    from explain.cam import maps_from_activations, maps_from_images
-    from explain.methods import FAST_METHODS, FUSED_METHODS, is_attribution
-
     if method in FUSED_METHODS:
         return fused_maps(embedder, x, targets, classifier, FUSED_METHODS[method])
     if is_attribution(method):
@@ -73,7 +73,6 @@ def fused_maps(embedder, x, targets, classifier: bool, method: str) -> np.ndarra
     model's own target layer; the maps come out at the finest stage's resolution.
     """
     import torch
-    from explain.fusion import fuse_maps, stage_ends
 
     stages = embedder.__dict__.get("_fusion_stages")
     if stages is None:
@@ -92,8 +91,6 @@ def fused_maps(embedder, x, targets, classifier: bool, method: str) -> np.ndarra
 def map_layer(embedder, method: str) -> str:
     """Where ``method``'s maps of ``embedder`` come from: its CAM layer ("" = the last block), or
     the fused stages joined by "+" for a fused method (once its stages are known)."""
-    from explain.methods import FUSED_METHODS
-
     if method in FUSED_METHODS:
         return "+".join(embedder.__dict__.get("_fusion_stages") or ()) or "last three stages"
     return embedder.config.target_layer

@@ -27,6 +27,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cbr.errors import UnknownNameError
+from explain.matching import region_matches, region_pair
+from explain.methods import is_attribution
+
 __all__ = ["SIMILARITY_MAPS", "DEFAULT_SIMILARITY_MAP", "MatchLink", "check_similarity", "similarity_spec",
            "similarity_of", "pair_maps", "DISPLAY_SIZE"]
 
@@ -45,16 +49,12 @@ _TARGET = re.compile(r"^match:(\d+) q=(\d+),(\d+)/(\d+)x(\d+) n=(\d+),(\d+)/(\d+
 
 def check_similarity(name: str) -> str:
     """``name`` if it is a ``SIMILARITY_MAPS`` variant, else UnknownNameError listing them."""
-    from cbr.errors import UnknownNameError
-
     if name not in SIMILARITY_MAPS:
         raise UnknownNameError("similarity map", name, SIMILARITY_MAPS)
     return name
 
 
 def _matches(spec: str, similarity: str) -> bool:
-    from explain.methods import is_attribution
-
     return similarity == "matching" and not is_attribution(spec)
 
 
@@ -144,8 +144,6 @@ def pair_maps(embedder, query_acts, neighbour_acts, case_ids, paired=None) -> di
          (None, link target): each pair's query-side map}
     """
     import numpy as np
-
-    from explain.matching import region_matches, region_pair
 
     # embedder.grid: a vision transformer's tokens as its patch grid (a CNN's activations as they are).
     q = embedder.grid(_last_block(embedder, query_acts))[0].float().cpu().numpy()

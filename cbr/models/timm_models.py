@@ -14,7 +14,7 @@ import timm  # the extra cbr[timm]; backbones.backbone_spec turns its absence in
 import torch
 from torch import nn
 
-from cbr.errors import CbrError
+from cbr.errors import CbrError, WeightsNotFoundError
 from cbr.models.config import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["TokenGrid", "timm_spec", "create_model", "split", "token_grid"]
@@ -103,7 +103,6 @@ def create_model(*, model_name: str, weights=None, input_size: int | None = None
         try:
             model = timm.create_model(model_name, pretrained=True, num_classes=0, **kw)
         except Exception as e:  # hub, network or file errors of many kinds: one actionable line
-            from cbr.errors import WeightsNotFoundError
 
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WeightsNotFoundError(

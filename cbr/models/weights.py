@@ -10,7 +10,8 @@ import socket
 import sys
 from pathlib import Path
 
-from cbr.errors import WeightsNotFoundError
+from cbr.errors import UnknownNameError, WeightsNotFoundError
+from cbr.models.backbones import BACKBONES
 
 __all__ = ["imagenet_state_dict", "offline_weights_available", "weights_file_name"]
 
@@ -29,12 +30,8 @@ _DENSENET_KEY = re.compile(
 
 def _spec(backbone_name: str):
     """The registry entry of a backbone that has ImageNet weights."""
-    from cbr.models.backbones import BACKBONES
-
     spec = BACKBONES.get(backbone_name)
     if spec is None:
-        from cbr.errors import UnknownNameError
-
         raise UnknownNameError("backbone", backbone_name, BACKBONES)
     if not spec.weights_enum:
         raise WeightsNotFoundError(

@@ -17,10 +17,18 @@ from types import SimpleNamespace
 
 from sqlalchemy import select
 
+from cbr.data.sources import moved_to, read_source
 from cbr.errors import CbrError, ImageError
+from cbr.pipeline.explanation import embed_query, MapRequest, query_maps
+from cbr.pipeline.map_meter import MapMeter
+from cbr.pipeline.search import Hit
+from cbr.pipeline.settings import check_explain
+from cbr.reporting.report import write_outputs
+from cbr.store.member import load_members
 from cbr.store.rows import explanation_row, get_query
 from cbr.models.similarity_maps import DEFAULT_SIMILARITY_MAP, similarity_of, similarity_spec
 from cbr.store.schema import Case, Explanation, Model, Neighbour, Vote
+from explain.spec import resolve_spec
 
 __all__ = ["add_explanation", "Addendum", "ADDED_ROLES"]
 
@@ -50,9 +58,7 @@ class Addendum:
 
 
 def _query_image(q, image, window: str = "auto"):
-    from cbr.data.sources import moved_to, read_source
-
-    path = moved_to(q.image_path, image)  # a DICOM frame, NIfTI slice or .npz index as recorded
+    path = moved_to(q.readable_image, image)  # a DICOM frame, NIfTI slice or .npz index as recorded
     try:
         img, sha, _ = read_source(path, window=window)
     except ImageError as e:
@@ -81,13 +87,6 @@ def add_explanation(cb, query_id: int, method: str, *, image=None, budget: int |
         >>> add_explanation(open_casebase("cases.db"), 12, "lime", budget=100).method
         'lime(n=100,seg=slic50)'
     """
-    from cbr.pipeline.explanation import MapRequest, embed_query, query_maps
-    from cbr.pipeline.map_meter import MapMeter
-    from cbr.pipeline.search import Hit
-    from cbr.pipeline.settings import check_explain
-    from cbr.store.member import load_members
-    from explain.spec import resolve_spec
-
     if check_explain(method) == "none":
         raise ExplainError("--method none adds nothing; choose an explanation method")
     with cb.read() as s:
@@ -134,8 +133,6 @@ def add_explanation(cb, query_id: int, method: str, *, image=None, budget: int |
             added.maps.append({"explanation_id": row.id, "model_id": model_id, "case_id": case_id, "target": target,
                                "shape": [row.height, row.width]})
     if out_dir is not None:
-        from cbr.reporting.report import write_outputs
-
         images[None] = img  # decoded: the report views it through each member's crop
         paths = write_outputs(cb, q.id, Path(out_dir) / f"query-{q.id}", images=images)
         added.report = paths["report"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cbr.models.similarity_maps import MatchLink
+from cbr.reporting.uncertainty import evidence, set_text
 
 __all__ = ["Retrieval", "Answer", "vote_dict"]
 
@@ -22,16 +23,20 @@ class Retrieval:
     """One query's work before it is recorded: per member its hits and vote, the ensemble's vote
     and the raw maps ({(model_id, case_id or None for the query, target): 2-D array})."""
 
-    image: str  # the query image's resolved path
+    image: str  # the query image's resolved path (a neutral locator in a pseudonymised case base)
     sha256: str
     patient: str | None
     hits: list  # per member, a list of search.Hit
     votes: list  # per member, a vote.Vote
     final: object  # the ensemble's vote.Vote
+    image_file: str | None = None  # the file of a neutral ``image``, kept only to re-read it; never shown
     maps: dict = field(default_factory=dict)
     typicality: object = None  # typicality.Typicality of the query (None: not measured)
     notes: list = field(default_factory=list)  # what this query's reader must know (self match, OOD)
     image_status: dict = field(default_factory=dict)  # {case_id: explanation.IMAGE_*} of neighbours read again
+    prediction_set: list | None = None  # the conformal set (cbr.pipeline.conformal); None: no calibration
+    conflict: list = field(default_factory=list)  # cases that are this image with a label other than the answer
+    calibration: dict = field(default_factory=dict)  # where the vote was calibrated (Searcher.calibration_info)
 
 
 @dataclass
@@ -50,16 +55,21 @@ class Answer:
     raw_maps: dict = field(default_factory=dict, repr=False)  # the first member's query maps by target
     # how often the shown maps' model hit the lesion (cbr.store.reliability); None: never measured
     map_reliability: dict | None = None
+    calibration: dict = field(default_factory=dict)  # source ("validation" | "leave-one-out"), cases, too_few...
 
     @classmethod
     def from_retrieval(cls, query_id: int | None, r: Retrieval, members, notes) -> "Answer":
         """The answer to ``r`` made with the loaded ``members`` (notes are copied)."""
         typ = r.typicality
+        first = r.hits[0] if r.hits else []
         prediction = dict(vote_dict(r.final), typicality=None if typ is None else typ.value,
                           out_of_distribution=bool(typ is not None and typ.out_of_distribution),
-                          ood_alpha=None if typ is None else typ.alpha)
+                          ood_alpha=None if typ is None else typ.alpha, set=r.prediction_set,
+                          set_text=None if r.prediction_set is None else set_text(r.prediction_set),
+                          coverage=r.calibration.get("coverage"), conflict=list(r.conflict),
+                          evidence=evidence(r.final.label, [(c.label, d) for c, d in first]))
         answer = cls(query_id=query_id, image=r.image, sha256=r.sha256, prediction=prediction,
-                     members=[], notes=list(r.notes) + list(notes))
+                     members=[], notes=list(r.notes) + list(notes), calibration=dict(r.calibration))
         member_typ = typ.members if typ is not None else [None] * len(r.votes)
         # Region-matching pairs: each one's query-side map is keyed by its link (similarity_maps).
         links = {(mid, link.case_id): link for (mid, cid, target) in r.maps if cid is None
@@ -71,7 +81,7 @@ class Answer:
         for m, v, h, p in zip(members, r.votes, r.hits, member_typ):
             answer.members.append({
                 "model_id": m.model_id, "fingerprint": m.fingerprint, "model": m.label, "vote": vote_dict(v),
-                "typicality": p,
+                "typicality": p, "evidence": evidence(v.label, [(c.label, d) for c, d in h]),
                 "neighbours": [{"rank": rank + 1, "case_id": c.id, "label": c.label, "similarity": round(d, 6),
                                 "path": c.path, "patient_id": c.group_id, "metadata": c.meta, "explanation": None,
                                 "image_status": r.image_status.get(c.id),
@@ -97,4 +107,5 @@ class Answer:
             "members": self.members,
             "notes": self.notes,
             "map_reliability": self.map_reliability,
+            "calibration": self.calibration,
         }

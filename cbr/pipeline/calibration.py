@@ -1,7 +1,10 @@
 """Calibration of a member against its own cases, searched as a new patient's query would be
 (leaving out the case itself and every case of its patient):
 
-* the credibility vote's held-out neighbour labels (Deep k-NN);
+* the credibility vote's held-out neighbour labels (Deep k-NN), and with their similarities the
+  weighted vote's temperature and prior and the conformal prediction sets: computed on the cases
+  the model never trained on (``cbr train`` keeps its validation images' hashes in the
+  checkpoint), leave-one-out over every case for an untuned backbone (`calibration_cases`);
 * typicality's leave-one-out nearest-neighbour scores (see cbr.pipeline.typicality).
 
 Both are stamped with a digest of the active cases they were computed on. When cases are retained
@@ -15,11 +18,17 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import DBAPIError
 
 from cbr.errors import CaseBaseError
-from cbr.store.schema import Calibration, Case, Embedding, TypicalityScores
+from cbr.pipeline.settings import QueryConfig
+from cbr.pipeline.temperature import fit_temperature
+from cbr.pipeline.typicality import (leave_one_out_scores, SCORE_NAME, search_excluding, TYPICALITY_K,
+                                     TypicalityCalibration)
+from cbr.store.damage import decoded, rebuild_hint
+from cbr.store.member import active_embeddings
+from cbr.store.schema import Calibration, Case, Embedding, Model, TypicalityScores
 
 __all__ = [
     "calibrate",
@@ -70,18 +79,57 @@ def has_calibration(cb, model_id: int) -> bool:
 
 def _case_meta(cb, ids) -> dict:
     with cb.read() as s:
-        return {c.id: (c.label, c.group_id) for c in s.scalars(select(Case).where(Case.id.in_(ids.tolist())))}
+        return {c.id: (c.label, c.group_id, c.sha256)
+                for c in s.scalars(select(Case).where(Case.id.in_(ids.tolist())))}
 
 
-def _credibility_rows(index, ids, vecs, meta, *, max_cases, k_max, seed) -> list:
-    from cbr.pipeline.typicality import search_excluding
+def trained_images(path) -> set[str] | None:
+    """The sha256s a checkpoint's model was trained on, its validation part left out (``cbr train``
+    keeps that part's hashes); None when the file cannot be read."""
+    import torch  # deferred: read-only commands import this module
 
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        seen = set(ckpt.get("train_sha256") or [])
+        return seen - set((ckpt.get("extra") or {}).get("val_sha256") or [])
+    except Exception as e:  # a moved or foreign file: calibrate leave-one-out, and say so
+        LOG.warning("cannot read the held-out images of checkpoint %s: %s", path, e)
+        return None
+
+
+def calibration_cases(cb, model_id: int, meta: dict) -> tuple[list[int], str, str | None]:
+    """(the case ids to calibrate on, the source, why leave-one-out when it had to be).
+
+    Cases the member's model never trained on (``cbr train``'s validation part, or images it never
+    saw) answer as a new image does: the source is "validation". An untuned backbone saw none of
+    them: every case, "leave-one-out". A fine-tuned model whose held-out images are unknown or not
+    in the case base falls back to leave-one-out, which overstates its neighbours' agreement.
+    """
+    with cb.read() as s:
+        model = s.get(Model, model_id)
+    everyone = sorted(meta)
+    if model is None or model.weights != "checkpoint":
+        return everyone, "leave-one-out", None
+    seen = trained_images(model.source)
+    if seen is None:
+        return everyone, "leave-one-out", f"checkpoint {model.source} cannot be read for its held-out images"
+    unseen = [cid for cid in everyone if meta[cid][2] not in seen]
+    if len(unseen) == len(everyone):  # a checkpoint of weights that never trained on these cases
+        return everyone, "leave-one-out", None
+    if not unseen:
+        return everyone, "leave-one-out", "the model was trained on every case (no validation images among them)"
+    return unseen, "validation", None
+
+
+def _credibility_rows(index, ids, vecs, meta, *, max_cases, k_max, seed, among=None) -> list:
     by_group: dict = {}
-    for cid, (_, g) in meta.items():
+    for cid, (_, g, *_) in meta.items():
         if g is not None:
             by_group.setdefault(g, []).append(cid)
     rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(ids), size=min(max_cases, len(ids)), replace=False))
+    # the calibration cases (default: all); each is still searched among every other case
+    pool = np.arange(len(ids)) if among is None else np.flatnonzero(np.isin(ids, np.asarray(among, dtype=ids.dtype)))
+    pick = np.sort(rng.choice(pool, size=min(max_cases, len(pool)), replace=False))
     exclude = []
     for p in pick:
         cid = int(ids[p])
@@ -96,11 +144,9 @@ def _credibility_rows(index, ids, vecs, meta, *, max_cases, k_max, seed) -> list
     return rows
 
 
-def _fit_default_k(rows):
-    from cbr.pipeline.settings import QueryConfig
-    from cbr.pipeline.temperature import fit_temperature
-
-    return fit_temperature(rows, QueryConfig.k)
+def _fit_default_k(rows, source: str, why: str | None) -> dict:
+    """The stored fit: the vote's temperature and prior at the default k, and where the rows came from."""
+    return dict(fit_temperature(rows, QueryConfig.k) or {}, source=source, cases=len(rows), why=why)
 
 
 def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k_max: int = CALIBRATION_K,
@@ -121,40 +167,32 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
     Returns:
         the `TypicalityCalibration`, or None when the case base holds fewer than two cases.
     """
-    from cbr.pipeline.typicality import SCORE_NAME, TYPICALITY_K, TypicalityCalibration, leave_one_out_scores
-    from cbr.store.member import active_embeddings
-
     digest = cases_digest(cb, model_id)
     ids, vecs = active_embeddings(cb, model_id)
     if len(ids) < 2:
         return None
     meta = _case_meta(cb, ids)
-    rows = _credibility_rows(index, ids, vecs, meta, max_cases=max_cases, k_max=k_max, seed=seed)
-    temperature = _fit_default_k(rows)
+    among, source, why = calibration_cases(cb, model_id, meta)
+    rows = _credibility_rows(index, ids, vecs, meta, max_cases=max_cases, k_max=k_max, seed=seed, among=among)
+    temperature = _fit_default_k(rows, source, why)
     k = min(TYPICALITY_K, len(ids) - 1)
-    scores = leave_one_out_scores(index, ids, vecs, {cid: g for cid, (_, g) in meta.items()}, k=k, seed=seed)
+    scores = leave_one_out_scores(index, ids, vecs, {cid: g for cid, (_, g, _) in meta.items()}, k=k, seed=seed)
     if store:
         with cb.write() as s:
-            row = s.scalar(select(Calibration).where(Calibration.model_id == model_id))
-            if row is None:
-                s.add(Calibration(model_id=model_id, rows=rows, cases_digest=digest, temperature=temperature))
-            else:
-                row.rows, row.cases_digest, row.temperature = rows, digest, temperature
-            t = s.scalar(select(TypicalityScores).where(TypicalityScores.model_id == model_id))
-            if t is None:
-                s.add(TypicalityScores(model_id=model_id, score=SCORE_NAME, k=k, scores=scores.tolist(),
-                                       cases_digest=digest))
-            else:
-                t.score, t.k, t.scores, t.cases_digest = SCORE_NAME, k, scores.tolist(), digest
+            # Replaced, never read back: an old row whose JSON was damaged must not stop its repair.
+            s.execute(delete(Calibration).where(Calibration.model_id == model_id))
+            s.execute(delete(TypicalityScores).where(TypicalityScores.model_id == model_id))
+            s.add(Calibration(model_id=model_id, rows=rows, cases_digest=digest, temperature=temperature))
+            s.add(TypicalityScores(model_id=model_id, score=SCORE_NAME, k=k, scores=scores.tolist(),
+                                   cases_digest=digest))
     return TypicalityCalibration(k, scores, digest)
 
 
 def load_typicality(cb, model_id: int):
     """The stored typicality calibration of a model (None when it has none)."""
-    from cbr.pipeline.typicality import TypicalityCalibration
-
     with cb.read() as s:
-        t = s.scalar(select(TypicalityScores).where(TypicalityScores.model_id == model_id))
+        t = decoded(lambda: s.scalar(select(TypicalityScores).where(TypicalityScores.model_id == model_id)),
+                    f"the typicality calibration of model {model_id}", rebuild_hint(cb))
         if t is None:
             return None
         return TypicalityCalibration(int(t.k), np.asarray(t.scores, dtype=np.float64), t.cases_digest)

@@ -14,6 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
+from cbr.data.dataset import read_dataset
+from cbr.data.mask import lesion_mask
+from cbr.data.phantom import make_phantoms
+from cbr.errors import CbrError
+from cbr.learn.metrics import balanced_accuracy
+from cbr.data.splits import group_split
+from cbr.learn.train import train_model, TrainConfig
+from cbr.models.weights import offline_weights_available
+from cbr.pipeline.index import index_dataset
+from cbr.pipeline.query import Searcher
+from cbr.pipeline.settings import IndexConfig, QueryConfig, with_overrides
+from cbr.store.casebase import open_casebase
+from explain.metrics import pointing_game
+
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
 
@@ -56,6 +70,23 @@ class DemoConfig:
     backbone: str = "mobilenet_v2"  # a BACKBONES name
 
 
+def _query_row(searcher, r, img_size: int) -> dict:
+    """Query one held-out phantom: its answer, and whether its map's peak falls on the lesion."""
+    a = searcher.query(r.path, patient=r.group, patient_stored=True)
+    pred = a.prediction["label"]
+    row = {"image": Path(r.path).name, "patient": r.group, "label": r.label, "prediction": pred,
+           "confidence": a.prediction["confidence"], "report": a.report, "pointing": None}
+    mask_path = r.metadata.get("mask")
+    raw = a.raw_maps.get(f"class:{pred}") if pred else None
+    if raw is None and a.raw_maps:
+        raw = next(iter(a.raw_maps.values()))
+    if mask_path and raw is not None and r.label != "normal":
+        mask = lesion_mask(mask_path, img_size)
+        if mask.any():
+            row["pointing"] = bool(pointing_game(raw, mask))
+    return row
+
+
 def run_demo(out_dir="demo-output", config: DemoConfig | None = None, *, progress: bool = False, log=print,
              **overrides) -> DemoResult:
     """Run the whole product once on built-in synthetic data.
@@ -69,24 +100,9 @@ def run_demo(out_dir="demo-output", config: DemoConfig | None = None, *, progres
     Example:
         >>> result = run_demo("demo-output", DemoConfig(patients=60))
     """
-    from cbr.pipeline.settings import with_overrides
-
     c = with_overrides(config, DemoConfig, overrides)
     patients, slices, size, epochs, img_size, k, seed, backbone = (
         c.patients, c.slices, c.size, c.epochs, c.img_size, c.k, c.seed, c.backbone)
-    from cbr.store.casebase import open_casebase
-    from cbr.data.dataset import read_dataset
-    from cbr.data.mask import lesion_mask
-    from cbr.pipeline.index import index_dataset
-    from cbr.evaluation.metrics import balanced_accuracy
-    from cbr.evaluation.splits import group_split
-    from cbr.data.phantom import make_phantoms
-    from cbr.pipeline.query import Searcher
-    from cbr.pipeline.settings import IndexConfig, QueryConfig
-    from cbr.learn.train import TrainConfig, train_model
-    from cbr.models.weights import offline_weights_available
-    from explain.metrics import pointing_game
-
     t = {}
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -98,8 +114,6 @@ def run_demo(out_dir="demo-output", config: DemoConfig | None = None, *, progres
     train = [scan.records[i] for i in train_idx]
     test = [scan.records[i] for i in test_idx]
     if not test:
-        from cbr.errors import CbrError
-
         raise CbrError(f"--patients {patients} leaves no patient to hold out; use at least 12")
     t["data"] = time.perf_counter() - t0
     log(f"1. generated {len(scan.records)} phantom slices of {patients} patients ({', '.join(sorted(set(labels)))}); "
@@ -137,19 +151,9 @@ def run_demo(out_dir="demo-output", config: DemoConfig | None = None, *, progres
     searcher = Searcher(cb, QueryConfig(k=k, vote="weighted", explain=method, out_dir=str(out / "reports")))
     rows, hits = [], {}
     for r in test:
-        a = searcher.query(r.path, patient=r.group)
-        pred = a.prediction["label"]
-        row = {"image": Path(r.path).name, "patient": r.group, "label": r.label, "prediction": pred,
-               "confidence": a.prediction["confidence"], "report": a.report, "pointing": None}
-        mask_path = r.metadata.get("mask")
-        raw = a.raw_maps.get(f"class:{pred}") if pred else None
-        if raw is None and a.raw_maps:
-            raw = next(iter(a.raw_maps.values()))
-        if mask_path and raw is not None and r.label != "normal":
-            mask = lesion_mask(mask_path, img_size)
-            if mask.any():
-                row["pointing"] = bool(pointing_game(raw, mask))
-                hits.setdefault(r.label, []).append(row["pointing"])
+        row = _query_row(searcher, r, img_size)
+        if row["pointing"] is not None:
+            hits.setdefault(r.label, []).append(row["pointing"])
         rows.append(row)
     t["query"] = time.perf_counter() - t0
     y, p = [r["label"] for r in rows], [r["prediction"] for r in rows]

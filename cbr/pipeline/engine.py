@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cbr.data.batches import collate, DecodedRecords
 from cbr.errors import CbrError
+from cbr.store.writer import CaseWriter
 
 __all__ = ["ENGINES", "RayNotInstalled", "RaySettings", "ray_batches"]
 
@@ -46,8 +48,6 @@ class _Embedders:
     def __init__(self, settings: RaySettings, records: list):
         import torch
 
-        from cbr.store.writer import CaseWriter
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         members = [_Member(emb.to(device).eval()) for emb in settings.embedders]
         # One decoding for every member, with their shared window (index._one_window checked it).
@@ -57,10 +57,8 @@ class _Embedders:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from cbr.data.batches import DecodedRecords, _collate
-
         decoded = DecodedRecords(self.records, [m.embedder.preprocess for m in self.writer.members], self.window)
-        idx, tensors, bad = _collate([decoded[int(i)] for i in batch["i"]])
+        idx, tensors, bad = collate([decoded[int(i)] for i in batch["i"]])
         out = {"i": np.asarray(idx, dtype=np.int64), "embeddings": np.empty(len(idx), dtype=object),
                "maps": np.empty(len(idx), dtype=object)}
         if idx:

@@ -13,8 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from cbr.data.sources import read_source
 from cbr.errors import CbrError
-from cbr.models.similarity_maps import DEFAULT_SIMILARITY_MAP
+from cbr.models.maps import compute_maps
+from cbr.models.similarity_maps import DEFAULT_SIMILARITY_MAP, pair_maps, similarity_of, similarity_spec
+from explain.methods import is_attribution
+from explain.spec import resolve_spec
+from explain.targets import ClassTarget, SimilarityTarget
 
 __all__ = ["Features", "MapRequest", "embed_query", "query_maps", "IMAGE_OK", "IMAGE_CHANGED", "IMAGE_MISSING"]
 
@@ -78,12 +83,6 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
     """
     import torch
 
-    from cbr.data.sources import read_source
-    from cbr.models.maps import compute_maps
-    from explain.methods import is_attribution
-    from explain.spec import resolve_spec
-    from explain.targets import ClassTarget, SimilarityTarget
-
     method, budget, neighbours = request.method, request.budget, request.neighbours
     maps, images = {}, {}
     for m, (xq, aq, eq), h in zip(members, features, hits):
@@ -96,7 +95,8 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
         xs, cases = [], []
         for c, _ in h:
             try:
-                nimg, sha, _ = read_source(c.path, window=emb.config.window)  # a frame/slice, as indexed
+                # a frame/slice, as indexed (a neutral locator is shown, its file is read)
+                nimg, sha, _ = read_source(c.readable_locator, window=emb.config.window)
             except CbrError as e:
                 if status is not None:
                     status[c.id] = IMAGE_MISSING
@@ -121,8 +121,6 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
             top = {hit.case.id for hit in h[:neighbours]}
             keep = [i for i, c in enumerate(cases) if c.id in top]
         if cases and _matching(spec, request.similarity):
-            from cbr.models.similarity_maps import pair_maps
-
             pairs = pair_maps(emb, aq, an, [c.id for c in cases], paired={cases[i].id for i in keep})
             maps.update({(m.model_id, cid, target): r for (cid, target), r in pairs.items()})
         elif cases:
@@ -146,6 +144,4 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
 def _matching(spec: str, similarity: str) -> bool:
     """Whether a query's similarity maps are region matches (CAM methods under ``matching``);
     attribution methods explain the global cosine from the pixels whatever the variant."""
-    from cbr.models.similarity_maps import similarity_of, similarity_spec
-
     return similarity_of(similarity_spec(spec, similarity)) == "matching"

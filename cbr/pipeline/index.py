@@ -12,12 +12,19 @@ from sqlalchemy import select
 
 from cbr.data.batches import iter_batches
 from cbr.data.dataset import ManifestSpec, Problem, Scan, read_dataset
+from cbr.data.text import confusable_with, lookalike_note
 from cbr.errors import CbrError
 from cbr.pipeline.calibration import calibrate, has_calibration
+from cbr.pipeline.patient import check_key
+from cbr.pipeline.engine import ray_batches, RaySettings
+from cbr.pipeline.map_reliability import measure_case_maps
 from cbr.pipeline.settings import NO_EXPLANATION, IndexConfig, with_overrides
-from cbr.store.schema import Case, Dataset, Embedding
+from cbr.store.damage import drop_damaged
+from cbr.store.member import load_index, Member, rebuild_index, register_model, writer_lock
+from cbr.store.schema import Case, Dataset, Embedding, IndexManifest, Model
 from cbr.store.schema import Problem as ProblemRow
 from cbr.store.writer import CaseWriter
+import index as ix
 
 __all__ = ["IngestReport", "IndexConfig", "index_dataset"]
 
@@ -69,11 +76,7 @@ def _one_window(members) -> str:
 
 def _open_members(cb, c: IndexConfig, window, n_hint: int, notes: list) -> list:
     """One ``Member`` per model of ``c``: registered, its index loaded (and repaired) or built empty."""
-    import index as ix
-    from cbr.models.factory import create_embedder
-    from cbr.store.member import Member, load_index, register_model
-    from cbr.store.schema import IndexManifest
-
+    from cbr.models.embedder import create_embedder
     members = []
     for spec in c.models:
         emb = create_embedder(spec, weights=None if Path(spec).exists() else c.weights,
@@ -104,8 +107,6 @@ def _computed(todo, members, writer, c: IndexConfig, window):
     """Yield (record indices, embeddings per member, maps per member, [(index, problem)]) per batch,
     decoded and computed here (engine "local") or on Ray (pipeline/engine.py)."""
     if c.engine == "ray":
-        from cbr.pipeline.engine import RaySettings, ray_batches
-
         import copy
 
         # CPU copies travel to the actors (a CUDA tensor cannot load where there is no GPU).
@@ -125,9 +126,6 @@ def _computed(todo, members, writer, c: IndexConfig, window):
 def _train_on_collection(cb, members, notes: list) -> None:
     """Replace each exact stand-in (see _open_members) by its kind, trained on every stored vector;
     a collection too small to train it keeps the exact index until a later run."""
-    import index as ix
-    from cbr.store.member import rebuild_index
-
     for m in members:
         if m.index.ntotal and not ix.learned(m.index) and ix.needs_training(m.index.d, m.kind, m.index.ntotal):
             try:
@@ -157,6 +155,58 @@ def _plan(records, known: dict, have: dict, model_ids: list, report: IngestRepor
     return todo
 
 
+def _rebuild(cb, report: IngestReport) -> None:
+    """Rebuild every member's index from the stored embeddings (``--rebuild``), calibrating where missing."""
+    # Rows that do not decode first (a map of the wrong size, a NaN embedding): dropped, so
+    # that the rebuild reads only sound rows; DATA, if given, embeds those images again.
+    report.notes.extend(drop_damaged(cb))
+    with cb.read() as s:
+        # Models with an index, or with stored embeddings whose manifest row was lost.
+        rows = s.execute(select(Model.id, Model.source).where(
+            Model.id.in_(select(IndexManifest.model_id)) | Model.id.in_(select(Embedding.model_id))
+        ).order_by(Model.id)).all()
+    for model_id, src in rows:
+        index = rebuild_index(cb, model_id)
+        if not has_calibration(cb, model_id):
+            calibrate(cb, model_id, index)
+        report.rebuilt.append(src)
+
+
+def _stored(cb, scan, manifest, sources, model_ids) -> tuple[int, dict, dict]:
+    """(the dataset row's id, created if new; sha256 -> (case id, label, removed_at) of the scan's
+    images already stored; case id -> the member ids that have its embedding)."""
+    with cb.write() as s:
+        ds = s.scalar(select(Dataset).where(Dataset.source == scan.source, Dataset.kind == scan.kind))
+        if ds is None:
+            options = (manifest or ManifestSpec()).to_dict()
+            if sources is not None:
+                options["sources"] = sources.to_dict()  # never the pseudonymisation key itself
+            ds = Dataset(source=scan.source, kind=scan.kind, options=options)
+            s.add(ds)
+            s.flush()
+        dataset_id = ds.id
+        known = {case.sha256: (case.id, case.label, case.removed_at) for case in s.scalars(
+            select(Case).where(Case.sha256.in_([r.sha256 for r in scan.records])))} if scan.records else {}
+        have = {}
+        for case_id, model_id in s.execute(select(Embedding.case_id, Embedding.model_id).where(Embedding.model_id.in_(model_ids))):
+            have.setdefault(case_id, set()).add(model_id)
+    return dataset_id, known, have
+
+
+def _lookalikes(cb, records) -> list[str]:
+    """A warning for each new label that mixes scripts to look like another class (stored or in
+    this dataset): ``tumоur`` with a Cyrillic ``о`` would quietly become a class of its own."""
+    labels = {r.label for r in records}
+    with cb.read() as s:
+        stored = set(s.scalars(select(Case.label).distinct()))
+    notes = []
+    for label in sorted(labels - stored):
+        other = confusable_with(label, (stored | labels) - {label})
+        if other is not None:
+            notes.append(lookalike_note(label, other))
+    return notes
+
+
 def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifest: ManifestSpec | None = None,
                   records=None, rebuild: bool = False, progress: bool = False, sources=None,
                   **overrides) -> IngestReport:
@@ -181,22 +231,12 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
     """
     from tqdm import tqdm
 
-    from cbr.store.member import rebuild_index, writer_lock
-    from cbr.store.schema import IndexManifest, Model
-
     c = with_overrides(config, IndexConfig, overrides)
     t0 = time.monotonic()
     report = IngestReport(source=str(source) if source is not None else None, models=list(c.models))
     with writer_lock(cb):
         if rebuild:
-            with cb.read() as s:
-                # Models with an index, or with stored embeddings whose manifest row was lost.
-                rows = s.execute(select(Model.id, Model.source).where(
-                    Model.id.in_(select(IndexManifest.model_id)) | Model.id.in_(select(Embedding.model_id))
-                ).order_by(Model.id)).all()
-            for model_id, src in rows:
-                rebuild_index(cb, model_id)
-                report.rebuilt.append(src)
+            _rebuild(cb, report)
         if source is None and records is None:
             report.elapsed = time.monotonic() - t0
             return report
@@ -204,29 +244,17 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
         if records is not None:
             scan = Scan(source=str(source or "<records>"), kind="records", records=list(records), problems=[])
         else:
+            # one key per case base: raw ids beside hashed ones, or two keys, would group nothing
+            check_key(cb, sources.pseudonymise if sources is not None else None, "index")
             scan = read_dataset(source, manifest, progress=progress, sources=sources)
         report.problems.extend(scan.problems)
+        report.notes.extend(_lookalikes(cb, scan.records))
 
         members = _open_members(cb, c, sources and sources.window, len(scan.records), report.notes)
         model_ids = [m.model_id for m in members]
         window = _one_window(members)
 
-        with cb.write() as s:
-            ds = s.scalar(select(Dataset).where(Dataset.source == scan.source, Dataset.kind == scan.kind))
-            if ds is None:
-                options = (manifest or ManifestSpec()).to_dict()
-                if sources is not None:
-                    options["sources"] = sources.to_dict()  # never the pseudonymisation key itself
-                ds = Dataset(source=scan.source, kind=scan.kind, options=options)
-                s.add(ds)
-                s.flush()
-            dataset_id = ds.id
-            known = {case.sha256: (case.id, case.label, case.removed_at) for case in s.scalars(
-                select(Case).where(Case.sha256.in_([r.sha256 for r in scan.records])))} if scan.records else {}
-            have = {}
-            for case_id, model_id in s.execute(select(Embedding.case_id, Embedding.model_id).where(Embedding.model_id.in_(model_ids))):
-                have.setdefault(case_id, set()).add(model_id)
-
+        dataset_id, known, have = _stored(cb, scan, manifest, sources, model_ids)
         todo = _plan(scan.records, known, have, model_ids, report)
 
         writer = CaseWriter(cb, members, explain=c.explain, embedding_dtype=c.embedding_dtype)
@@ -252,8 +280,6 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
             if report.added or not has_calibration(cb, m.model_id):
                 calibrate(cb, m.model_id, m.index)
         if c.explain != NO_EXPLANATION:
-            from cbr.pipeline.map_reliability import measure_case_maps
-
             report.notes.extend(measure_case_maps(cb, members, scan.records, c.explain))
         if report.problems:
             with cb.write() as s:

@@ -12,6 +12,14 @@ import logging
 
 from sqlalchemy import select
 
+from cbr.data.mask import lesion_mask
+from cbr.models.maps import map_layer
+from cbr.store.reliability import badge_text, Reliability, reliability_of, store_reliability
+from cbr.store.rows import map_fields
+from cbr.store.schema import Case, Explanation
+from explain.metrics import pointing_game
+from explain.spec import base_name
+
 __all__ = ["measure_case_maps"]
 
 LOG = logging.getLogger(__name__)
@@ -22,14 +30,6 @@ def measure_case_maps(cb, members, records, method: str) -> list[str]:
 
     Returns one note per measured model ("maps of ... hit the lesion in ...").
     """
-    from cbr.data.mask import lesion_mask
-    from cbr.models.maps import map_layer
-    from cbr.store.reliability import Reliability, badge_text, reliability_of, store_reliability
-    from cbr.store.rows import map_fields
-    from cbr.store.schema import Case, Explanation
-    from explain.metrics import pointing_game
-    from explain.spec import base_name
-
     masked = {r.sha256: r.metadata["mask"] for r in records if (r.metadata or {}).get("mask")}
     if not masked:
         return []

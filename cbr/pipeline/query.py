@@ -13,10 +13,30 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from cbr.errors import CbrError
+from cbr.data.dataset import printable_path, valid_utf8
+from cbr.data.pseudonyms import stored_patient_id
+from cbr.data.sources import decode_query, dicom_neutral_locator, read_source, refuse_burned_in
+from cbr.data.text import clean_label
+from cbr.errors import CaseBaseError, CbrError, DamagedRowError, ImageError
 from cbr.pipeline.answer import Answer, Retrieval
+from cbr.pipeline.calibration import member_calibrations
+from cbr.pipeline.conformal import ambiguous, fit_sets, prediction_set, union
+from cbr.pipeline.explanation import embed_query, MapRequest, query_maps
+from cbr.pipeline.map_meter import MapMeter
+from cbr.pipeline.patient import check_key, query_patient
+from cbr.pipeline.record import record_query
+from cbr.pipeline.search import (active_classes, allowed_cases, excluded_cases, own_case_notes, search_members,
+                                 where_note)
 from cbr.pipeline.settings import NO_EXPLANATION, QueryConfig, with_overrides
-from cbr.store.schema import Calibration
+from cbr.pipeline.temperature import vote_parameters
+from cbr.pipeline.typicality import screen
+from cbr.pipeline.vote import get_ensemble, get_vote_rule
+from cbr.reporting.report import write_outputs
+from cbr.store.damage import decoded, rebuild_hint
+from cbr.store.member import load_members
+from cbr.store.reliability import reliability_of
+from cbr.reporting.uncertainty import conflicts
+from cbr.store.schema import Calibration, Case, Query
 
 __all__ = ["Searcher", "Answer", "QueryConfig", "query_images"]
 
@@ -26,9 +46,6 @@ LOG = logging.getLogger(__name__)
 def _check_name(image) -> None:
     """Paths are stored as text: refuse a name that is not valid UTF-8, as `cbr index` does."""
     import os
-
-    from cbr.data.dataset import printable_path, valid_utf8
-    from cbr.errors import ImageError
 
     if not valid_utf8(os.fsdecode(image)):
         raise ImageError(printable_path(image), "file name is not valid UTF-8; rename it")
@@ -49,46 +66,72 @@ class Searcher:
     """
 
     def __init__(self, cb, config: QueryConfig | None = None, **overrides):
-        from cbr.store.member import load_members
-
         self.cb = cb
         self.config = with_overrides(config, QueryConfig, overrides)
         self.members = load_members(cb, self.config.models, device=self.config.device)
         self.notes = [n for m in self.members for n in m.notes]
         # Typicality (and credibility) calibrations, recomputed first when missing or stale.
-        from cbr.pipeline.calibration import member_calibrations
-
         self._typicality, recalibrated = member_calibrations(cb, self.members)
         self.notes.extend(recalibrated)
-        self._calibration = {}
+        self._calibration, self._stored = {}, {}
         self._configure()
 
     def _configure(self) -> None:
-        """Look up the vote rule and ensemble of ``self.config``; load calibration when it needs it."""
-        from cbr.pipeline.vote import get_ensemble, get_vote_rule
-
+        """Look up the vote rule and ensemble of ``self.config``; fit the vote and its prediction sets
+        on each member's calibration rows (cases its model never trained on, or leave-one-out)."""
         c = self.config
         self.vote_rule, self.combine = get_vote_rule(c.vote), get_ensemble(c.ensemble)
         self.vote_kw = {"min_credibility": c.min_credibility}
-        fitted = c.vote == "weighted" and c.temperature is None
-        stored = {}
-        if (c.vote == "credibility" or fitted) and not self._calibration:
+        if not self._calibration:
             with self.cb.read() as s:
                 for m in self.members:
-                    row = s.scalar(select(Calibration).where(Calibration.model_id == m.model_id))
+                    row = decoded(lambda: s.scalar(select(Calibration).where(Calibration.model_id == m.model_id)),
+                                  f"the vote calibration of model {m.model_id}", rebuild_hint(self.cb))
                     self._calibration[m.model_id] = row.rows if row else []
-                    stored[m.model_id] = row.temperature if row else None
-        # Per member: (temperature of the weighted vote, "given" | "fitted" | "default").
+                    self._stored[m.model_id] = row.temperature if row else None
+        # Per member: (temperature of the weighted vote, "given" | "fitted" | "default"), its prior and ceiling.
         self.temperatures = {m.model_id: (c.temperature, "given") for m in self.members}
-        if fitted:
-            from cbr.pipeline.temperature import temperature_for
-
-            self.temperatures = {m.model_id: temperature_for(stored.get(m.model_id), self._calibration.get(m.model_id),
-                                                             c.k) for m in self.members}
+        self._vote_params = {m.model_id: {} for m in self.members}
+        if c.vote == "weighted":
+            for m in self.members:
+                rows = self._calibration.get(m.model_id) or []
+                p = vote_parameters(self._stored.get(m.model_id), rows, c.k, c.temperature)
+                self.temperatures[m.model_id] = (p["temperature"], p["temperature_source"])
+                # A confidence above n+1 / n+2 (n calibration cases, all right) is more than they show.
+                self._vote_params[m.model_id] = {"temperature": p["temperature"], "prior": p["prior"],
+                                                 "reference": p["reference"], "density": p["density"],
+                                                 "ceiling": 1 - 1 / (len(rows) + 2)}
+        self._sets = {}
 
     def _temperature_kw(self, member) -> dict:
-        value = self.temperatures.get(member.model_id, (None, ""))[0]
-        return {} if value is None else {"temperature": value}
+        params = self._vote_params.get(member.model_id) or {}
+        return {k: v for k, v in params.items() if v is not None}
+
+    def _member_vote(self, member, labels, similarities, classes):
+        return self.vote_rule(labels, similarities, classes, calibration=self._calibration.get(member.model_id, ()),
+                              **self.vote_kw, **self._temperature_kw(member))
+
+    def prediction_sets(self, member, classes):
+        """The member's conformal `PredictionSets` for these classes (fitted once; None: no calibration)."""
+        key = (member.model_id, tuple(classes))
+        if key not in self._sets:
+            self._sets[key] = fit_sets(self._calibration.get(member.model_id), self.config.k,
+                                       lambda lab, sim, cls: self._member_vote(member, lab, sim, cls).probabilities,
+                                       classes, self.config.coverage)
+        return self._sets[key]
+
+    def calibration_info(self, classes) -> dict:
+        """``calibration`` of the answer: where the first member's vote was calibrated, on how many
+        cases, and the classes too rare in it for the coverage asked."""
+        if not self.members:
+            return {}
+        m = self.members[0]
+        stored = self._stored.get(m.model_id) or {}
+        sets = self.prediction_sets(m, classes)
+        return {"source": stored.get("source", "leave-one-out"), "cases": len(self._calibration.get(m.model_id) or []),
+                "why": stored.get("why"), "coverage": self.config.coverage,
+                "too_few": dict(sets.too_few) if sets is not None else {},
+                **{key: p for key, p in self._vote_params.get(m.model_id, {}).items() if key != "ceiling"}}
 
     # Read-only views of the config, the names the audit trail and older callers use.
     k = property(lambda self: self.config.k)
@@ -97,7 +140,7 @@ class Searcher:
     ensemble_name = property(lambda self: self.config.ensemble)
 
     def query(self, image, *, patient: str | None = None, record: bool = True, render: bool | None = None,
-              vectors=None, sources=None) -> Answer:
+              vectors=None, sources=None, patient_stored: bool = False) -> Answer:
         """Answer one query image (a path); records it in the case base and writes its report.
 
         Args:
@@ -107,36 +150,20 @@ class Searcher:
             render: write the overlays and report; None follows ``config.render``.
             vectors: (see :meth:`query_vectors`) replace the image's embeddings in the search.
             sources: a ``SourceSpec`` for DICOM/NIfTI queries: a ``window`` other than the models'
-                own is refused; ``axis``/``volume`` pick the slice of a whole volume.
+                own is refused; ``axis``/``volume`` pick the slice of a whole volume; its
+                ``pseudonymise`` key hashes ``patient`` and a DICOM PatientID, and must be the
+                case base's own (refused otherwise); ``allow_burned_in`` accepts burned-in text.
+            patient_stored: ``patient`` is already in the case base's stored form (a record's
+                group, a recorded query's patient): used as is, and no DICOM PatientID is read.
         """
-        from cbr.data.sources import decode_query
-        from cbr.pipeline.explanation import MapRequest, embed_query, query_maps
-        from cbr.pipeline.map_meter import MapMeter
-        from cbr.pipeline.record import record_query
-        from cbr.pipeline.search import (active_classes, allowed_cases, excluded_cases, own_case_notes,
-                                         search_members, where_note)
-        from cbr.pipeline.typicality import screen
-        from cbr.store.reliability import reliability_of
-
         c = self.config
         t = {}
         t0 = time.perf_counter()
         if record and getattr(self.cb, "readonly", False):
-            from cbr.errors import CaseBaseError
-
             raise CaseBaseError(f"case base {self.cb.display} is open read-only; answer without recording "
                                 "(cbr query --no-record) or use a writable copy")
-        if patient is not None:
-            from cbr.data.text import clean_label
-
-            patient = clean_label(patient, "--patient") or None
-        _check_name(image)
-        img, sha, src = decode_query(image, [m.embedder.config.window for m in self.members], sources)
-        told = []
-        if patient is None:  # a DICOM query names its patient (PatientID), as a manifest's column does
-            from cbr.pipeline.patient import query_patient
-
-            patient, told = query_patient(self.cb, src, sources.pseudonymise if sources is not None else None)
+        key = sources.pseudonymise if sources is not None else None
+        img, sha, src, patient, told = self._decode(image, patient, sources, key, patient_stored)
         t["decode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -147,32 +174,19 @@ class Searcher:
         t["embed"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        with self.cb.read() as s:
-            exclude = excluded_cases(s, sha, patient)
-            classes = active_classes(s)
-            own = own_case_notes(s, sha)
-            reliability = reliability_of(s, [m.model_id for m in self.members])
-            # deep enough for the typicality score (the k-th neighbour of the calibration)
-            depth = max([c.k] + [cal.k for cal in self._typicality if cal is not None])
-            deep = search_members(s, self.members, [f.vector for f in feats], depth, exclude)
-            hits = [h[: c.k] for h in deep]
-            allow = allowed_cases(s, c.where)
-            if allow is not None:
-                # Typicality stays measured against the whole case base (``deep``): whether an image
-                # is in distribution does not depend on which cases the user chose to compare with.
-                hits = search_members(s, self.members, [f.vector for f in feats], c.k, exclude, allow)
-                own = own + where_note(c.where, allow)
+        hits, deep, classes, own, own_cases, reliability = self._search(sha, patient, feats)
         t["search"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        votes = [self.vote_rule([n.case.label for n in h], [n.similarity for n in h], classes,
-                                calibration=self._calibration.get(m.model_id, ()), **self.vote_kw,
-                                **self._temperature_kw(m))
-                 for m, h in zip(self.members, hits)]
-        final, typ, flagged = screen(self.combine(votes, classes), [[n.similarity for n in h] for h in deep],
-                                     self._typicality, alpha=c.ood_alpha, answer_anyway=c.answer_anyway)
-        found = Retrieval(image=src.resolved().locator, sha256=sha, patient=patient, hits=hits, votes=votes,
-                          final=final, typicality=typ, notes=flagged + own + told)
+        final, votes, typ, flagged, pset = self._decide(hits, deep, classes)
+        # a pseudonymised case base shows a DICOM query under a neutral locator, never its file name
+        file = src.resolved().locator
+        shown = dicom_neutral_locator(src, sha) if key else None
+        found = Retrieval(image=shown or file, image_file=file if shown else None, sha256=sha, patient=patient,
+                          hits=hits, votes=votes,
+                          final=final, typicality=typ, notes=flagged + own + told, prediction_set=pset,
+                          conflict=conflicts(own_cases, None if final.abstained else final.label),
+                          calibration=self.calibration_info(classes))
         t["vote"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -194,29 +208,91 @@ class Searcher:
         t["database"] = time.perf_counter() - t0
 
         answer = Answer.from_retrieval(query_id, found, self.members, self.notes)
-        answer.map_reliability = reliability.get(self.members[0].model_id) if self.members else None
-        for mem in answer.members:
-            mem["map_reliability"] = reliability.get(mem["model_id"])
-            if c.vote == "weighted":
-                mem["temperature"], mem["temperature_source"] = self.temperatures[mem["model_id"]]
+        self._annotate(answer, reliability)
         if meter.summary():
             answer.notes.append(meter.summary())
         t0 = time.perf_counter()
         if render:
-            from cbr.reporting.report import write_outputs
-
-            images = {None: img}  # decoded: each member's maps are drawn on its own view (crop, letterbox)
-            images.update(neighbour_images)
-            paths = _write_or_mark(self.cb, query_id, Path(c.out_dir) / f"query-{query_id}", images, c.scale,
-                                   write_outputs)
-            answer.report = paths["report"]
-            answer.explanation = paths.get("query")
-            for mem in answer.members:
-                for n in mem["neighbours"]:
-                    n["explanation"] = paths.get(("neighbour", mem["model_id"], n["case_id"]))
+            self._render(answer, query_id, {None: img, **neighbour_images})
         t["render"] = time.perf_counter() - t0
         answer.timings = t
         return answer
+
+    def _decode(self, image, patient, sources, key, patient_stored: bool):
+        """(pixels, sha256, source, the patient in stored form, notes) of a query image."""
+        if not patient_stored:  # ids from people and DICOM tags are hashed with the case base's own key
+            check_key(self.cb, key)
+        if patient is not None:
+            patient = clean_label(patient, "--patient") or None
+            patient = patient if patient_stored else stored_patient_id(patient, key)
+        _check_name(image)
+        img, sha, src = decode_query(image, [m.embedder.config.window for m in self.members], sources)
+        told = []
+        if patient is None and not patient_stored:  # a DICOM query names its patient (PatientID)
+            patient, told = query_patient(src, key)
+        return img, sha, src, patient, told
+
+    def _search(self, sha: str, patient, feats):
+        """(hits, deep hits, classes, notes on its own cases, its own cases, map reliability): each
+        member's neighbours, never the query's own image or patient, within ``--where``."""
+        c = self.config
+        with self.cb.read() as s:
+            exclude = excluded_cases(s, sha, patient)
+            classes = active_classes(s)
+            own = own_case_notes(s, sha)
+            own_cases = s.execute(select(Case.id, Case.label).where(Case.sha256 == sha, Case.removed_at.is_(None))).all()
+            reliability = reliability_of(s, [m.model_id for m in self.members])
+            # deep enough for the typicality score (the k-th neighbour of the calibration)
+            depth = max([c.k] + [cal.k for cal in self._typicality if cal is not None])
+            deep = search_members(s, self.members, [f.vector for f in feats], depth, exclude)
+            hits = [h[: c.k] for h in deep]
+            allow = allowed_cases(s, c.where)
+            if allow is not None:
+                # Typicality stays measured against the whole case base (``deep``): whether an image
+                # is in distribution does not depend on which cases the user chose to compare with.
+                hits = search_members(s, self.members, [f.vector for f in feats], c.k, exclude, allow)
+                own = own + where_note(c.where, allow)
+        return hits, deep, classes, own, own_cases, reliability
+
+    def _annotate(self, answer: Answer, reliability: dict) -> None:
+        """Add each member's map reliability and (weighted vote) temperature to an answer."""
+        answer.map_reliability = reliability.get(self.members[0].model_id) if self.members else None
+        for mem in answer.members:
+            mem["map_reliability"] = reliability.get(mem["model_id"])
+            if self.config.vote == "weighted":
+                mem["temperature"], mem["temperature_source"] = self.temperatures[mem["model_id"]]
+
+    def _render(self, answer: Answer, query_id: int, images: dict) -> None:
+        """Write a recorded query's overlays and report; ``images``: the decoded query (key None) and
+        neighbours, each member's maps drawn on its own view (crop, letterbox)."""
+        c = self.config
+        paths = _write_or_mark(self.cb, query_id, Path(c.out_dir) / f"query-{query_id}", images, c.scale,
+                               write_outputs)
+        answer.report = paths["report"]
+        answer.explanation = paths.get("query")
+        for mem in answer.members:
+            for n in mem["neighbours"]:
+                n["explanation"] = paths.get(("neighbour", mem["model_id"], n["case_id"]))
+
+    def _decide(self, hits, deep, classes):
+        """(final vote, member votes, typicality, notes, prediction set) of one query's neighbours.
+
+        Each member votes and gives its conformal set; the ensemble's set is their union. A set of
+        several classes abstains under --abstain-ambiguous; typicality screens last (an
+        out-of-distribution query abstains whatever the set)."""
+        c = self.config
+        votes = [self._member_vote(m, [n.case.label for n in h], [n.similarity for n in h], classes)
+                 for m, h in zip(self.members, hits)]
+        final = self.combine(votes, classes)
+        fitted = [self.prediction_sets(m, classes) for m in self.members]
+        pset = None
+        if fitted and all(f is not None for f in fitted):
+            pset = union([prediction_set(f, v.probabilities) for f, v in zip(fitted, votes)], final.probabilities)
+            if c.abstain_ambiguous and len(pset) > 1:
+                final = ambiguous(final)
+        final, typ, flagged = screen(final, [[n.similarity for n in h] for h in deep], self._typicality,
+                                     alpha=c.ood_alpha, answer_anyway=c.answer_anyway)
+        return final, votes, typ, flagged, pset
 
     def query_vectors(self, image, vectors, **kw) -> Answer:
         """Answer from given query vectors instead of the image's own embeddings, recorded the same way.
@@ -244,7 +320,7 @@ class Searcher:
             raise CbrError("with_options keeps the loaded members; build a new Searcher for other --model or device")
         other = copy.copy(self)
         other.config = new
-        other._calibration = dict(self._calibration)
+        other._calibration, other._stored = dict(self._calibration), dict(self._stored)
         other._configure()
         return other
 
@@ -266,9 +342,13 @@ def _write_or_mark(cb, query_id: int, out: Path, images: dict, scale: str, write
     """Write a recorded query's outputs; if that fails (a full disk), the query row says it has none."""
     try:
         return write_outputs(cb, query_id, out, images=images, scale=scale)
+    except DamagedRowError as e:  # a stored map that does not decode: the row and its repair, in one line
+        with cb.write() as s:
+            q = s.get(Query, int(query_id))
+            q.report_path = None
+            q.notes = list(q.notes or []) + [f"no report: {e}"]
+        raise DamagedRowError(f"query {query_id} is recorded without its report: {e}") from None
     except OSError as e:
-        from cbr.store.schema import Query
-
         reason = e.strerror or str(e)
         with cb.write() as s:
             q = s.get(Query, int(query_id))
@@ -309,17 +389,18 @@ def query_images(cb, images, config: QueryConfig | None = None, *, patient: str 
         images: query image paths.
         config: a ``QueryConfig``; ``overrides`` change some of its fields.
         patient: the patient of every image: their cases are never retrieved.
-        sources: a ``SourceSpec`` for DICOM/NIfTI images (window check, axis, volume).
+        sources: a ``SourceSpec`` for DICOM/NIfTI images (window check, axis, volume, the
+            pseudonymisation key, burned-in text allowed).
         record: False answers without storing anything or writing reports (a read-only replica).
 
     Example:
         >>> answers = query_images(open_casebase("cases.db"), ["scan.png"], QueryConfig(k=5))
         >>> answers = query_images(cb, ["ct/IM0001", "brain.nii.gz#axis=axial&slice=40"])
     """
-    from cbr.data.sources import read_source
-
+    check_key(cb, sources.pseudonymise if sources is not None else None)
     for image in images:
         _check_name(image)
         read_source(image, axis=sources.axis if sources else "axial", volume=sources.volume if sources else 0)
+        refuse_burned_in(image, sources)
     searcher = Searcher(cb, config, **overrides)
     return [searcher.query(image, patient=patient, sources=sources, record=record) for image in images]

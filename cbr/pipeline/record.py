@@ -19,14 +19,16 @@ def record_query(cb, config, members, r) -> int:
     """Store a ``Retrieval`` made with ``config`` (a QueryConfig) and ``members``; returns the query id."""
     final, typ = r.final, r.typicality
     with cb.write() as s:
-        q = Query(image_path=r.image, sha256=r.sha256, patient_id=r.patient, k=config.k,
+        q = Query(image_path=r.image, image_file=r.image_file, sha256=r.sha256, patient_id=r.patient, k=config.k,
                   vote_rule=config.vote, ensemble=config.ensemble, explain_method=config.explain,
                   prediction=final.label, confidence=float(final.confidence), probabilities=_probabilities(final),
                   abstained=bool(final.abstained),
                   credibility=None if final.credibility is None else float(final.credibility),
                   typicality=None if typ is None else typ.value,
                   out_of_distribution=None if typ is None else bool(typ.out_of_distribution),
-                  abstain_reason=final.abstain_reason if final.abstained else None, notes=list(r.notes))
+                  abstain_reason=final.abstain_reason if final.abstained else None, notes=list(r.notes),
+                  uncertainty={"set": r.prediction_set, "coverage": r.calibration.get("coverage"),
+                               "conflict": list(r.conflict), "calibration": dict(r.calibration)})
         s.add(q)
         s.flush()
         member_typ = typ.members if typ is not None else [None] * len(r.votes)

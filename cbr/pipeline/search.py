@@ -10,7 +10,9 @@ from typing import NamedTuple
 
 from sqlalchemy import select
 
+from cbr.store.member import embeddings_in
 from cbr.store.schema import Case
+import index as ix
 
 __all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes",
            "active_classes", "search_members"]
@@ -87,8 +89,6 @@ def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) 
         exclude: case ids never returned (see ``excluded_cases``).
         allow: None, or the only case ids that may be returned (see ``allowed_cases``).
     """
-    import index as ix
-
     hits = []
     for m, e in zip(members, vectors):
         lossy = ix.lossy(m.index)
@@ -105,8 +105,6 @@ def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) 
 def _reranked(s, model_id: int, query, pairs):
     """``pairs`` (case id, approximate similarity) re-scored by the stored embeddings, best first."""
     import numpy as np
-
-    from cbr.store.member import embeddings_in
 
     if not pairs:
         return pairs

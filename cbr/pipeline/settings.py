@@ -10,7 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from cbr.errors import CbrError, UnknownNameError
-from cbr.models.similarity_maps import DEFAULT_SIMILARITY_MAP
+from cbr.models.similarity_maps import check_similarity, DEFAULT_SIMILARITY_MAP
+from cbr.pipeline.engine import ENGINES
+from cbr.store.encoding import EMBEDDING_DTYPES
+from explain.methods import METHOD_NAMES
 
 __all__ = ["QueryConfig", "IndexConfig", "DEFAULT_REPORTS", "SCALES", "NO_EXPLANATION", "check_explain",
            "with_overrides", "parse_where"]
@@ -19,12 +22,11 @@ DEFAULT_REPORTS = "cbr-reports"  # where query reports go unless --out says othe
 SCALES = ("shared", "per-image")  # colour scales of the maps in a report
 NO_EXPLANATION = "none"  # the --explain value that turns the maps off
 DEFAULT_OOD_ALPHA = 0.01  # typicality level: at most 1% of in-distribution queries flagged
+DEFAULT_COVERAGE = 0.9  # prediction sets hold the true class of at least 90% of each class's queries
 
 
 def check_explain(name: str) -> str:
     """``name`` if it is a CAM method (``explain.methods``) or ``none``, else UnknownNameError."""
-    from explain.methods import METHOD_NAMES
-
     if name != NO_EXPLANATION and name not in METHOD_NAMES:
         raise UnknownNameError("explanation method", name, (*METHOD_NAMES, NO_EXPLANATION))
     return name
@@ -79,18 +81,21 @@ class QueryConfig:
     answer_anyway: bool = False  # give the vote of an out-of-distribution query all the same
     where: tuple[tuple[str, str], ...] = ()  # only neighbours whose metadata match every (key, value)
     similarity_map: str = DEFAULT_SIMILARITY_MAP  # why-this-neighbour maps: SIMILARITY_MAPS (cbr/models/similarity_maps.py)
+    coverage: float = DEFAULT_COVERAGE  # of the conformal prediction sets (cbr.pipeline.conformal)
+    abstain_ambiguous: bool = False  # abstain (reason "ambiguous") when the set holds several classes
 
     def __post_init__(self):
         if self.k < 1:
             raise CbrError(f"-k {self.k}: ask for at least 1 neighbour")
         if not 0 <= self.ood_alpha < 1:
             raise CbrError(f"--ood-alpha {self.ood_alpha}: give a p-value level in [0, 1), e.g. 0.01 (0 never flags)")
+        if not 0 < self.coverage < 1:
+            raise CbrError(f"--coverage {self.coverage}: give a share in (0, 1), e.g. 0.9")
         if self.explain_budget is not None and self.explain_budget < 1:
             raise CbrError(f"--explain-budget {self.explain_budget}: allow at least 1 evaluation per map")
         if self.explain_neighbours is not None and self.explain_neighbours < 0:
             raise CbrError(f"--explain-neighbours {self.explain_neighbours}: give 0 or more")
         check_explain(self.explain)
-        from cbr.models.similarity_maps import check_similarity
 
         check_similarity(self.similarity_map)
         if self.scale not in SCALES:
@@ -120,12 +125,9 @@ class IndexConfig:
     crop: str | None = None  # foreground crop before letterboxing (cbr.data.crop.CROPS); None: none / the checkpoint's
 
     def __post_init__(self):
-        from cbr.pipeline.engine import ENGINES
-
         check_explain(self.explain)
         if self.engine not in ENGINES:
             raise UnknownNameError("engine", self.engine, ENGINES)
-        from cbr.store.encoding import EMBEDDING_DTYPES
 
         if self.embedding_dtype not in EMBEDDING_DTYPES:
             raise UnknownNameError("embedding dtype", self.embedding_dtype, EMBEDDING_DTYPES)

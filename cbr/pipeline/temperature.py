@@ -15,10 +15,15 @@ import math
 
 import numpy as np
 
-__all__ = ["DEFAULT_TEMPERATURE", "TEMPERATURE_RANGE", "vote_nll", "fit_temperature", "temperature_for"]
+__all__ = ["DEFAULT_TEMPERATURE", "TEMPERATURE_RANGE", "PRIOR_RANGE", "vote_probability", "vote_nll", "fit_temperature",
+           "vote_parameters", "temperature_for"]
 
 DEFAULT_TEMPERATURE = 0.07  # DINO's; used when no calibration with similarities exists
 TEMPERATURE_RANGE = (0.002, 2.0)  # below: one neighbour decides; above: a plain majority
+# How much a query's distance from its neighbours lowers their evidence against the prior: 0, not at
+# all (only k and the similarities' spread count); 1, as much as the temperature says.
+DENSITIES = (0.0, 0.25, 0.5, 0.75, 1.0)
+PRIOR_RANGE = (0.01, 100.0)  # pseudo-counts of the vote's prior: from a whisper to twenty unanimous neighbours
 # A true class absent from the k neighbours gets probability 0 whatever the temperature: such a
 # case adds the same constant to every candidate's NLL, so the floor only keeps the sum finite.
 _FLOOR = 1e-6
@@ -37,17 +42,38 @@ def _arrays(rows, k):
     return sims, same
 
 
-def vote_nll(sims: np.ndarray, same: np.ndarray, temperature: float) -> float:
+def vote_probability(sims: np.ndarray, same: np.ndarray, temperature: float, prior: float = 0.0,
+                     reference: float | None = None, n_classes: int = 2, density: float = 1.0) -> np.ndarray:
+    """Per row, the weighted vote's probability of the true class (the arithmetic of `vote.weighted`).
+
+    Weights exp((similarity - anchor) / T), the anchor between the row's best similarity
+    (``density`` 0) and ``reference`` (1); the prior adds ``prior / n_classes`` pseudo-counts to
+    every class. Without a prior the anchor cancels out (each row is shifted by its best).
+    """
+    best = sims[:, :1].max(axis=1, keepdims=True)
+    anchor = best if reference is None or prior <= 0 else (1 - density) * best + density * reference
+    z = (sims - anchor) / temperature
+    if prior > 0:
+        la = math.log(prior)
+        top = np.maximum(np.max(z, axis=1, keepdims=True), la)  # one shift for weights and prior alike
+        w = np.exp(z - top)  # -inf padding -> weight 0
+        a = np.exp(la - top[:, 0])
+        return ((w * same).sum(axis=1) + a / n_classes) / (w.sum(axis=1) + a)
+    w = np.exp(z - z.max(axis=1, keepdims=True))
+    return (w * same).sum(axis=1) / w.sum(axis=1)
+
+
+def vote_nll(sims: np.ndarray, same: np.ndarray, temperature: float, prior: float = 0.0,
+             reference: float | None = None, n_classes: int = 2, density: float = 1.0) -> float:
     """Mean negative log-likelihood of the true labels under the weighted vote at ``temperature``.
 
     The same arithmetic as `vote.weighted`: softmax of similarity / T over the neighbours (shifted
-    by the best), summed over the neighbours of the true class.
+    by the best), summed over the neighbours of the true class; with a ``prior``, its pseudo-counts
+    (see `vote_probability`).
     """
     if len(sims) == 0:
         return float("nan")
-    z = (sims - sims[:, :1].max(axis=1, keepdims=True)) / temperature
-    w = np.exp(z)  # -inf padding -> weight 0
-    p = (w * same).sum(axis=1) / w.sum(axis=1)
+    p = vote_probability(sims, same, temperature, prior, reference, n_classes, density)
     return float(-np.log(np.maximum(p, _FLOOR)).mean())
 
 
@@ -71,16 +97,46 @@ def _golden_min(f, a: float, b: float, tol: float = 1e-3) -> tuple[float, float]
     return (c, fc) if fc <= fd else (d, fd)
 
 
-def fit_temperature(rows, k: int) -> dict | None:
-    """The temperature minimising the weighted vote's NLL on the calibration rows, for k neighbours.
+def _classes_in(rows) -> int:
+    return max(2, len({r[0] for r in rows} | {lab for r in rows for lab in r[1]}))
+
+
+def _reference(sims: np.ndarray) -> float:
+    """The median best similarity of the calibration cases: the scale the prior's strength refers to."""
+    return float(np.median(sims[:, 0]))
+
+
+def _fit(loss, lo: float, hi: float, points: int = 41) -> tuple[float, float]:
+    """(x, loss(x)) minimising ``loss`` on [lo, hi]: a coarse grid, then golden-section around its best.
+
+    The grid first: the NLL need not be unimodal (it is flat where every neighbour agrees)."""
+    grid = np.linspace(lo, hi, points)
+    losses = [loss(g) for g in grid]
+    best = int(np.argmin(losses))
+    step = grid[1] - grid[0]
+    g, value = _golden_min(loss, max(lo, grid[best] - step), min(hi, grid[best] + step))
+    return (float(grid[best]), losses[best]) if value > losses[best] else (g, value)
+
+
+def fit_temperature(rows, k: int, temperature: float | None = None) -> dict | None:
+    """The temperature and prior minimising the weighted vote's NLL on the calibration rows, for k neighbours.
+
+    The prior is Dirichlet pseudo-counts (``prior / C`` for each of the C classes) weighed against
+    the neighbours' evidence, exp((similarity - reference) / T) each: five agreeing neighbours are
+    strong evidence only when they are as close as held-out cases' neighbours that proved right,
+    and the prior's share says how often such votes were wrong. The two are fitted together (a
+    grid over both, then each refined), and a prior of 0 (the plain weighted vote) is among the
+    candidates, so the fit is never worse than the vote without it.
 
     Args:
         rows: ``[true_label, [neighbour labels], [similarities]]`` per calibration case, best first.
         k: the neighbours a query votes with.
+        temperature: a temperature the user gave: only the prior is fitted.
 
     Returns:
-        ``{"value", "k", "n", "nll", "nll_default"}`` (JSON, as stored and reported), or None when no row carries similarities (a calibration from an
-        older cbr) or none has a neighbour.
+        ``{"value", "prior", "reference", "k", "n", "nll", "nll_default"}`` (JSON, as stored and
+        reported), or None when no row carries similarities (a calibration from an older cbr) or
+        none has a neighbour.
 
     Example:
         >>> rows = [["a", ["a", "b"], [0.9, 0.5]], ["b", ["b", "a"], [0.8, 0.7]]]
@@ -90,31 +146,54 @@ def fit_temperature(rows, k: int) -> dict | None:
     sims, same = _arrays(rows, int(k))
     if len(sims) == 0:
         return None
+    ref, n_classes = _reference(sims), _classes_in(rows)
+
+    def nll(log_t, log_a, density=1.0):
+        return vote_nll(sims, same, math.exp(log_t), 0.0 if log_a is None else math.exp(log_a), ref, n_classes,
+                        density)
+
     lo, hi = (math.log(t) for t in TEMPERATURE_RANGE)
-    # A coarse grid first: the NLL need not be unimodal in log T (it is flat where every neighbour
-    # agrees), so the bounded search refines around the best grid point only.
-    grid = np.linspace(lo, hi, 41)
-    losses = [vote_nll(sims, same, math.exp(g)) for g in grid]
-    best = int(np.argmin(losses))
-    step = grid[1] - grid[0]
-    a, b = max(lo, grid[best] - step), min(hi, grid[best] + step)
-    g, loss = _golden_min(lambda g: vote_nll(sims, same, math.exp(g)), a, b)
-    if loss > losses[best]:
-        g = float(grid[best])
-    return dict(value=round(math.exp(g), 6), k=int(k), n=int(len(sims)),
-                             nll=round(vote_nll(sims, same, math.exp(g)), 6),
-                             nll_default=round(vote_nll(sims, same, DEFAULT_TEMPERATURE), 6))
+    a_lo, a_hi = (math.log(a) for a in PRIOR_RANGE)
+    candidates = []
+    for density in DENSITIES:
+        for log_a in [None, *np.linspace(a_lo, a_hi, 9)]:  # None: no prior (the density then cancels out)
+            if log_a is None and density != DENSITIES[0]:
+                continue
+            if temperature is None:
+                log_t, loss = _fit(lambda g: nll(g, log_a, density), lo, hi)
+            else:
+                log_t = math.log(temperature)
+                loss = nll(log_t, log_a, density)
+            candidates.append((loss, log_t, log_a, density))
+    loss, log_t, log_a, density = min(candidates, key=lambda c: c[0])
+    if log_a is not None:  # refine the prior at that temperature
+        log_a, loss = _fit(lambda g: nll(log_t, g, density), a_lo, a_hi, points=17)
+    prior = 0.0 if log_a is None else math.exp(log_a)
+    return dict(value=round(math.exp(log_t), 6), prior=round(prior, 6), reference=round(ref, 6),
+                density=float(density), k=int(k), n=int(len(sims)), nll=round(nll(log_t, log_a, density), 6),
+                nll_default=round(vote_nll(sims, same, DEFAULT_TEMPERATURE), 6))
+
+
+def vote_parameters(stored: dict | None, rows, k: int, temperature: float | None = None) -> dict:
+    """The weighted vote's ``temperature``, ``prior`` and ``reference`` for queries with k neighbours,
+    and where the temperature came from (``temperature_source``: "given", "fitted" or "default").
+
+    The stored fit is used when it was made for this k and no temperature is given; otherwise the
+    stored rows are fitted again (milliseconds). Without similarities in the calibration: the
+    default temperature (or the given one) and no prior.
+    """
+    fit = stored if stored and "value" in stored and int(stored.get("k", -1)) == int(k) and temperature is None \
+        else fit_temperature(rows or [], k, temperature)
+    if fit is None:
+        return {"temperature": temperature or DEFAULT_TEMPERATURE, "prior": 0.0, "reference": None, "density": 1.0,
+                "temperature_source": "given" if temperature else "default"}
+    return {"temperature": float(fit["value"]), "prior": float(fit.get("prior", 0.0)),
+            "reference": fit.get("reference"), "density": float(fit.get("density", 1.0)),
+            "temperature_source": "given" if temperature else "fitted"}
 
 
 def temperature_for(stored: dict | None, rows, k: int) -> tuple[float, str]:
-    """(temperature, where it came from) for queries with k neighbours when the user gave none.
-
-    The stored fit is used when it was made for this k; another k is fitted again from the stored
-    rows (milliseconds); without similarities in the calibration, the default.
-    """
-    if stored and int(stored.get("k", -1)) == int(k):
-        return float(stored["value"]), "fitted"
-    fitted = fit_temperature(rows or [], k)
-    if fitted is None:
-        return DEFAULT_TEMPERATURE, "default"
-    return float(fitted["value"]), "fitted"
+    """(temperature, where it came from) for queries with k neighbours when the user gave none
+    (see `vote_parameters`, which gives the prior too)."""
+    params = vote_parameters(stored, rows, k)
+    return params["temperature"], params["temperature_source"]

@@ -38,6 +38,8 @@ from typing import Sequence
 import numpy as np
 
 from cbr.pipeline.settings import DEFAULT_OOD_ALPHA
+from cbr.pipeline.vote import out_of_distribution
+import index as ix
 
 __all__ = [
     "TYPICALITY_K",
@@ -161,8 +163,6 @@ def search_excluding(index, queries, k: int, exclude):
     more, then drop each row's excluded ids. Calibration searches every case with its own
     exclusion, which the index layer would run as one search per case (16 s instead of 1 s for
     1,000 calibration cases among 10,000)."""
-    import index as ix
-
     extra = max((len(e) for e in exclude), default=0)
     if extra > BATCH_EXCLUSION_MAX:
         return ix.search(index, queries, k, exclude=exclude)
@@ -189,8 +189,6 @@ def leave_one_out_scores(index, ids: np.ndarray, vecs: np.ndarray, groups: dict,
         max_cases: calibration cases at most (a seeded random subset above it).
         seed: seed of that subset.
     """
-    import index as ix
-
     n = len(ids)
     if n < 2:
         return np.empty(0, dtype=np.float64)
@@ -226,8 +224,6 @@ def screen(vote, member_similarities: Sequence[Sequence[float]], calibrations, *
         alpha: the level (see `assess`).
         answer_anyway: give the vote of a flagged query all the same.
     """
-    from cbr.pipeline.vote import out_of_distribution
-
     scores = [knn_score(sims, c.k if c is not None else 1) for sims, c in zip(member_similarities, calibrations)]
     typ = assess(scores, calibrations, alpha)
     notes = []

@@ -13,7 +13,8 @@ Conventions shared by all rules and ensembles:
   members that predicted them), then the first class in ``classes``.
 * No neighbours at all -> the vote abstains: label None, uniform probabilities, confidence 0.
 * Every abstention says why (``abstain_reason``, one of ``ABSTAIN_REASONS``): no neighbours, a
-  credibility below the threshold, or a query out of distribution (`out_of_distribution`).
+  credibility below the threshold, a query out of distribution (`out_of_distribution`), or a
+  prediction set of several classes under --abstain-ambiguous (`cbr.pipeline.conformal`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ TIE_TOL = 1e-12
 
 # Why a vote gave no diagnosis, by precedence: a vote without neighbours has nothing to be atypical
 # of; an atypical query is refused whatever its neighbours say.
-ABSTAIN_REASONS = ("no_neighbours", "out_of_distribution", "low_credibility")
+ABSTAIN_REASONS = ("no_neighbours", "out_of_distribution", "low_credibility", "ambiguous")
 
 
 class CalibrationError(CbrError):
@@ -139,11 +140,15 @@ def majority(labels, similarities, classes, **kw) -> Vote:
     return Vote(label=label, confidence=proba[label], probabilities=proba)
 
 
-def weighted(labels, similarities, classes, *, temperature: float = DEFAULT_TEMPERATURE, **kw) -> Vote:
+def weighted(labels, similarities, classes, *, temperature: float = DEFAULT_TEMPERATURE, prior: float = 0.0,
+             reference: float | None = None, density: float = 1.0, ceiling: float | None = None, **kw) -> Vote:
     """DINO-style weighted kNN: weight exp(similarity / temperature), summed per class.
 
     The weights are a softmax over the neighbours' ``similarity / temperature`` (shifted by the
-    maximum, so a small temperature cannot overflow).
+    maximum, so a small temperature cannot overflow). A ``prior`` adds ``prior / C`` pseudo-counts
+    to each of the C classes against the neighbours' weights exp((similarity - reference) / T), so
+    a few, or far, agreeing neighbours are not certainty (both fitted on held-out cases:
+    `cbr.pipeline.temperature`). The predicted label is the same with or without the prior.
 
     Args:
         labels: the neighbours' labels.
@@ -151,23 +156,39 @@ def weighted(labels, similarities, classes, *, temperature: float = DEFAULT_TEMP
         classes: every label of the case base (the probability keys).
         temperature: softmax temperature; smaller trusts the closest neighbours more (queries fit it
             on the calibration slice: `cbr.pipeline.temperature`).
+        prior: pseudo-counts of the uniform Dirichlet prior (0: none).
+        reference: the similarity a neighbour must reach to weigh 1 against the prior (None: the best).
+        density: how far the anchor of the weights moves from the best neighbour to ``reference``
+            (0: the query's distance from the case base does not count; 1: fully).
+        ceiling: the highest confidence the calibration supports (None: no limit); a higher one is
+            shrunk towards uniform, the label kept.
 
     Example:
         >>> weighted(["a", "a", "b", "b", "b"], [0.9, 0.88, 0.7, 0.7, 0.7], ["a", "b"]).label
         'a'
+        >>> weighted(["a"] * 5, [0.8] * 5, ["a", "b"], prior=1.0).confidence < 1
+        True
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     labels, similarities, classes = _check(labels, similarities, classes)
     if not labels:
         return _abstain(classes)
-    top = max(similarities)
-    weights = [math.exp((s - top) / temperature) for s in similarities]
+    best = max(similarities)
+    top = best if reference is None or prior <= 0 else (1 - density) * best + density * reference
+    z = [(s - top) / temperature for s in similarities]
+    shift = max(z + ([math.log(prior)] if prior > 0 else []))
+    weights = [math.exp(v - shift) for v in z]
     per_class: dict[str, list[float]] = {c: [] for c in classes}
     for lab, w in zip(labels, weights):
         per_class[lab].append(w)
-    proba = _normalise({c: math.fsum(v) for c, v in per_class.items()})
+    pseudo = math.exp(math.log(prior) - shift) / len(classes) if prior > 0 else 0.0
+    proba = _normalise({c: math.fsum(v) + pseudo for c, v in per_class.items()})
     label = _argmax(classes, proba, _summed_similarity(labels, similarities, classes))
+    if ceiling is not None and proba[label] > ceiling and len(classes) > 1:
+        # mix with uniform just enough: the label and the order of the classes stay
+        share = (proba[label] - ceiling) / (proba[label] - 1 / len(classes))
+        proba = {c: (1 - share) * p + share / len(classes) for c, p in proba.items()}
     return Vote(label=label, confidence=proba[label], probabilities=proba)
 
 

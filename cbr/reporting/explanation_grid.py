@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from cbr.files import atomic_write
+from explain.overlay import load_font, render_overlay
+
 __all__ = ["write_explanation_grid", "GRID_IMAGES"]
 
 GRID_IMAGES = 4  # rows of the figure
@@ -32,13 +35,10 @@ def write_explanation_grid(result: dict, path, *, target: str | None = None) -> 
     """
     from PIL import Image, ImageDraw
 
-    from cbr.files import atomic_write
-    from explain.overlay import _font, render_overlay
-
     target = target or result["targets"][0]
     rows = [r for r in result["rows"] if r["target"] == target and r["method"] != "random"]
     n = min(GRID_IMAGES, result["n"])
-    font = _font(11)
+    font = load_font(11)
     head = 16 * 5 + 6
     label_h = 16
     width = TILE * (len(rows) + 1)

@@ -14,6 +14,12 @@ import html
 import io
 from pathlib import Path
 
+from cbr.data.crop import model_view
+from cbr.data.sources import read_source
+from cbr.errors import CbrError
+from cbr.files import atomic_write
+from explain.overlay import render_overlay
+
 __all__ = ["FAILURES_SHOWN", "worst_failures", "write_failures"]
 
 FAILURES_SHOWN = 24  # queries in the page
@@ -42,18 +48,12 @@ def _jpeg(img) -> str:
 def _thumbnail(path, raw=None, model=None) -> str | None:
     """A JPEG data URI of the image at ``path`` in the ``model``'s view (its crop and window, so that
     its map lines up; None: letterboxed), its map blended in; None if unreadable."""
-    from cbr.data.crop import model_view
-    from cbr.data.sources import read_source
-    from cbr.errors import CbrError
-
     try:
         img = model_view(read_source(path, window=getattr(model, "window", "auto"))[0], TILE,
                          getattr(model, "crop", "none"))
     except (CbrError, OSError, ValueError):
         return None
     if raw is not None:
-        from explain.overlay import render_overlay
-
         img = render_overlay(img, raw)
     return _jpeg(img)
 
@@ -88,8 +88,6 @@ def write_failures(outcomes, out_dir, *, limit: int = FAILURES_SHOWN, model=None
         limit: how many failures the page shows.
         model: the ``ModelConfig`` of the maps (its crop and window); None: letterbox only.
     """
-    from cbr.files import atomic_write
-
     shown = worst_failures(outcomes, limit)
     n_wrong = sum(o.predicted != o.record.label for o in outcomes)
     rows = "".join(_row(o, model) for o in shown) or "<tr><td>No misclassified query.</td></tr>"

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from cbr.models.similarity_maps import PAIR_PREFIX
 from cbr.store.rows import map_fields
 from cbr.store.schema import Explanation
+from explain.overlay import render_overlay, shared_vmax
 
 __all__ = ["stored_methods", "switch_fragments"]
 
@@ -51,8 +52,6 @@ def _jpeg_tag(img, alt: str) -> str:
 
 
 def _panel(entry, member, images, scale) -> str:
-    from explain.overlay import render_overlay, shared_vmax
-
     e = html.escape
     sims = [m for t, m in entry["query"].items() if t.startswith("similarity")] + list(entry["neighbours"].values())
     vmax = shared_vmax([m["map"] for m in sims]) if scale == "shared" and sims else None

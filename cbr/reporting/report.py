@@ -14,13 +14,19 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from cbr.data.sources import describe_origin
+from cbr.data.crop import model_view
+from cbr.data.sources import describe_origin, read_source
 from cbr.errors import CbrError
 from cbr.files import atomic_write
 from cbr.reporting.match_pair import PAIR_CSS, pair_fields, pair_figure, split_pairs
+from cbr.reporting.uncertainty import CSS as UNCERTAINTY_CSS
+from cbr.reporting.uncertainty import (agreement, answer_lines, conflict_banner, conflict_text, evidence, set_text,
+                                       shows_probabilities)
+from cbr.reporting.method_switch import switch_fragments
 from cbr.store.reliability import badge_text, reliability_of
-from cbr.store.rows import get_query, iso, map_fields
+from cbr.store.rows import case_locators, get_query, iso, map_fields, query_image_locator
 from cbr.store.schema import Case, Explanation, Feedback, Model, Neighbour, Query, Vote
+from explain.overlay import render_overlay, render_panel, shared_vmax
 
 __all__ = ["load_record", "write_outputs", "render_html"]
 
@@ -82,13 +88,28 @@ def load_record(cb, query_id: int, *, with_maps: bool = True, decode_maps: bool 
         "prediction": {"label": q.prediction, "confidence": q.confidence, "probabilities": q.probabilities,
                        "abstained": q.abstained, "credibility": q.credibility,
                        "abstain_reason": q.abstain_reason, "typicality": q.typicality,
-                       "out_of_distribution": q.out_of_distribution},
+                       "out_of_distribution": q.out_of_distribution, **_uncertainty(q, members)},
         "notes": list(q.notes or []),
         "members": members, "model_fingerprints": [m["fingerprint"] for m in members],
         "feedback": [{"id": f.id, "label": f.label, "note": f.note, "by": f.by, "created_at": iso(f.created_at),
                       "retained_case_id": retained.get(f.id)} for f in feedback],
         "report": q.report_path,
     }
+
+
+def _uncertainty(q, members) -> dict:
+    """The prediction set, conflict and calibration stored with the query, and the evidence of its
+    first member's neighbours (an older query has no set: None)."""
+    u = q.uncertainty or {}
+    pset = u.get("set")
+    neighbours = members[0]["neighbours"] if members else []
+    answer = None if q.abstained else q.prediction
+    out = {"set": pset, "set_text": None if pset is None else set_text(pset), "coverage": u.get("coverage"),
+           "conflict": list(u.get("conflict") or []), "calibration": u.get("calibration") or {},
+           "evidence": evidence(answer, [(n["label"], n["similarity"]) for n in neighbours])}
+    out["conflict_text"] = conflict_text(out["conflict"], answer)
+    out["lines"] = answer_lines(out)  # what the confidence rests on, as the terminal prints it
+    return out
 
 
 def strip_maps(record: dict) -> dict:
@@ -109,8 +130,6 @@ def strip_maps(record: dict) -> dict:
 
 def _load_image(path: str, window: str = "auto"):
     """The decoded image at ``path`` (each member views it through its own crop), None if unreadable."""
-    from cbr.data.sources import read_source
-
     try:
         return read_source(path, window=window)[0]  # the frame/slice the locator names, as the model saw it
     except CbrError:
@@ -120,13 +139,12 @@ def _load_image(path: str, window: str = "auto"):
 IMAGE_CHANGED = "image changed or missing since indexing"
 
 
-def _load_case_image(n: dict, window: str):
-    """A neighbour's decoded image; None when its file is gone or holds other pixels than the
-    ones indexed (its sha256 differs), so that nothing is drawn from them."""
-    from cbr.data.sources import read_source
-
+def _load_case_image(n: dict, window: str, locator: str | None = None):
+    """A neighbour's decoded image, read from ``locator`` (its file; ``n["path"]`` when None); None
+    when its file is gone or holds other pixels than the ones indexed (its sha256 differs), so that
+    nothing is drawn from them."""
     try:
-        img, sha, _ = read_source(n["path"], window=window)
+        img, sha, _ = read_source(locator or n["path"], window=window)
     except CbrError:
         return None
     if n.get("sha256") and sha != n["sha256"]:
@@ -166,17 +184,16 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
     anything missing is read from its recorded path. Each member's maps are drawn on its own view
     of them (``model_view``: its crop, then letterbox), the geometry its maps were computed in.
     """
-    from cbr.data.crop import model_view
-    from explain.overlay import render_overlay, render_panel, shared_vmax
-
     record = load_record(cb, query_id)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = dict(images or {})
     if None not in images:
-        images[None] = _load_image(record["image"])
+        images[None] = _load_image(query_image_locator(cb, query_id))  # its file, when shown neutrally
     paths, blobs, viewed = {}, {}, {}
     unusable = set()  # case ids whose file is gone or changed since indexing
+    # the files to read (a pseudonymised DICOM case is shown under a neutral locator, never its file)
+    files = case_locators(cb, [n["case_id"] for mem in record["members"] for n in mem["neighbours"]])
     for mem in record["members"]:
         views = viewed.setdefault(mem["model_id"], {})
 
@@ -203,7 +220,7 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
             tiles.append((over, f"query: {cmap['target']}"))
         for n, m in nmaps:
             if n["case_id"] not in images and n["case_id"] not in unusable:
-                img = _load_case_image(n, mem.get("window", "auto"))
+                img = _load_case_image(n, mem.get("window", "auto"), files.get(n["case_id"]))
                 if img is None:
                     unusable.add(n["case_id"])
                 else:
@@ -229,7 +246,6 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
         if key[1] == first and key[0] in ("query", "panel", "class"):
             paths[key[0]] = str(path)
     report = out / report_name
-    from cbr.reporting.method_switch import switch_fragments
 
     viewed = {mid: {None: views.get(None) or _placeholder("query image unavailable"), **views}
               for mid, views in viewed.items()}
@@ -303,15 +319,16 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
     cred = "" if p["credibility"] is None else f" &nbsp; credibility {p['credibility']:.3f}"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>cbr query {record['query_id']}</title><style>{CSS}{PAIR_CSS}</style></head><body>",
+        f"<title>cbr query {record['query_id']}</title><style>{CSS}{PAIR_CSS}{UNCERTAINTY_CSS}</style></head><body>",
         f"<h1>cbr query {record['query_id']}</h1>",
         f"<p class='small'>{e(record['created_at'] or '')} &middot; image {e(record['image'])}"
         f"{' &middot; patient ' + e(str(record['patient_id'])) if record['patient_id'] else ''}</p>",
-        _ood_banner(p),
+        conflict_banner(p.get("conflict"), p["label"]), _ood_banner(p),
         f"<p class='pred'>Diagnosis: {label} &nbsp; confidence {p['confidence']:.3f}{cred}{_typicality(p)}</p>",
+        "".join(f"<p class='evidence'>{e(line)}</p>" for line in answer_lines(p)),
         "".join(f"<p class='warn'>Note: {e(n)}</p>" for n in record.get("notes", [])
                 if not n.startswith("out of distribution:")),
-        _probs_table(p["probabilities"]),
+        _probs_table(p["probabilities"]) if shows_probabilities(p) else "",
         f"<p class='small'>vote rule <b>{e(record['vote_rule'])}</b>, k = {record['k']}, ensemble "
         f"<b>{e(record['ensemble'])}</b>, explanations <b>{e(record['explain_method'])}</b> "
         f"({'shared' if scale == 'shared' else 'per-image'} colour scale)</p>",
@@ -339,7 +356,8 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
             parts.append(
                 ("<div class='card pair'>" + pair if pair else
                  "<div class='card'>" + _img_tag(blobs.get(("neighbour", mid, n["case_id"])), f"case {n['case_id']}"))
-                + f"<div><b>#{n['rank']} {e(n['label'])}</b> similarity {n['similarity']:.3f}</div>"
+                + f"<div><b class='{agreement(n['label'], None if p['abstained'] else p['label'])}'>#{n['rank']} "
+                  f"{e(n['label'])}</b> similarity {n['similarity']:.3f}</div>"
                 + (f"<div class='warn'>{e(n['image_status'])}</div>" if n.get("image_status") not in (None, "ok") else "")
                 + f"<div class='meta'>case {n['case_id']}{' (removed since)' if n['removed'] else ''}"
                 + f"{' &middot; patient ' + e(str(n['patient_id'])) if n['patient_id'] else ''}<br>{e(n['path'])}"

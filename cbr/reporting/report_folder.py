@@ -12,6 +12,8 @@ import numpy as np
 
 from cbr.errors import CbrError
 from cbr.files import atomic_write
+from cbr.reporting.failures import write_failures
+from cbr.reporting.plots import plot_class_recall, plot_confusion, plot_reliability, plot_training
 
 __all__ = ["json_safe", "write_report"]
 
@@ -53,8 +55,6 @@ def write_report(metrics: dict, out_dir, outcomes=(), model=None) -> Path:
         outcomes: the evaluated queries (``cbr.evaluation.outcome.Outcome``), one CSV row each.
         model: the ``ModelConfig`` of the queries' maps (failures.html draws them in its view).
     """
-    from cbr.reporting.plots import plot_confusion, plot_reliability
-
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -64,14 +64,9 @@ def write_report(metrics: dict, out_dir, outcomes=(), model=None) -> Path:
         plot_confusion(metrics["confusion_matrix"], metrics["classes"], out / "confusion_matrix.png")
         plot_reliability(metrics["reliability"], out / "reliability.png")
         if metrics.get("per_class"):
-            from cbr.reporting.curves import plot_class_recall
-
             plot_class_recall(metrics["per_class"], out / "per_class_recall.png")
     if metrics.get("folds"):
-        from cbr.reporting.curves import plot_training
-
         plot_training(metrics["folds"], out / "training.png")
-    from cbr.reporting.failures import write_failures
 
     write_failures(outcomes, out, model=model)
     atomic_write(out / "predictions.csv", _predictions_csv(outcomes, metrics.get("softmax_classes") or []))

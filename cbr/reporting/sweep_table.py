@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cbr.files import atomic_open
+from cbr.reporting.plots import new_figure, save_png
+
 __all__ = ["format_sweep", "write_sweep"]
 
 COLUMNS = ("target", "method", "layer", "localised", "pointing_game", "energy_pointing_game", "iou_top",
@@ -35,9 +38,6 @@ def format_sweep(result: dict) -> str:
 
 def write_sweep(result: dict, out_dir) -> dict:
     """Write ``map_sweep.csv`` and ``map_sweep.png`` (pointing game per layer, one panel per target)."""
-    from cbr.files import atomic_open
-    from cbr.reporting.plots import _figure, _save_atomically
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "map_sweep.csv"
@@ -49,7 +49,7 @@ def write_sweep(result: dict, out_dir) -> dict:
     targets = sorted({r["target"] for r in result["rows"]})
     # a fused method's rows carry its own stages as their layer: one more group on the axis
     layers = list(dict.fromkeys([*result["layers"], *(r["layer"] for r in result["rows"])]))
-    fig = _figure(max(5.0, 1.2 * len(layers) + 2), 2.6 * len(targets))
+    fig = new_figure(max(5.0, 1.2 * len(layers) + 2), 2.6 * len(targets))
     for i, target in enumerate(targets):
         ax = fig.add_subplot(len(targets), 1, i + 1)
         rows = [r for r in result["rows"] if r["target"] == target]
@@ -66,5 +66,5 @@ def write_sweep(result: dict, out_dir) -> dict:
         ax.set_ylabel("pointing game")
         ax.set_title(f"{target} maps", fontsize=9)
         ax.legend(fontsize=7, ncol=min(4, len(methods)))
-    figure = _save_atomically(fig, out / "map_sweep.png")
+    figure = save_png(fig, out / "map_sweep.png")
     return {"table": str(table), "figure": str(figure)}

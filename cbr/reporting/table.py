@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import math
 
+from cbr.reporting.comparison_table import format_comparison
+
 __all__ = ["format_table"]
 
 
 def _f(x, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def _interval(x) -> str:
+    return "-" if not x else f"{_f(x[0])}–{_f(x[1])}"
+
+
+def _calibration_lines(metrics: dict, soft) -> list[str]:
+    """ECE's bootstrap interval, the confident errors, and the prediction sets' coverage per class."""
+    out = [f"{'ECE 95% interval':<22}{_interval(metrics.get('ece_interval')):>12}"
+           + (f"{_interval(soft.get('ece_interval')):>12}" if soft else "")]
+    ce, sce = metrics.get("confident_errors") or {}, (soft or {}).get("confident_errors") or {}
+    out.append(f"{'wrong with conf>=0.95':<22}{_f(ce.get('share')):>10}{_f(sce.get('share')) if soft else '':>10}"
+               f"   ({ce.get('confident', '-')} of {ce.get('wrong', '-')} wrong answers of the vote)")
+    sets = metrics.get("prediction_sets")
+    if sets:
+        per = ", ".join(f"{c} {_f(v['coverage'])}" for c, v in sets["per_class"].items() if v["n"])
+        out.append(f"{'prediction sets':<22}coverage {_f(sets['coverage'])} (target {_f(sets.get('target'), 2)}), "
+                   f"mean size {_f(sets['mean_set_size'], 2)}, one class {_f(sets['share_single'])}")
+        out.append(f"{'  coverage per class':<22}{per}")
+    sources = sorted({(r.get("calibration") or {}).get("source") for r in metrics.get("folds") or []} - {None})
+    if sources:
+        out.append(f"{'vote calibrated on':<22}{', '.join(sources)} cases of each fold's case base")
+    return out
 
 
 def format_table(metrics: dict) -> str:
@@ -26,9 +51,10 @@ def format_table(metrics: dict) -> str:
     lines.append("")
     lines.append(f"{'':<22}{'vote':>10}{'softmax' if soft else '':>10}")
     rows = [("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("AUC (macro OvR)", "auc"),
-            ("ECE", "ece")]
+            ("ECE (10 equal-mass)", "ece"), ("smooth ECE", "smooth_ece")]
     for name, key in rows:
         lines.append(f"{name:<22}{_f(metrics.get(key)):>10}{_f(soft.get(key)) if soft else '':>10}")
+    lines += _calibration_lines(metrics, soft)
     lines.append(f"{'precision@' + str(cfg.get('k')):<22}{_f(metrics.get('precision_at_k')):>10}")
     lines.append(f"{'mAP':<22}{_f(metrics.get('map')):>10}")
     ab = metrics.get("abstention") or {}
@@ -64,8 +90,6 @@ def format_table(metrics: dict) -> str:
                      f"vs random map {_f(faith['random_deletion_auc'])} (lower is better); sanity: rank "
                      f"correlation with {faith['randomised_block']} re-initialised {_f(faith['randomisation_spearman'])}")
     if metrics.get("comparison"):
-        from cbr.reporting.comparison_table import format_comparison
-
         lines += ["", format_comparison(metrics["comparison"])]
     if metrics.get("folds"):
         lines.append("")

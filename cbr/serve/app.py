@@ -9,8 +9,18 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbr.errors import CbrError, ImageError, NotFoundError, UnknownNameError
+from cbr.pipeline.audit import RetainError
+from cbr.serve.lanes import Busy
+from cbr.serve.messages import public_message
+from cbr.serve.pages import error_page, templates
+from cbr.serve.pictures import RecordCache
+from cbr.serve.routes import cases, health, pages, queries
+from cbr.serve.security import BodyLimit, Guard, SecurityHeaders
+from cbr.serve.uploads import BadValue
+from cbr.serve.workbench import RefineError, Workbench
 
 __all__ = ["create_app", "FORM_OVERHEAD"]
 
@@ -20,12 +30,10 @@ FORM_OVERHEAD = 1 << 20  # room for the other form fields and multipart boundari
 
 
 def _status(e: CbrError) -> int:
-    from cbr.pipeline.audit import RetainError
-    from cbr.serve.uploads import BadValue
-    from cbr.serve.workbench import RefineError
-
     if isinstance(e, NotFoundError):
         return 404
+    if isinstance(e, Busy):
+        return 503
     if isinstance(e, RetainError):
         return 409
     if isinstance(e, (ImageError, UnknownNameError, RefineError, BadValue)):
@@ -49,18 +57,13 @@ def create_app(casebase, settings, *, searcher=None) -> FastAPI:
         >>> app = create_app(open_casebase("cases.db", create=False), ServeSettings())
         >>> uvicorn.run(app, host="127.0.0.1", port=8765)
     """
-    from cbr.serve.pages import templates
-    from cbr.serve.pictures import RecordCache
-    from cbr.serve.routes import cases, health, pages, queries
-    from cbr.serve.security import BodyLimit, Guard, SecurityHeaders
-    from cbr.serve.workbench import Workbench
-
     settings.check()
     app = FastAPI(title="cbr", summary="Case-based reasoning for medical images: a web audit workstation",
                   docs_url=None, redoc_url=None, openapi_url=None)  # the schema is served behind the token
     app.state.settings = settings
     app.state.workbench = Workbench(casebase, settings, searcher=searcher)
-    app.state.guard = Guard(settings.token, secure_cookies=settings.secure_cookies)
+    app.state.guard = Guard(settings.token, secure_cookies=settings.secure_cookies, trusted_hosts=settings.trusted_hosts,
+                            session_key=settings.session_key, session_hours=settings.session_hours)
     app.state.templates = templates()
     app.state.records = RecordCache()
 
@@ -68,39 +71,39 @@ def create_app(casebase, settings, *, searcher=None) -> FastAPI:
     for module in (health, queries, cases, pages):
         app.include_router(module.router)
     app.include_router(pages.login_router)
+    hide = (casebase.display, str(app.state.workbench.data_dir))
 
     @app.exception_handler(CbrError)
     async def cbr_error(request: Request, e: CbrError):
         status = _status(e)
+        message = public_message(str(e), hide)  # no server path, no CLI command
         if _wants_html(request):
-            from cbr.serve.pages import error_page
-
-            return error_page(request, status, str(e))
-        body = {"detail": str(e)}
+            return error_page(request, status, message)
+        body = {"detail": message}
         fid = getattr(e, "feedback_id", None)
         if fid is not None:
             body["feedback_id"] = fid
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers={"Retry-After": "30"} if status == 503 else None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         if e.status_code == 401 and _wants_html(request):
             return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+        detail = public_message(e.detail, hide) if isinstance(e.detail, str) else e.detail
         if _wants_html(request):
-            from cbr.serve.pages import error_page
-
-            return error_page(request, e.status_code, str(e.detail))
-        return JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers)
+            return error_page(request, e.status_code, str(detail))
+        return JSONResponse({"detail": detail}, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors())
         if _wants_html(request):
-            from cbr.serve.pages import error_page
-
             return error_page(request, 422, problems)
         return JSONResponse({"detail": problems}, status_code=422)
 
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + FORM_OVERHEAD, shown_mb=settings.max_upload_mb)
+    # Any other Host gets 400 before anything else runs: a DNS-rebinding page (evil.example
+    # resolving to 127.0.0.1) reaches no route, token or no token.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.trusted_hosts), www_redirect=False)
     app.add_middleware(SecurityHeaders)
     return app

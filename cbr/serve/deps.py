@@ -6,7 +6,7 @@ a worker thread, a hop that costs milliseconds a request on a busy machine.
 
 from __future__ import annotations
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 
 __all__ = ["get_workbench", "get_casebase", "get_guard", "require_token", "json_write", "same_origin"]
 
@@ -25,9 +25,7 @@ async def get_guard(request: Request):
 
 async def require_token(request: Request) -> None:
     """With ``--token``: the bearer header or the login cookie, on every request."""
-    if not request.app.state.guard.token_ok(request):
-        raise HTTPException(401, "this server needs its token: send 'Authorization: Bearer TOKEN' or log in at /login",
-                            headers={"WWW-Authenticate": "Bearer"})
+    request.app.state.guard.check_token(request)  # 401, or 429 while a client backs off wrong tokens
 
 
 async def json_write(request: Request) -> None:

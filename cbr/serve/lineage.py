@@ -1,25 +1,24 @@
 """Refinements: a query made from another one (a region of its image, or its vector moved by
-examples) keeps its parent's id in its recorded notes.
+examples) records its parent's id and the kind of refinement in ``queries.parent_query_id`` and
+``queries.refinement_kind``.
 
-The link is one note, written in the same words every time, so no schema change is needed and
-``cbr show`` prints it like any other note: ``refinement of query 12 by region ...``.
+A note in the same words (``refinement of query 12 by region ...``) is added for people reading
+``cbr show``; nothing reads it back.
 """
 
 from __future__ import annotations
 
-import re
-
-from sqlalchemy import String, cast, select
+from sqlalchemy import select
 
 from cbr.store.schema import Query
 
-__all__ = ["record_refinement", "parent_of", "children_of", "describe"]
+__all__ = ["KINDS", "record_refinement", "parent_of", "children_of", "describe"]
 
-_NOTE = re.compile(r"^refinement of query (\d+) by (region|example)\b")
+KINDS = ("region", "example")
 
 
 def describe(detail: dict) -> str:
-    """The note that records a refinement (its first words are parsed back by :func:`parent_of`)."""
+    """The note shown with a refinement: its parent, kind and what was asked (display only)."""
     if detail["kind"] == "region":
         box = ", ".join(f"{v:.3f}" for v in detail["box"])
         return (f"refinement of query {detail['parent_id']} by region: box ({box}) of the letterboxed image, "
@@ -31,32 +30,33 @@ def describe(detail: dict) -> str:
 
 
 def record_refinement(cb, query_id: int, detail: dict) -> str:
-    """Add the refinement note to a recorded query, in one short transaction; returns the note."""
+    """Link a recorded query to its parent (``detail["parent_id"]``, ``detail["kind"]``) and add the
+    display note, in one short transaction; returns the note."""
+    if detail["kind"] not in KINDS:
+        raise ValueError(f"unknown refinement kind {detail['kind']!r}; choose from {', '.join(KINDS)}")
     note = describe(detail)
     with cb.write() as s:
         q = s.get(Query, int(query_id))
+        q.parent_query_id = int(detail["parent_id"])
+        q.refinement_kind = detail["kind"]
         q.notes = [*(q.notes or []), note]
     return note
 
 
-def parent_of(notes) -> tuple[int, str] | None:
-    """(parent query id, kind) from a query's notes, or None for a first query."""
-    for note in notes or ():
-        m = _NOTE.match(str(note))
-        if m:
-            return int(m.group(1)), m.group(2)
-    return None
+def parent_of(cb, query_id: int) -> tuple[int, str] | None:
+    """(parent query id, kind) of a query, or None for a first query (or one that does not exist)."""
+    with cb.read() as s:
+        row = s.execute(select(Query.parent_query_id, Query.refinement_kind)
+                        .where(Query.id == int(query_id))).first()
+    if row is None or row.parent_query_id is None:
+        return None
+    return row.parent_query_id, row.refinement_kind
 
 
 def children_of(cb, query_id: int) -> list[dict]:
-    """The refinements of a query: [{"query_id", "kind", "prediction"}], oldest first."""
-    pattern = f"%refinement of query {int(query_id)} by %"
+    """The refinements of a query: [{"query_id", "kind", "prediction", "abstained"}], oldest first."""
     with cb.read() as s:
-        rows = s.execute(select(Query.id, Query.notes, Query.prediction, Query.abstained)
-                         .where(cast(Query.notes, String).like(pattern)).order_by(Query.id)).all()
-    out = []
-    for qid, notes, prediction, abstained in rows:
-        link = parent_of(notes)
-        if link and link[0] == int(query_id):
-            out.append({"query_id": qid, "kind": link[1], "prediction": prediction, "abstained": abstained})
-    return out
+        rows = s.execute(select(Query.id, Query.refinement_kind, Query.prediction, Query.abstained)
+                         .where(Query.parent_query_id == int(query_id)).order_by(Query.id)).all()
+    return [{"query_id": qid, "kind": kind, "prediction": prediction, "abstained": abstained}
+            for qid, kind, prediction, abstained in rows]

@@ -11,7 +11,11 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from cbr.errors import NotFoundError
+from cbr.models.similarity_maps import MatchLink
+from cbr.serve.pictures import query_maps
 from cbr.store.schema import Explanation
+from explain.overlay import shared_vmax
+from explain.rawmap import decode_map
 
 __all__ = ["MAX_SPEC", "stored_specs", "check_method", "method_maps"]
 
@@ -45,8 +49,6 @@ def check_method(cb, query_id: int, method: str) -> str:
 def _maps_of(cb, query_id: int, model_id: int, method: str) -> tuple[dict, dict]:
     """({target: raw map} of the query, {case_id: raw map} of its neighbours) by one method of one
     member; a method added twice gives its latest maps (rows are read in the order stored)."""
-    from explain.rawmap import decode_map
-
     with cb.read() as s:
         rows = s.scalars(select(Explanation).where(Explanation.query_id == int(query_id),
                                                    Explanation.model_id == int(model_id),
@@ -77,9 +79,6 @@ def method_maps(cb, record: dict, method: str, member_id: int | None, kind: str,
         scale: "shared" (the query's and the neighbours' similarity maps by this method on one
             scale) or "per-image".
     """
-    from cbr.serve.pictures import query_maps
-    from explain.overlay import shared_vmax
-
     qid = record["query_id"]
     check_method(cb, qid, method)
     # validates kind, scale, member and neighbour, and answers what no method changes
@@ -91,7 +90,6 @@ def method_maps(cb, record: dict, method: str, member_id: int | None, kind: str,
     if kind == "class":
         raw = next((m for t, m in query.items() if t.startswith("class:")), None)
         return raw, None
-    from cbr.models.similarity_maps import MatchLink
 
     qsim = next((m for t, m in query.items() if t.startswith("similarity")), None)
     # region-matching pairs: each neighbour's query-side map, keyed by its link's target

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Health", "FeedbackIn", "RegionIn", "ExampleIn", "QueryPage"]
+__all__ = ["Health", "FeedbackIn", "RegionIn", "ExampleIn", "QueryPage", "AnswerOut", "MAX_ID", "MAX_OFFSET", "QueryId", "CaseId",
+           "MemberId", "RowId"]
+
+# Ids, pages and offsets are checked here (422), so no integer the database cannot hold (SQLite's
+# and PostgreSQL's 64-bit) ever reaches it as an OverflowError.
+MAX_ID = 2 ** 63 - 1
+MAX_OFFSET = 2 ** 31 - 1
+RowId = Annotated[int, Field(ge=1, le=MAX_ID)]
+QueryId = Annotated[int, Path(ge=1, le=MAX_ID, description="a query's id")]
+CaseId = Annotated[int, Path(ge=1, le=MAX_ID, description="a case's id")]
+MemberId = Annotated[int | None, Query(ge=1, le=MAX_ID, description="a member's model id; default the first")]
 
 
 class Health(BaseModel):
     status: str = "ok"
     cases: int = Field(description="active cases in the case base")
     members: list[dict] = Field(description="loaded ensemble members: model_id, model, fingerprint, vectors")
+    limits: dict = Field(description="this server's limits: max_k, allow_methods, explain_budget, explain_neighbours, "
+                                     "max_decodes, max_upload_mb, session_hours")
+
+
+Pixel = Annotated[int, Field(ge=0, le=MAX_OFFSET)]
 
 
 class FeedbackIn(BaseModel):
@@ -22,7 +40,7 @@ class FeedbackIn(BaseModel):
     by: str | None = Field(default=None, max_length=255)
     retain: bool = False
     # the expert's box on the lesion, [x0, y0, x1, y1] in the query image's pixels (checked by add_feedback)
-    region: tuple[int, int, int, int] | None = None
+    region: tuple[Pixel, Pixel, Pixel, Pixel] | None = None
 
 
 class RegionIn(BaseModel):
@@ -36,8 +54,8 @@ class ExampleIn(BaseModel):
     """Neighbours (case ids) marked relevant or not, for a Rocchio re-query."""
 
     model_config = ConfigDict(extra="forbid")
-    relevant: list[int] = Field(default_factory=list, max_length=1000)
-    irrelevant: list[int] = Field(default_factory=list, max_length=1000)
+    relevant: list[RowId] = Field(default_factory=list, max_length=1000)
+    irrelevant: list[RowId] = Field(default_factory=list, max_length=1000)
 
 
 class QueryPage(BaseModel):
@@ -45,3 +63,22 @@ class QueryPage(BaseModel):
     limit: int
     offset: int
     next_offset: int | None
+
+
+class AnswerOut(BaseModel):
+    """One answered query: the object ``cbr query --json`` prints for one image."""
+
+    model_config = ConfigDict(extra="forbid")  # a key Answer.to_dict gains must be declared here too
+    query_id: int
+    image: str = Field(description="the recorded image (the stored upload, or a case's file)")
+    sha256: str
+    prediction: dict = Field(description="the ensemble's vote: label, confidence, probabilities, abstained, "
+                                         "typicality, out_of_distribution, the prediction set, evidence")
+    neighbours: list[dict] = Field(description="the first member's neighbours, most similar first")
+    explanation: str | None = Field(description="the query's overlay image; None without an explanation")
+    report: str | None = Field(description="the self-contained HTML report, if one was written")
+    model_fingerprints: list[str]
+    members: list[dict] = Field(description="per ensemble member: its vote, evidence and neighbours")
+    notes: list[str] = Field(description="what the reader must know: self match, out of distribution, refinement")
+    map_reliability: dict | None = Field(description="how often the shown maps' model hit the lesion; None: never measured")
+    calibration: dict = Field(description="where the vote was calibrated: source, cases")

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from fastapi import Request
 
+from cbr.reporting.match_pair import pair_sentence
+from cbr.serve.security import CSRF_COOKIE
+
 __all__ = ["templates", "render", "error_page"]
 
 HERE = Path(__file__).parent
@@ -21,7 +24,6 @@ def templates():
     env.filters["pct"] = lambda v: "-" if v is None else f"{100 * float(v):.1f}%"
     env.tests["startingwith"] = lambda v, prefix: str(v).startswith(prefix)
     env.filters["num"] = lambda v, d=3: "-" if v is None else f"{float(v):.{d}f}"
-    from cbr.reporting.match_pair import pair_sentence
 
     env.globals["match_sentence"] = pair_sentence  # the report's wording of a region-matching pair
     return Jinja2Templates(env=env)
@@ -34,8 +36,6 @@ def render(request: Request, name: str, context: dict, status: int = 200):
     ctx = {"csrf": token, "token_required": guard.token is not None, **context}
     response = request.app.state.templates.TemplateResponse(request, name, ctx, status_code=status)
     if new_cookie:
-        from cbr.serve.security import CSRF_COOKIE
-
         guard.set_cookie(response, CSRF_COOKIE, new_cookie)
     response.headers["cache-control"] = "no-store"
     return response

@@ -8,12 +8,19 @@ value), so that the page can change its opacity without asking the server again.
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
 
+from cbr.data import sources
+from cbr.data.crop import model_view
 from cbr.errors import CbrError, NotFoundError
 from cbr.pipeline.explanation import IMAGE_CHANGED
+from cbr.reporting.report import load_record
+from cbr.store.schema import Explanation
+from explain.cam import decode_map
+from explain.overlay import colorize, shared_vmax, upsample
 
 __all__ = ["SIZE", "MAP_KINDS", "image_png", "map_png", "query_maps", "record_window", "record_crop", "case_map", "placeholder_png",
            "RecordCache"]
@@ -43,9 +50,6 @@ def image_png(path: str, window: str = "auto", sha256: str | None = None, crop: 
     decoded with the models' ``window``, cut by the model's ``crop`` and letterboxed to SIZE; a grey
     placeholder when it is gone, or when its content no longer has the recorded ``sha256`` (never
     show other pixels as the case)."""
-    from cbr.data.crop import model_view
-    from cbr.data import sources
-
     try:
         img, sha, _ = sources.read_source(path, window=window)
     except CbrError:
@@ -58,8 +62,6 @@ def image_png(path: str, window: str = "auto", sha256: str | None = None, crop: 
 def map_png(raw, vmax: float | None) -> bytes:
     """A raw map as an RGBA PNG of SIZE: jet colours, alpha proportional to the scaled value."""
     from PIL import Image
-
-    from explain.overlay import colorize, upsample
 
     values = upsample(raw, SIZE)
     scale = float(np.max(raw)) if vmax is None else float(vmax)
@@ -97,8 +99,6 @@ def query_maps(record: dict, member_id: int | None, kind: str, case_id: int | No
     class map on its own scale, a neighbour's stored case map on its own scale. pair: the query
     side of a neighbour's region-matching pair (cbr.models.similarity_maps), on the similarity scale.
     """
-    from explain.overlay import shared_vmax
-
     if kind not in MAP_KINDS:
         raise NotFoundError(f"no map kind {kind!r}; choose from {', '.join(MAP_KINDS)}")
     if scale not in SCALES:
@@ -133,9 +133,6 @@ def case_map(cb, case_id: int):
     """(raw map, target) of a case's stored map under its first model, or (None, None)."""
     from sqlalchemy import select
 
-    from cbr.store.schema import Explanation
-    from explain.cam import decode_map
-
     with cb.read() as s:
         e = s.scalar(select(Explanation).where(Explanation.case_id == int(case_id), Explanation.role == "case")
                      .order_by(Explanation.model_id, Explanation.id).limit(1))
@@ -152,21 +149,5 @@ class RecordCache:
     """
 
     def __init__(self, size: int = 32):
-        import threading
-        from collections import OrderedDict
-
-        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
-
-    def get(self, cb, query_id: int) -> dict:
-        from cbr.reporting.report import load_record
-
-        with self._lock:
-            if query_id in self._items:
-                self._items.move_to_end(query_id)
-                return self._items[query_id]
-        record = load_record(cb, query_id)
-        with self._lock:
-            self._items[query_id] = record
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return record
+        # get(cb, query_id) -> the record; lru_cache is thread-safe (the server's threads share it).
+        self.get = functools.lru_cache(maxsize=size)(load_record)

@@ -2,13 +2,14 @@
 security headers and the upload cap.
 
 * With ``--token``, every request but the login page and the static files must carry it: as
-  ``Authorization: Bearer TOKEN``, or as the session cookie the login form sets (an HMAC of the
-  token, never the token itself).
+  ``Authorization: Bearer TOKEN``, or as the session cookie the login form sets (signed and
+  expiring, never the token itself; see :mod:`cbr.serve.sessions`). Wrong tokens back off.
 * Browser forms carry a CSRF token: an HMAC, under a per-process secret, of a random per-browser
   cookie (double submit). A cross-site page can neither read the cookie nor compute the HMAC.
 * JSON writes must say ``Content-Type: application/json`` (a cross-site form cannot send that
   without a CORS preflight, which we never grant) and, when the browser sends ``Origin`` or
-  ``Sec-Fetch-Site``, come from this origin.
+  ``Sec-Fetch-Site``, come from this origin: an allowed host, on this port, by this scheme.
+* The Host header itself is checked by Starlette's ``TrustedHostMiddleware`` (see ``app.py``).
 * Every response carries a Content-Security-Policy that allows only our own scripts and styles.
 """
 
@@ -16,10 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
+import time
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request
+
+from cbr.serve.sessions import Backoff, Sessions
 
 __all__ = ["Guard", "SecurityHeaders", "BodyLimit", "SESSION_COOKIE", "CSRF_COOKIE", "CSRF_FIELD"]
 
@@ -36,27 +41,71 @@ def _mac(secret: bytes, text: str) -> str:
 
 
 class Guard:
-    """The token and CSRF checks of one app (its secret lives as long as the process)."""
+    """The token, session and CSRF checks of one app (its secrets live as long as the process).
 
-    def __init__(self, token: str | None, *, secure_cookies: bool = False):
+    Args:
+        token: the server's token, or None (loopback without a token).
+        secure_cookies: mark cookies Secure.
+        trusted_hosts: the Host names of this server (``ServeSettings.trusted_hosts``); a write's
+            Origin must name one of them.
+        session_key, session_hours: see :class:`cbr.serve.sessions.Sessions`.
+    """
+
+    def __init__(self, token: str | None, *, secure_cookies: bool = False, trusted_hosts=("127.0.0.1",),
+                 session_key: str | None = None, session_hours: float = 8.0):
         self.token = token or None
         self.secret = secrets.token_bytes(32)
         self.secure_cookies = secure_cookies
-        self.session_value = _mac(self.token.encode(), "cbr-session") if self.token else None
+        self.trusted_hosts = tuple(h.lower() for h in trusted_hosts)
+        self.sessions = Sessions(self.token, session_key, session_hours) if self.token else None
+        self.backoff = Backoff()
+        self.clock = time.time  # replaceable in tests
 
     # --- token ---------------------------------------------------------------------------------
 
-    def token_ok(self, request: Request) -> bool:
-        if self.token is None:
-            return True
-        auth = request.headers.get("authorization", "")
-        if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), self.token.encode()):
-            return True
-        cookie = request.cookies.get(SESSION_COOKIE, "")
-        return bool(cookie) and hmac.compare_digest(cookie.encode(), self.session_value.encode())
+    def _hold_back(self, client: str) -> None:
+        wait = self.backoff.wait(client, self.clock())
+        if wait > 0:
+            raise HTTPException(429, f"too many wrong tokens from this address; try again in {math.ceil(wait)} s",
+                                headers={"Retry-After": str(math.ceil(wait))})
 
-    def login_ok(self, given: str) -> bool:
-        return self.token is not None and hmac.compare_digest((given or "").encode(), self.token.encode())
+    def _right(self, given: str) -> bool:
+        return hmac.compare_digest((given or "").encode(), self.token.encode())
+
+    def check_token(self, request: Request) -> None:
+        """Pass a request with the bearer token or a live session; else 401 (429 while backing off)."""
+        if self.token is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            client = _client(request)
+            self._hold_back(client)
+            if self._right(auth[7:].strip()):
+                self.backoff.succeeded(client)
+                return
+            self.backoff.failed(client, self.clock())
+        elif self.sessions.valid(request.cookies.get(SESSION_COOKIE, ""), self.clock()):
+            return
+        raise HTTPException(401, "this server needs its token: send 'Authorization: Bearer TOKEN' or log in at /login",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    def login(self, request: Request, given: str) -> str | None:
+        """A new session cookie value for the right token, None for a wrong one (429 while backing off)."""
+        if self.token is None:
+            return None
+        client = _client(request)
+        self._hold_back(client)
+        if not self._right(given):
+            self.backoff.failed(client, self.clock())
+            return None
+        self.backoff.succeeded(client)
+        return self.sessions.issue(self.clock())
+
+    def logout(self, request: Request, response) -> None:
+        """End this browser's session (revoked, so a copy of the cookie dies too) and clear its cookie."""
+        if self.sessions is not None:
+            self.sessions.revoke(request.cookies.get(SESSION_COOKIE, ""), self.clock())
+        response.delete_cookie(SESSION_COOKIE, path="/", secure=self.secure_cookies, httponly=True, samesite="strict")
 
     @staticmethod
     def is_open(path: str) -> bool:
@@ -78,31 +127,46 @@ class Guard:
             raise HTTPException(403, "missing or wrong CSRF token: reload the page and submit the form again")
         self.check_origin(request)
 
-    def set_cookie(self, response, name: str, value: str) -> None:
-        response.set_cookie(name, value, httponly=True, samesite="strict", secure=self.secure_cookies, path="/")
+    def set_cookie(self, response, name: str, value: str, max_age: int | None = None) -> None:
+        response.set_cookie(name, value, httponly=True, samesite="strict", secure=self.secure_cookies, path="/",
+                            max_age=max_age)
+
+    def set_session(self, response, value: str) -> None:
+        self.set_cookie(response, SESSION_COOKIE, value, max_age=int(self.sessions.seconds))
 
     # --- JSON writes ---------------------------------------------------------------------------
 
-    @staticmethod
-    def check_origin(request: Request) -> None:
+    def check_origin(self, request: Request) -> None:
         """Refuse a write a browser made from another site (Origin or Sec-Fetch-Site say so)."""
         site = request.headers.get("sec-fetch-site")
         if site is not None and site not in ("same-origin", "none"):
             raise HTTPException(403, f"cross-site request refused (Sec-Fetch-Site: {site})")
         origin = request.headers.get("origin")
-        if origin is None:
-            return
-        host = request.headers.get("host", "")
-        parts = urlsplit(origin)
-        if origin == "null" or parts.netloc.lower() != host.lower() or parts.scheme not in ("http", "https"):
-            raise HTTPException(403, f"cross-origin request refused (Origin {origin!r} is not this server)")
+        if origin is not None and not self._our_origin(request, origin):
+            shown = origin if len(origin) <= 100 else origin[:97] + "..."
+            raise HTTPException(403, f"cross-origin request refused (Origin {shown!r} is not this server)")
 
-    @classmethod
-    def check_json_write(cls, request: Request) -> None:
+    def _our_origin(self, request: Request, origin: str) -> bool:
+        """Same scheme as the request, an allowed host name, and the port the request came to."""
+        try:
+            parts, here = urlsplit(origin), urlsplit(f"{request.url.scheme}://{request.headers.get('host', '')}")
+            ports = [p.port or {"http": 80, "https": 443}.get(p.scheme) for p in (parts, here)]
+        except ValueError:  # a port that is not a number, or out of range
+            return False
+        name = (parts.hostname or "").lower()
+        name = f"[{name}]" if ":" in name else name
+        return (parts.scheme == here.scheme and name in self.trusted_hosts and ports[0] == ports[1]
+                and not parts.path and not parts.username and not parts.password)
+
+    def check_json_write(self, request: Request) -> None:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise HTTPException(415, "send the body as JSON with Content-Type: application/json")
-        cls.check_origin(request)
+        self.check_origin(request)
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 class SecurityHeaders:
@@ -175,7 +239,7 @@ class BodyLimit:
                 await self._refuse(send)
 
     def message(self) -> str:
-        return f"upload too large: the limit is {self.shown_mb:g} MiB (cbr serve --max-upload-mb)"
+        return f"upload too large: this server's limit is {self.shown_mb:g} MiB"
 
     async def _refuse(self, send):
         import json

@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import time
 
+from cbr.errors import CbrError
+from cbr.serve.app import create_app
+from cbr.store.casebase import open_casebase
+
 __all__ = ["run_server"]
 
 LOG = logging.getLogger(__name__)
@@ -25,10 +29,6 @@ def run_server(db, settings, *, index_dir=None, log=print) -> None:
     import socket
 
     import uvicorn
-
-    from cbr.errors import CbrError
-    from cbr.serve.app import create_app
-    from cbr.store.casebase import open_casebase
 
     settings.check()
     t0 = time.perf_counter()
@@ -51,6 +51,7 @@ def run_server(db, settings, *, index_dir=None, log=print) -> None:
         for note in wb.searcher.notes:
             log(f"  note: {note}")
         log(f"  uploads and reports: {wb.data_dir}")
+        log(f"  answers to Host {', '.join(settings.trusted_hosts)} (any other gets 400; add names with --allowed-host)")
         log(f"  open {settings.url(port)}" + ("  (log in with the token)" if settings.token else ""))
         log("  Ctrl-C stops it")
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)

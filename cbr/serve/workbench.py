@@ -10,20 +10,33 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import threading
 from pathlib import Path
 
 from sqlalchemy import select
 
+from cbr.data.crop import crop_box as view_box
+from cbr.data.image import MIN_SIZE
+from cbr.data.sources import SourceSpec, read_source
 from cbr.errors import CbrError, ImageError
-from cbr.store.schema import IndexManifest
+from cbr.files import atomic_write
+from cbr.pipeline.audit import add_feedback
+from cbr.pipeline.patient import check_key
+from cbr.pipeline.query import Searcher
+from cbr.serve.lineage import record_refinement
+from cbr.store.location import sqlite_file
+from cbr.serve.lanes import Busy, Lane, is_expensive
+from cbr.serve.uploads import check_limits, discard_upload, upload_locator, upload_name, upload_recorded, upload_suffix
+from cbr.store.member import active_embeddings
+from cbr.store.rows import get_query
+from cbr.store.schema import Explanation
 
-__all__ = ["Workbench", "RefineError", "default_data_dir", "safe_name"]
+__all__ = ["Workbench", "RefineError", "default_data_dir", "stored_map_method", "letterbox_to_pixels"]
 
 LOG = logging.getLogger(__name__)
 ROCCHIO = (1.0, 0.75, 0.25)  # weights of the query, the relevant centroid and the irrelevant centroid
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+EXPLAIN_QUEUE = 2  # expensive explanations running or waiting at once
+DECODE_WAIT = 60.0  # seconds an upload waits for a decoding slot before it is refused (503)
 
 
 class RefineError(CbrError):
@@ -32,17 +45,8 @@ class RefineError(CbrError):
 
 def default_data_dir(cb) -> Path:
     """Uploads live beside a SQLite case base (``cases.db.serve``), else in ``./cbr-serve``."""
-    from cbr.store.casebase import _sqlite_file
-
-    path = _sqlite_file(cb.url)
+    path = sqlite_file(cb.url)
     return path.with_name(path.name + ".serve") if path is not None else Path.cwd() / "cbr-serve"
-
-
-def safe_name(filename: str | None, fallback: str = "upload") -> str:
-    """A file name reduced to letters, digits, dot, dash and underscore (never a path)."""
-    name = Path(str(filename or "").replace("\\", "/")).name
-    name = _UNSAFE.sub("_", name).strip("._")[:80]
-    return name or fallback
 
 
 class Workbench:
@@ -55,21 +59,33 @@ class Workbench:
     """
 
     def __init__(self, cb, settings, searcher=None):
-        from cbr.pipeline.query import Searcher
-
+        # A pseudonymised case base needs its key before anything is loaded (one line at start-up).
+        check_key(cb, settings.pseudonymise, "serve")
         self.cb, self.settings = cb, settings
+        self.sources = SourceSpec(pseudonymise=settings.pseudonymise, allow_burned_in=settings.allow_burned_in)
         self.data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir(cb)
         self.uploads = self.data_dir / "uploads"
         self.reports = self.data_dir / "reports"
+        # the server's explanation limits travel with every query (explain_budget, explain_neighbours)
+        limits = {"explain_budget": settings.explain_budget, "explain_neighbours": settings.explain_neighbours}
         if searcher is None:
             searcher = Searcher(cb, models=settings.models or None, k=settings.k, vote=settings.vote,
-                                explain=settings.explain or stored_map_method(cb), out_dir=str(self.reports))
-        elif Path(searcher.config.out_dir).resolve() != self.reports.resolve():
-            searcher = searcher.with_options(out_dir=str(self.reports))  # same members, reports in our folder
-        self.searcher = searcher
-        self.lock = threading.RLock()
-        self._variants = {}
-        self._manifests = self._current_manifests()
+                                explain=settings.explain or stored_map_method(cb), out_dir=str(self.reports),
+                                **limits)
+        else:  # same members, reports in our folder
+            searcher = searcher.with_options(out_dir=str(self.reports), **limits)
+        self.retrieval = Lane(cb, searcher)
+        self.lock = self.retrieval.lock  # the retrieval lane's: refinements embed with its members
+        self._explainer = None  # the explanation lane, made on first use
+        self._making = threading.Lock()
+        # expensive explanations waiting or running; more are refused (503) rather than left to
+        # take every worker thread of the server
+        self._explain_slots = threading.BoundedSemaphore(EXPLAIN_QUEUE)
+        self._decodes = threading.BoundedSemaphore(settings.max_decodes)
+
+    @property
+    def searcher(self):
+        return self.retrieval.searcher
 
     @property
     def members(self) -> list:
@@ -87,48 +103,86 @@ class Workbench:
 
     # --- queries -------------------------------------------------------------------------------
 
-    def save_upload(self, data: bytes, filename: str | None) -> Path:
-        """Check an upload with the guarded decoder, then keep it as ``uploads/<sha>/<name>``.
+    def save_upload(self, data: bytes, filename: str | None, part: str | None = None) -> str:
+        """Check an upload by decoding it, then keep it as ``uploads/<sha>/<name>``; its locator.
 
-        The stored file is the query's recorded image: reports, refinements and retain read it.
+        The format comes from the content (the stored name gets its extension); the decode runs
+        through a bounded semaphore (``max_decodes`` at once). A refused upload is not kept. The
+        stored file is the query's recorded image: reports, refinements and retain read it.
         """
-        from cbr.data.image import decode_image
-        from cbr.files import atomic_write
+        return self._store(data, filename, part)[0]
 
-        name = safe_name(filename)
-        decode_image(data, name)  # raises ImageError: not an image, pixel bomb, too small, truncated
-        folder = self.uploads / hashlib.sha256(data).hexdigest()[:24]
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / name
-        if not path.exists():
+    def _store(self, data: bytes, filename: str | None, part: str | None) -> tuple[str, Path | None]:
+        """(locator, the path if this call created the file else None)."""
+        # In a pseudonymised case base the upload's own name (often a patient's name and birth date)
+        # is neither kept nor recorded: the stored file is "upload" plus its format's extension.
+        shown_name = "upload" if self.settings.pseudonymise else filename
+        path = self.uploads / hashlib.sha256(data).hexdigest()[:24] / upload_name(shown_name, upload_suffix(data))
+        created = not path.exists()
+        if created:
+            path.parent.mkdir(parents=True, exist_ok=True)
             # Atomic (never half written) but not fsynced: the case base's SQLite runs WAL with
             # synchronous=NORMAL, so a power cut may lose its last commits as well; an fsync here
             # cost 15-35 ms a query on a busy disk, most of the HTTP overhead.
             atomic_write(path, data, durable=False)
-        return path.resolve()
+        path = path.resolve()
+        try:
+            locator = upload_locator(path, data, part)
+            self.decode(locator)  # raises ImageError: not an image, a bomb, too small, truncated
+        except BaseException:
+            if created:
+                discard_upload(path)
+            raise
+        return locator, (path if created else None)
 
-    def _searcher(self, k=None, vote=None, explain=None, where=()):
-        own = (self.searcher.k, self.searcher.vote_name, self.searcher.explain, self.searcher.config.where)
-        key = (k or own[0], vote or own[1], explain or own[2], tuple(where) or own[3])
-        if key == own:
-            return self.searcher
-        if key not in self._variants:
-            self._variants[key] = self.searcher.with_options(k=key[0], vote=key[1], explain=key[2], where=key[3])
-        return self._variants[key]
+    def decode(self, locator: str):
+        """Decode an image (``read_source``) while holding one of the ``max_decodes`` slots."""
+        if not self._decodes.acquire(timeout=DECODE_WAIT):
+            raise Busy("the server is busy decoding other uploads; try again in a minute")
+        try:
+            return read_source(locator, window=self.window)
+        finally:
+            self._decodes.release()
 
-    def query(self, image: Path, *, patient: str | None = None, k: int | None = None, vote: str | None = None,
-              explain: str | None = None, vectors=None, where=()):
+    def ask_upload(self, data: bytes, filename: str | None, part: str | None = None, **query):
+        """Check the limits, keep the upload (:meth:`save_upload`) and answer it (:meth:`query`);
+        the file is removed again when the query fails before recording it."""
+        check_limits(self.settings, query.get("k"), query.get("explain"), self.searcher.explain)
+        locator, created = self._store(data, filename, part)
+        try:
+            return self.query(locator, **query)
+        except BaseException:
+            if created is not None and not upload_recorded(self.cb, created):
+                discard_upload(created)
+            raise
+
+    def query(self, image, *, patient: str | None = None, k: int | None = None, vote: str | None = None,
+              explain: str | None = None, vectors=None, where=(), patient_stored: bool = False):
         """Answer and record one query (an image already on disk); returns the Answer.
 
-        ``where``: (key, value) pairs; only cases whose metadata match are retrieved."""
-        with self.lock:
-            self._refresh_indexes()
-            searcher = self._searcher(k, vote, explain, where)
-            if vectors is None:
-                answer = searcher.query(image, patient=patient)
-            else:
-                answer = searcher.query_vectors(image, vectors, patient=patient)
-        return answer
+        Refused (BadValue) past the server's limits. A query asking for an expensive explanation
+        runs in the explanation lane, so that retrieval never waits for it.
+        ``where``: (key, value) pairs; only cases whose metadata match are retrieved.
+        ``patient``: as typed (hashed with the case base's key), unless ``patient_stored`` (a
+        recorded query's, for a refinement)."""
+        check_limits(self.settings, k, explain, self.searcher.explain)
+        kw = {"patient": patient, "k": k, "vote": vote, "explain": explain, "vectors": vectors, "where": where,
+              "sources": self.sources, "patient_stored": patient_stored}
+        if not is_expensive(explain or self.searcher.explain):
+            return self.retrieval.query(image, **kw)
+        if not self._explain_slots.acquire(blocking=False):
+            raise Busy(f"the server is already running {EXPLAIN_QUEUE} expensive explanations; try again later, "
+                       "or ask for a CAM method")
+        try:
+            return self._explanation_lane().query(image, **kw)
+        finally:
+            self._explain_slots.release()
+
+    def _explanation_lane(self) -> Lane:
+        with self._making:
+            if self._explainer is None:
+                self._explainer = self.retrieval.copy()
+            return self._explainer
 
     def warm_up(self) -> float:
         """Answer one synthetic image without recording it, so the first reviewer does not pay for
@@ -144,37 +198,18 @@ class Workbench:
         noise = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
         Image.fromarray(noise).save(path)
         with self.lock:
-            self.searcher.query(path, record=False)
-        import cbr.reporting.report  # noqa: F401 - the first recorded query renders a report
-        import explain.overlay  # noqa: F401
+            self.searcher.query(path, record=False, sources=self.sources)
         return time.perf_counter() - t0
 
-    def _current_manifests(self) -> dict:
-        with self.cb.read() as s:
-            return {mid: path for mid, path in s.execute(select(IndexManifest.model_id, IndexManifest.path))}
-
     def _refresh_indexes(self) -> None:
-        """Reload a member's index when a writer (retain here, or another cbr process) saved a new one."""
-        from cbr.store.member import load_index
-
-        now = self._current_manifests()
-        if now == self._manifests:
-            return
-        for m in self.members:
-            if now.get(m.model_id) != self._manifests.get(m.model_id):
-                m.index, m.kind, notes = load_index(self.cb, m.model_id)
-                for n in notes:
-                    LOG.warning("%s", n)
-        self._manifests = now
+        self.retrieval.refresh()
 
     # --- refinements ---------------------------------------------------------------------------
 
     def _parent(self, query_id: int):
-        from cbr.store.rows import get_query
-
         with self.cb.read() as s:
             q = get_query(s, self.cb, query_id)
-            return q.image_path, q.patient_id, q.k, q.vote_rule, q.explain_method
+            return q.readable_image, q.patient_id, q.k, q.vote_rule, q.explain_method
 
     def refine_region(self, query_id: int, box) -> tuple:
         """Query the part of a query's image inside ``box`` and record it as its child.
@@ -187,20 +222,16 @@ class Workbench:
         Returns:
             (answer, detail) where detail is the refinement as recorded.
         """
-        from cbr.data.sources import read_source
-
         path, patient, k, vote, explain = self._parent(query_id)
         try:
-            img, _, _ = read_source(path, window=self.window)  # a DICOM frame or NIfTI slice, as queried
+            img, _, _ = self.decode(path)  # a DICOM frame or NIfTI slice, as queried
         except ImageError as e:
             raise RefineError(f"query {query_id}'s image cannot be read ({e.reason}); it cannot be refined") from None
-        from cbr.data.crop import crop_box as view_box
 
         seen = view_box(img, self.crop) or (0, 0) + img.size  # the part of the image the square shows
         x0, y0, x1, y1 = letterbox_to_pixels(box, (seen[2] - seen[0], seen[3] - seen[1]))
         crop_box = (x0 + seen[0], y0 + seen[1], x1 + seen[0], y1 + seen[1])
         crop = img.crop(crop_box)
-        from cbr.data.image import MIN_SIZE
 
         if min(crop.size) < MIN_SIZE:
             raise RefineError(f"the box is {crop.size[0]}x{crop.size[1]} pixels of the image; draw one at least "
@@ -213,7 +244,7 @@ class Workbench:
         child = self.save_upload(buf.getvalue(), f"{stem}-region-{'-'.join(map(str, crop_box))}.png")
         detail = {"kind": "region", "parent_id": int(query_id), "box": [round(float(v), 4) for v in box],
                   "pixels": list(crop_box)}
-        answer = self.query(child, patient=patient, k=k, vote=vote, explain=explain)
+        answer = self.query(child, patient=patient, k=k, vote=vote, explain=explain, patient_stored=True)
         self._link(answer, detail)
         return answer, detail
 
@@ -225,16 +256,13 @@ class Workbench:
         """
         import numpy as np
 
-        from cbr.data.sources import read_source
-        from cbr.store.member import active_embeddings
-
         relevant = sorted({int(i) for i in relevant})
         irrelevant = sorted({int(i) for i in irrelevant} - set(relevant))
         if not relevant and not irrelevant:
             raise RefineError("mark at least one neighbour as relevant or not relevant to refine by example")
         path, patient, k, vote, explain = self._parent(query_id)
         try:
-            img, _, _ = read_source(path, window=self.window)
+            img, _, _ = self.decode(path)
         except ImageError as e:
             raise RefineError(f"query {query_id}'s image cannot be read ({e.reason}); it cannot be refined") from None
         a, b, c = ROCCHIO
@@ -251,13 +279,12 @@ class Workbench:
             vectors.append(v.astype(np.float32))
         detail = {"kind": "example", "parent_id": int(query_id), "relevant": relevant, "irrelevant": irrelevant,
                   "weights": list(ROCCHIO)}
-        answer = self.query(Path(path), patient=patient, k=k, vote=vote, explain=explain, vectors=vectors)
+        answer = self.query(Path(path), patient=patient, k=k, vote=vote, explain=explain, vectors=vectors,
+                            patient_stored=True)
         self._link(answer, detail)
         return answer, detail
 
     def _link(self, answer, detail) -> None:
-        from cbr.serve.lineage import record_refinement
-
         record_refinement(self.cb, answer.query_id, detail)
         answer.notes.append(f"refinement of query {detail['parent_id']} ({detail['kind']})")
 
@@ -265,8 +292,6 @@ class Workbench:
 
     def feedback(self, query_id: int, label: str, *, note=None, by=None, retain=False, region=None) -> dict:
         """``cbr feedback``: a new verdict row (never overwritten), optionally retaining the image."""
-        from cbr.pipeline.audit import add_feedback
-
         result = add_feedback(self.cb, query_id, label, note=note, by=by, retain=retain, region=region)
         if retain:
             with self.lock:
@@ -276,8 +301,6 @@ class Workbench:
 
 def stored_map_method(cb, default: str = "gradcam") -> str:
     """The CAM method of the case base's stored case maps (the newest), else ``default``."""
-    from cbr.store.schema import Explanation
-
     with cb.read() as s:
         method = s.scalar(select(Explanation.method).where(Explanation.role == "case")
                           .order_by(Explanation.id.desc()).limit(1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,11 +21,10 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from cbr.errors import CaseBaseError, CbrError, SchemaError
+from cbr.files import special_kind
 from cbr.store.postgres import server_engine
 from cbr.store.location import (as_readonly, default_index_dir, hide_password, readonly_url, resolve_url,
                                 sqlite_file, writable)
-
-_sqlite_file = sqlite_file  # the name cbr.serve.workbench imports
 
 __all__ = ["CaseBase", "open_casebase", "upgrade", "current", "resolve_url", "describe_db_error", "DEFAULT_DB"]
 
@@ -204,6 +204,14 @@ def _check_revision(conn, display: str) -> str | None:
     return rev
 
 
+def _mode(path: Path) -> int | None:
+    """The mode of the file a path names (links followed); None when there is none."""
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return None
+
+
 def open_casebase(db: str | os.PathLike = DEFAULT_DB, *, create: bool = True, migrate: bool = True,
                   index_dir: str | os.PathLike | None = None, readonly: bool | None = False) -> CaseBase:
     """Open (and by default create or upgrade to head) a case base.
@@ -230,6 +238,10 @@ def open_casebase(db: str | os.PathLike = DEFAULT_DB, *, create: bool = True, mi
             raise CaseBaseError(f"case base {path} does not exist; build one with `cbr index DATA --db {path}`")
         if path.is_dir():
             raise CaseBaseError(f"--db {path} is a directory; give a file path such as {path / 'cases.db'}")
+        mode = _mode(path)
+        if mode is not None and not stat.S_ISREG(mode):  # /dev/zero, a FIFO: SQLite would read or block on it
+            raise CaseBaseError(f"--db {path} is {special_kind(mode)}, not a regular file; give the path of a case "
+                                "base file, such as cases.db")
         if not path.parent.exists():
             raise CaseBaseError(f"folder {path.parent} does not exist; create it or choose another --db")
         if readonly is None:

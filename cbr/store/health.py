@@ -14,6 +14,12 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DatabaseError
 
+from cbr.errors import DamagedRowError
+from cbr.store.damage import find_damage
+from cbr.store.member import db_active_ids, model_label
+from cbr.store.schema import Calibration, Case, Embedding, Explanation, IndexManifest, Model, Query, TypicalityScores
+import index as ix
+
 __all__ = ["Health", "check_casebase"]
 
 _MAX_SQLITE_MESSAGES = 20
@@ -59,11 +65,7 @@ def _sqlite_check(cb, health: Health) -> bool:
 
 def _index_check(cb, s, health: Health) -> None:
     """Each model's index file against its manifest and the active cases' embeddings."""
-    import index as ix
     import numpy as np
-
-    from cbr.store.member import _db_active_ids, model_label
-    from cbr.store.schema import IndexManifest, Model
 
     hint = f"run `cbr index --rebuild --db {cb.display}`"
     for man, model in s.execute(select(IndexManifest, Model).join(Model, Model.id == IndexManifest.model_id)):
@@ -81,7 +83,7 @@ def _index_check(cb, s, health: Health) -> None:
             health.errors.append(f"{who}: file {path} cannot be read ({e}); {hint}")
             continue
         stored = np.asarray(ix.ids(index), dtype=np.int64)
-        active = _db_active_ids(cb, model.id)
+        active = db_active_ids(cb, model.id)
         missing, extra = np.setdiff1d(active, stored), np.setdiff1d(stored, active)
         if index.ntotal != man.ntotal:
             health.errors.append(f"{who}: holds {index.ntotal} vectors but its manifest says {man.ntotal}; {hint}")
@@ -94,8 +96,6 @@ def _index_check(cb, s, health: Health) -> None:
 
 def _row_checks(cb, s, health: Health) -> None:
     """Cases against embeddings and maps; explanation rows against cases and queries; calibrations."""
-    from cbr.store.schema import Calibration, Case, Embedding, Explanation, IndexManifest, Query, TypicalityScores
-
     active = select(Case.id).where(Case.removed_at.is_(None))
     health.counts["cases"] = s.scalar(select(func.count(Case.id))) or 0
     health.counts["active_cases"] = s.scalar(select(func.count()).select_from(active.subquery())) or 0
@@ -144,8 +144,12 @@ def check_casebase(cb) -> Health:
         return health
     try:
         with cb.read() as s:
+            health.errors.extend(str(d) for d in find_damage(s, cb))  # first: a bad value stops the reads below
             _row_checks(cb, s, health)
             _index_check(cb, s, health)
     except DatabaseError as e:
         health.errors.append(f"reading the case base failed: {getattr(e, 'orig', e)}; restore it from a backup")
+    except (ValueError, DamagedRowError) as e:  # a value find_damage named already; say why the check stopped
+        health.errors.append(f"the check stopped at a damaged value ({str(e).splitlines()[0]}); repair the rows "
+                             "above first")
     return health

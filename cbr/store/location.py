@@ -87,11 +87,16 @@ def writable(path: Path) -> bool:
 
 
 def as_readonly(url: str, path: Path) -> str:
-    """The read-only URI of a SQLite file. In a folder nobody may write, SQLite cannot create the
-    WAL index (``-shm``) it needs to read a WAL database; ``immutable=1`` reads without it, which is
-    safe there because no process can write the file either."""
+    """The read-only URI of a SQLite file, which leaves nothing beside the file.
+
+    To read a WAL database, SQLite creates its ``-wal`` and ``-shm`` files, and a read-only
+    connection can never remove them again (nor create them in a folder nobody may write). When
+    neither exists, no connection has the file open (the last one to close removes them), so the
+    file holds every committed change and ``immutable=1`` reads it without them. A writer that
+    starts later is not seen by this open. When they exist, a writer is at work: read through them.
+    """
     query = {"mode": "ro", "uri": "true"}
-    if not os.access(path.parent, os.W_OK) and not path.with_name(path.name + "-shm").exists():
+    if not any(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-shm")):
         query["immutable"] = "1"
     u = make_url(url)
     extra = {k: v for k, v in u.query.items() if k not in query}

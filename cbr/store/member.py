@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import func, select
 
-from cbr.errors import CaseBaseError, IndexCorruptError, ModelMismatchError
+from cbr.errors import CaseBaseError, DamagedRowError, IndexCorruptError, ModelMismatchError
+from cbr.models.config import ModelConfig
+from cbr.store.damage import EMBEDDING_REPAIR, vector_problem
 from cbr.store.encoding import decode_vectors
 from cbr.store.postgres import advisory_lock
 from cbr.store.schema import Case, Embedding, IndexManifest, Model, utcnow
+import index as ix
 
 __all__ = [
     "Member",
@@ -140,7 +143,14 @@ def embeddings_in(s, model_id: int, ids=None, dim: int | None = None) -> tuple[n
         return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
     dim = dim or s.get(Model, model_id).config.get("embedding_dim")
     ids_out = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    vecs = decode_vectors([r[1] for r in rows], dim or len(rows[0][1]) // 4)  # float32 or float16 rows
+    dim = dim or len(rows[0][1]) // 4
+    try:
+        vecs = decode_vectors([r[1] for r in rows], dim)  # float32 or float16 rows
+    except ValueError:
+        vecs = None
+    if vecs is None or not np.isfinite(vecs).all():  # a NaN row would vanish from every search, silently
+        case_id, problem = next((r[0], vector_problem(r[1], dim)) for r in rows if vector_problem(r[1], dim))
+        raise DamagedRowError(f"the embedding of case {case_id} under model {model_id} {problem}; {EMBEDDING_REPAIR}")
     return ids_out, vecs
 
 
@@ -151,7 +161,8 @@ def _db_id_summary(cb, model_id: int) -> tuple[int, int]:
     return int(n), int(total)
 
 
-def _db_active_ids(cb, model_id: int) -> np.ndarray:
+def db_active_ids(cb, model_id: int) -> np.ndarray:
+    """The case ids the case base holds active embeddings of, for member ``model_id``."""
     with cb.read() as s:
         ids = s.scalars(_of_active_cases(select(Embedding.case_id), model_id)).all()
     return np.asarray(ids, dtype=np.int64)
@@ -177,8 +188,6 @@ def load_index(cb, model_id: int, *, persist_repair: bool = False):
 
     Returns (index, kind, notes).
     """
-    import index as ix
-
     for attempt in range(_LOAD_ATTEMPTS):
         manifest = _read_manifest(cb, model_id)
         if manifest is None:
@@ -215,13 +224,11 @@ def load_index(cb, model_id: int, *, persist_repair: bool = False):
 
 def _reconcile(cb, model_id: int, index) -> list[str]:
     """Make the index hold exactly the active cases' embeddings; say what was repaired."""
-    import index as ix
-
     stored = ix.ids(index)
     n, total = _db_id_summary(cb, model_id)
     if n == len(stored) and total == int(stored.sum()):
         return []
-    active = _db_active_ids(cb, model_id)
+    active = db_active_ids(cb, model_id)
     missing = np.setdiff1d(active, stored)
     extra = np.setdiff1d(stored, active)
     if len(extra):
@@ -245,8 +252,6 @@ def save_index(cb, model_id: int, index, kind: str) -> None:
     source of truth), so that a saved generation always holds exactly the active cases: cases
     committed by a run that was killed before it saved any index are added here.
     """
-    import index as ix
-
     _reconcile(cb, model_id, index)
     cb.index_dir.mkdir(parents=True, exist_ok=True)
     name = f"model-{model_id}-{uuid.uuid4().hex[:12]}.faiss"
@@ -266,8 +271,6 @@ def save_index(cb, model_id: int, index, kind: str) -> None:
 
 def rebuild_index(cb, model_id: int, kind: str | None = None):
     """Build a model's index afresh from the stored embeddings (no image is read)."""
-    import index as ix
-
     manifest = _read_manifest(cb, model_id)
     kind = kind or (manifest[3] if manifest else "flat")
     ids, vecs = active_embeddings(cb, model_id)
@@ -281,8 +284,7 @@ def rebuild_index(cb, model_id: int, kind: str | None = None):
 
 
 def _embedder_for(model: Model):
-    from cbr.models.config import ModelConfig
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     cfg = ModelConfig.from_dict(model.config)
     if model.weights == "checkpoint":
@@ -291,13 +293,8 @@ def _embedder_for(model: Model):
                 f"checkpoint {model.source} that built an index of this case base is gone; restore it, or "
                 "index again with another --model and query with --model"
             )
-        # The stored settings win: an index may use another CAM layer than the checkpoint's default.
-        emb = create_embedder(model.source, input_size=cfg.input_size, target_layer=cfg.target_layer,
-                              window=cfg.window, contrast=cfg.contrast, tta=cfg.tta, crop=cfg.crop)
-    else:
-        emb = create_embedder(model.backbone, weights=model.weights, input_size=cfg.input_size,
-                              target_layer=cfg.target_layer, seed=cfg.seed, window=cfg.window,
-                              contrast=cfg.contrast, tta=cfg.tta, crop=cfg.crop)
+    # The stored settings win: an index may use another CAM layer than the checkpoint's default.
+    emb = create_embedder(model.source if model.weights == "checkpoint" else model.backbone, config=cfg)
     if emb.fingerprint != model.fingerprint:
         raise ModelMismatchError(
             f"model {model.source} now has fingerprint {emb.fingerprint[:12]}, but the index was built with "
@@ -313,10 +310,15 @@ def _select_models(cb, wanted) -> list[Model]:
             select(Model).join(IndexManifest, IndexManifest.model_id == Model.id).order_by(Model.id)
         ).all()
     if not rows:
+        with cb.read() as s:
+            lost = s.scalar(select(func.count(Embedding.model_id.distinct())))
+        if lost:  # embeddings but no manifest: the index is there to rebuild, not to build
+            raise IndexCorruptError(f"case base {cb.display} holds embeddings of {lost} model(s) but no index "
+                                    f"manifest (its rows were lost); {_rebuild_hint(cb)}")
         raise CaseBaseError(f"case base {cb.display} has no index yet; build one with `cbr index DATA --db {cb.display}`")
     if not wanted:
         return list(rows)
-    from cbr.models.factory import create_embedder
+    from cbr.models.embedder import create_embedder
 
     chosen = []
     for name in wanted:

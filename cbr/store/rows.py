@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from cbr.errors import NotFoundError
-from cbr.store.schema import Explanation, Query
+from sqlalchemy import select
 
-__all__ = ["as_utc", "iso", "explanation_row", "map_fields", "get_query"]
+from cbr.errors import DamagedRowError, NotFoundError
+from cbr.store.schema import Case, Explanation, Query
+from explain.rawmap import decode_map, encode_map
+
+__all__ = ["as_utc", "iso", "explanation_row", "map_fields", "get_query", "case_locators", "query_image_locator"]
 
 
 def as_utc(dt: datetime | None) -> datetime | None:
@@ -38,8 +41,6 @@ def explanation_row(raw, *, model_id: int, method: str, target: str, role: str, 
         role: ``case`` (stored at index time), ``query`` or ``neighbour`` (query time).
         case_id, query_id: the case and/or query it belongs to.
     """
-    from explain.rawmap import encode_map
-
     data, shape, scale = encode_map(raw)
     return Explanation(model_id=model_id, case_id=case_id, query_id=query_id, role=role, method=method,
                        target=target, height=shape[0], width=shape[1], dtype="float16", scale=float(scale),
@@ -51,9 +52,12 @@ def map_fields(row: Explanation, *, decode: bool = True) -> dict:
     without "map" when not ``decode`` (``cbr show`` prints no pixels and need not import numpy)."""
     fields = {"method": row.method, "target": row.target, "shape": [row.height, row.width], "scale": row.scale}
     if decode:
-        from explain.rawmap import decode_map
-
-        fields["map"] = decode_map(row.data, (row.height, row.width), row.scale)
+        try:
+            fields["map"] = decode_map(row.data, (row.height, row.width), row.scale)
+        except (TypeError, ValueError) as e:
+            raise DamagedRowError(f"explanations row {row.id} (a {row.role} map of model {row.model_id}) is damaged "
+                                  f"({e}); `cbr db check` lists every such row, and `cbr index --rebuild` drops "
+                                  "them") from None
     return fields
 
 
@@ -63,3 +67,23 @@ def get_query(s, cb, query_id: int) -> Query:
     if q is None:
         raise NotFoundError(f"no query {query_id} in {cb.display}; list them with `cbr history --db {cb.display}`")
     return q
+
+
+def case_locators(cb, case_ids) -> dict[int, str]:
+    """Where each case's pixels are read from (its file, frame or slice), by case id.
+
+    A case shown under a neutral locator (a DICOM case of a pseudonymised case base) is read from
+    its file, which this is the only way to get: it is for reading pixels, never for display.
+    """
+    ids = sorted({int(i) for i in case_ids})
+    if not ids:
+        return {}
+    with cb.read() as s:
+        rows = s.execute(select(Case.id, Case.path, Case.file_locator).where(Case.id.in_(ids))).all()
+    return {case_id: file or path for case_id, path, file in rows}
+
+
+def query_image_locator(cb, query_id: int) -> str:
+    """Where a recorded query's image is read from (see :func:`case_locators`); NotFoundError if none."""
+    with cb.read() as s:
+        return get_query(s, cb, query_id).readable_image

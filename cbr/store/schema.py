@@ -96,6 +96,15 @@ class Case(Base):
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     removed_reason: Mapped[str | None] = mapped_column(Text)
+    # Where the pixels are re-read from when ``path`` is a neutral locator (a DICOM case of a
+    # pseudonymised case base: ``dicom:<hashed SOPInstanceUID>``, since file names carry names and
+    # birth dates). Never shown or exported; None: ``path`` is the file itself.
+    file_locator: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def readable_locator(self) -> str:
+        """The locator to read this case's pixels from (its file, frame or slice)."""
+        return self.file_locator or self.path
 
 
 class Embedding(Base):
@@ -133,7 +142,8 @@ class Calibration(Base):
     rows: Mapped[list] = mapped_column(JSON)  # [[true_label, [neighbour labels in rank order]], ...]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     cases_digest: Mapped[str | None] = mapped_column(String(128))  # active cases it was computed on
-    # the weighted vote's fitted temperature (cbr.pipeline.temperature): {"value", "k", "n", "nll", ...}
+    # the weighted vote's fitted temperature and prior (cbr.pipeline.temperature), and where the rows came
+    # from: {"value", "prior", "reference", "k", "n", "nll", ..., "source", "cases", "why"}
     temperature: Mapped[dict | None] = mapped_column(JSON)
 
 
@@ -190,7 +200,7 @@ class Query(Base):
     __tablename__ = "queries"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    image_path: Mapped[str] = mapped_column(Text)
+    image_path: Mapped[str] = mapped_column(Text)  # as shown: a neutral locator for a pseudonymised DICOM
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     patient_id: Mapped[str | None] = mapped_column(String(255))
     k: Mapped[int] = mapped_column(Integer)
@@ -206,7 +216,20 @@ class Query(Base):
     typicality: Mapped[float | None] = mapped_column(Float)  # None: not measured (older queries)
     out_of_distribution: Mapped[bool | None] = mapped_column(Boolean, index=True)
     abstain_reason: Mapped[str | None] = mapped_column(String(32))
-    notes: Mapped[list | None] = mapped_column(JSON)
+    notes: Mapped[list | None] = mapped_column(JSON)  # for display; lineage is in the two columns below
+    # A refinement (cbr serve) records the query it was made from, and how: "region" or "example".
+    parent_query_id: Mapped[int | None] = mapped_column(ForeignKey("queries.id"), index=True)
+    refinement_kind: Mapped[str | None] = mapped_column(String(16))
+    # The conformal prediction set and its coverage, a conflict with a stored case, and where the vote
+    # was calibrated: {"set", "coverage", "conflict", "calibration"} (None: an older query).
+    uncertainty: Mapped[dict | None] = mapped_column(JSON)
+    # The image's file when ``image_path`` is a neutral locator (see Case.file_locator); never shown.
+    image_file: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def readable_image(self) -> str:
+        """The locator to read this query's image from (its file, frame or slice)."""
+        return self.image_file or self.image_path
 
 
 class Vote(Base):

@@ -15,8 +15,11 @@ from sqlalchemy import select
 from cbr.data.dataset import Record
 from cbr.models.maps import case_map_target, compute_maps
 from cbr.store.encoding import encode_vector
+from cbr.store.member import save_index
 from cbr.store.rows import explanation_row
 from cbr.store.schema import Case, Embedding
+from explain.spec import resolve_spec
+import index as ix
 
 __all__ = ["CaseWriter", "SAVE_EVERY_S"]
 
@@ -83,8 +86,6 @@ class CaseWriter:
     def store(self, records: list[Record], embeddings: list, maps_per_member: list, *, dataset_id=None,
               origin="index", query_id=None, feedback_id=None, only_models=None) -> list[int]:
         """Write what ``compute`` returned in one transaction, then add the vectors to the indexes."""
-        from explain.spec import resolve_spec
-
         ids, added = [], [[] for _ in self.members]
         with self.cb.write() as s:
             for i, r in enumerate(records):
@@ -93,8 +94,10 @@ class CaseWriter:
                     ids.append(case.id)  # removed on purpose: never searchable again through a new model
                     continue
                 if case is None:
-                    case = Case(sha256=r.sha256, path=r.path, label=r.label, group_id=r.group, meta=r.metadata,
-                                dataset_id=dataset_id, origin=origin, query_id=query_id, feedback_id=feedback_id)
+                    # A record shown under a neutral locator keeps its file only to re-read it.
+                    case = Case(sha256=r.sha256, path=r.shown or r.path, label=r.label, group_id=r.group,
+                                meta=r.metadata, dataset_id=dataset_id, origin=origin, query_id=query_id,
+                                feedback_id=feedback_id, file_locator=r.path if r.shown else None)
                     s.add(case)
                     s.flush()
                 ids.append(case.id)
@@ -112,8 +115,6 @@ class CaseWriter:
                         s.add(explanation_row(raw, model_id=model_id, method=spec, target=name, role="case",
                                               case_id=case.id))
         # Only after the commit: the index never holds a vector the case base lacks.
-        import index as ix
-
         id_arr = np.asarray(ids, dtype=np.int64)
         for m, member in enumerate(self.members):
             if added[m]:
@@ -126,8 +127,6 @@ class CaseWriter:
         self._dirty = True
 
     def maybe_save(self, force: bool = False) -> None:
-        from cbr.store.member import save_index
-
         if self._dirty and (force or time.monotonic() - self._last_save > SAVE_EVERY_S):
             for m in self.members:
                 save_index(self.cb, m.model_id, m.index, m.kind)

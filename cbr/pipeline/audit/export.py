@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 from cbr.errors import CbrError, UnknownNameError
+from cbr.files import STDOUT, atomic_open
+from cbr.pipeline.audit.regions import region_rows
+from cbr.pipeline.audit.trail import latest_feedback
+from cbr.store.rows import iso
+from cbr.store.schema import Case, Dataset, Feedback, Query
 
 # SQLAlchemy and the schema are imported by the row generators, when rows are read: the CLI's
 # --what choices (EXPORTS) come from here, and `cbr export --help` should not pay for them.
@@ -18,10 +23,6 @@ EXPORT_FORMATS = ("csv", "json")
 
 def _queries_rows(s):
     from sqlalchemy import select
-
-    from cbr.pipeline.audit.trail import latest_feedback
-    from cbr.store.rows import iso
-    from cbr.store.schema import Feedback, Query
 
     latest = latest_feedback()
     stmt = (select(Query, Feedback.label)
@@ -39,9 +40,6 @@ def _queries_rows(s):
 def _cases_rows(s):
     from sqlalchemy import select
 
-    from cbr.store.rows import iso
-    from cbr.store.schema import Case, Dataset
-
     stmt = select(Case, Dataset.source).outerjoin(Dataset, Dataset.id == Case.dataset_id).order_by(Case.id)
     for c, source in s.execute(stmt.execution_options(yield_per=1000)):
         yield {"id": c.id, "sha256": c.sha256, "path": c.path, "label": c.label, "group_id": c.group_id,
@@ -53,9 +51,6 @@ def _cases_rows(s):
 def _feedback_rows(s):
     from sqlalchemy import func, select
 
-    from cbr.store.rows import iso
-    from cbr.store.schema import Case, Feedback
-
     retained_case = (select(func.min(Case.id)).where(Case.feedback_id == Feedback.id, Case.origin == "retain")
                      .correlate(Feedback).scalar_subquery())
     stmt = select(Feedback, retained_case).order_by(Feedback.id)
@@ -65,8 +60,6 @@ def _feedback_rows(s):
 
 
 def _regions_rows(s):
-    from cbr.pipeline.audit.regions import region_rows
-
     return region_rows(s)
 
 
@@ -137,7 +130,8 @@ def export(cb, what: str, fmt: str, out=None) -> int:
         cb: an open CaseBase.
         what: ``queries``, ``cases`` or ``feedback`` (see ``EXPORTS`` for the columns).
         fmt: ``csv`` or ``json``.
-        out: a file path, written atomically (temp file + rename); None writes to stdout.
+        out: a file path, written atomically (temp file + rename), or a FIFO written through; None or
+            ``-`` writes to stdout. A device, socket or symbolic link is refused (``OutputError``).
 
     Example:
         >>> export(open_casebase("cases.db"), "cases", "csv", "cases.csv")
@@ -147,7 +141,7 @@ def export(cb, what: str, fmt: str, out=None) -> int:
     if fmt not in EXPORT_FORMATS:
         raise UnknownNameError("export format", fmt, EXPORT_FORMATS)
     columns, gen = EXPORTS[what]
-    if out is None:
+    if out is None or str(out) == STDOUT:
         with cb.read() as s:
             return _write_rows(sys.stdout, columns, gen(s), fmt)
     out = Path(out)
@@ -155,8 +149,6 @@ def export(cb, what: str, fmt: str, out=None) -> int:
         raise CbrError(f"--out {out} is a folder; give a file name such as {out / (what + '.' + fmt)}")
     if not out.parent.exists():
         raise CbrError(f"folder {out.parent} does not exist; create it or choose another --out")
-    from cbr.files import atomic_open
-
     with atomic_open(out, "w", newline="", encoding="utf-8") as fh:
         with cb.read() as s:
             return _write_rows(fh, columns, gen(s), fmt)

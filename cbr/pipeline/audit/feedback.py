@@ -14,10 +14,17 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from cbr.data.dataset import Record
+from cbr.data.guard import open_regular
+from cbr.data.sources import moved_to, read_source, Source
+from cbr.data.text import clean_label, clean_note, confusable_with, lookalike_note
 from cbr.errors import CbrError, ImageError
+from cbr.pipeline.calibration import recalibrate
 from cbr.pipeline.search import active_classes
+from cbr.store.member import load_members, writer_lock
 from cbr.store.rows import get_query, iso
-from cbr.store.schema import Case, Explanation, Feedback
+from cbr.store.schema import Case, Explanation, Feedback, Model, Vote
+from cbr.store.writer import CaseWriter
 
 __all__ = ["RetainError", "add_feedback", "parse_region"]
 
@@ -39,9 +46,10 @@ class _Judged:
     query_id: int
     feedback_id: int
     label: str  # the expert's label
-    path: str  # the query image's recorded path
+    path: str  # where the query image is read from (its recorded file)
     sha256: str
     patient: str | None
+    shown: str | None = None  # its neutral locator, in a pseudonymised case base: the retained case's path
 
     def refuse(self, reason: str) -> RetainError:
         return RetainError(self.feedback_id, self.query_id, reason)
@@ -73,8 +81,6 @@ def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: 
     Example:
         >>> add_feedback(open_casebase("cases.db"), 12, "tumour", by="dr.x", retain=True)
     """
-    from cbr.data.text import clean_label, clean_note
-
     label = clean_label(label or "", "--label")  # NFC, no control characters: it may become a case's label
     if not label:
         raise CbrError("--label is empty; give the expert's label, e.g. --label tumour")
@@ -85,12 +91,14 @@ def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: 
         _check_image_file(image)  # before anything is recorded: a FIFO or device would block the retain
     with cb.write() as s:
         q = get_query(s, cb, query_id)
-        new_class = label not in active_classes(s)
+        classes = active_classes(s)
+        new_class = label not in classes
         fb = Feedback(query_id=q.id, label=label, note=note, by=by, region=region)
         s.add(fb)
         s.flush()
         fid, prediction = fb.id, q.prediction
-        judged = _Judged(int(query_id), fid, label, q.image_path, q.sha256, q.patient_id)
+        judged = _Judged(int(query_id), fid, label, q.readable_image, q.sha256, q.patient_id,
+                         q.image_path if q.image_file else None)
         previous = s.scalar(select(func.count(Feedback.id)).where(Feedback.query_id == q.id, Feedback.id != fid))
     verdict = "confirmed" if label == prediction else "corrected"
     messages = [f"feedback {fid} on query {query_id}: {verdict}"
@@ -102,6 +110,9 @@ def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: 
     if new_class:
         messages.append(f"{label!r} is a new class: no active case had this label"
                         + (" until now" if retain else "; retain cases with it (--retain) so queries can predict it"))
+        lookalike = confusable_with(label, classes)
+        if lookalike is not None:
+            messages.append(f"warning: {lookalike_note(label, lookalike)}")
     result = {"feedback_id": fid, "query_id": int(query_id), "label": label, "prediction": prediction,
               "verdict": verdict, "new_class": new_class, "retained_case_id": None, "existing_case_id": None,
               "members": 0, "messages": messages, "region": region}
@@ -141,10 +152,6 @@ def parse_region(value) -> list[int] | None:
 
 def _check_image_file(image) -> None:
     """Refuse a ``--image`` that is not a regular file within the size cap, recording nothing."""
-    from cbr.data.guard import open_regular
-
-    from cbr.data.sources import Source
-
     try:
         with open_regular(Path(Source.parse(image).path).expanduser()):  # "cine.dcm#frame=12": the file
             pass
@@ -152,10 +159,8 @@ def _check_image_file(image) -> None:
         raise CbrError(f"--image {e}; nothing was recorded") from None
 
 
-def _query_window(cb, query_id: int) -> str:
+def query_window(cb, query_id: int) -> str:
     """The VOI window the query's members decoded DICOM/NIfTI with (one per case base)."""
-    from cbr.store.schema import Model, Vote
-
     with cb.read() as s:
         cfg = s.scalar(select(Model.config).join(Vote, Vote.model_id == Model.id)
                        .where(Vote.query_id == query_id).limit(1))
@@ -163,8 +168,6 @@ def _query_window(cb, query_id: int) -> str:
 
 
 def _read_query_image(j: _Judged, image, window: str = "auto"):
-    from cbr.data.sources import Source, moved_to, read_source
-
     src = Source.parse(moved_to(j.path, image)).resolved()  # the recorded frame, slice or .npz index
     path = src.locator
     try:
@@ -186,11 +189,7 @@ def _case_map_method(s) -> str:
 
 
 def _retain(cb, j: _Judged, image) -> dict:
-    from cbr.data.dataset import Record
-    from cbr.store.member import load_members, writer_lock
-    from cbr.store.writer import CaseWriter
-
-    img, sha, path = _read_query_image(j, image, _query_window(cb, j.query_id))
+    img, sha, path = _read_query_image(j, image, query_window(cb, j.query_id))
     notes = []
     with writer_lock(cb):
         with cb.read() as s:
@@ -212,13 +211,11 @@ def _retain(cb, j: _Judged, image) -> dict:
             m.embedder.eval()
         tensors = [m.embedder.preprocess(img).unsqueeze(0) for m in members]
         record = Record(path=str(path), label=j.label, group=j.patient, sha256=sha,
-                        metadata={"retained_from_query": j.query_id})
+                        metadata={"retained_from_query": j.query_id}, shown=j.shown if image is None else None)
         writer = CaseWriter(cb, members, explain=method)
         (case_id,) = writer.add([record], tensors, origin="retain", query_id=j.query_id, feedback_id=j.feedback_id)
         writer.maybe_save(force=True)
         # A new case changes the votes' and typicality's calibration: recompute it now.
-        from cbr.pipeline.calibration import recalibrate
-
         recalibrated = recalibrate(cb, [(m.model_id, m.index) for m in members])
     notes.append(f"retained as case {case_id} (label {j.label!r}), indexed in {len(members)} member(s) with its "
                  f"{method} map")

@@ -12,7 +12,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from cbr.errors import CbrError
+from cbr.data.sources import read_source, Source
+from cbr.errors import CbrError, ImageError
+from cbr.files import atomic_open
+from cbr.pipeline.audit.feedback import query_window
+from cbr.pipeline.audit.trail import latest_feedback
+from cbr.store.schema import Feedback, Query
 
 __all__ = ["export_regions", "region_rows", "REGION_COLUMNS"]
 
@@ -22,9 +27,6 @@ REGION_COLUMNS = ("path", "label", "patient", "mask", "query_id", "feedback_id")
 def _boxes(s):
     """(query, label of its latest verdict, latest feedback row with a region) per reviewed query."""
     from sqlalchemy import func, select
-
-    from cbr.pipeline.audit.trail import latest_feedback
-    from cbr.store.schema import Feedback, Query
 
     latest = latest_feedback()
     boxed = (select(Feedback.query_id, func.max(Feedback.id).label("bid")).where(Feedback.region.is_not(None))
@@ -65,22 +67,19 @@ def export_regions(cb, out_dir) -> dict:
     import numpy as np
     from PIL import Image
 
-    from cbr.data.sources import Source, read_source
-    from cbr.errors import ImageError
-    from cbr.files import atomic_open
-    from cbr.pipeline.audit.feedback import _query_window
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CbrError(f"--out {out}: is a file; give a folder for the masks and regions.csv")
     (out / "masks").mkdir(parents=True, exist_ok=True)
     with cb.read() as s:
-        boxes = [(q.id, q.image_path, q.sha256, q.patient_id, label, fb.id, list(fb.region))
-                 for q, label, fb in _boxes(s)]
+        # read from its file; a query shown under a neutral locator (pseudonymised) gets a PNG copy,
+        # so that its file name does not reach the exported manifest
+        boxes = [(q.id, q.readable_image, q.sha256, q.patient_id, label, fb.id, list(fb.region),
+                  q.image_file is not None) for q, label, fb in _boxes(s)]
     rows, problems = [], []
-    for qid, path, sha, patient, label, fid, (x0, y0, x1, y1) in boxes:
+    for qid, path, sha, patient, label, fid, (x0, y0, x1, y1), neutral in boxes:
         try:
-            img, got, src = read_source(Source.parse(path).resolved(), window=_query_window(cb, qid))
+            img, got, src = read_source(Source.parse(path).resolved(), window=query_window(cb, qid))
         except ImageError as e:
             problems.append({"query_id": qid, "reason": f"{e.path}: {e.reason}"})
             continue
@@ -100,7 +99,7 @@ def export_regions(cb, out_dir) -> dict:
         with atomic_open(mask_path, "wb") as fh:
             Image.fromarray(mask).save(fh, format="PNG")
         image_path = src.path
-        if src.locator != src.path:  # a frame or slice: the manifest needs an image file of its own
+        if src.locator != src.path or neutral:  # a frame or slice: the manifest needs an image file of its own
             (out / "images").mkdir(exist_ok=True)
             image_path = out / "images" / f"query-{qid}.png"
             with atomic_open(image_path, "wb") as fh:

@@ -9,8 +9,11 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from cbr.errors import CbrError, NotFoundError
+from cbr.pipeline.calibration import recalibrate
+from cbr.store.member import load_index, save_index, writer_lock
 from cbr.store.rows import iso
 from cbr.store.schema import Case, IndexManifest, utcnow
+import index as ix
 
 __all__ = ["remove_cases"]
 
@@ -44,9 +47,6 @@ def remove_cases(cb, case_ids, *, reason: str | None = None) -> dict:
     """
     import numpy as np
 
-    import index as ix
-    from cbr.store.member import load_index, save_index, writer_lock
-
     wanted = sorted({int(i) for i in case_ids})
     if not wanted:
         raise CbrError("give at least one case id to remove")
@@ -76,7 +76,5 @@ def remove_cases(cb, case_ids, *, reason: str | None = None) -> dict:
                 ix.remove(index, drop)
                 save_index(cb, mid, index, kind)
             # Fewer cases change the votes' and typicality's calibration: recompute it now.
-            from cbr.pipeline.calibration import recalibrate
-
             notes.extend(recalibrate(cb, [(mid, index) for mid, (index, _) in indexes.items()]))
     return {"removed": removed, "already": already, "members": len(indexes), "notes": notes}

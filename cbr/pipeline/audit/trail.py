@@ -14,7 +14,9 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 
 from cbr.errors import CbrError, UnknownNameError
+from cbr.files import STDOUT, atomic_open, output_kind
 from cbr.pipeline.settings import DEFAULT_REPORTS, SCALES
+from cbr.reporting.report import load_record, strip_maps, write_outputs
 from cbr.store.rows import as_utc, iso
 from cbr.store.schema import Case, Feedback, Query
 
@@ -127,8 +129,6 @@ def show(cb, query_id: int) -> dict:
     Example:
         >>> record = show(open_casebase("cases.db"), 12)
     """
-    from cbr.reporting.report import load_record, strip_maps
-
     return strip_maps(load_record(cb, query_id, decode_maps=False))
 
 
@@ -142,22 +142,24 @@ def rerender_report(cb, query_id: int, out=None, scale: str = "shared") -> str:
         cb: an open CaseBase.
         query_id: the query.
         out: the report file (or an existing folder); default ``cbr-reports/query-<id>/report.html``
-            beside its overlays.
+            beside its overlays. ``-`` is stdout and a FIFO is written through; a device, socket or
+            symbolic link to a file is refused (``OutputError``).
         scale: ``shared`` (one colour scale for the query and its neighbours) or ``per-image``.
 
     Example:
         >>> rerender_report(open_casebase("cases.db"), 12, "audit/q12.html")
     """
-    from cbr.reporting.report import load_record, write_outputs
-
     if scale not in SCALES:
         raise UnknownNameError("colour scale", scale, SCALES)
     load_record(cb, query_id, with_maps=False)  # unknown id -> NotFoundError before touching files
     if out is None:
         out = Path(DEFAULT_REPORTS) / f"query-{int(query_id)}" / "report.html"
-    out = Path(out)
-    if out.is_dir():
+    if str(out) != STDOUT and Path(out).is_dir():  # a folder, or a link to one: nothing is replaced
         return write_outputs(cb, query_id, out, scale=scale)["report"]
+    kind = output_kind(out)  # a device, socket or other link is refused before anything is written
+    if kind in ("stdout", "pipe"):
+        return _report_through(cb, query_id, out, scale)
+    out = Path(out)
     if out.name == "report.html":
         return write_outputs(cb, query_id, out.parent, scale=scale)["report"]
     if not out.parent.exists():
@@ -172,4 +174,21 @@ def rerender_report(cb, query_id: int, out=None, scale: str = "shared") -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     with cb.write() as s:
         s.get(Query, int(query_id)).report_path = str(out.resolve())
+    return str(out)
+
+
+def _report_through(cb, query_id: int, out, scale: str) -> str:
+    """Render into a private folder and copy the self-contained HTML to stdout or a FIFO; the
+    query keeps the report path it had (a stream is not a report one can open again)."""
+    with cb.read() as s:
+        before = s.get(Query, int(query_id)).report_path
+    tmp = Path(tempfile.mkdtemp(prefix="cbr-report."))
+    try:
+        written = Path(write_outputs(cb, query_id, tmp, scale=scale)["report"])
+        with atomic_open(out, "w", encoding="utf-8") as fh:  # text: a terminal gets it escaped
+            fh.write(written.read_text(encoding="utf-8"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with cb.write() as s:
+            s.get(Query, int(query_id)).report_path = before
     return str(out)

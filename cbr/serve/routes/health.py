@@ -1,4 +1,4 @@
-"""``GET /healthz``: the process is up, with its case base and loaded members."""
+"""``GET /healthz``: the process is up, with its case base, loaded members and limits."""
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy import func, select
@@ -16,7 +16,10 @@ def healthz(wb=Depends(get_workbench)):
         cases = s.scalar(select(func.count(Case.id)).where(Case.removed_at.is_(None)))
     members = [{"model_id": m.model_id, "model": m.label, "fingerprint": m.fingerprint, "vectors": int(m.index.ntotal)}
                for m in wb.members]
-    return Health(status="ok", cases=int(cases), members=members)
+    limits = wb.settings.limits()
+    if wb.searcher.explain not in limits["allow_methods"]:  # the server's own default always runs
+        limits["allow_methods"].append(wb.searcher.explain)
+    return Health(status="ok", cases=int(cases), members=members, limits=limits)
 
 
 @router.get("/api/openapi.json", include_in_schema=False)

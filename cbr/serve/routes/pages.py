@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import RedirectResponse
 
+from cbr.errors import CbrError
+from cbr.pipeline.audit.trail import history, HistoryFilter
+from cbr.serve.cases import case_record
 from cbr.serve.deps import get_casebase, get_workbench, require_token
+from cbr.serve.models import MAX_ID, MAX_OFFSET, CaseId, QueryId
+from cbr.serve.methods import stored_specs
 from cbr.serve.pages import render
+from cbr.serve.routes.queries import record_json
+from cbr.serve.uploads import MAX_K, BadValue, query_options, read_upload
+from cbr.store.rows import case_locators
 
 router = APIRouter(tags=["pages"], dependencies=[Depends(require_token)])
 login_router = APIRouter(tags=["pages"])
@@ -31,40 +39,34 @@ def _check(request: Request, csrf_token: str | None) -> None:
 
 @router.get("/")
 def home(request: Request, cb=Depends(get_casebase), wb=Depends(get_workbench)):
-    from cbr.pipeline.audit.trail import history
-
     return render(request, "home.html", {"recent": history(cb, limit=10), "k": wb.searcher.k,
-                                         "max_mb": request.app.state.settings.max_upload_mb})
+                                         "max_mb": request.app.state.settings.max_upload_mb,
+                                         "max_k": request.app.state.settings.max_k})
 
 
 @router.post("/queries")
 def ask(request: Request, csrf_token: str | None = Form(None), image: UploadFile | None = File(None),
-        case_id: int | None = Form(None), patient: str | None = Form(None), k: int | None = Form(None),
-        wb=Depends(get_workbench)):
+        case_id: int | None = Form(None, ge=1, le=MAX_ID), patient: str | None = Form(None),
+        k: int | None = Form(None, ge=1, le=MAX_K), wb=Depends(get_workbench)):
     """The home page's form: an uploaded image, or a case of the case base by id."""
     from pathlib import Path
 
-    from cbr.errors import CbrError
-    from cbr.serve.cases import case_record
-    from cbr.serve.uploads import query_options, read_upload
-
     _check(request, csrf_token)
     options = query_options(k, None, None)
+    patient = (patient or "").strip() or None
     if image is not None and image.filename:
-        path = wb.save_upload(read_upload(image, request.app.state.settings), image.filename)
+        data = read_upload(image, request.app.state.settings)
+        answer = wb.ask_upload(data, image.filename, None, patient=patient, **options)
     elif case_id is not None:
-        path = Path(case_record(wb.cb, case_id, limit=0)["path"])
+        case_record(wb.cb, case_id, limit=0)  # 404 for an unknown id
+        answer = wb.query(Path(case_locators(wb.cb, [case_id])[case_id]), patient=patient, **options)
     else:
         raise CbrError("choose an image to upload, or give a case id")
-    answer = wb.query(path, patient=(patient or "").strip() or None, **options)
     return _see(f"/queries/{answer.query_id}")
 
 
 @router.get("/queries/{query_id}")
-def query_page(request: Request, query_id: int, cb=Depends(get_casebase)):
-    from cbr.serve.methods import stored_specs
-    from cbr.serve.routes.queries import record_json
-
+def query_page(request: Request, query_id: QueryId, cb=Depends(get_casebase)):
     record = record_json(cb, query_id)
     p = record["prediction"]
     labels = sorted({*p["probabilities"], *(n["label"] for m in record["members"] for n in m["neighbours"])})
@@ -73,7 +75,7 @@ def query_page(request: Request, query_id: int, cb=Depends(get_casebase)):
 
 
 @router.post("/queries/{query_id}/feedback")
-def feedback(request: Request, query_id: int, csrf_token: str | None = Form(None), label: str = Form(""),
+def feedback(request: Request, query_id: QueryId, csrf_token: str | None = Form(None), label: str = Form(""),
              other_label: str | None = Form(None), note: str | None = Form(None), by: str | None = Form(None),
              retain: bool = Form(False), region: str | None = Form(None), wb=Depends(get_workbench)):
     _check(request, csrf_token)
@@ -84,7 +86,7 @@ def feedback(request: Request, query_id: int, csrf_token: str | None = Form(None
 
 
 @router.post("/queries/{query_id}/refine/region")
-def refine_region(request: Request, query_id: int, csrf_token: str | None = Form(None), x0: float = Form(...),
+def refine_region(request: Request, query_id: QueryId, csrf_token: str | None = Form(None), x0: float = Form(...),
                   y0: float = Form(...), x1: float = Form(...), y1: float = Form(...), wb=Depends(get_workbench)):
     _check(request, csrf_token)
     answer, _ = wb.refine_region(query_id, (x0, y0, x1, y1))
@@ -92,7 +94,7 @@ def refine_region(request: Request, query_id: int, csrf_token: str | None = Form
 
 
 @router.post("/queries/{query_id}/refine/example")
-async def refine_example(request: Request, query_id: int, wb=Depends(get_workbench)):
+async def refine_example(request: Request, query_id: QueryId, wb=Depends(get_workbench)):
     """Radio buttons ``rel-<case id>`` = relevant | irrelevant | skip, one per neighbour."""
     from starlette.concurrency import run_in_threadpool
 
@@ -101,18 +103,18 @@ async def refine_example(request: Request, query_id: int, wb=Depends(get_workben
     relevant, irrelevant = [], []
     for key, value in form.multi_items():
         if key.startswith("rel-") and key[4:].isdigit():
+            if not 1 <= int(key[4:]) <= MAX_ID:
+                raise BadValue(f"{key[:40]}: no case has that id")
             {"relevant": relevant, "irrelevant": irrelevant}.get(str(value), []).append(int(key[4:]))
     answer, _ = await run_in_threadpool(wb.refine_example, query_id, relevant, irrelevant)
     return _see(f"/queries/{answer.query_id}")
 
 
 @router.get("/history")
-def history_page(request: Request, cb=Depends(get_casebase), page: int = 1, label: str | None = None,
+def history_page(request: Request, cb=Depends(get_casebase), page: int = Query(1, ge=1, le=MAX_OFFSET // PAGE),
+                 label: str | None = None,
                  predicted: str | None = None, disagreed: bool = False, abstained: bool = False, ood: bool = False,
                  unreviewed: bool = False):
-    from cbr.pipeline.audit.trail import HistoryFilter, history
-
-    page = max(1, int(page))
     chosen = {"disagreed": disagreed, "abstained": abstained, "ood": ood, "unreviewed": unreviewed}
     where = HistoryFilter(label=(label or "").strip() or None, predicted=(predicted or "").strip() or None,
                           **{FILTERS[k][0]: FILTERS[k][1] for k, on in chosen.items() if on})
@@ -131,9 +133,7 @@ def history_page(request: Request, cb=Depends(get_casebase), page: int = 1, labe
 
 
 @router.get("/cases/{case_id}")
-def case_page(request: Request, case_id: int, cb=Depends(get_casebase)):
-    from cbr.serve.cases import case_record
-
+def case_page(request: Request, case_id: CaseId, cb=Depends(get_casebase)):
     return render(request, "case.html", {"c": case_record(cb, case_id)})
 
 
@@ -144,14 +144,24 @@ def login_form(request: Request, next: str = "/"):
 
 @login_router.post("/login")
 def login(request: Request, token: str = Form(""), next: str = Form("/"), csrf_token: str | None = Form(None)):
-    from cbr.serve.security import SESSION_COOKIE
-
+    """The token, for a signed session cookie that expires (``--session-hours``); wrong ones back off (429)."""
     guard = request.app.state.guard
     guard.check_csrf(request, csrf_token)
-    if not guard.login_ok(token):
+    session = guard.login(request, token)
+    if session is None:
         return render(request, "login.html", {"next": _local(next), "failed": True}, status=401)
     response = _see(_local(next))
-    guard.set_cookie(response, SESSION_COOKIE, guard.session_value)
+    guard.set_session(response, session)
+    return response
+
+
+@login_router.post("/logout")
+def logout(request: Request, csrf_token: str | None = Form(None)):
+    """End this browser's session: the cookie is cleared, and refused from now on even if kept."""
+    guard = request.app.state.guard
+    guard.check_csrf(request, csrf_token)
+    response = _see("/login" if guard.token else "/")
+    guard.logout(request, response)
     return response
 
 

@@ -24,6 +24,12 @@ __all__ = [
     "classification_report",
     "expected_calibration_error",
     "reliability_bins",
+    "equal_mass_bins",
+    "ece_equal_mass",
+    "bootstrap_interval",
+    "smooth_ece",
+    "confident_errors",
+    "set_coverage",
     "abstention",
     "precision_at_k",
     "mean_average_precision",
@@ -197,6 +203,83 @@ def expected_calibration_error(confidence, correct, bins: int = 10) -> float:
         return math.nan
     return float(sum(b["count"] / confidence.size * abs(b["accuracy"] - b["confidence"])
                      for b in reliability_bins(confidence, correct, bins) if b["count"]))
+
+
+def equal_mass_bins(confidence, correct, bins: int = 10) -> list[dict]:
+    """The answers sorted by confidence and cut into ``bins`` groups of (nearly) equal size: each
+    group's confidence range, count, mean confidence and accuracy (no group is empty)."""
+    confidence, correct = _calibration_inputs(confidence, correct, bins)
+    order = np.argsort(confidence, kind="stable")
+    out = []
+    for part in np.array_split(order, min(bins, max(1, confidence.size))):
+        if part.size:
+            out.append({"lower": float(confidence[part].min()), "upper": float(confidence[part].max()),
+                        "count": int(part.size), "confidence": float(confidence[part].mean()),
+                        "accuracy": float(correct[part].mean())})
+    return out
+
+
+def ece_equal_mass(confidence, correct, bins: int = 10) -> float:
+    """ECE over equal-mass bins (each holds a tenth of the answers): the sum of (bin share) x
+    |accuracy - mean confidence|. NaN if empty."""
+    confidence, correct = _calibration_inputs(confidence, correct, bins)
+    if confidence.size == 0:
+        return math.nan
+    return float(sum(b["count"] / confidence.size * abs(b["accuracy"] - b["confidence"])
+                     for b in equal_mass_bins(confidence, correct, bins)))
+
+
+def bootstrap_interval(statistic, *arrays, resamples: int = 1000, level: float = 0.95, seed: int = 0):
+    """The percentile bootstrap interval ``[low, high]`` of ``statistic(*arrays)``, resampling the
+    rows (the same rows of every array) with replacement; None with fewer than two rows."""
+    arrays = [np.asarray(a) for a in arrays]
+    n = len(arrays[0]) if arrays else 0
+    if n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = [statistic(*(a[idx] for a in arrays)) for idx in rng.integers(0, n, size=(resamples, n))]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return [float(low), float(high)]
+
+
+def smooth_ece(confidence, correct) -> float | None:
+    """Smooth ECE (Blasiok & Nakkiran 2023, the ``relplot`` package); None where relplot is missing."""
+    try:
+        import relplot  # deferred and optional: it brings seaborn
+    except ImportError:
+        return None
+    confidence = np.asarray(confidence, dtype=np.float64).ravel()
+    if confidence.size < 2:
+        return None
+    return float(relplot.smECE(np.clip(confidence, 0, 1), np.asarray(correct, dtype=np.float64).ravel()))
+
+
+def confident_errors(confidence, correct, answered, threshold: float = 0.95) -> dict:
+    """Of the wrong answers given (abstentions left out), how many were shown with a confidence of at
+    least ``threshold``, and their share (None without a wrong answer)."""
+    confidence = np.asarray(confidence, dtype=np.float64).ravel()
+    wrong = np.asarray(answered, dtype=bool).ravel() & ~np.asarray(correct, dtype=bool).ravel()
+    high = int((confidence[wrong] >= threshold).sum())
+    return {"threshold": threshold, "wrong": int(wrong.sum()), "confident": high,
+            "share": high / int(wrong.sum()) if wrong.any() else None}
+
+
+def set_coverage(y_true, sets, classes) -> dict | None:
+    """How the prediction sets did: overall and per class, the share whose set held the true class
+    (coverage) and the mean set size. None when no answer had a set."""
+    pairs = [(str(t), [str(c) for c in s]) for t, s in zip(y_true, sets) if s is not None]
+    if not pairs:
+        return None
+
+    def figures(rows):
+        return {"n": len(rows), "coverage": float(np.mean([t in s for t, s in rows])) if rows else None,
+                "mean_set_size": float(np.mean([len(s) for _, s in rows])) if rows else None}
+
+    out = figures(pairs)
+    out["per_class"] = {str(c): figures([p for p in pairs if p[0] == str(c)]) for c in classes}
+    out["share_single"] = float(np.mean([len(s) == 1 for _, s in pairs]))
+    return out
 
 
 def abstention(abstained, correct) -> dict:

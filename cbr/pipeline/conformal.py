@@ -1,0 +1,113 @@
+"""Prediction sets with a coverage guarantee: class-conditional (Mondrian) conformal prediction.
+
+Each calibration case (held out from the model, see `cbr.pipeline.calibration`) is voted on from
+its own first k neighbours exactly as a query is; its nonconformity is one minus the vote's
+probability of its true class. A query's set holds every class c whose p-value among the
+calibration cases of class c is at least 1 - coverage (crepes' Mondrian conformal classifier,
+the categories being the true classes, not smoothed). If the query is exchangeable with the
+calibration cases of its true class, the set contains that class with probability at least the
+coverage, for every class separately, however the vote is calibrated.
+
+A class with fewer calibration cases than `min_cases` can never be left out (its smallest p-value
+is 1/(n + 1)): it is in every set, and the answer names it (``too_few``) rather than claim a
+coverage it earns for free. A set of several classes reads "uncertain between a and b"; with
+``abstain_ambiguous`` the vote then abstains (reason ``ambiguous``).
+
+Ensembles: each member has its own sets; the ensemble's is their union, whose coverage is at
+least each member's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cbr.pipeline.settings import DEFAULT_COVERAGE
+from cbr.pipeline.vote import Vote
+
+__all__ = ["DEFAULT_COVERAGE", "PredictionSets", "min_cases", "fit_sets", "prediction_set", "union",
+           "ambiguous"]
+
+
+@dataclass(frozen=True)
+class PredictionSets:
+    """One member's fitted conformal classifier and what it can promise."""
+
+    coverage: float
+    classes: tuple[str, ...]
+    counts: dict  # calibration cases per class
+    too_few: dict  # class -> its calibration cases, for the classes that cannot reach the coverage
+    classifier: object = None  # crepes.ConformalClassifier; Mondrian bins = class index; None: no case at all
+
+
+def min_cases(coverage: float) -> int:
+    """The fewest calibration cases of a class for its p-value to fall below 1 - coverage."""
+    eps, n = 1 - coverage, 0
+    while 1 / (n + 1) >= eps:
+        n += 1
+    return n
+
+
+def fit_sets(rows, k: int, vote_of, classes, coverage: float = DEFAULT_COVERAGE) -> PredictionSets | None:
+    """Fit the prediction sets of one member on its calibration rows.
+
+    Args:
+        rows: ``[true_label, [neighbour labels], [similarities]]`` per calibration case, best first.
+        k: the neighbours a query votes with.
+        vote_of: ``(labels, similarities, classes) -> {class: probability}``, the query's own vote.
+        classes: the classes a query chooses from.
+        coverage: the share of each class's queries whose set must hold their class.
+
+    Returns:
+        `PredictionSets`, or None without calibration rows.
+    """
+    from crepes import ConformalClassifier  # deferred: pandas and scipy.stats come with it
+
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage must be in (0, 1), got {coverage}")
+    classes = list(classes)
+    usable = [r for r in rows or () if r[0] in classes and len(r[1]) > 0]
+    if not usable:
+        return None
+    alphas, bins = [], []
+    for r in usable:
+        labels = list(r[1][:k])
+        sims = list(r[2][: len(labels)]) if len(r) > 2 and len(r[2]) >= len(labels) else [0.0] * len(labels)
+        alphas.append(1.0 - vote_of(labels, sims, classes)[r[0]])
+        bins.append(classes.index(r[0]))
+    counts = {c: bins.count(j) for j, c in enumerate(classes)}
+    need = min_cases(coverage)
+    cc = ConformalClassifier()
+    cc.fit(np.asarray(alphas, dtype=np.float64), bins=np.asarray(bins))
+    return PredictionSets(float(coverage), tuple(classes), counts,
+                          {c: n for c, n in counts.items() if n < need}, cc)
+
+
+def prediction_set(sets: PredictionSets, probabilities: dict) -> list[str]:
+    """The classes of the query's set, most probable first."""
+    row = np.asarray([[1.0 - float(probabilities.get(c, 0.0)) for c in sets.classes]])
+    kept = []
+    for j, c in enumerate(sets.classes):
+        if sets.counts.get(c, 0) < min_cases(sets.coverage):
+            kept.append(c)  # never excluded, and named in too_few
+            continue
+        if sets.classifier.predict_set(row, bins=np.asarray([j]), confidence=sets.coverage, smoothing=False)[0, j]:
+            kept.append(c)
+    return sorted(kept, key=lambda c: (-float(probabilities.get(c, 0.0)), sets.classes.index(c)))
+
+
+def union(member_sets, probabilities: dict) -> list[str]:
+    """The ensemble's set: the union of its members' sets, most probable first."""
+    found = {c for s in member_sets for c in s}
+    return sorted(found, key=lambda c: -float(probabilities.get(c, 0.0)))
+
+
+def ambiguous(vote: Vote) -> Vote:
+    """The vote of a query whose set holds several classes, under --abstain-ambiguous: no diagnosis.
+
+    A vote that already abstained keeps its reason; the probabilities stay for the audit."""
+    if vote.abstained:
+        return vote
+    return Vote(None, 0.0, dict(vote.probabilities), abstained=True, credibility=vote.credibility,
+                abstain_reason="ambiguous")

@@ -1,0 +1,107 @@
+"""How much an answer rests on, in words: the neighbours' evidence, the prediction set, a conflict
+with a stored case. Shared by the terminal, the HTML report, the web pages and ``--json``."""
+
+from __future__ import annotations
+
+import html
+
+__all__ = ["evidence", "set_text", "conflicts", "conflict_text", "conflict_banner", "agreement", "answer_lines",
+           "shows_probabilities", "CSS"]
+
+
+def evidence(label, neighbours) -> dict:
+    """What a confidence rests on: how many of the k neighbours carry ``label``, and their similarities.
+
+    Args:
+        label: the answer (None: an abstention; the most common neighbour label is counted).
+        neighbours: ``(label, similarity)`` of each neighbour, best first.
+
+    Example:
+        >>> evidence("yes", [("yes", 0.83), ("yes", 0.81)])["text"]
+        '2 of 2 neighbours yes, similarity 0.81–0.83'
+    """
+    neighbours = [(str(lab), float(sim)) for lab, sim in neighbours]
+    labels = [lab for lab, _ in neighbours]
+    if label is None and labels:
+        label = max(dict.fromkeys(labels), key=labels.count)  # ties: the nearest such label
+    sims = [sim for _, sim in neighbours]
+    agree = sum(lab == label for lab in labels)
+    out = {"label": label, "agree": agree, "k": len(neighbours),
+           "similarity": [round(min(sims), 6), round(max(sims), 6)] if sims else None}
+    if not sims:
+        out["text"] = "no neighbours"
+    else:
+        low, high = f"{min(sims):.2f}", f"{max(sims):.2f}"
+        out["text"] = (f"{agree} of {len(neighbours)} neighbours {label}, similarity "
+                       + (low if low == high else f"{low}–{high}"))
+    return out
+
+
+def set_text(classes) -> str:
+    """How a prediction set reads: "yes", or "uncertain between yes and no"."""
+    classes = [str(c) for c in classes or ()]
+    if not classes:
+        return "empty"
+    if len(classes) == 1:
+        return classes[0]
+    return "uncertain between " + ", ".join(classes[:-1]) + " and " + classes[-1]
+
+
+def conflicts(own_cases, answer) -> list[dict]:
+    """The cases the query image already is whose label is not the answer (none when abstained)."""
+    if answer is None:
+        return []
+    return [{"case_id": int(cid), "label": str(lab)} for cid, lab in own_cases if lab != answer]
+
+
+def conflict_text(found, answer) -> str | None:
+    """One line for the banner above the answer; None without a conflict."""
+    if not found:
+        return None
+    cases = "; ".join(f"case {c['case_id']}, labelled {c['label']!r}" for c in found)
+    return (f"CONFLICT: this image already is {cases} in the case base, but the answer is {answer!r}: "
+            "check that case's label before trusting either")
+
+
+def conflict_banner(found, answer) -> str:
+    """The HTML banner of a conflict, in red; empty without one."""
+    text = conflict_text(found, answer)
+    return "" if text is None else f"<div class='conflict'>{html.escape(text)}</div>"
+
+
+def agreement(label, answer) -> str:
+    """A neighbour's CSS class: "agree" with the answer, "disagree", or "" when there is none."""
+    if answer is None:
+        return ""
+    return "agree" if label == answer else "disagree"
+
+
+CSS = """
+.conflict{background:#b00020;color:#fff;font-weight:600;font-size:1.1em;padding:12px 16px;border-radius:6px;margin:12px 0}
+.agree{color:#1b7f3b}.disagree{color:#b00020}.evidence{font-size:1em;color:#333}
+"""
+
+
+def answer_lines(p: dict) -> list[str]:
+    """What the answer rests on, one line each: the evidence beside the confidence, the prediction
+    set and its coverage, and where the vote was calibrated (for text and HTML alike)."""
+    lines = []
+    ev = p.get("evidence")
+    if ev:
+        lines.append(f"evidence: {ev['text']}")
+    if p.get("set") is not None:
+        cov = p.get("coverage")
+        line = f"prediction set: {set_text(p['set'])}"
+        if cov is not None:
+            line += f" (holds the true class of at least {cov:.0%} of each class's queries)"
+        lines.append(line)
+    cal = p.get("calibration") or {}
+    if cal.get("too_few"):
+        rare = ", ".join(f"{c} ({n} cases)" for c, n in sorted(cal["too_few"].items()))
+        lines.append(f"too few calibration cases for that coverage, so always in the set: {rare}")
+    return lines
+
+
+def shows_probabilities(p: dict) -> bool:
+    """An abstained or out-of-distribution answer shows no probabilities: they would read as a diagnosis."""
+    return not (p.get("abstained") or p.get("out_of_distribution"))

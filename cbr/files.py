@@ -11,9 +11,11 @@ from pathlib import Path
 
 from cbr.errors import OutputError
 
-__all__ = ["STDOUT", "atomic_open", "atomic_write", "output_kind", "special_kind"]
+__all__ = ["STDOUT", "atomic_open", "atomic_write", "is_stdout", "output_kind", "special_kind"]
 
 STDOUT = "-"  # as an output path: write to standard output
+# Other names of standard output: written to as stdout, never opened (`>>` must not be truncated).
+_STDOUT_NAMES = ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")
 
 # What stat says a path is, for the one-line refusal.
 _SPECIAL = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -23,6 +25,11 @@ _SPECIAL = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (s
 def special_kind(mode: int) -> str:
     """What a file that is not a regular file is, in words (``"a character device"``)."""
     return next((name for test, name in _SPECIAL if test(mode)), "a special file")
+
+
+def is_stdout(path) -> bool:
+    """Whether an output path means standard output: ``-`` or ``/dev/stdout`` (and its aliases)."""
+    return path is not None and (str(path) == STDOUT or os.path.abspath(path) in _STDOUT_NAMES)
 
 
 def output_kind(path) -> str:
@@ -40,7 +47,7 @@ def output_kind(path) -> str:
         >>> output_kind("report.html")
         'new'
     """
-    if str(path) == STDOUT:
+    if is_stdout(path):
         return "stdout"
     try:
         mode = os.lstat(path).st_mode
@@ -59,7 +66,7 @@ def output_kind(path) -> str:
         except OSError:
             pass
         raise OutputError(f"{path} is a symbolic link (to {os.readlink(path)}); cbr would replace the link, not "
-                          "write its target: give the target itself, or another --out")
+                          "write its target: give the target itself, another --out, or - for stdout")
     raise OutputError(f"{path} is {special_kind(mode)}, not a regular file; give a file name as --out (or - for stdout)")
 
 

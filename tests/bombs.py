@@ -96,12 +96,13 @@ def png16(path, width: int = 10000, height: int = 10000) -> Path:
 
 
 def deflated_dicom(path, rows: int = 8192, columns: int = 8192, frames: int = 16,
-                   pixel_bytes: int | None = None) -> Path:
+                   pixel_bytes: int | None = None, padding: int = 0) -> Path:
     """A Deflated Explicit VR Little Endian DICOM (1.2.840.10008.1.2.1.99) of 16-bit zero frames.
 
     The dataset is written by pydicom; the pixel data element (``rows*columns*frames*2`` bytes,
     2 GiB by default, or ``pixel_bytes``: a header that lies) is appended and deflated block by
-    block, so it never exists in memory.
+    block, so it never exists in memory. ``padding`` bytes of a private element come before the
+    image attributes (a header too long to read the attributes from its first MiB).
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.filebase import DicomBytesIO
@@ -118,6 +119,9 @@ def deflated_dicom(path, rows: int = 8192, columns: int = 8192, frames: int = 16
     ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if padding:
+        ds.add_new(0x00090010, "LO", "CBR TEST")
+        ds.add_new(0x00091000, "OB", bytes(padding))
     head = DicomBytesIO()
     head.is_little_endian, head.is_implicit_VR = True, False
     head.write(b"\x00" * 128 + b"DICM")

@@ -18,6 +18,7 @@ import click
 import pytest
 
 from cbr.cli import cli
+from test_architecture import LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURE = ROOT / "ARCHITECTURE.md"
@@ -120,7 +121,10 @@ def test_history_pattern_catches_what_it_must():
 
 def _bound_names(path: Path) -> set[str]:
     """Names a module defines: top-level functions, classes and assignments, and the members of its
-    classes (as ``Class.member`` and bare). A package's ``__init__`` also counts what it imports."""
+    classes (as ``Class.member`` and bare). A package's ``__init__`` also counts what it imports (its
+    re-exports), and any module what it imports from outside the project ("Starlette's
+    `TrustedHostMiddleware` in `cbr/serve/app.py`" names a use, not a misplaced definition). A name
+    imported from another of the project's modules is defined there, not here."""
     tree = ast.parse(path.read_text())
     names: set[str] = set()
 
@@ -142,8 +146,9 @@ def _bound_names(path: Path) -> set[str]:
                 found = [n for t in node.targets for n in targets(t)]
             elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
                 found = targets(node.target)
-            elif isinstance(node, (ast.Import, ast.ImportFrom)) and path.name == "__init__.py" and not prefix:
-                found = [(a.asname or a.name).split(".")[0] for a in node.names]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and not prefix:
+                if path.name == "__init__.py" or not _imports_project(node):
+                    found = [(a.asname or a.name).split(".")[0] for a in node.names]
             elif isinstance(node, (ast.If, ast.Try)) and not prefix:
                 bind(node.body + getattr(node, "orelse", []) + [h for x in getattr(node, "handlers", [])
                                                                  for h in x.body])
@@ -154,6 +159,12 @@ def _bound_names(path: Path) -> set[str]:
 
     bind(tree.body)
     return names
+
+
+def _imports_project(node) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return node.level > 0 or (node.module or "").split(".")[0] in PACKAGES
+    return any(a.name.split(".")[0] in PACKAGES for a in node.names)
 
 
 def _module_file(parts: list[str]) -> Path | None:
@@ -207,7 +218,8 @@ def _architecture_facts():
     for path in re.findall(r"(?<![\w./-])((?:cbr|index|explain|migrations|tests|benchmarks)/[\w/]*(?:\.py)?)", text):
         paths.add(path)
     for name, path in re.findall(r"`([A-Za-z_][\w.]*)`\s+(?:(?:in|from)\s+|\()`([\w/]+\.py)`", text):
-        placements.add((_resolve(path), name))
+        if "/" in path:  # a bare `app.py` in prose is ambiguous; the module list places those
+            placements.add((_resolve(path), name))
     for path, name in re.findall(r"(?<![\w./-])((?:[a-z_]+/)+[a-z_]+)\.([A-Za-z_]\w*(?:\.\w+)?)\b", text):
         if path.split("/")[0] in ("tests", "benchmarks", "migrations") or name in FILE_SUFFIXES:
             continue
@@ -249,6 +261,14 @@ def test_architecture_places_definitions_where_they_are():
     # In the module list every backticked name is read as a definition of the line's file: a name
     # the file only uses belongs in plain words there.
     assert not wrong, f"ARCHITECTURE.md places definitions where they are not defined: {wrong}"
+
+
+def test_architecture_draws_the_layers_the_architecture_test_enforces():
+    text = ARCHITECTURE.read_text()
+    block = re.search(r"## Layers.*?```\n(.*?)```", text, re.S).group(1)
+    drawn = [m.group(1).rstrip("/").replace("/", ".") for m in re.finditer(r"^((?:cbr/)?\w+/)", block, re.M)]
+    enforced = [name for _, names in LAYERS for name in names if name != "cbr.__main__"]
+    assert drawn == enforced, f"ARCHITECTURE.md draws the layers {drawn}; tests/test_architecture.py enforces {enforced}"
 
 
 def test_architecture_parser_catches_a_misplaced_definition(tmp_path, monkeypatch):

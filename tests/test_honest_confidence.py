@@ -162,3 +162,133 @@ def test_classes_with_too_few_calibration_cases_are_named():
     sets = fit_sets(rows, 5, _vote_of, ["a", "b"], coverage=0.9)
     assert sets.too_few == {"b": 3}
     assert "b" in prediction_set(sets, {"a": 0.99, "b": 0.01})  # never excluded, and said so
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration on cases the model never trained on
+
+
+def test_fine_tuned_model_is_calibrated_on_its_validation_images(runner, tmp_path):
+    from sqlalchemy import select
+
+    from cbr.data.phantom import make_phantoms
+    from cbr.pipeline.calibration import trained_images
+    from cbr.store.casebase import open_casebase
+    from cbr.store.schema import Calibration, Case
+
+    manifest = make_phantoms(tmp_path / "ph", patients=10, slices=2, size=32, seed=3)
+    model = tmp_path / "m.pt"
+    fast = ["--backbone", "tinycnn", "--weights", "none", "--img-size", "32", "--batch-size", "8", "--workers", "0"]
+    assert invoke(runner, "train", manifest, "--out", model, "--epochs", 1, *fast).exit_code == 0
+    db = tmp_path / "cases.db"
+    result = invoke(runner, "index", manifest, "--db", db, "--model", model, "--workers", 0, "--explain", "none")
+    assert result.exit_code == 0, result.output
+    cb = open_casebase(db)
+    seen = trained_images(model)
+    with cb.read() as s:
+        cal = s.scalar(select(Calibration))
+        cases = {c.sha256: c.label for c in s.scalars(select(Case))}
+    held_out = [sha for sha in cases if sha not in seen]
+    assert 0 < len(held_out) < len(cases)
+    assert cal.temperature["source"] == "validation" and len(cal.rows) == len(held_out)
+    (a,) = _answers(invoke(runner, "query", next(manifest.parent.rglob("*.png")), "--db", db, "--json",
+                           "--explain", "none", "--out", tmp_path, "--no-record"))
+    assert a["calibration"]["source"] == "validation" and a["calibration"]["cases"] == len(held_out)
+
+
+def test_abstain_ambiguous(runner, conflict_db, conflict_set, tmp_path):
+    (a,) = _answers(invoke(runner, "query", conflict_set / "a" / "3.png", "--db", conflict_db, "--json",
+                           "--explain", "none", "--out", tmp_path, "--coverage", 0.99, "--abstain-ambiguous"))
+    p = a["prediction"]
+    assert p["set"] == ["a", "b"] or p["set"] == ["b", "a"]  # 8 cases a class cannot reach 99%
+    assert p["abstained"] and p["abstain_reason"] == "ambiguous" and p["set_text"].startswith("uncertain between")
+    assert set(a["calibration"]["too_few"]) == {"a", "b"}
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration metrics
+
+
+def test_equal_mass_ece_and_its_interval():
+    from cbr.learn.metrics import bootstrap_interval, ece_equal_mass, equal_mass_bins
+
+    conf = np.linspace(0.55, 1.0, 100)
+    correct = np.arange(100) % 2 == 0  # half right whatever the confidence
+    bins = equal_mass_bins(conf, correct)
+    assert [b["count"] for b in bins] == [10] * 10
+    expected = sum(abs(0.5 - conf[i * 10:(i + 1) * 10].mean()) for i in range(10)) / 10
+    assert ece_equal_mass(conf, correct) == pytest.approx(expected)
+    low, high = bootstrap_interval(ece_equal_mass, conf, correct)
+    assert low < ece_equal_mass(conf, correct) < high
+
+
+def test_confident_errors_and_set_coverage():
+    from cbr.learn.metrics import confident_errors, set_coverage
+
+    out = confident_errors([0.99, 0.96, 0.7, 0.99], [False, False, False, True], [True, True, True, True])
+    assert out == {"threshold": 0.95, "wrong": 3, "confident": 2, "share": 2 / 3}
+    cov = set_coverage(["a", "a", "b", "b"], [["a"], ["b"], ["a", "b"], ["b"]], ["a", "b"])
+    assert cov["coverage"] == 0.75 and cov["mean_set_size"] == 1.25
+    assert cov["per_class"]["a"] == {"n": 2, "coverage": 0.5, "mean_set_size": 1.0}
+    assert cov["per_class"]["b"] == {"n": 2, "coverage": 1.0, "mean_set_size": 1.5}
+
+
+def test_serve_page_says_the_conflict_and_hides_an_abstention_s_bars(runner, conflict_db, conflict_set, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cbr.serve.app import create_app
+    from cbr.serve.settings import ServeSettings
+    from cbr.store.casebase import open_casebase
+
+    (a,) = _answers(invoke(runner, "query", conflict_set / "b" / "twin.png", "--db", conflict_db, "--json",
+                           "--explain", "none", "--out", tmp_path, "-k", 1))
+    foreign = tmp_path / "checker.png"
+    board = (np.indices((48, 48)).sum(0) // 6 % 2)[..., None] * np.array([255, 40, 0])
+    Image.fromarray(board.astype("uint8")).save(foreign)
+    (ood,) = _answers(invoke(runner, "query", foreign, "--db", conflict_db, "--json", "--explain", "none",
+                             "--out", tmp_path, "--ood-alpha", 0.5))
+    assert ood["prediction"]["abstained"]
+    cb = open_casebase(conflict_db, create=False)
+    try:
+        client = TestClient(create_app(cb, ServeSettings(data_dir=tmp_path / "serve")),
+                            base_url="http://127.0.0.1:8765")
+        page = client.get(f"/queries/{a['query_id']}").text
+        assert page.index('id="conflict-banner"') < page.index('id="diagnosis"')
+        assert "labelled &#39;b&#39;" in page or "labelled 'b'" in page
+        assert 'class="nlabel agree"' in page and "of 1 neighbours a" in page
+        abstained = client.get(f"/queries/{ood['query_id']}").text
+        assert 'class="probs"' not in abstained and "<meter" not in abstained
+    finally:
+        cb.close()
+
+
+def test_upgrade_to_0009_keeps_older_queries_readable(tmp_path):
+    """Additive migration: an older query has no stored set (None) and its record still loads."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, column, insert, inspect, table
+
+    from cbr.reporting.report import load_record
+    from cbr.store.casebase import open_casebase, upgrade
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0008")
+    cb = open_casebase(url, migrate=False)
+    with cb.engine.begin() as conn:
+        assert "uncertainty" not in {c["name"] for c in inspect(conn).get_columns("queries")}
+        queries = table("queries", column("id", Integer), column("created_at", DateTime), column("image_path", String),
+                        column("sha256", String), column("k", Integer), column("vote_rule", String),
+                        column("ensemble", String), column("explain_method", String), column("prediction", String),
+                        column("confidence", Float), column("probabilities", JSON), column("abstained", Boolean))
+        qid = conn.execute(insert(queries).values(
+            created_at=datetime(2026, 12, 1, tzinfo=timezone.utc), image_path="/q.png", sha256="c" * 64, k=3,
+            vote_rule="weighted", ensemble="confidence", explain_method="none", prediction="yes", confidence=0.9,
+            probabilities={"yes": 0.9, "no": 0.1}, abstained=False).returning(queries.c.id)).scalar_one()
+    cb.close()
+    upgrade(url)
+    cb = open_casebase(url)
+    try:
+        p = load_record(cb, qid, with_maps=False)["prediction"]
+        assert p["set"] is None and p["conflict"] == [] and p["evidence"]["text"] == "no neighbours"
+    finally:
+        cb.close()

@@ -154,9 +154,11 @@ def test_deflated_dicom_that_inflates_past_its_header_is_refused(tmp_path, monke
     from cbr.errors import ImageError
 
     dcm = bombs.deflated_dicom(tmp_path / "liar.dcm", 8, 8, 1, pixel_bytes=64 * 2**20)  # says 128 bytes
+    padded = bombs.deflated_dicom(tmp_path / "padded.dcm", 8, 8, 1, pixel_bytes=64 * 2**20, padding=2 * 2**20)
     monkeypatch.setenv("CBR_MAX_DECODED_MB", "16")
-    with pytest.raises(ImageError, match="the deflated dataset inflates past the limit of 16 MiB"):
-        read_source(dcm)
+    for path in (dcm, padded):
+        with pytest.raises(ImageError, match="the deflated dataset inflates past the limit of 16 MiB"):
+            read_source(path)
 
 
 # -- NIfTI ---------------------------------------------------------------------------------
@@ -330,3 +332,13 @@ def test_reading_a_small_file_does_not_reserve_the_whole_size_cap(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "small.bin")], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and done.stdout == "0123456789", done.stderr[-2000:]
+
+
+def test_mask_images_are_held_to_the_budget(tmp_path, monkeypatch):
+    from cbr.data.mask import lesion_mask
+
+    mask = bombs.png16(tmp_path / "mask.png", 1000, 1000)  # 1.9 MiB decoded
+    assert lesion_mask(str(mask), 32).shape == (32, 32)
+    monkeypatch.setenv("CBR_MAX_DECODED_MB", "1")
+    with pytest.raises(OSError, match="mask.png: decoded size too large: 1000x1000 x 2 bytes"):
+        lesion_mask(str(mask), 32)

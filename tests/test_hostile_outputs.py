@@ -118,10 +118,12 @@ def test_out_writes_through_a_fifo(runner, queried, phantom_set, tmp_path, comma
     assert data is not None and data.lstrip().startswith(head), data[:80] if data else data
 
 
+@pytest.mark.parametrize("name", ["-", "/dev/stdout"])
 @pytest.mark.parametrize("command", ["export", "report"])
-def test_out_dash_is_stdout(runner, queried, phantom_set, tmp_path, monkeypatch, command):
+def test_out_dash_is_stdout(runner, queried, phantom_set, tmp_path, monkeypatch, command, name):
+    """`-` (or /dev/stdout, never opened: `>> file` must not be truncated) is standard output."""
     monkeypatch.chdir(tmp_path)
-    result = invoke(runner, *_command(command, queried, "-", phantom_set))
+    result = invoke(runner, *_command(command, queried, name, phantom_set))
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "-").exists()
     head = {"export": "id,sha256,path,label", "report": "<!"}[command]

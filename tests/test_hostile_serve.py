@@ -162,6 +162,63 @@ def test_uploads_are_decoded_a_few_at_a_time(make, png_bytes, monkeypatch):
     assert len(seen) == 3 and max(seen) == 1
 
 
+SERVE_BOMBS = """
+import json, resource, sys, threading
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_DATA, (int(sys.argv[3]), int(sys.argv[3])))
+from fastapi.testclient import TestClient
+from cbr.serve.app import create_app
+from cbr.serve.settings import ServeSettings
+from cbr.store.casebase import open_casebase
+
+app = create_app(open_casebase(sys.argv[1], create=False), ServeSettings(data_dir=Path(sys.argv[2])))
+client = TestClient(app, base_url="http://127.0.0.1:8765", raise_server_exceptions=False)
+codes = {}
+
+def post(path):
+    with open(path, "rb") as fh:
+        r = client.post("/api/queries", files={"image": (Path(path).name, fh, "application/octet-stream")},
+                        data={"k": "2", "explain": "none"})
+    codes[Path(path).name] = r.status_code
+
+threads = [threading.Thread(target=post, args=(p,)) for p in sys.argv[4:]]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({"codes": codes, "health": client.get("/healthz").status_code}))
+"""
+
+
+@pytest.mark.slow
+def test_four_bombs_at_once_leave_the_server_answering(indexed, tmp_path):
+    """Four decompression bombs uploaded at once (two 194 KB 16-bit PNGs at the pixel limit, two
+    deflated DICOMs declaring 2 GiB) killed the server; each is now refused or answered, within a
+    capped data segment, and the server still answers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import bombs
+
+    files = [bombs.png16(tmp_path / "a16.png"), bombs.png16(tmp_path / "b16.png", 9990, 10000),
+             bombs.deflated_dicom(tmp_path / "a.dcm"), bombs.deflated_dicom(tmp_path / "b.dcm", frames=17)]
+    limit = 3 * 2 ** 30  # one decode plus torch needs about 1 GB; each bomb took 3.6 to 8 GB before
+    done = subprocess.run([sys.executable, "-c", SERVE_BOMBS, str(indexed), str(tmp_path / "serve"), str(limit),
+                           *map(str, files)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    import resource
+
+    print(f"\n  serve, four bombs at once: {result}, peak RSS of a child "
+          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
+    assert result["health"] == 200
+    assert result["codes"]["a.dcm"] == result["codes"]["b.dcm"] == 422  # past the decoded-size budget
+    assert {result["codes"]["a16.png"], result["codes"]["b16.png"]} <= {200, 422}, result
+
+
 # --- item 10: limits, and a slow explanation holds no plain query -------------------------------
 
 def test_limits_are_shown_and_enforced(make, png_bytes):
@@ -327,7 +384,8 @@ def test_errors_name_no_server_path_and_no_command(client, indexed, tmp_path, pn
     checks = [client.get("/api/queries/99999").json()["detail"],
               client.get("/queries/99999", headers={"accept": "text/html"}).text,
               client.get("/api/cases/99999").json()["detail"]]
-    qid = client.post("/api/queries", files={"image": ("a.png", png_bytes, "image/png")}, data={"k": "2"}).json()["query_id"]
+    qid = client.post("/api/queries", files={"image": ("a.png", png_bytes, "image/png")},
+                      data={"k": "2"}).json()["query_id"]
     checks.append(client.get(f"/api/queries/{qid}/maps/similarity.png", params={"method": "lime"}).json()["detail"])
     for path in (tmp_path / "serve" / "reports").rglob("report.html"):
         path.unlink()

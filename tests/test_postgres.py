@@ -140,8 +140,25 @@ def test_machines_with_their_own_index_folders_each_index_and_query(backend, db_
                         "--no-record", "--json", "-k", total)
         assert result.exit_code == 0, result.output
         assert len(json.loads(result.stdout)["members"][0]["neighbours"]) == total - 1  # all but the image itself
+        check = invoke(runner, "db", "check", "--db", db_url, "--index-dir", folder)
+        assert check.exit_code == 0, check.output  # every value decodes on PostgreSQL too
     last = next(p for p in folders[-1].glob("*.faiss"))
     last.unlink()  # the folder that wrote the manifest's file lost it: damage, named with its repair
     line = assert_one_line_error(invoke(runner, "query", image, "--db", db_url, "--index-dir", folders[-1],
                                         "--no-record", "--explain", "none"), "cbr index --rebuild")
     assert f"--index-dir {folders[-1]}" in line, line
+
+
+def test_three_machines_index_at_once_each_with_its_own_index_folder(server, backend, db_url, phantom_set, query_set,
+                                                                    tmp_path):
+    """Issue 24: three concurrent `cbr index` runs, one --index-dir each; once only one succeeded."""
+    from conftest import TINY
+
+    if backend == "sqlite":
+        pytest.skip("a SQLite case base keeps its index folder beside its file")
+    jobs = [server.start(["index", data, "--db", db_url, "--index-dir", tmp_path / f"machine-{i}", *TINY,
+                          "--workers", "0"])
+            for i, data in enumerate([phantom_set, query_set, phantom_set])]
+    for pid, log in jobs:
+        end = server.wait(pid, kill_after=300)
+        assert end["returncode"] == 0 and not end["killed"], log.read_text(errors="replace")[-3000:]

@@ -7,7 +7,7 @@ import click
 
 from cbr.cli.terminal import echo
 from cbr.cli.options import RegistryChoice, db_option, index_dir_option, json_option, scale_option
-from cbr.files import STDOUT
+from cbr.files import is_stdout
 from cbr.pipeline.audit import add_feedback, export, history, remove_cases, rerender_report, show
 from cbr.pipeline.audit.export import EXPORT_FORMATS, EXPORTS
 from cbr.pipeline.audit.regions import export_regions
@@ -189,7 +189,7 @@ def report_cmd(query_id, db, index_dir, out, scale):
         cbr report 12 --out audit/query-12.html --scale per-image
     """
     path = rerender_report(_open(db, index_dir), query_id, out, scale=scale)
-    if out != STDOUT:
+    if not is_stdout(out):
         echo(f"report: {path}")
 
 
@@ -303,5 +303,5 @@ def export_cmd(db, index_dir, what, fmt, out, masks):
         return
 
     n = export(_open(db, index_dir, readonly=None), what, fmt, out)
-    if out is not None and out != STDOUT:
+    if out is not None and not is_stdout(out):
         echo(f"exported {n} {what} row(s) to {out}")

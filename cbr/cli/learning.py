@@ -41,12 +41,14 @@ def training_options(f):
 
     @functools.wraps(f)
     def wrapper(*args, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
-                workers, contrast, tta, crop, label_smoothing, warmup, mask_guidance, objective, sampler, flip, **kwargs):
+                workers, contrast, tta, crop, label_smoothing, warmup, mask_guidance, objective, sampler, flip, localiser,
+                **kwargs):
         training = TrainConfig(backbone=backbone, weights=weights, epochs=epochs, img_size=img_size,
                                batch_size=batch_size, lr=lr, seed=seed, device=device, patience=patience,
                                train_layers=train_layers, num_workers=workers, contrast=contrast or "none",
                                tta=tta or "none", crop=crop or "none", label_smoothing=label_smoothing, warmup_epochs=warmup,
-                               mask_guidance=mask_guidance, objective=objective, sampler=sampler, flip=flip)
+                               mask_guidance=mask_guidance, objective=objective, sampler=sampler, flip=flip,
+                               localiser=localiser)
         return f(*args, training=training, **kwargs)
 
     opts = [
@@ -86,6 +88,9 @@ def training_options(f):
                      help="Batches: shuffled (class-weighted loss) or drawn class-balanced (unweighted loss)."),
         click.option("--flip", type=RegistryChoice(_flips), default="horizontal", show_default=True,
                      help="Training flips: none where anatomy has a side (chest X-ray), both where it has no up."),
+        click.option("--localiser/--no-localiser", default=True, show_default=True,
+                     help="With lesion masks (a 'mask' column): also train a lesion localiser on the same backbone, "
+                     "whose map shows where the finding is."),
     ]
     for opt in reversed(opts):
         wrapper = opt(wrapper)
@@ -101,6 +106,12 @@ def _print_training(r, data, training):
     click.echo(f"  objective:    {training.objective} (batches: {training.sampler}; flips: {training.flip})")
     bacc = "-" if r.best_val_balanced_accuracy is None else f"{r.best_val_balanced_accuracy:.3f}"
     click.echo(f"  best validation balanced accuracy: {bacc}")
+    if r.localiser is not None:
+        pg = r.localiser.get("val_pointing_game")
+        click.echo(f"  localiser:    trained on {r.localiser['masks']} masked images; validation pointing game "
+                   + ("-" if pg is None else f"{pg:.3f}"))
+    elif training.localiser:
+        click.echo("  localiser:    none (no lesion masks: add a 'mask' column to train one)")
     if r.masked_images is not None:
         click.echo(f"  mask guidance: weight {training.mask_guidance:g}, {r.masked_images} of {r.train_size} "
                    "training images with a lesion mask")
@@ -151,7 +162,7 @@ def train_cmd(data, out, training, val_fraction, manifest, sources, as_json):
 
 # Options that only make sense for cross-validation (protocol 1) or only against --db (protocol 2).
 _CV_ONLY = ("folds", "no_train", "backbone", "weights", "epochs", "img_size", "lr", "seed", "patience",
-            "train_layers", "mask_guidance", "objective", "sampler", "flip")
+            "train_layers", "mask_guidance", "objective", "sampler", "flip", "localiser")
 _DB_ONLY = ("strict", "models", "index_dir")
 
 

@@ -33,7 +33,7 @@ from cbr.store.casebase import open_casebase
 from cbr.store.encoding import EMBEDDING_DTYPES
 from cbr.pipeline.settings import DEFAULT_REPORTS, NO_EXPLANATION, IndexConfig, QueryConfig
 from cbr.models.similarity_maps import SIMILARITY_MAPS
-from cbr.reporting.uncertainty import answer_lines, conflict_text, shows_probabilities
+from cbr.reporting.uncertainty import answer_lines, conflict_text, finding_lines, shows_probabilities
 
 # The registries are plain dicts in light modules; listing their names here must not import torch.
 BACKBONE_HINT = "a backbone name (see `cbr models`; timm:<name> for a timm model) or a checkpoint path from `cbr train`"
@@ -154,6 +154,8 @@ def _print_answer(a):
             echo(f"  {n['rank']:>4}  {n['case_id']:>6}  {n['label'][:14]:<14} {n['similarity']:>10.4f}  "
                  f"{str(n['patient_id'] or '-')[:12]:<12} {n['path']}"
                  + (f"  [{status}]" if status not in (None, "ok") else ""))
+    for line in finding_lines(a.finding, a.nearest_unlike, a.map_reliability):
+        echo(f"  {line}")
     for note in a.notes:
         if not note.startswith("out of distribution:"):  # the warning above says it
             echo(f"  note: {note}")

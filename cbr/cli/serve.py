@@ -41,7 +41,7 @@ from cbr.serve.settings import DEFAULT_METHODS, ServeSettings
               help="Model evaluations per attribution map (lime samples, occlusion positions...).")
 @click.option("--explain-neighbours", type=click.IntRange(min=0), default=20, show_default=True,
               help="Neighbours that get a similarity map (the first N of k).")
-@click.option("--max-decodes", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--max-decodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Uploads decoded at once; each may take up to the decoded-size budget (cbr --max-decoded-mb).")
 @click.option("--session-hours", type=click.FloatRange(min=0, min_open=True), default=8, show_default=True,
               help="How long a login lasts.")

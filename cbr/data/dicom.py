@@ -165,26 +165,37 @@ def check_dicom_size(data, name: str) -> None:
     from pydicom.filereader import read_dataset, read_preamble
 
     fp = io.BytesIO(data)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # pydicom's warnings quote values
+        warnings.simplefilter("ignore")
+        try:
             read_preamble(fp, False)
             meta = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
-            deflated = str(meta.get("TransferSyntaxUID", "")).strip("\0 ") == _DEFLATED
-            if not deflated:
-                ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
-            else:
-                inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-                head = inflater.decompress(memoryview(data)[fp.tell():], _INFLATED_HEAD)
-                ds = read_dataset(io.BytesIO(head), False, True, stop_when=_before_pixels)
-    except Exception:  # noqa: BLE001 - a damaged file: parse_dicom names it
-        return
-    _declared_size(ds, name)
-    if deflated:
-        _count_inflated(inflater, len(head), name)
+        except Exception:  # noqa: BLE001 - damaged file meta: parse_dicom names it
+            return
+        if str(meta.get("TransferSyntaxUID", "")).strip("\0 ") != _DEFLATED:
+            _declared_size(_parsed(lambda: dcmread(io.BytesIO(data), stop_before_pixels=True)), name)
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            head = inflater.decompress(memoryview(data)[fp.tell():], _INFLATED_HEAD)
+        except zlib.error:
+            return  # damaged deflate data: parse_dicom names it
+        # attributes past the first MiB (a padded header) leave only the inflated count to judge
+        _declared_size(_parsed(lambda: read_dataset(io.BytesIO(head), False, True, stop_when=_before_pixels)), name)
+    _count_inflated(inflater, len(head), name)
+
+
+def _parsed(read):
+    """``read()``, or None when the header cannot be parsed (parse_dicom names the damage later)."""
+    try:
+        return read()
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a damaged file
+        return None
 
 
 def _declared_size(ds, name: str) -> None:
+    if ds is None:
+        return
     try:
         rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
         bits, samples = int(ds.get("BitsAllocated") or 0), int(ds.get("SamplesPerPixel") or 1)

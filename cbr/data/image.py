@@ -48,6 +48,7 @@ __all__ = [
     "MAX_PIXELS",
     "MIN_SIZE",
     "decode_image",
+    "check_pillow_size",
     "read_image",
     "sha256_file",
     "letterbox",
@@ -175,8 +176,7 @@ def _decode(data: bytes, name: str, max_pixels: int, min_size: int) -> Image.Ima
             raise ImageError(
                 name, f"image is {w}x{h} pixels; too small (minimum {min_size}x{min_size})"
             )
-        bands = len(img.getbands())
-        check_decoded(name, (w, h, bands) if bands > 1 else (w, h), _SAMPLE_BYTES.get(img.mode, 1))
+        check_pillow_size(img, name)
         try:
             img.seek(0)  # multi-frame (GIF, TIFF, APNG): the first frame
             img.load()
@@ -199,6 +199,14 @@ def _decode(data: bytes, name: str, max_pixels: int, min_size: int) -> Image.Ima
             raise ImageError(name, str(e)) from None
     finally:
         img.close()
+
+
+def check_pillow_size(img: Image.Image, name: str) -> None:
+    """Refuse an opened (not yet loaded) Pillow image whose decoded size is past the budget:
+    width x height x bands x bytes per sample (:func:`cbr.data.guard.check_decoded`)."""
+    w, h = img.size
+    bands = len(img.getbands())
+    check_decoded(name, (w, h, bands) if bands > 1 else (w, h), _SAMPLE_BYTES.get(img.mode, 1))
 
 
 def _pillow_bomb_reason(e: Exception, data: bytes, max_pixels: int) -> str:

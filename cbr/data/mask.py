@@ -6,6 +6,8 @@ import numpy as np
 
 from cbr.data.crop import crop_box, mask_view
 from cbr.data.guard import read_regular
+from cbr.data.image import check_pillow_size
+from cbr.data.records import printable_path
 from cbr.data.sources import read_source
 from cbr.errors import ImageError
 
@@ -43,5 +45,9 @@ def lesion_mask(path: str, size: int, *, crop: str = "none", image=None, window:
     except ImageError as e:
         raise OSError(f"{e.path}: {e.reason}") from None
     with Image.open(io.BytesIO(data)) as m:
+        try:
+            check_pillow_size(m, printable_path(path))  # a mask can be a decompression bomb too
+        except ImageError as e:
+            raise OSError(f"{e.path}: {e.reason}") from None
         boxed = mask_view(m.convert("L").convert("RGB"), size, box, image_size)
     return np.asarray(boxed)[:, :, 0] > 127

@@ -66,7 +66,7 @@ def npz_names(data, name: str) -> list[str]:
         return [n[:-4] for n in z.namelist() if n.endswith(".npy")]
 
 
-def _layout(z: zipfile.ZipFile, info: zipfile.ZipInfo, name: str):
+def _layout(z: zipfile.ZipFile, info: zipfile.ZipInfo):
     """``(shape, fortran order, dtype, header bytes)`` of a member, from its ``.npy`` header alone."""
     fmt = np.lib.format
     with z.open(info) as fh:
@@ -81,7 +81,7 @@ def _layout(z: zipfile.ZipFile, info: zipfile.ZipInfo, name: str):
 
 
 def _read_member(data, z: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> np.ndarray:
-    shape, fortran, dtype, header = _layout(z, info, name)
+    shape, fortran, dtype, header = _layout(z, info)
     member = info.filename
     if dtype.hasobject:
         raise ImageError(name, f"{member} holds Python objects (pickles); only numeric arrays are read")

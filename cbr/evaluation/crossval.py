@@ -24,7 +24,8 @@ from cbr.evaluation.softmax import add_softmax
 from cbr.data.splits import grouped_folds
 from cbr.evaluation.sweep import finish_sweep, pool_sweeps, run_sweep
 from cbr.learn.config import TrainConfig
-from cbr.learn.guidance import check_guidance
+from cbr.learn.guidance import check_guidance, lesion_masks
+from cbr.learn.segmentation import mean_mask
 from cbr.learn.train import train_model
 from cbr.models.checkpoint import save_checkpoint
 from cbr.models.device import resolve_device
@@ -79,6 +80,7 @@ class _Folds:
         self.comparison = None  # the explanation methods compared on the first fold
         self.foreign = []  # (typicality, flagged) of the --ood dataset's images, every fold
         self.sweeps = []  # the map sweep of every fold (cbr.evaluation.sweep)
+        self.priors = {}  # {fold: the mean of its training masks}: the mean-mask guess (cbr.evaluation.localisation)
 
     def run(self, f: int, train_recs, test_recs) -> None:
         """Train (or take) fold ``f``'s model, index its training part, query its held-out part."""
@@ -112,6 +114,8 @@ class _Folds:
                 self.problems.extend(bad)
                 emb = searcher.members[0].embedder
                 self.input_size, self.model_config = emb.config.input_size, emb.config
+                if cfg.explain != "none":
+                    self.priors[f + 1] = _prior(train_recs, emb.config)
                 head_classes = add_softmax(emb, got, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                            device=cfg.device)
                 self.softmax_classes = head_classes or self.softmax_classes
@@ -133,6 +137,15 @@ class _Folds:
         self.rows.append(row)
         self.outcomes.extend(got)
         _say(self.progress, _fold_line(row))
+
+
+def _prior(records, model_config):
+    """The mean of the records' non-empty lesion masks in the model's view (None: no mask)."""
+    if not any((r.metadata or {}).get("mask") for r in records):
+        return None
+    masks, has, _ = lesion_masks(records, model_config.input_size, crop=model_config.crop,
+                                 window=model_config.window)
+    return mean_mask(masks, has)
 
 
 def _settings(config: EvalConfig, t: TrainConfig, shown: str, folds: int, train: bool) -> dict:
@@ -207,7 +220,8 @@ def cross_validate(
         run.run(f, train_recs, test_recs)
 
     metrics = score(run.outcomes, classes, k=config.k, softmax_classes=run.softmax_classes,
-                    input_size=run.input_size, localise=config.explain != "none", model=run.model_config)
+                    input_size=run.input_size, localise=config.explain != "none", model=run.model_config,
+                    priors=run.priors)
     metrics["faithfulness"] = pool_checks(run.faithfulness)
 
     add_selective(metrics, run.outcomes, run.foreign if config.ood else None)

@@ -43,7 +43,7 @@ def calibration_figures(confidence, correct, answered) -> dict:
 
 
 def score(outcomes, classes, *, k: int, softmax_classes=None, input_size: int | None = None,
-          localise: bool = False, model=None) -> dict:
+          localise: bool = False, model=None, priors: dict | None = None) -> dict:
     """The metrics dict of a list of ``Outcome``s.
 
     Args:
@@ -54,6 +54,7 @@ def score(outcomes, classes, *, k: int, softmax_classes=None, input_size: int | 
         input_size: the model's input side, for letterboxing the lesion masks.
         localise: add the localisation figures (queries were explained).
         model: the ``ModelConfig`` of the maps (its crop places the masks); None: no crop.
+        priors: {fold: mean training mask}: the mean-mask guess beside the maps (cbr.evaluation.localisation).
     """
     classes = sorted(set(classes) | {o.record.label for o in outcomes})
     truth = [o.record.label for o in outcomes]
@@ -72,7 +73,7 @@ def score(outcomes, classes, *, k: int, softmax_classes=None, input_size: int | 
     if soft:
         metrics["softmax"] = _classification([o.record.label for o in soft], s_pred, s_proba, s_conf, classes)
         metrics["softmax"]["n"] = len(soft)
-    metrics["localisation"] = localisation(outcomes, input_size, model) if localise and input_size else None
+    metrics["localisation"] = localisation(outcomes, input_size, model, priors) if localise and input_size else None
     metrics["prediction_sets"] = set_coverage(truth, [o.prediction.get("set") for o in outcomes], classes)
     if metrics["prediction_sets"] is not None:
         metrics["prediction_sets"]["target"] = next((o.prediction.get("coverage") for o in outcomes), None)

@@ -57,6 +57,7 @@ class TrainConfig:
     sampler: str = "shuffle"  # cbr.learn.sampling.SAMPLERS: how batches are drawn (balanced: by class)
     flip: str = "horizontal"  # cbr.learn.augmentation.FLIPS: training flips (horizontal: as always)
     mask_guidance: float = 0.0  # weight of the map-outside-the-lesion loss (cbr.learn.guidance); 0: off
+    localiser: bool = True  # with lesion masks: also train the lesion localiser (cbr.learn.segmentation)
 
     def check(self) -> None:
         """Raise TrainError or UnknownNameError naming the first option out of range."""

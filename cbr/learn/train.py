@@ -32,6 +32,7 @@ Decisions (decoding and augmentation: see :mod:`cbr.learn.augmentation`):
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,7 @@ from cbr.learn.augmentation import (AUGMENTATION, Augmented, augmentation_text, 
                                     make_augmentation)
 from cbr.learn.config import TrainConfig, TrainError, check_out
 from cbr.learn.guidance import check_guidance, lesion_masks
+from cbr.learn.segmentation import train_localiser
 from cbr.learn.trainer import Trainer, trunk_stages
 from cbr.models.checkpoint import save_checkpoint
 from cbr.models.device import resolve_device
@@ -85,6 +87,8 @@ class TrainResult:
     problems: list[Problem] = field(default_factory=list)  # files skipped (unreadable...)
     grouped: bool = False  # whether the validation split was by patient group (else by image)
     masked_images: int | None = None  # with --mask-guidance: training images guided by a lesion mask
+    # the lesion localiser trained beside the classifier (masks, val_pointing_game, val_dice, ...); None: no masks
+    localiser: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -157,10 +161,13 @@ def train_model(
     class_weight = _class_weight([targets[i] for i in train_idx], len(class_names), device)
     run = Trainer(model, config, device, class_names, class_weight, progress)
     guide = _guidance(config, [records[i] for i in train_idx], model.config, problems)  # () or (masks, has)
+    initial = copy.deepcopy(model.trunk) if config.localiser and _has_masks(records) else None  # the localiser's encoder starts here
     train_set = Augmented(cache[train_idx], [targets[i] for i in train_idx], make_augmentation(grey, config.flip), *guide)
     history, best_epoch = run.fit(train_set, cache[val_idx], [targets[i] for i in val_idx])
 
     best_bacc = history[best_epoch - 1]["val_balanced_accuracy"]
+    localiser = _localiser(initial, model.config, config, records, cache, (train_idx, val_idx), device, progress,
+                           problems)
     extra = {
         "history": history,
         "dataset": str(source) if source is not None else "<records>",
@@ -174,7 +181,8 @@ def train_model(
         "options": _options(config, run, model.config.input_size, _masked(guide)),
     }
     try:
-        fingerprint = save_checkpoint(model, out, train_sha256=[r.sha256 for r in records], extra=extra)
+        fingerprint = save_checkpoint(model, out, train_sha256=[r.sha256 for r in records], extra=extra,
+                                      localiser=localiser)
     except OSError as e:
         raise TrainError(f"--out {out}: cannot write the checkpoint ({e.strerror or e}); choose another --out") from None
     return TrainResult(
@@ -184,6 +192,8 @@ def train_model(
         train_groups=sorted({_group(records[i], i) for i in train_idx}),
         val_groups=sorted({_group(records[i], i) for i in val_idx}), problems=problems,
         grouped=any(records[i].group is not None for i in train_idx), masked_images=_masked(guide),
+        localiser=None if localiser is None else {k: v for k, v in localiser.items()
+                                                  if k not in ("state_dict", "mean_mask")},
     )
 
 
@@ -239,7 +249,7 @@ def _options(config: TrainConfig, run, size: int, masked_images) -> dict:
             "train_layers": config.train_layers, "sources": config.sources.to_dict(),
             "label_smoothing": config.label_smoothing, "warmup_epochs": config.warmup_epochs,
             "objective": config.objective, "sampler": config.sampler, "flip": config.flip,
-            "mask_guidance": config.mask_guidance, "masked_images": masked_images}
+            "mask_guidance": config.mask_guidance, "masked_images": masked_images, "localiser": config.localiser}
 
 
 def _guidance(config: TrainConfig, records, model_config, problems: list) -> tuple:
@@ -253,6 +263,23 @@ def _guidance(config: TrainConfig, records, model_config, problems: list) -> tup
     LOG.info("mask guidance %g: %d of %d training images have a lesion mask", config.mask_guidance, int(has.sum()),
              len(records))
     return masks, has
+
+
+def _has_masks(records) -> bool:
+    return any((r.metadata or {}).get("mask") for r in records)
+
+
+def _localiser(initial, model_config, config: TrainConfig, records, cache, split, device, progress: bool,
+               problems: list) -> dict | None:
+    """The lesion localiser's checkpoint payload when training images have masks (None: none has)."""
+    if initial is None:
+        LOG.info("no lesion masks in the training set: no localiser is trained; maps are the class and "
+                 "similarity maps")
+        return None
+    payload, bad = train_localiser(initial, model_config, config, records, cache, *split, device=device,
+                                   progress=progress)
+    problems += [p for p in bad if p.path not in {q.path for q in problems}]
+    return payload
 
 
 def _masked(guide: tuple) -> int | None:

@@ -39,7 +39,8 @@ def _check_primitive(value, where: str) -> None:
         raise TypeError(f"{where}: {type(value).__name__} cannot be loaded with weights_only=True")
 
 
-def save_checkpoint(embedder, path, *, train_sha256=(), extra: dict | None = None) -> str:
+def save_checkpoint(embedder, path, *, train_sha256=(), extra: dict | None = None,
+                    localiser: dict | None = None) -> str:
     """Write ``embedder`` atomically to ``path`` as a ``weights_only``-loadable dict; returns its fingerprint.
 
     Args:
@@ -47,6 +48,8 @@ def save_checkpoint(embedder, path, *, train_sha256=(), extra: dict | None = Non
         path: destination file; its folder must exist.
         train_sha256: sha256 of the training images, so a case base can tell what a model has seen.
         extra: more primitive values (str/int/float/bool/None/tensors, in dicts and lists).
+        localiser: the lesion localiser trained with the model (``cbr.models.localiser.localiser_payload``);
+            it is not part of the fingerprint: the embeddings do not depend on it.
     """
     import torch
 
@@ -62,6 +65,9 @@ def save_checkpoint(embedder, path, *, train_sha256=(), extra: dict | None = Non
         "extra": dict(extra or {}),
     }
     _check_primitive(payload["extra"], "extra")
+    if localiser is not None:
+        _check_primitive(localiser, "localiser")
+        payload["localiser"] = localiser
     with atomic_open(path, "wb") as f:
         torch.save(payload, f)
     return fingerprint

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cbr.models.similarity_maps import MatchLink
-from cbr.reporting.uncertainty import evidence, set_text
+from cbr.reporting.uncertainty import evidence, finding_notes, set_text
 
 __all__ = ["Retrieval", "Answer", "vote_dict"]
 
@@ -37,6 +37,8 @@ class Retrieval:
     prediction_set: list | None = None  # the conformal set (cbr.pipeline.conformal); None: no calibration
     conflict: list = field(default_factory=list)  # cases that are this image with a label other than the answer
     calibration: dict = field(default_factory=dict)  # where the vote was calibrated (Searcher.calibration_info)
+    finding: dict = field(default_factory=dict)  # the localised finding and the class map's share on it (pipeline.finding)
+    nearest_unlike: dict | None = None  # the nearest case of another label (pipeline.contrast)
 
 
 @dataclass
@@ -56,6 +58,8 @@ class Answer:
     # how often the shown maps' model hit the lesion (cbr.store.reliability); None: never measured
     map_reliability: dict | None = None
     calibration: dict = field(default_factory=dict)  # source ("validation" | "leave-one-out"), cases, too_few...
+    finding: dict = field(default_factory=dict)  # where the finding is (the localiser's region), on_finding
+    nearest_unlike: dict | None = None  # the most similar case whose label is not the answer
 
     @classmethod
     def from_retrieval(cls, query_id: int | None, r: Retrieval, members, notes) -> "Answer":
@@ -68,8 +72,10 @@ class Answer:
                           set_text=None if r.prediction_set is None else set_text(r.prediction_set),
                           coverage=r.calibration.get("coverage"), conflict=list(r.conflict),
                           evidence=evidence(r.final.label, [(c.label, d) for c, d in first]))
+        prediction["evidence"]["on_finding"] = (r.finding or {}).get("on_finding")
         answer = cls(query_id=query_id, image=r.image, sha256=r.sha256, prediction=prediction,
-                     members=[], notes=list(r.notes) + list(notes), calibration=dict(r.calibration))
+                     members=[], notes=list(r.notes) + list(notes) + finding_notes(r.finding),
+                     calibration=dict(r.calibration), finding=dict(r.finding or {}), nearest_unlike=r.nearest_unlike)
         member_typ = typ.members if typ is not None else [None] * len(r.votes)
         # Region-matching pairs: each one's query-side map is keyed by its link (similarity_maps).
         links = {(mid, link.case_id): link for (mid, cid, target) in r.maps if cid is None
@@ -108,4 +114,6 @@ class Answer:
             "notes": self.notes,
             "map_reliability": self.map_reliability,
             "calibration": self.calibration,
+            "finding": self.finding,
+            "nearest_unlike": self.nearest_unlike,
         }

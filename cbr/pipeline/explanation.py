@@ -17,6 +17,7 @@ from cbr.data.sources import read_source
 from cbr.errors import CbrError
 from cbr.models.maps import compute_maps
 from cbr.models.similarity_maps import DEFAULT_SIMILARITY_MAP, pair_maps, similarity_of, similarity_spec
+from cbr.pipeline.finding import finding_maps
 from explain.methods import is_attribution
 from explain.spec import resolve_spec
 from explain.targets import ClassTarget, SimilarityTarget
@@ -61,7 +62,7 @@ def embed_query(members, img) -> list[Features]:
 
 
 def query_maps(members, features, hits, final, request: MapRequest, notes: list, *, meter=None,
-               status: dict | None = None) -> tuple[dict, dict]:
+               status: dict | None = None, localisers: dict | None = None) -> tuple[dict, dict]:
     """Raw maps of a query and its neighbours, and the neighbours' decoded images.
 
     Args:
@@ -74,6 +75,8 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
         meter: a ``map_meter.MapMeter`` that counts (and shows) the attribution maps' cost.
         status: gets {case_id: IMAGE_OK, IMAGE_CHANGED or IMAGE_MISSING} for every neighbour whose
             file was read again; a changed or missing one gets no map (never from other pixels).
+        localisers: {model_id: its lesion localiser}: adds the "finding" map of the query and of
+            every readable neighbour (cbr.pipeline.finding).
 
     Returns:
         ({(model_id, case_id or None for the query, target): raw map}, {case_id: decoded image (the
@@ -120,6 +123,9 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
             en_np = en.float().numpy()
             top = {hit.case.id for hit in h[:neighbours]}
             keep = [i for i, c in enumerate(cases) if c.id in top]
+        if (localisers or {}).get(m.model_id) is not None:
+            maps.update(finding_maps(localisers[m.model_id], m.model_id, xq, xn if cases else None,
+                                     [c.id for c in cases]))
         if cases and _matching(spec, request.similarity):
             pairs = pair_maps(emb, aq, an, [c.id for c in cases], paired={cases[i].id for i in keep})
             maps.update({(m.model_id, cid, target): r for (cid, target), r in pairs.items()})

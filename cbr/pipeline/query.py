@@ -22,6 +22,8 @@ from cbr.pipeline.answer import Answer, Retrieval
 from cbr.pipeline.calibration import member_calibrations
 from cbr.pipeline.conformal import ambiguous, fit_sets, prediction_set, union
 from cbr.pipeline.explanation import embed_query, MapRequest, query_maps
+from cbr.pipeline.contrast import nearest_unlike
+from cbr.pipeline.finding import finding_evidence, load_localisers
 from cbr.pipeline.map_meter import MapMeter
 from cbr.pipeline.patient import check_key, query_patient
 from cbr.pipeline.record import record_query
@@ -70,6 +72,7 @@ class Searcher:
         self.config = with_overrides(config, QueryConfig, overrides)
         self.members = load_members(cb, self.config.models, device=self.config.device)
         self.notes = [n for m in self.members for n in m.notes]
+        self.localisers = load_localisers(cb, self.members)  # {model_id: lesion localiser} (cbr.pipeline.finding)
         # Typicality (and credibility) calibrations, recomputed first when missing or stale.
         self._typicality, recalibrated = member_calibrations(cb, self.members)
         self.notes.extend(recalibrated)
@@ -187,6 +190,7 @@ class Searcher:
                           final=final, typicality=typ, notes=flagged + own + told, prediction_set=pset,
                           conflict=conflicts(own_cases, None if final.abstained else final.label),
                           calibration=self.calibration_info(classes))
+        found.nearest_unlike = self._unlike(sha, patient, feats, hits, final)
         t["vote"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -196,8 +200,10 @@ class Searcher:
             found.maps, neighbour_images = query_maps(self.members, feats, hits, found.final,
                                                       MapRequest(c.explain, c.explain_budget, c.explain_neighbours,
                                                                  c.similarity_map),
-                                                      found.notes, meter=meter, status=found.image_status)
+                                                      found.notes, meter=meter, status=found.image_status,
+                                                      localisers=self.localisers)
         meter.close()
+        self._finding(found, reliability)
         t["explain"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -253,6 +259,24 @@ class Searcher:
                 hits = search_members(s, self.members, [f.vector for f in feats], c.k, exclude, allow)
                 own = own + where_note(c.where, allow)
         return hits, deep, classes, own, own_cases, reliability
+
+    def _unlike(self, sha: str, patient, feats, hits, final) -> dict | None:
+        """The first member's nearest case whose label is not the answer (cbr.pipeline.contrast)."""
+        if not self.members or final.abstained:
+            return None
+        with self.cb.read() as s:
+            return nearest_unlike(s, self.members[0], feats[0].vector, hits[0], final.label,
+                                  excluded_cases(s, sha, patient), allowed_cases(s, self.config.where))
+
+    def _finding(self, found: Retrieval, reliability: dict) -> None:
+        """The first member's finding (the localiser's region) and the class map's share on it."""
+        if not self.members:
+            return
+        m = self.members[0]
+        floor = (reliability.get(m.model_id) or {}).get("on_finding_floor")
+        found.finding = finding_evidence(found.maps, m.model_id, None if found.final.abstained else found.final.label,
+                                         m.embedder.config.input_size, floor,
+                                         has_localiser=m.model_id in self.localisers)
 
     def _annotate(self, answer: Answer, reliability: dict) -> None:
         """Add each member's map reliability and (weighted vote) temperature to an answer."""

@@ -28,7 +28,8 @@ def record_query(cb, config, members, r) -> int:
                   out_of_distribution=None if typ is None else bool(typ.out_of_distribution),
                   abstain_reason=final.abstain_reason if final.abstained else None, notes=list(r.notes),
                   uncertainty={"set": r.prediction_set, "coverage": r.calibration.get("coverage"),
-                               "conflict": list(r.conflict), "calibration": dict(r.calibration)})
+                               "conflict": list(r.conflict), "calibration": dict(r.calibration),
+                               "finding": dict(r.finding or {}), "nearest_unlike": r.nearest_unlike})
         s.add(q)
         s.flush()
         member_typ = typ.members if typ is not None else [None] * len(r.votes)

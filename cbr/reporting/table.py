@@ -5,8 +5,25 @@ from __future__ import annotations
 import math
 
 from cbr.reporting.comparison_table import format_comparison
+from cbr.store.reliability import GUESS_WORDS, NO_BETTER
 
 __all__ = ["format_table"]
+
+
+def localisation_lines(loc: dict) -> list[str]:
+    """The localisation figures: every map kind (the default first), then the two guesses on the same images."""
+    lines = [f"localisation ({loc['n']} images with a lesion mask; default map: {loc['map']}): "
+             "pointing game / energy pointing game / IoU"]
+    kinds = [loc["map"]] + sorted(k for k in loc.get("by_map", {}) if k != loc["map"])
+    for kind in kinds:
+        b = loc.get("by_map", {}).get(kind, loc)
+        verdict = f"  {NO_BETTER}" if b.get("no_better_than_a_guess") else ""
+        lines.append(f"  {kind + ' maps':<24} {_f(b['pointing_game'])} / {_f(b['energy_pointing_game'])} / "
+                     f"{_f(b['iou'])}{verdict}")
+    for name, b in sorted((loc.get("baselines") or {}).items()):
+        lines.append(f"  {GUESS_WORDS.get(name, name):<24} {_f(b['pointing_game'])} / "
+                     f"{_f(b['energy_pointing_game'])} / {_f(b['iou'])}  (a guess)")
+    return lines
 
 
 def _f(x, digits: int = 3) -> str:
@@ -81,9 +98,7 @@ def format_table(metrics: dict) -> str:
     loc = metrics.get("localisation")
     if loc:
         lines.append("")
-        lines.append(f"localisation ({loc['map']} maps, {loc['n']} images with a lesion mask): pointing game "
-                     f"{_f(loc['pointing_game'])}, energy pointing game {_f(loc['energy_pointing_game'])}, "
-                     f"IoU {_f(loc['iou'])}")
+        lines += localisation_lines(loc)
     faith = metrics.get("faithfulness")
     if faith:
         lines.append(f"faithfulness ({faith['n']} images, {faith['target']}): deletion AUC {_f(faith['deletion_auc'])} "

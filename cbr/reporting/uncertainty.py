@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import html
 
-__all__ = ["evidence", "set_text", "conflicts", "conflict_text", "conflict_banner", "agreement", "answer_lines",
-           "shows_probabilities", "CSS"]
+from cbr.store.reliability import badge_text
+
+__all__ = ["evidence", "finding_lines", "finding_notes", "unlike_text", "set_text", "conflicts", "conflict_text",
+           "conflict_banner", "agreement", "answer_lines", "shows_probabilities", "CSS"]
 
 
 def evidence(label, neighbours) -> dict:
@@ -35,6 +37,48 @@ def evidence(label, neighbours) -> dict:
         out["text"] = (f"{agree} of {len(neighbours)} neighbours {label}, similarity "
                        + (low if low == high else f"{low}–{high}"))
     return out
+
+
+def finding_notes(finding: dict | None) -> list[str]:
+    """What a reader must know about the finding: the on-finding warning, or that no localiser
+    marks it (cbr.pipeline.finding)."""
+    finding = finding or {}
+    return [line for line in (finding.get("warning"), finding.get("note")) if line]
+
+
+def finding_lines(finding: dict | None, unlike: dict | None, reliability: dict | None = None) -> list[str]:
+    """The terminal's lines on where the finding is, the nearest unlike case and the maps' badge."""
+    lines = []
+    f = finding or {}
+    if f.get("box"):
+        x0, y0, x1, y1 = f["box"]
+        line = (f"finding: box {x0},{y0}-{x1},{y1} in the model's view ({100 * f['area']:.1f}% of the image, "
+                f"localiser probability {f['probability']:.2f})")
+        if f.get("on_finding") is not None:
+            floor = f.get("on_finding_floor")
+            line += (f"; class map on it: {100 * f['on_finding']:.0f}%"
+                     + ("" if floor is None else f" (calibrated floor {100 * floor:.0f}%)"))
+        lines.append(line)
+    elif f.get("localiser"):
+        lines.append("finding: the localiser marks no region in this image")
+    if unlike_text(unlike):
+        lines.append(unlike_text(unlike))
+    if reliability:
+        lines.append(badge_text(reliability))
+    return lines
+
+
+def unlike_text(unlike: dict | None) -> str | None:
+    """The nearest unlike neighbour in words: "nearest case that is not malignant: case 12 benign,
+    similarity 0.71 (0.05 below the nearest malignant case)"."""
+    if not unlike:
+        return None
+    text = (f"nearest case of another label: case {unlike['case_id']} {unlike['label']}, similarity "
+            f"{unlike['similarity']:.3f}")
+    margin = unlike.get("margin")
+    if margin is not None:
+        text += f" ({abs(margin):.3f} {'below' if margin >= 0 else 'above'} the nearest case of the answer's label)"
+    return text
 
 
 def set_text(classes) -> str:

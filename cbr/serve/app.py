@@ -62,8 +62,9 @@ def create_app(casebase, settings, *, searcher=None) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)  # the schema is served behind the token
     app.state.settings = settings
     app.state.workbench = Workbench(casebase, settings, searcher=searcher)
-    app.state.guard = Guard(settings.token, secure_cookies=settings.secure_cookies, trusted_hosts=settings.trusted_hosts,
-                            session_key=settings.session_key, session_hours=settings.session_hours)
+    app.state.guard = Guard(settings.token, secure_cookies=settings.secure_cookies,
+                            trusted_hosts=settings.trusted_hosts, session_key=settings.session_key,
+                            session_hours=settings.session_hours)
     app.state.templates = templates()
     app.state.records = RecordCache()
 

@@ -51,7 +51,8 @@ def run_server(db, settings, *, index_dir=None, log=print) -> None:
         for note in wb.searcher.notes:
             log(f"  note: {note}")
         log(f"  uploads and reports: {wb.data_dir}")
-        log(f"  answers to Host {', '.join(settings.trusted_hosts)} (any other gets 400; add names with --allowed-host)")
+        log(f"  answers to Host {', '.join(settings.trusted_hosts)} "
+            "(any other gets 400; add names with --allowed-host)")
         log(f"  open {settings.url(port)}" + ("  (log in with the token)" if settings.token else ""))
         log("  Ctrl-C stops it")
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)

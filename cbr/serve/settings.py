@@ -14,7 +14,8 @@ __all__ = ["ServeSettings", "is_loopback", "host_name", "check_host_name", "DEFA
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # always allowed as the Host of a request
-_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")  # a DNS name, letters digits dashes dots
 # Explanations a request may ask for by default: the gradient CAMs (one backward pass a map) and
 # none. Score-CAM and the attribution methods run the model hundreds of times a map: --allow-methods.
 DEFAULT_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "layercam-fused", "none")
@@ -95,7 +96,7 @@ class ServeSettings:
     models: tuple = ()
     secure_cookies: bool = False
     allowed_hosts: tuple = ()
-    max_decodes: int = 2
+    max_decodes: int = 1
     max_k: int = 100
     allow_methods: tuple = DEFAULT_METHODS
     explain_budget: int | None = 200

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import JSON, Text, cast, delete, func, select
 
 from cbr.errors import DamagedRowError
+from cbr.store.location import db_args
 from cbr.store.schema import Base, Case, Embedding, Explanation, IndexManifest, Model, Query
 
 __all__ = ["Damage", "find_damage", "drop_damaged", "vector_problem", "map_problem", "decoded", "rebuild_hint",
@@ -85,7 +86,7 @@ EMBEDDING_REPAIR = ("`cbr db check` lists every such row; `cbr index DATA --rebu
 
 def rebuild_hint(cb, data: bool = False) -> str:
     what = "DATA " if data else ""
-    return f"run `cbr index {what}--rebuild --db {cb.display}`"
+    return f"run `cbr index {what}--rebuild {db_args(cb)}`"
 
 
 def decoded(load, what: str, hint: str):
@@ -200,14 +201,17 @@ def find_damage(s, cb) -> list[Damage]:
 
 def drop_damaged(cb) -> list[str]:
     """Delete the damaged rows that cbr re-creates (maps, calibrations) or re-embeds (embeddings);
-    one note per row. Run by ``cbr index --rebuild`` before it rebuilds."""
+    one note per row, and one per damaged row it leaves (with its own repair). Run by
+    ``cbr index --rebuild`` before it rebuilds."""
     with cb.read() as s:
-        found = [d for d in find_damage(s, cb) if d.droppable]
+        damage = find_damage(s, cb)
+    found = [d for d in damage if d.droppable]
+    left = [f"not repaired by --rebuild: {d}" for d in damage if not d.droppable and d.table != "index_manifests"]
     if not found:
-        return []
+        return left
     tables = {t.name: t for t in Base.metadata.sorted_tables}
     with cb.write() as s:
         for d in found:
             table = tables[d.table]
             s.execute(delete(table).where(*(c == v for c, v in zip(table.primary_key.columns, d.key))))
-    return [f"dropped {d.row} ({d.problem})" for d in found]
+    return [f"dropped {d.row} ({d.problem})" for d in found] + left

@@ -16,6 +16,8 @@ from sqlalchemy.exc import DatabaseError
 
 from cbr.errors import DamagedRowError
 from cbr.store.damage import find_damage
+from cbr.store.generation import written_elsewhere
+from cbr.store.location import db_args
 from cbr.store.member import db_active_ids, model_label
 from cbr.store.schema import Calibration, Case, Embedding, Explanation, IndexManifest, Model, Query, TypicalityScores
 import index as ix
@@ -67,12 +69,16 @@ def _index_check(cb, s, health: Health) -> None:
     """Each model's index file against its manifest and the active cases' embeddings."""
     import numpy as np
 
-    hint = f"run `cbr index --rebuild --db {cb.display}`"
+    hint = f"run `cbr index --rebuild {db_args(cb)}`"
     for man, model in s.execute(select(IndexManifest, Model).join(Model, Model.id == IndexManifest.model_id)):
         path = cb.index_dir / man.path
         who = f"index of model {model.id} ({model_label(model)})"
         if not path.is_file():
-            health.errors.append(f"{who}: file {path} is missing; {hint}")
+            if written_elsewhere(man.path, cb.index_dir):  # another machine's --index-dir wrote it
+                health.warnings.append(f"{who}: {man.path} was written in another index folder; the next command "
+                                       f"here builds it in {cb.index_dir} from the stored embeddings")
+            else:
+                health.errors.append(f"{who}: file {path} is missing; {hint}")
             continue
         try:
             if ix.checksum(path) != man.checksum:

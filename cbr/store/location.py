@@ -14,7 +14,7 @@ from sqlalchemy.exc import ArgumentError
 from cbr.errors import CaseBaseError
 
 __all__ = ["resolve_url", "sqlite_file", "readonly_url", "writable", "as_readonly", "default_index_dir",
-           "hide_password"]
+           "hide_password", "db_args"]
 
 
 def resolve_url(db: str | os.PathLike) -> str:
@@ -112,3 +112,12 @@ def default_index_dir(url: str) -> Path:
         return Path(os.environ["CBR_INDEX_DIR"])
     u = make_url(url)
     return Path.cwd() / "cbr-indexes" / f"{u.get_backend_name()}-{u.host or 'local'}-{u.database or 'db'}"
+
+
+def db_args(cb) -> str:
+    """``--db`` (and ``--index-dir`` where it is not the default one) naming an open case base in a
+    hint, so that the command it suggests repairs this index folder, not another one."""
+    args = f"--db {cb.display}"
+    if Path(cb.index_dir).resolve() != default_index_dir(cb.url).resolve():
+        args += f" --index-dir {cb.index_dir}"
+    return args

@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from cbr.errors import CaseBaseError, DamagedRowError, IndexCorruptError, ModelM
 from cbr.models.config import ModelConfig
 from cbr.store.damage import EMBEDDING_REPAIR, vector_problem
 from cbr.store.encoding import decode_vectors
+from cbr.store.generation import generation_name, written_elsewhere
+from cbr.store.location import db_args
 from cbr.store.postgres import advisory_lock
 from cbr.store.schema import Case, Embedding, IndexManifest, Model, utcnow
 import index as ix
@@ -169,7 +170,7 @@ def db_active_ids(cb, model_id: int) -> np.ndarray:
 
 
 def _rebuild_hint(cb) -> str:
-    return f"run `cbr index --rebuild --db {cb.display}` to restore it from the stored embeddings"
+    return f"run `cbr index --rebuild {db_args(cb)}` to restore it from the stored embeddings"
 
 
 def _read_manifest(cb, model_id: int):
@@ -212,6 +213,8 @@ def load_index(cb, model_id: int, *, persist_repair: bool = False):
             # manifest: that is progress, not damage, so read the new manifest.
             if _read_manifest(cb, model_id) != manifest and attempt < _LOAD_ATTEMPTS - 1:
                 continue
+            if not path.exists() and written_elsewhere(name, cb.index_dir):
+                return _build_here(cb, model_id, kind, name, persist_repair)
             raise IndexCorruptError(f"{problem}; {_rebuild_hint(cb)}")
         if index.ntotal != ntotal:
             raise IndexCorruptError(f"index file {path} holds {index.ntotal} vectors but its manifest says {ntotal}; {_rebuild_hint(cb)}")
@@ -220,6 +223,19 @@ def load_index(cb, model_id: int, *, persist_repair: bool = False):
     if notes and persist_repair:
         save_index(cb, model_id, index, kind)
     return index, kind, notes
+
+
+def _build_here(cb, model_id: int, kind: str, name: str, persist: bool):
+    """Generation ``name`` lives in another machine's --index-dir (one PostgreSQL case base, a
+    folder per machine): build it here from the stored embeddings, the source of truth, and keep
+    it when this is a writer. Returns what ``load_index`` returns."""
+    index = _from_embeddings(cb, model_id, kind)
+    if persist:
+        save_index(cb, model_id, index, kind)
+    note = (f"index of model {model_id}: {name} was written in another index folder; built in {cb.index_dir} "
+            "from the stored embeddings" + ("" if persist else " (kept in memory until this folder's next write)"))
+    LOG.info(note)
+    return index, kind, [note]
 
 
 def _reconcile(cb, model_id: int, index) -> list[str]:
@@ -254,7 +270,7 @@ def save_index(cb, model_id: int, index, kind: str) -> None:
     """
     _reconcile(cb, model_id, index)
     cb.index_dir.mkdir(parents=True, exist_ok=True)
-    name = f"model-{model_id}-{uuid.uuid4().hex[:12]}.faiss"
+    name = generation_name(model_id, cb.index_dir)
     checksum = ix.save(index, cb.index_dir / name)
     old = None
     with cb.write() as s:
@@ -273,13 +289,19 @@ def rebuild_index(cb, model_id: int, kind: str | None = None):
     """Build a model's index afresh from the stored embeddings (no image is read)."""
     manifest = _read_manifest(cb, model_id)
     kind = kind or (manifest[3] if manifest else "flat")
+    index = _from_embeddings(cb, model_id, kind)
+    save_index(cb, model_id, index, kind)
+    return index
+
+
+def _from_embeddings(cb, model_id: int, kind: str):
+    """A model's index built in memory from the stored embeddings."""
     ids, vecs = active_embeddings(cb, model_id)
     with cb.read() as s:
         dim = s.get(Model, model_id).config["embedding_dim"]
     index = ix.build(dim, kind, n_hint=len(ids))
     if len(ids):
         ix.add(index, vecs, ids)
-    save_index(cb, model_id, index, kind)
     return index
 
 

@@ -172,6 +172,8 @@ class MapReliability(Base):
     layer: Mapped[str] = mapped_column(String(255))  # the CAM layer ("" = the last block)
     target: Mapped[str] = mapped_column(String(32))  # which maps: class | similarity | embedding
     source: Mapped[str] = mapped_column(String(32))  # evaluate (held-out queries) | index (the cases' maps)
+    # the guesses on the same images: {"centre": pointing game, "mean_mask": ..., "on_finding_floor": ...}
+    baselines: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cbr.errors import CbrError, UnknownNameError
-from cbr.files import STDOUT, atomic_open
+from cbr.files import atomic_open, is_stdout
 from cbr.pipeline.audit.regions import region_rows
 from cbr.pipeline.audit.trail import latest_feedback
 from cbr.store.rows import iso
@@ -141,7 +141,7 @@ def export(cb, what: str, fmt: str, out=None) -> int:
     if fmt not in EXPORT_FORMATS:
         raise UnknownNameError("export format", fmt, EXPORT_FORMATS)
     columns, gen = EXPORTS[what]
-    if out is None or str(out) == STDOUT:
+    if out is None or is_stdout(out):
         with cb.read() as s:
             return _write_rows(sys.stdout, columns, gen(s), fmt)
     out = Path(out)

@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 
 from cbr.errors import CbrError, UnknownNameError
-from cbr.files import STDOUT, atomic_open, output_kind
+from cbr.files import atomic_open, is_stdout, output_kind
 from cbr.pipeline.settings import DEFAULT_REPORTS, SCALES
 from cbr.reporting.report import load_record, strip_maps, write_outputs
 from cbr.store.rows import as_utc, iso
@@ -154,7 +154,7 @@ def rerender_report(cb, query_id: int, out=None, scale: str = "shared") -> str:
     load_record(cb, query_id, with_maps=False)  # unknown id -> NotFoundError before touching files
     if out is None:
         out = Path(DEFAULT_REPORTS) / f"query-{int(query_id)}" / "report.html"
-    if str(out) != STDOUT and Path(out).is_dir():  # a folder, or a link to one: nothing is replaced
+    if not is_stdout(out) and Path(out).is_dir():  # a folder, or a link to one: nothing is replaced
         return write_outputs(cb, query_id, out, scale=scale)["report"]
     kind = output_kind(out)  # a device, socket or other link is refused before anything is written
     if kind in ("stdout", "pipe"):

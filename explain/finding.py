@@ -7,7 +7,9 @@ import numpy as np
 
 from explain.overlay import upsample
 
-__all__ = ["strongest_region", "region_box", "share_on", "centre_map"]
+FINDING = "finding"  # the target name of a lesion localiser's map (a "where is the finding" map)
+
+__all__ = ["FINDING", "strongest_region", "region_box", "share_on", "centre_map"]
 
 
 def strongest_region(prob, threshold: float = 0.5) -> np.ndarray:

@@ -4,6 +4,7 @@ Raw maps are upsampled (explain.overlay.upsample) to the mask's or the image's s
 """
 
 import copy
+import warnings
 
 import numpy as np
 
@@ -158,8 +159,6 @@ def random_deletion_auc(score_fn, image, *, steps=20, seed=0, baseline=0.0):
 
 def spearman(a, b):
     """Spearman rank correlation of two arrays of the same size (scipy's; NaN if one is constant)."""
-    import warnings
-
     from scipy.stats import ConstantInputWarning, spearmanr
 
     a = np.asarray(a, dtype=np.float64).ravel()

@@ -40,6 +40,7 @@ def _active_ids(cb):
         return sorted(s.scalars(select(Case.id).where(Case.removed_at.is_(None))))
 
 
+@pytest.mark.slow
 def test_crash_after_remove_commit_is_repaired_on_next_open(indexed, query_set, monkeypatch):
     cb = open_casebase(indexed)
     before = _manifests(cb)

@@ -20,6 +20,7 @@ def _targets(emb, x, classifier):
     return [SimilarityTarget(ref[::-1][i]) for i in range(len(x))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["", "block3", "block3.0", "block2"])
 @pytest.mark.parametrize("method", sorted(FAST_METHODS))
 @pytest.mark.parametrize("classifier", [False, True])
@@ -61,6 +62,7 @@ def _early_layer(trunk) -> str:
     return ".".join(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in BACKBONES if n != "tinycnn"])
 def test_every_backbone_cuts_at_its_default_layer(name):
     size = BACKBONES[name].min_input_size

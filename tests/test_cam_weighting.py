@@ -79,6 +79,7 @@ def test_fast_path_equals_grad_cam_on_real_gradients(name, kind):
     np.testing.assert_array_equal(fast, expected)
 
 
+@pytest.mark.slow
 def test_fast_path_does_not_import_grad_cam():
     """grad-cam's package __init__ imports sklearn, scipy, matplotlib and cv2: seconds of a cold
     query. The fast path must not need it."""

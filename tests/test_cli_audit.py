@@ -32,6 +32,7 @@ def _n_cases(db):
         return s.scalar(select(func.count(Case.id)))
 
 
+@pytest.mark.slow
 def test_retain_then_same_image_is_excluded_and_near_duplicate_finds_it(runner, indexed, query_set, tmp_path):
     from PIL import Image
 
@@ -154,7 +155,8 @@ def test_retain_failures_keep_the_feedback(runner, indexed, query_set, phantom_s
     assert r.exit_code == 1
     assert "feedback 2" in r.output and "cannot be read" in r.output and "--image PATH" in r.output
     # ...and given with --image, it is retained.
-    r = invoke(runner, "feedback", qid, "--db", indexed, "--label", "meningioma", "--retain", "--image", tmp_path / "elsewhere.png")
+    r = invoke(runner, "feedback", qid, "--db", indexed, "--label", "meningioma", "--new-class", "--retain", "--image",
+               tmp_path / "elsewhere.png")
     assert r.exit_code == 0, r.output
     assert "'meningioma' is a new class" in r.output and "retained as case 19" in r.output
 
@@ -224,6 +226,7 @@ def test_remove_takes_cases_out_of_every_index(runner, indexed, query_set, tmp_p
     assert f"case {gone[0]} was already removed on" in r.output and "(mislabelled)" in r.output
 
 
+@pytest.mark.slow
 def test_export_round_trips(runner, indexed, query_set, tmp_path):
     imgs = _images(query_set)
     image = tmp_path / "scan.png"

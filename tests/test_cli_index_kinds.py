@@ -23,6 +23,7 @@ def _index_of(db):
     return kind, index, notes
 
 
+@pytest.mark.slow
 def test_ivf_is_learned_and_holds_every_case(runner, phantom_set, db_url):
     result = invoke(runner, "index", phantom_set, "--db", db_url, *TINY, "--workers", "0", "--explain", "none",
                     "--batch-size", "4", "--index-type", "ivf")

@@ -21,6 +21,7 @@ def _query_images(manifest):
 pytestmark = pytest.mark.postgres  # every case base here: SQLite and PostgreSQL (tests/pg.py)
 
 
+@pytest.mark.slow
 def test_index_summary_and_stored_rows(runner, phantom_set, db_url):
     db = db_url
     result = invoke(runner, "index", phantom_set, "--db", db, *TINY, "--workers", "0")

@@ -38,6 +38,7 @@ def _answers(result):
     return [json.loads(line) for line in result.output.splitlines()]
 
 
+@pytest.mark.slow
 def test_in_distribution_passes_and_foreign_is_flagged(runner, indexed, query_set, foreign, tmp_path):
     images = _held_out(query_set)
     answers = _answers(invoke(runner, "query", *images, foreign, "--db", indexed, "--json", "--explain", "none",
@@ -215,6 +216,7 @@ def _foreign_folder(root, n=4):
     return root
 
 
+@pytest.mark.slow
 def test_evaluate_reports_selective_prediction_and_ood(runner, indexed, query_set, tmp_path):
     foreign = _foreign_folder(tmp_path / "foreign")
     out = tmp_path / "eval"

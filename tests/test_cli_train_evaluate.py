@@ -24,6 +24,7 @@ def model(manifest, tmp_path_factory):
     return out, result.output
 
 
+@pytest.mark.slow
 def test_train_prints_a_summary(model):
     out, text = model
     assert out.is_file()
@@ -59,6 +60,7 @@ def test_train_json(manifest, tmp_path):
     assert d["train_size"] + d["val_size"] == 12 and len(d["fingerprint"]) == 64
 
 
+@pytest.mark.slow
 def test_evaluate_cross_validation_json(manifest, tmp_path):
     out = tmp_path / "rep"
     result = CliRunner().invoke(cli, ["evaluate", manifest, "--folds", "2", "--epochs", "1", "-k", "3",
@@ -71,6 +73,7 @@ def test_evaluate_cross_validation_json(manifest, tmp_path):
     assert (out / "metrics.json").is_file() and (out / "confusion_matrix.png").is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_against_a_case_base_prints_the_table(manifest, model, tmp_path, monkeypatch):
     from cbr.store.casebase import open_casebase
     from cbr.pipeline.index import index_dataset

@@ -59,6 +59,7 @@ def _old_fingerprint(emb):
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_fingerprint_unchanged_without_contrast_and_changed_with_it():
     from cbr.models.embedder import create_embedder
 
@@ -70,6 +71,7 @@ def test_fingerprint_unchanged_without_contrast_and_changed_with_it():
     assert x_plain.shape == x_clahe.shape == (3, 32, 32) and x_clahe.std() > x_plain.std()
 
 
+@pytest.mark.slow
 def test_index_with_contrast_then_query(runner, phantom_set, query_set, tmp_path):
     from sqlalchemy import select
 

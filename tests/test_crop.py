@@ -97,6 +97,7 @@ def test_mask_of_another_size_gets_the_box_scaled():
     assert full.sum() > 0 and (full != scaled).sum() <= 0.1 * full.sum()
 
 
+@pytest.mark.slow
 def test_fingerprint_unchanged_without_crop_and_changed_with_it():
     from cbr.models.embedder import create_embedder
     from test_contrast import _old_fingerprint  # the recipe from before contrast, tta and crop
@@ -171,6 +172,7 @@ def test_masks_line_up_with_the_maps_of_a_cropped_model(tmp_path):
     assert pointing_game(_redness(plain.preprocess(img), 32), lesion_mask(str(mask_path), 256, crop="none", image=img))
 
 
+@pytest.mark.slow
 def test_report_overlays_use_the_models_crop(runner, tmp_path):
     from cbr.data.phantom import make_phantoms
     from cbr.models.checkpoint import save_checkpoint
@@ -237,6 +239,7 @@ def test_checkpoint_records_the_crop_and_index_applies_it(runner, phantom_set, t
     assert bad.exit_code == 2 and "'tight' is not one of 'none', 'foreground'" in bad.output
 
 
+@pytest.mark.slow
 def test_crop_option_on_every_command_and_its_checks(runner, phantom_set, tmp_path):
     for command in ("train", "evaluate", "index"):
         result = invoke(runner, command, "--help")

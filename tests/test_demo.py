@@ -7,6 +7,7 @@ import pytest
 from cbr.pipeline.demo import run_demo
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     lines = []
     result = run_demo(tmp_path / "demo", patients=12, slices=2, size=48, epochs=1, img_size=32,

@@ -286,6 +286,7 @@ def _dicom_dataset(root):
     return root
 
 
+@pytest.mark.slow
 def test_cli_index_and_query_extensionless_dicom_without_leaks(tmp_path, runner):
     data = _dicom_dataset(tmp_path / "data")
     query = make_dicom(tmp_path / "scan.dcm", (np.random.default_rng(5).normal(200, 60, (24, 24))).astype(np.int16),

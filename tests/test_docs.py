@@ -123,8 +123,9 @@ def _bound_names(path: Path) -> set[str]:
     """Names a module defines: top-level functions, classes and assignments, and the members of its
     classes (as ``Class.member`` and bare). A package's ``__init__`` also counts what it imports (its
     re-exports), and any module what it imports from outside the project ("Starlette's
-    `TrustedHostMiddleware` in `cbr/serve/app.py`" names a use, not a misplaced definition). A name
-    imported from another of the project's modules is defined there, not here."""
+    `TrustedHostMiddleware` in `cbr/serve/app.py`" names a use, not a misplaced definition), and
+    every name in its ``__all__``. A name imported from another of the project's modules, and not
+    declared public here, is defined there, not here."""
     tree = ast.parse(path.read_text())
     names: set[str] = set()
 
@@ -144,6 +145,9 @@ def _bound_names(path: Path) -> set[str]:
                     bind(node.body, prefix + node.name + ".")
             elif isinstance(node, ast.Assign):
                 found = [n for t in node.targets for n in targets(t)]
+                if found == ["__all__"] and isinstance(node.value, (ast.List, ast.Tuple)):
+                    # What a module declares public is its own to name, re-exports included.
+                    found += [e.value for e in node.value.elts if isinstance(e, ast.Constant)]
             elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
                 found = targets(node.target)
             elif isinstance(node, (ast.Import, ast.ImportFrom)) and not prefix:

@@ -79,6 +79,7 @@ def torchvision_pooled(emb, x):
         return ref.eval()(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_backbone_shapes_and_fingerprint(name):
     spec = BACKBONES[name]

@@ -23,6 +23,7 @@ def test_rows_of_both_dtypes_decode():
         decode_vectors([b"abc"], 16)
 
 
+@pytest.mark.slow
 def test_float16_halves_the_stored_embedding_and_rebuilds(runner, phantom_set, fresh_db):
     sizes, vectors = {}, {}
     for dtype in ("float32", "float16"):

@@ -3,11 +3,14 @@
 import csv
 import json
 
+import pytest
+
 from cbr.models.checkpoint import save_checkpoint
 from cbr.models.embedder import create_embedder
 from conftest import invoke
 
 
+@pytest.mark.slow
 def test_two_member_ensemble(runner, phantom_set, query_set, tmp_path):
     ckpt = tmp_path / "other.pt"
     save_checkpoint(create_embedder("tinycnn", weights="none", seed=7), ckpt)

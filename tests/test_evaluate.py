@@ -42,6 +42,7 @@ def cv(phantoms, tmp_path_factory):
     return cross_validate(phantoms, config, replace(FAST, epochs=1), folds=3), out
 
 
+@pytest.mark.slow
 def test_cross_validation_returns_every_figure_in_range(cv):
     m, _ = cv
     assert KEYS <= set(m)
@@ -63,13 +64,21 @@ def test_cross_validation_returns_every_figure_in_range(cv):
 
 def test_localisation_block_when_masks_and_gradcam(cv):
     loc = cv[0]["localisation"]
-    assert loc is not None and loc["map"] == "class"  # the fine-tuned model has a head
-    # the 6 normal phantoms have empty masks; an abstained query has no class map
-    answered_lesions = [r for r in _predictions(cv[1]) if r["label"] != "normal" and r["abstained"] == "0"]
-    assert loc["n"] == len(answered_lesions)
+    # the phantoms have masks, so each fold's model carries a lesion localiser: its map is the default
+    assert loc is not None and loc["map"] == "finding"
+    # the 6 normal phantoms have empty masks; every other query has a finding map, and an
+    # abstained query has no class map
+    lesions = [r for r in _predictions(cv[1]) if r["label"] != "normal"]
+    assert loc["n"] == len(lesions)
+    assert loc["by_map"]["class"]["n"] == len([r for r in lesions if r["abstained"] == "0"])
     assert _unit(loc["pointing_game"]) and _unit(loc["energy_pointing_game"]) and _unit(loc["iou"])
     assert set(loc["per_class"]) == {"cyst", "tumour"}
-    assert set(loc["by_map"]) == {"class", "similarity"}
+    assert set(loc["by_map"]) == {"finding", "class", "similarity"}
+    # every figure stands beside the two guesses, on the same images
+    assert set(loc["baselines"]) == {"centre", "mean_mask"}
+    assert all(b["n"] == len(lesions) for b in loc["baselines"].values())
+    for b in loc["by_map"].values():
+        assert b["no_better_than_a_guess"] == (b["pointing_game"] < b["best_guess_pointing_game"] + 0.10)
 
 
 def test_folds_never_split_a_patient_and_report_folder(cv):
@@ -93,6 +102,7 @@ def test_format_table_is_readable(cv):
     assert "confusion matrix" in text
 
 
+@pytest.mark.slow
 def test_no_train_uses_the_backbone_as_is(phantoms):
     m = cross_validate(phantoms, QUICK, FAST, folds=2, train=False)
     assert m["softmax"] is None and m["localisation"] is None  # no head, explain="none"
@@ -118,6 +128,7 @@ def leaky(tmp_path_factory):
     return cb, test
 
 
+@pytest.mark.slow
 def test_leakage_is_counted(leaky):
     cb, test = leaky
     m = evaluate_casebase(cb, config=EvalConfig(k=2), records=test)
@@ -257,6 +268,7 @@ def _check_known_answer(m, n_bright, n_dark):
     assert sum(b["count"] for b in m["reliability"] if b["lower"] >= 0.6) == n
 
 
+@pytest.mark.slow
 def test_cross_validation_known_answer(tmp_path):
     manifest = _planted(tmp_path / "planted")
     config = EvalConfig(k=3, vote="majority", batch_size=8, num_workers=0, out_dir=tmp_path / "rep")
@@ -268,6 +280,7 @@ def test_cross_validation_known_answer(tmp_path):
     assert all(r["prediction"] == r["label"] for r in rows if r["group"] != "x00")
 
 
+@pytest.mark.slow
 def test_held_out_known_answer(tmp_path):
     from cbr.models.checkpoint import save_checkpoint
     from cbr.models.embedder import create_embedder

@@ -5,6 +5,7 @@ import html
 import json
 from types import SimpleNamespace
 
+import pytest
 from click.testing import CliRunner
 
 from cbr.cli import cli
@@ -42,6 +43,7 @@ def test_failures_page_shows_neighbours_and_escapes_everything(tmp_path):
     assert "No misclassified query." in empty
 
 
+@pytest.mark.slow
 def test_cross_validation_report_has_failures_recall_and_training(tmp_path):
     manifest = make_phantoms(tmp_path / "ph", patients=6, slices=2, size=32)
     out = tmp_path / "rep"

@@ -46,6 +46,7 @@ def _model_and_targets(embedder, kind, x):
 
 # --- every method, both targets, on the tiny CNN ---------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["class", "similarity"])
 @pytest.mark.parametrize("method", METHODS)
 def test_map_is_finite_with_the_documented_shape(tiny, method, kind):
@@ -232,6 +233,7 @@ def _rows(db, query_id):
         return [(r.id, r.role, r.method, r.target, r.case_id, r.height, r.width, r.data) for r in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, spec", [("lime", "lime(n=30,seg=slic50)"),
                                           ("integrated-gradients", "integrated-gradients(n=30)")])
 def test_query_explains_query_and_neighbours_with_similarity(runner, indexed, query_set, tmp_path, method, spec):
@@ -346,6 +348,7 @@ def test_compare_with_a_head_has_both_targets(phantom_set):
     assert "pointing" not in format_comparison(no_masks)
 
 
+@pytest.mark.slow
 def test_evaluate_explain_all_prints_the_comparison(runner, indexed, query_set, tmp_path):
     out = tmp_path / "eval"
     result = invoke(runner, "evaluate", query_set, "--db", indexed, "--explain", "all", "--explain-budget", "10",
@@ -367,6 +370,7 @@ def test_evaluate_explain_rejects_unknown_names(runner, indexed, query_set, tmp_
     assert result.exit_code == 2 and "unknown explanation method 'shap'" in result.output
 
 
+@pytest.mark.slow
 def test_cross_validation_compares_on_the_first_fold(runner, phantom_set, tmp_path):
     out = tmp_path / "cv"
     result = invoke(runner, "evaluate", phantom_set, "--folds", "2", "--no-train", "--backbone", "tinycnn",

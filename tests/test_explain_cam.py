@@ -258,6 +258,7 @@ def test_one_target_per_sample(trunk, images):
         maps_from_activations(make_embedder_head(), acts, [EmbeddingNormTarget()])
 
 
+@pytest.mark.slow
 def test_many_explanations_do_not_leak(trunk):
     model = nn.Sequential(trunk, make_classifier_head())
     image = make_images(1, seed=5)

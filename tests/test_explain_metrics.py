@@ -68,6 +68,7 @@ def _region_score(batch):
     return batch[:, :, 4:12, 4:12].mean(dim=(1, 2, 3))
 
 
+@pytest.mark.slow
 def test_deletion_informative_map_beats_random():
     image = make_images(1, seed=4)[0] + 0.5
     saliency = np.zeros((8, 8), dtype=np.float32)
@@ -117,6 +118,7 @@ def test_spearman():
         spearman(np.zeros(3), np.zeros(4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["0", "8", "", "trunk[8]"])
 def test_randomisation_check(module):
     trunk, head = make_trunk(), make_classifier_head()

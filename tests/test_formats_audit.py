@@ -61,6 +61,7 @@ def _cosine(a, b):
 # -- cbr feedback --retain on a frame / slice / .npz image ----------------------------------------
 
 
+@pytest.mark.slow
 def test_retain_a_dicom_frame_decodes_that_frame_with_the_models_window(tmp_path, runner):
     data = _dicom_dataset(tmp_path / "data")
     db = tmp_path / "cases.db"
@@ -90,6 +91,7 @@ def test_retain_a_dicom_frame_decodes_that_frame_with_the_models_window(tmp_path
     assert _cosine(stored, _embedding(embedder, f"{cine}#frame=3", "ct-lung")) < 0.9999
 
 
+@pytest.mark.slow
 def test_retain_a_nifti_slice_and_a_moved_volume(tmp_path, runner):
     db = tmp_path / "cases.db"
     r = invoke(runner, "index", _volumes(tmp_path / "data"), "--db", db, *TINY, "--workers", "0", "--slices", "every:4",
@@ -113,6 +115,7 @@ def test_retain_a_nifti_slice_and_a_moved_volume(tmp_path, runner):
     assert _cosine(stored, _embedding(embedder, f"{moved}#axis=axial&slice=12", "auto")) > 0.9999
 
 
+@pytest.mark.slow
 def test_retain_an_npz_image(tmp_path, runner):
     path = make_npz(tmp_path / "pneumoniamnist.npz")
     db = tmp_path / "cases.db"
@@ -128,6 +131,7 @@ def test_retain_an_npz_image(tmp_path, runner):
 # -- cbr report: re-rendered from the case base, neighbours re-read from their slices -------------
 
 
+@pytest.mark.slow
 def test_report_rerender_draws_nifti_neighbours(tmp_path, runner):
     from cbr.reporting.report import IMAGE_CHANGED
 
@@ -154,6 +158,7 @@ def test_report_rerender_draws_nifti_neighbours(tmp_path, runner):
 # -- cbr serve: the pictures of a query on a NIfTI slice ----------------------------------------
 
 
+@pytest.mark.slow
 def test_serve_draws_slices_not_placeholders(tmp_path, runner):
     from fastapi.testclient import TestClient
 
@@ -186,6 +191,7 @@ def test_serve_draws_slices_not_placeholders(tmp_path, runner):
 # -- cbr evaluate --explain, and the source options of train / evaluate ----------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["nifti", "npz"])
 def test_evaluate_explain_on_slices_and_npz(tmp_path, runner, fmt):
     if fmt == "nifti":
@@ -202,6 +208,7 @@ def test_evaluate_explain_on_slices_and_npz(tmp_path, runner, fmt):
     assert not [p for p in m["problems"] if "not found" in p["reason"]]
 
 
+@pytest.mark.slow
 def test_evaluate_slices_option(tmp_path, runner):
     data = _volumes(tmp_path / "data")
     every = invoke(runner, "evaluate", data, "--folds", "2", "--epochs", "1", "--no-train", "-k", "3",
@@ -213,6 +220,7 @@ def test_evaluate_slices_option(tmp_path, runner):
     assert bad.exit_code == 2 and "--slices" in bad.output
 
 
+@pytest.mark.slow
 def test_train_window_is_in_the_checkpoint(tmp_path, runner):
     from cbr.models.embedder import load_checkpoint
 
@@ -278,6 +286,7 @@ def _query_rows(runner, db):
     return json.loads(r.output)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pseudonymised", [False, True])
 def test_dicom_patient_id_is_the_default_patient(tmp_path, runner, monkeypatch, pseudonymised):
     from cbr.data.identity import pseudonym

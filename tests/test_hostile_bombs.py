@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -69,14 +70,11 @@ def bomb_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def casebase(tmp_path_factory, phantom_set):
-    """A small case base to query the bombs against."""
-    from click.testing import CliRunner
-
-    db = tmp_path_factory.mktemp("bomb-cb") / "cases.db"
-    result = invoke(CliRunner(), "index", phantom_set, "--db", db, *TINY, "--workers", "0")
-    assert result.exit_code == 0, result.output
-    return db
+def casebase(tmp_path_factory, _indexed_template):
+    """A copy of the suite's small indexed case base, to query the bombs against."""
+    dest = tmp_path_factory.mktemp("bomb-cb")
+    shutil.copytree(_indexed_template, dest, dirs_exist_ok=True)
+    return dest / "cases.db"
 
 
 # -- PNG (and every Pillow format) -------------------------------------------------------------

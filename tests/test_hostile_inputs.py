@@ -91,6 +91,7 @@ def _set_label(db, case_id, label) -> None:
 # -- 1. labels, patient ids, notes -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option, value, needle", [
     ("--label", NEWLINE_LABEL, "--label contains a newline"),
     ("--label", ESCAPE_LABEL, "--label contains an escape character"),
@@ -112,7 +113,8 @@ def test_feedback_text_with_control_characters_is_refused(runner, cb_copy, tmp_p
 def test_feedback_note_keeps_newlines_and_label_is_nfc(runner, cb_copy, tmp_path):
     db, manifest = cb_copy
     qid = _query_json(runner, db, _images(manifest)[0], tmp_path, "--explain", "none")["query_id"]
-    r = invoke(runner, "feedback", qid, "--db", db, "--label", "cafe\u0301", "--note", "line 1\r\nline 2\tend")
+    r = invoke(runner, "feedback", qid, "--db", db, "--label", "cafe\u0301", "--new-class", "--note",
+               "line 1\r\nline 2\tend")
     assert r.exit_code == 0, r.output
     cb = open_casebase(db, create=False)
     with cb.read() as s:
@@ -159,6 +161,7 @@ def test_error_messages_never_carry_escape_sequences(runner, indexed, tmp_path):
 # -- 2. FIFOs, devices, huge files -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_query_of_a_fifo_returns_in_a_subprocess(indexed, tmp_path):
     """The real command, as a user runs it: v1 blocked forever in open()."""
     fifo = make_fifo(tmp_path)
@@ -224,6 +227,7 @@ def test_feedback_retain_with_a_fifo_image_records_nothing(runner, cb_copy, tmp_
 # -- 3. an indexed image changed on disk -----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["swapped", "deleted"])
 def test_a_changed_neighbour_is_flagged_and_never_mapped(runner, cb_copy, tmp_path, change):
     db, manifest = cb_copy
@@ -267,7 +271,7 @@ def test_csv_export_neutralises_formula_cells(runner, cb_copy, tmp_path):
     db, manifest = cb_copy
     qid = _query_json(runner, db, _images(manifest)[0], tmp_path, "--explain", "none")["query_id"]
     for text in FORMULAS[:4]:
-        r = invoke(runner, "feedback", qid, "--db", db, "--label", text, "--note", text, "--by", text)
+        r = invoke(runner, "feedback", qid, "--db", db, "--label", text, "--new-class", "--note", text, "--by", text)
         assert r.exit_code == 0, r.output
     cb = open_casebase(db, create=False)
     with cb.write() as s:  # labels never hold a tab or CR now; a case base from v1 may

@@ -3,17 +3,20 @@ through a bounded decoder, a slow explanation holding every query, out-of-range 
 by content, server paths in errors, and the login (back-off, expiring signed session, logout)."""
 
 import gzip
+import importlib
 import io
+import pkgutil
 import re
 import threading
 
 import numpy as np
 import pytest
+from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from cbr.serve.app import create_app
-from cbr.serve.routes import cases, health, pages, queries
+import cbr.serve.routes as routes_package
 from cbr.serve.settings import ServeSettings
 from cbr.store.casebase import open_casebase
 from conftest import invoke
@@ -24,11 +27,14 @@ HUGE = 10 ** 30  # past SQLite's 64-bit integers: OverflowError if it ever reach
 
 
 def _router_routes():
+    """(method, path) of every route of every router in cbr.serve.routes, and a static file."""
     out = []
-    for router in (health.router, queries.router, cases.router, pages.router, pages.login_router):
-        for route in router.routes:
-            out.extend((method, route.path) for method in sorted(route.methods))
-    return out + [("GET", "/static/app.js")]
+    for info in pkgutil.iter_modules(routes_package.__path__):
+        module = importlib.import_module(f"{routes_package.__name__}.{info.name}")
+        for router in [v for v in vars(module).values() if isinstance(v, APIRouter)]:
+            for route in router.routes:
+                out.extend((method, route.path) for method in sorted(route.methods))
+    return sorted(set(out)) + [("GET", "/static/app.js")]
 
 
 ROUTES = _router_routes()

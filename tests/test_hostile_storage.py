@@ -120,6 +120,7 @@ def _commands(db, image, out):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["history", "show", "export", "query", "feedback"])
 def test_damaged_queries_table_is_one_line_and_left_alone(runner, indexed, query_set, tmp_path, command):
     image = _images(query_set)[0]
@@ -339,9 +340,11 @@ DAMAGED_ROWS = {
     "nan-embedding": ("UPDATE embeddings SET vector = ? WHERE case_id = 3", _nan_vector, "embedding of case 3", True),
     "manifest-row-deleted": ("DELETE FROM index_manifests", None, "no index manifest", True),
     "malformed-sha256": ("UPDATE cases SET sha256 = 'not-a-sha256' WHERE id = 3", None, "case 3", False),
+    "model-config-not-json": ("UPDATE models SET config = '{\"embedding_dim\": '", None, "models row 1", False),
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", sorted(DAMAGED_ROWS))
 def test_db_check_decodes_every_row_and_the_readers_refuse_bad_ones(runner, indexed, phantom_set, query_set, tmp_path,
                                                                     damage):
@@ -355,7 +358,7 @@ def test_db_check_decodes_every_row_and_the_readers_refuse_bad_ones(runner, inde
     assert check.exit_code == 1 and "Traceback" not in check.output, check.output
     found = [line for line in check.output.splitlines() if needle in line]
     assert found, check.output
-    assert "cbr index" in found[0] or "cbr remove" in found[0], found[0]  # each finding says how to repair it
+    assert any(fix in found[0] for fix in ("cbr index", "cbr remove", "backup")), found[0]  # and how to repair it
     image = _images(query_set)[0]
     # Every reader: a one-line refusal naming the row, or an answer that lost no case.
     query = invoke(runner, "query", image, "--db", indexed, "--out", tmp_path / "q", "-k", 18, "--json")
@@ -366,9 +369,10 @@ def test_db_check_decodes_every_row_and_the_readers_refuse_bad_ones(runner, inde
         assert len(json.loads(query.stdout)["members"][0]["neighbours"]) == 18
     rebuild = invoke(runner, "index", phantom_set, "--db", indexed, "--rebuild", "--model", "tinycnn", "--weights",
                      "none", "--workers", "0")
-    assert rebuild.exit_code == 0 and "Traceback" not in rebuild.output, rebuild.output
-    if not rebuild_repairs:
+    if not rebuild_repairs:  # the rebuild either goes on around the row, or stops in one line
+        assert rebuild.exit_code == 0 or assert_one_line_error(rebuild), rebuild.output
         return
+    assert rebuild.exit_code == 0, rebuild.output
     after = invoke(runner, "db", "check", "--db", indexed)
     assert after.exit_code == 0, after.output
     query = invoke(runner, "query", image, "--db", indexed, "--out", tmp_path / "q2", "-k", 18, "--json")

@@ -68,6 +68,7 @@ def _survives(cb, qid, root) -> None:
             assert not [v for v in row.values() if v and v[0] in "=+-@\t\r"], row
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(label=TEXT, note=st.one_of(st.none(), TEXT), by=st.one_of(st.none(), TEXT))
 def test_feedback_text_is_refused_in_one_line_or_survives_every_path(world, label, note, by):
@@ -152,5 +153,7 @@ def test_a_mixed_script_label_confusable_with_a_class_is_warned(runner, indexed,
     result = invoke(runner, "query", _images(query_set)[0], "--db", indexed, "--explain", "none", "--out",
                     tmp_path / "q")
     assert result.exit_code == 0, result.output
-    said = invoke(runner, "feedback", "1", "--label", "cy\u0455t", "--db", indexed)  # Cyrillic ѕ
+    refused = invoke(runner, "feedback", "1", "--label", "cy\u0455t", "--db", indexed)  # Cyrillic ѕ
+    assert refused.exit_code == 1 and "confusable" in refused.output and "--new-class" in refused.output
+    said = invoke(runner, "feedback", "1", "--label", "cy\u0455t", "--new-class", "--db", indexed)
     assert said.exit_code == 0 and "confusable" in said.output and "'cyst'" in said.output, said.output

@@ -114,6 +114,7 @@ def test_gpu_style_exclusion_by_overfetch(monkeypatch, data):
     np.testing.assert_allclose(Dist, Dref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ivf_defaults_probe_a_subset_on_clustered_data():
     # At N=3000 the default nprobe scans every list; here it must scan a fraction and still
     # find the neighbours on data that clusters like embeddings do.

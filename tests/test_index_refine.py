@@ -38,6 +38,7 @@ def pq_and_sidecar(data, tmp_path_factory):
     return ix, refine.open_sidecar(base)
 
 
+@pytest.mark.slow
 def test_reranking_lifts_pq_recall_to_brute_force(data, pq_and_sidecar):
     x, ids = data
     ix, side = pq_and_sidecar

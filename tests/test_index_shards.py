@@ -68,6 +68,7 @@ def flat_build(tmp_path_factory):
     return ix, path, merged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory", [f"IVF{NLIST},Flat", f"IVF{NLIST},PQ8"])
 def test_merged_equals_one_process(tmp_path, factory):
     ix = trained(factory)
@@ -131,6 +132,7 @@ def test_index_and_lists_move_together(flat_build, tmp_path):
     np.testing.assert_array_equal(moved.search(q, K)[1], merged.search(q, K)[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan, message", [
     (shards.ShardPlan(Chunks(die_at=3), CHUNKS, workers=2), "died"),
     (shards.ShardPlan(Chunks(fail_at=4), CHUNKS, workers=2), "chunk 4 is unreadable"),
@@ -150,6 +152,7 @@ def test_a_failed_worker_never_replaces_the_index(tmp_path, plan, message):
     np.testing.assert_array_equal(again.search(q, K)[1], expected[1])
 
 
+@pytest.mark.slow
 def test_a_crash_while_merging_never_replaces_the_index(tmp_path, monkeypatch):
     """The merged lists half written when the merge dies: the old index stays, and the half file goes."""
     ix = trained(f"IVF{NLIST},Flat")
@@ -193,6 +196,7 @@ def test_refuses_an_index_that_is_not_trained_ivf(tmp_path):
         shards.load_sharded(tmp_path / "missing.index")
 
 
+@pytest.mark.slow
 def test_filters_on_a_rotated_sharded_index(tmp_path):
     """An OPQ rotation in front of the IVF (what the 10M benchmark builds): the filtered answer is
     the unfiltered one with the excluded (or not allowed) ids dropped, as the filter runs in the scan."""

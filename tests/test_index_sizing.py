@@ -44,6 +44,7 @@ def test_pq_code_bytes(dim, m):
     assert index.pq_bytes(dim) == m and dim % m == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, floor", [("ivf-sq8", 0.95), ("ivf-pq", 0.2), ("auto", 1.0)])
 def test_filtered_search_on_compressed_kinds(clustered, kind, floor):
     """Excluded ids never come back; the rest is the unfiltered answer with them dropped (the
@@ -66,6 +67,7 @@ def test_filtered_search_on_compressed_kinds(clustered, kind, floor):
     assert recall(I, Iref) >= floor
 
 
+@pytest.mark.slow
 def test_ivf_pq_remove_save_load(clustered, tmp_path):
     x, ids = clustered
     ix = index.build(D, "ivf-pq", n_hint=N)

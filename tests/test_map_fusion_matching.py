@@ -69,6 +69,7 @@ def test_iou_top_selects_a_fixed_share():
     assert iou_top(np.zeros((10, 10)), mask) == 0.0
 
 
+@pytest.mark.slow
 def test_stage_ends_find_the_last_three_resolutions():
     import torch
 

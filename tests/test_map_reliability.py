@@ -3,6 +3,7 @@ model, shown in ``--json`` (``map_reliability``) and in the HTML report, "not me
 
 import json
 
+import pytest
 from sqlalchemy import select
 
 from cbr.store.reliability import NOT_MEASURED, Reliability, badge_text, reliability_of, store_reliability
@@ -19,6 +20,7 @@ def _first_image(manifest):
     return manifest.parent / "images" / sorted(p.name for p in (manifest.parent / "images").iterdir())[0]
 
 
+@pytest.mark.slow
 def test_index_with_masks_stores_the_pointing_game_and_every_map_shows_it(runner, phantom_set, tmp_path):
     db = tmp_path / "c.db"
     result = invoke(runner, "index", phantom_set, "--db", db, *TINY, "--workers", "0", "--explain", "gradcam")
@@ -45,6 +47,7 @@ def test_never_measured_is_null_and_not_measured(runner, phantom_set, tmp_path):
     assert NOT_MEASURED in html
 
 
+@pytest.mark.slow
 def test_heldout_evaluation_with_masks_replaces_the_measurement(runner, indexed, query_set, tmp_path):
     from cbr.store.casebase import open_casebase
 
@@ -76,6 +79,6 @@ def test_store_round_trip_and_badge(tmp_path):
         rel = reliability_of(s, [1, 2])
     assert rel[2] is None
     assert rel[1]["pointing_game"] == 0.78 and rel[1]["n"] == 420 and rel[1]["layer"] == "features.13"
-    assert badge_text(rel[1]).startswith("maps of this model hit the lesion in 78% of 420 masked cases")
+    assert badge_text(rel[1]).startswith("maps hit the lesion in 78% of 420 masked cases")
     assert badge_text(None) == NOT_MEASURED
     cb.close()

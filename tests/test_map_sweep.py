@@ -30,6 +30,7 @@ def test_parse_layers():
     assert parse_layers("block3, last,block3+last,last") == ("block3", "last", "block3+last")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("methods", [("gradcam",), ("gradcam", "layercam")])
 def test_sweep_gives_every_method_layer_and_target_its_columns(embedder, records, methods):
     layers = ("block2", "last", "block3+last")
@@ -80,6 +81,7 @@ def test_unknown_layer_and_attribution_method_are_refused(embedder, records):
         sweep_maps(embedder, records, SweepSettings(("lime",), ("last",), images=3))
 
 
+@pytest.mark.slow
 def test_cli_sweep_writes_the_table_and_the_figure(runner, phantom_set, tmp_path):
     out = tmp_path / "ev"
     args = ["evaluate", phantom_set, "--backbone", "tinycnn", "--weights", "none", "--epochs", "1", "--img-size", "48",

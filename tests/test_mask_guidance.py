@@ -120,6 +120,7 @@ def test_images_without_a_mask_add_nothing():
     assert none.item() == 0
 
 
+@pytest.mark.slow
 def test_mask_and_image_get_the_same_flip_and_warp():
     img = torch.zeros(3, 32, 32, dtype=torch.uint8)
     img[:, :, :16] = 255  # left half bright
@@ -165,6 +166,7 @@ def _outside_share(path, manifest):
     return outside_share(layercam(acts, logits, y, create_graph=False), masks).mean().item(), right
 
 
+@pytest.mark.slow
 def test_guidance_moves_the_map_into_the_lesion(tmp_path):
     train = _lesions(tmp_path / "train", 24, seed=0)
     test = _lesions(tmp_path / "test", 16, seed=1)
@@ -244,6 +246,7 @@ def test_a_bad_region_is_refused_naming_the_option(bad):
     assert parse_region(None) is None and parse_region("") is None
 
 
+@pytest.mark.slow
 def test_feedback_region_is_stored_and_exported_as_a_mask(runner, indexed, query_set, tmp_path):
     import json
 
@@ -317,6 +320,7 @@ def test_cli_evaluate_refuses_mask_guidance_without_training(tmp_path):
     assert result.exit_code == 2 and "--mask-guidance is a training loss; drop --no-train" in result.output
 
 
+@pytest.mark.slow
 def test_cli_evaluate_cross_validates_with_mask_guidance(tmp_path):
     import json
 
@@ -328,6 +332,7 @@ def test_cli_evaluate_cross_validates_with_mask_guidance(tmp_path):
     assert metrics["config"]["mask_guidance"] == 2.0 and len(metrics["folds"]) == 2
 
 
+@pytest.mark.slow
 def test_serve_feedback_carries_a_region(indexed, query_set, tmp_path):
     from fastapi.testclient import TestClient
     from sqlalchemy import select

@@ -2,12 +2,15 @@
 
 import dataclasses
 
+import pytest
+
 from cbr.models import backbones
 from cbr.pipeline.index import index_dataset
 from cbr.store.casebase import open_casebase
 from cbr.store.member import load_members
 
 
+@pytest.mark.slow
 def test_a_model_indexed_at_the_trunk_output_survives_a_new_registry_default(phantom_set, tmp_path, monkeypatch):
     # Indexed at '' (the trunk output), then the registry's default CAM layer changes: the stored
     # '' must win, or the rebuilt model's fingerprint differs and every query is refused.

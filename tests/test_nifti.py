@@ -141,6 +141,7 @@ def test_manifest_gives_the_patient(tmp_path):
     assert [(r.group, r.label) for r in scan.records] == [("P9", "glioma")]
 
 
+@pytest.mark.slow
 def test_cli_index_and_query_a_volume(tmp_path, runner):
     for label, base in (("normal", 50.0), ("tumour", 150.0)):
         for p in range(2):

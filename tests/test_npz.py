@@ -95,6 +95,7 @@ def test_npz_inside_a_class_folder_is_explained(tmp_path):
     assert not scan.records and "indexed on its own" in scan.problems[0].reason
 
 
+@pytest.mark.slow
 def test_cli_index_and_query_npz(tmp_path, runner):
     path = make_npz(tmp_path / "pneumoniamnist.npz")
     db = tmp_path / "cases.db"

@@ -74,6 +74,7 @@ def _run_all(server, code, db, tmp_path, n, args=lambda i: {}):
     return results
 
 
+@pytest.mark.slow
 def test_writers_on_several_machines_never_duplicate_a_case(server, backend, db_url, tmp_path):
     from cbr.store.casebase import open_casebase
     from cbr.store.schema import Case

@@ -25,6 +25,7 @@ def _contents(db):
     return out
 
 
+@pytest.mark.slow
 def test_missing_ray_names_the_extra(runner, phantom_set, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     result = invoke(runner, "index", phantom_set, "--db", tmp_path / "c.db", *TINY, "--engine", "ray")
@@ -32,6 +33,7 @@ def test_missing_ray_names_the_extra(runner, phantom_set, tmp_path, monkeypatch)
     assert "pip install 'cbr[ray]'" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_ray_engine_matches_the_local_engine(runner, phantom_set, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]' to run this test")
     local = tmp_path / "local.db"
@@ -67,6 +69,7 @@ def test_ray_engine_matches_the_local_engine(runner, phantom_set, tmp_path):
     assert ids[local] == ids[remote]
 
 
+@pytest.mark.slow
 def test_ray_run_interrupted_then_rerun_is_consistent(runner, phantom_set, tmp_path, monkeypatch):
     """A Ray run that dies after its first stored batch: the re-run completes it, nothing doubled or lost."""
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]' to run this test")

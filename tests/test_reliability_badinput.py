@@ -65,6 +65,7 @@ def corpus(tmp_path_factory):
     paths["no_permission"].chmod(0o644)  # let pytest clean up
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_index_over_every_bad_kind_completes_and_reports(runner, corpus, tmp_path, workers):
     root, paths = corpus
@@ -149,6 +150,7 @@ def test_query_on_a_missing_file_is_a_one_line_error(runner, bad_casebase, tmp_p
     assert_one_line_error(invoke(runner, "query", tmp_path / "nothere.png", "--db", bad_casebase), "file not found")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", USABLE_FOR_QUERY)
 def test_query_on_a_skipped_but_valid_image_answers_or_errs_in_one_line(runner, corpus, bad_casebase, tmp_path, name):
     _, paths = corpus
@@ -169,6 +171,7 @@ def manifests(tmp_path_factory):
     return make_bad_manifests(tmp_path_factory.mktemp("manifests"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", MANIFEST_EXPECTED)
 def test_bad_manifest(runner, manifests, tmp_path, kind):
     e = MANIFEST_EXPECTED[kind]

@@ -119,6 +119,7 @@ def _wait_for_first_generation(db, indexer_alive, timeout=300.0):
     raise AssertionError("no index generation appeared")
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_queries_while_indexing(server, tmp_path, query_set, db_url):
     from cbr.store.casebase import open_casebase
@@ -163,6 +164,7 @@ def test_queries_while_indexing(server, tmp_path, query_set, db_url):
     assert check_consistency(db, phantom_hashes(manifest)) == []
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_two_indexers_at_once_are_serialised(server, tmp_path, db_url):
     """Two `cbr index` runs on one case base (overlapping data): both finish, nothing is doubled."""
@@ -186,6 +188,7 @@ def test_two_indexers_at_once_are_serialised(server, tmp_path, db_url):
 # -- the reader's race with a writer, made deterministic -------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["checksum", "load"])
 def test_reader_retries_when_a_writer_switches_generations_under_it(indexed, monkeypatch, step):
     """A writer saves a new generation (deleting the old file) just after a reader read the

@@ -108,6 +108,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", DAMAGE)
 def test_damaged_index_is_refused_then_rebuilt_without_images(runner, casebase, query_set, tmp_path, monkeypatch, kind):
     db, data, manifest = casebase

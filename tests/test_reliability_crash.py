@@ -437,6 +437,7 @@ def fork_runner(server: ForkServer):
     return run
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_rerun_is_consistent(server, tmp_path):
     harness = CrashHarness(tmp_path, fork_runner(server), seed=20240611)
     results = [harness.trial(i) for i in range(10)]
@@ -488,6 +489,7 @@ def pg_crash_template(crash_data, server, pg_cluster, tmp_path_factory):
     return "crash_template", indexes
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_kill_during_final_save_leaves_old_or_new_generation_and_no_stray_files(server, crash_data, tmp_path, point,
@@ -530,6 +532,7 @@ def test_kill_during_final_save_leaves_old_or_new_generation_and_no_stray_files(
     assert check_consistency(db, phantom_hashes(manifest)) == []
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_first_run_killed_before_any_index_is_saved(server, crash_data, db_url):
     """Cases committed by a first run that never saved an index are indexed by the next run."""

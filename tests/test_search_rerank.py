@@ -59,6 +59,7 @@ def _exact(x, ids, q, exclude=()):
     return order[:K]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ivf-pq", "ivf-sq8"])
 @pytest.mark.parametrize("stored", ["float32", "float16"], indirect=True)
 def test_lossy_index_is_reranked_to_the_exact_answer(stored, kind):
@@ -79,6 +80,7 @@ def test_lossy_index_is_reranked_to_the_exact_answer(stored, kind):
         assert np.allclose(row, exact, atol=2e-3 if dtype == "float16" else 1e-5)
 
 
+@pytest.mark.slow
 def test_codes_alone_miss_what_reranking_finds(stored):
     """Without re-ranking PQ's order is visibly worse: the test above is not vacuous."""
     cb, x, ids, model_id, _ = stored

@@ -80,6 +80,7 @@ def _n_queries(db):
 
 # --- health and the query contract ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_healthz_reports_cases_and_members(client, indexed):
     r = client.get("/healthz")
     assert r.status_code == 200
@@ -89,6 +90,7 @@ def test_healthz_reports_cases_and_members(client, indexed):
     assert len(body["members"][0]["fingerprint"]) == 64
 
 
+@pytest.mark.slow
 def test_post_query_returns_exactly_the_cli_json_and_records_it(client, runner, indexed, image, tmp_path):
     before = _n_queries(indexed)
     http = _ask(client, image, patient="P-http", k=3)
@@ -499,6 +501,7 @@ def test_query_page_shows_diagnosis_neighbours_sliders_and_banners(client, image
 
 # --- concurrency -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_four_concurrent_clients_ten_queries_each(client, indexed, query_set):
     from fastapi.testclient import TestClient
 
@@ -553,6 +556,7 @@ def test_loopback_hosts(host, loopback):
     assert is_loopback(host) is loopback
 
 
+@pytest.mark.slow
 def test_serve_starts_answers_and_stops_cleanly_on_ctrl_c(indexed, tmp_path):
     import os
     import signal

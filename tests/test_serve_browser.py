@@ -10,6 +10,7 @@ import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -133,11 +134,14 @@ def test_upload_compare_slide_correct_and_find_it_in_history(browser, server, qu
     assert before == pytest.approx(0.6) and after < before - 0.2
     assert after == pytest.approx(int(slider.get_attribute("value")) / 100, abs=0.011)
 
-    # Switch to the class maps: neighbours show their stored map; tinycnn has no class map of the query.
+    # Switch to the class maps: tinycnn without weights has no class head, so there is no class map of
+    # the query and the cases' stored maps are embedding maps: none is shown as a class map, the page
+    # says why, and the similarity rings are not drawn over the class maps.
     browser.find_element(By.CSS_SELECTOR, 'input[name="map-kind"][value="class"]').click()
     neighbour_overlay = browser.find_element(By.CSS_SELECTOR, ".tile.neighbour img.overlay")
-    assert "/maps/class.png" in neighbour_overlay.get_attribute("src")
-    assert "none" in overlay.get_attribute("class")
+    assert "none" in neighbour_overlay.get_attribute("class") and "none" in overlay.get_attribute("class")
+    assert "no class head" in browser.find_element(By.ID, "map-message").text
+    assert not any(m.is_displayed() for m in browser.find_elements(By.CSS_SELECTOR, "svg.markers"))
     browser.find_element(By.CSS_SELECTOR, 'input[name="map-kind"][value="similarity"]').click()
     browser.find_element(By.CSS_SELECTOR, 'input[name="map-scale"][value="per-image"]').click()
     assert "scale=per-image" in neighbour_overlay.get_attribute("src")
@@ -202,3 +206,162 @@ def test_draw_a_region_and_query_it(browser, server, query_set):
     button.click()
     _wait(browser, lambda d: d.find_elements(By.ID, "refines"))
     assert f"query {parent}" in browser.find_element(By.ID, "refines").text
+
+
+AXE = Path(__file__).parent / "assets" / "axe-core" / "axe.min.js"
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """Where the walk-through's screenshots go: $CBR_ARTIFACTS, else a folder under pytest's basetemp."""
+    folder = Path(os.environ.get("CBR_ARTIFACTS") or tmp_path_factory.getbasetemp() / "artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots in {folder}")
+    return folder
+
+
+def _shot(driver, folder, name):
+    path = folder / name
+    driver.save_screenshot(str(path))
+    assert path.stat().st_size > 5_000, f"{name} is blank"
+
+
+def _serious_violations(driver) -> list[str]:
+    """axe-core's serious and critical accessibility violations of the page shown."""
+    driver.execute_script(AXE.read_text(encoding="utf-8"))
+    result = driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        axe.run(document, {resultTypes: ['violations']}).then(r => done(r.violations), e => done(String(e)));""")
+    assert isinstance(result, list), result
+    return [f"{v['id']} ({v['impact']}): {v['help']} at {[(n['target'], n['failureSummary'][-160:]) for n in v['nodes']][:4]}"
+            for v in result if v["impact"] in ("serious", "critical")]
+
+
+def _compare_ready(driver):
+    return driver.execute_script("""
+        const c = document.getElementById('pane-neighbour');
+        if (!c || !window.cbrCompare) return false;
+        const px = c.getContext('2d').getImageData(Math.floor(c.width / 2), Math.floor(c.height / 2), 1, 1).data;
+        return document.getElementById('zoom-text').textContent.includes('px image') && px[3] === 255;""")
+
+
+def _centre_pixel(driver, pane):
+    return driver.execute_script(f"""
+        const c = document.getElementById('{pane}');
+        return Array.from(c.getContext('2d').getImageData(Math.floor(c.width / 2), Math.floor(c.height / 2), 1, 1).data);""")
+
+
+def _walk_compare(browser, artifacts, query_url):
+    """The compare view: open it from a neighbour, zoom, change the window, step to the next neighbour."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    browser.find_element(By.CSS_SELECTOR, ".tile.neighbour a.compare-link").click()
+    _wait(browser, lambda d: "/compare/" in d.current_url and _compare_ready(d), timeout=60)
+    first = browser.current_url
+    pane = browser.find_element(By.ID, "pane-query")
+    assert pane.size["width"] > 500, "the compare view should use the window's width"
+    _shot(browser, artifacts, "02-compare.png")
+    for _ in range(3):
+        browser.find_element(By.ID, "zoom-in").click()
+    assert browser.execute_script("return window.cbrCompare.zoom") == pytest.approx(1.25 ** 3)
+    ActionChains(browser).move_to_element(pane).click_and_hold().move_by_offset(60, 40).release().perform()
+    assert browser.execute_script("return window.cbrCompare.cx") < 0.5  # dragged right: the view moved left
+    _shot(browser, artifacts, "03-compare-zoomed.png")
+    before = _centre_pixel(browser, "pane-query")
+    Select(browser.find_element(By.ID, "wl-preset")).select_by_visible_text("dark parts")
+    assert browser.find_element(By.ID, "wl-text").text == "L 64 W 128"
+    ActionChains(browser).move_to_element(pane).key_down(Keys.SHIFT).click_and_hold().move_by_offset(30, -20) \
+        .release().key_up(Keys.SHIFT).perform()
+    assert browser.find_element(By.ID, "wl-text").text == "L 84 W 188"
+    slider = browser.find_element(By.ID, "map-opacity")
+    slider.click()
+    for _ in range(60):
+        slider.send_keys(Keys.ARROW_LEFT)
+    assert browser.execute_script("return window.cbrCompare.opacity") == 0
+    assert _centre_pixel(browser, "pane-query") != before
+    _shot(browser, artifacts, "04-compare-window.png")
+    browser.find_element(By.TAG_NAME, "h1").click()
+    ActionChains(browser).send_keys(Keys.ARROW_RIGHT).perform()
+    _wait(browser, lambda d: d.current_url != first and _compare_ready(d), timeout=60)
+    assert "/compare/" in browser.current_url
+    _shot(browser, artifacts, "05-compare-next.png")
+    problems = _serious_violations(browser)
+    browser.get(query_url)
+    return problems
+
+
+def _draw_box(browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    stack = browser.find_element(By.ID, "region-stack")
+    ActionChains(browser).move_to_element_with_offset(stack, -100, -100).click_and_hold() \
+        .move_by_offset(120, 150).release().perform()
+
+
+def test_audit_walk_through_with_screenshots(browser, server, query_set, artifacts, indexed):
+    """Upload, compare, zoom, window, refine by region, a verdict with a drawn lesion box seen again
+    on reload, a retain refused with its message, and axe-core on every page; one screenshot a step."""
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(1600, 1100)
+    browser.get(server + "/")
+    problems = {"home": _serious_violations(browser)}
+    browser.find_element(By.ID, "image-input").send_keys(str(_image(query_set)))
+    browser.find_element(By.ID, "upload-submit").click()
+    _wait(browser, lambda d: "/queries/" in d.current_url and d.find_elements(By.ID, "diagnosis"))
+    query_url = browser.current_url
+    _wait(browser, _overlays_loaded, timeout=60)
+    _shot(browser, artifacts, "01-query-page.png")
+    problems["query"] = _serious_violations(browser)
+    browser.find_element(By.CSS_SELECTOR, 'input[name="map-kind"][value="class"]').click()
+    assert browser.find_element(By.ID, "map-message").is_displayed()
+    _shot(browser, artifacts, "01b-no-class-map.png")
+    browser.find_element(By.CSS_SELECTOR, 'input[name="map-kind"][value="similarity"]').click()
+    problems["compare"] = _walk_compare(browser, artifacts, query_url)
+
+    # Refine by region (the region search of the finding-level issue is not there yet: this is today's crop).
+    _draw_box(browser)
+    browser.find_element(By.ID, "refine-region").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "refines"))
+    _shot(browser, artifacts, "06-refined-region.png")
+
+    # A verdict with the same drawn box as the lesion, by a reviewer the browser remembers.
+    browser.get(query_url)
+    _draw_box(browser)
+    browser.find_element(By.ID, "feedback-use-box").click()
+    browser.find_element(By.ID, "feedback-by").send_keys("dr.walk")
+    browser.find_element(By.ID, "feedback-submit").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "feedback-messages"))
+    said = browser.find_element(By.ID, "feedback-messages").text
+    assert "confirmed" in said and "kept with the verdict" in said
+    _shot(browser, artifacts, "07-verdict-with-lesion.png")
+    browser.get(query_url)
+    assert browser.find_element(By.ID, "lesion-mark").is_displayed()
+    assert "Lesion box of the latest verdict" in browser.find_element(By.ID, "lesion-text").text
+    assert browser.find_element(By.ID, "feedback-by").get_attribute("value") == "dr.walk"
+    _shot(browser, artifacts, "08-reload-lesion.png")
+
+    # Retain a case's own image: refused (already a case, or another label), and the page says why.
+    browser.get(server + "/")
+    browser.find_element(By.ID, "case-id-input").send_keys("1")
+    browser.find_element(By.ID, "case-submit").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "feedback-form"))
+    browser.find_element(By.CSS_SELECTOR, 'input[name="retain"]').click()
+    browser.find_element(By.ID, "feedback-submit").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "feedback-messages"))
+    said = browser.find_element(By.ID, "feedback-messages").text
+    assert "case 1" in said and ("not added twice" in said or "label conflict" in said), said
+    _shot(browser, artifacts, "09-retain-refused.png")
+
+    browser.get(server + "/history")
+    _shot(browser, artifacts, "10-history.png")
+    problems["history"] = _serious_violations(browser)
+    browser.get(server + "/queries/987654")
+    text = browser.find_element(By.TAG_NAME, "main").text
+    assert "987654" in text and str(indexed) not in text and "cbr " not in text
+    _shot(browser, artifacts, "11-not-found.png")
+    assert not any(problems.values()), "\n".join(f"{page}: {v}" for page, vs in problems.items() for v in vs)

@@ -37,6 +37,7 @@ def _is_png(r):
     return Image.open(io.BytesIO(r.content))
 
 
+@pytest.mark.slow
 def test_methods_lists_query_time_first_then_added(two_methods):
     qid, methods, added = two_methods
     assert [m["added"] for m in methods] == [False, True]

@@ -118,6 +118,7 @@ def _decoded(row):
     return decode_map(row.data, (row.height, row.width), row.scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", PAIR_METHODS)
 def test_stored_pair_maps_and_link_equal_explain_matching(indexed, query_set, tmp_path, method):
     import torch
@@ -247,6 +248,7 @@ def test_explain_adds_the_methods_own_maps_to_a_matched_query_and_pairs_to_one_w
 
 # -- cbr serve's query page ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_serve_query_page_shows_the_pair_and_sentence(client, image):  # noqa: F811
     a = _ask(client, image, k=2)
     qid, mid = a["query_id"], a["members"][0]["model_id"]

@@ -79,6 +79,7 @@ def read_only_commands(db, query_id, out):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(read_only_commands("x", 1, "y")))
 def test_read_only_command_imports_no_torch(name, audited, tmp_path):
     db, query_id = audited
@@ -90,6 +91,7 @@ def test_read_only_command_imports_no_torch(name, audited, tmp_path):
         assert (tmp_path / "report.html").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_help_of_every_command_imports_no_torch():
     runs = _run_in_fresh_python(help_argvs(), HEAVY)
     assert len(runs) > 15  # every command and sub-command was reached
@@ -98,6 +100,7 @@ def test_help_of_every_command_imports_no_torch():
         assert run["loaded"] == [], f"`cbr {' '.join(run['args'])}` imported {run['loaded']}"
 
 
+@pytest.mark.slow
 def test_cold_query_imports_only_what_it_needs(audited, query_set, tmp_path):
     """A gradcam query: torch and faiss, but not grad-cam's package and what it drags in."""
     db, _ = audited
@@ -111,6 +114,7 @@ def test_cold_query_imports_only_what_it_needs(audited, query_set, tmp_path):
 
 # --- a closed pipe --------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["history"], ["export", "--what", "cases"],
                                   ["export", "--what", "cases", "--format", "json"],
                                   ["export", "--what", "feedback"]], ids=" ".join)
@@ -162,6 +166,7 @@ def test_readme_names_only_the_registrys_weights_files():
     assert named <= {s.weights_file for s in BACKBONES.values()} | {"model.pt"}, named
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [{"TORCH_HOME": "/tmp/th"}, {"XDG_CACHE_HOME": "/tmp/xdg"}, {}])
 def test_hub_dir_without_torch_is_torchs(env):
     code = ("import sys; from cbr.models.weights import hub_dir; ours = hub_dir(); "

@@ -68,6 +68,7 @@ def _query(runner, db, image, *args):
     return json.loads(result.output.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_query_uses_reports_and_stores_the_fitted_temperature(runner, indexed, query_set):
     from cbr.store.casebase import open_casebase
     from cbr.store.schema import Calibration

@@ -42,6 +42,7 @@ def _images(size, n=3):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size,grid", MODELS)
 def test_embedding_shape_norm_and_preprocessing(name, size, grid):
     emb = _model(name, size)
@@ -57,6 +58,7 @@ def test_embedding_shape_norm_and_preprocessing(name, size, grid):
     assert not torch.allclose(e[0], e[1])  # different images, different embeddings
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size,grid", MODELS)
 def test_cam_map_has_the_grid_shape_and_varies(name, size, grid):
     emb = _model(name, size)
@@ -124,6 +126,7 @@ def test_timm_parameters_are_counted_once():
     assert all(k.startswith("trunk.model.") for k in emb.state_dict())
 
 
+@pytest.mark.slow
 def test_index_then_query_round_trip(runner, phantom_set, query_set, tmp_path):
     db = tmp_path / "cases.db"
     result = invoke(runner, "index", phantom_set, "--db", db, "--model", "timm:resnet18", "--weights", "none",
@@ -139,6 +142,7 @@ def test_index_then_query_round_trip(runner, phantom_set, query_set, tmp_path):
     assert answer["explanation"].endswith("query.jpg")
 
 
+@pytest.mark.slow
 def test_train_accepts_a_timm_backbone(runner, phantom_set, tmp_path):
     out = tmp_path / "m.pt"
     result = invoke(runner, "train", phantom_set, "--backbone", "timm:resnet18", "--weights", "none",
@@ -149,6 +153,7 @@ def test_train_accepts_a_timm_backbone(runner, phantom_set, tmp_path):
     assert emb.config.backbone == "timm:resnet18" and emb.config.input_size == 48
 
 
+@pytest.mark.slow
 def test_a_vit_checkpoint_indexes_and_answers_with_maps(runner, phantom_set, query_set, tmp_path):
     """The query's maps (region matching and CAMs) read the ViT's tokens as its patch grid."""
     out, db = tmp_path / "vit.pt", tmp_path / "cases.db"
@@ -206,6 +211,7 @@ def test_imagenet_weights_not_cached_offline_is_one_line(runner, phantom_set, tm
     assert result.output.endswith("connect once, or use --weights none\n") and result.output.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_an_input_too_small_is_one_line():
     with pytest.raises(CbrError, match="input size 64 is too small for the timm model inception_resnet_v2"):
         create_embedder("timm:inception_resnet_v2", weights="none", input_size=64)

@@ -26,6 +26,7 @@ def trained(phantoms, tmp_path_factory):
     return train_model(phantoms, out, replace(FAST, epochs=2, val_fraction=0.34))
 
 
+@pytest.mark.slow
 def test_checkpoint_has_classes_training_images_and_fingerprint(trained, phantoms):
     emb, rest = load_checkpoint(trained.path)
     scan = read_dataset(phantoms)

@@ -109,6 +109,7 @@ def test_every_objective_trains_the_trunk_and_the_head(name):
     assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_supcon_head_is_a_probe_that_sends_no_gradient_into_the_backbone():
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -178,6 +179,7 @@ def test_balanced_sampling_leaves_the_loss_unweighted(name):
 
 # --- flips --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flip", sorted(FLIPS))
 def test_flip_option_picks_the_flips(flip):
     kinds = [type(t).__name__ for t in make_augmentation(True, flip).transforms]
@@ -217,6 +219,7 @@ def test_bad_values_are_refused_before_training(field, value, message):
         TrainConfig(**{field: value}).check()
 
 
+@pytest.mark.slow
 def test_same_seed_same_model_with_supcon_and_balanced_sampling(manifest, tmp_path):
     config = replace(FAST_CONFIG, epochs=2, objective="ce+supcon", sampler="balanced", flip="both", seed=2)
     a = train_model(manifest, tmp_path / "a.pt", config)
@@ -233,6 +236,7 @@ def _train(manifest, out, *args):
     return json.loads(result.output)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 def test_cli_train_records_objective_sampler_and_flip(manifest, tmp_path, objective):
     out = tmp_path / "m.pt"
@@ -252,6 +256,7 @@ def test_cli_train_defaults_are_recorded(manifest, tmp_path):
     assert (options["objective"], options["sampler"], options["flip"]) == ("ce", "shuffle", "horizontal")
 
 
+@pytest.mark.slow
 def test_cli_evaluate_cross_validates_with_the_new_options(manifest, tmp_path):
     result = CliRunner().invoke(cli, ["evaluate", manifest, "--folds", "2", "--epochs", "1", "-k", "3", "--json",
                                       "--out", str(tmp_path / "rep"), "--objective", "supcon", "--sampler",

@@ -24,6 +24,7 @@ def _train(manifest, out, *args):
     return json.loads(result.output)
 
 
+@pytest.mark.slow
 def test_warmup_and_smoothing_change_training_and_are_recorded(manifest, tmp_path):
     plain = _train(manifest, tmp_path / "a.pt")
     recipe = _train(manifest, tmp_path / "b.pt", "--label-smoothing", "0.1", "--warmup", "2")

@@ -38,6 +38,7 @@ def test_unknown_tta_is_refused():
         TrainConfig(tta="rotate").check()
 
 
+@pytest.mark.slow
 def test_index_with_tta_then_query(runner, phantom_set, query_set, tmp_path):
     db = tmp_path / "cases.db"
     result = invoke(runner, "index", phantom_set, "--db", db, *TINY, "--workers", "0", "--tta", "flip")

@@ -43,6 +43,7 @@ def test_file_names_come_from_torchvision():
             assert weights_file_name(name).endswith(".pth")
 
 
+@pytest.mark.slow
 def test_missing_weights_message(empty_hub):
     assert not offline_weights_available("resnet18")
     with pytest.raises(WeightsNotFoundError) as exc:

@@ -20,6 +20,7 @@ def _query(runner, db, image, *args):
     return json.loads(result.output.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_where_restricts_neighbours_to_matching_metadata(runner, indexed, query_set):
     image = _images(query_set)[0]
     everything = _query(runner, indexed, image)
@@ -60,6 +61,7 @@ def test_where_twice_with_different_values_is_refused():
         parse_where(["a=1", "a=2"])
 
 
+@pytest.mark.slow
 def test_evaluate_where_keeps_every_neighbour_in_the_filter(phantom_set, tmp_path):
     from cbr.evaluation import EvalConfig, evaluate_casebase
     from cbr.pipeline.index import index_dataset
@@ -73,6 +75,7 @@ def test_evaluate_where_keeps_every_neighbour_in_the_filter(phantom_set, tmp_pat
     assert EvalConfig(where=["slice=0"]).where == (("slice", "0"),)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_accepts_where(runner, phantom_set, indexed, tmp_path):
     result = invoke(runner, "evaluate", phantom_set, "--db", indexed, "--where", "slice=1", "-k", "3",
                     "--out", tmp_path / "ev", "--json")
@@ -82,6 +85,7 @@ def test_evaluate_cli_accepts_where(runner, phantom_set, indexed, tmp_path):
     assert bad.exit_code == 1 and "write key=value" in bad.output
 
 
+@pytest.mark.slow
 def test_serve_api_where(indexed, query_set, tmp_path):
     from fastapi.testclient import TestClient
 

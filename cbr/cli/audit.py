@@ -5,13 +5,14 @@ from datetime import datetime
 
 import click
 
-from cbr.cli.terminal import echo
+from cbr.cli.terminal import echo, warn
 from cbr.cli.options import RegistryChoice, db_option, index_dir_option, json_option, scale_option
 from cbr.files import is_stdout
 from cbr.pipeline.audit import add_feedback, export, history, remove_cases, rerender_report, show
 from cbr.pipeline.audit.export import EXPORT_FORMATS, EXPORTS
 from cbr.pipeline.audit.regions import export_regions
 from cbr.pipeline.settings import DEFAULT_REPORTS
+from cbr.reporting.uncertainty import shows_probabilities
 from cbr.store.casebase import open_casebase
 
 SINCE_FORMAT = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][+HH:MM] (UTC unless an offset is given)"
@@ -115,11 +116,17 @@ def _print_record(r):
     if p.get("abstain_reason"):
         label = f"{label} ({p['abstain_reason']})"
     typ = "" if p.get("typicality") is None else f"  typicality {p['typicality']:.3g}"
+    if p.get("conflict_text"):
+        warn(f"  {p['conflict_text']}")
     echo(f"  diagnosis:  {label}  confidence {p['confidence']:.3f}{cred}{typ}")
+    for line in p.get("lines") or []:
+        echo(f"  {line}")
     for note in r.get("notes", []):
         if not note.startswith("out of distribution:"):
             echo(f"  note:       {note}")
-    echo("  probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(p["probabilities"].items(), key=lambda kv: -kv[1])))
+    if shows_probabilities(p):
+        echo("  probabilities: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(p["probabilities"].items(),
+                                                                               key=lambda kv: -kv[1])))
     echo(f"  vote rule {r['vote_rule']}, k = {r['k']}, ensemble {r['ensemble']}, explanations {r['explain_method']}")
     for mem in r["members"]:
         v = mem["vote"]
@@ -139,12 +146,18 @@ def _print_record(r):
         for f in r["feedback"]:
             verdict = "confirmed" if f["label"] == p["label"] else "corrected"
             extra = "".join([f" by {f['by']}" if f["by"] else "", f": {f['note']}" if f["note"] else "",
-                             f"  [retained as case {f['retained_case_id']}]" if f["retained_case_id"] else ""])
+                             f"  [retained as case {f['retained_case_id']}]" if f["retained_case_id"] else "",
+                             _region_text(f.get("region"))])
             echo(f"    #{f['id']} {_time(f['created_at'])}  {verdict} {f['label']}{extra}")
     else:
         echo("  feedback:   none")
     if r["report"]:
         echo(f"  report:     {r['report']}")
+
+
+def _region_text(region) -> str:
+    """The expert's lesion box, as ``cbr feedback --region`` takes it."""
+    return f"  [lesion box x0,y0,x1,y1 = {','.join(str(v) for v in region)} px]" if region else ""
 
 
 @click.command("show")
@@ -206,8 +219,10 @@ def report_cmd(query_id, db, index_dir, out, scale):
 @click.option("--region", default=None, metavar="X0,Y0,X1,Y1",
               help="The expert's box on the lesion, in the query image's pixels; exported as a lesion mask "
               "for `cbr train --mask-guidance` (`cbr export --what regions --masks DIR`).")
+@click.option("--new-class", "new_class", is_flag=True,
+              help="Confirm that --label starts a new class; without it a label no case has is refused (a typo).")
 @json_option
-def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, region, as_json):
+def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, region, new_class, as_json):
     """Record an expert's verdict on a query: confirm or correct it, and optionally retain it.
 
     Verdicts are never overwritten: each is a new row with its time. --retain adds the query
@@ -219,11 +234,12 @@ def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, region
         cbr feedback 12 --label cyst --note "fluid level" --retain
         cbr feedback 12 --label cyst --retain --image /archive/scan-12.png
         cbr feedback 12 --label tumour --region 40,32,120,96
+        cbr feedback 12 --label meningioma --new-class --retain
     """
     if image is not None and not retain:
         raise click.UsageError("--image is only used with --retain")
     result = add_feedback(_open(db, index_dir), query_id, label, note=note, by=by, retain=retain, image=image,
-                          region=region)
+                          region=region, allow_new_class=new_class)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

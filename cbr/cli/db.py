@@ -1,5 +1,7 @@
 """``cbr db``: schema migrations and health of the case base."""
 
+import json
+
 import click
 
 from cbr.cli.options import db_option, index_dir_option, json_option
@@ -66,8 +68,6 @@ def db_check(db, index_dir, as_json):
         cbr db check --db cases.db
         cbr db check --db "sqlite:///replica.db?mode=ro&uri=true" --json
     """
-    import json
-
     cb = open_casebase(db, create=False, migrate=False, index_dir=index_dir, readonly=True)
     try:
         health = check_casebase(cb)

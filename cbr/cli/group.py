@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 import click
 from click.utils import make_default_short_help
@@ -37,6 +38,8 @@ COMMANDS = {
                  "Record an expert's verdict on a query: confirm or correct it, and optionally retain it."),
     "history": ("cbr.cli.audit:history_cmd",
                  "List past queries, newest first, with their expert feedback."),
+    "import": ("cbr.cli.embeddings:import_cmd",
+                 "Import embeddings computed elsewhere (a Ray or GPU job) as cases, then index them."),
     "index": ("cbr.cli.retrieval:index_cmd",
                  "Index a labelled dataset into a case base (incremental and resumable)."),
     "models": ("cbr.cli.info:models_cmd",
@@ -138,6 +141,11 @@ def _db_given(argv) -> str | None:
     return os.environ.get("CBR_DB") or "cases.db"
 
 
+def _raised_by_sqlalchemy(e: Exception) -> bool:
+    """Whether ``e`` was raised while SQLAlchemy turned a stored value into a Python one."""
+    return any("sqlalchemy" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(e.__traceback__))
+
+
 def _one_line_failure(e: Exception, argv) -> str | None:
     """The one-line message of a database or file-system failure met after a command started."""
     # A DatabaseError comes only from a case base that cbr.store.casebase opened, so both modules
@@ -145,6 +153,11 @@ def _one_line_failure(e: Exception, argv) -> str | None:
     exc, casebase = sys.modules.get("sqlalchemy.exc"), sys.modules.get("cbr.store.casebase")
     if exc is not None and casebase is not None and isinstance(e, exc.DatabaseError):
         return casebase.describe_db_error(e, _db_given(argv))
+    if isinstance(e, ValueError) and casebase is not None and _raised_by_sqlalchemy(e):
+        # A stored JSON value that does not decode, met by a reader that has no check of its own.
+        db = _db_given(argv)
+        return (f"a value stored in case base {db} does not decode ({str(e).splitlines()[0]}); "
+                f"`cbr db check --db {db}` names the row and its repair")
     if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):  # a closed pipe (| head) is not an error
         where = f"{e.filename}: " if e.filename else ""
         what = e.strerror or str(e)

@@ -1,5 +1,7 @@
 """``cbr models``: what the registries offer."""
 
+import json
+
 import click
 
 from cbr.cli.options import json_option
@@ -19,8 +21,6 @@ def models_cmd(as_json):
         cbr models
         TORCH_HOME=/data/weights cbr models --json
     """
-    import json
-
     import importlib.util
 
     rows = []

@@ -1,8 +1,11 @@
 """``cbr train`` and ``cbr evaluate``: fine-tuning a model and measuring the whole pipeline."""
 
+from dataclasses import replace
+import functools
 import json
 
 import click
+from click.core import ParameterSource
 
 from cbr.cli.explain import MethodList
 from cbr.cli.options import (RegistryChoice, backbone_names, contrast_option, crop_option, json_option, manifest_options,
@@ -37,8 +40,6 @@ def _flips():
 def training_options(f):
     """Options shared by ``train`` and the cross-validation of ``evaluate``, handed to the command
     as one ``training`` (a ``TrainConfig``)."""
-    import functools
-
     @functools.wraps(f)
     def wrapper(*args, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
                 workers, contrast, tta, crop, label_smoothing, warmup, mask_guidance, objective, sampler, flip, localiser,
@@ -150,8 +151,6 @@ def train_cmd(data, out, training, val_fraction, manifest, sources, as_json):
         cbr train lesions.csv --group-column lesion_id --mask-guidance 1
         cbr train data/brain_mri --objective ce+supcon --sampler balanced --flip none
     """
-    from dataclasses import replace
-
     training = replace(training, val_fraction=val_fraction, sources=sources)
     result = train_model(data, out, training, progress=progress_enabled() and not as_json, manifest=manifest)
     if as_json:
@@ -168,8 +167,6 @@ _DB_ONLY = ("strict", "models", "index_dir")
 
 def _explicit(ctx, names):
     """The options among ``names`` given on the command line, as the user typed them."""
-    from click.core import ParameterSource
-
     flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}
     return [flags[n] for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
 

@@ -1,5 +1,6 @@
 """Options shared by several commands, written once."""
 
+import functools
 import sys
 
 import click
@@ -85,7 +86,7 @@ class RegistryChoice(click.Choice):
     """A click.Choice whose names come from a registry, looked up only when needed.
 
     ``loader`` returns the registry's names; it runs when an option is validated or its help is
-    shown, never at import, so ``cbr --help`` does not import numpy or torch. A name shaped
+    shown, so the choices are the registry's as it is then. A name shaped
     ``prefix:<what>`` is a form: any value ``prefix:...`` passes here, and the library checks the rest.
     """
 
@@ -130,8 +131,6 @@ def backbone_names():
 
 def manifest_options(f):
     """The four manifest options, handed to the command as one ``manifest`` (a ``ManifestSpec``)."""
-    import functools
-
     @functools.wraps(f)
     def wrapper(*args, path_column, label_column, group_column, images, **kwargs):
         spec = ManifestSpec(path_column, label_column, group_column, tuple(images))
@@ -186,8 +185,6 @@ SOURCE_OPTION_NAMES = ("window", "frames", "slices", "axis", "volume", "split", 
 def source_options(*names):
     """The clinical-format options (all, or ``names``), handed to the command as one ``sources``
     (a ``cbr.data.sources.SourceSpec``); a bad value is a usage error (exit 2)."""
-    import functools
-
     names = names or SOURCE_OPTION_NAMES
 
     def decorate(f):

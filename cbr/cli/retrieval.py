@@ -1,5 +1,6 @@
 """``cbr index`` and ``cbr query``: building a case base and asking it."""
 
+from dataclasses import asdict
 import json
 import shlex
 
@@ -26,12 +27,11 @@ from cbr.cli.options import (
 )
 from cbr.data.dataset import DUPLICATE
 from cbr.pipeline.demo import DemoConfig, run_demo
-from cbr.pipeline.engine import ENGINES
 from cbr.pipeline.index import index_dataset
 from cbr.pipeline.query import query_images
 from cbr.store.casebase import open_casebase
 from cbr.store.encoding import EMBEDDING_DTYPES
-from cbr.pipeline.settings import DEFAULT_REPORTS, NO_EXPLANATION, IndexConfig, QueryConfig
+from cbr.pipeline.settings import DEFAULT_REPORTS, ENGINES, IndexConfig, NO_EXPLANATION, QueryConfig
 from cbr.models.similarity_maps import SIMILARITY_MAPS
 from cbr.reporting.uncertainty import answer_lines, conflict_text, finding_lines, shows_probabilities
 
@@ -264,8 +264,6 @@ def demo_cmd(out_dir, patients, epochs, seed, as_json):
         cbr demo
         cbr demo --out /tmp/demo --patients 60
     """
-    from dataclasses import asdict
-
     result = run_demo(out_dir, DemoConfig(patients=patients, epochs=epochs, seed=seed), progress=progress_enabled(),
                       log=(lambda *_: None) if as_json else click.echo)
     if as_json:

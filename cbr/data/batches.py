@@ -3,6 +3,8 @@ member's preprocessing, and report unusable files instead of failing."""
 
 from __future__ import annotations
 
+import os
+
 from cbr.data.sources import read_source
 from cbr.errors import ImageError
 
@@ -51,8 +53,6 @@ def collate(items):
 
 def decode_workers(n: int, batch_size: int) -> int:
     """Decoding processes: none for a single batch, 1 on a 2-core machine, else up to 4."""
-    import os
-
     if n <= batch_size:
         return 0
     cores = os.cpu_count() or 1

@@ -12,6 +12,10 @@ nothing it sees. The black letterbox padding is added afterwards, so it never en
 
 from __future__ import annotations
 
+from PIL import Image
+
+import numpy as np
+
 from cbr.errors import UnknownNameError
 
 __all__ = ["CONTRASTS", "check_contrast", "apply_contrast"]
@@ -56,9 +60,6 @@ def apply_contrast(img, name: str, size: int):
     """
     if check_contrast(name) == "none":
         return img
-    import numpy as np
-    from PIL import Image
-
     img = img.convert("RGB")
     if max(img.size) > size:
         img = img.copy()

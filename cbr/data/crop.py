@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from cbr.data.contrast import apply_contrast
 from cbr.data.image import letterbox
 from cbr.errors import UnknownNameError
@@ -75,8 +77,6 @@ def foreground_box(img) -> tuple[int, int, int, int] | None:
         >>> foreground_box(img)
         (92, 42, 308, 258)
     """
-    import numpy as np  # lazily: cbr --help must not import numpy
-
     w, h = img.size
     factor = max(1, math.ceil(max(w, h) / WORK_SIDE))
     small = img.convert("RGB")

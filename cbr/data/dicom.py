@@ -27,6 +27,7 @@ Decisions:
 
 from __future__ import annotations
 
+from datetime import datetime
 import io
 import logging
 import re
@@ -119,8 +120,6 @@ def fits_vr(value: str, vr: str) -> bool:
 
 
 def _date(text: str) -> bool:
-    from datetime import datetime
-
     if len(text) != 8 or not text.isdigit():
         return False
     try:

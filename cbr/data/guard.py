@@ -23,6 +23,7 @@ decode plus torch (about 0.5 GB resident) stays within a small server's memory. 
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from contextlib import contextmanager
@@ -191,8 +192,6 @@ def map_regular(path, name: str | None = None, *, max_bytes: int | None = None):
     Example:
         >>> mm = map_regular("pneumoniamnist.npz")
     """
-    import mmap
-
     name = _display(path) if name is None else name
     with open_regular(path, name, max_bytes=max_bytes) as (fh, size):
         if size == 0:

@@ -29,6 +29,8 @@ import os
 import re
 from collections import defaultdict
 
+from tqdm import tqdm
+
 from cbr.data import dicom, nifti
 from cbr.data.guard import read_regular
 from cbr.data.pseudonyms import key_id, neutral_locator, pseudonym, stored_patient_id
@@ -119,8 +121,6 @@ def hash_and_dedupe(candidates, problems, progress, spec=None, top: str = "") ->
     Problems met while hashing are appended to ``problems``; duplicate and conflict reports are
     returned, in path order, with the records (sorted by path, frames and slices in number order).
     """
-    from tqdm import tqdm  # imported here: cbr's CLI start-up stays fast
-
     spec = spec or SourceSpec()
     hashed: list[tuple[Candidate, str]] = []
     bar = tqdm(candidates, desc="hashing", unit="file", disable=None if progress else True)

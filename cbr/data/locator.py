@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 import re
 from dataclasses import dataclass, fields
 
@@ -79,8 +80,6 @@ class Source:
 
     def resolved(self) -> "Source":
         """The same source with an absolute file path."""
-        from pathlib import Path
-
         return Source(str(Path(self.path).resolve()), **{f.name: getattr(self, f.name) for f in fields(self)[1:]})
 
 

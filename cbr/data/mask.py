@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image
 
 from cbr.data.crop import crop_box, mask_view
 from cbr.data.guard import read_regular
@@ -29,10 +32,6 @@ def lesion_mask(path: str, size: int, *, crop: str = "none", image=None, window:
     Raises OSError when the mask (or, with a crop, its image) cannot be read (a FIFO, a device
     or an oversized file included).
     """
-    import io
-
-    from PIL import Image
-
     try:
         data = read_regular(path)  # never open() a FIFO or device: it would block or never end
         box = image_size = None

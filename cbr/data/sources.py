@@ -26,9 +26,10 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from cachetools import LRUCache
+from PIL import Image
 
 from cbr.data import dicom, nifti, npz
 from cbr.data.dicom import is_dicom
@@ -152,8 +153,6 @@ def _cached(path: str, name: str, kind, load, *, mapped: bool = False):
 
 
 def _to_pil(arr, name: str, max_pixels: int, min_size: int):
-    from PIL import Image
-
     h, w = arr.shape[:2]
     if h * w > max_pixels:
         raise ImageError(name, f"image too large: {w}x{h} pixels exceeds the limit of {max_pixels}")
@@ -282,8 +281,6 @@ def moved_to(recorded: str, given=None) -> str:
         >>> moved_to("/old/cine.dcm#frame=12", "/new/cine.dcm")
         '/new/cine.dcm#frame=12'
     """
-    from dataclasses import replace
-
     if given is None:
         return recorded
     new, old = Source.parse(os.path.expanduser(os.fspath(given))), Source.parse(recorded)

@@ -23,6 +23,7 @@ character shown as an escape, never sent to the terminal.
 
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
 
 from cbr.data.records import printable_path, Problem
@@ -143,8 +144,6 @@ def for_terminal(text, *, keep_newlines: bool = False) -> str:
 def check_candidates(candidates) -> tuple[list, list]:
     """Labels and patient ids of a reader's candidates in NFC; a candidate whose label or patient
     id cannot be stored becomes a Problem naming its row (``row 3: label contains a newline``)."""
-    import dataclasses
-
     kept, problems = [], []
     for c in candidates:
         label = unicodedata.normalize("NFC", c.label).strip()

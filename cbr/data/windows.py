@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from cbr.errors import CbrError
 
 __all__ = ["WINDOWS", "DEFAULT_WINDOW", "WindowError", "parse_window", "apply_window", "minmax_to_uint8",
@@ -82,8 +84,6 @@ def _blockwise(values, fn):
 
     A 10000x10000 16-bit image would otherwise need several full-size float64 copies (3.6 GB).
     """
-    import numpy as np
-
     x = np.asarray(values)
     flat = x.reshape(-1)  # a copy only when x is a non-contiguous view (a rotated slice)
     out = np.empty(flat.shape, dtype=np.uint8)
@@ -94,8 +94,6 @@ def _blockwise(values, fn):
 
 def finite_range(values) -> tuple[float, float] | None:
     """The finite min..max of an array, without a full-size copy; None when nothing is finite."""
-    import numpy as np
-
     x = np.asarray(values)
     if x.size == 0:
         return None
@@ -116,8 +114,6 @@ def apply_window(values, centre: float, width: float):
 
     Below ``c - 0.5 - (w - 1) / 2`` is 0, above ``c - 0.5 + (w - 1) / 2`` is 255, linear between.
     """
-    import numpy as np  # here: the CLI reads WINDOWS for its help without loading numpy
-
     if width <= 1:  # DICOM: a width of 1 is a threshold at the centre
         return _blockwise(values, lambda x: np.where(x > centre - 0.5, 255, 0).astype(np.uint8))
 
@@ -130,8 +126,6 @@ def apply_window(values, centre: float, width: float):
 
 def minmax_to_uint8(values, lo: float | None = None, hi: float | None = None):
     """Scale linearly from ``lo..hi`` (default the finite min..max) to 0..255 (uint8); NaNs become 0."""
-    import numpy as np
-
     x = np.asarray(values)
     seen = finite_range(x)
     if seen is None:

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from cbr.data.crop import model_view
 from cbr.data.mask import lesion_mask
@@ -213,7 +215,6 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
         >>> print(format_comparison(result))
     """
     import torch
-    from tqdm import tqdm
 
     names = embedder.config.class_names
     classifier = embedder.head is not None
@@ -282,8 +283,6 @@ def comparison_report(embedder, records, methods, *, out_dir=None, images: int =
         return None
     figure = None
     if out_dir is not None:
-        from pathlib import Path
-
         figure = str(write_explanation_grid(result, Path(out_dir) / "explanations.png"))
     keep = ("n", "masks", "targets", "randomised_block", "images", "rows")
     return dict({k: result[k] for k in keep}, figure=figure)

@@ -12,6 +12,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from cbr.data.dataset import ManifestSpec
 from cbr.errors import CbrError
 from cbr.evaluation.comparison import comparison_report
@@ -46,8 +48,6 @@ def _fold_line(row: dict) -> str:
 
 def _say(progress: bool, line: str) -> None:
     if progress:
-        from tqdm import tqdm
-
         tqdm.write(line)
 
 
@@ -114,7 +114,7 @@ class _Folds:
                 self.problems.extend(bad)
                 emb = searcher.members[0].embedder
                 self.input_size, self.model_config = emb.config.input_size, emb.config
-                if cfg.explain != "none":
+                if cfg.explain != "none" or cfg.target_layers:
                     self.priors[f + 1] = _prior(train_recs, emb.config)
                 head_classes = add_softmax(emb, got, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                            device=cfg.device)
@@ -125,7 +125,7 @@ class _Folds:
                     self.faithfulness.append(checks)
                 if cfg.target_layers:
                     self.sweeps.append(run_sweep(emb, test_recs, cfg, seed=self.training.seed + f,
-                                                 progress=self.progress))
+                                                 progress=self.progress, prior=self.priors.get(f + 1)))
                 if f == 0 and cfg.compare:
                     self.comparison = comparison_report(emb, test_recs, cfg.compare, out_dir=cfg.out_dir,
                                                         budget=cfg.explain_budget, seed=self.training.seed,

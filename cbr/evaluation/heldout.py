@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import time
 
+from sqlalchemy import select
+
 from cbr.data.dataset import ManifestSpec
 from cbr.data.sources import check_window
 from cbr.evaluation.comparison import comparison_report
@@ -36,8 +38,6 @@ LOG = logging.getLogger(__name__)
 
 
 def _case_classes(cb) -> set[str]:
-    from sqlalchemy import select
-
     with cb.read() as s:
         return set(s.scalars(select(Case.label).where(Case.removed_at.is_(None)).distinct()))
 
@@ -62,6 +62,14 @@ def _map_studies(metrics: dict, embedder, test, config: EvalConfig, progress: bo
                                                   budget=config.explain_budget, progress=progress)
     if config.target_layers:
         metrics["map_sweep"] = finish_sweep(run_sweep(embedder, test, config, progress=progress), config.out_dir)
+
+
+def _priors(searcher) -> dict:
+    """{None: the first member's training masks' mean map} when its localiser carries one (the
+    mean-mask guess; held-out outcomes have no fold)."""
+    loc = searcher.localisers.get(searcher.members[0].model_id) if searcher.members else None
+    mean = getattr(loc, "mean_mask", None)
+    return {} if mean is None else {None: mean}
 
 
 def evaluate_casebase(
@@ -123,8 +131,9 @@ def evaluate_casebase(
     input_size = searcher.members[0].embedder.config.input_size
     metrics = score(outcomes, _case_classes(cb) | {r.label for r in test}, k=config.k,
                     softmax_classes=softmax_classes, input_size=input_size, localise=config.explain != "none",
-                    model=searcher.members[0].embedder.config)
+                    model=searcher.members[0].embedder.config, priors=_priors(searcher))
     metrics["map_reliability"] = _keep_reliability(cb, searcher.members[0], config.explain, metrics["localisation"])
+    metrics["calibration"] = searcher.calibration_info(metrics["classes"])  # where the vote was calibrated
     metrics["faithfulness"] = explanation_checks(emb or searcher.members[0].embedder, test, config.explain, seed=0)
 
     add_selective(metrics, outcomes,

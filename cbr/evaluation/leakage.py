@@ -7,6 +7,8 @@ patient/group id is in the case base (``same_group``).
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
 from cbr.store.schema import Case, Model
 
 __all__ = ["LEAKAGE_EXAMPLES", "find_leakage"]
@@ -16,8 +18,6 @@ LEAKAGE_EXAMPLES = 20
 
 def _case_base_facts(cb, members) -> tuple[set[str], set[str], set[str]]:
     """(case sha256s, case group ids, sha256s a member model was trained on)."""
-    from sqlalchemy import select
-
     from cbr.models.embedder import load_checkpoint
 
     with cb.read() as s:

@@ -21,15 +21,13 @@ import logging
 import numpy as np
 
 from cbr.data.mask import lesion_mask
-from cbr.store.reliability import guess_verdict, Reliability
+from cbr.store.reliability import guess_verdict, on_finding_floor, Reliability
 from explain.finding import centre_map, share_on
 from explain.metrics import energy_pointing_game, iou, pointing_game
 
-__all__ = ["localisation", "reliability_from", "on_finding_floor", "ON_FINDING_QUANTILE"]
+__all__ = ["localisation", "reliability_from"]
 
 LOG = logging.getLogger(__name__)
-
-ON_FINDING_QUANTILE = 0.1  # the on-finding warning fires below this quantile of the masked cases' shares
 
 
 def _block(rows) -> dict:
@@ -100,15 +98,6 @@ def localisation(outcomes, input_size: int, model=None, priors: dict | None = No
     primary = next((k for k in ("finding", "class") if k in by_map), sorted(by_map)[0])
     return {"map": primary, **by_map[primary], "by_map": by_map, "baselines": baselines,
             "on_finding": on_finding_floor(shares)}
-
-
-def on_finding_floor(shares) -> dict | None:
-    """The on-finding threshold calibrated on masked cases: the ``ON_FINDING_QUANTILE`` quantile of the
-    shares of the class maps' mass on the true lesion (None without shares)."""
-    if not shares:
-        return None
-    return {"n": len(shares), "median": float(np.median(shares)),
-            "floor": float(np.quantile(shares, ON_FINDING_QUANTILE)), "quantile": ON_FINDING_QUANTILE}
 
 
 def reliability_from(figures: dict | None, method: str, layer: str):

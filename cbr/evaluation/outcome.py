@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from cbr.data.dataset import Problem, Record, read_dataset
 from cbr.errors import CbrError, ImageError
 
@@ -48,8 +50,6 @@ def load_records(source, records, manifest, progress, sources=None) -> tuple[lis
 
 def run_queries(searcher, records, *, fold=None, progress=False, desc="querying"):
     """Query every record (its patient excluded, nothing recorded): (outcomes, problems)."""
-    from tqdm import tqdm
-
     outcomes, problems = [], []
     for r in tqdm(records, desc=desc, unit="img", disable=not progress, leave=False):
         try:

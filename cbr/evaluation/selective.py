@@ -11,9 +11,11 @@ ranks the errors at random scores about the plain error rate).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from cbr.data.dataset import read_dataset
 from cbr.errors import CbrError, ImageError
@@ -130,7 +132,6 @@ def plot_risk_coverage(curve: dict, path, *, title: str = "risk-coverage") -> Pa
     ax.set_title(title)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -152,8 +153,6 @@ def read_foreign(source) -> list:
 
 def foreign_typicality(searcher, records, *, progress: bool = False) -> list[tuple[float | None, bool]]:
     """(typicality, flagged) of each foreign record queried against ``searcher``'s case base."""
-    from tqdm import tqdm
-
     out = []
     for r in tqdm(records, desc="foreign queries", unit="img", disable=not progress, leave=False):
         try:

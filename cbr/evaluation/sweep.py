@@ -20,10 +20,12 @@ output) or stages joined by ``+`` (maps fused across them: explain.fusion).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from cbr.data.mask import lesion_mask
 from cbr.data.sources import read_source
@@ -34,14 +36,18 @@ from cbr.reporting.sweep_table import write_sweep
 from explain.fusion import fuse_maps, split_layers
 from explain.matching import matching_maps
 from explain.methods import FUSED_METHODS, get_cam_method
+from cbr.store.reliability import guess_verdict
+from explain.finding import centre_map
 from explain.metrics import deletion_curve, energy_pointing_game, iou_top, pointing_game
 from explain.targets import ClassTarget, SimilarityTarget
 
-__all__ = ["SweepSettings", "LAST", "parse_layers", "sweep_maps", "pool_sweeps", "best_rows", "run_sweep",
-           "finish_sweep"]
+__all__ = ["SweepSettings", "LAST", "GUESS", "parse_layers", "sweep_maps", "guess_rows", "pool_sweeps", "best_rows",
+           "run_sweep", "finish_sweep"]
 
 LAST = "last"  # the trunk output, the layer an empty target_layer means
 MATCHING = "matching"  # the method name of region-matching rows
+GUESS = "guess"  # the method name of the trivial guesses' rows
+CENTRE_GUESS, MEAN_MASK_GUESS = "centre guess", "mean-mask guess"
 SWEEP_IMAGES = 48
 TARGETS = ("class", "similarity", "similarity-matching")
 STATS = ("pointing_game", "energy_pointing_game", "iou_top")
@@ -56,6 +62,7 @@ class SweepSettings:
     images: int = SWEEP_IMAGES  # images scored, round-robin over the classes
     top: float = 0.2  # share of pixels the IoU selects
     deletion_images: int = 4  # deletion curves cost 11 forward passes per map
+    prior: object = None  # the training masks' mean map (S, S): the mean-mask guess row; None: centre guess only
     seed: int = 0
 
 
@@ -84,8 +91,6 @@ def at_layer(embedder, stage: str):
 
 def _masks(pick, config):
     """Each picked record's non-empty mask in the model's view (``config``: its size, crop, window), or None."""
-    import logging
-
     out = []
     for r in pick:
         path, mask = (r.metadata or {}).get("mask"), None
@@ -141,7 +146,6 @@ def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = F
         >>> sweep_maps(emb, records, SweepSettings(("gradcam", "layercam"), ("features.14", "last")))
     """
     import torch
-    from tqdm import tqdm
 
     _check(settings)
     names = embedder.config.class_names
@@ -198,8 +202,16 @@ def sweep_maps(embedder, records, settings: SweepSettings, *, progress: bool = F
                          _deletions(scores, x, raws, settings.deletion_images), settings.top))
         bar.update(1)
     bar.close()
+    rows += guess_rows(masks, embedder.config.input_size, settings.prior, settings.top)
     return {"n": len(pick), "masks": sum(m is not None for m in masks), "top": settings.top,
             "layers": list(settings.layers), "methods": list(settings.methods), "rows": rows}
+
+
+def guess_rows(masks, size: int, prior, top: float) -> list[dict]:
+    """The trivial guesses scored on the same masks, as sweep rows (method ``guess``): a point at the
+    centre and, given ``prior``, the training masks' mean map."""
+    guesses = {CENTRE_GUESS: centre_map(size), **({MEAN_MASK_GUESS: prior} if prior is not None else {})}
+    return [_row(GUESS, "-", name, [m] * len(masks), masks, 0.0, [], top) for name, m in guesses.items()]
 
 
 def pool_sweeps(results: list[dict]) -> dict | None:
@@ -242,12 +254,13 @@ def best_rows(result: dict) -> dict:
     return {target: row for target, (_, row) in best.items()}
 
 
-def run_sweep(embedder, records, config, *, seed: int = 0, progress: bool = False) -> dict | None:
-    """The sweep an ``EvalConfig`` asks for (its sweep_methods x target_layers), or None."""
+def run_sweep(embedder, records, config, *, seed: int = 0, progress: bool = False, prior=None) -> dict | None:
+    """The sweep an ``EvalConfig`` asks for (its sweep_methods x target_layers), or None; ``prior``: the
+    training masks' mean map (the mean-mask guess row)."""
     if not config.target_layers or not config.sweep_methods:
         return None
     settings = SweepSettings(tuple(config.sweep_methods), tuple(config.target_layers), images=config.map_images,
-                             seed=seed)
+                             seed=seed, prior=prior)
     return sweep_maps(embedder, records, settings, progress=progress)
 
 
@@ -255,6 +268,10 @@ def finish_sweep(result: dict | None, out_dir=None) -> dict | None:
     """The sweep as the report gives it: the rows, the best row per target, and its files."""
     if result is None:
         return None
+    guesses = {r["target"]: r["pointing_game"] for r in result["rows"] if r["method"] == GUESS}
+    for row in result["rows"]:
+        if row["method"] != GUESS and row["pointing_game"] is not None:
+            row.update(guess_verdict(row["pointing_game"], guesses))
     out = dict(result, best=best_rows(result), files=None)
     if out_dir is not None:
         out["files"] = write_sweep(result, out_dir)

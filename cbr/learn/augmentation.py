@@ -21,6 +21,7 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
+from tqdm import tqdm
 
 from cbr.data.batches import iter_batches
 from cbr.data.crop import model_view
@@ -59,7 +60,6 @@ def decode_all(records, size: int, *, batch_size: int = 32, num_workers=None, pr
     """Decode and letterbox ``records`` once: (kept indices, uint8 tensor (N, 3, S, S), problems);
     DICOM and NIfTI pixels with the VOI ``window``, and the ``contrast`` and ``crop`` (the model's)."""
     import torch
-    from tqdm import tqdm
 
     kept, tensors, problems = [], [], []
     with tqdm(total=len(records), desc="decoding", unit="img", disable=not progress) as bar:

@@ -104,11 +104,6 @@ def check_out(out) -> Path:
     p = Path(out)
     if p.is_dir():
         raise TrainError(f"--out {out}: is a folder; give a file name such as {p / 'model.pt'}")
-    # A checkpoint is read back by `cbr index`: it must be a file, so no stdout or FIFO here, and
-    # a device, socket or link is refused before hours of training (output_kind says why).
-    if output_kind(out) not in ("new", "file"):
-        raise TrainError(f"--out {out}: a checkpoint must be a regular file (cbr index reads it back); "
-                         "give a file name such as model.pt")
     parent = p.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -116,4 +111,9 @@ def check_out(out) -> Path:
         raise TrainError(f"--out {out}: cannot create the folder {parent} ({e.strerror or e}); choose another --out") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TrainError(f"--out {out}: the folder {parent} is not writable; choose another --out")
+    # A checkpoint is read back by `cbr index`: it must be a file, so no stdout or FIFO here, and
+    # a device, socket or link is refused before hours of training (output_kind says why).
+    if output_kind(out) not in ("new", "file"):
+        raise TrainError(f"--out {out}: a checkpoint must be a regular file (cbr index reads it back); "
+                         "give a file name such as model.pt")
     return p

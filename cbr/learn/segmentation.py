@@ -29,8 +29,9 @@ from cbr.learn.augmentation import Augmented, make_augmentation
 from cbr.learn.guidance import lesion_masks
 from cbr.learn.trainer import lr_schedule
 from explain.metrics import pointing_game
+from explain.overlay import upsample
 
-__all__ = ["train_localiser", "mean_mask", "DICE_WEIGHT"]
+__all__ = ["train_localiser", "mean_mask", "normaliser", "DICE_WEIGHT"]
 
 LOG = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def mean_mask(masks, has) -> np.ndarray | None:
     return masks[has].float().mean(dim=(0, 1)).numpy().astype(np.float32)
 
 
-def _normaliser(config):
+def normaliser(config):
     import torch
 
     mean = torch.tensor(config.mean).view(1, 3, 1, 1) * 255.0
@@ -83,8 +84,6 @@ def _validate(loc, images, masks, has, normalise, device, batch_size: int) -> tu
 
 
 def _upsample(p, shape):
-    from explain.overlay import upsample
-
     return upsample(p, shape)
 
 
@@ -138,7 +137,7 @@ def train_localiser(trunk, model_config, config, records, cache, train_idx, val_
     groups = [g for g in ({"params": encoder, "lr": lr * ENCODER_LR_FACTOR if pretrained else lr},
                           {"params": list(loc.decoder.parameters()) + list(loc.head.parameters()), "lr": lr})
               if g["params"]]
-    normalise, loss_fn = _normaliser(model_config), _loss_fn()
+    normalise, loss_fn = normaliser(model_config), _loss_fn()
     data = Augmented(cache[train_idx], [0] * len(train_idx), make_augmentation(True, config.flip),
                      masks[train_idx], has[train_idx])
     history, best = _fit(loc, data, groups, loss_fn, normalise, config, device, (pretrained, frozen), progress,

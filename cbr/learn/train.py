@@ -161,25 +161,19 @@ def train_model(
     class_weight = _class_weight([targets[i] for i in train_idx], len(class_names), device)
     run = Trainer(model, config, device, class_names, class_weight, progress)
     guide = _guidance(config, [records[i] for i in train_idx], model.config, problems)  # () or (masks, has)
-    initial = copy.deepcopy(model.trunk) if config.localiser and _has_masks(records) else None  # the localiser's encoder starts here
+    # the localiser's encoder starts from the backbone's initial (ImageNet) weights
+    initial = copy.deepcopy(model.trunk) if config.localiser and _has_masks(records) else None
     train_set = Augmented(cache[train_idx], [targets[i] for i in train_idx], make_augmentation(grey, config.flip), *guide)
     history, best_epoch = run.fit(train_set, cache[val_idx], [targets[i] for i in val_idx])
 
     best_bacc = history[best_epoch - 1]["val_balanced_accuracy"]
     localiser = _localiser(initial, model.config, config, records, cache, (train_idx, val_idx), device, progress,
                            problems)
-    extra = {
-        "history": history,
-        "dataset": str(source) if source is not None else "<records>",
-        "best_epoch": best_epoch,
-        "best_val_balanced_accuracy": best_bacc,
-        "train_size": len(train_idx),
-        "val_size": len(val_idx),
-        "val_sha256": [records[i].sha256 for i in val_idx],
-        "grayscale": grey,
-        "augmentation": augmentation_text(grey, config.flip),
-        "options": _options(config, run, model.config.input_size, _masked(guide)),
-    }
+    extra = {"history": history, "dataset": str(source) if source is not None else "<records>",
+             "best_epoch": best_epoch, "best_val_balanced_accuracy": best_bacc, "train_size": len(train_idx),
+             "val_size": len(val_idx), "val_sha256": [records[i].sha256 for i in val_idx], "grayscale": grey,
+             "augmentation": augmentation_text(grey, config.flip),
+             "options": _options(config, run, model.config.input_size, _masked(guide))}
     try:
         fingerprint = save_checkpoint(model, out, train_sha256=[r.sha256 for r in records], extra=extra,
                                       localiser=localiser)
@@ -192,8 +186,7 @@ def train_model(
         train_groups=sorted({_group(records[i], i) for i in train_idx}),
         val_groups=sorted({_group(records[i], i) for i in val_idx}), problems=problems,
         grouped=any(records[i].group is not None for i in train_idx), masked_images=_masked(guide),
-        localiser=None if localiser is None else {k: v for k, v in localiser.items()
-                                                  if k not in ("state_dict", "mean_mask")},
+        localiser=_figures(localiser),
     )
 
 
@@ -263,6 +256,11 @@ def _guidance(config: TrainConfig, records, model_config, problems: list) -> tup
     LOG.info("mask guidance %g: %d of %d training images have a lesion mask", config.mask_guidance, int(has.sum()),
              len(records))
     return masks, has
+
+
+def _figures(localiser: dict | None) -> dict | None:
+    """A localiser payload's figures (its weights and mean mask left out)."""
+    return None if localiser is None else {k: v for k, v in localiser.items() if k not in ("state_dict", "mean_mask")}
 
 
 def _has_masks(records) -> bool:

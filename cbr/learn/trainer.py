@@ -10,6 +10,7 @@ import math
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from cbr.learn.metrics import accuracy, balanced_accuracy
 from cbr.learn.config import HEAD_LR, TrainConfig
@@ -167,8 +168,6 @@ class Trainer:
 
     def _epoch(self, epoch, loader, optimiser, schedule, val_images, val_targets) -> tuple[dict, tuple]:
         """One pass over the training part, then the validation figures: (history row, ranking key)."""
-        from tqdm import tqdm
-
         te = time.monotonic()
         _set_train_mode(self.model, self.freeze_bn, self.frozen)
         total, seen = 0.0, 0
@@ -210,8 +209,6 @@ class Trainer:
 
     def _say(self, line: str) -> None:
         if self.progress:
-            from tqdm import tqdm
-
             tqdm.write(line)
 
 

@@ -7,6 +7,7 @@ The file format only: writing one, and reading one back as a checked config and 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from cbr.data.text import text_problem
@@ -92,8 +93,6 @@ def _int_field(raw: dict, key: str, path, lo: int, hi: int) -> int:
 
 
 def _triple(raw: dict, key: str, path, *, positive: bool) -> tuple[float, float, float]:
-    import math
-
     v = raw.get(key)
     want = "3 finite numbers" + (" above 0" if positive else "")
     if not isinstance(v, (list, tuple)) or len(v) != 3:

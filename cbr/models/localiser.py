@@ -80,6 +80,7 @@ class Localiser(nn.Module):
             c_in = width
         self.decoder = nn.ModuleList(decoder)
         self.head = SegmentationHead(c_in, 1, kernel_size=3)
+        self.mean_mask = None  # the training masks' mean (set when loaded from a checkpoint)
 
     def encoder_parameters(self):
         return self.blocks.parameters()
@@ -130,4 +131,7 @@ def load_localiser(payload, trunk: nn.Module, path) -> Localiser | None:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CbrError(f"{path}: its lesion localiser does not fit its model ({str(e)[:120]}); train it again "
                        "with cbr train") from None
+    mean = payload.get("mean_mask")
+    # the training masks' mean map: the "mean mask" guess every localisation figure is shown beside
+    loc.mean_mask = None if mean is None else mean.float().numpy()
     return loc.eval()

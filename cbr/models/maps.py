@@ -3,6 +3,10 @@ hooked CAM path for a batch."""
 
 from __future__ import annotations
 
+import copy
+
+import dataclasses
+
 import numpy as np
 
 from explain.cam import maps_from_activations, maps_from_images
@@ -56,9 +60,6 @@ def compute_maps(embedder, x, acts, targets, classifier: bool, method: str, prog
 
 def at_layer(embedder, layer: str):
     """A shallow copy of ``embedder`` (the same modules) whose CAM layer is ``layer`` ("" = the last block)."""
-    import copy
-    import dataclasses
-
     clone = copy.copy(embedder)
     clone.config = dataclasses.replace(embedder.config, target_layer=layer)
     clone.__dict__.pop("_cam_split", None)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from cbr.errors import UnknownNameError
 from explain.matching import region_matches, region_pair
 from explain.methods import is_attribution
@@ -143,8 +145,6 @@ def pair_maps(embedder, query_acts, neighbour_acts, case_ids, paired=None) -> di
          (case_id, "similarity:query"): each neighbour-side map,
          (None, link target): each pair's query-side map}
     """
-    import numpy as np
-
     # embedder.grid: a vision transformer's tokens as its patch grid (a CNN's activations as they are).
     q = embedder.grid(_last_block(embedder, query_acts))[0].float().cpu().numpy()
     ns = embedder.grid(_last_block(embedder, neighbour_acts)).float().cpu().numpy()

@@ -26,6 +26,7 @@ from cbr.pipeline.settings import QueryConfig
 from cbr.pipeline.temperature import fit_temperature
 from cbr.pipeline.typicality import (leave_one_out_scores, SCORE_NAME, search_excluding, TYPICALITY_K,
                                      TypicalityCalibration)
+from cbr.store.chunks import rows_in
 from cbr.store.damage import decoded, rebuild_hint
 from cbr.store.member import active_embeddings
 from cbr.store.schema import Calibration, Case, Embedding, Model, TypicalityScores
@@ -79,8 +80,8 @@ def has_calibration(cb, model_id: int) -> bool:
 
 def _case_meta(cb, ids) -> dict:
     with cb.read() as s:
-        return {c.id: (c.label, c.group_id, c.sha256)
-                for c in s.scalars(select(Case).where(Case.id.in_(ids.tolist())))}
+        return {case_id: (label, group, sha) for case_id, label, group, sha in rows_in(
+            s, select(Case.id, Case.label, Case.group_id, Case.sha256), Case.id, ids.tolist())}
 
 
 def trained_images(path) -> set[str] | None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from cbr.data.batches import collate, DecodedRecords
 from cbr.errors import CbrError
+from cbr.pipeline.settings import ENGINES
 from cbr.store.writer import CaseWriter
 
 __all__ = ["ENGINES", "RayNotInstalled", "RaySettings", "ray_batches"]
-
-ENGINES = ("local", "ray")
 
 
 class RayNotInstalled(CbrError):
@@ -55,8 +56,6 @@ class _Embedders:
         self.writer = CaseWriter(None, members, explain=settings.explain)
 
     def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
         decoded = DecodedRecords(self.records, [m.embedder.preprocess for m in self.writer.members], self.window)
         idx, tensors, bad = collate([decoded[int(i)] for i in batch["i"]])
         out = {"i": np.asarray(idx, dtype=np.int64), "embeddings": np.empty(len(idx), dtype=object),
@@ -81,7 +80,6 @@ def ray_batches(records: list, settings: RaySettings, address: str | None = None
         import ray
     except ImportError:
         raise RayNotInstalled() from None
-    import numpy as np
 
     if not records:
         return

@@ -95,27 +95,7 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
         if track:
             has_class = emb.head is not None and final.label in emb.config.class_names
             meter.start(1 + len(h[:neighbours]) + has_class, spec)
-        xs, cases = [], []
-        for c, _ in h:
-            try:
-                # a frame/slice, as indexed (a neutral locator is shown, its file is read)
-                nimg, sha, _ = read_source(c.readable_locator, window=emb.config.window)
-            except CbrError as e:
-                if status is not None:
-                    status[c.id] = IMAGE_MISSING
-                notes.append(f"case {c.id}: image unavailable for its map ({e}); its stored map is shown")
-                continue
-            if c.sha256 and sha != c.sha256:
-                if status is not None:
-                    status[c.id] = IMAGE_CHANGED
-                notes.append(f"case {c.id}: {IMAGE_CHANGED} (its file {c.path} now has other content); no map is "
-                             "computed from it; the vote uses its stored label and embedding")
-                continue
-            if status is not None:
-                status[c.id] = IMAGE_OK
-            images.setdefault(c.id, nimg)
-            xs.append(emb.preprocess(nimg))
-            cases.append(c)
+        xs, cases = _readable(emb, h, notes, status, images)
         if cases:
             xn = torch.stack(xs)
             with torch.no_grad():
@@ -124,8 +104,7 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
             top = {hit.case.id for hit in h[:neighbours]}
             keep = [i for i, c in enumerate(cases) if c.id in top]
         if (localisers or {}).get(m.model_id) is not None:
-            maps.update(finding_maps(localisers[m.model_id], m.model_id, xq, xn if cases else None,
-                                     [c.id for c in cases]))
+            maps.update(finding_maps(localisers[m.model_id], m.model_id, xq, xn if cases else None, cases))
         if cases and _matching(spec, request.similarity):
             pairs = pair_maps(emb, aq, an, [c.id for c in cases], paired={cases[i].id for i in keep})
             maps.update({(m.model_id, cid, target): r for (cid, target), r in pairs.items()})
@@ -145,6 +124,33 @@ def query_maps(members, features, hits, final, request: MapRequest, notes: list,
                                progress=meter.callback() if track else None)
             maps[(m.model_id, None, f"class:{final.label}")] = raw[0]
     return maps, images
+
+
+def _readable(emb, hits, notes: list, status: dict | None, images: dict) -> tuple[list, list]:
+    """(preprocessed inputs, case rows) of the neighbours whose file still holds the indexed pixels;
+    their decoded images go into ``images``, the others get a note and a status (see query_maps)."""
+    xs, cases = [], []
+    for c, _ in hits:
+        try:
+            # a frame/slice, as indexed (a neutral locator is shown, its file is read)
+            nimg, sha, _ = read_source(c.readable_locator, window=emb.config.window)
+        except CbrError as e:
+            if status is not None:
+                status[c.id] = IMAGE_MISSING
+            notes.append(f"case {c.id}: image unavailable for its map ({e}); its stored map is shown")
+            continue
+        if c.sha256 and sha != c.sha256:
+            if status is not None:
+                status[c.id] = IMAGE_CHANGED
+            notes.append(f"case {c.id}: {IMAGE_CHANGED} (its file {c.path} now has other content); no map is "
+                         "computed from it; the vote uses its stored label and embedding")
+            continue
+        if status is not None:
+            status[c.id] = IMAGE_OK
+        images.setdefault(c.id, nimg)
+        xs.append(emb.preprocess(nimg))
+        cases.append(c)
+    return xs, cases
 
 
 def _matching(spec: str, similarity: str) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 from cbr.errors import CbrError
 from cbr.models.checkpoint import read_checkpoint
 from cbr.store.schema import Model
-from explain.finding import region_box, share_on, strongest_region
+from explain.finding import FINDING, region_box, share_on, strongest_region
 from explain.overlay import upsample
 
 __all__ = ["FINDING", "NO_LOCALISER", "OFF_FINDING", "load_localisers", "finding_maps", "finding_of", "on_finding",
@@ -25,7 +25,6 @@ __all__ = ["FINDING", "NO_LOCALISER", "OFF_FINDING", "load_localisers", "finding
 
 LOG = logging.getLogger(__name__)
 
-FINDING = "finding"  # the target of a localiser map (explanation rows, raw maps)
 NO_LOCALISER = ("no lesion localiser: the model was trained without lesion masks (a 'mask' column); "
                 "the class and similarity maps below show what the model used, not where the finding is")
 OFF_FINDING = "this answer rests mostly on evidence outside the finding"
@@ -52,11 +51,13 @@ def load_localisers(cb, members) -> dict:
     return out
 
 
-def finding_maps(localiser, model_id: int, xq, xn, case_ids) -> dict:
+def finding_maps(localiser, model_id: int, xq, xn, cases) -> dict:
     """The localiser's maps: {(model_id, None, FINDING): the query's, (model_id, case_id, FINDING): each
-    neighbour's}; ``xq`` (1, 3, S, S) and ``xn`` (n, 3, S, S, or None) preprocessed as the model's."""
+    neighbour's}; ``xq`` (1, 3, S, S) and ``xn`` (n, 3, S, S, or None) preprocessed as the model's,
+    ``cases`` the neighbours' case rows (or ids) in ``xn``'s order."""
     import torch
 
+    case_ids = [getattr(c, "id", c) for c in cases]
     x = xq if xn is None or not len(case_ids) else torch.cat([xq, xn])
     probs = localiser.probabilities(x.to(next(localiser.parameters()).device))
     out = {(model_id, None, FINDING): probs[0]}

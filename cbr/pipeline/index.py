@@ -3,12 +3,14 @@ calibrate the votes. Incremental (images already stored are skipped) and resumab
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
+from tqdm import tqdm
 
 from cbr.data.batches import iter_batches
 from cbr.data.dataset import ManifestSpec, Problem, Scan, read_dataset
@@ -23,10 +25,11 @@ from cbr.store.damage import drop_damaged
 from cbr.store.member import load_index, Member, rebuild_index, register_model, writer_lock
 from cbr.store.schema import Case, Dataset, Embedding, IndexManifest, Model
 from cbr.store.schema import Problem as ProblemRow
-from cbr.store.writer import CaseWriter
+from cbr.store.writer import CaseWriter, Stored, stored_cases
 import index as ix
 
-__all__ = ["IngestReport", "IndexConfig", "index_dataset"]
+__all__ = ["IngestReport", "IndexConfig", "index_dataset", "make_embedder", "open_member", "open_members", "records_to_embed",
+           "train_on_collection"]
 
 LOG = logging.getLogger(__name__)
 
@@ -74,41 +77,45 @@ def _one_window(members) -> str:
     return windows.pop() if windows else "auto"
 
 
-def _open_members(cb, c: IndexConfig, window, n_hint: int, notes: list) -> list:
-    """One ``Member`` per model of ``c``: registered, its index loaded (and repaired) or built empty."""
+def make_embedder(spec: str, c: IndexConfig, window):
+    """The embedder of one model of ``c`` (a backbone name or a checkpoint path), in eval mode on ``c.device``."""
     from cbr.models.embedder import create_embedder
-    members = []
-    for spec in c.models:
-        emb = create_embedder(spec, weights=None if Path(spec).exists() else c.weights,
-                              target_layer=c.target_layer, window=window, contrast=c.contrast,
-                              tta=c.tta, crop=c.crop).to(c.device)
-        emb.eval()
-        model_id = register_model(cb, emb, _model_source(spec))
-        with cb.read() as s:
-            has_manifest = s.scalar(select(IndexManifest.id).where(IndexManifest.model_id == model_id)) is not None
-        if has_manifest:
-            index, kind, repaired = load_index(cb, model_id, persist_repair=True)
-            notes.extend(repaired)
-        else:
-            kind = c.index_type
-            try:
-                # A kind that learns from the vectors (IVF, PQ) is trained once on the whole collection
-                # at the end of the run (_train_on_collection); until then cases go into an exact index.
-                staged = ix.needs_training(emb.config.embedding_dim, kind, n_hint)
-                index = ix.build(emb.config.embedding_dim, "flat" if staged else kind, n_hint=n_hint)
-            except ValueError as e:
-                raise CbrError(f"--index-type {kind!r}: {e}") from None
-        members.append(Member(model_id=model_id, fingerprint=emb.fingerprint, label=spec, embedder=emb, index=index,
-                              kind=kind))
-    return members
+
+    emb = create_embedder(spec, weights=None if Path(spec).exists() else c.weights, target_layer=c.target_layer,
+                          window=window, contrast=c.contrast, tta=c.tta, crop=c.crop).to(c.device)
+    emb.eval()
+    return emb
+
+
+def open_member(cb, spec: str, emb, index_type: str, n_hint: int, notes: list) -> Member:
+    """``emb`` registered as a member: its index loaded (and repaired) or built empty, of ``index_type``."""
+    model_id = register_model(cb, emb, _model_source(spec))
+    with cb.read() as s:
+        has_manifest = s.scalar(select(IndexManifest.id).where(IndexManifest.model_id == model_id)) is not None
+    if has_manifest:
+        index, kind, repaired = load_index(cb, model_id, persist_repair=True)
+        notes.extend(repaired)
+    else:
+        kind = index_type
+        try:
+            # A kind that learns from the vectors (IVF, PQ) is trained once on the whole collection
+            # at the end of the run (train_on_collection); until then cases go into an exact index.
+            staged = ix.needs_training(emb.config.embedding_dim, kind, n_hint)
+            index = ix.build(emb.config.embedding_dim, "flat" if staged else kind, n_hint=n_hint)
+        except ValueError as e:
+            raise CbrError(f"--index-type {kind!r}: {e}") from None
+    return Member(model_id=model_id, fingerprint=emb.fingerprint, label=spec, embedder=emb, index=index, kind=kind)
+
+
+def open_members(cb, c: IndexConfig, window, n_hint: int, notes: list) -> list:
+    """One ``Member`` per model of ``c``: registered, its index loaded (and repaired) or built empty."""
+    return [open_member(cb, spec, make_embedder(spec, c, window), c.index_type, n_hint, notes) for spec in c.models]
 
 
 def _computed(todo, members, writer, c: IndexConfig, window):
     """Yield (record indices, embeddings per member, maps per member, [(index, problem)]) per batch,
     decoded and computed here (engine "local") or on Ray (pipeline/engine.py)."""
     if c.engine == "ray":
-        import copy
-
         # CPU copies travel to the actors (a CUDA tensor cannot load where there is no GPU).
         settings = RaySettings(embedders=tuple(copy.deepcopy(m.embedder).to("cpu") for m in members),
                                explain=c.explain, batch_size=c.batch_size)
@@ -123,8 +130,8 @@ def _computed(todo, members, writer, c: IndexConfig, window):
         yield idx, embeddings, maps, bad
 
 
-def _train_on_collection(cb, members, notes: list) -> None:
-    """Replace each exact stand-in (see _open_members) by its kind, trained on every stored vector;
+def train_on_collection(cb, members, notes: list) -> None:
+    """Replace each exact stand-in (see open_members) by its kind, trained on every stored vector;
     a collection too small to train it keeps the exact index until a later run."""
     for m in members:
         if m.index.ntotal and not ix.learned(m.index) and ix.needs_training(m.index.d, m.kind, m.index.ntotal):
@@ -135,20 +142,21 @@ def _train_on_collection(cb, members, notes: list) -> None:
                              "the next `cbr index` run trains it")
 
 
-def _plan(records, known: dict, have: dict, model_ids: list, report: IngestReport) -> list:
+def records_to_embed(records, stored: Stored, model_ids: list, report: IngestReport) -> list:
     """The records to embed: new images, and stored ones that a member lacks. Images stored for
     every member are counted as already there; removed or relabelled ones are refused."""
     todo = []
     for r in records:
-        if r.sha256 in known:
-            case_id, label, removed = known[r.sha256]
-            if removed is not None:
+        case_id = stored.case_of.get(r.sha256)
+        if case_id is not None:
+            label = stored.label_of[case_id]
+            if case_id in stored.removed:
                 report.problems.append(Problem(r.path, f"was removed from the case base (case {case_id}); not re-added"))
                 continue
             if label != r.label:
                 report.problems.append(Problem(r.path, f"label conflict: case {case_id} has the same image labelled {label!r}, here {r.label!r}"))
                 continue
-            if set(model_ids) <= have.get(case_id, set()):
+            if set(model_ids) <= stored.models_of.get(case_id, set()):
                 report.already += 1
                 continue
         todo.append(r)
@@ -172,9 +180,9 @@ def _rebuild(cb, report: IngestReport) -> None:
         report.rebuilt.append(src)
 
 
-def _stored(cb, scan, manifest, sources, model_ids) -> tuple[int, dict, dict]:
-    """(the dataset row's id, created if new; sha256 -> (case id, label, removed_at) of the scan's
-    images already stored; case id -> the member ids that have its embedding)."""
+def _stored(cb, scan, manifest, sources) -> tuple[int, Stored]:
+    """(the dataset row's id, created if new; what the case base holds of the scan's images,
+    looked up a chunk of sha256s at a time)."""
     with cb.write() as s:
         ds = s.scalar(select(Dataset).where(Dataset.source == scan.source, Dataset.kind == scan.kind))
         if ds is None:
@@ -185,12 +193,8 @@ def _stored(cb, scan, manifest, sources, model_ids) -> tuple[int, dict, dict]:
             s.add(ds)
             s.flush()
         dataset_id = ds.id
-        known = {case.sha256: (case.id, case.label, case.removed_at) for case in s.scalars(
-            select(Case).where(Case.sha256.in_([r.sha256 for r in scan.records])))} if scan.records else {}
-        have = {}
-        for case_id, model_id in s.execute(select(Embedding.case_id, Embedding.model_id).where(Embedding.model_id.in_(model_ids))):
-            have.setdefault(case_id, set()).add(model_id)
-    return dataset_id, known, have
+        stored = stored_cases(s, (r.sha256 for r in scan.records))
+    return dataset_id, stored
 
 
 def _lookalikes(cb, records) -> list[str]:
@@ -229,8 +233,6 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
     Example:
         >>> report = index_dataset(open_casebase("cases.db"), "data/brain_mri", IndexConfig(models=("resnet50",)))
     """
-    from tqdm import tqdm
-
     c = with_overrides(config, IndexConfig, overrides)
     t0 = time.monotonic()
     report = IngestReport(source=str(source) if source is not None else None, models=list(c.models))
@@ -250,12 +252,12 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
         report.problems.extend(scan.problems)
         report.notes.extend(_lookalikes(cb, scan.records))
 
-        members = _open_members(cb, c, sources and sources.window, len(scan.records), report.notes)
+        members = open_members(cb, c, sources and sources.window, len(scan.records), report.notes)
         model_ids = [m.model_id for m in members]
         window = _one_window(members)
 
-        dataset_id, known, have = _stored(cb, scan, manifest, sources, model_ids)
-        todo = _plan(scan.records, known, have, model_ids, report)
+        dataset_id, stored = _stored(cb, scan, manifest, sources)
+        todo = records_to_embed(scan.records, stored, model_ids, report)
 
         writer = CaseWriter(cb, members, explain=c.explain, embedding_dtype=c.embedding_dtype)
         bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
@@ -264,8 +266,8 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
             decode_problems.extend(Problem(todo[i].path, reason) for i, reason in bad)
             if idx:
                 batch = [todo[i] for i in idx]
-                before_new = sum(1 for r in batch if r.sha256 not in known)
-                writer.store(batch, embeddings, maps, dataset_id=dataset_id)
+                before_new = sum(1 for r in batch if r.sha256 not in stored.case_of)
+                writer.store(batch, embeddings, maps, dataset_id=dataset_id, stored=stored)
                 report.added += before_new
                 report.embedded += len(batch) - before_new
                 writer.maybe_save()
@@ -275,7 +277,7 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
         if any(m.index.ntotal == 0 for m in members):
             writer.mark_dirty()
         writer.maybe_save(force=True)
-        _train_on_collection(cb, members, report.notes)
+        train_on_collection(cb, members, report.notes)
         for m in members:
             if report.added or not has_calibration(cb, m.model_id):
                 calibrate(cb, m.model_id, m.index)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from tqdm import tqdm
+
 __all__ = ["MapMeter"]
 
 
@@ -41,8 +43,6 @@ class MapMeter:
             self._t0 = time.perf_counter()
         if self.enabled:
             if self._bar is None:
-                from tqdm import tqdm
-
                 self._bar = tqdm(total=0, desc=f"explaining ({spec})", unit="map", leave=False)
             self._bar.total += int(total)
             self._bar.refresh()

@@ -10,19 +10,48 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 from sqlalchemy import select
 
 from cbr.data.mask import lesion_mask
 from cbr.models.maps import map_layer
-from cbr.store.reliability import badge_text, Reliability, reliability_of, store_reliability
+from cbr.store.chunks import rows_in, scalars_in
+from cbr.store.reliability import badge_text, on_finding_floor, Reliability, reliability_of, store_reliability
 from cbr.store.rows import map_fields
 from cbr.store.schema import Case, Explanation
+from explain.finding import centre_map, share_on
 from explain.metrics import pointing_game
 from explain.spec import base_name
 
 __all__ = ["measure_case_maps"]
 
 LOG = logging.getLogger(__name__)
+
+
+def _scored(m, maps, by_case: dict, image_of: dict) -> dict | None:
+    """The pointing game of ``maps`` [(case_id, map fields)] against their masks, beside a centre
+    point and the masks' mean map on the same cases, and the on-finding floor of the class maps."""
+    size, cfg = m.embedder.config.input_size, m.embedder.config
+    rows, targets = [], set()
+    for case_id, fields in maps:
+        try:
+            mask = lesion_mask(by_case[case_id], size, crop=cfg.crop, image=image_of[case_id], window=cfg.window)
+        except OSError as e:
+            LOG.warning("%s: mask unreadable (%s); left out of the map reliability", by_case[case_id], e)
+            continue
+        if mask.any():
+            rows.append((fields, mask))
+            targets.add(fields["target"].split(":", 1)[0])
+    if not rows:
+        return None
+    prior, centre = np.mean([mk for _, mk in rows], axis=0), centre_map(size)
+    shares = [share_on(f["map"], mk) for f, mk in rows if f["target"].startswith("class:")]
+    floor = on_finding_floor([x for x in shares if x is not None])
+    return {"pointing_game": float(np.mean([pointing_game(f["map"], mk) for f, mk in rows])), "n": len(rows),
+            "target": "class" if "class" in targets else sorted(targets)[0],
+            "centre": float(np.mean([pointing_game(centre, mk) for _, mk in rows])),
+            "mean_mask": float(np.mean([pointing_game(prior, mk) for _, mk in rows])),
+            "on_finding_floor": None if floor is None else floor["floor"]}
 
 
 def measure_case_maps(cb, members, records, method: str) -> list[str]:
@@ -35,34 +64,20 @@ def measure_case_maps(cb, members, records, method: str) -> list[str]:
         return []
     notes = []
     with cb.read() as s:
-        cases = dict(s.execute(select(Case.sha256, Case.id).where(Case.sha256.in_(list(masked)))).all())
+        cases = dict(rows_in(s, select(Case.sha256, Case.id), Case.sha256, masked))
     by_case = {case_id: masked[sha] for sha, case_id in cases.items()}
     images = {r.sha256: r.path for r in records}  # with a crop, a mask's box is its image's
     image_of = {case_id: images[sha] for sha, case_id in cases.items()}
     for m in members:
-        size = m.embedder.config.input_size
         with cb.read() as s:
-            rows = s.scalars(select(Explanation).where(
-                Explanation.model_id == m.model_id, Explanation.role == "case",
-                Explanation.case_id.in_(list(by_case)))).all()
+            rows = scalars_in(s, select(Explanation).where(Explanation.model_id == m.model_id,
+                                                           Explanation.role == "case"), Explanation.case_id, by_case)
             maps = [(r.case_id, map_fields(r)) for r in rows if base_name(r.method) == base_name(method)]
-        hits, targets = [], set()
-        for case_id, fields in maps:
-            try:
-                cfg = m.embedder.config
-                mask = lesion_mask(by_case[case_id], size, crop=cfg.crop, image=image_of[case_id], window=cfg.window)
-            except OSError as e:
-                LOG.warning("%s: mask unreadable (%s); left out of the map reliability", by_case[case_id], e)
-                continue
-            if mask.any():
-                hits.append(pointing_game(fields["map"], mask))
-                targets.add(fields["target"].split(":", 1)[0])
-        if not hits:
+        scored = _scored(m, maps, by_case, image_of)
+        if scored is None:
             continue
-        target = "class" if "class" in targets else sorted(targets)[0]
-        store_reliability(cb, m.model_id, Reliability(pointing_game=sum(hits) / len(hits), n=len(hits), method=method,
-                                                      layer=map_layer(m.embedder, method), target=target,
-                                                      source="index"))
+        store_reliability(cb, m.model_id, Reliability(method=method, layer=map_layer(m.embedder, method),
+                                                      source="index", **scored))
         with cb.read() as s:
             notes.append(f"{m.label}: {badge_text(reliability_of(s, [m.model_id])[m.model_id])}")
     return notes

@@ -7,10 +7,14 @@ step is its own module: ``explanation`` (embedding and maps), ``search``, ``vote
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy import select
 
 from cbr.data.dataset import printable_path, valid_utf8
@@ -47,8 +51,6 @@ LOG = logging.getLogger(__name__)
 
 def _check_name(image) -> None:
     """Paths are stored as text: refuse a name that is not valid UTF-8, as `cbr index` does."""
-    import os
-
     if not valid_utf8(os.fsdecode(image)):
         raise ImageError(printable_path(image), "file name is not valid UTF-8; rename it")
 
@@ -197,11 +199,9 @@ class Searcher:
         neighbour_images = {}
         meter = MapMeter(enabled=c.progress)
         if c.explain != NO_EXPLANATION:
-            found.maps, neighbour_images = query_maps(self.members, feats, hits, found.final,
-                                                      MapRequest(c.explain, c.explain_budget, c.explain_neighbours,
-                                                                 c.similarity_map),
-                                                      found.notes, meter=meter, status=found.image_status,
-                                                      localisers=self.localisers)
+            request = MapRequest(c.explain, c.explain_budget, c.explain_neighbours, c.similarity_map)
+            found.maps, neighbour_images = query_maps(self.members, feats, hits, found.final, request, found.notes,
+                                                      meter=meter, status=found.image_status, localisers=self.localisers)
         meter.close()
         self._finding(found, reliability)
         t["explain"] = time.perf_counter() - t0
@@ -337,8 +337,6 @@ class Searcher:
         Only settings that need no other members can change: k, vote rule, ensemble, CAM method,
         rendering. ``Searcher(cb, k=3).with_options(vote="credibility")``.
         """
-        import copy
-
         new = with_overrides(config or self.config, QueryConfig, overrides)
         if (new.models, new.device) != (self.config.models, self.config.device):
             raise CbrError("with_options keeps the loaded members; build a new Searcher for other --model or device")
@@ -351,8 +349,6 @@ class Searcher:
 
 def _check_out_dir(out: Path) -> None:
     """Refuse an ``--out`` that cannot take files, in one line, before anything is recorded."""
-    import tempfile
-
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".cbr-write-test-"):
@@ -391,8 +387,6 @@ def _per_member(vectors, members) -> list:
 
 def _unit_row(v, dim: int):
     """A vector as a (1, dim) float32 row of unit length, as the index expects."""
-    import numpy as np
-
     v = np.asarray(v, dtype=np.float32).reshape(1, -1)
     if v.shape[1] != dim:
         raise CbrError(f"a query vector has {v.shape[1]} dimensions; this member's embeddings have {dim}")

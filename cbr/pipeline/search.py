@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 from sqlalchemy import select
 
 from cbr.store.member import embeddings_in
@@ -104,8 +105,6 @@ def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) 
 
 def _reranked(s, model_id: int, query, pairs):
     """``pairs`` (case id, approximate similarity) re-scored by the stored embeddings, best first."""
-    import numpy as np
-
     if not pairs:
         return pairs
     q = np.asarray(query, dtype=np.float32).reshape(-1)

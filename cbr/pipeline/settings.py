@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 from cbr.errors import CbrError, UnknownNameError
 from cbr.models.similarity_maps import check_similarity, DEFAULT_SIMILARITY_MAP
-from cbr.pipeline.engine import ENGINES
 from cbr.store.encoding import EMBEDDING_DTYPES
 from explain.methods import METHOD_NAMES
 
-__all__ = ["QueryConfig", "IndexConfig", "DEFAULT_REPORTS", "SCALES", "NO_EXPLANATION", "check_explain",
+__all__ = ["QueryConfig", "IndexConfig", "DEFAULT_REPORTS", "ENGINES", "SCALES", "NO_EXPLANATION", "check_explain",
            "with_overrides", "parse_where"]
+
+# Where `cbr index` decodes, embeds and explains: here, or Ray Data actors (cbr.pipeline.engine).
+ENGINES = ("local", "ray")
 
 DEFAULT_REPORTS = "cbr-reports"  # where query reports go unless --out says otherwise
 SCALES = ("shared", "per-image")  # colour scales of the maps in a report
@@ -117,7 +119,7 @@ class IndexConfig:
     target_layer: str | None = None  # CAM layer inside the trunk; None = the last conv block (fast path)
     num_workers: int | None = None  # decoding worker processes; None = chosen from the CPU count
     device: str = "cpu"  # torch device of the embedders
-    engine: str = "local"  # where decoding, embedding and maps run: ENGINES (pipeline/engine.py)
+    engine: str = "local"  # where decoding, embedding and maps run: ENGINES (pipeline/engine.py runs them)
     ray_address: str | None = None  # --engine ray: a running cluster; None starts a local one
     embedding_dtype: str = "float32"  # how embeddings are stored: EMBEDDING_DTYPES (store/encoding.py)
     contrast: str | None = None  # backbone names: cbr.data.contrast.CONTRASTS (None: none); checkpoints: their own

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 from cbr.files import atomic_write
 from explain.overlay import load_font, render_overlay
 
@@ -33,8 +35,6 @@ def write_explanation_grid(result: dict, path, *, target: str | None = None) -> 
     Rows: up to GRID_IMAGES images (the first column is the image with its label); columns: the
     methods, each map on its own colour scale, headed by the method's scores over all images.
     """
-    from PIL import Image, ImageDraw
-
     target = target or result["targets"][0]
     rows = [r for r in result["rows"] if r["target"] == target and r["method"] != "random"]
     n = min(GRID_IMAGES, result["n"])

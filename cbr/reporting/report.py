@@ -11,7 +11,9 @@ import base64
 import html
 import io
 from pathlib import Path
+import textwrap
 
+from PIL import Image, ImageDraw
 from sqlalchemy import select
 
 from cbr.data.crop import model_view
@@ -20,12 +22,14 @@ from cbr.errors import CbrError
 from cbr.files import atomic_write
 from cbr.reporting.match_pair import PAIR_CSS, pair_fields, pair_figure, split_pairs
 from cbr.reporting.uncertainty import CSS as UNCERTAINTY_CSS
-from cbr.reporting.uncertainty import (agreement, answer_lines, conflict_banner, conflict_text, evidence, set_text,
+from cbr.reporting.uncertainty import (agreement, answer_lines, conflict_banner, conflict_text, evidence, finding_lines,
+                                       set_text,
                                        shows_probabilities)
 from cbr.reporting.method_switch import switch_fragments
 from cbr.store.reliability import badge_text, reliability_of
 from cbr.store.rows import case_locators, get_query, iso, map_fields, query_image_locator
 from cbr.store.schema import Case, Explanation, Feedback, Model, Neighbour, Query, Vote
+from explain.finding import FINDING
 from explain.overlay import render_overlay, render_panel, shared_vmax
 
 __all__ = ["load_record", "write_outputs", "render_html"]
@@ -57,6 +61,9 @@ def load_record(cb, query_id: int, *, with_maps: bool = True, decode_maps: bool 
                     for c in s.scalars(select(Case).where(Case.sha256 == q.sha256, Case.query_id == q.id))}
 
     pairs, exps = split_pairs(exps)  # region-matching pairs: each neighbour's query-side map and link
+    # the localiser's maps (cbr.pipeline.finding): shown as "where is the finding", never as a similarity map
+    findings = {(e.model_id, e.case_id): e for e in exps if e.target == FINDING}
+    exps = [e for e in exps if e.target != FINDING]
     members = []
     for v in votes:
         m = models[v.model_id]
@@ -71,6 +78,7 @@ def load_record(cb, query_id: int, *, with_maps: bool = True, decode_maps: bool 
             neigh.append({"rank": n.rank, "case_id": c.id, "label": n.label, "similarity": n.similarity,
                           "path": c.path, "sha256": c.sha256, "patient_id": c.group_id, "metadata": c.meta,
                           "removed": c.removed_at is not None, "map": sim_map, "case_map": stored,
+                          "finding_map": _finding_fields(findings, m.id, c.id, decode_maps),
                           **pair_fields(pairs, m.id, c.id, decode_maps)})
         query_maps = [map_fields(e, decode=decode_maps) for e in exps if e.model_id == m.id and e.case_id is None]
         members.append({"model_id": m.id, "fingerprint": m.fingerprint, "model": m.source, "backbone": m.backbone,
@@ -80,7 +88,8 @@ def load_record(cb, query_id: int, *, with_maps: bool = True, decode_maps: bool 
                         "typicality": v.typicality, "map_reliability": reliability.get(m.id),
                         "vote": {"label": v.prediction, "confidence": v.confidence, "probabilities": v.probabilities,
                                  "abstained": v.abstained, "abstain_reason": v.abstain_reason},
-                        "query_maps": query_maps, "neighbours": neigh})
+                        "query_maps": query_maps, "neighbours": neigh,
+                        "finding_map": _finding_fields(findings, m.id, None, decode_maps)})
     return {
         "query_id": q.id, "created_at": iso(q.created_at), "image": q.image_path, "sha256": q.sha256,
         "patient_id": q.patient_id, "k": q.k, "vote_rule": q.vote_rule, "ensemble": q.ensemble,
@@ -92,9 +101,14 @@ def load_record(cb, query_id: int, *, with_maps: bool = True, decode_maps: bool 
         "notes": list(q.notes or []),
         "members": members, "model_fingerprints": [m["fingerprint"] for m in members],
         "feedback": [{"id": f.id, "label": f.label, "note": f.note, "by": f.by, "created_at": iso(f.created_at),
-                      "retained_case_id": retained.get(f.id)} for f in feedback],
+                      "retained_case_id": retained.get(f.id), "region": f.region} for f in feedback],
         "report": q.report_path,
     }
+
+
+def _finding_fields(findings: dict, model_id: int, case_id, decode: bool):
+    row = findings.get((model_id, case_id))
+    return None if row is None else map_fields(row, decode=decode)
 
 
 def _uncertainty(q, members) -> dict:
@@ -106,9 +120,11 @@ def _uncertainty(q, members) -> dict:
     answer = None if q.abstained else q.prediction
     out = {"set": pset, "set_text": None if pset is None else set_text(pset), "coverage": u.get("coverage"),
            "conflict": list(u.get("conflict") or []), "calibration": u.get("calibration") or {},
+           "finding": u.get("finding") or {}, "nearest_unlike": u.get("nearest_unlike"),
            "evidence": evidence(answer, [(n["label"], n["similarity"]) for n in neighbours])}
     out["conflict_text"] = conflict_text(out["conflict"], answer)
     out["lines"] = answer_lines(out)  # what the confidence rests on, as the terminal prints it
+    out["finding_lines"] = finding_lines(out["finding"], out["nearest_unlike"])  # where the finding is, the contrast
     return out
 
 
@@ -153,10 +169,6 @@ def _load_case_image(n: dict, window: str, locator: str | None = None):
 
 
 def _placeholder(text: str):
-    from PIL import Image, ImageDraw
-
-    import textwrap
-
     img = Image.new("RGB", (TILE, TILE), (60, 60, 60))
     ImageDraw.Draw(img).multiline_text((8, TILE // 2 - 12), "\n".join(textwrap.wrap(text, 32)), fill=(230, 230, 230))
     return img
@@ -174,6 +186,23 @@ def _query_map(mem):
     maps = mem["query_maps"]
     sim = [m for m in maps if m["target"].startswith("similarity")]
     return (sim or maps or [None])[0]
+
+
+def _query_tiles(mem, qimg, qmap, vmax, blobs: dict) -> list:
+    """The query's tiles (its similarity map, finding map, class maps), their JPEGs put in ``blobs``."""
+    over = render_overlay(qimg, qmap["map"], vmax=vmax) if qmap else qimg
+    blobs[("query", mem["model_id"])] = _jpeg(over)
+    tiles = [(over, "query")]
+    if mem.get("finding_map"):  # where is the finding: the localiser's probabilities, on their own 0-1 scale
+        over = render_overlay(qimg, mem["finding_map"]["map"], vmax=1.0)
+        blobs[("finding", mem["model_id"])] = _jpeg(over)
+        tiles.append((over, "query: finding"))
+    for cmap in (m for m in mem["query_maps"] if m["target"].startswith("class:")):
+        # Its own scale: a class logit's gradient is not comparable with cosine maps.
+        over = render_overlay(qimg, cmap["map"])
+        blobs[("class", mem["model_id"])] = _jpeg(over)
+        tiles.append((over, f"query: {cmap['target']}"))
+    return tiles
 
 
 def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, scale: str = "shared",
@@ -207,17 +236,8 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
         pair_maps = [n.get("pair_map") for n in mem["neighbours"]]
         all_maps = [m["map"] for m in [qmap] + [m for _, m in nmaps] + pair_maps if m is not None]
         vmax = shared_vmax(all_maps) if scale == "shared" and all_maps else None
-        tiles = []
         qimg = view(None) or _placeholder("query image unavailable")
-        over = render_overlay(qimg, qmap["map"], vmax=vmax) if qmap else qimg
-        key = ("query", mem["model_id"])
-        blobs[key] = _jpeg(over)
-        tiles.append((over, "query"))
-        for cmap in (m for m in mem["query_maps"] if m["target"].startswith("class:")):
-            # Its own scale: a class logit's gradient is not comparable with cosine maps.
-            over = render_overlay(qimg, cmap["map"])
-            blobs[("class", mem["model_id"])] = _jpeg(over)
-            tiles.append((over, f"query: {cmap['target']}"))
+        tiles = _query_tiles(mem, qimg, qmap, vmax, blobs)
         for n, m in nmaps:
             if n["case_id"] not in images and n["case_id"] not in unusable:
                 img = _load_case_image(n, mem.get("window", "auto"), files.get(n["case_id"]))
@@ -231,6 +251,9 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
                 img, m = _placeholder(IMAGE_CHANGED), None
             over = render_overlay(img, m["map"], vmax=vmax) if m else img
             blobs[("neighbour", mem["model_id"], n["case_id"])] = _jpeg(over)
+            if n.get("finding_map") and m is not None:  # where its finding is, by the same localiser
+                blobs[("nfinding", mem["model_id"], n["case_id"])] = _jpeg(
+                    render_overlay(img, n["finding_map"]["map"], vmax=1.0))
             if n.get("pair_map") and m is not None:  # the query side of the linked pair
                 blobs[("pair", mem["model_id"], n["case_id"])] = _jpeg(render_overlay(qimg, n["pair_map"]["map"], vmax=vmax))
             tiles.append((over, f"#{n['rank']} {n['label']} {n['similarity']:.3f}"))
@@ -238,8 +261,8 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
     first = record["members"][0]["model_id"] if record["members"] else None
     for key, data in blobs.items():
         suffix = "" if key[1] == first else f"-m{key[1]}"
-        name = {"query": f"query{suffix}.jpg", "panel": f"panel{suffix}.jpg",
-                "class": f"query-class{suffix}.jpg"}.get(key[0]) or f"{key[0]}-c{key[2]}{suffix}.jpg"
+        name = {"query": f"query{suffix}.jpg", "panel": f"panel{suffix}.jpg", "class": f"query-class{suffix}.jpg",
+                "finding": f"query-finding{suffix}.jpg"}.get(key[0]) or f"{key[0]}-c{key[2]}{suffix}.jpg"
         path = out / name
         atomic_write(path, data, durable=False)
         paths[key] = str(path)
@@ -326,6 +349,7 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
         conflict_banner(p.get("conflict"), p["label"]), _ood_banner(p),
         f"<p class='pred'>Diagnosis: {label} &nbsp; confidence {p['confidence']:.3f}{cred}{_typicality(p)}</p>",
         "".join(f"<p class='evidence'>{e(line)}</p>" for line in answer_lines(p)),
+        "".join(f"<p class='evidence'>{e(line)}</p>" for line in p.get("finding_lines") or []),
         "".join(f"<p class='warn'>Note: {e(n)}</p>" for n in record.get("notes", [])
                 if not n.startswith("out of distribution:")),
         _probs_table(p["probabilities"]) if shows_probabilities(p) else "",
@@ -344,6 +368,10 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
         parts.append("<div class='grid'><div class='card'>" + _img_tag(blobs.get(("query", mid)), "query")
                      + f"<div><b>query</b></div><div class='meta'>map: {e(qmap['target']) if qmap else 'none'}"
                      + (f", raw max {qmap['scale']:.4g}" if qmap else "") + "</div></div>")
+        if blobs.get(("finding", mid)):
+            parts.append("<div class='card'>" + _img_tag(blobs.get(("finding", mid)), "query finding map")
+                         + "<div><b>query</b>: where is the finding</div><div class='meta'>lesion localiser "
+                         "(probability 0-1)</div></div>")
         for cmap in (m for m in mem["query_maps"] if m["target"].startswith("class:")):
             parts.append("<div class='card'>" + _img_tag(blobs.get(("class", mid)), "query class map")
                          + f"<div><b>query</b>: why {e(cmap['target'][6:])}</div><div class='meta'>map: "
@@ -364,6 +392,8 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
                 + (f"<br><b>{e(origin)}</b>" if origin else "")
                 + (f"<br>{meta}" if meta else "")
                 + (f"<br>map: {e(m['target'])}, raw max {m['scale']:.4g}" if m else "<br>no map")
+                + (f"<br>finding:<br>{_img_tag(blobs[('nfinding', mid, n['case_id'])], 'finding of case ' + str(n['case_id']))}"
+                   if blobs.get(("nfinding", mid, n["case_id"])) else "")
                 + "</div></div>")
         parts.append("</div>")
         parts.append((switch or {}).get(mid, ""))

@@ -9,6 +9,7 @@ import numpy as np
 
 from cbr.files import atomic_open
 from cbr.reporting.plots import new_figure, save_png
+from cbr.store.reliability import NO_BETTER
 
 __all__ = ["format_sweep", "write_sweep"]
 
@@ -32,7 +33,7 @@ def format_sweep(result: dict) -> str:
     for r in order:
         lines.append(f"{r['target']:<20}{r['method'][:15]:<16}{r['layer'][:29]:<30}{_f(r['pointing_game'], 2):>9}"
                      f"{_f(r['energy_pointing_game'], 2):>8}{_f(r['iou_top'], 2):>8}{_f(r['deletion_auc']):>10}"
-                     f"{_f(r['seconds_per_map'], 4):>9}")
+                     f"{_f(r['seconds_per_map'], 4):>9}" + (f"  {NO_BETTER}" if r.get("no_better_than_a_guess") else ""))
     return "\n".join(lines)
 
 

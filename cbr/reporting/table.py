@@ -47,9 +47,11 @@ def _calibration_lines(metrics: dict, soft) -> list[str]:
         out.append(f"{'prediction sets':<22}coverage {_f(sets['coverage'])} (target {_f(sets.get('target'), 2)}), "
                    f"mean size {_f(sets['mean_set_size'], 2)}, one class {_f(sets['share_single'])}")
         out.append(f"{'  coverage per class':<22}{per}")
-    sources = sorted({(r.get("calibration") or {}).get("source") for r in metrics.get("folds") or []} - {None})
+    sources = sorted(({(r.get("calibration") or {}).get("source") for r in metrics.get("folds") or []}
+                      | {(metrics.get("calibration") or {}).get("source")}) - {None})
     if sources:
-        out.append(f"{'vote calibrated on':<22}{', '.join(sources)} cases of each fold's case base")
+        where = "each fold's case base" if metrics.get("folds") else "the case base"
+        out.append(f"{'vote calibrated on':<22}{', '.join(sources)} cases of {where}")
     return out
 
 

@@ -15,9 +15,10 @@ from cbr.errors import CbrError, ImageError, NotFoundError, UnknownNameError
 from cbr.pipeline.audit import RetainError
 from cbr.serve.lanes import Busy
 from cbr.serve.messages import public_message
-from cbr.serve.pages import error_page, templates
+from cbr.serve.notices import Notices
+from cbr.serve.rendering import error_page, templates
 from cbr.serve.pictures import RecordCache
-from cbr.serve.routes import cases, health, pages, queries
+from cbr.serve.routes import cases, compare, health, pages, queries
 from cbr.serve.security import BodyLimit, Guard, SecurityHeaders
 from cbr.serve.uploads import BadValue
 from cbr.serve.workbench import RefineError, Workbench
@@ -67,9 +68,10 @@ def create_app(casebase, settings, *, searcher=None) -> FastAPI:
                             session_hours=settings.session_hours)
     app.state.templates = templates()
     app.state.records = RecordCache()
+    app.state.notices = Notices()  # what a verdict's POST said, for the page after the redirect
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    for module in (health, queries, cases, pages):
+    for module in (health, queries, cases, pages, compare):
         app.include_router(module.router)
     app.include_router(pages.login_router)
     hide = (casebase.display, str(app.state.workbench.data_dir))

@@ -68,7 +68,9 @@ class QueryPage(BaseModel):
 class AnswerOut(BaseModel):
     """One answered query: the object ``cbr query --json`` prints for one image."""
 
-    model_config = ConfigDict(extra="forbid")  # a key Answer.to_dict gains must be declared here too
+    # A key Answer.to_dict gains is passed on (never a failed answer), and test_serve_api fails
+    # until it is declared here.
+    model_config = ConfigDict(extra="allow")
     query_id: int
     image: str = Field(description="the recorded image (the stored upload, or a case's file)")
     sha256: str
@@ -82,3 +84,5 @@ class AnswerOut(BaseModel):
     notes: list[str] = Field(description="what the reader must know: self match, out of distribution, refinement")
     map_reliability: dict | None = Field(description="how often the shown maps' model hit the lesion; None: never measured")
     calibration: dict = Field(description="where the vote was calibrated: source, cases")
+    finding: dict = Field(description="where the finding is (the localiser's region) and the class map's share on it")
+    nearest_unlike: dict | None = Field(description="the most similar case whose label is not the answer")

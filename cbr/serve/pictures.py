@@ -12,9 +12,11 @@ import functools
 import io
 
 import numpy as np
+from PIL import Image, ImageDraw
+from sqlalchemy import select
 
 from cbr.data import sources
-from cbr.data.crop import model_view
+from cbr.data.crop import crop_box, model_view
 from cbr.errors import CbrError, NotFoundError
 from cbr.pipeline.explanation import IMAGE_CHANGED
 from cbr.reporting.report import load_record
@@ -22,10 +24,11 @@ from cbr.store.schema import Explanation
 from explain.cam import decode_map
 from explain.overlay import colorize, shared_vmax, upsample
 
-__all__ = ["SIZE", "MAP_KINDS", "image_png", "map_png", "query_maps", "record_window", "record_crop", "case_map", "placeholder_png",
+__all__ = ["SIZE", "FULL_MAX", "MAP_KINDS", "image_png", "colour_bar_png", "map_png", "query_maps", "record_window", "record_crop", "case_map", "placeholder_png",
            "RecordCache"]
 
 SIZE = 320  # pixels on a side: readable beside each other, small enough for k neighbours
+FULL_MAX = 4096  # the largest side the compare view's full resolution sends (a PNG of at most 64 MiB raw)
 MAP_KINDS = ("similarity", "class", "pair")  # pair: a neighbour's region-matching pair, its query side
 CHANGED = IMAGE_CHANGED  # the wording of the table, --json and the report
 SCALES = ("shared", "per-image")
@@ -38,31 +41,42 @@ def _png(img) -> bytes:
 
 
 def placeholder_png(text: str) -> bytes:
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", (SIZE, SIZE), (60, 60, 60))
     ImageDraw.Draw(img).text((10, SIZE // 2 - 6), text, fill=(230, 230, 230))
     return _png(img)
 
 
-def image_png(path: str, window: str = "auto", sha256: str | None = None, crop: str = "none") -> bytes:
+def image_png(path: str, window: str = "auto", sha256: str | None = None, crop: str = "none",
+              full: bool = False) -> bytes:
     """The image at a recorded path or locator (a DICOM frame, a NIfTI slice, an ``.npz`` index),
     decoded with the models' ``window``, cut by the model's ``crop`` and letterboxed to SIZE; a grey
     placeholder when it is gone, or when its content no longer has the recorded ``sha256`` (never
-    show other pixels as the case)."""
+    show other pixels as the case).
+
+    ``full``: letterboxed to the cropped view's own longer side (at most FULL_MAX) instead of SIZE,
+    so the compare view can show every pixel; the geometry is the same square, so maps still align.
+    """
     try:
         img, sha, _ = sources.read_source(path, window=window)
     except CbrError:
         return placeholder_png("image unavailable")
     if sha256 and sha != sha256:
         return placeholder_png(CHANGED)
-    return _png(model_view(img, SIZE, crop))
+    side = SIZE
+    if full:
+        box = crop_box(img, crop) or (0, 0) + img.size
+        side = min(FULL_MAX, max(SIZE, box[2] - box[0], box[3] - box[1]))
+    return _png(model_view(img, side, crop))
+
+
+def colour_bar_png(width: int = 256, height: int = 14) -> bytes:
+    """The maps' colour scale, low (left) to high (right), as the overlays colour it."""
+    ramp = colorize(np.linspace(0.0, 1.0, width, dtype=np.float32))
+    return _png(Image.fromarray(np.repeat(ramp[None], height, axis=0), mode="RGB"))
 
 
 def map_png(raw, vmax: float | None) -> bytes:
     """A raw map as an RGBA PNG of SIZE: jet colours, alpha proportional to the scaled value."""
-    from PIL import Image
-
     values = upsample(raw, SIZE)
     scale = float(np.max(raw)) if vmax is None else float(vmax)
     values = np.clip(values / scale, 0, 1) if scale > 0 else np.zeros_like(values)
@@ -131,8 +145,6 @@ def query_maps(record: dict, member_id: int | None, kind: str, case_id: int | No
 
 def case_map(cb, case_id: int):
     """(raw map, target) of a case's stored map under its first model, or (None, None)."""
-    from sqlalchemy import select
-
     with cb.read() as s:
         e = s.scalar(select(Explanation).where(Explanation.case_id == int(case_id), Explanation.role == "case")
                      .order_by(Explanation.model_id, Explanation.id).limit(1))

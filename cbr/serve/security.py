@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import secrets
 import time
@@ -242,8 +243,6 @@ class BodyLimit:
         return f"upload too large: this server's limit is {self.shown_mb:g} MiB"
 
     async def _refuse(self, send):
-        import json
-
         body = json.dumps({"detail": self.message()}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
+
+import uvicorn
 
 from cbr.errors import CbrError
 from cbr.serve.app import create_app
@@ -26,10 +29,6 @@ def run_server(db, settings, *, index_dir=None, log=print) -> None:
     Example:
         >>> run_server("cases.db", ServeSettings(port=8765))
     """
-    import socket
-
-    import uvicorn
-
     settings.check()
     t0 = time.perf_counter()
     cb = open_casebase(db, create=False, index_dir=index_dir)

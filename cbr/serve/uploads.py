@@ -13,6 +13,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from fastapi import HTTPException
 from sqlalchemy import or_, select
 
 from cbr.data.dicom import is_dicom
@@ -39,8 +40,6 @@ class BadValue(CbrError):
 
 def read_upload(upload, settings) -> bytes:
     """The bytes of an UploadFile, refused (413) beyond ``settings.max_upload_mb``; never more than that read."""
-    from fastapi import HTTPException
-
     if upload is None:
         raise BadValue("no image uploaded: send the file in the multipart field 'image'")
     limit = settings.max_upload_bytes

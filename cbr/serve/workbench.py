@@ -9,10 +9,14 @@ database transactions, as in the CLI.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import threading
 from pathlib import Path
+import time
 
+from PIL import Image
+import numpy as np
 from sqlalchemy import select
 
 from cbr.data.crop import crop_box as view_box
@@ -187,11 +191,6 @@ class Workbench:
     def warm_up(self) -> float:
         """Answer one synthetic image without recording it, so the first reviewer does not pay for
         torch's first forward and backward passes and the lazy imports; returns the seconds spent."""
-        import time
-
-        import numpy as np
-        from PIL import Image
-
         t0 = time.perf_counter()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         path = self.data_dir / "warm-up.png"
@@ -236,7 +235,6 @@ class Workbench:
         if min(crop.size) < MIN_SIZE:
             raise RefineError(f"the box is {crop.size[0]}x{crop.size[1]} pixels of the image; draw one at least "
                               f"{MIN_SIZE}x{MIN_SIZE}")
-        import io
 
         buf = io.BytesIO()
         crop.save(buf, format="PNG")
@@ -254,8 +252,6 @@ class Workbench:
         q' = a q + b mean(relevant) - c mean(irrelevant), per member, with (a, b, c) = ROCCHIO;
         it is recorded as a child of ``query_id``, on the same image.
         """
-        import numpy as np
-
         relevant = sorted({int(i) for i in relevant})
         irrelevant = sorted({int(i) for i in irrelevant} - set(relevant))
         if not relevant and not irrelevant:
@@ -290,9 +286,11 @@ class Workbench:
 
     # --- feedback ------------------------------------------------------------------------------
 
-    def feedback(self, query_id: int, label: str, *, note=None, by=None, retain=False, region=None) -> dict:
+    def feedback(self, query_id: int, label: str, *, note=None, by=None, retain=False, region=None,
+                 allow_new_class: bool = True) -> dict:
         """``cbr feedback``: a new verdict row (never overwritten), optionally retaining the image."""
-        result = add_feedback(self.cb, query_id, label, note=note, by=by, retain=retain, region=region)
+        result = add_feedback(self.cb, query_id, label, note=note, by=by, retain=retain, region=region,
+                              allow_new_class=allow_new_class)
         if retain:
             with self.lock:
                 self._refresh_indexes()

@@ -22,6 +22,7 @@ from sqlalchemy.pool import StaticPool
 
 from cbr.errors import CaseBaseError, CbrError, SchemaError
 from cbr.files import special_kind
+from cbr.store.chunks import MAX_PARAMETERS
 from cbr.store.postgres import server_engine
 from cbr.store.location import (as_readonly, default_index_dir, hide_password, readonly_url, resolve_url,
                                 sqlite_file, writable)
@@ -47,6 +48,9 @@ def _make_engine(url: str, readonly: bool = False) -> Engine:
     if in_memory:
         kwargs["poolclass"] = StaticPool  # every session must see the same in-memory database
     engine = create_engine(url, **kwargs)
+    # Multi-row INSERTs are paged under the lowest parameter limit a SQLite build has had (SQLAlchemy
+    # assumes 32,766 from 3.32 on, which a build or a host may have lowered).
+    engine.dialect.insertmanyvalues_max_parameters = MAX_PARAMETERS
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):

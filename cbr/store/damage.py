@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import JSON, Text, cast, delete, func, select
 
 from cbr.errors import DamagedRowError
@@ -25,7 +26,7 @@ __all__ = ["Damage", "find_damage", "drop_damaged", "vector_problem", "map_probl
            "SHA256", "EMBEDDING_REPAIR"]
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
-_MAX_FINDINGS = 50  # per kind: a wholly damaged table should not print a million lines
+_MAX_FINDINGS = 50  # per kind, in `cbr db check`
 
 # JSON values whose shape cbr relies on beyond being JSON; the others are shown as they are.
 _SHAPES = {("calibrations", "rows"): list, ("typicality_calibrations", "scores"): list,
@@ -51,8 +52,6 @@ class Damage:
 
 def vector_problem(blob, dim: int | None) -> str | None:
     """Why a stored embedding cannot be used (None when it can): its size, or a value not finite."""
-    import numpy as np
-
     blob = bytes(blob or b"")
     if dim and len(blob) == 4 * dim:
         v = np.frombuffer(blob, dtype=np.float32)
@@ -67,8 +66,6 @@ def vector_problem(blob, dim: int | None) -> str | None:
 
 def map_problem(data, height, width, dtype, scale) -> str | None:
     """Why a stored map cannot be drawn (None when it can)."""
-    import numpy as np
-
     data = bytes(data or b"")
     if dtype != "float16" or not (isinstance(height, int) and isinstance(width, int)) or height < 1 or width < 1:
         return f"has dtype {dtype!r} and shape {height}x{width}, not a float16 map"
@@ -103,6 +100,8 @@ def _embeddings(s, cb) -> list[Damage]:
     rows = s.execute(select(Embedding.case_id, Embedding.model_id, Embedding.vector, Case.path)
                      .join(Case, Case.id == Embedding.case_id).execution_options(yield_per=1000))
     for case_id, model_id, blob, path in rows:
+        if not dims.get(model_id):  # the model row itself is damaged: _json_values names it
+            continue
         problem = vector_problem(blob, dims.get(model_id))
         if problem:
             found.append(Damage("embeddings", (case_id, model_id), f"embedding of case {case_id} under model {model_id}",
@@ -159,8 +158,6 @@ def _json_values(s, cb) -> list[Damage]:
                           "cbr cannot re-create it: restore the case base from a backup")
                 found.append(Damage(table.name, tuple(key), f"{table.name} row {', '.join(map(str, key))}",
                                     f"{col.name} {problem}", repair, derived))
-                if len(found) >= _MAX_FINDINGS:
-                    return found
     return found
 
 
@@ -191,11 +188,12 @@ def _manifests(s, cb) -> list[Damage]:
                    "is under way)", f"{rebuild_hint(cb)} builds its index again", False) for model_id, n in lost]
 
 
-def find_damage(s, cb) -> list[Damage]:
-    """Decode every blob and JSON value of the case base in session ``s``; the rows that fail."""
+def find_damage(s, cb, limit: int | None = _MAX_FINDINGS) -> list[Damage]:
+    """Decode every blob and JSON value of the case base in session ``s``; the rows that fail
+    (at most ``limit`` of each kind: a wholly damaged table should not print a million lines)."""
     found = []
     for scan in (_embeddings, _maps, _json_values, _hashes, _manifests):
-        found.extend(scan(s, cb)[:_MAX_FINDINGS])
+        found.extend(scan(s, cb)[:limit])
     return found
 
 
@@ -204,7 +202,7 @@ def drop_damaged(cb) -> list[str]:
     one note per row, and one per damaged row it leaves (with its own repair). Run by
     ``cbr index --rebuild`` before it rebuilds."""
     with cb.read() as s:
-        damage = find_damage(s, cb)
+        damage = find_damage(s, cb, limit=None)
     found = [d for d in damage if d.droppable]
     left = [f"not repaired by --rebuild: {d}" for d in damage if not d.droppable and d.table != "index_manifests"]
     if not found:

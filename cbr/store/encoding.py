@@ -9,22 +9,20 @@ holds the float32 vectors. Each row is read by its length, so one case base may 
 
 from __future__ import annotations
 
+import numpy as np
+
 __all__ = ["EMBEDDING_DTYPES", "encode_vector", "decode_vectors"]
 
-EMBEDDING_DTYPES = ("float32", "float16")  # numpy dtype names; numpy is imported lazily (cbr --help)
+EMBEDDING_DTYPES = ("float32", "float16")  # numpy dtype names
 
 
 def encode_vector(vector, dtype: str = "float32") -> bytes:
     """The stored bytes of one embedding (a numpy vector)."""
-    import numpy as np
-
     return np.asarray(vector).astype(dtype, copy=False).tobytes()
 
 
 def decode_vectors(blobs: list[bytes], dim: int):
     """float32 (n, dim) from stored rows of either dtype (told apart by their length)."""
-    import numpy as np
-
     out = np.empty((len(blobs), dim), dtype=np.float32)
     for i, blob in enumerate(blobs):
         if len(blob) == 4 * dim:

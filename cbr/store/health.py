@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DatabaseError
@@ -67,8 +68,6 @@ def _sqlite_check(cb, health: Health) -> bool:
 
 def _index_check(cb, s, health: Health) -> None:
     """Each model's index file against its manifest and the active cases' embeddings."""
-    import numpy as np
-
     hint = f"run `cbr index --rebuild {db_args(cb)}`"
     for man, model in s.execute(select(IndexManifest, Model).join(Model, Model.id == IndexManifest.model_id)):
         path = cb.index_dir / man.path

@@ -14,12 +14,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+import tempfile
 
 import numpy as np
 from sqlalchemy import func, select
 
 from cbr.errors import CaseBaseError, DamagedRowError, IndexCorruptError, ModelMismatchError
 from cbr.models.config import ModelConfig
+from cbr.store.chunks import rows_in
 from cbr.store.damage import EMBEDDING_REPAIR, vector_problem
 from cbr.store.encoding import decode_vectors
 from cbr.store.generation import generation_name, written_elsewhere
@@ -84,8 +86,6 @@ def writer_lock(cb, *, wait_notice: bool = True):
 def _check_index_dir(cb) -> None:
     """A writer needs to create files in the index folder: refuse in one line, before any change,
     when it cannot (a read-only folder or file system, an immutable folder, a full disk)."""
-    import tempfile
-
     try:
         cb.index_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cb.index_dir, prefix=".writer-test-"):
@@ -137,9 +137,8 @@ def embeddings_in(s, model_id: int, ids=None, dim: int | None = None) -> tuple[n
     """``active_embeddings`` inside an open session ``s`` (the query's own read transaction);
     ``dim``: the vectors' dimension when the caller knows it (else the model's config says)."""
     q = _of_active_cases(select(Embedding.case_id, Embedding.vector), model_id).order_by(Embedding.case_id)
-    if ids is not None:
-        q = q.where(Embedding.case_id.in_([int(i) for i in ids]))
-    rows = s.execute(q).all()
+    # in ascending chunks of ids, so that the rows come in case id order as without ``ids``
+    rows = s.execute(q).all() if ids is None else rows_in(s, q, Embedding.case_id, sorted({int(i) for i in ids}))
     if not rows:
         return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
     dim = dim or s.get(Model, model_id).config.get("embedding_dim")

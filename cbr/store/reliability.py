@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 from sqlalchemy import delete, select
 
 from cbr.store.rows import iso
 from cbr.store.schema import MapReliability
 
-__all__ = ["Reliability", "store_reliability", "reliability_of", "badge_text", "guess_verdict", "NOT_MEASURED",
+__all__ = ["Reliability", "store_reliability", "reliability_of", "badge_text", "guess_verdict", "on_finding_floor", "NOT_MEASURED",
            "GUESS_MARGIN", "GUESS_WORDS", "NO_BETTER"]
 
 NOT_MEASURED = "maps of this model were not measured against lesion masks"
+ON_FINDING_QUANTILE = 0.1  # the on-finding warning fires below this quantile of the masked cases' shares
 GUESS_MARGIN = 0.10  # a map kind must beat the better trivial guess's pointing game by this much
 NO_BETTER = "no better than a guess"
 GUESS_WORDS = {"centre": "a centre guess", "mean_mask": "the mean training mask"}
@@ -32,6 +34,15 @@ class Reliability:
     centre: float | None = None  # pointing game of a point at the image centre, on the same images
     mean_mask: float | None = None  # pointing game of the training masks' mean map, on the same images
     on_finding_floor: float | None = None  # the calibrated evidence.on_finding threshold
+
+
+def on_finding_floor(shares) -> dict | None:
+    """The on-finding threshold calibrated on masked cases: the ``ON_FINDING_QUANTILE`` quantile of the
+    shares of the class maps' mass on the true lesion (None without shares)."""
+    if not shares:
+        return None
+    return {"n": len(shares), "median": float(np.median(shares)),
+            "floor": float(np.quantile(shares, ON_FINDING_QUANTILE)), "quantile": ON_FINDING_QUANTILE}
 
 
 def guess_verdict(pointing: float, baselines: dict) -> dict:

@@ -11,10 +11,11 @@ from datetime import datetime, timezone
 from sqlalchemy import select
 
 from cbr.errors import DamagedRowError, NotFoundError
+from cbr.store.chunks import rows_in
 from cbr.store.schema import Case, Explanation, Query
 from explain.rawmap import decode_map, encode_map
 
-__all__ = ["as_utc", "iso", "explanation_row", "map_fields", "get_query", "case_locators", "query_image_locator"]
+__all__ = ["as_utc", "iso", "explanation_row", "explanation_values", "map_fields", "get_query", "case_locators", "query_image_locator"]
 
 
 def as_utc(dt: datetime | None) -> datetime | None:
@@ -41,10 +42,16 @@ def explanation_row(raw, *, model_id: int, method: str, target: str, role: str, 
         role: ``case`` (stored at index time), ``query`` or ``neighbour`` (query time).
         case_id, query_id: the case and/or query it belongs to.
     """
+    return Explanation(**explanation_values(raw, model_id=model_id, method=method, target=target, role=role,
+                                            case_id=case_id, query_id=query_id))
+
+
+def explanation_values(raw, *, model_id: int, method: str, target: str, role: str, case_id: int | None = None,
+                       query_id: int | None = None) -> dict:
+    """The columns of :func:`explanation_row` as a dict, for many rows in one ``insert`` (executemany)."""
     data, shape, scale = encode_map(raw)
-    return Explanation(model_id=model_id, case_id=case_id, query_id=query_id, role=role, method=method,
-                       target=target, height=shape[0], width=shape[1], dtype="float16", scale=float(scale),
-                       data=data)
+    return dict(model_id=model_id, case_id=case_id, query_id=query_id, role=role, method=method, target=target,
+                height=shape[0], width=shape[1], dtype="float16", scale=float(scale), data=data)
 
 
 def map_fields(row: Explanation, *, decode: bool = True) -> dict:
@@ -79,7 +86,7 @@ def case_locators(cb, case_ids) -> dict[int, str]:
     if not ids:
         return {}
     with cb.read() as s:
-        rows = s.execute(select(Case.id, Case.path, Case.file_locator).where(Case.id.in_(ids))).all()
+        rows = rows_in(s, select(Case.id, Case.path, Case.file_locator), Case.id, ids)
     return {case_id: file or path for case_id, path, file in rows}
 
 

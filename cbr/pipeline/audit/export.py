@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sys
 from pathlib import Path
+
+from sqlalchemy import func, select
 
 from cbr.errors import CbrError, UnknownNameError
 from cbr.files import atomic_open, is_stdout
@@ -22,8 +25,6 @@ EXPORT_FORMATS = ("csv", "json")
 
 
 def _queries_rows(s):
-    from sqlalchemy import select
-
     latest = latest_feedback()
     stmt = (select(Query, Feedback.label)
             .outerjoin(latest, latest.c.query_id == Query.id)
@@ -38,8 +39,6 @@ def _queries_rows(s):
 
 
 def _cases_rows(s):
-    from sqlalchemy import select
-
     stmt = select(Case, Dataset.source).outerjoin(Dataset, Dataset.id == Case.dataset_id).order_by(Case.id)
     for c, source in s.execute(stmt.execution_options(yield_per=1000)):
         yield {"id": c.id, "sha256": c.sha256, "path": c.path, "label": c.label, "group_id": c.group_id,
@@ -49,8 +48,6 @@ def _cases_rows(s):
 
 
 def _feedback_rows(s):
-    from sqlalchemy import func, select
-
     retained_case = (select(func.min(Case.id)).where(Case.feedback_id == Feedback.id, Case.origin == "retain")
                      .correlate(Feedback).scalar_subquery())
     stmt = select(Feedback, retained_case).order_by(Feedback.id)
@@ -98,8 +95,6 @@ def _write_rows(fh, columns, rows, fmt) -> int:
     rows = iter(rows)
     first = next(rows, None)  # read before writing anything: a damaged table fails before the header
     if first is not None:
-        import itertools
-
         rows = itertools.chain([first], rows)
     if fmt == "csv":
         # Every text cell quoted (OWASP), so that a CR inside one can never split a row; numbers bare.

@@ -26,7 +26,7 @@ from cbr.store.rows import get_query, iso
 from cbr.store.schema import Case, Explanation, Feedback, Model, Vote
 from cbr.store.writer import CaseWriter
 
-__all__ = ["RetainError", "add_feedback", "parse_region"]
+__all__ = ["RetainError", "NewClassError", "add_feedback", "parse_region"]
 
 
 class RetainError(CbrError):
@@ -37,6 +37,18 @@ class RetainError(CbrError):
         super().__init__(
             f"feedback {feedback_id} on query {query_id} is recorded, but the image was not retained: {reason}"
         )
+
+
+class NewClassError(CbrError):
+    """A verdict's label is no class of the case base and a new class was not confirmed; nothing is recorded."""
+
+    def __init__(self, label: str, classes):
+        self.label, self.classes = label, sorted(classes)
+        lookalike = confusable_with(label, classes)
+        self.lookalike = None if lookalike is None else lookalike_note(label, lookalike)
+        super().__init__(f"--label {label!r} is not a class of the case base ({', '.join(self.classes) or 'none yet'})"
+                         + (f"; {self.lookalike}" if self.lookalike else "")
+                         + "; check the spelling, or confirm a new class with --new-class")
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,7 @@ class _Judged:
 
 
 def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: str | None = None,
-                 retain: bool = False, image=None, region=None) -> dict:
+                 retain: bool = False, image=None, region=None, allow_new_class: bool = True) -> dict:
     """Record an expert's verdict on a query (revise) and optionally add its image as a case (retain).
 
     The feedback row is committed first and is never overwritten. Retaining decodes the query's
@@ -73,6 +85,8 @@ def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: 
         image: where the query image is now, when it moved since the query.
         region: the expert's box on the query image, "x0,y0,x1,y1" or 4 numbers in its pixels
             (``parse_region``); stored with the verdict, exported as a lesion mask (cbr.pipeline.audit.regions).
+        allow_new_class: False refuses (``NewClassError``, nothing recorded) a label no active case
+            has, so a typo does not start a class; the CLI and the page ask for an explicit confirmation.
 
     Returns:
         {"feedback_id", "query_id", "label", "prediction", "verdict", "new_class", "retained_case_id",
@@ -93,6 +107,8 @@ def add_feedback(cb, query_id: int, label: str, *, note: str | None = None, by: 
         q = get_query(s, cb, query_id)
         classes = active_classes(s)
         new_class = label not in classes
+        if new_class and not allow_new_class:
+            raise NewClassError(label, classes)
         fb = Feedback(query_id=q.id, label=label, note=note, by=by, region=region)
         s.add(fb)
         s.flush()

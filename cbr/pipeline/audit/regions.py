@@ -12,6 +12,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from PIL import Image
+
+import numpy as np
+
+from sqlalchemy import func, select
+
 from cbr.data.sources import read_source, Source
 from cbr.errors import CbrError, ImageError
 from cbr.files import atomic_open
@@ -26,8 +32,6 @@ REGION_COLUMNS = ("path", "label", "patient", "mask", "query_id", "feedback_id")
 
 def _boxes(s):
     """(query, label of its latest verdict, latest feedback row with a region) per reviewed query."""
-    from sqlalchemy import func, select
-
     latest = latest_feedback()
     boxed = (select(Feedback.query_id, func.max(Feedback.id).label("bid")).where(Feedback.region.is_not(None))
              .group_by(Feedback.query_id).subquery("boxed"))
@@ -64,9 +68,6 @@ def export_regions(cb, out_dir) -> dict:
     Example:
         >>> export_regions(open_casebase("cases.db"), "boxes")   # then: cbr train boxes/regions.csv --mask-guidance 1
     """
-    import numpy as np
-    from PIL import Image
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CbrError(f"--out {out}: is a file; give a folder for the masks and regions.csv")

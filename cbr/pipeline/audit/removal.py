@@ -6,10 +6,12 @@ writer lock, so a crash in between is repaired from the stored embeddings on the
 
 from __future__ import annotations
 
+import numpy as np
 from sqlalchemy import select
 
 from cbr.errors import CbrError, NotFoundError
 from cbr.pipeline.calibration import recalibrate
+from cbr.store.chunks import scalars_in
 from cbr.store.member import load_index, save_index, writer_lock
 from cbr.store.rows import iso
 from cbr.store.schema import Case, IndexManifest, utcnow
@@ -20,7 +22,7 @@ __all__ = ["remove_cases"]
 
 def _found(s, cb, wanted: list[int]) -> dict:
     """{id: Case} of ``wanted``; NotFoundError naming every unknown id."""
-    found = {c.id: c for c in s.scalars(select(Case).where(Case.id.in_(wanted)))}
+    found = {c.id: c for c in scalars_in(s, select(Case), Case.id, wanted)}
     unknown = [i for i in wanted if i not in found]
     if unknown:
         raise NotFoundError(f"no case {', '.join(map(str, unknown))} in {cb.display}; nothing was removed "
@@ -45,8 +47,6 @@ def remove_cases(cb, case_ids, *, reason: str | None = None) -> dict:
     Example:
         >>> remove_cases(open_casebase("cases.db"), [17, 18], reason="mislabelled")
     """
-    import numpy as np
-
     wanted = sorted({int(i) for i in case_ids})
     if not wanted:
         raise CbrError("give at least one case id to remove")

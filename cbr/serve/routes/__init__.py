@@ -1,3 +1,3 @@
-"""One APIRouter per resource: health, queries, cases, and the browser pages."""
+"""One APIRouter per resource: health, queries, cases, the browser pages and the compare view."""
 
-__all__ = ["health", "queries", "cases", "pages"]
+__all__ = ["health", "queries", "cases", "pages", "compare"]

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from cbr.serve.cases import case_record
+from cbr.serve.case_record import case_record
 from cbr.serve.deps import get_casebase, get_workbench, require_token
 from cbr.serve.models import CaseId
 from cbr.serve.pictures import case_map as stored_map, image_png, map_png

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import RedirectResponse
+from starlette.concurrency import run_in_threadpool
 
-from cbr.errors import CbrError
+from cbr.errors import CbrError, NotFoundError
+from cbr.pipeline.audit import NewClassError
 from cbr.pipeline.audit.trail import history, HistoryFilter
-from cbr.serve.cases import case_record
+from cbr.serve.case_record import case_record
 from cbr.serve.deps import get_casebase, get_workbench, require_token
+from cbr.serve.lesion import latest_region, lesion_fractions, lesion_pixels
+from cbr.serve.messages import public_message
 from cbr.serve.models import MAX_ID, MAX_OFFSET, CaseId, QueryId
 from cbr.serve.methods import stored_specs
-from cbr.serve.pages import render
+from cbr.serve.rendering import render
 from cbr.serve.routes.queries import record_json
 from cbr.serve.uploads import MAX_K, BadValue, query_options, read_upload
 from cbr.store.rows import case_locators
@@ -49,8 +54,6 @@ def ask(request: Request, csrf_token: str | None = Form(None), image: UploadFile
         case_id: int | None = Form(None, ge=1, le=MAX_ID), patient: str | None = Form(None),
         k: int | None = Form(None, ge=1, le=MAX_K), wb=Depends(get_workbench)):
     """The home page's form: an uploaded image, or a case of the case base by id."""
-    from pathlib import Path
-
     _check(request, csrf_token)
     options = query_options(k, None, None)
     patient = (patient or "").strip() or None
@@ -66,23 +69,42 @@ def ask(request: Request, csrf_token: str | None = Form(None), image: UploadFile
 
 
 @router.get("/queries/{query_id}")
-def query_page(request: Request, query_id: QueryId, cb=Depends(get_casebase)):
+def query_page(request: Request, query_id: QueryId, said: str | None = Query(None, max_length=64),
+               cb=Depends(get_casebase), wb=Depends(get_workbench)):
+    """``said``: the key of what the server answered to a verdict just posted (cbr.serve.notices)."""
     record = record_json(cb, query_id)
     p = record["prediction"]
     labels = sorted({*p["probabilities"], *(n["label"] for m in record["members"] for n in m["neighbours"])})
+    messages, ok = request.app.state.notices.get(said, query_id)
     return render(request, "query.html", {"r": record, "p": p, "labels": labels,
-                                          "methods": stored_specs(cb, query_id)})
+                                          "methods": stored_specs(cb, query_id), "said": messages, "said_ok": ok,
+                                          "lesion": lesion_fractions(wb, record), "region": latest_region(record)})
 
 
 @router.post("/queries/{query_id}/feedback")
 def feedback(request: Request, query_id: QueryId, csrf_token: str | None = Form(None), label: str = Form(""),
              other_label: str | None = Form(None), note: str | None = Form(None), by: str | None = Form(None),
-             retain: bool = Form(False), region: str | None = Form(None), wb=Depends(get_workbench)):
+             retain: bool = Form(False), region: str | None = Form(None), lesion: str | None = Form(None),
+             new_class: bool = Form(False), wb=Depends(get_workbench)):
+    """A verdict; what the server says about it (or why it refused) is shown on the query's page.
+
+    ``lesion``: a box drawn on the page, fractions x0,y0,x1,y1 of the query's square; ``region``:
+    one typed in image pixels. ``new_class`` confirms a label no case has yet."""
     _check(request, csrf_token)
     chosen = (other_label or "").strip() or label
-    wb.feedback(query_id, chosen, note=(note or "").strip() or None, by=(by or "").strip() or None, retain=retain,
-                region=(region or "").strip() or None)
-    return _see(f"/queries/{query_id}#feedback")
+    try:
+        box = lesion_pixels(wb, query_id, lesion.split(",")) if (lesion or "").strip() else (region or "").strip() or None
+        result = wb.feedback(query_id, chosen, note=(note or "").strip() or None, by=(by or "").strip() or None,
+                             retain=retain, region=box, allow_new_class=new_class)
+        said, ok = result["messages"], True
+    except NewClassError as e:
+        said, ok = [f"label {e.label!r} is not a class of the case base ({', '.join(e.classes)}); check the "
+                    "spelling, or tick \"a new class\" to start one. Nothing was recorded.", *([e.lookalike] if e.lookalike else [])], False
+    except NotFoundError:
+        raise
+    except CbrError as e:  # a retain refused (the verdict is kept), a bad box: said on the page
+        said, ok = [public_message(str(e), (wb.cb.display, str(wb.data_dir)))], False
+    return _see(f"/queries/{query_id}?said={request.app.state.notices.put(query_id, said, ok)}#feedback")
 
 
 @router.post("/queries/{query_id}/refine/region")
@@ -96,8 +118,6 @@ def refine_region(request: Request, query_id: QueryId, csrf_token: str | None = 
 @router.post("/queries/{query_id}/refine/example")
 async def refine_example(request: Request, query_id: QueryId, wb=Depends(get_workbench)):
     """Radio buttons ``rel-<case id>`` = relevant | irrelevant | skip, one per neighbour."""
-    from starlette.concurrency import run_in_threadpool
-
     form = await request.form()
     _check(request, form.get("csrf_token"))
     relevant, irrelevant = [], []

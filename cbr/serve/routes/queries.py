@@ -3,11 +3,13 @@ query's pictures by id."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from cbr.data.windows import parse_window
 from cbr.errors import NotFoundError
 from cbr.pipeline.audit import show
 from cbr.pipeline.audit.trail import history, HistoryFilter
@@ -26,6 +28,7 @@ router = APIRouter(prefix="/api/queries", tags=["queries"], dependencies=[Depend
 PNG = "image/png"
 NO_STORE = {"cache-control": "no-store"}
 IMMUTABLE = {"cache-control": "private, max-age=86400"}  # a query's image and maps never change
+WINDOW_QUERY = Query(None, max_length=40, description="a VOI window: auto, minmax, a CT preset or C,W")
 REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; frame-ancestors 'none'"
 
 
@@ -104,11 +107,19 @@ def refine_example(query_id: QueryId, body: ExampleIn, response: Response, wb=De
 
 
 @router.get("/{query_id}/image")
-def query_image(query_id: QueryId, request: Request, member: MemberId = None, cb=Depends(get_casebase)):
-    """The query image in a member's view (its crop; default the first member's), as its maps see it."""
+def query_image(query_id: QueryId, request: Request, member: MemberId = None, full: bool = False,
+                window: str | None = WINDOW_QUERY, cb=Depends(get_casebase)):
+    """The query image in a member's view (its crop; default the first member's), as its maps see it.
+
+    ``full``: at the view's own resolution; ``window``: a VOI window for DICOM/NIfTI (default the model's)."""
     record = request.app.state.records.get(cb, query_id)
-    return Response(image_png(query_image_locator(cb, query_id), record_window(record, member), record.get("sha256"),
-                              record_crop(record, member)), media_type=PNG, headers=IMMUTABLE)
+    return Response(image_png(query_image_locator(cb, query_id), _window(record, member, window), record.get("sha256"),
+                              record_crop(record, member), full=full), media_type=PNG, headers=IMMUTABLE)
+
+
+def _window(record, member, window: str | None) -> str:
+    """The window asked for (checked: a preset name or C,W), else the one the model decoded with."""
+    return record_window(record, member) if window is None else parse_window(window)
 
 
 def _map_response(record, member, kind, case_id, scale, method=None, cb=None):
@@ -141,13 +152,13 @@ def query_methods(query_id: QueryId, cb=Depends(get_casebase)):
 
 @router.get("/{query_id}/neighbours/{case_id}/image")
 def neighbour_image(query_id: QueryId, case_id: CaseId, request: Request, member: MemberId = None,
-                    cb=Depends(get_casebase)):
+                    full: bool = False, window: str | None = WINDOW_QUERY, cb=Depends(get_casebase)):
     record = request.app.state.records.get(cb, query_id)
     query_maps(record, member, "similarity", case_id)  # 404 unless it is this query's neighbour
     n = next(n for mem in record["members"] for n in mem["neighbours"] if n["case_id"] == case_id)
     file = case_locators(cb, [case_id]).get(case_id, n["path"])  # a neutral locator is shown, its file read
-    return Response(image_png(file, record_window(record, member), n.get("sha256"), record_crop(record, member)),
-                    media_type=PNG, headers=NO_STORE)
+    return Response(image_png(file, _window(record, member, window), n.get("sha256"), record_crop(record, member),
+                              full=full), media_type=PNG, headers=NO_STORE)
 
 
 @router.get("/{query_id}/neighbours/{case_id}/maps/{kind}.png")
@@ -162,8 +173,6 @@ def neighbour_map(query_id: QueryId, case_id: CaseId, kind: str, request: Reques
 @router.get("/{query_id}/report", response_class=HTMLResponse)
 def report(query_id: QueryId, cb=Depends(get_casebase)):
     """The query's self-contained HTML report, as written when it was answered (by id, never by path)."""
-    from pathlib import Path
-
     with cb.read() as s:
         path = query_row(s, cb, query_id).report_path
     if not path or not Path(path).is_file():

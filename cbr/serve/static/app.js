@@ -18,6 +18,16 @@ function showMaps() {
   const scale = checkedValue("map-scale", "shared");
   const method = chosenMethod();
   const extra = "scale=" + encodeURIComponent(scale) + (method ? "&method=" + encodeURIComponent(method) : "");
+  document.body.dataset.mapKind = kind;  // the match rings belong to the similarity maps (CSS hides them)
+  const missing = [...document.querySelectorAll("img.overlay")].filter((img) => !img.dataset[kind]).length;
+  const message = document.getElementById("map-message");
+  if (message) {
+    const all = document.querySelectorAll("img.overlay").length;
+    message.hidden = kind !== "class" || missing === 0;
+    message.textContent = missing === all
+      ? "No class maps here: this model has no class head, so there is no class map of the query, and the cases' stored maps are embedding maps. Use the similarity maps."
+      : missing + " of the " + all + " images have no class map (the query's needs a class head; a case's needs a stored class map).";
+  }
   document.querySelectorAll("img.overlay").forEach((img) => {
     const base = img.dataset[kind];
     const src = base && (base + (base.includes("?") ? "&" : "?") + extra);
@@ -74,7 +84,41 @@ function wireRegion() {
     button.disabled = !big;
     document.getElementById("region-text").textContent = big
       ? "box " + b.map((v) => v.toFixed(2)).join(", ") : "box too small; drag a larger one";
+    offerLesion(big ? b : null);
   });
+}
+
+// The box just drawn may be kept as the lesion box with the verdict (sent as fractions of the square).
+function offerLesion(box) {
+  const use = document.getElementById("feedback-use-box");
+  const field = document.getElementById("feedback-lesion");
+  const text = document.getElementById("feedback-box-text");
+  if (!use || !field) return;
+  use.disabled = !box;
+  if (!box) use.checked = false;
+  use.dataset.box = box ? box.map((v) => v.toFixed(4)).join(",") : "";
+  field.value = use.checked ? use.dataset.box : "";
+  if (text) text.textContent = box ? "(box " + box.map((v) => v.toFixed(2)).join(", ") + " of the square)"
+    : "(drag a box over the query image first)";
+}
+
+function wireLesion() {
+  const use = document.getElementById("feedback-use-box");
+  const field = document.getElementById("feedback-lesion");
+  if (use && field) use.addEventListener("change", () => { field.value = use.checked ? (use.dataset.box || "") : ""; });
+}
+
+// The reviewer's name is remembered by this browser (never sent anywhere but with a verdict).
+function wireReviewer() {
+  const by = document.getElementById("feedback-by");
+  const form = document.getElementById("feedback-form");
+  if (!by || !form) return;
+  try {
+    if (!by.value) by.value = window.localStorage.getItem("cbr.reviewer") || "";
+    form.addEventListener("submit", () => {
+      if (by.value.trim()) window.localStorage.setItem("cbr.reviewer", by.value.trim());
+    });
+  } catch (e) { /* storage disabled: the field just stays empty */ }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -89,5 +133,9 @@ document.addEventListener("DOMContentLoaded", () => {
   if (methodSelect) methodSelect.addEventListener("change", showMaps);
   showMaps();
   wireSliders();
+  const plain = document.getElementById("plain-images");
+  if (plain) plain.addEventListener("change", () => { document.body.dataset.plain = plain.checked ? "1" : ""; });
   wireRegion();
+  wireLesion();
+  wireReviewer();
 });

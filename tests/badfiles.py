@@ -364,7 +364,7 @@ EXPECTED: dict[str, Expect] = {
     "symlink_loop": Expect("problem", "symbolic link loop"),
     "dir_like_image": Expect("problem", "is a directory, not an image"),
     "hidden": Expect("ignored"),
-    "stray": Expect("problem", "not in a class folder"),
+    "stray": Expect("problem", "an image outside the class folders"),
     "duplicate": Expect("problem", "duplicate of"),
     "conflict_a": Expect("problem", "label conflict"),
     "conflict_b": Expect("problem", "label conflict"),

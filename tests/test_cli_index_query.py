@@ -163,6 +163,7 @@ def test_duplicate_manifest_rows_are_counted_as_duplicates(runner, phantom_set, 
     assert result.output.count("duplicate of") == 2
 
 
+@pytest.mark.slow
 def test_query_scale_reaches_the_report(runner, indexed, query_set, tmp_path):
     images, _ = _query_images(query_set)
     for scale in ("shared", "per-image"):

@@ -235,6 +235,7 @@ def test_evaluate_reports_selective_prediction_and_ood(runner, indexed, query_se
     assert "AURC" in table.output and "OOD AUROC" in table.output and "foreign queries flagged 1.000" in table.output
 
 
+@pytest.mark.slow
 def test_cross_validation_queries_the_foreign_data_against_every_fold(runner, phantom_set, tmp_path):
     foreign = _foreign_folder(tmp_path / "foreign")
     result = invoke(runner, "evaluate", phantom_set, "--folds", 2, "--no-train", "--backbone", "tinycnn", "--weights",

@@ -149,11 +149,17 @@ def test_hidden_clutter_stray_and_empty(tmp_path):
     _img(data / "a" / ".cache" / "y.png")
     _img(data / "a" / "Thumbs.db")
     _img(data / "README.txt")
+    _img(data / "SOURCE.txt")
+    _img(data / "stray.png")
     (data / "a" / "empty.jpg").write_bytes(b"")
     scan = read_dataset(data)
     assert [Path(r.path).name for r in scan.records] == ["ok.png"]
+    # a note beside the class folders is listed as ignored, never to be moved into a class
+    note = "ignored: a file beside the class folders that is not named like an image (a note, a licence)"
     assert _reasons(scan) == {
-        str(data / "README.txt"): "not in a class folder; move it into DATA/<label>/",
+        str(data / "README.txt"): note,
+        str(data / "SOURCE.txt"): note,
+        str(data / "stray.png"): "an image outside the class folders; move it into the folder of its label",
         str(data / "a" / "empty.jpg"): "empty file (0 bytes)",
     }
 
@@ -465,3 +471,15 @@ def test_any_manifest_content_gives_a_scan_or_dataset_error(files, header, conte
         else:
             assert all(isinstance(p, Problem) for p in scan.problems)
             assert all(isinstance(r, Record) for r in scan.records)
+
+
+def test_a_data_folder_given_through_a_link_is_recorded_under_its_real_path(tmp_path):
+    """So one folder never shows under two roots: cases under the link's name, queries (which are
+    resolved) under the real one."""
+    real = tmp_path / "disk" / "data"
+    _img(real / "a" / "one.png")
+    _img(real / "b" / "two.png")
+    link = tmp_path / "data-link"
+    link.symlink_to(real, target_is_directory=True)
+    scan = read_dataset(link)
+    assert sorted(r.path for r in scan.records) == [str(real / "a" / "one.png"), str(real / "b" / "two.png")]

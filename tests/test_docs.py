@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURE = ROOT / "ARCHITECTURE.md"
 PACKAGES = ("cbr", "index", "explain")
 README_MAX_LINES = 320
-FILE_SUFFIXES = {"py", "md", "html", "json", "csv", "png", "jpg", "yml", "toml", "db"}
+FILE_SUFFIXES = {"py", "md", "html", "json", "csv", "png", "jpg", "yml", "toml", "db", "js", "css", "txt", "svg", "mako"}
 # Options the pages name that belong to other tools (pip), not to cbr.
 FOREIGN_OPTIONS = {"--no-deps"}
 # Words that only mean something inside the project's own history, never to a reader.

@@ -109,6 +109,7 @@ def test_backbone_shapes_and_fingerprint(name):
     assert random_model(name, seed=1).fingerprint != emb.fingerprint
 
 
+@pytest.mark.slow
 def test_fingerprint_same_in_new_process():
     emb = create_embedder("tinycnn", weights="none", seed=3)
     code = (

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from conftest import invoke
+
 from cbr.store.casebase import open_casebase
 from cbr.data.dataset import read_dataset
 from cbr.evaluation import EvalConfig, cross_validate, evaluate_casebase
@@ -62,6 +64,7 @@ def test_cross_validation_returns_every_figure_in_range(cv):
     json.dumps(m, allow_nan=False)  # strict JSON: undefined figures are null
 
 
+@pytest.mark.slow
 def test_localisation_block_when_masks_and_gradcam(cv):
     loc = cv[0]["localisation"]
     # the phantoms have masks, so each fold's model carries a lesion localiser: its map is the default
@@ -81,6 +84,7 @@ def test_localisation_block_when_masks_and_gradcam(cv):
         assert b["no_better_than_a_guess"] == (b["pointing_game"] < b["best_guess_pointing_game"] + 0.10)
 
 
+@pytest.mark.slow
 def test_folds_never_split_a_patient_and_report_folder(cv):
     m, out = cv
     assert {p.name for p in out.iterdir()} >= {"metrics.json", "confusion_matrix.png", "reliability.png",
@@ -95,6 +99,7 @@ def test_folds_never_split_a_patient_and_report_folder(cv):
     assert len(set(fold_of.values())) == 3
 
 
+@pytest.mark.slow
 def test_format_table_is_readable(cv):
     text = format_table(cv[0])
     assert "3-fold patient-grouped cross-validation" in text
@@ -153,6 +158,7 @@ def test_strict_excludes_leaking_images(leaky, tmp_path):
     assert not math.isnan(m["accuracy"])
 
 
+@pytest.mark.slow
 def test_faithfulness_and_sanity_checks(cv):
     faith = cv[0]["faithfulness"]
     assert faith is not None and faith["n"] >= 3 and faith["target"] == "class probability"
@@ -189,6 +195,7 @@ def _predictions(folder):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_figures_agree_with_the_predictions_file(cv):
     """Every pooled and per-fold figure, recomputed by scikit-learn from predictions.csv."""
@@ -295,3 +302,41 @@ def test_held_out_known_answer(tmp_path):
     m = evaluate_casebase(cb, config=EvalConfig(k=3, vote="majority"), strict=True, records=test)
     _check_known_answer(m, n_bright=8, n_dark=8)
     assert m["leakage"]["images"] == 0 and m["softmax"] is None
+
+
+# --- several --backbone values: each member and ensemble rule on the same folds ----------------
+
+@pytest.mark.slow
+def test_members_and_ensembles_on_the_same_folds(tmp_path):
+    """Any embedder answers the planted set the known way, so every member and both ensemble rules
+    score exactly (1 + 15/16) / 2; the single-backbone run gives the member's own figure."""
+    manifest = _planted(tmp_path / "planted")
+    config = EvalConfig(k=3, vote="majority", batch_size=8, num_workers=0)
+    m = cross_validate(manifest, config, FAST, folds=2, train=False, backbones=("tinycnn", "mobilenet_v2"))
+    assert list(m["members"]) == ["tinycnn", "mobilenet_v2"] and set(m["ensembles"]) == {"classic", "confidence"}
+    for view in [*m["members"].values(), *m["ensembles"].values()]:
+        assert view["n"] == 32 and view["balanced_accuracy"] == pytest.approx((1 + 15 / 16) / 2)
+    assert m["balanced_accuracy"] == m["ensembles"]["confidence"]["balanced_accuracy"]
+    assert m["config"]["backbones"] == ["tinycnn", "mobilenet_v2"]
+    assert all(set(f["members"]) == {"tinycnn", "mobilenet_v2"} for f in m["folds"])
+    single = cross_validate(manifest, config, FAST, folds=2, train=False)
+    assert single["balanced_accuracy"] == m["members"]["tinycnn"]["balanced_accuracy"]
+    assert "members" not in single
+    table = format_table(m)
+    assert "member mobilenet_v2" in table and "ensemble classic" in table and "tinycnn + mobilenet_v2" in table
+
+
+@pytest.mark.slow
+def test_trained_members_report_their_softmax(phantoms):
+    m = cross_validate(phantoms, QUICK, replace(FAST, epochs=1), folds=2, backbones=("tinycnn", "resnet18"))
+    for name, view in m["members"].items():
+        assert view["n"] == 18 and _unit(view["softmax_balanced_accuracy"]), name
+    assert all(_unit(v["balanced_accuracy"]) for v in m["ensembles"].values())
+    assert all("softmax_balanced_accuracy" not in v for v in m["ensembles"].values())
+
+
+def test_repeated_backbone_is_one_line(runner, tmp_path):
+    result = invoke(runner, "evaluate", tmp_path, "--backbone", "tinycnn", "--backbone", "tinycnn")
+    assert result.exit_code != 0 and "--backbone tinycnn is given twice" in result.output
+    result = invoke(runner, "train", tmp_path, "--backbone", "tinycnn", "--backbone", "resnet18")
+    assert result.exit_code == 2 and "train takes one" in result.output

@@ -292,3 +292,16 @@ def test_upgrade_to_0009_keeps_older_queries_readable(tmp_path):
         assert p["set"] is None and p["conflict"] == [] and p["evidence"]["text"] == "no neighbours"
     finally:
         cb.close()
+
+
+def test_prediction_sets_follow_remove(runner, conflict_set, tmp_path):
+    """The sets are calibrated on the calibration rows, which `cbr remove` recomputes."""
+    db = tmp_path / "cases.db"
+    result = invoke(runner, "index", conflict_set, "--db", db, *TINY, "--workers", "0", "--explain", "none")
+    assert result.exit_code == 0, result.output
+    query = ("query", conflict_set / "a" / "3.png", "--db", db, "--json", "--explain", "none", "--no-record")
+    (before,) = _answers(invoke(runner, *query))
+    assert before["calibration"]["cases"] == 17
+    assert invoke(runner, "remove", 1, 2, "--db", db, "--reason", "test").exit_code == 0
+    (after,) = _answers(invoke(runner, *query))
+    assert after["calibration"]["cases"] == 15

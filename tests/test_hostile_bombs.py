@@ -80,20 +80,29 @@ def casebase(tmp_path_factory, _indexed_template):
 # -- PNG (and every Pillow format) -------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_16bit_png_at_the_pixel_limit_decodes_in_bounded_memory(bomb_dir, casebase, tmp_path):
-    """194 KB, 10000x10000 16-bit: it used to cost 3.6 GB (float64 copies); now about 5 bytes a pixel."""
+def test_16bit_png_bomb_is_refused_from_its_header_under_1gb(bomb_dir, casebase, tmp_path):
+    """194 KB declaring 10000x10000 16-bit pixels: it cost 3.6 GB, then 1.5 GB once decoded without
+    float64 copies; the pixel limit now refuses it before torch or a pixel is loaded."""
     png = bombs.png16(bomb_dir / "big16.png")
     assert png.stat().st_size < 250_000
+    rc, out, err, peak = run_cbr(["query", png, "--db", casebase, "--no-record"], tmp_path)
+    assert_refused(rc, out, err, "big16.png", "image too large", "1e8", "5e7")
+    assert peak < 1024
+
+
+@pytest.mark.slow
+def test_16bit_png_just_under_the_pixel_limit_decodes_in_bounded_memory(bomb_dir, casebase, tmp_path):
+    """7000x7000 16-bit (4.9e7 pixels) is accepted and answered without float64 copies."""
+    png = bombs.png16(bomb_dir / "big16-ok.png", 7000, 7000)
     rc, out, err, _ = run_cbr(["query", png, "--db", casebase, "--no-record"], tmp_path)
     assert rc == 0 and "Traceback" not in err, err[-3000:]
 
 
 def test_16bit_png_over_the_budget_is_refused_in_one_line(bomb_dir, casebase, runner, monkeypatch):
-    png = bombs.png16(bomb_dir / "big16-budget.png", 10000, 6000)
+    png = bombs.png16(bomb_dir / "big16-budget.png", 10000, 4000)
     monkeypatch.setenv("CBR_MAX_DECODED_MB", "512")  # the option sets it; restored after the test
-    result = invoke(runner, "--max-decoded-mb", "100", "query", png, "--db", casebase, "--no-record")
-    assert_one_line_error(result, "big16-budget.png", "decoded size too large", "--max-decoded-mb", "114.4 MiB")
+    result = invoke(runner, "--max-decoded-mb", "50", "query", png, "--db", casebase, "--no-record")
+    assert_one_line_error(result, "big16-budget.png", "decoded size too large", "--max-decoded-mb", "76.29 MiB")
 
 
 def test_budget_applies_to_every_pillow_format(tmp_path, monkeypatch):

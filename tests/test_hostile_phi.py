@@ -102,6 +102,7 @@ def test_query_patient_is_pseudonymised_before_it_is_used_or_stored(casebase, tm
     assert b"NOD0" not in db.read_bytes()
 
 
+@pytest.mark.slow
 def test_pseudonymised_case_base_refuses_a_query_without_its_key(casebase, tmp_path, runner, monkeypatch):
     db, data = casebase
     monkeypatch.delenv("CBR_PSEUDONYMISE_KEY", raising=False)

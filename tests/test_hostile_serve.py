@@ -249,6 +249,7 @@ def test_serve_refuses_a_default_k_past_max_k(runner, indexed):
     assert result.exit_code == 1 and "-k 50" in result.output and "--max-k 10" in result.output
 
 
+@pytest.mark.slow
 def test_a_slow_explanation_does_not_hold_a_plain_query(make, query_set, monkeypatch):
     import cbr.pipeline.explanation as explanation
     import cbr.pipeline.query as pipeline_query
@@ -460,6 +461,7 @@ def test_the_session_is_signed_expires_and_ends_at_logout(make):
     assert replay.get("/healthz").status_code == 401  # the cookie died at logout, even if kept
 
 
+@pytest.mark.slow
 def test_a_session_does_not_survive_a_restart_unless_its_key_is_given(make):
     first = make(token="s3cret-token")
     assert _login(first, "s3cret-token", _csrf(first, "/login")).status_code == 303

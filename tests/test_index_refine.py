@@ -50,6 +50,7 @@ def test_reranking_lifts_pq_recall_to_brute_force(data, pq_and_sidecar):
     assert recall(Ir, Iref) >= 0.95
 
 
+@pytest.mark.slow
 def test_every_candidate_reranked_is_brute_force_on_the_stored_vectors(data, pq_and_sidecar):
     x, ids = data
     ix, side = pq_and_sidecar
@@ -67,6 +68,7 @@ def test_every_candidate_reranked_is_brute_force_on_the_stored_vectors(data, pq_
     np.testing.assert_allclose(D, Dref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_filters_hold_after_reranking(data, pq_and_sidecar):
     x, ids = data
     ix, side = pq_and_sidecar
@@ -81,6 +83,7 @@ def test_filters_hold_after_reranking(data, pq_and_sidecar):
     assert recall(I, Iref) >= 0.9
 
 
+@pytest.mark.slow
 def test_padding_when_fewer_than_k(pq_and_sidecar, data):
     x, ids = data
     ix, side = pq_and_sidecar

@@ -280,6 +280,9 @@ def test_answer_that_rests_off_the_finding_is_warned(runner, trained, query_set,
     if a["finding"]["on_finding"] is not None:
         assert a["finding"]["warning"] == "this answer rests mostly on evidence outside the finding"
         assert a["finding"]["warning"] in a["notes"]
+    quiet = runner.invoke(cli, ["query", str(image), "--db", str(work / "cases.db"), "-k", "3", "--no-record",
+                                "--explain", "none", "--json"])
+    assert json.loads(quiet.output)["finding"] == {}  # no maps, nothing said about the finding
     text = runner.invoke(cli, ["query", str(image), "--db", str(work / "cases.db"), "-k", "3", "--no-record"])
     assert "nearest case of another label: case" in text.output
     assert "maps hit the lesion in 90% of 10 masked cases (a centre guess: 20%)" in text.output

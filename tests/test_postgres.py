@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from test_reliability_crash import fork_server
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # several processes per test: `make test` only
 
 WRITERS = 4
 

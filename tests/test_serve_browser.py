@@ -103,6 +103,7 @@ def _image(query_set):
         return query_set.parent / next(csv.DictReader(fh))["path"]
 
 
+@pytest.mark.slow
 def test_upload_compare_slide_correct_and_find_it_in_history(browser, server, query_set, tmp_path, indexed):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -187,6 +188,7 @@ def test_upload_compare_slide_correct_and_find_it_in_history(browser, server, qu
     assert browser.find_element(By.LINK_TEXT, str(qid))
 
 
+@pytest.mark.slow
 def test_draw_a_region_and_query_it(browser, server, query_set):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -302,6 +304,8 @@ def _draw_box(browser):
         .move_by_offset(120, 150).release().perform()
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_audit_walk_through_with_screenshots(browser, server, query_set, artifacts, indexed):
     """Upload, compare, zoom, window, refine by region, a verdict with a drawn lesion box seen again
     on reload, a retain refused with its message, and axe-core on every page; one screenshot a step."""
@@ -357,6 +361,9 @@ def test_audit_walk_through_with_screenshots(browser, server, query_set, artifac
     assert "case 1" in said and ("not added twice" in said or "label conflict" in said), said
     _shot(browser, artifacts, "09-retain-refused.png")
 
+    browser.get(query_url.replace("/queries/", "/api/queries/") + "/report")
+    assert browser.find_elements(By.CSS_SELECTOR, "img.cbar-img")
+    _shot(browser, artifacts, "12-static-report.png")
     browser.get(server + "/history")
     _shot(browser, artifacts, "10-history.png")
     problems["history"] = _serious_violations(browser)

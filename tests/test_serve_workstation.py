@@ -173,3 +173,45 @@ def test_cli_feedback_refuses_a_new_label_in_one_line_unless_new_class(asked, in
     assert invoke(runner, "show", qid, "--db", indexed).output.count("maybe") == 0
     r = invoke(runner, "feedback", qid, "--db", indexed, "--label", "maybe", "--new-class")
     assert r.exit_code == 0 and "'maybe' is a new class" in r.output
+
+
+def test_static_report_shows_plain_image_overlay_and_colour_bar_for_query_and_each_neighbour(client, asked):
+    qid, mem = asked
+    r = client.get(f"/api/queries/{qid}/report")
+    assert r.status_code == 200
+    html = r.text
+    assert "<script" not in html.lower()
+    assert 'alt="query, plain"' in html and 'alt="query"' in html
+    for n in mem["neighbours"]:
+        assert f'alt="case {n["case_id"]}, plain"' in html and f'alt="case {n["case_id"]}"' in html
+    # one colour bar for the query's map and one for each neighbour's, the scale named under each
+    assert html.count("alt='colour scale: blue low, red high'") == 1 + len(mem["neighbours"])
+    assert "red is the largest value among their maps" in html
+
+
+def _upload(client, path):
+    with open(path, "rb") as fh:
+        r = client.post("/api/queries", files={"image": (path.name, fh, "image/png")})
+    assert r.status_code == 200, r.text
+    return r.json()["query_id"]
+
+
+@pytest.mark.slow
+def test_a_re_encoded_copy_of_a_case_is_flagged_as_a_near_duplicate(client, indexed, tmp_path, asked):
+    """(An exact copy is never its own neighbour: the search leaves out cases with the query's sha256.)"""
+    from cbr.data.phantom import near_duplicate
+    from cbr.store.rows import case_locators
+
+    cb = open_casebase(indexed, create=False)
+    source = case_locators(cb, [1])[1]
+    cb.close()
+    near = tmp_path / "near.png"
+    near_duplicate(Image.open(source), seed=3).save(near)
+    qid = _upload(client, near)
+    page = client.get(f"/queries/{qid}").text
+    assert re.search(r'id="dup-\d+-1"><span class="tag warn">near duplicate</span> of the query', page)
+    assert page.count('class="dup small"') == 1
+    assert "near duplicate of the query</span>" in client.get(f"/queries/{qid}/compare/1").text
+    # an unrelated query image (another patient) has no duplicate among its neighbours
+    qid, _ = asked
+    assert 'class="dup small"' not in client.get(f"/queries/{qid}").text

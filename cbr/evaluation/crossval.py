@@ -19,6 +19,7 @@ from cbr.errors import CbrError
 from cbr.evaluation.comparison import comparison_report
 from cbr.evaluation.config import EvalConfig
 from cbr.evaluation.faithfulness import explanation_checks, FAITHFULNESS_IMAGES, pool_checks
+from cbr.evaluation.members import MemberViews, check_backbones
 from cbr.evaluation.outcome import load_records, run_queries, unique_problems
 from cbr.evaluation.scoring import fold_figures, score
 from cbr.evaluation.selective import add_selective, foreign_typicality, read_foreign, write_selective
@@ -81,6 +82,23 @@ class _Folds:
         self.foreign = []  # (typicality, flagged) of the --ood dataset's images, every fold
         self.sweeps = []  # the map sweep of every fold (cbr.evaluation.sweep)
         self.priors = {}  # {fold: the mean of its training masks}: the mean-mask guess (cbr.evaluation.localisation)
+        self.views = None  # several backbones: each member and ensemble rule (cbr.evaluation.members)
+
+    def _fold_models(self, tmp: Path, train_recs, row: dict) -> list[Path]:
+        """Train (or take) the fold's model of every member backbone: their checkpoint files."""
+        backbones = self.views.backbones if self.views else (self.training.backbone,)
+        ckpts = []
+        for i, backbone in enumerate(backbones):
+            ckpt = tmp / (f"model-{i}.pt" if self.views else "model.pt")
+            figures, bad = _fold_model(ckpt, train_recs, replace(self.training, backbone=backbone), self.train,
+                                       self.shown, self.progress)
+            if self.views:
+                row.setdefault("members", {})[backbone] = figures
+            else:
+                row.update(figures)
+            self.problems.extend(bad)
+            ckpts.append(ckpt)
+        return ckpts
 
     def run(self, f: int, train_recs, test_recs) -> None:
         """Train (or take) fold ``f``'s model, index its training part, query its held-out part."""
@@ -89,13 +107,10 @@ class _Folds:
                             f"{len(test_recs)} held out")
         row = {"fold": f + 1, "n_train": len(train_recs)}
         with tempfile.TemporaryDirectory(prefix="cbr-cv-") as tmp:
-            ckpt = Path(tmp) / "model.pt"
-            figures, bad = _fold_model(ckpt, train_recs, self.training, self.train, self.shown, self.progress)
-            row.update(figures)
-            self.problems.extend(bad)
+            ckpts = self._fold_models(Path(tmp), train_recs, row)
             cb = open_casebase(Path(tmp) / "cases.db")
             try:
-                report = index_dataset(cb, records=train_recs, models=[str(ckpt)], explain="none",
+                report = index_dataset(cb, records=train_recs, models=[str(c) for c in ckpts], explain="none",
                                        batch_size=cfg.batch_size, progress=self.progress,
                                        num_workers=cfg.num_workers, device=cfg.device)
                 self.problems.extend(report.problems)
@@ -112,6 +127,8 @@ class _Folds:
                 got, bad = run_queries(searcher, test_recs, fold=f + 1, progress=self.progress,
                                        desc=f"fold {f + 1} queries")
                 self.problems.extend(bad)
+                if self.views:
+                    self.views.query_fold(searcher, ckpts, test_recs, f + 1, self.progress, done=got)
                 emb = searcher.members[0].embedder
                 self.input_size, self.model_config = emb.config.input_size, emb.config
                 if cfg.explain != "none" or cfg.target_layers:
@@ -153,9 +170,38 @@ def _settings(config: EvalConfig, t: TrainConfig, shown: str, folds: int, train:
     return {"protocol": "cross-validation", "source": shown, "folds": folds, "k": config.k, "vote": config.vote,
             "explain": config.explain, "train": train, "backbone": t.backbone, "weights": t.weights,
             "epochs": t.epochs if train else None, "img_size": t.img_size, "batch_size": config.batch_size,
-            "lr": t.lr, "patience": t.patience, "train_layers": t.train_layers, "seed": t.seed, "device": t.device,
+            "lr": t.lr, "patience": t.patience, "train_layers": t.train_layers, "cache_draws": t.cache_draws,
+            "seed": t.seed, "device": t.device,
             "sources": config.sources.to_dict(), "mask_guidance": t.mask_guidance,
-            "objective": t.objective, "sampler": t.sampler, "flip": t.flip, "crop": t.crop}
+            "objective": t.objective, "sampler": t.sampler, "flip": t.flip, "crop": t.crop,
+            "localiser": t.localiser if train else False}
+
+
+def _pooled(run: _Folds, classes, config: EvalConfig) -> dict:
+    """The folds' figures pooled: the vote, members and ensembles, selective answers, explanations."""
+    metrics = score(run.outcomes, classes, k=config.k, softmax_classes=run.softmax_classes,
+                    input_size=run.input_size, localise=config.explain != "none", model=run.model_config,
+                    priors=run.priors)
+    metrics["faithfulness"] = pool_checks(run.faithfulness)
+    if run.views:
+        metrics.update(run.views.figures(classes))
+    add_selective(metrics, run.outcomes, run.foreign if config.ood else None)
+    if run.comparison is not None:
+        metrics["comparison"] = dict(run.comparison, fold=1)
+    if run.sweeps:
+        metrics["map_sweep"] = finish_sweep(pool_sweeps(run.sweeps), config.out_dir)
+    return metrics
+
+
+def _members(backbones, training: TrainConfig, train: bool) -> tuple[tuple[str, ...], TrainConfig]:
+    """(the member backbones, the training config of the first); each member's config checked."""
+    backbones = check_backbones(backbones)
+    if backbones:
+        training = replace(training, backbone=backbones[0])
+    if train:
+        for backbone in backbones or (training.backbone,):
+            replace(training, backbone=backbone).check()  # an unknown objective, sampler or flip too
+    return backbones, training
 
 
 def cross_validate(
@@ -168,6 +214,7 @@ def cross_validate(
     records=None,
     progress: bool = False,
     manifest: ManifestSpec | None = None,
+    backbones=(),
 ) -> dict:
     """Patient-grouped, stratified k-fold cross-validation of train -> index -> query.
 
@@ -184,10 +231,15 @@ def cross_validate(
         records: evaluate these ``Record``s instead of reading ``source``.
         progress: progress bars.
         manifest: the manifest's columns and image folders (see ``ManifestSpec``).
+        backbones: two or more backbones: each fold trains one model per backbone into one case
+            base; the main figures are its ensemble (``Searcher``'s default rule, over all members);
+            ``members`` and ``ensembles`` give each member alone (vote and softmax) and every
+            ensemble rule on the same folds (cbr.evaluation.members). One or none: ``training.backbone``.
 
     Returns:
         The pooled metrics, plus ``folds`` (each fold's figures), ``config``, ``elapsed_s``,
-        ``protocol`` and ``report`` (the folder, or None).
+        ``protocol`` and ``report`` (the folder, or None); with several backbones also ``members``
+        and ``ensembles``.
 
     Example:
         >>> m = cross_validate("data/brain_mri", training=TrainConfig(epochs=4, img_size=160))
@@ -195,8 +247,7 @@ def cross_validate(
     """
     t0 = time.monotonic()
     config.check()  # unknown names fail before any work
-    if train:
-        training.check()  # an unknown objective, sampler or flip too, not at the first fold
+    backbones, training = _members(backbones, training, train)
     device = resolve_device(config.device if config.device is not None else training.device)
     # the folds' models decode DATA as it was read: config.sources, window included
     config, training = replace(config, device=device), replace(training, device=device, sources=config.sources)
@@ -211,6 +262,8 @@ def cross_validate(
 
     run = _Folds(config, training, folds, train, shown, progress)
     run.problems.extend(problems)
+    if len(backbones) > 1:
+        run.views, settings["backbones"] = MemberViews(backbones, config), list(backbones)
     for f in range(folds):
         train_recs = [r for r, g in zip(recs, fold_of) if g != f]
         test_recs = [r for r, g in zip(recs, fold_of) if g == f]
@@ -219,16 +272,7 @@ def cross_validate(
             raise CbrError(f"fold {f + 1}: patient(s) {sorted(shared)[:3]} on both sides; refusing to report")
         run.run(f, train_recs, test_recs)
 
-    metrics = score(run.outcomes, classes, k=config.k, softmax_classes=run.softmax_classes,
-                    input_size=run.input_size, localise=config.explain != "none", model=run.model_config,
-                    priors=run.priors)
-    metrics["faithfulness"] = pool_checks(run.faithfulness)
-
-    add_selective(metrics, run.outcomes, run.foreign if config.ood else None)
-    if run.comparison is not None:
-        metrics["comparison"] = dict(run.comparison, fold=1)
-    if run.sweeps:
-        metrics["map_sweep"] = finish_sweep(pool_sweeps(run.sweeps), config.out_dir)
+    metrics = _pooled(run, classes, config)
     metrics.update(protocol="cross-validation", folds=run.rows, config=settings,
                    softmax_classes=run.softmax_classes, problems=unique_problems(run.problems),
                    elapsed_s=round(time.monotonic() - t0, 1), report=None)

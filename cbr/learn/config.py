@@ -58,6 +58,9 @@ class TrainConfig:
     flip: str = "horizontal"  # cbr.learn.augmentation.FLIPS: training flips (horizontal: as always)
     mask_guidance: float = 0.0  # weight of the map-outside-the-lesion loss (cbr.learn.guidance); 0: off
     localiser: bool = True  # with lesion masks: also train the lesion localiser (cbr.learn.segmentation)
+    # with train_layers: the frozen blocks' features computed once for this many augmentation draws
+    # per image, and the epochs trained on them (cbr.learn.feature_cache); 0: off
+    cache_draws: int = 0
 
     def check(self) -> None:
         """Raise TrainError or UnknownNameError naming the first option out of range."""
@@ -88,6 +91,11 @@ class TrainConfig:
             raise TrainError(f"--lr {self.lr}: the learning rate must be > 0 (default {HEAD_LR:g})")
         if self.train_layers is not None and self.train_layers < 0:
             raise TrainError(f"--train-layers {self.train_layers}: use 0 (the head only) or more")
+        if self.cache_draws < 0:
+            raise TrainError(f"--cache-draws {self.cache_draws}: use 0 (off) or more draws per image")
+        if self.cache_draws and self.train_layers is None:
+            raise TrainError(f"--cache-draws {self.cache_draws} caches the frozen blocks; freeze some with "
+                             "--train-layers N (e.g. 5)")
         if self.patience is not None and self.patience < 0:
             raise TrainError(f"--patience {self.patience}: use 0 (no early stopping) or more")
         if not 0 <= self.val_fraction < 1:

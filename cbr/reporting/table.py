@@ -55,6 +55,26 @@ def _calibration_lines(metrics: dict, soft) -> list[str]:
     return out
 
 
+def _shown_backbone(cfg: dict) -> str:
+    backbones = cfg.get("backbones")
+    return " + ".join(backbones) + " (ensemble)" if backbones else str(cfg.get("backbone"))
+
+
+def member_lines(metrics: dict) -> list[str]:
+    """Each ensemble member and ensemble rule on the same folds (``cbr evaluate --backbone A --backbone B``)."""
+    if not metrics.get("members"):
+        return []
+    lines = ["", f"{'on the same folds':<28}{'vote bal.acc':>13}{'vote ECE':>10}{'softmax bal.acc':>16}{'softmax ECE':>12}"]
+    views = [(f"member {b}", v) for b, v in metrics["members"].items()]
+    views += [(f"ensemble {n}", v) for n, v in (metrics.get("ensembles") or {}).items()]
+    for name, v in views:
+        soft = v.get("softmax_balanced_accuracy")
+        lines.append(f"{name[:27]:<28}{_f(v.get('balanced_accuracy')):>13}{_f(v.get('ece')):>10}"
+                     f"{_f(soft) if soft is not None else '-':>16}"
+                     f"{_f(v.get('softmax_ece')) if soft is not None else '-':>12}")
+    return lines
+
+
 def format_table(metrics: dict) -> str:
     """A readable summary of a metrics dict from either protocol."""
     cfg = metrics.get("config", {})
@@ -62,7 +82,7 @@ def format_table(metrics: dict) -> str:
     lines = []
     if metrics.get("protocol") == "cross-validation":
         what = (f"{cfg.get('folds')}-fold patient-grouped cross-validation"
-                f" ({'fine-tuned ' + str(cfg.get('backbone')) if cfg.get('train') else str(cfg.get('backbone')) + ' as is'})")
+                f" ({'fine-tuned ' + _shown_backbone(cfg) if cfg.get('train') else _shown_backbone(cfg) + ' as is'})")
     else:
         what = f"held-out test set against {cfg.get('casebase')}"
     lines.append(f"{what}: {metrics['n']} images, {len(metrics['classes'])} classes, k={cfg.get('k')}, "
@@ -108,6 +128,7 @@ def format_table(metrics: dict) -> str:
                      f"correlation with {faith['randomised_block']} re-initialised {_f(faith['randomisation_spearman'])}")
     if metrics.get("comparison"):
         lines += ["", format_comparison(metrics["comparison"])]
+    lines += member_lines(metrics)
     if metrics.get("folds"):
         lines.append("")
         parts = []

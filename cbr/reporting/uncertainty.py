@@ -84,8 +84,8 @@ def unlike_text(unlike: dict | None) -> str | None:
 def set_text(classes) -> str:
     """How a prediction set reads: "yes", or "uncertain between yes and no"."""
     classes = [str(c) for c in classes or ()]
-    if not classes:
-        return "empty"
+    if not classes:  # possible with conformal sets: the image is unlike every class's calibration cases
+        return "empty: no class is typical enough for this coverage"
     if len(classes) == 1:
         return classes[0]
     return "uncertain between " + ", ".join(classes[:-1]) + " and " + classes[-1]

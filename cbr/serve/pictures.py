@@ -19,6 +19,7 @@ from cbr.data import sources
 from cbr.data.crop import crop_box, model_view
 from cbr.errors import CbrError, NotFoundError
 from cbr.pipeline.explanation import IMAGE_CHANGED
+from cbr.reporting.colour_bar import colour_bar_png
 from cbr.reporting.report import load_record
 from cbr.store.schema import Explanation
 from explain.cam import decode_map
@@ -67,12 +68,6 @@ def image_png(path: str, window: str = "auto", sha256: str | None = None, crop: 
         box = crop_box(img, crop) or (0, 0) + img.size
         side = min(FULL_MAX, max(SIZE, box[2] - box[0], box[3] - box[1]))
     return _png(model_view(img, side, crop))
-
-
-def colour_bar_png(width: int = 256, height: int = 14) -> bytes:
-    """The maps' colour scale, low (left) to high (right), as the overlays colour it."""
-    ramp = colorize(np.linspace(0.0, 1.0, width, dtype=np.float32))
-    return _png(Image.fromarray(np.repeat(ramp[None], height, axis=0), mode="RGB"))
 
 
 def map_png(raw, vmax: float | None) -> bytes:

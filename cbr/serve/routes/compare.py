@@ -14,11 +14,12 @@ from fastapi.responses import Response
 from cbr.data.windows import WINDOWS
 from cbr.errors import NotFoundError
 from cbr.serve.deps import get_casebase, require_token
+from cbr.serve.duplicates import duplicate_flags
+from cbr.serve.lesion import lesion_fractions
 from cbr.serve.models import CaseId, MemberId, QueryId
 from cbr.serve.pictures import SIZE, colour_bar_png
 from cbr.serve.rendering import render
 from cbr.serve.routes.queries import record_json
-from cbr.serve.lesion import lesion_fractions
 
 router = APIRouter(tags=["pages"], dependencies=[Depends(require_token)])
 # files whose pixels are more than 8-bit grey: a VOI window preset re-decodes them on the server
@@ -48,6 +49,7 @@ def compare_page(request: Request, query_id: QueryId, case_id: CaseId, member: M
                  cb=Depends(get_casebase)):
     """The query beside neighbour ``case_id``, with links to the previous and next neighbour."""
     record = record_json(cb, query_id)
+    wb = request.app.state.workbench
     mem = _member(record, member)
     ids = [n["case_id"] for n in mem["neighbours"]]
     if case_id not in ids:
@@ -60,7 +62,8 @@ def compare_page(request: Request, query_id: QueryId, case_id: CaseId, member: M
         "prev": ids[i - 1] if i > 0 else None, "next": ids[i + 1] if i + 1 < len(ids) else None,
         "has_class": classes, "high_depth": high_depth(record["image"]) or high_depth(n["path"]),
         "windows": ["auto", "minmax", *WINDOWS], "model_window": mem.get("window", "auto"),
-        "presets": DISPLAY_PRESETS, "lesion": lesion_fractions(request.app.state.workbench, record)})
+        "presets": DISPLAY_PRESETS, "lesion": lesion_fractions(wb, record),
+        "duplicate": duplicate_flags(wb, record).get(case_id)})
 
 
 @router.get("/colour-bar.png")

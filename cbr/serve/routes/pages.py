@@ -14,6 +14,7 @@ from cbr.pipeline.audit import NewClassError
 from cbr.pipeline.audit.trail import history, HistoryFilter
 from cbr.serve.case_record import case_record
 from cbr.serve.deps import get_casebase, get_workbench, require_token
+from cbr.serve.duplicates import duplicate_flags
 from cbr.serve.lesion import latest_region, lesion_fractions, lesion_pixels
 from cbr.serve.messages import public_message
 from cbr.serve.models import MAX_ID, MAX_OFFSET, CaseId, QueryId
@@ -78,7 +79,8 @@ def query_page(request: Request, query_id: QueryId, said: str | None = Query(Non
     messages, ok = request.app.state.notices.get(said, query_id)
     return render(request, "query.html", {"r": record, "p": p, "labels": labels,
                                           "methods": stored_specs(cb, query_id), "said": messages, "said_ok": ok,
-                                          "lesion": lesion_fractions(wb, record), "region": latest_region(record)})
+                                          "lesion": lesion_fractions(wb, record), "region": latest_region(record),
+                                          "dups": duplicate_flags(wb, record)})
 
 
 @router.post("/queries/{query_id}/feedback")

@@ -1,0 +1,85 @@
+"""Heterogeneous ensembles in cross-validation: each member and each ensemble rule on the same folds.
+
+``cbr evaluate DATA --backbone A --backbone B ...`` trains one model per backbone on every fold and
+indexes them all into the fold's case base: a case base with several members, as ``cbr index
+--model A --model B`` makes. Every held-out image is then answered by each member alone (its
+vote, and its own softmax head) and by the whole case base under every ensemble rule of
+``cbr.pipeline.vote.ENSEMBLES`` (classic, confidence). All views see the same folds, the same
+trained models and the same queries, so their figures compare directly.
+"""
+
+from __future__ import annotations
+
+from cbr.errors import CbrError
+from cbr.evaluation.outcome import run_queries
+from cbr.evaluation.scoring import score
+from cbr.evaluation.softmax import add_softmax
+from cbr.pipeline.query import Searcher
+from cbr.pipeline.vote import ENSEMBLES
+
+__all__ = ["MemberViews", "check_backbones", "summary"]
+
+
+def check_backbones(backbones) -> tuple[str, ...]:
+    """The members' backbones, each once (a repeated one would be the same model twice)."""
+    names = tuple(backbones)
+    repeated = sorted({b for b in names if names.count(b) > 1})
+    if repeated:
+        raise CbrError(f"--backbone {repeated[0]} is given twice; give each ensemble member once")
+    return names
+
+
+class MemberViews:
+    """The outcomes of every member and every ensemble rule, pooled over the folds."""
+
+    def __init__(self, backbones, config):
+        self.backbones, self.config = tuple(backbones), config
+        self.members = {b: [] for b in self.backbones}
+        self.ensembles = {name: [] for name in ENSEMBLES}
+        self.softmax_classes = None
+
+    def query_fold(self, searcher, checkpoints, test_recs, fold: int, progress: bool, done=None) -> None:
+        """Answer ``test_recs`` with each member alone and with every ensemble rule.
+
+        Args:
+            searcher: the fold's Searcher over all members (its own ensemble rule answered ``done``).
+            checkpoints: the members' checkpoint files, in ``backbones`` order.
+            test_recs: the fold's held-out records.
+            fold: the fold's number (1-based).
+            progress: progress bars.
+            done: the outcomes ``searcher`` already gave (reused for its ensemble rule), or None.
+        """
+        cfg = self.config
+        for name in ENSEMBLES:
+            if done is not None and name == searcher.ensemble_name:
+                got = done
+            else:
+                got, _ = run_queries(searcher.with_options(ensemble=name), test_recs, fold=fold, progress=progress,
+                                     desc=f"fold {fold} {name} ensemble")
+            self.ensembles[name].extend(got)
+        for backbone, ckpt in zip(self.backbones, checkpoints):
+            alone = Searcher(searcher.cb, k=cfg.k, vote=cfg.vote, explain="none", device=cfg.device,
+                             answer_anyway=True, where=cfg.where, temperature=cfg.temperature,
+                             coverage=cfg.coverage, models=(str(ckpt),))
+            got, _ = run_queries(alone, test_recs, fold=fold, progress=progress, desc=f"fold {fold} {backbone}")
+            classes = add_softmax(alone.members[0].embedder, got, batch_size=cfg.batch_size,
+                                  num_workers=cfg.num_workers, device=cfg.device)
+            self.softmax_classes = classes or self.softmax_classes
+            self.members[backbone].extend(got)
+
+    def figures(self, classes) -> dict:
+        """{"members": {backbone: figures}, "ensembles": {rule: figures}} (see ``summary``)."""
+        k = self.config.k
+        return {"members": {b: summary(score(o, classes, k=k, softmax_classes=self.softmax_classes))
+                            for b, o in self.members.items()},
+                "ensembles": {n: summary(score(o, classes, k=k)) for n, o in self.ensembles.items()}}
+
+
+def summary(metrics: dict) -> dict:
+    """The figures that compare members and ensembles: the vote's and (members) the softmax head's."""
+    out = {key: metrics.get(key) for key in ("n", "balanced_accuracy", "accuracy", "ece")}
+    soft = metrics.get("softmax")
+    if soft:
+        out["softmax_balanced_accuracy"] = soft.get("balanced_accuracy")
+        out["softmax_ece"] = soft.get("ece")
+    return out

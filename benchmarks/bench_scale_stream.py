@@ -129,7 +129,8 @@ def main(argv=None):
     chunks = Chunks(a.data, a.n, a.dim, a.chunk, a.seed, a.alpha)
     m = a.pq or str(index.pq_bytes(a.dim))
     nlist = a.nlist or min(index.vectors.nlist_for(a.n), 4096)
-    factory = f"IVF{nlist},PQ{m}"
+    coarse = "_HNSW32" if a.coarse == "hnsw" else ""  # an HNSW graph over the centroids finds the lists
+    factory = f"IVF{nlist}{coarse},PQ{m}"
     if a.opq:  # a learnt rotation onto the largest multiple of M dimensions <= d
         mm = int(m.split("x")[0])
         factory = f"OPQ{mm}_{a.dim // mm * mm},{factory}"
@@ -149,7 +150,8 @@ def main(argv=None):
         sample = np.concatenate([chunks(c)[0] for c in range(-(-a.train // a.chunk))])[:a.train]
         ix = faiss.index_factory(a.dim, factory, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(ix))
-        ivf.do_polysemous_training = False  # only for Hamming-filtered search, never used here
+        if hasattr(ivf, "do_polysemous_training"):  # not on fast scan
+            ivf.do_polysemous_training = False  # only for Hamming-filtered search, never used here
         ivf.cp.min_points_per_centroid = 1
         ix.train(sample)
         del sample
@@ -157,11 +159,16 @@ def main(argv=None):
         LOG.info("trained in %.0f s; filling %d shards from %d chunks", out["train_s"], a.workers, chunks.count)
         t = time.perf_counter()
         refine.create_sidecar(side, a.n, a.dim)
-        plan = shards.ShardPlan(IntoSidecar(chunks, side, xq, truth_dir), chunks.count,
-                                workers=a.workers, threads=1)
-        shards.build_sharded(ix, plan, path)
+        source = IntoSidecar(chunks, side, xq, truth_dir)
+        if fast_scan(factory):
+            build_in_memory(ix, source, chunks.count, path)
+            workers = 1
+        else:
+            plan = shards.ShardPlan(source, chunks.count, workers=a.workers, threads=1)
+            shards.build_sharded(ix, plan, path)
+            workers = a.workers
         truth_cpu = sum(float(np.load(f)["seconds"]) for f in truth_dir.glob("*.npz"))
-        out["truth_in_workers_s"] = truth_cpu / a.workers
+        out["truth_in_workers_s"] = truth_cpu / workers
         out["add_merge_s"] = time.perf_counter() - t - out["truth_in_workers_s"]
         out["build_s"] = out["train_s"] + out["add_merge_s"]
         LOG.info("filled and merged in %.0f s", out["add_merge_s"])
@@ -176,12 +183,13 @@ def main(argv=None):
     LOG.info("exact neighbours in %.0f s", out["truth_s"])
 
     rss0 = _rss_mb()
-    ix = shards.load_sharded(path)
+    ix = faiss.read_index(str(path)) if fast_scan(factory) else shards.load_sharded(path)
     sidecar = refine.open_sidecar(side)
     out["index_open_rss_mb"] = _rss_mb() - rss0
     rows_file, ids_file = refine.sidecar_files(side)
+    lists = 0 if fast_scan(factory) else Path(shards.ivfdata_path(ix)).stat().st_size
     out["bytes_per_vector"] = {
-        "index": (path.stat().st_size + Path(shards.ivfdata_path(ix)).stat().st_size) / a.n,
+        "index": (path.stat().st_size + lists) / a.n,
         "sidecar_f16": Path(rows_file).stat().st_size / a.n,
         "sidecar_ids": Path(ids_file).stat().st_size / a.n,
     }
@@ -197,6 +205,22 @@ def main(argv=None):
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {a.out}")
+
+
+def fast_scan(factory):
+    """Whether ``factory`` is a 4-bit fast-scan PQ (``PQ..x4fs``): its lists are packed in blocks of
+    32 codes, which faiss cannot merge on disk, so it is filled in memory, here (32 B per vector
+    at PQ64x4fs: 32 MB per million)."""
+    return factory.endswith("fs") or "fs," in factory
+
+
+def build_in_memory(ix, source, count, path):
+    """Fill ``ix`` chunk by chunk in this process (the sidecar and the truth as the shard workers
+    do) and write it to ``path``."""
+    for c in range(count):
+        x, ids = source(c)
+        ix.add_with_ids(np.ascontiguousarray(x), ids)
+    faiss.write_index(ix, str(path))
 
 
 def merged_truth(truth_dir, count):
@@ -321,9 +345,11 @@ def _parse(argv):
     p.add_argument("--alpha", type=float, default=ALPHA, help="power-law exponent (default 1.0)")
     p.add_argument("--chunk", type=int, default=100_000)
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (default 4 sqrt(n), at most 4096)")
-    p.add_argument("--pq", default="", help="PQ codes: M or MxBITS, e.g. 64x6 (default "
+    p.add_argument("--pq", default="", help="PQ codes: M, MxBITS or Mx4fs (4-bit fast scan), e.g. 64x6 (default "
                    "index.pq_bytes(dim), 8 bits)")
     p.add_argument("--opq", action="store_true", help="rotate with OPQ first (M need not divide d)")
+    p.add_argument("--coarse", choices=["flat", "hnsw"], default="flat",
+                   help="coarse quantizer: exact over the centroids, or an HNSW32 graph (for 16k+ lists)")
     p.add_argument("--train", type=int, default=100_000, help="training sample (default 100k)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="faiss threads for training (default 2)")

@@ -73,6 +73,7 @@ def test_crash_after_remove_commit_is_repaired_on_next_open(indexed, query_set, 
     assert len(answer.neighbours) == 16 and not {3, 4} & {n["case_id"] for n in answer.neighbours}
 
 
+@pytest.mark.slow
 def test_crash_after_retain_commit_is_repaired_on_next_open(indexed, query_set, tmp_path, monkeypatch):
     from PIL import Image
 

@@ -83,6 +83,7 @@ def test_retain_then_same_image_is_excluded_and_near_duplicate_finds_it(runner, 
     assert f"{qid:>5}" in result.output and "cyst" in result.output and "retained" in result.output
 
 
+@pytest.mark.slow
 def test_feedback_is_never_overwritten_and_history_filters(runner, indexed, query_set, tmp_path):
     imgs = _images(query_set)
     a1 = _query(runner, indexed, imgs[0], tmp_path, "-k", 3, "--explain", "none")
@@ -136,6 +137,7 @@ def test_feedback_is_never_overwritten_and_history_filters(runner, indexed, quer
     assert "'--since'" in r.output and "YYYY-MM-DD" in r.output
 
 
+@pytest.mark.slow
 def test_retain_failures_keep_the_feedback(runner, indexed, query_set, phantom_set, tmp_path):
     imgs = _images(query_set)
     moved = tmp_path / "scan.png"
@@ -183,6 +185,7 @@ def test_retain_failures_keep_the_feedback(runner, indexed, query_set, phantom_s
     assert r.exit_code == 2 and "--image is only used with --retain" in r.output
 
 
+@pytest.mark.slow
 def test_remove_takes_cases_out_of_every_index(runner, indexed, query_set, tmp_path):
     from cbr.store.member import load_members
 
@@ -314,8 +317,9 @@ def test_show_and_report_rebuilt_after_files_are_gone(runner, indexed, query_set
     assert r.output == f"report: cbr-reports/query-{qid}/report.html\n" and default.exists()
     assert placeholders == ["image changed or missing since indexing"]  # no map drawn on it (issue 12)
     html = default.read_text()
-    # the query, the lost case's placeholder, and a linked pair (query side, case side) for each other case
-    assert html.count("data:image/jpeg;base64,") == 1 + 1 + 2 * 2 and "<script" not in html
+    # the query (plain and overlay), the lost case's placeholder (beside its plain placeholder), and for
+    # each other case a linked pair (query side, case side) with the two plain images under it
+    assert html.count("data:image/jpeg;base64,") == 2 + 2 + 4 * 2 and "<script" not in html
     assert f"case {lost}" in html
 
     custom = tmp_path / "audit" / "q.html"

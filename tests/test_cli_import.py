@@ -81,6 +81,7 @@ def _counts(db):
     return cases, distinct, embeddings, ntotal
 
 
+@pytest.mark.slow
 def test_import_parquet_then_query(runner, images, tiny):
     root, rows, vectors = images
     source = _parquet(root / "emb.parquet", rows, vectors, tiny.fingerprint)

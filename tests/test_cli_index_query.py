@@ -38,6 +38,7 @@ def test_index_summary_and_stored_rows(runner, phantom_set, db_url):
     assert all(len(m.data) == m.height * m.width * 2 for m in maps)  # float16
 
 
+@pytest.mark.slow
 def test_index_is_incremental(runner, phantom_set, tmp_path, db_url):
     data = tmp_path / "data"
     shutil.copytree(phantom_set.parent, data)

@@ -36,6 +36,7 @@ def _doc_pages() -> list[Path]:
     return [ROOT / "README.md", ARCHITECTURE, *sorted((ROOT / "docs").rglob("*.md"))]
 
 
+@pytest.mark.slow
 def test_mkdocs_builds_strict(tmp_path):
     missing = [m for m in ("mkdocs", "material") if importlib.util.find_spec(m) is None]
     if missing:

@@ -148,6 +148,7 @@ def test_leakage_is_counted(leaky):
         assert s.scalar(select(func.count()).select_from(Query)) == 0
 
 
+@pytest.mark.slow
 def test_strict_excludes_leaking_images(leaky, tmp_path):
     cb, test = leaky
     m = evaluate_casebase(cb, config=EvalConfig(k=2, out_dir=tmp_path / "rep"), strict=True, records=test)

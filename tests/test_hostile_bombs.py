@@ -80,6 +80,7 @@ def casebase(tmp_path_factory, _indexed_template):
 # -- PNG (and every Pillow format) -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_16bit_png_bomb_is_refused_from_its_header_under_1gb(bomb_dir, casebase, tmp_path):
     """194 KB declaring 10000x10000 16-bit pixels: it cost 3.6 GB, then 1.5 GB once decoded without
     float64 copies; the pixel limit now refuses it before torch or a pixel is loaded."""

@@ -267,6 +267,7 @@ def test_a_changed_neighbour_is_flagged_and_never_mapped(runner, cb_copy, tmp_pa
 FORMULAS = ["=1+1", "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "\t=1", "\r=1"]
 
 
+@pytest.mark.slow
 def test_csv_export_neutralises_formula_cells(runner, cb_copy, tmp_path):
     db, manifest = cb_copy
     qid = _query_json(runner, db, _images(manifest)[0], tmp_path, "--explain", "none")["query_id"]
@@ -320,6 +321,7 @@ CRAFTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(CRAFTED))
 def test_crafted_checkpoint_config_is_one_line(runner, checkpoint, phantom_set, tmp_path, kind):
     import torch
@@ -343,6 +345,7 @@ def test_crafted_checkpoint_config_is_one_line(runner, checkpoint, phantom_set, 
 # -- 10. file modes --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
 def test_written_files_get_the_umask_mode(runner, cb_copy, tmp_path, umask, mode):
     from cbr.models.checkpoint import save_checkpoint

@@ -68,6 +68,7 @@ def _command(name, db, out, data):
                       "--workers", "0"]}[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["export", "report", "train"])
 @pytest.mark.parametrize("kind", sorted(SPECIAL))
 def test_out_refuses_what_is_not_a_regular_file_and_leaves_it(runner, queried, phantom_set, tmp_path, command, kind):
@@ -99,6 +100,7 @@ class _Reader:
         return self.data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("via_link", [False, True], ids=["fifo", "link-to-fifo"])
 @pytest.mark.parametrize("command", ["export", "report"])
 def test_out_writes_through_a_fifo(runner, queried, phantom_set, tmp_path, command, via_link):
@@ -173,6 +175,7 @@ def _on_a_terminal(*args) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["export", "--what", "cases"], ["export", "--what", "cases", "--format", "json"],
                                   ["show", "1"]], ids=["export-csv", "export-json", "show"])
 def test_stored_control_characters_never_reach_a_terminal(queried, args):

@@ -205,6 +205,7 @@ def test_serve_has_the_option_and_reads_the_environment(runner):
 # -- item 8: file names, burned-in text, attribute values -------------------------------------
 
 
+@pytest.mark.slow
 def test_pseudonymised_dicom_cases_show_a_neutral_locator_and_stay_readable(tmp_path, runner):
     import hashlib
 

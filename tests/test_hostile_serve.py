@@ -85,6 +85,7 @@ def test_every_route_of_the_app_is_in_the_list(client):
     assert served <= set(ROUTES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, path", ROUTES)
 def test_a_foreign_host_is_400_on_every_route(client, method, path):
     url = re.sub(r"\{[^}]+\}", "1", path)
@@ -116,6 +117,7 @@ def test_a_bad_allowed_host_is_refused(bad):
         ServeSettings(allowed_hosts=(bad,)).check()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("origin, status", [
     ("http://127.0.0.1:8765", 200), ("http://localhost:8765", 200),
     ("https://127.0.0.1:8765", 403),  # an https page is another origin than this http server
@@ -129,6 +131,7 @@ def test_origin_is_compared_with_the_allowed_hosts_scheme_included(client, png_b
 
 # --- item 3: uploads are decoded through a bounded semaphore ------------------------------------
 
+@pytest.mark.slow
 def test_uploads_are_decoded_a_few_at_a_time(make, png_bytes, monkeypatch):
     import cbr.serve.workbench as workbench
 
@@ -306,6 +309,7 @@ def test_a_full_explanation_queue_is_503_and_keeps_no_upload(make, png_bytes, mo
 
 # --- item 11: integers, uploads by content, errors, login ---------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, url, kw", [
     ("GET", f"/api/queries/{HUGE}", {}), ("GET", f"/api/cases/{HUGE}", {}), ("GET", f"/api/cases/{HUGE}/image", {}),
     ("GET", f"/api/queries/{HUGE}/image", {}), ("GET", f"/api/queries/1/neighbours/{HUGE}/image", {}),
@@ -348,6 +352,7 @@ def _npz_bytes():
     return buf.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, maker", [("scan.nii.gz", _nifti_bytes), ("scan.nii", lambda: _nifti_bytes(gz=False)),
                                          ("mnist.npz", _npz_bytes), ("upload.bin", _nifti_bytes)])
 def test_nifti_and_npz_uploads_are_answered(client, name, maker):

@@ -83,6 +83,7 @@ def test_feedback_text_is_refused_in_one_line_or_survives_every_path(world, labe
     _survives(cb, answer["query_id"], root)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(label=TEXT, patient=st.one_of(st.none(), TEXT))
 def test_case_labels_and_patients_are_refused_with_their_row_or_survive_query_and_report(world, label, patient):
@@ -128,6 +129,7 @@ def _labels(db):
         cb.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("invisible", ["\u200b", "\u200d", "\u00ad", "\u2060", "\ufeff", "\u034f", "\ufe0f",
                                        "\U000e0041"])
 def test_labels_with_invisible_code_points_are_refused(runner, indexed, query_set, tmp_path, invisible):

@@ -87,6 +87,7 @@ def test_merged_equals_one_process(tmp_path, factory):
             assert recall(Im, Io) >= 0.97
 
 
+@pytest.mark.slow
 def test_merged_matches_brute_force_with_filters(flat_build):
     """Same image and same patient excluded, and an allow-list, on the merged bare IVF: with every
     list probed, exactly the brute-force answer."""

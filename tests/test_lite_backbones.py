@@ -54,6 +54,7 @@ def _imagenet_fc(name: str) -> torch.nn.Linear:
     return fc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LITES)
 def test_lite_recognises_a_cat_and_maps_it(name):
     _require(name)
@@ -76,6 +77,7 @@ def test_lite_recognises_a_cat_and_maps_it(name):
     assert cam.shape == (1, *acts.shape[2:]) and np.isfinite(cam).all() and cam.max() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [0, 1, 2])
 def test_key_mapping_fills_every_tensor_of_the_model(variant):
     """The mapping is by order with every shape checked (no weights file: the model's own tensors

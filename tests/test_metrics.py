@@ -220,6 +220,7 @@ def _group_to_parts(groups, part):
     return seen
 
 
+@pytest.mark.slow
 @settings(max_examples=80, deadline=None)
 @given(data=grouped_data(), n_folds=st.integers(2, 6), seed=st.integers(0, 3))
 def test_grouped_folds_properties(data, n_folds, seed):

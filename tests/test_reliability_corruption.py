@@ -146,6 +146,7 @@ def test_damaged_index_is_refused_then_rebuilt_without_images(runner, casebase, 
     assert check_consistency(db, phantom_hashes(manifest)) == []
 
 
+@pytest.mark.slow
 def test_rebuild_restores_a_lost_manifest_row(runner, casebase, query_set, tmp_path):
     db, _, manifest = casebase
     images = _query_images(query_set)
@@ -162,6 +163,7 @@ def test_rebuild_restores_a_lost_manifest_row(runner, casebase, query_set, tmp_p
     assert _query(runner, db, images, tmp_path / "r2") == before
 
 
+@pytest.mark.slow
 def test_rebuild_of_an_intact_index_changes_no_answer(runner, casebase, query_set, tmp_path):
     db, _, manifest = casebase
     images = _query_images(query_set)

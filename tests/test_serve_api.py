@@ -181,6 +181,7 @@ def test_pixel_bomb_upload_is_refused_by_the_guarded_decoder(client):
 
 # --- reading the audit trail -------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/api/queries/999", "/api/queries/999/image", "/api/queries/999/maps/similarity.png",
                                   "/api/queries/999/report", "/api/cases/999", "/api/cases/999/image",
                                   "/api/cases/999/map.png", "/queries/999", "/cases/999"])
@@ -286,6 +287,7 @@ def test_feedback_is_like_cbr_feedback_and_never_overwritten(client, indexed, im
     assert _feedback(client, qid, label="cyst", colour="red").status_code == 422
 
 
+@pytest.mark.slow
 def test_feedback_retain_adds_a_case_the_warm_server_then_searches(client, image, query_set):
     qid = _ask(client, image, k=3)["query_id"]
     r = _feedback(client, qid, label="cyst", retain=True)
@@ -401,6 +403,7 @@ def test_security_headers_on_every_response(client):
     assert client.get("/static/app.js").headers["content-type"].startswith(("text/javascript", "application/javascript"))
 
 
+@pytest.mark.slow
 def test_hostile_text_is_escaped_everywhere(client, image, tmp_path):
     hostile_name = tmp_path / "x.png"
     shutil.copy(image, hostile_name)
@@ -433,8 +436,10 @@ def test_refine_by_region_records_a_child(client, image):
     r = client.post(f"/api/queries/{parent['query_id']}/refine/region", json={"box": [0.1, 0.1, 0.7, 0.8]})
     assert r.status_code == 200, r.text
     child = r.json()
-    assert child["query_id"] != parent["query_id"] and child["sha256"] != parent["sha256"]
-    assert "-region-" in child["image"]
+    # search by finding: the parent's own image, its box searched among the cases' findings
+    assert child["query_id"] != parent["query_id"] and child["sha256"] == parent["sha256"]
+    assert child["region"]["source"] == "drawn" and len(child["region"]["box"]) == 4
+    assert child["neighbours"] and all(len(n["finding"]) == 4 for n in child["neighbours"])
     record = client.get(f"/api/queries/{child['query_id']}").json()
     assert record["refines"] == {"query_id": parent["query_id"], "kind": "region"}
     assert client.get(f"/api/queries/{parent['query_id']}").json()["refinements"][0]["query_id"] == child["query_id"]
@@ -444,6 +449,16 @@ def test_refine_by_region_records_a_child(client, image):
         r = client.post(f"/api/queries/{parent['query_id']}/refine/region", json={"box": box})
         assert r.status_code == 422, box
     assert client.post("/api/queries/999/refine/region", json={"box": [0, 0, 1, 1]}).status_code == 404
+
+
+def test_ask_with_a_region_searches_the_findings(client, image):
+    a = _ask(client, image, k=2, region="8,8,30,30")
+    assert a["region"] == {"box": [8, 8, 30, 30], "source": "drawn"}
+    assert len(a["neighbours"]) == 2 and all(len(n["finding"]) == 4 for n in a["neighbours"])
+    assert _ask(client, image, k=2)["region"] is None
+    with open(image, "rb") as fh:
+        r = client.post("/api/queries", files={"image": (image.name, fh, "image/png")}, data={"region": "1,2,3"})
+    assert r.status_code == 422 and "region" in r.json()["detail"] and "--region" not in r.json()["detail"]
 
 
 def test_refine_by_example_moves_the_query_vector(client, image):

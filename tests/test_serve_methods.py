@@ -75,6 +75,7 @@ def test_every_method_serves_its_maps_as_png(client, two_methods):
     assert default.content == bodies[methods[0]["method"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lime(n=200,seg=slic50)", "hirescam", "<script>alert(1)</script>",
                                     "hirescam' OR '1'='1"])
 def test_a_method_not_stored_for_the_query_is_404(client, two_methods, method):

@@ -127,6 +127,7 @@ def test_a_refused_retain_is_said_on_the_page(client, indexed):
     assert 'id="feedback-messages"' not in client.get(f"/queries/{qid}").text
 
 
+@pytest.mark.slow
 def test_a_mistyped_label_is_refused_unless_confirmed_as_a_new_class(client, asked):
     qid, _ = asked
     page = _post_verdict(client, qid, label="maybe").text

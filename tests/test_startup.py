@@ -132,6 +132,7 @@ def test_closed_pipe_ends_quietly(args, audited):
     assert result.stderr == b""
 
 
+@pytest.mark.slow
 def test_head_reads_the_first_line(audited):
     db, _ = audited
     proc = subprocess.Popen([sys.executable, "-m", "cbr", "export", "--what", "cases", "--db", str(db)],

@@ -242,6 +242,7 @@ def _check_vote(vote: Vote, classes):
     assert vote.label is None or vote.label in classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VOTE_RULES)
 @settings(max_examples=60, deadline=None)
 @given(case=neighbours(), data=st.data(), min_cred=st.none() | st.floats(0, 1))
@@ -261,6 +262,7 @@ def test_vote_rule_properties(name, case, data, min_cred):
         assert vote.confidence == vote.probabilities[vote.label]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ENSEMBLES)
 @settings(max_examples=40, deadline=None)
 @given(classes=CLASSES, data=st.data())

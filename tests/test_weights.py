@@ -115,6 +115,7 @@ def test_mobilenet_v2_from_package(tmp_path, monkeypatch, no_network):
     assert sd["classifier.1.weight"].shape == (1000, 1280)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, s in BACKBONES.items() if s.weights_enum])
 def test_torchvision_keys_fit_our_models(name):
     """torchvision's full model's keys, fixed up, are exactly those of the model we build.

@@ -11,6 +11,7 @@ from cbr.cli.explain import MethodList
 from cbr.cli.options import (RegistryChoice, backbone_names, contrast_option, crop_option, json_option, manifest_options,
                              progress_enabled, source_options, tta_option, vote_names, weights_option, where_option)
 from cbr.evaluation import cross_validate, EvalConfig, evaluate_casebase
+from cbr.evaluation.by_finding import BY
 from cbr.evaluation.sweep import parse_layers
 from cbr.learn.augmentation import FLIPS
 from cbr.learn.config import TrainConfig
@@ -18,7 +19,7 @@ from cbr.learn.objective import OBJECTIVES
 from cbr.learn.sampling import SAMPLERS
 from cbr.learn.train import train_model
 from cbr.reporting.sweep_table import format_sweep
-from cbr.reporting.table import format_table
+from cbr.reporting.table import finding_table, format_table
 from cbr.store.casebase import open_casebase
 from explain.methods import ATTRIBUTION_METHODS
 
@@ -212,6 +213,9 @@ def _explicit(ctx, names):
 @where_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=DEFAULT_REPORT_DIR, show_default=True,
               help="Report folder: metrics.json, confusion_matrix.png, reliability.png, risk_coverage.png, predictions.csv.")
+@click.option("--by", "by", type=click.Choice(BY), multiple=True, default=("image",), show_default=True,
+              help="What is queried and scored: whole images; 'finding' also queries each lesion of a masked image by "
+              "region among the case base's findings (precision@k and the vote, beside the same images whole).")
 @click.option("--ood", "ood", type=click.Path(exists=True), default=None,
               help="A foreign dataset (class folders or CSV) queried against each case base: AUROC of typicality, "
               "FPR at 95% TPR, share flagged out of distribution.")
@@ -220,7 +224,7 @@ def _explicit(ctx, names):
 @json_option
 @click.pass_context
 def evaluate_cmd(ctx, data, db, index_dir, folds, training, backbones, no_train, k, vote, temperature, coverage, explain, explain_budget, target_layers,
-                 map_images, models, strict, where, out_dir, ood, manifest, sources, as_json):
+                 map_images, models, strict, where, out_dir, by, ood, manifest, sources, as_json):
     """Measure accuracy, calibration, retrieval and localisation, grouped by patient.
 
     \b
@@ -251,6 +255,7 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, backbones, no_train,
         cbr evaluate volumes/ --slices every:4 --window minmax --folds 3
         cbr evaluate pneumoniamnist.npz --split test --classes normal,pneumonia --db cases.db
         cbr evaluate lesions.csv --where site=back --folds 3
+        cbr evaluate lesions.csv --by finding --folds 5   # each lesion searched among the findings too
         cbr evaluate lesions.csv --group-column lesion_id --explain layercam --mask-guidance 1
         cbr evaluate data/brain_mri --objective supcon --sampler balanced --folds 5
         cbr evaluate data/brain_mri --backbone mobilenet_v2 --backbone efficientnet_lite0 --backbone efficientnet_lite2
@@ -267,7 +272,7 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, backbones, no_train,
     config = EvalConfig(k=k, vote=vote, explain=one_cam, compare=explain, explain_budget=explain_budget,
                         batch_size=training.batch_size, device=training.device, num_workers=training.num_workers,
                         out_dir=out_dir, ood=ood, sweep_methods=swept, target_layers=layers, map_images=map_images,
-                        sources=sources, where=where, temperature=temperature, coverage=coverage)
+                        sources=sources, where=where, temperature=temperature, coverage=coverage, by=by)
     if db is not None:
         wrong = _explicit(ctx, _CV_ONLY)
         if wrong:
@@ -288,6 +293,8 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, backbones, no_train,
         click.echo(json.dumps(metrics, indent=2))
     else:
         click.echo(format_table(metrics))
+        if metrics.get("finding_search"):
+            click.echo(finding_table(metrics["finding_search"]))
         if metrics.get("map_sweep"):
             click.echo("\n" + format_sweep(metrics["map_sweep"]))
         click.echo(f"report: {out_dir}")

@@ -27,6 +27,7 @@ from cbr.cli.options import (
 )
 from cbr.data.dataset import DUPLICATE
 from cbr.pipeline.demo import DemoConfig, run_demo
+from cbr.pipeline.finding_search import parse_region
 from cbr.pipeline.index import index_dataset
 from cbr.pipeline.query import query_images
 from cbr.store.casebase import open_casebase
@@ -133,6 +134,9 @@ def _print_answer(a):
     cred = "" if p["credibility"] is None else f"  credibility {p['credibility']:.3f}"
     typ = "" if p.get("typicality") is None else f"  typicality {p['typicality']:.3g}"
     echo(f"Query {a.query_id if a.query_id is not None else '(not recorded)'}: {a.image}")
+    if a.region:
+        echo(f"  region: {a.region['box']} ({a.region['source']}); searched among the cases' findings, each "
+             "neighbour's own finding box beside it")
     if p.get("out_of_distribution"):
         echo(f"  WARNING: out of distribution, unlike every case in this case base (typicality {p['typicality']:.3g}); "
              + ("no diagnosis is given" if p["abstained"] else "the vote below is shown only because of --answer-anyway"))
@@ -153,7 +157,8 @@ def _print_answer(a):
             status = n.get("image_status")
             echo(f"  {n['rank']:>4}  {n['case_id']:>6}  {n['label'][:14]:<14} {n['similarity']:>10.4f}  "
                  f"{str(n['patient_id'] or '-')[:12]:<12} {n['path']}"
-                 + (f"  [{status}]" if status not in (None, "ok") else ""))
+                 + (f"  [{status}]" if status not in (None, "ok") else "")
+                 + (f"  finding {n['finding']}" if n.get("finding") else ""))
     for line in finding_lines(a.finding, a.nearest_unlike, a.map_reliability):
         echo(f"  {line}")
     for note in a.notes:
@@ -203,13 +208,15 @@ def _print_answer(a):
               "class's queries (conformal, calibrated on cases the model never trained on).")
 @click.option("--abstain-ambiguous", is_flag=True, help="No diagnosis (abstain_reason 'ambiguous') when the prediction "
               "set holds more than one class.")
+@click.option("--region", default=None, help="Search by finding: the region x0,y0,x1,y1 (the image's pixels), or "
+              "'auto' (the lesion localiser's strongest region), among the case base's findings.")
 @click.option("--no-record", is_flag=True, help="Answer without storing the query or writing a report "
               "(works on a read-only case base, e.g. a replica).")
 @source_options("window", "axis", "volume", "pseudonymise", "allow_burned_in")
 @json_option
 def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, temperature, patient, models, where, explain,
               similarity_map, explain_budget, explain_neighbours, scale, out_dir, ood_alpha, answer_anyway, coverage,
-              abstain_ambiguous, no_record, sources, as_json):
+              abstain_ambiguous, region, no_record, sources, as_json):
     """Diagnose images from their nearest cases, with maps of where the network looked.
 
     Prints the prediction, its confidence, per-class probabilities and each neighbour, and writes
@@ -226,6 +233,7 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
         cbr query odd.png --ood-alpha 0.05 --answer-anyway
         cbr query scan.png --coverage 0.95 --abstain-ambiguous   # no answer unless the set is one class
         cbr query lesion.jpg --where site=back --where sex=female
+        cbr query scan.png --region 120,80,200,160   # search among the cases' findings (lesions)
         cbr query ct/IM0042                  # DICOM, any name; a multi-frame file: its middle frame
         cbr query ct/IM0042 --pseudonymise "$KEY"   # its PatientID, hashed as at index time, is left out
         cbr query "cine.dcm#frame=12" "brain.nii.gz#axis=axial&slice=40" "pneumoniamnist.npz#split=test&index=7"
@@ -236,7 +244,8 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
                          answer_anyway=answer_anyway, where=where, similarity_map=similarity_map, coverage=coverage,
                          abstain_ambiguous=abstain_ambiguous)
     cb = open_casebase(db, create=False, index_dir=index_dir, readonly=None if no_record else False)
-    answers = query_images(cb, images, config, patient=patient, sources=sources, record=not no_record)
+    answers = query_images(cb, images, config, patient=patient, sources=sources, record=not no_record,
+                           region=parse_region(region))
     if as_json:
         for a in answers:
             click.echo(json.dumps(a.to_dict()))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cbr.data.sources import SourceSpec
 from cbr.errors import CbrError
+from cbr.evaluation.by_finding import check_by
 from cbr.pipeline.settings import DEFAULT_COVERAGE, parse_where
 from cbr.pipeline.vote import get_vote_rule
 from explain.methods import check_method, FUSED_METHODS, get_cam_method, UnknownMethodError
@@ -42,9 +43,11 @@ class EvalConfig:
     where: tuple[tuple[str, str], ...] = ()  # neighbours only among cases whose metadata match (key, value)
     temperature: float | None = None  # of the weighted vote; None: fitted on each case base's calibration slice
     coverage: float = DEFAULT_COVERAGE  # of the conformal prediction sets (per-class coverage is reported)
+    by: tuple[str, ...] = ("image",)  # what is queried and scored: whole images, and with "finding" each lesion too
 
     def __post_init__(self):
         object.__setattr__(self, "where", parse_where(self.where))
+        object.__setattr__(self, "by", check_by(self.by))
 
     def check(self) -> None:
         """Fail on an unknown vote rule or CAM method, or k < 1, before any work."""

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from cbr.data.dataset import ManifestSpec
 from cbr.errors import CbrError
+from cbr.evaluation.by_finding import finding_figures, finding_outcomes
 from cbr.evaluation.comparison import comparison_report
 from cbr.evaluation.config import EvalConfig
 from cbr.evaluation.faithfulness import explanation_checks, FAITHFULNESS_IMAGES, pool_checks
@@ -83,6 +84,7 @@ class _Folds:
         self.sweeps = []  # the map sweep of every fold (cbr.evaluation.sweep)
         self.priors = {}  # {fold: the mean of its training masks}: the mean-mask guess (cbr.evaluation.localisation)
         self.views = None  # several backbones: each member and ensemble rule (cbr.evaluation.members)
+        self.findings = []  # --by finding: the region queries of every fold (cbr.evaluation.by_finding)
 
     def _fold_models(self, tmp: Path, train_recs, row: dict) -> list[Path]:
         """Train (or take) the fold's model of every member backbone: their checkpoint files."""
@@ -127,6 +129,10 @@ class _Folds:
                 got, bad = run_queries(searcher, test_recs, fold=f + 1, progress=self.progress,
                                        desc=f"fold {f + 1} queries")
                 self.problems.extend(bad)
+                if "finding" in cfg.by:
+                    found, bad = finding_outcomes(searcher, test_recs, fold=f + 1, progress=self.progress)
+                    self.findings.extend(found)
+                    self.problems.extend(bad)
                 if self.views:
                     self.views.query_fold(searcher, ckpts, test_recs, f + 1, self.progress, done=got)
                 emb = searcher.members[0].embedder
@@ -190,6 +196,8 @@ def _pooled(run: _Folds, classes, config: EvalConfig) -> dict:
         metrics["comparison"] = dict(run.comparison, fold=1)
     if run.sweeps:
         metrics["map_sweep"] = finish_sweep(pool_sweeps(run.sweeps), config.out_dir)
+    if "finding" in config.by:
+        metrics["finding_search"] = finding_figures(run.findings, run.outcomes, config.k)
     return metrics
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from cbr.data.dataset import ManifestSpec
 from cbr.data.sources import check_window
+from cbr.evaluation.by_finding import search_by_finding
 from cbr.evaluation.comparison import comparison_report
 from cbr.evaluation.config import EvalConfig
 from cbr.evaluation.faithfulness import explanation_checks
@@ -135,6 +136,8 @@ def evaluate_casebase(
     metrics["map_reliability"] = _keep_reliability(cb, searcher.members[0], config.explain, metrics["localisation"])
     metrics["calibration"] = searcher.calibration_info(metrics["classes"])  # where the vote was calibrated
     metrics["faithfulness"] = explanation_checks(emb or searcher.members[0].embedder, test, config.explain, seed=0)
+    if "finding" in config.by:  # each lesion queried by region among the findings, beside the whole images
+        metrics["finding_search"] = search_by_finding(searcher, test, outcomes, config.k, problems, progress)
 
     add_selective(metrics, outcomes,
                   foreign_typicality(searcher, read_foreign(config.ood), progress=progress) if config.ood else None)

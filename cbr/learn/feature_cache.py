@@ -10,14 +10,14 @@ only, which is what makes a 15-epoch budget fit a 2-core machine.
 The price: D augmentation draws per image instead of a fresh one every epoch (D = epochs gives
 every epoch its own draws, as uncached training has), and D x N x the frozen output's size of
 memory (float16: MobileNetV2 with 5 trained blocks at 224 px keeps 96 x 14 x 14 values, 37 KB
-per image and draw). Validation images are not cached: they run through the whole model.
+per image and draw). The validation images (never augmented) are cached once as well.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-__all__ = ["CACHE_DTYPE", "FeatureDraws", "bypass", "frozen_features"]
+__all__ = ["CACHE_DTYPE", "FeatureDraws", "as_float", "bypass", "cached_features", "frozen_features"]
 
 # Storage type of the cached features; float16 halves the memory, and the trainable blocks see
 # the features in float32 (tests set float32 to compare with uncached training exactly).
@@ -56,6 +56,25 @@ def frozen_features(model, frozen, x):
     return h
 
 
+def as_float(device):
+    """Cached features -> the float32 batch the trainable blocks take (what ``normalise`` is for pixels)."""
+    import torch
+
+    return lambda f: f.to(device=device, dtype=torch.float32)
+
+
+def cached_features(model, frozen, images, normalise, batch_size: int):
+    """The frozen blocks' output for uint8 ``images`` (N, 3, S, S), stored on the CPU as ``CACHE_DTYPE``."""
+    import torch
+
+    dtype = getattr(torch, CACHE_DTYPE)
+    for m in frozen:
+        m.eval()
+    parts = [frozen_features(model, frozen, normalise(images[s:s + batch_size])).to("cpu", dtype).contiguous()
+             for s in range(0, len(images), batch_size)]
+    return torch.cat(parts) if parts else images
+
+
 class FeatureDraws:
     """A dataset of cached frozen features: ``draws`` augmentation draws of every training image.
 
@@ -74,17 +93,11 @@ class FeatureDraws:
 
         self.targets = list(dataset.targets)
         self.draw = 0
-        dtype = getattr(torch, CACHE_DTYPE)
-        for m in frozen:
-            m.eval()
-        cached = []
-        for _ in range(max(int(draws), 1)):
-            parts = []
-            for s in range(0, len(dataset), batch_size):
-                xb = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(s, min(s + batch_size, len(dataset)))])
-                parts.append(frozen_features(model, frozen, normalise(xb)).to("cpu", dtype).contiguous())
-            cached.append(torch.cat(parts))
-        self.features = cached
+        # one draw = every image through the augmentation once (the global RNG, as uncached epochs)
+        self.features = [cached_features(model, frozen, torch.stack([torch.as_tensor(dataset[i][0])
+                                                                     for i in range(len(dataset))]),
+                                         normalise, batch_size)
+                         for _ in range(max(int(draws), 1))]
 
     @property
     def draws(self) -> int:

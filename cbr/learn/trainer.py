@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from cbr.learn.metrics import accuracy, balanced_accuracy
 from cbr.learn.config import HEAD_LR, TrainConfig
-from cbr.learn.feature_cache import FeatureDraws, bypass
+from cbr.learn.feature_cache import FeatureDraws, as_float, bypass, cached_features
 from cbr.learn.guidance import guidance_penalty
 from cbr.learn.objective import LossSettings, get_objective
 from cbr.learn.sampling import get_sampler
@@ -142,6 +142,9 @@ class Trainer:
                 torch.manual_seed(cfg.seed)
                 np.random.seed(cfg.seed)
                 train_set = self._cached(train_set)
+                if isinstance(train_set, FeatureDraws):  # the validation images' frozen features, once
+                    val_images = cached_features(self.model, self.frozen, val_images, self.normalise,
+                                                 cfg.batch_size)
                 loader = torch.utils.data.DataLoader(
                     train_set, batch_size=cfg.batch_size, num_workers=0,
                     **self.sampler.loader_options(train_set.targets, torch.Generator().manual_seed(cfg.seed)),
@@ -183,8 +186,6 @@ class Trainer:
 
     def _epoch(self, epoch, loader, optimiser, schedule, val_images, val_targets) -> tuple[dict, tuple]:
         """One pass over the training part, then the validation figures: (history row, ranking key)."""
-        import torch
-
         te = time.monotonic()
         _set_train_mode(self.model, self.freeze_bn, self.frozen)
         total, seen = 0.0, 0
@@ -196,7 +197,7 @@ class Trainer:
             loader.dataset.set_epoch(epoch)
         with bypass(self.frozen) if cached else contextlib.nullcontext():
             for xb, yb, *masks in bar:
-                x = xb.to(self.device, torch.float32) if cached else self.normalise(xb)
+                x = as_float(self.device)(xb) if cached else self.normalise(xb)
                 y = yb.to(self.device)
                 logits, penalty = guidance_penalty(self.model, x, y, *masks) if masks else (None, None)
                 loss = self.objective(self.model, x, y, self.loss_settings, logits=logits)
@@ -215,8 +216,10 @@ class Trainer:
         if self.config.mask_guidance:
             row["guidance"] = guided / max(seen, 1)  # mean outside-lesion share of the map (0 without a mask)
         if val_targets:
-            val_loss, pred = _evaluate(self.model, val_images, val_targets, self.normalise, self.class_weight,
-                                       self.config.batch_size)
+            with bypass(self.frozen) if cached else contextlib.nullcontext():
+                val_loss, pred = _evaluate(self.model, val_images, val_targets,
+                                           as_float(self.device) if cached else self.normalise, self.class_weight,
+                                           self.config.batch_size)
             truth = [self.class_names[t] for t in val_targets]
             names = [self.class_names[p] for p in pred]
             row.update(val_loss=val_loss, val_accuracy=accuracy(truth, names),

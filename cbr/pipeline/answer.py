@@ -39,6 +39,9 @@ class Retrieval:
     calibration: dict = field(default_factory=dict)  # where the vote was calibrated (Searcher.calibration_info)
     finding: dict = field(default_factory=dict)  # the localised finding and the class map's share on it (pipeline.finding)
     nearest_unlike: dict | None = None  # the nearest case of another label (pipeline.contrast)
+    # a region query (pipeline.finding_search): {"box", "source", "findings": {model_id: {case_id: box}},
+    # "similarities"}; None: the whole image was searched
+    region: dict | None = None
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Answer:
     calibration: dict = field(default_factory=dict)  # source ("validation" | "leave-one-out"), cases, too_few...
     finding: dict = field(default_factory=dict)  # where the finding is (the localiser's region), on_finding
     nearest_unlike: dict | None = None  # the most similar case whose label is not the answer
+    region: dict | None = None  # a region query's box and where it came from (drawn | localiser)
 
     @classmethod
     def from_retrieval(cls, query_id: int | None, r: Retrieval, members, notes) -> "Answer":
@@ -75,7 +79,9 @@ class Answer:
         prediction["evidence"]["on_finding"] = (r.finding or {}).get("on_finding")
         answer = cls(query_id=query_id, image=r.image, sha256=r.sha256, prediction=prediction,
                      members=[], notes=list(r.notes) + list(notes) + finding_notes(r.finding),
-                     calibration=dict(r.calibration), finding=dict(r.finding or {}), nearest_unlike=r.nearest_unlike)
+                     calibration=dict(r.calibration), finding=dict(r.finding or {}), nearest_unlike=r.nearest_unlike,
+                     region=None if r.region is None else {"box": r.region["box"], "source": r.region["source"]})
+        boxes = (r.region or {}).get("findings") or {}
         member_typ = typ.members if typ is not None else [None] * len(r.votes)
         # Region-matching pairs: each one's query-side map is keyed by its link (similarity_maps).
         links = {(mid, link.case_id): link for (mid, cid, target) in r.maps if cid is None
@@ -91,7 +97,8 @@ class Answer:
                 "neighbours": [{"rank": rank + 1, "case_id": c.id, "label": c.label, "similarity": round(d, 6),
                                 "path": c.path, "patient_id": c.group_id, "metadata": c.meta, "explanation": None,
                                 "image_status": r.image_status.get(c.id),
-                                "match": links[(m.model_id, c.id)].to_dict() if (m.model_id, c.id) in links else None}
+                                "match": links[(m.model_id, c.id)].to_dict() if (m.model_id, c.id) in links else None,
+                                "finding": boxes.get(m.model_id, {}).get(c.id)}
                                for rank, (c, d) in enumerate(h)],
             })
         return answer
@@ -116,4 +123,5 @@ class Answer:
             "calibration": self.calibration,
             "finding": self.finding,
             "nearest_unlike": self.nearest_unlike,
+            "region": self.region,
         }

@@ -20,6 +20,7 @@ from cbr.pipeline.calibration import calibrate, has_calibration
 from cbr.pipeline.patient import check_key
 from cbr.pipeline.engine import ray_batches, RaySettings
 from cbr.pipeline.map_reliability import measure_case_maps
+from cbr.pipeline.finding_search import index_findings
 from cbr.pipeline.settings import NO_EXPLANATION, IndexConfig, with_overrides
 from cbr.store.damage import drop_damaged
 from cbr.store.member import load_index, Member, rebuild_index, register_model, writer_lock
@@ -283,6 +284,8 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
                 calibrate(cb, m.model_id, m.index)
         if c.explain != NO_EXPLANATION:
             report.notes.extend(measure_case_maps(cb, members, scan.records, c.explain))
+        if any((r.metadata or {}).get("mask") for r in scan.records):  # each lesion becomes a finding too
+            report.notes.extend(index_findings(cb, members))
         if report.problems:
             with cb.write() as s:
                 s.add_all(ProblemRow(dataset_id=dataset_id, path=p.path, reason=p.reason) for p in report.problems)

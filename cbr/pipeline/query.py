@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
+from cbr.data.boxes import view_to_pixels
 from cbr.data.dataset import printable_path, valid_utf8
 from cbr.data.pseudonyms import stored_patient_id
 from cbr.data.sources import decode_query, dicom_neutral_locator, read_source, refuse_burned_in
@@ -27,7 +28,9 @@ from cbr.pipeline.calibration import member_calibrations
 from cbr.pipeline.conformal import ambiguous, fit_sets, prediction_set, union
 from cbr.pipeline.explanation import embed_query, MapRequest, query_maps
 from cbr.pipeline.contrast import nearest_unlike
-from cbr.pipeline.finding import finding_evidence, load_localisers
+from cbr.pipeline.finding import finding_evidence, finding_of, load_localisers
+from cbr.pipeline.finding_search import (AUTO, check_box, load_finding_sets, NoFindingsError, region_vectors,
+                                         search_findings)
 from cbr.pipeline.map_meter import MapMeter
 from cbr.pipeline.patient import check_key, query_patient
 from cbr.pipeline.record import record_query
@@ -75,6 +78,7 @@ class Searcher:
         self.members = load_members(cb, self.config.models, device=self.config.device)
         self.notes = [n for m in self.members for n in m.notes]
         self.localisers = load_localisers(cb, self.members)  # {model_id: lesion localiser} (cbr.pipeline.finding)
+        self._finding_sets = None  # {model_id: FindingSet}, loaded by the first region query
         # Typicality (and credibility) calibrations, recomputed first when missing or stale.
         self._typicality, recalibrated = member_calibrations(cb, self.members)
         self.notes.extend(recalibrated)
@@ -145,7 +149,7 @@ class Searcher:
     ensemble_name = property(lambda self: self.config.ensemble)
 
     def query(self, image, *, patient: str | None = None, record: bool = True, render: bool | None = None,
-              vectors=None, sources=None, patient_stored: bool = False) -> Answer:
+              vectors=None, sources=None, patient_stored: bool = False, region=None) -> Answer:
         """Answer one query image (a path); records it in the case base and writes its report.
 
         Args:
@@ -160,10 +164,9 @@ class Searcher:
                 case base's own (refused otherwise); ``allow_burned_in`` accepts burned-in text.
             patient_stored: ``patient`` is already in the case base's stored form (a record's
                 group, a recorded query's patient): used as is, and no DICOM PatientID is read.
+            region: search the findings with this region (x0, y0, x1, y1 pixels, or "auto"); :meth:`_region`.
         """
-        c = self.config
-        t = {}
-        t0 = time.perf_counter()
+        c, t, t0 = self.config, {}, time.perf_counter()
         if record and getattr(self.cb, "readonly", False):
             raise CaseBaseError(f"case base {self.cb.display} is open read-only; answer without recording "
                                 "(cbr query --no-record) or use a writable copy")
@@ -176,14 +179,14 @@ class Searcher:
         if vectors is not None:
             feats = [f._replace(vector=_unit_row(v, f.vector.shape[1]))
                      for f, v in zip(feats, _per_member(vectors, self.members))]
+        feats, region = self._region(img, feats, region)
         t["embed"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        hits, deep, classes, own, own_cases, reliability = self._search(sha, patient, feats)
+        hits, deep, classes, own, own_cases, reliability = self._search(sha, patient, feats, region)
         t["search"] = time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        final, votes, typ, flagged, pset = self._decide(hits, deep, classes)
+        final, votes, typ, flagged, pset = self._decide(hits, deep, classes, region)
         # a pseudonymised case base shows a DICOM query under a neutral locator, never its file name
         file = src.resolved().locator
         shown = dicom_neutral_locator(src, sha) if key else None
@@ -191,7 +194,7 @@ class Searcher:
                           hits=hits, votes=votes,
                           final=final, typicality=typ, notes=flagged + own + told, prediction_set=pset,
                           conflict=conflicts(own_cases, None if final.abstained else final.label),
-                          calibration=self.calibration_info(classes))
+                          calibration=self.calibration_info(classes), region=region)
         found.nearest_unlike = self._unlike(sha, patient, feats, hits, final)
         t["vote"] = time.perf_counter() - t0
 
@@ -238,9 +241,10 @@ class Searcher:
             patient, told = query_patient(src, key)
         return img, sha, src, patient, told
 
-    def _search(self, sha: str, patient, feats):
+    def _search(self, sha: str, patient, feats, region=None):
         """(hits, deep hits, classes, notes on its own cases, its own cases, map reliability): each
-        member's neighbours, never the query's own image or patient, within ``--where``."""
+        member's neighbours, never the query's own image or patient, within ``--where``; a region
+        query's are the cases of the nearest findings (their boxes and similarities go into ``region``)."""
         c = self.config
         with self.cb.read() as s:
             exclude = excluded_cases(s, sha, patient)
@@ -250,6 +254,9 @@ class Searcher:
             reliability = reliability_of(s, [m.model_id for m in self.members])
             # deep enough for the typicality score (the k-th neighbour of the calibration)
             depth = max([c.k] + [cal.k for cal in self._typicality if cal is not None])
+            if region is not None:
+                deep = self._search_findings(s, feats, exclude, region)
+                return deep, deep, classes, own, own_cases, reliability
             deep = search_members(s, self.members, [f.vector for f in feats], depth, exclude)
             hits = [h[: c.k] for h in deep]
             allow = allowed_cases(s, c.where)
@@ -259,6 +266,54 @@ class Searcher:
                 hits = search_members(s, self.members, [f.vector for f in feats], c.k, exclude, allow)
                 own = own + where_note(c.where, allow)
         return hits, deep, classes, own, own_cases, reliability
+
+    def _region(self, img, feats, region):
+        """(features, region) of a region query: each member's vector is its region's, cropped with
+        context and embedded at full input size (cbr.pipeline.finding_search); ``region`` becomes
+        {"box": pixels, "source": "drawn" | "localiser"}. Without a region, both pass through."""
+        if region is None:
+            return feats, None
+        if self._finding_sets is None:
+            self._finding_sets, told = load_finding_sets(self.cb, self.members)
+            self.notes.extend(told)
+        missing = [m.label for m in self.members if m.model_id not in self._finding_sets]
+        if missing:
+            raise NoFindingsError(f"--region: case base {self.cb.display} holds no findings of model {missing[0]}; index a "
+                           "manifest with a 'mask' column (or retain queries with `cbr feedback --region`) first")
+        if region == AUTO:
+            box, source = self._auto_region(img, feats), "localiser"
+        else:
+            box, source = check_box(region, img.size), "drawn"
+        vecs = [region_vectors(m.embedder, img, [box]) for m in self.members]
+        return [f._replace(vector=v) for f, v in zip(feats, vecs)], {"box": box, "source": source}
+
+    def _auto_region(self, img, feats) -> list[int]:
+        """``--region auto``: the first member's localiser's strongest region, in the image's pixels."""
+        m = self.members[0]
+        localiser = self.localisers.get(m.model_id)
+        if localiser is None:
+            raise CbrError(f"--region auto: model {m.label} has no lesion localiser (it was trained without "
+                           "masks); give the box instead, --region x0,y0,x1,y1")
+        prob = localiser.probabilities(feats[0].x.to(next(localiser.parameters()).device))[0]
+        found = finding_of(prob, m.embedder.config.input_size)
+        if found is None:
+            raise CbrError("--region auto: the lesion localiser marks no region in this image; give the box "
+                           "instead, --region x0,y0,x1,y1")
+        return check_box(view_to_pixels(found["box"], img, m.embedder.config.input_size, m.embedder.config.crop),
+                         img.size)
+
+    def _search_findings(self, s, feats, exclude, region) -> list:
+        """Each member's k cases of the nearest findings; their boxes and the findings' similarities
+        (for typicality) go into ``region``."""
+        out = []
+        region["findings"], region["similarities"] = {}, []
+        for m, f in zip(self.members, feats):
+            hits, boxes, sims = search_findings(s, m.model_id, self._finding_sets[m.model_id], f.vector,
+                                                self.config.k, exclude)
+            out.append(hits)
+            region["findings"][m.model_id] = boxes
+            region["similarities"].append(sims)
+        return out
 
     def _unlike(self, sha: str, patient, feats, hits, final) -> dict | None:
         """The first member's nearest case whose label is not the answer (cbr.pipeline.contrast)."""
@@ -299,7 +354,7 @@ class Searcher:
             for n in mem["neighbours"]:
                 n["explanation"] = paths.get(("neighbour", mem["model_id"], n["case_id"]))
 
-    def _decide(self, hits, deep, classes):
+    def _decide(self, hits, deep, classes, region=None):
         """(final vote, member votes, typicality, notes, prediction set) of one query's neighbours.
 
         Each member votes and gives its conformal set; the ensemble's set is their union. A set of
@@ -315,8 +370,10 @@ class Searcher:
             pset = union([prediction_set(f, v.probabilities) for f, v in zip(fitted, votes)], final.probabilities)
             if c.abstain_ambiguous and len(pset) > 1:
                 final = ambiguous(final)
-        final, typ, flagged = screen(final, [[n.similarity for n in h] for h in deep], self._typicality,
-                                     alpha=c.ood_alpha, answer_anyway=c.answer_anyway)
+        # a region query is measured against the findings, as its calibration was (finding_search)
+        sims, cals = ((region["similarities"], [self._finding_sets[m.model_id].calibration for m in self.members])
+                      if region else ([[n.similarity for n in h] for h in deep], self._typicality))
+        final, typ, flagged = screen(final, sims, cals, alpha=c.ood_alpha, answer_anyway=c.answer_anyway)
         return final, votes, typ, flagged, pset
 
     def query_vectors(self, image, vectors, **kw) -> Answer:
@@ -398,7 +455,7 @@ def _unit_row(v, dim: int):
 
 
 def query_images(cb, images, config: QueryConfig | None = None, *, patient: str | None = None,
-                 sources=None, record: bool = True, **overrides) -> list[Answer]:
+                 sources=None, record: bool = True, region=None, **overrides) -> list[Answer]:
     """Answer several query images with one loaded ensemble.
 
     Every image is decoded first, so a bad file stops the command before anything is recorded.
@@ -411,6 +468,7 @@ def query_images(cb, images, config: QueryConfig | None = None, *, patient: str 
         sources: a ``SourceSpec`` for DICOM/NIfTI images (window check, axis, volume, the
             pseudonymisation key, burned-in text allowed).
         record: False answers without storing anything or writing reports (a read-only replica).
+        region: search by finding with this region of every image (see ``Searcher.query``).
 
     Example:
         >>> answers = query_images(open_casebase("cases.db"), ["scan.png"], QueryConfig(k=5))
@@ -422,4 +480,4 @@ def query_images(cb, images, config: QueryConfig | None = None, *, patient: str 
         read_source(image, axis=sources.axis if sources else "axial", volume=sources.volume if sources else 0)
         refuse_burned_in(image, sources)
     searcher = Searcher(cb, config, **overrides)
-    return [searcher.query(image, patient=patient, sources=sources, record=record) for image in images]
+    return [searcher.query(image, patient=patient, sources=sources, record=record, region=region) for image in images]

@@ -15,6 +15,15 @@ def _probabilities(v) -> dict:
     return {k: float(p) for k, p in v.probabilities.items()}
 
 
+def _region(region) -> dict | None:
+    """A region query's box and each member's neighbours' finding boxes, as JSON (keys as text)."""
+    if region is None:
+        return None
+    return {"box": list(region["box"]), "source": region["source"],
+            "findings": {str(mid): {str(cid): list(box) for cid, box in boxes.items()}
+                         for mid, boxes in (region.get("findings") or {}).items()}}
+
+
 def record_query(cb, config, members, r) -> int:
     """Store a ``Retrieval`` made with ``config`` (a QueryConfig) and ``members``; returns the query id."""
     final, typ = r.final, r.typicality
@@ -29,7 +38,8 @@ def record_query(cb, config, members, r) -> int:
                   abstain_reason=final.abstain_reason if final.abstained else None, notes=list(r.notes),
                   uncertainty={"set": r.prediction_set, "coverage": r.calibration.get("coverage"),
                                "conflict": list(r.conflict), "calibration": dict(r.calibration),
-                               "finding": dict(r.finding or {}), "nearest_unlike": r.nearest_unlike})
+                               "finding": dict(r.finding or {}), "nearest_unlike": r.nearest_unlike,
+                               "region": _region(r.region)})
         s.add(q)
         s.flush()
         member_typ = typ.members if typ is not None else [None] * len(r.votes)

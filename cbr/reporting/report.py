@@ -16,6 +16,7 @@ import textwrap
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 
+from cbr.data.boxes import pixels_to_view
 from cbr.data.crop import model_view
 from cbr.data.sources import describe_origin, read_source
 from cbr.errors import CbrError
@@ -121,7 +122,7 @@ def _uncertainty(q, members) -> dict:
     answer = None if q.abstained else q.prediction
     out = {"set": pset, "set_text": None if pset is None else set_text(pset), "coverage": u.get("coverage"),
            "conflict": list(u.get("conflict") or []), "calibration": u.get("calibration") or {},
-           "finding": u.get("finding") or {}, "nearest_unlike": u.get("nearest_unlike"),
+           "finding": u.get("finding") or {}, "nearest_unlike": u.get("nearest_unlike"), "region": u.get("region"),
            "evidence": evidence(answer, [(n["label"], n["similarity"]) for n in neighbours])}
     out["conflict_text"] = conflict_text(out["conflict"], answer)
     out["lines"] = answer_lines(out)  # what the confidence rests on, as the terminal prints it
@@ -261,6 +262,7 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
                 blobs[("pair", mem["model_id"], n["case_id"])] = _jpeg(render_overlay(qimg, n["pair_map"]["map"], vmax=vmax))
             tiles.append((over, f"#{n['rank']} {n['label']} {n['similarity']:.3f}"))
         blobs[("panel", mem["model_id"])] = _jpeg(render_panel(tiles, tile_size=TILE))
+        _outline_region(record["prediction"].get("region"), mem, images, blobs)
     first = record["members"][0]["model_id"] if record["members"] else None
     for key, data in blobs.items():
         suffix = "" if key[1] == first else f"-m{key[1]}"
@@ -282,6 +284,27 @@ def write_outputs(cb, query_id: int, out_dir, *, images: dict | None = None, sca
     with cb.write() as s:
         s.get(Query, int(query_id)).report_path = str(report.resolve())
     return paths
+
+
+def _outlined(img, box, crop: str) -> bytes:
+    """The plain tile of ``img`` (its model view) with ``box`` (its pixels) outlined."""
+    tile = model_view(img, TILE, crop)
+    ImageDraw.Draw(tile).rectangle(pixels_to_view(box, img, TILE, crop), outline=(0, 255, 255), width=2)
+    return _jpeg(tile)
+
+
+def _outline_region(region, mem: dict, images: dict, blobs: dict) -> None:
+    """A region query (search by finding): its box outlined on the query's plain tile, and each
+    neighbour's own finding box on that neighbour's."""
+    if not region:
+        return
+    mid, crop = mem["model_id"], mem.get("crop", "none")
+    if images.get(None) is not None:
+        blobs[("plain", mid)] = _outlined(images[None], region["box"], crop)
+    for n in mem["neighbours"]:
+        box = (region.get("findings") or {}).get(str(mid), {}).get(str(n["case_id"]))
+        if box and images.get(n["case_id"]) is not None and n.get("image_status") == "ok":
+            blobs[("nplain", mid, n["case_id"])] = _outlined(images[n["case_id"]], box, crop)
 
 
 def _img_tag(data: bytes | None, alt: str) -> str:
@@ -334,6 +357,16 @@ def _map_origin(record: dict) -> str:
         f"{html.escape(m['model'])}: layer <code>{html.escape(m['target_layer'])}</code>" if m.get("target_layer")
         else f"{html.escape(m['model'])}: the last convolutional block" for m in record["members"])
     return f"query maps by <b>{method}</b>, CAMs at {layers or 'no layer'}; attributions from the input pixels"
+
+
+def _region_line(region) -> str:
+    """What a region query searched (search by finding), and how its boxes are drawn."""
+    if not region:
+        return ""
+    box = ", ".join(str(int(v)) for v in region["box"])
+    return (f"<p class='evidence'>Search by finding: the region [{box}] ({html.escape(str(region['source']))}), "
+            "outlined in cyan on the query; each neighbour is a case whose own finding, outlined on it, "
+            "is nearest.</p>")
 
 
 def _region_cell(region) -> str:
@@ -394,6 +427,7 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
         f"<p class='pred'>Diagnosis: {label} &nbsp; confidence {p['confidence']:.3f}{cred}{_typicality(p)}</p>",
         "".join(f"<p class='evidence'>{e(line)}</p>" for line in answer_lines(p)),
         "".join(f"<p class='evidence'>{e(line)}</p>" for line in p.get("finding_lines") or []),
+        _region_line(p.get("region")),
         "".join(f"<p class='warn'>Note: {e(n)}</p>" for n in record.get("notes", [])
                 if not n.startswith("out of distribution:")),
         _probs_table(p["probabilities"]) if shows_probabilities(p) else "",

@@ -7,7 +7,7 @@ import math
 from cbr.reporting.comparison_table import format_comparison
 from cbr.store.reliability import GUESS_WORDS, NO_BETTER
 
-__all__ = ["format_table"]
+__all__ = ["format_table", "finding_table"]
 
 
 def localisation_lines(loc: dict) -> list[str]:
@@ -149,3 +149,15 @@ def format_table(metrics: dict) -> str:
         lines.append(f"skipped {len(metrics['problems'])} file(s); see problems in metrics.json")
     lines.append(f"elapsed {metrics.get('elapsed_s', 0):.1f} s")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def finding_table(fs: dict) -> str:
+    """``cbr evaluate --by finding``: the region queries beside the same images queried whole."""
+    k = fs.get("k")
+    lines = [f"search by finding ({fs.get('images', 0)} masked images):",
+             f"  {'':<10} {'queries':>8} {f'precision@{k}':>13} {'accuracy':>9} {'balanced':>9} {'out of distr.':>14}"]
+    for name in ("by_finding", "by_image"):
+        f = fs.get(name) or {}
+        lines.append(f"  {name.replace('_', ' '):<10} {f.get('n', 0):>8} {_f(f.get('precision_at_k')):>13} "
+                     f"{_f(f.get('accuracy')):>9} {_f(f.get('balanced_accuracy')):>9} {f.get('out_of_distribution', 0):>14}")
+    return "\n".join(lines)

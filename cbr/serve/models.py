@@ -29,6 +29,7 @@ class Health(BaseModel):
 
 
 Pixel = Annotated[int, Field(ge=0, le=MAX_OFFSET)]
+Fraction = Annotated[float, Field(ge=0, le=1)]  # of the letterboxed square's side
 
 
 class FeedbackIn(BaseModel):
@@ -47,7 +48,7 @@ class RegionIn(BaseModel):
     """A box on the query image, as fractions (0..1) of the letterboxed square the page shows."""
 
     model_config = ConfigDict(extra="forbid")
-    box: tuple[float, float, float, float]
+    box: tuple[Fraction, Fraction, Fraction, Fraction]
 
 
 class ExampleIn(BaseModel):
@@ -86,3 +87,4 @@ class AnswerOut(BaseModel):
     calibration: dict = Field(description="where the vote was calibrated: source, cases")
     finding: dict = Field(description="where the finding is (the localiser's region) and the class map's share on it")
     nearest_unlike: dict | None = Field(description="the most similar case whose label is not the answer")
+    region: dict | None = Field(description="a region query's box and where it came from (drawn | localiser)")

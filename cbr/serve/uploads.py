@@ -20,6 +20,7 @@ from cbr.data.dicom import is_dicom
 from cbr.data.locator import Source, SourceError
 from cbr.errors import CbrError, ImageError
 from cbr.store.schema import Query
+from cbr.pipeline.finding_search import parse_region
 from cbr.pipeline.settings import parse_where
 
 __all__ = ["read_upload", "query_options", "check_limits", "MAX_K", "BadValue", "safe_name", "upload_suffix",
@@ -139,12 +140,13 @@ def check_limits(settings, k, explain, default_explain) -> None:
         raise BadValue(f"explain {explain!r} is not allowed on this server; allowed: {', '.join(settings.methods)}")
 
 
-def query_options(k, vote, explain, where=None) -> dict:
+def query_options(k, vote, explain, where=None, region=None) -> dict:
     """Per-query overrides (None keeps the server's default). The routes' form types check ``k``
-    (1 to MAX_K, as ``cbr query -k``), ``vote`` and ``explain`` (the CLI's choices); ``where`` is
-    parsed here."""
+    (1 to MAX_K, as ``cbr query -k``), ``vote`` and ``explain`` (the CLI's choices); ``where`` and
+    ``region`` (search by finding: "x0,y0,x1,y1" in the image's pixels, or "auto") are parsed here."""
     try:
         pairs = parse_where(where)
+        box = parse_region((region or "").strip() or None)
     except CbrError as e:
-        raise BadValue(str(e).replace("--where", "where", 1)) from None
-    return {"k": k, "vote": vote or None, "explain": explain or None, "where": pairs}
+        raise BadValue(str(e).replace("--where", "where", 1).replace("--region", "region", 1)) from None
+    return {"k": k, "vote": vote or None, "explain": explain or None, "where": pairs, "region": box}

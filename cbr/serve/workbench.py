@@ -25,6 +25,7 @@ from cbr.data.sources import SourceSpec, read_source
 from cbr.errors import CbrError, ImageError
 from cbr.files import atomic_write
 from cbr.pipeline.audit import add_feedback
+from cbr.pipeline.finding_search import NoFindingsError
 from cbr.pipeline.patient import check_key
 from cbr.pipeline.query import Searcher
 from cbr.serve.lineage import record_refinement
@@ -161,17 +162,17 @@ class Workbench:
             raise
 
     def query(self, image, *, patient: str | None = None, k: int | None = None, vote: str | None = None,
-              explain: str | None = None, vectors=None, where=(), patient_stored: bool = False):
+              explain: str | None = None, vectors=None, where=(), patient_stored: bool = False, region=None):
         """Answer and record one query (an image already on disk); returns the Answer.
 
         Refused (BadValue) past the server's limits. A query asking for an expensive explanation
         runs in the explanation lane, so that retrieval never waits for it.
         ``where``: (key, value) pairs; only cases whose metadata match are retrieved.
         ``patient``: as typed (hashed with the case base's key), unless ``patient_stored`` (a
-        recorded query's, for a refinement)."""
+        recorded query's, for a refinement). ``region``: search by finding (a pixel box, or "auto")."""
         check_limits(self.settings, k, explain, self.searcher.explain)
         kw = {"patient": patient, "k": k, "vote": vote, "explain": explain, "vectors": vectors, "where": where,
-              "sources": self.sources, "patient_stored": patient_stored}
+              "sources": self.sources, "patient_stored": patient_stored, "region": region}
         if not is_expensive(explain or self.searcher.explain):
             return self.retrieval.query(image, **kw)
         if not self._explain_slots.acquire(blocking=False):
@@ -236,13 +237,16 @@ class Workbench:
             raise RefineError(f"the box is {crop.size[0]}x{crop.size[1]} pixels of the image; draw one at least "
                               f"{MIN_SIZE}x{MIN_SIZE}")
 
-        buf = io.BytesIO()
-        crop.save(buf, format="PNG")
-        stem = Path(path).stem[:40]
-        child = self.save_upload(buf.getvalue(), f"{stem}-region-{'-'.join(map(str, crop_box))}.png")
         detail = {"kind": "region", "parent_id": int(query_id), "box": [round(float(v), 4) for v in box],
                   "pixels": list(crop_box)}
-        answer = self.query(child, patient=patient, k=k, vote=vote, explain=explain, patient_stored=True)
+        options = {"patient": patient, "k": k, "vote": vote, "explain": explain, "patient_stored": True}
+        try:  # search by finding: the box of the parent's own image among the cases' findings
+            answer = self.query(path, region=list(crop_box), **options)
+        except NoFindingsError:  # a case base without findings: the box's pixels as an image of its own
+            buf = io.BytesIO()
+            crop.save(buf, format="PNG")
+            child = self.save_upload(buf.getvalue(), f"{Path(path).stem[:40]}-region-{'-'.join(map(str, crop_box))}.png")
+            answer = self.query(child, **options)
         self._link(answer, detail)
         return answer, detail
 

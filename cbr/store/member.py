@@ -27,7 +27,7 @@ from cbr.store.encoding import decode_vectors
 from cbr.store.generation import generation_name, written_elsewhere
 from cbr.store.location import db_args
 from cbr.store.postgres import advisory_lock
-from cbr.store.schema import Case, Embedding, IndexManifest, Model, utcnow
+from cbr.store.schema import Case, Embedding, FindingIndex, IndexManifest, Model, utcnow
 import index as ix
 
 __all__ = [
@@ -100,7 +100,7 @@ def _check_index_dir(cb) -> None:
 def _sweep_orphans(cb) -> None:
     """Delete index generations and temp files no manifest points to (left by a crash)."""
     with cb.read() as s:
-        live = set(s.scalars(select(IndexManifest.path)))
+        live = set(s.scalars(select(IndexManifest.path))) | set(s.scalars(select(FindingIndex.path)))
     for path in cb.index_dir.iterdir():
         if path.name.startswith(".writer"):
             continue

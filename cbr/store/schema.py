@@ -34,6 +34,8 @@ __all__ = [
     "Neighbour",
     "Feedback",
     "Problem",
+    "Finding",
+    "FindingIndex",
     "utcnow",
 ]
 
@@ -287,3 +289,36 @@ class Problem(Base):
     path: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Finding(Base):
+    """A finding region of a case under one model: its box and the embedding of its context crop.
+
+    ``source`` says where the box came from: ``mask`` (a component of the manifest's lesion mask) or
+    ``feedback`` (a reviewer's box). The box is [x0, y0, x1, y1] in the case image's pixels (x1, y1
+    exclusive). Like ``Embedding``, these rows are the source of truth of the findings' index.
+    """
+
+    __tablename__ = "findings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    source: Mapped[str] = mapped_column(String(16))  # mask | feedback
+    box: Mapped[list] = mapped_column(JSON)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, L2-normalised
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FindingIndex(Base):
+    """Which FAISS file holds a model's finding vectors (ids: finding ids), and the findings'
+    leave-one-out typicality scores that calibrate region queries."""
+
+    __tablename__ = "finding_indexes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), unique=True)
+    path: Mapped[str] = mapped_column(Text)  # file name inside the case base's index folder
+    checksum: Mapped[str] = mapped_column(String(64))
+    ntotal: Mapped[int] = mapped_column(Integer)
+    k: Mapped[int] = mapped_column(Integer)
+    scores: Mapped[list] = mapped_column(JSON)  # ascending
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

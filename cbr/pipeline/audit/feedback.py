@@ -20,6 +20,7 @@ from cbr.data.sources import moved_to, read_source, Source
 from cbr.data.text import clean_label, clean_note, confusable_with, lookalike_note
 from cbr.errors import CbrError, ImageError
 from cbr.pipeline.calibration import recalibrate
+from cbr.pipeline.finding_search import index_findings
 from cbr.pipeline.search import active_classes
 from cbr.store.member import load_members, writer_lock
 from cbr.store.rows import get_query, iso
@@ -233,6 +234,7 @@ def _retain(cb, j: _Judged, image) -> dict:
         writer.maybe_save(force=True)
         # A new case changes the votes' and typicality's calibration: recompute it now.
         recalibrated = recalibrate(cb, [(m.model_id, m.index) for m in members])
+        recalibrated += index_findings(cb, members)  # the reviewer's box becomes a finding of the new case
     notes.append(f"retained as case {case_id} (label {j.label!r}), indexed in {len(members)} member(s) with its "
                  f"{method} map")
     notes.extend(recalibrated)

@@ -110,8 +110,9 @@ def feedback(request: Request, query_id: QueryId, csrf_token: str | None = Form(
 
 
 @router.post("/queries/{query_id}/refine/region")
-def refine_region(request: Request, query_id: QueryId, csrf_token: str | None = Form(None), x0: float = Form(...),
-                  y0: float = Form(...), x1: float = Form(...), y1: float = Form(...), wb=Depends(get_workbench)):
+def refine_region(request: Request, query_id: QueryId, csrf_token: str | None = Form(None), x0: float = Form(..., ge=0, le=1),
+                  y0: float = Form(..., ge=0, le=1), x1: float = Form(..., ge=0, le=1), y1: float = Form(..., ge=0, le=1),
+                  wb=Depends(get_workbench)):
     _check(request, csrf_token)
     answer, _ = wb.refine_region(query_id, (x0, y0, x1, y1))
     return _see(f"/queries/{answer.query_id}")

@@ -45,12 +45,15 @@ def ask(request: Request, response: Response, image: UploadFile = File(..., desc
         where: list[str] | None = Form(None, description="key=value, repeatable: only cases whose metadata match"),
         part: str | None = Form(None, max_length=200, description="which image of a multi-image upload: frame=N "
                                 "(DICOM), axis=axial&slice=N (NIfTI), split=test&index=N (.npz); default the middle"),
+        region: str | None = Form(None, max_length=100, description="search by finding: x0,y0,x1,y1 in the image's "
+                                  "pixels, or auto (the lesion localiser's strongest region)"),
         wb=Depends(get_workbench)):
-    """Answer one uploaded image and record it, like ``cbr query --json`` (``where`` as its ``--where``).
+    """Answer one uploaded image and record it, like ``cbr query --json`` (``where`` and ``region`` as its
+    ``--where`` and ``--region``).
 
     The format is read from the content, never from the file name: PNG/JPEG/TIFF, DICOM, NIfTI or
     ``.npz``. A refused upload is not kept."""
-    options = query_options(k, vote, explain, where)
+    options = query_options(k, vote, explain, where, region)
     data = read_upload(image, request.app.state.settings)
     return answer_out(wb.ask_upload(data, image.filename, part, patient=(patient or "").strip() or None, **options),
                       response)

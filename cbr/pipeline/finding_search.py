@@ -1,0 +1,241 @@
+"""Search by finding: a case's finding regions, each embedded on its own, and queries by region.
+
+A finding is a region of a case image: a connected component of the manifest's lesion mask (its
+``mask`` column), or a reviewer's box (``cbr feedback --region``, the serve form). Each is cropped
+with a context margin and embedded at the model's full input size, so a small lesion fills the
+model's view instead of a few pixels of it; the vectors live in the ``findings`` table and in their
+own FAISS index per model (``cbr.store.findings``).
+
+A region query (``cbr query IMG --region x0,y0,x1,y1``, or ``auto``: the lesion localiser's
+strongest region) embeds its region the same way and retrieves among the findings. Its typicality
+is calibrated on the findings themselves, leave-one-out (its case's patient left out), because a
+cropped region is unlike every *whole* image: calibrated on whole images, every drawn region would
+come back "out of distribution".
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+
+from cbr.data.guard import read_regular
+from cbr.data.image import check_pillow_size
+from cbr.data.sources import read_source
+from cbr.errors import CbrError, ImageError
+from cbr.pipeline.search import Hit
+from cbr.pipeline.typicality import TYPICALITY_K, TypicalityCalibration, leave_one_out_scores
+from cbr.store.chunks import scalars_in
+from cbr.store.findings import (add_findings, cases_with_findings, finding_boxes, finding_rows, findings_of_cases,
+                                load_finding_index, save_finding_index)
+from cbr.store.schema import Case, Feedback, FindingIndex, Query
+import index as ix
+
+__all__ = ["CONTEXT_MARGIN", "AUTO", "NoFindingsError", "FindingSet", "parse_region", "mask_boxes", "context_crop",
+           "region_vectors", "index_findings", "load_finding_sets", "search_findings", "check_box"]
+
+LOG = logging.getLogger(__name__)
+
+CONTEXT_MARGIN = 0.25  # context on each side of a finding's crop, as a share of the box's longer side
+MIN_COMPONENT_SHARE = 0.1  # a mask component under this share of the largest one is a speck, not a finding
+MAX_FINDINGS = 8  # findings per case at most (the largest components)
+AUTO = "auto"
+EMBED_BATCH = 32
+
+
+class NoFindingsError(CbrError):
+    """A region query on a case base (or member) that holds no findings."""
+
+
+@dataclass(frozen=True)
+class FindingSet:
+    """One member's findings: their index (ids: finding ids) and typicality calibration."""
+
+    index: object
+    calibration: TypicalityCalibration | None
+
+
+def parse_region(text: str | None):
+    """``--region``: None, ``"auto"``, or a box (x0, y0, x1, y1) of ints in the image's pixels."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    if text.lower() == AUTO:
+        return AUTO
+    try:
+        box = [int(round(float(v))) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
+        raise CbrError(f"--region {text!r}: give x0,y0,x1,y1 in the image's pixels (x0 < x1, y0 < y1), or 'auto'")
+    return tuple(box)
+
+
+def check_box(box, size) -> list[int]:
+    """``box`` clipped to an image of ``size`` (w, h); a box with nothing inside is refused."""
+    w, h = size
+    x0, y0, x1, y1 = (int(v) for v in box)
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        raise CbrError(f"--region {list(box)} lies outside the {w}x{h} image; draw it over the image")
+    return [x0, y0, x1, y1]
+
+
+def mask_boxes(path: str, image_size) -> list[list[int]]:
+    """Finding boxes of a lesion mask, in its image's pixels: one per connected component (specks
+    left out, the ``MAX_FINDINGS`` largest kept); [] for an empty mask. Raises OSError when unreadable."""
+    from scipy import ndimage
+
+    try:
+        data = read_regular(path)
+        with Image.open(io.BytesIO(data)) as m:
+            check_pillow_size(m, str(path))
+            mask = np.asarray(m.convert("L")) > 127
+    except ImageError as e:
+        raise OSError(f"{e.path}: {e.reason}") from None
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return []
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    keep = [i for i in np.argsort(-sizes)[:MAX_FINDINGS] if sizes[i] >= MIN_COMPONENT_SHARE * sizes.max()]
+    sx, sy = image_size[0] / mask.shape[1], image_size[1] / mask.shape[0]  # a mask of another size is scaled
+    boxes = []
+    for sl in (ndimage.find_objects(labels)[i] for i in keep):
+        ys, xs = sl
+        boxes.append([int(xs.start * sx), int(ys.start * sy), int(np.ceil(xs.stop * sx)), int(np.ceil(ys.stop * sy))])
+    return boxes
+
+
+def context_crop(img, box, margin: float = CONTEXT_MARGIN):
+    """The finding ``box`` of ``img`` with ``margin`` of context on each side, squared where the image allows."""
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    w, h = img.size
+    box = (max(0, int(cx - side / 2)), max(0, int(cy - side / 2)), min(w, int(np.ceil(cx + side / 2))),
+           min(h, int(np.ceil(cy + side / 2))))
+    return img.crop(box)
+
+
+def region_vectors(embedder, img, boxes) -> np.ndarray:
+    """(n, D) float32 unit embeddings of ``boxes`` of ``img``, each crop at the model's full input size."""
+    import torch
+
+    out = []
+    for start in range(0, len(boxes), EMBED_BATCH):
+        x = torch.stack([embedder.preprocess(context_crop(img, b)) for b in boxes[start:start + EMBED_BATCH]])
+        out.append(embedder.embed(x).float().numpy())
+    return np.concatenate(out) if out else np.empty((0, embedder.config.embedding_dim), dtype=np.float32)
+
+
+def _mask_todo(s, model_id: int) -> list:
+    """(case, source, boxes or None) of the active cases with a mask and no mask findings yet."""
+    done = cases_with_findings(s, model_id, "mask")
+    cases = s.scalars(select(Case).where(Case.removed_at.is_(None), Case.meta["mask"].as_string().is_not(None))
+                      .order_by(Case.id)).all()
+    return [(c, "mask", None) for c in cases if c.id not in done and (c.meta or {}).get("mask")]
+
+
+def _feedback_todo(s, model_id: int) -> list:
+    """(case, "feedback", [boxes]) of reviewers' boxes on queries whose image is an active case (a
+    retained query, or one of a case's own image), not yet stored as findings."""
+    rows = s.execute(select(Feedback.region, Query.sha256).join(Query, Query.id == Feedback.query_id)
+                     .where(Feedback.region.is_not(None)).order_by(Feedback.id)).all()
+    if not rows:
+        return []
+    by_sha = {c.sha256: c for c in scalars_in(s, select(Case).where(Case.removed_at.is_(None)), Case.sha256,
+                                                  sorted({sha for _, sha in rows}))}
+    done = cases_with_findings(s, model_id, "feedback")
+    boxes: dict = {}
+    for region, sha in rows:
+        case = by_sha.get(sha)
+        if case is not None and case.id not in done and list(region) not in boxes.setdefault(case.id, []):
+            boxes[case.id].append([int(v) for v in region])
+    return [(case, "feedback", boxes[case.id]) for case in by_sha.values() if boxes.get(case.id)]
+
+
+def _embed_case(member, case, source: str, boxes, problems: list):
+    """[(case id, source, box, vector)] of one case's findings; unreadable files go to ``problems``."""
+    cfg = member.embedder.config
+    try:
+        img = read_source(case.readable_locator, window=cfg.window)[0]
+        boxes = mask_boxes(case.meta["mask"], img.size) if boxes is None else [check_box(b, img.size) for b in boxes]
+    except (OSError, ImageError, CbrError) as e:
+        problems.append(f"case {case.id}: its {source} finding was not embedded ({getattr(e, 'reason', e)})")
+        return []
+    vecs = region_vectors(member.embedder, img, boxes)
+    return [(case.id, source, b, v) for b, v in zip(boxes, vecs)]
+
+
+def index_findings(cb, members, *, force_index: bool = False) -> list[str]:
+    """Embed and store the finding regions not stored yet (mask components, reviewers' boxes) of every
+    member, then save each member's findings index and its leave-one-out typicality calibration.
+
+    Callers hold the writer lock. Returns notes: how many findings were added, files left out.
+    """
+    notes = []
+    for m in members:
+        with cb.read() as s:
+            todo = _mask_todo(s, m.model_id) + _feedback_todo(s, m.model_id)
+            has_index = s.scalar(select(FindingIndex.id).where(FindingIndex.model_id == m.model_id)) is not None
+        problems, added = [], 0
+        for case, source, boxes in todo:
+            added += add_findings(cb, m.model_id, _embed_case(m, case, source, boxes, problems))
+        notes.extend(problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else []))
+        if added or force_index or (has_index is False and todo):
+            n = _save_findings_index(cb, m)
+            notes.append(f"findings of model {m.model_id}: {added} added, {n} searchable (search them with "
+                         "`cbr query IMG --region x0,y0,x1,y1`)")
+    return notes
+
+
+def _save_findings_index(cb, member) -> int:
+    """Rebuild a member's findings index from the stored rows, calibrate it leave-one-out, save it."""
+    dim = member.embedder.config.embedding_dim
+    with cb.read() as s:
+        ids, vecs, groups = finding_rows(s, member.model_id, dim)
+    index = ix.build(dim, "flat")
+    if len(ids):
+        ix.add(index, vecs, ids)
+    scores = leave_one_out_scores(index, ids, vecs, groups, k=TYPICALITY_K)
+    save_finding_index(cb, member.model_id, index, TYPICALITY_K, scores)
+    return int(index.ntotal)
+
+
+def load_finding_sets(cb, members) -> tuple[dict, list[str]]:
+    """({model_id: FindingSet} of the members with findings, notes on indexes rebuilt in memory)."""
+    out, notes = {}, []
+    for m in members:
+        loaded = load_finding_index(cb, m.model_id, m.embedder.config.embedding_dim)
+        if loaded is None:
+            continue
+        index, k, scores, told = loaded
+        notes.extend(told)
+        out[m.model_id] = FindingSet(index, TypicalityCalibration(k, scores) if len(scores) else None)
+    return out, notes
+
+
+def search_findings(s, model_id: int, fset: FindingSet, vector, k: int, exclude_cases) -> tuple[list, dict, list]:
+    """(hits, {case id: its finding box}, similarities): the k cases whose best finding is nearest
+    ``vector`` (one hit per case), and the similarities of the nearest findings themselves, best first
+    (typicality reads them as its calibration did); never a finding of ``exclude_cases``, nor of a
+    removed case."""
+    exclude = findings_of_cases(s, model_id, exclude_cases)
+    want = max(k, TYPICALITY_K) * MAX_FINDINGS + 5  # several findings of one case may come first
+    D, I = ix.search(fset.index, np.asarray(vector, dtype=np.float32).reshape(1, -1), want, exclude=[exclude])
+    pairs = [(int(i), float(d)) for i, d in zip(I[0], D[0]) if i >= 0]
+    rows = finding_boxes(s, [i for i, _ in pairs])
+    hits, boxes, sims = [], {}, []
+    for fid, sim in pairs:
+        if fid not in rows:
+            continue
+        sims.append(sim)
+        case, box, _ = rows[fid]
+        if case.id not in boxes:
+            boxes[case.id] = box
+            hits.append(Hit(case, sim))
+    return hits[:k], {h.case.id: boxes[h.case.id] for h in hits[:k]}, sims

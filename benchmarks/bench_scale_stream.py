@@ -14,6 +14,16 @@ writes its chunks' float16 rows to the sidecar (`index.refine`), merge the shard
 the exact top 10 of the queries by streaming the chunks again, then time single-thread queries
 (faiss.omp_set_num_threads(1)) for each nprobe and re-ranking factor R (R=0: the PQ order alone).
 
+Families: `--pq MxBITS` (e.g. 64x6), `--pq Mx4fs` (4-bit fast-scan PQ: packed lists that faiss
+cannot merge on disk, so filled in memory in this process; 32 B of codes per vector at 64x4fs),
+`--coarse hnsw` (an HNSW32 graph over the centroids, for 16k+ lists) and `--opq` (a learnt
+rotation first); all re-rank from the same float16 sidecar.
+
+    .venv/bin/python benchmarks/bench_scale_stream.py --n 1000000 --nlist 1024 --pq 64x4fs --threads 1 \
+        --factors 0 20 50 --work /tmp/scale
+    .venv/bin/python benchmarks/bench_scale_stream.py --n 1000000 --nlist 4096 --coarse hnsw --pq 64x4fs \
+        --threads 1 --factors 0 50 100 200 --work /tmp/scale
+
 Data ("--data"):
 - powerlaw (default): Gaussian with eigenvalues lambda_i = i^-alpha in a random orthonormal basis,
   L2-normalised. alpha = 1 is a generic choice, not fitted to our data: the spectra of trained

@@ -113,14 +113,15 @@ def test_import_parquet_then_query(runner, images, tiny):
     assert {n["case_id"] for n in neighbours} <= set(maps)
 
 
-def test_import_npy_with_manifest(runner, images, tiny):
+@pytest.mark.postgres  # and on PostgreSQL (tests/pg.py)
+def test_import_npy_with_manifest(runner, images, tiny, db_url):
     root, rows, vectors = images
     np.save(root / "emb.npy", vectors)
     with open(root / "rows.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["path", "label", "group", "metadata"])
         w.writeheader()
         w.writerows(rows)
-    db = root / "cases.db"
+    db = db_url
     result = invoke(runner, "import", root / "emb.npy", "--manifest", root / "rows.csv", *TINY,
                     "--fingerprint", tiny.fingerprint, "--db", db)
     assert result.exit_code == 0, result.output

@@ -267,13 +267,27 @@ def test_a_region_drawn_on_the_served_square_maps_back_through_the_crop(tmp_path
     scan = tmp_path / "scan.png"
     _scan((0, 0, 0)).save(scan)
     box = crop_box(Image.open(scan), "foreground")
-    saved = []
+    from cbr.pipeline.finding_search import NoFindingsError
+
+    saved, asked = [], []
+
+    def no_findings(image, **kw):  # a case base without findings: the box's pixels become an image
+        asked.append(kw)
+        if kw.get("region") is not None:
+            raise NoFindingsError("no findings")
+        return SimpleNamespace(notes=[])
+
     for crop, whole in (("foreground", box), ("none", (0, 0, W, H))):
         wb = SimpleNamespace(window="auto", crop=crop, _parent=lambda qid: (str(scan), None, 5, "weighted", "none"),
+                             decode=lambda path: (Image.open(path).convert("RGB"), None, None),
                              save_upload=lambda data, name: saved.append(Image.open(io.BytesIO(data))),
-                             query=lambda *a, **kw: SimpleNamespace(notes=[]), _link=lambda answer, detail: None)
+                             query=no_findings, _link=lambda answer, detail: None)
         _, detail = Workbench.refine_region(wb, 1, (0, 0, 1, 1))  # the whole square the page shows
         assert tuple(detail["pixels"]) == whole and saved[-1].size == (whole[2] - whole[0], whole[3] - whole[1])
+        assert asked[-2]["region"] == list(whole)  # searched by finding first
+    wb.query = lambda image, **kw: asked.append(dict(kw, image=image)) or SimpleNamespace(notes=[])
+    Workbench.refine_region(wb, 1, (0, 0, 1, 1))  # with findings: the parent's image, its box searched
+    assert asked[-1]["image"] == str(scan) and asked[-1]["region"] == [0, 0, W, H] and len(saved) == 2
     # the left half of the square, in the cropped view: the left half of the box
     wb.crop = "foreground"
     _, detail = Workbench.refine_region(wb, 1, (0, 0, 0.5, 1))

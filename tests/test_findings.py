@@ -234,3 +234,38 @@ def test_boxes_map_between_pixels_and_the_model_view_both_ways():
     assert view == pytest.approx([22.4, 67.2, 67.2, 112.0])
     assert view_to_pixels(view, img, 224) == [10, 5, 30, 25]
     assert view_to_pixels([0, 0, 224, 224], img, 224) == [0, 0, 100, 50]  # the padding is clipped off
+
+
+def test_a_region_query_keeps_to_the_cases_where_allows(runner, indexed, phantom_set):
+    row = next(r for r in _manifest_rows(phantom_set) if r["label"] != "normal")
+    box = _mask_box(phantom_set, row)
+    result = invoke(runner, "query", phantom_set.parent / row["path"], "--db", indexed, "--region",
+                    ",".join(map(str, box)), "--where", "slice=1", "--explain", "none", "--no-record", "--json",
+                    "-k", "3")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["neighbours"] and all(n["metadata"]["slice"] == "1" for n in out["neighbours"])
+    assert any("slice=1" in n for n in out["notes"])
+
+
+def test_region_auto_is_the_localisers_strongest_region_in_the_images_pixels():
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image as PILImage
+
+    from cbr.errors import CbrError
+    from cbr.pipeline.query import Searcher
+
+    prob = np.zeros((48, 48), dtype=np.float32)
+    prob[30:40, 10:20] = 0.9  # in the 48-pixel view of a 96x48 image: letterboxed, 2 pixels per view pixel
+    localiser = SimpleNamespace(probabilities=lambda x: prob[None], parameters=lambda: iter([torch.zeros(1)]))
+    member = SimpleNamespace(model_id=1, label="m", embedder=SimpleNamespace(config=SimpleNamespace(input_size=48,
+                                                                                                   crop="none")))
+    fake = SimpleNamespace(members=[member], localisers={1: localiser})
+    feats = [SimpleNamespace(x=torch.zeros(1, 3, 48, 48))]
+    img = PILImage.new("RGB", (96, 48))
+    assert Searcher._auto_region(fake, img, feats) == [20, 36, 40, 48]  # y 60..80 less the 24 of padding, clipped
+    prob[:] = 0
+    with pytest.raises(CbrError, match="marks no region"):
+        Searcher._auto_region(fake, img, feats)

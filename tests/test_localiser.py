@@ -314,3 +314,32 @@ def test_report_and_serve_page_show_the_finding_and_the_contrast(runner, trained
         assert "nearest case of another label: case" in page
     finally:
         cb.close()
+
+
+def test_nearest_unlike_searches_beyond_the_hits(indexed):
+    """With no case of another label among the hits, the nearest one is searched among all cases of the
+    other labels: the same as brute force over the stored embeddings, the query's own case left out."""
+    from sqlalchemy import select
+
+    from cbr.pipeline.contrast import nearest_unlike
+    from cbr.store.casebase import open_casebase
+    from cbr.store.member import embeddings_in, load_members
+    from cbr.store.schema import Case
+
+    cb = open_casebase(indexed, create=False)
+    try:
+        (member,) = load_members(cb)
+        with cb.read() as s:
+            ids, vecs = embeddings_in(s, member.model_id)
+            labels = dict(s.execute(select(Case.id, Case.label)).all())
+            query_id = int(ids[0])
+            vector = vecs[:1].astype("float32")
+            found = nearest_unlike(s, member, vector, [], labels[query_id], [query_id])
+            assert nearest_unlike(s, member, vector, [], None, [query_id]) is None  # an abstention has none
+        sims = vecs @ vector[0]
+        others = [(float(sims[i]), int(c)) for i, c in enumerate(ids) if labels[int(c)] != labels[query_id]]
+        best_sim, best_id = max(others)
+        assert found["case_id"] == best_id and found["label"] != labels[query_id]
+        assert found["similarity"] == pytest.approx(best_sim, abs=1e-4) and found["margin"] is None
+    finally:
+        cb.close()

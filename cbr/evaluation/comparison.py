@@ -37,6 +37,8 @@ from cbr.models.maps import compute_maps
 from cbr.reporting.comparison_table import format_comparison  # re-exported: every caller prints the table
 from cbr.reporting.explanation_grid import write_explanation_grid
 from explain.methods import is_attribution, METHOD_NAMES
+from cbr.store.reliability import guess_verdict
+from explain.finding import centre_map
 from explain.metrics import deletion_curve, energy_pointing_game, pointing_game, spearman
 from explain.spec import resolve_spec
 from explain.targets import ClassTarget, SimilarityTarget
@@ -177,6 +179,18 @@ def _row(method, kind, raws, x, scores, masks, seconds, evaluations, rhos):
             "evaluations_per_map": None if evaluations is None else evaluations / len(raws)}
 
 
+def _guesses(rows, masks, size: int) -> dict:
+    """The centre guess's pointing game on the same masks (None without one); each row gets its verdict."""
+    located = [m for m in masks if m is not None]
+    if not located:
+        return {"centre": None}
+    centre = float(np.mean([pointing_game(centre_map(size), m) for m in located]))
+    for row in rows:
+        if row["pointing_game"] is not None:
+            row.update(guess_verdict(row["pointing_game"], {"centre": centre}))
+    return {"centre": centre}
+
+
 def _lesion_masks(pick, decoded, size: int, crop: str) -> list:
     """Each picked record's lesion mask in its model view, or None (no mask, an empty or unreadable one)."""
     masks = []
@@ -266,7 +280,7 @@ def compare_explanations(embedder, records, methods, *, images: int = COMPARISON
     shown = [model_view(img, size, embedder.config.crop) for img in decoded]  # the maps' geometry
     return {"n": len(pick), "images": [r.path for r in pick], "labels": [r.label for r in pick],
             "targets": list(targets), "randomised_block": block, "rows": rows, "maps": maps, "pictures": shown,
-            "masks": sum(m is not None for m in masks)}
+            "masks": sum(m is not None for m in masks), "guesses": _guesses(rows, masks, size)}
 
 
 def comparison_report(embedder, records, methods, *, out_dir=None, images: int = COMPARISON_IMAGES,

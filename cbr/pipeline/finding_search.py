@@ -36,7 +36,7 @@ from cbr.store.schema import Case, Feedback, FindingIndex, Query
 import index as ix
 
 __all__ = ["CONTEXT_MARGIN", "AUTO", "NoFindingsError", "FindingSet", "parse_region", "mask_boxes", "context_crop",
-           "region_vectors", "index_findings", "load_finding_sets", "search_findings", "check_box"]
+           "region_vectors", "index_findings", "load_finding_sets", "finding_marks", "search_findings", "check_box"]
 
 LOG = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ MIN_COMPONENT_SHARE = 0.1  # a mask component under this share of the largest on
 MAX_FINDINGS = 8  # findings per case at most (the largest components)
 AUTO = "auto"
 EMBED_BATCH = 32
+WRITE_BATCH = 256  # findings stored per transaction
 
 
 class NoFindingsError(CbrError):
@@ -171,7 +172,7 @@ def _embed_case(member, case, source: str, boxes, problems: list):
     return [(case.id, source, b, v) for b, v in zip(boxes, vecs)]
 
 
-def index_findings(cb, members, *, force_index: bool = False) -> list[str]:
+def index_findings(cb, members) -> list[str]:
     """Embed and store the finding regions not stored yet (mask components, reviewers' boxes) of every
     member, then save each member's findings index and its leave-one-out typicality calibration.
 
@@ -182,11 +183,14 @@ def index_findings(cb, members, *, force_index: bool = False) -> list[str]:
         with cb.read() as s:
             todo = _mask_todo(s, m.model_id) + _feedback_todo(s, m.model_id)
             has_index = s.scalar(select(FindingIndex.id).where(FindingIndex.model_id == m.model_id)) is not None
-        problems, added = [], 0
-        for case, source, boxes in todo:
-            added += add_findings(cb, m.model_id, _embed_case(m, case, source, boxes, problems))
+        problems, added, rows = [], 0, []
+        for i, (case, source, boxes) in enumerate(todo):
+            rows.extend(_embed_case(m, case, source, boxes, problems))
+            if len(rows) >= WRITE_BATCH or i == len(todo) - 1:  # one transaction per batch, not per case
+                added += add_findings(cb, m.model_id, rows)
+                rows = []
         notes.extend(problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else []))
-        if added or force_index or (has_index is False and todo):
+        if added or (not has_index and todo):
             n = _save_findings_index(cb, m)
             notes.append(f"findings of model {m.model_id}: {added} added, {n} searchable (search them with "
                          "`cbr query IMG --region x0,y0,x1,y1`)")
@@ -219,12 +223,20 @@ def load_finding_sets(cb, members) -> tuple[dict, list[str]]:
     return out, notes
 
 
-def search_findings(s, model_id: int, fset: FindingSet, vector, k: int, exclude_cases) -> tuple[list, dict, list]:
+def finding_marks(cb) -> dict:
+    """{model_id: checksum} of the saved findings indexes: a change means they must be loaded again."""
+    with cb.read() as s:
+        return dict(s.execute(select(FindingIndex.model_id, FindingIndex.checksum)).all())
+
+
+def search_findings(s, model_id: int, fset: FindingSet, vector, k: int, exclude_cases,
+                    allow_cases=None) -> tuple[list, dict, list]:
     """(hits, {case id: its finding box}, similarities): the k cases whose best finding is nearest
     ``vector`` (one hit per case), and the similarities of the nearest findings themselves, best first
     (typicality reads them as its calibration did); never a finding of ``exclude_cases``, nor of a
-    removed case."""
+    removed case; with ``allow_cases``, hits only among those (the similarities stay all findings')."""
     exclude = findings_of_cases(s, model_id, exclude_cases)
+    allow_cases = None if allow_cases is None else set(allow_cases)
     want = max(k, TYPICALITY_K) * MAX_FINDINGS + 5  # several findings of one case may come first
     D, I = ix.search(fset.index, np.asarray(vector, dtype=np.float32).reshape(1, -1), want, exclude=[exclude])
     pairs = [(int(i), float(d)) for i, d in zip(I[0], D[0]) if i >= 0]
@@ -235,7 +247,7 @@ def search_findings(s, model_id: int, fset: FindingSet, vector, k: int, exclude_
             continue
         sims.append(sim)
         case, box, _ = rows[fid]
-        if case.id not in boxes:
+        if case.id not in boxes and (allow_cases is None or case.id in allow_cases):
             boxes[case.id] = box
             hits.append(Hit(case, sim))
     return hits[:k], {h.case.id: boxes[h.case.id] for h in hits[:k]}, sims

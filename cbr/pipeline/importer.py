@@ -118,12 +118,25 @@ def _parquet(path: Path, batch_size: int) -> _Source:
 
     def batches():
         for batch in f.iter_batches(batch_size=batch_size):
-            table = batch.to_pydict()
-            vectors = table.pop("embedding")
+            vectors = _matrix(batch.column("embedding"))
+            table = batch.drop_columns(["embedding"]).to_pydict()
             rows = [dict(zip(table, values)) for values in zip(*table.values())]
             yield rows, vectors
 
     return _Source(f.metadata.num_rows, dim, fp.decode() if fp else None, batches())
+
+
+def _matrix(column):
+    """A Parquet list column as a float32 matrix without a Python object per value; a column with
+    nulls or rows of several lengths as a list of rows (each checked on its own, see ``_batch``)."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(column)
+    if column.null_count == 0 and len(column) and pc.min(lengths).as_py() == pc.max(lengths).as_py():
+        values = column.flatten()
+        if values.null_count == 0:
+            return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), -1)
+    return column.to_pylist()
 
 
 def _npy(path: Path, manifest: str | None, batch_size: int) -> _Source:

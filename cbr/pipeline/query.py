@@ -29,8 +29,8 @@ from cbr.pipeline.conformal import ambiguous, fit_sets, prediction_set, union
 from cbr.pipeline.explanation import embed_query, MapRequest, query_maps
 from cbr.pipeline.contrast import nearest_unlike
 from cbr.pipeline.finding import finding_evidence, finding_of, load_localisers
-from cbr.pipeline.finding_search import (AUTO, check_box, load_finding_sets, NoFindingsError, region_vectors,
-                                         search_findings)
+from cbr.pipeline.finding_search import (AUTO, check_box, finding_marks, load_finding_sets, NoFindingsError,
+                                         region_vectors, search_findings)
 from cbr.pipeline.map_meter import MapMeter
 from cbr.pipeline.patient import check_key, query_patient
 from cbr.pipeline.record import record_query
@@ -50,6 +50,7 @@ from cbr.store.schema import Calibration, Case, Query
 __all__ = ["Searcher", "Answer", "QueryConfig", "query_images"]
 
 LOG = logging.getLogger(__name__)
+UNLIKE_DEPTH = 30  # a region query's finding hits searched for the nearest unlike case
 
 
 def _check_name(image) -> None:
@@ -78,7 +79,7 @@ class Searcher:
         self.members = load_members(cb, self.config.models, device=self.config.device)
         self.notes = [n for m in self.members for n in m.notes]
         self.localisers = load_localisers(cb, self.members)  # {model_id: lesion localiser} (cbr.pipeline.finding)
-        self._finding_sets = None  # {model_id: FindingSet}, loaded by the first region query
+        self._finding_sets, self._finding_marks = None, None  # {model_id: FindingSet}, loaded by a region query
         # Typicality (and credibility) calibrations, recomputed first when missing or stale.
         self._typicality, recalibrated = member_calibrations(cb, self.members)
         self.notes.extend(recalibrated)
@@ -195,7 +196,7 @@ class Searcher:
                           final=final, typicality=typ, notes=flagged + own + told, prediction_set=pset,
                           conflict=conflicts(own_cases, None if final.abstained else final.label),
                           calibration=self.calibration_info(classes), region=region)
-        found.nearest_unlike = self._unlike(sha, patient, feats, hits, final)
+        found.nearest_unlike = self._unlike(sha, patient, feats, hits if self.config.where else deep, final)
         t["vote"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -254,9 +255,14 @@ class Searcher:
             reliability = reliability_of(s, [m.model_id for m in self.members])
             # deep enough for the typicality score (the k-th neighbour of the calibration)
             depth = max([c.k] + [cal.k for cal in self._typicality if cal is not None])
-            if region is not None:
-                deep = self._search_findings(s, feats, exclude, region)
-                return deep, deep, classes, own, own_cases, reliability
+            if region is not None:  # typicality reads all findings, the hits only those --where allows
+                allow = allowed_cases(s, c.where)
+                # deeper than k: the nearest unlike case is looked for among the findings first
+                deep = self._search_findings(s, feats, exclude, region, allow, max(c.k, UNLIKE_DEPTH))
+                hits = [h[: c.k] for h in deep]
+                region["findings"] = {mid: {n.case.id: boxes[n.case.id] for n in h}  # the shown neighbours' boxes
+                                      for (mid, boxes), h in zip(region["findings"].items(), hits)}
+                return hits, deep, classes, own + where_note(c.where, allow), own_cases, reliability
             deep = search_members(s, self.members, [f.vector for f in feats], depth, exclude)
             hits = [h[: c.k] for h in deep]
             allow = allowed_cases(s, c.where)
@@ -273,8 +279,10 @@ class Searcher:
         {"box": pixels, "source": "drawn" | "localiser"}. Without a region, both pass through."""
         if region is None:
             return feats, None
-        if self._finding_sets is None:
+        marks = finding_marks(self.cb)  # reload when a writer (cbr index, a retain) saved new findings
+        if self._finding_sets is None or marks != self._finding_marks:
             self._finding_sets, told = load_finding_sets(self.cb, self.members)
+            self._finding_marks = marks
             self.notes.extend(told)
         missing = [m.label for m in self.members if m.model_id not in self._finding_sets]
         if missing:
@@ -302,21 +310,22 @@ class Searcher:
         return check_box(view_to_pixels(found["box"], img, m.embedder.config.input_size, m.embedder.config.crop),
                          img.size)
 
-    def _search_findings(self, s, feats, exclude, region) -> list:
-        """Each member's k cases of the nearest findings; their boxes and the findings' similarities
-        (for typicality) go into ``region``."""
+    def _search_findings(self, s, feats, exclude, region, allow, depth: int) -> list:
+        """Each member's ``depth`` cases of the nearest findings (only ``allow``ed cases, when given);
+        their boxes and the findings' similarities (for typicality) go into ``region``."""
         out = []
         region["findings"], region["similarities"] = {}, []
         for m, f in zip(self.members, feats):
             hits, boxes, sims = search_findings(s, m.model_id, self._finding_sets[m.model_id], f.vector,
-                                                self.config.k, exclude)
+                                                depth, exclude, allow)
             out.append(hits)
             region["findings"][m.model_id] = boxes
             region["similarities"].append(sims)
         return out
 
     def _unlike(self, sha: str, patient, feats, hits, final) -> dict | None:
-        """The first member's nearest case whose label is not the answer (cbr.pipeline.contrast)."""
+        """The first member's nearest case whose label is not the answer (cbr.pipeline.contrast), looked
+        for first among ``hits`` (the deep hits, which typicality read anyway, unless --where narrowed them)."""
         if not self.members or final.abstained:
             return None
         with self.cb.read() as s:

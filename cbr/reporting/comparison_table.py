@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cbr.store.reliability import NO_BETTER
+
 __all__ = ["format_comparison"]
 
 
@@ -29,5 +31,8 @@ def format_comparison(result: dict) -> str:
         ev = "-" if r["evaluations_per_map"] is None else f"{r['evaluations_per_map']:.0f}"
         line += (f"{_f(r['deletion_auc']):>10}{_f(r['insertion_auc']):>10}{_f(r['randomisation_spearman'], 2):>10}"
                  f"{_f(r['seconds_per_map'], 2):>8}{ev:>10}")
-        lines.append(line.rstrip())
+        lines.append((line.rstrip() + (f"  {NO_BETTER}" if r.get("no_better_than_a_guess") else "")).rstrip())
+    centre = (result.get("guesses") or {}).get("centre")
+    if loc and centre is not None:
+        lines.append(f"{'a centre guess':<30}{'-':<12}{_f(centre, 2):>9}")
     return "\n".join(lines)

@@ -269,3 +269,48 @@ def test_region_auto_is_the_localisers_strongest_region_in_the_images_pixels():
     prob[:] = 0
     with pytest.raises(CbrError, match="marks no region"):
         Searcher._auto_region(fake, img, feats)
+
+
+@pytest.mark.slow
+def test_cross_validation_by_finding_queries_every_folds_lesions(runner, phantom_set, tmp_path):
+    rows = _manifest_rows(phantom_set)
+    lesions = [r for r in rows if (np.asarray(Image.open(phantom_set.parent / r["mask"]).convert("L")) > 127).any()]
+    result = invoke(runner, "evaluate", phantom_set, "--folds", 2, "--no-train", "--backbone", "tinycnn", "--weights",
+                    "none", "--img-size", 48, "-k", 3, "--by", "finding", "--out", tmp_path / "cv", "--json")
+    assert result.exit_code == 0, result.output
+    fs = json.loads(result.output)["finding_search"]
+    assert fs["images"] == len(lesions) and fs["by_finding"]["n"] == len(lesions) == fs["by_image"]["n"]
+    assert fs["by_finding"]["out_of_distribution"] < len(lesions)
+
+
+def test_indexing_again_adds_no_finding_twice(runner, indexed, phantom_set):
+    from conftest import TINY
+    from cbr.store.casebase import open_casebase
+    from cbr.store.schema import Finding
+
+    def count():
+        cb = open_casebase(indexed, create=False)
+        try:
+            with cb.read() as s:
+                return s.query(Finding).count()
+        finally:
+            cb.close()
+
+    before = count()
+    result = invoke(runner, "index", phantom_set, "--db", indexed, *TINY, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert count() == before > 0
+
+
+def test_a_region_querys_nearest_unlike_case_is_found_among_the_findings(runner, indexed, phantom_set):
+    row = next(r for r in _manifest_rows(phantom_set) if r["label"] != "normal")
+    box = _mask_box(phantom_set, row)
+    result = invoke(runner, "query", phantom_set.parent / row["path"], "--db", indexed, "--region",
+                    ",".join(map(str, box)), "--explain", "none", "--no-record", "--json", "-k", "2")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    unlike, label = out["nearest_unlike"], out["prediction"]["label"]
+    assert unlike is not None and unlike["label"] != label
+    # a finding's similarity: never more than the nearest neighbour's (its finding is the nearest)
+    assert unlike["similarity"] <= out["neighbours"][0]["similarity"] + 1e-6
+    assert unlike["similarity"] >= max([n["similarity"] for n in out["neighbours"] if n["label"] != label], default=-1)

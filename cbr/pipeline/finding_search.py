@@ -133,12 +133,14 @@ def region_vectors(embedder, img, boxes) -> np.ndarray:
     return np.concatenate(out) if out else np.empty((0, embedder.config.embedding_dim), dtype=np.float32)
 
 
-def _mask_todo(s, model_id: int) -> list:
-    """(case, source, boxes or None) of the active cases with a mask and no mask findings yet."""
+def _mask_todo(s, model_id: int, shas) -> list:
+    """(case, "mask", None) of the active cases among ``shas`` with a mask and no mask findings yet."""
+    if not shas:
+        return []
     done = cases_with_findings(s, model_id, "mask")
-    cases = s.scalars(select(Case).where(Case.removed_at.is_(None), Case.meta["mask"].as_string().is_not(None))
-                      .order_by(Case.id)).all()
-    return [(c, "mask", None) for c in cases if c.id not in done and (c.meta or {}).get("mask")]
+    cases = scalars_in(s, select(Case).where(Case.removed_at.is_(None)), Case.sha256, sorted(shas))
+    return [(c, "mask", None) for c in sorted(cases, key=lambda c: c.id)
+            if c.id not in done and (c.meta or {}).get("mask")]
 
 
 def _feedback_todo(s, model_id: int) -> list:
@@ -172,16 +174,18 @@ def _embed_case(member, case, source: str, boxes, problems: list):
     return [(case.id, source, b, v) for b, v in zip(boxes, vecs)]
 
 
-def index_findings(cb, members) -> list[str]:
-    """Embed and store the finding regions not stored yet (mask components, reviewers' boxes) of every
-    member, then save each member's findings index and its leave-one-out typicality calibration.
+def index_findings(cb, members, masked=()) -> list[str]:
+    """Embed and store the finding regions not stored yet of every member: the mask components of the
+    cases whose sha256 is in ``masked`` (the records just indexed: an empty mask is read once per
+    run, not on every later one), and reviewers' boxes on retained queries; then save each member's
+    findings index and its leave-one-out typicality calibration.
 
     Callers hold the writer lock. Returns notes: how many findings were added, files left out.
     """
     notes = []
     for m in members:
         with cb.read() as s:
-            todo = _mask_todo(s, m.model_id) + _feedback_todo(s, m.model_id)
+            todo = _mask_todo(s, m.model_id, masked) + _feedback_todo(s, m.model_id)
             has_index = s.scalar(select(FindingIndex.id).where(FindingIndex.model_id == m.model_id)) is not None
         problems, added, rows = [], 0, []
         for i, (case, source, boxes) in enumerate(todo):

@@ -284,8 +284,9 @@ def index_dataset(cb, source=None, config: IndexConfig | None = None, *, manifes
                 calibrate(cb, m.model_id, m.index)
         if c.explain != NO_EXPLANATION:
             report.notes.extend(measure_case_maps(cb, members, scan.records, c.explain))
-        if any((r.metadata or {}).get("mask") for r in scan.records):  # each lesion becomes a finding too
-            report.notes.extend(index_findings(cb, members))
+        masked = {r.sha256 for r in scan.records if (r.metadata or {}).get("mask")}
+        if masked:  # each lesion becomes a finding too
+            report.notes.extend(index_findings(cb, members, masked))
         if report.problems:
             with cb.write() as s:
                 s.add_all(ProblemRow(dataset_id=dataset_id, path=p.path, reason=p.reason) for p in report.problems)

@@ -156,6 +156,30 @@ def test_prediction_sets_cover_each_class():
         assert covered >= 0.86
 
 
+@pytest.mark.parametrize("coverage", [0.8, 0.9, 0.95])
+def test_sets_are_crepes_own_mondrian_sets(coverage):
+    """The query-time rule is crepes' non-smoothed Mondrian conformal classifier, exactly."""
+    from crepes import ConformalClassifier
+
+    rng = np.random.default_rng(7)
+    classes = ["a", "b", "c"]
+    rows = []
+    for _ in range(300):
+        true = classes[rng.integers(3)]
+        labels = [true if rng.random() < 0.6 else classes[rng.integers(3)] for _ in range(5)]
+        rows.append([true, labels, sorted(rng.uniform(0.5, 0.9, 5).round(3).tolist(), reverse=True)])
+    sets = fit_sets(rows, 5, _vote_of, classes, coverage=coverage)
+    alphas = np.asarray([1.0 - _vote_of(r[1], r[2], classes)[r[0]] for r in rows])
+    cc = ConformalClassifier().fit(alphas, bins=np.asarray([classes.index(r[0]) for r in rows]))
+    for _ in range(200):
+        labels = [classes[i] for i in rng.integers(3, size=5)]
+        probs = _vote_of(labels, sorted(rng.uniform(0.5, 0.9, 5).tolist(), reverse=True), classes)
+        row = np.asarray([[1.0 - probs[c] for c in classes]])
+        theirs = {c for j, c in enumerate(classes)
+                  if cc.predict_set(row, bins=np.asarray([j]), confidence=coverage, smoothing=False)[0, j]}
+        assert set(prediction_set(sets, probs)) == theirs
+
+
 def test_classes_with_too_few_calibration_cases_are_named():
     assert min_cases(0.9) == 10 and min_cases(0.8) == 5
     rows = [["a", ["a"] * 5, [0.9] * 5]] * 20 + [["b", ["b"] * 5, [0.9] * 5]] * 3

@@ -161,11 +161,11 @@ def test_registry_weights_files_are_torchvisions():
             assert spec.weights_file == "", name
 
 
-def test_readme_names_only_the_registrys_weights_files():
+def test_docs_name_only_the_registrys_weights_files():
     from cbr.models.backbones import BACKBONES
 
-    named = set(re.findall(r"[\w.-]+\.pth\b", (ROOT / "README.md").read_text()))
-    assert named, "the README names the offline weights files"
+    named = set(re.findall(r"[\w.-]+\.pth\b", (ROOT / "docs" / "models.md").read_text()))
+    assert named, "docs/models.md names the offline weights files"
     assert named <= {s.weights_file for s in BACKBONES.values()} | {"model.pt"}, named
 
 

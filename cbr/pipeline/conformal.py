@@ -8,6 +8,11 @@ the categories being the true classes, not smoothed). If the query is exchangeab
 calibration cases of its true class, the set contains that class with probability at least the
 coverage, for every class separately, however the vote is calibrated.
 
+The rule is crepes' non-smoothed Mondrian p-value, ``(#{calibration alphas >= alpha} + 1) / (n + 1)``,
+computed here on the stored alphas with numpy: importing crepes brings pandas and scipy (3-4 s on
+a busy 2-core machine) into every cold query. ``tests/test_honest_confidence.py`` checks that the
+sets are crepes' own on random calibrations, so the library stays the reference.
+
 A class with fewer calibration cases than `min_cases` can never be left out (its smallest p-value
 is 1/(n + 1)): it is in every set, and the answer names it (``too_few``) rather than claim a
 coverage it earns for free. A set of several classes reads "uncertain between a and b"; with
@@ -26,7 +31,7 @@ import numpy as np
 from cbr.pipeline.settings import DEFAULT_COVERAGE
 from cbr.pipeline.vote import Vote
 
-__all__ = ["DEFAULT_COVERAGE", "PredictionSets", "min_cases", "fit_sets", "prediction_set", "union",
+__all__ = ["DEFAULT_COVERAGE", "PredictionSets", "min_cases", "fit_sets", "p_value", "prediction_set", "union",
            "ambiguous"]
 
 
@@ -38,7 +43,7 @@ class PredictionSets:
     classes: tuple[str, ...]
     counts: dict  # calibration cases per class
     too_few: dict  # class -> its calibration cases, for the classes that cannot reach the coverage
-    classifier: object = None  # crepes.ConformalClassifier; Mondrian bins = class index; None: no case at all
+    alphas: dict | None = None  # class -> its calibration cases' nonconformity scores (a numpy array)
 
 
 def min_cases(coverage: float) -> int:
@@ -62,8 +67,6 @@ def fit_sets(rows, k: int, vote_of, classes, coverage: float = DEFAULT_COVERAGE)
     Returns:
         `PredictionSets`, or None without calibration rows.
     """
-    from crepes import ConformalClassifier  # deferred: pandas and scipy.stats come with it
-
     if not 0 < coverage < 1:
         raise ValueError(f"coverage must be in (0, 1), got {coverage}")
     classes = list(classes)
@@ -78,21 +81,25 @@ def fit_sets(rows, k: int, vote_of, classes, coverage: float = DEFAULT_COVERAGE)
         bins.append(classes.index(r[0]))
     counts = {c: bins.count(j) for j, c in enumerate(classes)}
     need = min_cases(coverage)
-    cc = ConformalClassifier()
-    cc.fit(np.asarray(alphas, dtype=np.float64), bins=np.asarray(bins))
+    alphas, bins = np.asarray(alphas, dtype=np.float64), np.asarray(bins)
+    per_class = {c: alphas[bins == j] for j, c in enumerate(classes)}
     return PredictionSets(float(coverage), tuple(classes), counts,
-                          {c: n for c, n in counts.items() if n < need}, cc)
+                          {c: n for c, n in counts.items() if n < need}, per_class)
+
+
+def p_value(calibration: np.ndarray, alpha: float) -> float:
+    """The non-smoothed conformal p-value of nonconformity ``alpha`` among ``calibration``."""
+    return (int(np.sum(calibration >= alpha)) + 1) / (len(calibration) + 1)
 
 
 def prediction_set(sets: PredictionSets, probabilities: dict) -> list[str]:
     """The classes of the query's set, most probable first."""
-    row = np.asarray([[1.0 - float(probabilities.get(c, 0.0)) for c in sets.classes]])
     kept = []
-    for j, c in enumerate(sets.classes):
+    for c in sets.classes:
         if sets.counts.get(c, 0) < min_cases(sets.coverage):
             kept.append(c)  # never excluded, and named in too_few
             continue
-        if sets.classifier.predict_set(row, bins=np.asarray([j]), confidence=sets.coverage, smoothing=False)[0, j]:
+        if p_value(sets.alphas[c], 1.0 - float(probabilities.get(c, 0.0))) >= 1 - sets.coverage:
             kept.append(c)
     return sorted(kept, key=lambda c: (-float(probabilities.get(c, 0.0)), sets.classes.index(c)))
 

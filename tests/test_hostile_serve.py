@@ -485,3 +485,21 @@ def test_help_lists_the_new_options(runner):
     for option in ("--allowed-host", "--max-decodes", "--max-k", "--allow-methods", "--explain-budget",
                    "--explain-neighbours", "--session-hours", "--session-key"):
         assert option in result.output, option
+
+
+def test_a_damaged_stored_map_is_a_one_line_error_not_a_500(make, indexed):
+    """A case map of the wrong size (``cbr db check`` finds it) reads as the damage it is, in the page's
+    API too: the reader names the row instead of failing inside numpy (web errors name no CLI command)."""
+    import sqlite3
+
+    if not str(indexed).endswith(".db"):
+        pytest.skip("the damage is written with sqlite3")
+    con = sqlite3.connect(indexed)
+    case_id, row_id = con.execute("SELECT case_id, id FROM explanations WHERE role = 'case' ORDER BY model_id, id"
+                                  " LIMIT 1").fetchone()
+    con.execute("UPDATE explanations SET height = height + 3 WHERE id = ?", (row_id,))
+    con.commit()
+    con.close()
+    r = make().get(f"/api/cases/{case_id}/map.png")
+    assert r.status_code != 500, r.text
+    assert r.status_code == 400 and f"explanations row {row_id}" in r.text and "is damaged" in r.text

@@ -5,7 +5,7 @@ import json
 import click
 
 from cbr.cli.options import db_option, index_dir_option, json_option, progress_enabled, weights_option
-from cbr.cli.terminal import echo
+from cbr.cli.terminal import echo, echo_problems
 from cbr.pipeline.importer import FINGERPRINT_KEY, ImportConfig, import_embeddings
 from cbr.store.casebase import open_casebase
 from cbr.store.encoding import EMBEDDING_DTYPES
@@ -59,8 +59,5 @@ def import_cmd(embeddings, model, weights, manifest, fingerprint, db, index_dir,
         echo(f"  embedded:      {report.embedded} (existing cases, this model)")
     echo(f"  already there: {report.already}")
     echo(f"  skipped:       {len(report.problems)}")
-    for p in report.problems:
-        echo(f"    {p.path}: {p.reason}")
-    for note in report.notes:
-        echo(f"  note: {note}")
+    echo_problems(report.problems, report.notes)
     echo(f"  elapsed:       {report.elapsed:.1f} s")

@@ -12,7 +12,6 @@ import sys
 import traceback
 
 import click
-from click.utils import make_default_short_help
 
 from cbr.cli.terminal import escaped_stdout
 from cbr.data.text import for_terminal
@@ -93,7 +92,8 @@ class CbrGroup(click.Group):
         rows = []
         for name in names:
             if name in self.lazy_commands and name not in self.commands:
-                rows.append((name, make_default_short_help(self.lazy_commands[name][1], limit)))
+                # click shortens a summary as it would the command's own help, without importing its module
+                rows.append((name, click.Command(name, help=self.lazy_commands[name][1]).get_short_help_str(limit)))
             elif not (command := self.get_command(ctx, name)).hidden:
                 rows.append((name, command.get_short_help_str(limit)))
         with formatter.section("Commands"):

@@ -6,7 +6,7 @@ import shlex
 
 import click
 
-from cbr.cli.terminal import echo, warn
+from cbr.cli.terminal import echo, echo_problems, warn
 from cbr.cli.options import (
     RegistryChoice,
     cam_names,
@@ -50,10 +50,7 @@ def _print_report(report, db):
     dups = [p for p in report.problems if p.kind == DUPLICATE]
     echo(f"  duplicates:    {len(dups)}")
     echo(f"  skipped:       {len(report.problems) - len(dups)}")
-    for p in report.problems:
-        echo(f"    {p.path}: {p.reason}")
-    for note in report.notes:
-        echo(f"  note: {note}")
+    echo_problems(report.problems, report.notes)
     if report.rebuilt:
         echo(f"  rebuilt:       {', '.join(report.rebuilt)}")
     echo(f"  elapsed:       {report.elapsed:.1f} s ({report.images_per_s:.1f} images/s)")

@@ -9,7 +9,7 @@ import click
 
 from cbr.data.text import for_terminal
 
-__all__ = ["echo", "warn", "TerminalStream", "escaped_stdout"]
+__all__ = ["echo", "echo_problems", "warn", "TerminalStream", "escaped_stdout"]
 
 
 class TerminalStream(io.TextIOBase):
@@ -70,6 +70,14 @@ def echo(text="", **kwargs) -> None:
     """``click.echo`` of one line of a table or message, with control characters escaped
     (an ESC in a label must not retitle the terminal or hide the lines above)."""
     click.echo(for_terminal(text), **kwargs)
+
+
+def echo_problems(problems, notes) -> None:
+    """The files a run skipped, one indented line each with its reason, then the run's notes."""
+    for p in problems:
+        echo(f"    {p.path}: {p.reason}")
+    for note in notes:
+        echo(f"  note: {note}")
 
 
 def warn(text) -> None:

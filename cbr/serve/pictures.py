@@ -21,8 +21,8 @@ from cbr.errors import CbrError, NotFoundError
 from cbr.pipeline.explanation import IMAGE_CHANGED
 from cbr.reporting.colour_bar import colour_bar_png
 from cbr.reporting.report import load_record
+from cbr.store.rows import map_fields
 from cbr.store.schema import Explanation
-from explain.cam import decode_map
 from explain.overlay import colorize, shared_vmax, upsample
 
 __all__ = ["SIZE", "FULL_MAX", "MAP_KINDS", "image_png", "colour_bar_png", "map_png", "query_maps", "record_window", "record_crop", "case_map", "placeholder_png",
@@ -145,7 +145,7 @@ def case_map(cb, case_id: int):
                      .order_by(Explanation.model_id, Explanation.id).limit(1))
     if e is None:
         return None, None
-    return decode_map(e.data, (e.height, e.width), e.scale), e.target
+    return map_fields(e)["map"], e.target  # a damaged row raises DamagedRowError, not a numpy error
 
 
 class RecordCache:

@@ -5,7 +5,6 @@ import sys
 
 import click
 import pytest
-from click.utils import make_default_short_help
 
 from cbr.cli import cli
 from cbr.cli.group import COMMANDS
@@ -32,7 +31,7 @@ def test_the_help_summary_is_the_commands_own(name):
     # `cbr --help` shows COMMANDS' summaries (no import); they must say what the docstrings say.
     command = cli.get_command(None, name)
     for limit in (45, 60, 200):
-        assert make_default_short_help(COMMANDS[name][1], limit) == command.get_short_help_str(limit)
+        assert click.Command(name, help=COMMANDS[name][1]).get_short_help_str(limit) == command.get_short_help_str(limit)
 
 
 @pytest.mark.parametrize("path,command", list(_commands(cli)), ids=lambda p: " ".join(p) if isinstance(p, tuple) else "")

@@ -31,24 +31,41 @@ from test_reliability_corruption import assert_one_line_error
 DATA_LIMIT = 3 * 2**30  # a normal query needs about 1 GB of data; each bomb needed 3.6 to 8 GB before the fix
 
 
+# ``cbr`` run so that it writes its own peak resident memory (VmHWM) when it exits. The child's
+# ru_maxrss cannot serve: Linux carries the high-water mark of the forked pytest process (gigabytes
+# late in a full run) across exec, while VmHWM belongs to the new program's memory alone.
+PEAK_WRAPPER = (
+    "import atexit, os, runpy, sys\n"
+    "def peak():\n"
+    "    with open('/proc/self/status') as st, open(os.environ['CBR_TEST_PEAK'], 'w') as out:\n"
+    "        out.write(next(line.split()[1] for line in st if line.startswith('VmHWM:')))\n"
+    "atexit.register(peak)\n"
+    "sys.argv = ['cbr', *sys.argv[1:]]\n"
+    "runpy.run_module('cbr', run_name='__main__')\n"
+)
+
+
 def run_cbr(args, cwd, *, limit: int = DATA_LIMIT, timeout: float = 300):
     """``cbr ARGS`` in a subprocess with its data segment capped: (exit code, stdout, stderr, peak RSS MiB)."""
     def cap():
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    peak_file = cwd / "cbr.peak"
+    peak_file.unlink(missing_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CBR_TEST_PEAK=str(peak_file))
     out, err = cwd / "cbr.out", cwd / "cbr.err"
     with open(out, "wb") as fo, open(err, "wb") as fe:
-        p = subprocess.Popen([sys.executable, "-m", "cbr", *map(str, args)], cwd=cwd, stdout=fo, stderr=fe,
+        p = subprocess.Popen([sys.executable, "-c", PEAK_WRAPPER, *map(str, args)], cwd=cwd, stdout=fo, stderr=fe,
                              preexec_fn=cap, env=env)
         watchdog = threading.Timer(timeout, p.kill)
         watchdog.start()
         try:
-            _, status, usage = os.wait4(p.pid, 0)  # wait4: this child's own peak RSS
+            _, status, usage = os.wait4(p.pid, 0)
         finally:
             watchdog.cancel()
     p.returncode = os.waitstatus_to_exitcode(status)
-    peak = usage.ru_maxrss / 1024
+    # Killed before its exit handler ran: the inherited figure is all there is (an upper bound).
+    peak = int(peak_file.read_text()) / 1024 if peak_file.exists() else usage.ru_maxrss / 1024
     print(f"\n  cbr {' '.join(map(str, args[:2]))}: exit {p.returncode}, peak RSS {peak:.0f} MiB")
     return p.returncode, out.read_text(errors="replace"), err.read_text(errors="replace"), peak
 

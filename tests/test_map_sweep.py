@@ -36,8 +36,10 @@ def test_sweep_gives_every_method_layer_and_target_its_columns(embedder, records
     layers = ("block2", "last", "block3+last")
     result = sweep_maps(embedder, records, SweepSettings(methods, layers, images=9, deletion_images=2))
     rows = result["rows"]
-    # class and global-similarity CAMs per method x layer, plus one region-matching row per layer
-    assert len(rows) == 2 * len(methods) * len(layers) + len(layers)
+    # class and global-similarity CAMs per method x layer, one region-matching row per layer, and the
+    # centre guess (issue 25: maps are judged against trivial guesses; no prior here, so no mean-mask row)
+    assert len(rows) == 2 * len(methods) * len(layers) + len(layers) + 1
+    assert [r["target"] for r in rows if r["method"] == "guess"] == ["centre guess"]
     assert {(r["method"], r["layer"], r["target"]) for r in rows} >= {
         (m, l, t) for m in methods for l in layers for t in ("class", "similarity")}
     assert {r["layer"] for r in rows if r["target"] == "similarity-matching"} == set(layers)
@@ -95,7 +97,10 @@ def test_cli_sweep_writes_the_table_and_the_figure(runner, phantom_set, tmp_path
     assert {"pointing_game", "energy_pointing_game", "iou_top", "deletion_auc", "seconds_per_map"} <= set(header)
     metrics = json.loads((out / "metrics.json").read_text())
     sweep = metrics["map_sweep"]
-    assert sweep["folds"] == 2 and len(sweep["rows"]) == 2 * 2 * 3 + 3
+    # 2 targets x 2 methods x 3 layers, 3 region-matching rows, and the two guesses (issue 25): the centre
+    # and the training masks' mean map (the phantoms have masks, so each fold's localiser carries one)
+    assert sweep["folds"] == 2 and len(sweep["rows"]) == 2 * 2 * 3 + 3 + 2
+    assert {r["target"] for r in sweep["rows"] if r["method"] == "guess"} == {"centre guess", "mean-mask guess"}
     assert sweep["best"]["class"]["method"] in ("gradcam", "layercam")
 
 

@@ -229,7 +229,7 @@ def check_consistency(db, expected: dict[str, str] | None = None, *, explained: 
     import index as ix
     from cbr.store.casebase import open_casebase
     from cbr.store.member import db_active_ids, load_index
-    from cbr.store.schema import Calibration, Case, Embedding, Explanation, IndexManifest, Model
+    from cbr.store.schema import Calibration, Case, Embedding, Explanation, FindingIndex, IndexManifest, Model
 
     bad: list[str] = []
     cb = open_casebase(db, create=False, migrate=False)
@@ -299,7 +299,12 @@ def check_consistency(db, expected: dict[str, str] | None = None, *, explained: 
                 bad.append(f"model {model_id}: loading needed a repair: {notes}")
             if model_id not in calibrated and len(cases) >= 2:
                 bad.append(f"model {model_id} has no calibration")
-        live = {p for p, _, _ in manifests.values()}
+        with cb.read() as s:  # the findings' own index files (a case base whose manifest has masks)
+            findings = {row.path: row.checksum for row in s.scalars(select(FindingIndex))}
+        for name, digest in findings.items():
+            if not (cb.index_dir / name).exists() or ix.checksum(cb.index_dir / name) != digest:
+                bad.append(f"findings index {name} is missing or differs from its row")
+        live = {p for p, _, _ in manifests.values()} | set(findings)
         stray = sorted(p.name for p in cb.index_dir.iterdir() if p.name != ".writer.lock" and p.name not in live)
         if stray:
             bad.append(f"stray files in the index folder: {stray}")
@@ -497,7 +502,7 @@ def test_kill_during_final_save_leaves_old_or_new_generation_and_no_stray_files(
     import index as ix
     from cbr.store.casebase import open_casebase
     from cbr.store.member import load_index
-    from cbr.store.schema import IndexManifest
+    from cbr.store.schema import FindingIndex, IndexManifest
 
     manifest, template = crash_data
     if backend == "postgresql":
@@ -514,7 +519,8 @@ def test_kill_during_final_save_leaves_old_or_new_generation_and_no_stray_files(
     with cb.read() as s:
         m = s.scalar(select(IndexManifest))
         name, ntotal = m.path, m.ntotal
-    files = {p.name for p in cb.index_dir.iterdir()} - {".writer.lock"}
+        findings = set(s.scalars(select(FindingIndex.path)))  # the masks' findings index: not this save's
+    files = {p.name for p in cb.index_dir.iterdir()} - {".writer.lock"} - findings
     assert len(files) == 2  # the generation in force and the crash's leftover
     assert name in files
     # The generation in force is whole: old (20 cases) or new (60), never a mix.

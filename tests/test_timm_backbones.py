@@ -171,6 +171,21 @@ def test_a_vit_checkpoint_indexes_and_answers_with_maps(runner, phantom_set, que
     assert len(answer["neighbours"]) == 2 and all(n["explanation"] for n in answer["neighbours"])
 
 
+@pytest.mark.slow
+def test_a_vit_trains_without_the_localiser_unless_it_is_asked_for(runner, phantom_set, tmp_path):
+    """The phantoms have lesion masks: by default a ViT (no image-shaped blocks) trains without the
+    localiser and says so once; an explicit --localiser is a one-line error."""
+    args = ["train", phantom_set, "--backbone", "timm:vit_tiny_patch16_224", "--weights", "none", "--epochs", 1,
+            "--img-size", 32, "--workers", "0"]
+    result = invoke(runner, *args, "--out", tmp_path / "a.pt")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("localiser:    none (this backbone's blocks do not give image-shaped features") == 1
+    result = invoke(runner, *args, "--out", tmp_path / "b.pt", "--localiser")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --localiser: this backbone's blocks do not give image-shaped features")
+    assert result.output.count("\n") == 1 and not (tmp_path / "b.pt").exists()
+
+
 def test_models_lists_the_timm_form(runner):
     result = invoke(runner, "models")
     assert result.exit_code == 0

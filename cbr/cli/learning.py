@@ -96,9 +96,10 @@ def training_options(f):
                      help="Batches: shuffled (class-weighted loss) or drawn class-balanced (unweighted loss)."),
         click.option("--flip", type=RegistryChoice(_flips), default="horizontal", show_default=True,
                      help="Training flips: none where anatomy has a side (chest X-ray), both where it has no up."),
-        click.option("--localiser/--no-localiser", default=True, show_default=True,
+        click.option("--localiser/--no-localiser", default=None,
                      help="With lesion masks (a 'mask' column): also train a lesion localiser on the same backbone, "
-                     "whose map shows where the finding is."),
+                     "whose map shows where the finding is [default: when the backbone can carry one; a ViT "
+                     "trains without it and says so]."),
     ]
     for opt in reversed(opts):
         wrapper = opt(wrapper)
@@ -118,7 +119,9 @@ def _print_training(r, data, training):
         pg = r.localiser.get("val_pointing_game")
         click.echo(f"  localiser:    trained on {r.localiser['masks']} masked images; validation pointing game "
                    + ("-" if pg is None else f"{pg:.3f}"))
-    elif training.localiser:
+    elif r.localiser_note:
+        click.echo(f"  localiser:    none ({r.localiser_note})")
+    elif training.localiser is not False:
         click.echo("  localiser:    none (no lesion masks: add a 'mask' column to train one)")
     if r.masked_images is not None:
         click.echo(f"  mask guidance: weight {training.mask_guidance:g}, {r.masked_images} of {r.train_size} "

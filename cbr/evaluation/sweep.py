@@ -242,10 +242,11 @@ def pool_sweeps(results: list[dict]) -> dict | None:
 
 
 def best_rows(result: dict) -> dict:
-    """Per target, the row with the highest pointing game (ties: energy pointing game, then cost)."""
+    """Per target, the row with the highest pointing game (ties: energy pointing game, then cost); the
+    guesses' rows are the yardstick, not maps to show, so they have no best."""
     best = {}
     for row in result["rows"]:
-        if row["pointing_game"] is None:
+        if row["pointing_game"] is None or row["method"] == GUESS:
             continue
         key = (row["pointing_game"], row["energy_pointing_game"] or 0.0, -row["seconds_per_map"])
         current = best.get(row["target"])

@@ -57,7 +57,10 @@ class TrainConfig:
     sampler: str = "shuffle"  # cbr.learn.sampling.SAMPLERS: how batches are drawn (balanced: by class)
     flip: str = "horizontal"  # cbr.learn.augmentation.FLIPS: training flips (horizontal: as always)
     mask_guidance: float = 0.0  # weight of the map-outside-the-lesion loss (cbr.learn.guidance); 0: off
-    localiser: bool = True  # with lesion masks: also train the lesion localiser (cbr.learn.segmentation)
+    # with lesion masks: also train the lesion localiser (cbr.learn.segmentation). None: when the
+    # backbone can carry one (a ViT cannot: it trains without, and says so); True: required, an
+    # error for such a backbone; False: never
+    localiser: bool | None = None
     # with train_layers: the frozen blocks' features computed once for this many augmentation draws
     # per image, and the epochs trained on them (cbr.learn.feature_cache); 0: off
     cache_draws: int = 0

@@ -89,6 +89,7 @@ class TrainResult:
     masked_images: int | None = None  # with --mask-guidance: training images guided by a lesion mask
     # the lesion localiser trained beside the classifier (masks, val_pointing_game, val_dice, ...); None: no masks
     localiser: dict | None = None
+    localiser_note: str | None = None  # why a backbone that cannot carry a localiser trained without one
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -162,7 +163,7 @@ def train_model(
     run = Trainer(model, config, device, class_names, class_weight, progress)
     guide = _guidance(config, [records[i] for i in train_idx], model.config, problems)  # () or (masks, has)
     # the localiser's encoder starts from the backbone's initial (ImageNet) weights
-    initial = copy.deepcopy(model.trunk) if config.localiser and _has_masks(records) else None
+    initial, localiser_note = _localiser_encoder(model, config, records)
     train_set = Augmented(cache[train_idx], [targets[i] for i in train_idx], make_augmentation(grey, config.flip), *guide)
     history, best_epoch = run.fit(train_set, cache[val_idx], [targets[i] for i in val_idx])
 
@@ -186,7 +187,7 @@ def train_model(
         train_groups=sorted({_group(records[i], i) for i in train_idx}),
         val_groups=sorted({_group(records[i], i) for i in val_idx}), problems=problems,
         grouped=any(records[i].group is not None for i in train_idx), masked_images=_masked(guide),
-        localiser=_figures(localiser),
+        localiser=_figures(localiser), localiser_note=localiser_note,
     )
 
 
@@ -268,12 +269,28 @@ def _has_masks(records) -> bool:
     return any((r.metadata or {}).get("mask") for r in records)
 
 
+def _localiser_encoder(model, config: TrainConfig, records) -> tuple:
+    """(a copy of the initial trunk for the localiser, or None; the note when the backbone cannot carry
+    one). Asked for with ``--localiser``, such a backbone is a TrainError before any training."""
+    from cbr.models.localiser import localiser_problem  # torch-bound
+
+    if config.localiser is False or not _has_masks(records):
+        return None, None
+    problem = localiser_problem(model.trunk, model.config.input_size)
+    if problem is None:
+        return copy.deepcopy(model.trunk), None
+    if config.localiser:
+        raise TrainError(f"--localiser: {problem}; or train without it (--no-localiser)")
+    return None, problem  # the note travels in the TrainResult: `cbr train` prints it once
+
+
 def _localiser(initial, model_config, config: TrainConfig, records, cache, split, device, progress: bool,
                problems: list) -> dict | None:
     """The lesion localiser's checkpoint payload when training images have masks (None: none has)."""
     if initial is None:
-        LOG.info("no lesion masks in the training set: no localiser is trained; maps are the class and "
-                 "similarity maps")
+        if config.localiser is not False and not _has_masks(records):
+            LOG.info("no lesion masks in the training set: no localiser is trained; maps are the class and "
+                     "similarity maps")
         return None
     payload, bad = train_localiser(initial, model_config, config, records, cache, *split, device=device,
                                    progress=progress)

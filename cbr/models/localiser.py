@@ -24,8 +24,8 @@ from torch import nn
 
 from cbr.errors import CbrError
 
-__all__ = ["Localiser", "build_localiser", "localiser_payload", "load_localiser", "DECODER_CHANNELS",
-           "MIN_STRIDE"]
+__all__ = ["Localiser", "build_localiser", "localiser_payload", "load_localiser", "localiser_problem",
+           "DECODER_CHANNELS", "MIN_STRIDE"]
 
 DECODER_CHANNELS = (96, 64, 32, 16)  # decoder widths, deepest first (as many as there are skips)
 MIN_STRIDE = 4  # the finest skip's stride (when the trunk has one that fine)
@@ -45,7 +45,9 @@ def _taps(blocks, size: int) -> tuple[list[int], list[int]]:
     resolution, at most ``MAX_TAPS``, none finer than ``MIN_STRIDE`` when a coarser one exists."""
     last: dict[int, tuple[int, int]] = {}
     with torch.no_grad():
-        h = torch.zeros(1, 3, size, size)
+        # on the blocks' own device: a trunk built for cuda is probed there
+        device = next((p.device for b in blocks for p in b.parameters()), torch.device("cpu"))
+        h = torch.zeros(1, 3, size, size, device=device)
         for i, b in enumerate(blocks):
             h = b(h)
             if h.dim() != 4:
@@ -56,6 +58,20 @@ def _taps(blocks, size: int) -> tuple[list[int], list[int]]:
     coarse = [(w, t) for w, t in by_size if size / w >= MIN_STRIDE]
     kept = (coarse if coarse else by_size[-1:])[-MAX_TAPS:]
     return [t[0] for _, t in kept], [t[1] for _, t in kept]
+
+
+def localiser_problem(trunk: nn.Module, input_size: int) -> str | None:
+    """Why ``trunk`` cannot carry a localiser (one line, e.g. a ViT's tokens), or None when it can;
+    the same probe pass the localiser makes, before any training is spent."""
+    was = trunk.training
+    trunk.eval()  # the probe pass must not move BatchNorm statistics
+    try:
+        _taps(trunk_blocks(trunk), input_size)
+    except CbrError as e:
+        return str(e)
+    finally:
+        trunk.train(was)
+    return None
 
 
 class Localiser(nn.Module):

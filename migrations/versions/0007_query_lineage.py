@@ -21,12 +21,19 @@ _OLD_NOTE = re.compile(r"^refinement of query (\d+) by (region|example)\b")
 
 
 def upgrade() -> None:
-    # Additive: a first query has no parent (NULL).
-    with op.batch_alter_table("queries") as batch:
-        batch.add_column(sa.Column("parent_query_id", sa.Integer(), nullable=True))
-        batch.add_column(sa.Column("refinement_kind", sa.String(16), nullable=True))
-        batch.create_foreign_key("fk_queries_parent_query_id_queries", "queries", ["parent_query_id"], ["id"])
-        batch.create_index("ix_queries_parent_query_id", ["parent_query_id"])
+    # Additive: a first query has no parent (NULL). Plain ADD COLUMN, never a batch table copy: the
+    # copy drops `queries`, which votes, neighbours and feedback cite, and with foreign keys on (cbr
+    # always turns them on, and migrates inside a transaction where they cannot be turned off) SQLite
+    # refuses that drop for any case base that has answered a query.
+    if op.get_bind().dialect.name == "sqlite":
+        # SQLite adds a key only inline with its column (and only with a NULL default).
+        op.execute("ALTER TABLE queries ADD COLUMN parent_query_id INTEGER "
+                   "CONSTRAINT fk_queries_parent_query_id_queries REFERENCES queries (id)")
+    else:
+        op.add_column("queries", sa.Column("parent_query_id", sa.Integer(), nullable=True))
+        op.create_foreign_key("fk_queries_parent_query_id_queries", "queries", "queries", ["parent_query_id"], ["id"])
+    op.add_column("queries", sa.Column("refinement_kind", sa.String(16), nullable=True))
+    op.create_index("ix_queries_parent_query_id", "queries", ["parent_query_id"])
     _backfill(op.get_bind())
 
 
@@ -45,8 +52,13 @@ def _backfill(conn) -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("queries") as batch:
-        batch.drop_index("ix_queries_parent_query_id")
-        batch.drop_constraint("fk_queries_parent_query_id_queries", type_="foreignkey")
-        batch.drop_column("refinement_kind")
-        batch.drop_column("parent_query_id")
+    op.drop_index("ix_queries_parent_query_id", table_name="queries")
+    op.drop_column("queries", "refinement_kind")
+    if op.get_bind().dialect.name == "sqlite":
+        # SQLite cannot drop a column that carries a key, so this one copies the table (which takes
+        # its inline key with it); with foreign keys on, that works only while no row cites a query.
+        with op.batch_alter_table("queries") as batch:
+            batch.drop_column("parent_query_id")
+    else:
+        op.drop_constraint("fk_queries_parent_query_id_queries", "queries", type_="foreignkey")
+        op.drop_column("queries", "parent_query_id")

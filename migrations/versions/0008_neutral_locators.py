@@ -19,14 +19,13 @@ depends_on: Union[str, Sequence[str], None] = None
 def upgrade() -> None:
     # Additive: NULL means the case's path (the query's image_path) is itself where its pixels are
     # read from, as for every row stored before this revision.
-    with op.batch_alter_table("cases") as batch:
-        batch.add_column(sa.Column("file_locator", sa.Text(), nullable=True))
-    with op.batch_alter_table("queries") as batch:
-        batch.add_column(sa.Column("image_file", sa.Text(), nullable=True))
+    # Plain ADD/DROP COLUMN (SQLite 3.35+ drops an unkeyed, unindexed column in place), never a batch
+    # table copy: the copy drops `cases` and `queries`, which embeddings, votes and feedback cite, and
+    # with foreign keys on SQLite refuses that drop for any case base with rows in them.
+    op.add_column("cases", sa.Column("file_locator", sa.Text(), nullable=True))
+    op.add_column("queries", sa.Column("image_file", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("queries") as batch:
-        batch.drop_column("image_file")
-    with op.batch_alter_table("cases") as batch:
-        batch.drop_column("file_locator")
+    op.drop_column("queries", "image_file")
+    op.drop_column("cases", "file_locator")

@@ -19,10 +19,10 @@ depends_on: Union[str, Sequence[str], None] = None
 
 def upgrade() -> None:
     # Additive: an older query has none (NULL), and its report shows what it had.
-    with op.batch_alter_table("queries") as batch:
-        batch.add_column(sa.Column("uncertainty", sa.JSON(), nullable=True))
+    # Plain ADD/DROP COLUMN, never a batch table copy: the copy drops `queries`, which votes and
+    # feedback cite, and with foreign keys on SQLite refuses that drop once a query is stored.
+    op.add_column("queries", sa.Column("uncertainty", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("queries") as batch:
-        batch.drop_column("uncertainty")
+    op.drop_column("queries", "uncertainty")

@@ -178,3 +178,48 @@ def test_upgrade_from_0006_moves_refinement_notes_into_lineage_columns(db_url):
             q.notes = []
     assert parent_of(cb, example) == (region, "example") and parent_of(cb, first) is None
     assert [c["query_id"] for c in children_of(cb, first)] == [region]
+
+
+def test_upgrade_keeps_cited_rows_and_steps_back_past_the_new_columns(db_url):
+    """An older case base that has answered queries upgrades: the migrations add columns in place and
+    never copy `cases` or `queries`, whose rows embeddings, votes and feedback cite (SQLite, with
+    foreign keys on, refuses to drop a table whose rows are cited)."""
+    from datetime import datetime, timezone
+
+    from alembic import command
+    from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, column, insert, table
+
+    from cbr.store.casebase import _alembic_config
+
+    upgrade(db_url, "0006")
+    cb = open_casebase(db_url, migrate=False)
+    with cb.write() as s:
+        s.add(Model(id=1, fingerprint="d" * 64, backbone="tinycnn", weights="none", source="tinycnn", config={}))
+    with cb.engine.begin() as conn:
+        conn.execute(insert(table("cases", column("id", Integer), column("sha256", String), column("path", String),
+                                  column("label", String), column("metadata", JSON), column("origin", String),
+                                  column("added_at", DateTime(timezone=True))))
+                     .values(id=1, sha256="a" * 64, path="/a.png", label="yes", metadata={}, origin="index",
+                             added_at=datetime(2026, 12, 1, tzinfo=timezone.utc)))
+        query = _old_query(conn, None)
+        conn.execute(insert(table("embeddings", column("case_id", Integer), column("model_id", Integer),
+                                  column("vector", LargeBinary))).values(case_id=1, model_id=1, vector=b"\0" * 4))
+        conn.execute(insert(table("votes", column("query_id", Integer), column("model_id", Integer),
+                                  column("prediction", String), column("confidence", Float),
+                                  column("probabilities", JSON), column("abstained", Boolean)))
+                     .values(query_id=query, model_id=1, prediction="yes", confidence=0.9, probabilities={},
+                             abstained=False))
+    cb.close()
+    assert upgrade(db_url)[1] == current(db_url)["head"]
+    cb = open_casebase(db_url)
+    with cb.engine.begin() as conn:  # back past 0008 and 0009 with the cited rows still there
+        cfg = _alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0007")
+    cb.close()
+    assert current(db_url)["current"] == "0007"
+    cb = open_casebase(db_url)
+    with cb.read() as s:
+        assert s.get(Case, 1).file_locator is None and s.scalar(select(Model.fingerprint)) == "d" * 64
+        assert s.execute(text("SELECT count(*) FROM votes WHERE query_id = :q"), {"q": query}).scalar() == 1
+    assert current(db_url)["up_to_date"]

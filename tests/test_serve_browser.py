@@ -84,6 +84,21 @@ def _wait(driver, condition, timeout=120):
     return WebDriverWait(driver, timeout).until(condition)
 
 
+def _open_home(driver, server):
+    """The home page, once its upload form is there. A busy machine's Chromium has been seen to
+    return from ``get`` with a blank document (page_source ''); the form is waited for, and the
+    page asked for once more if it stays blank."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+
+    driver.get(server + "/")
+    try:
+        _wait(driver, lambda d: d.find_elements(By.ID, "image-input"), timeout=20)
+    except TimeoutException:
+        driver.get(server + "/")
+        _wait(driver, lambda d: d.find_elements(By.ID, "image-input"), timeout=60)
+
+
 def _overlays_loaded(driver):
     """Every visible overlay image has finished loading with real pixels."""
     return driver.execute_script("""
@@ -109,7 +124,7 @@ def test_upload_compare_slide_correct_and_find_it_in_history(browser, server, qu
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
-    browser.get(server + "/")
+    _open_home(browser, server)
     assert "Ask the case base" in browser.page_source
     browser.find_element(By.ID, "image-input").send_keys(str(_image(query_set)))
     browser.find_element(By.ID, "upload-submit").click()
@@ -193,7 +208,7 @@ def test_draw_a_region_and_query_it(browser, server, query_set):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    browser.get(server + "/")
+    _open_home(browser, server)
     browser.find_element(By.ID, "image-input").send_keys(str(_image(query_set)))
     browser.find_element(By.ID, "upload-submit").click()
     _wait(browser, lambda d: d.find_elements(By.ID, "region-stack"))
@@ -312,7 +327,7 @@ def test_audit_walk_through_with_screenshots(browser, server, query_set, artifac
     from selenium.webdriver.common.by import By
 
     browser.set_window_size(1600, 1100)
-    browser.get(server + "/")
+    _open_home(browser, server)
     problems = {"home": _serious_violations(browser)}
     browser.find_element(By.ID, "image-input").send_keys(str(_image(query_set)))
     browser.find_element(By.ID, "upload-submit").click()
@@ -350,7 +365,7 @@ def test_audit_walk_through_with_screenshots(browser, server, query_set, artifac
     _shot(browser, artifacts, "08-reload-lesion.png")
 
     # Retain a case's own image: refused (already a case, or another label), and the page says why.
-    browser.get(server + "/")
+    _open_home(browser, server)
     browser.find_element(By.ID, "case-id-input").send_keys("1")
     browser.find_element(By.ID, "case-submit").click()
     _wait(browser, lambda d: d.find_elements(By.ID, "feedback-form"))

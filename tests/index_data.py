@@ -27,3 +27,25 @@ def faiss_one_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(threads)
+
+
+def casebase_counts(db):
+    """(cases, distinct sha256s, embeddings, vectors in the first model's index) of a case base:
+    every image must arrive once, whatever interrupted or limited the run."""
+    from sqlalchemy import func, select
+
+    from cbr.store.casebase import open_casebase
+    from cbr.store.member import load_index
+    from cbr.store.schema import Case, Embedding
+
+    cb = open_casebase(str(db))
+    try:
+        with cb.read() as s:
+            cases = s.scalar(select(func.count(Case.id)))
+            distinct = s.scalar(select(func.count(func.distinct(Case.sha256))))
+            embeddings = s.scalar(select(func.count()).select_from(Embedding))
+            model_id = s.scalar(select(Embedding.model_id).limit(1))
+        ntotal = load_index(cb, model_id)[0].ntotal if model_id is not None else 0
+    finally:
+        cb.close()
+    return cases, distinct, embeddings, ntotal

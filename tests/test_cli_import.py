@@ -11,15 +11,15 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from cbr.data.image import sha256_file
 from cbr.data.sources import read_source
 from cbr.models.embedder import create_embedder
 from cbr.pipeline.importer import FINGERPRINT_KEY
 from cbr.store.casebase import open_casebase
-from cbr.store.member import load_index
 from cbr.store.schema import Case, Embedding, Explanation
+from index_data import casebase_counts
 from conftest import invoke
 
 pa = pytest.importorskip("pyarrow")
@@ -70,17 +70,6 @@ def _parquet(path, rows, vectors, fingerprint=None, **columns):
     return path
 
 
-def _counts(db):
-    cb = open_casebase(str(db))
-    with cb.read() as s:
-        cases = s.scalar(select(func.count(Case.id)))
-        distinct = s.scalar(select(func.count(func.distinct(Case.sha256))))
-        embeddings = s.scalar(select(func.count()).select_from(Embedding))
-        model_id = s.scalar(select(Embedding.model_id).limit(1))
-    ntotal = load_index(cb, model_id)[0].ntotal if model_id is not None else 0
-    return cases, distinct, embeddings, ntotal
-
-
 @pytest.mark.slow
 def test_import_parquet_then_query(runner, images, tiny):
     root, rows, vectors = images
@@ -89,7 +78,7 @@ def test_import_parquet_then_query(runner, images, tiny):
     result = invoke(runner, "import", source, *TINY, "--db", db)
     assert result.exit_code == 0, result.output
     assert "cases added:   12" in result.output
-    assert _counts(db) == (12, 12, 12, 12)
+    assert casebase_counts(db) == (12, 12, 12, 12)
     with open_casebase(str(db)).read() as s:
         case = s.scalar(select(Case).where(Case.path == str(root / "images" / "3.png")))
         assert (case.label, case.group_id, case.meta, case.origin) == ("b", "p1", {"site": "x"}, "import")
@@ -97,7 +86,7 @@ def test_import_parquet_then_query(runner, images, tiny):
     again = invoke(runner, "import", source, *TINY, "--db", db)
     assert again.exit_code == 0, again.output
     assert "cases added:   0" in again.output and "already there: 12" in again.output
-    assert _counts(db) == (12, 12, 12, 12)
+    assert casebase_counts(db) == (12, 12, 12, 12)
 
     # A query finds the imported cases; their neighbour maps are computed from their files and stored.
     query = root / "q.png"
@@ -126,7 +115,7 @@ def test_import_npy_with_manifest(runner, images, tiny, db_url):
                     "--fingerprint", tiny.fingerprint, "--db", db)
     assert result.exit_code == 0, result.output
     assert "cases added:   12" in result.output
-    assert _counts(db) == (12, 12, 12, 12)
+    assert casebase_counts(db) == (12, 12, 12, 12)
     cb = open_casebase(str(db))
     with cb.read() as s:
         stored = s.scalar(select(Embedding.vector).join(Case).where(Case.path == str(root / "images" / "0.png")))
@@ -152,7 +141,7 @@ def test_import_refuses_another_dimension(runner, images, tiny):
     source = _parquet(root / "emb.parquet", rows, vectors[:, :32].copy(), tiny.fingerprint)
     line = _one_error_line(invoke(runner, "import", source, *TINY, "--db", root / "cases.db"))
     assert "dimension 32" in line and "64" in line
-    assert _counts(root / "cases.db")[0] == 0  # nothing written
+    assert casebase_counts(root / "cases.db")[0] == 0  # nothing written
 
 
 def test_import_refuses_another_model(runner, images, tiny):
@@ -163,7 +152,7 @@ def test_import_refuses_another_model(runner, images, tiny):
     unsigned = _parquet(root / "unsigned.parquet", rows, vectors)
     line = _one_error_line(invoke(runner, "import", unsigned, *TINY, "--db", root / "cases.db"))
     assert "does not say which model" in line and "--fingerprint" in line
-    assert _counts(root / "cases.db")[0] == 0
+    assert casebase_counts(root / "cases.db")[0] == 0
 
 
 def test_import_skips_bad_rows_and_lists_them(runner, images, tiny):
@@ -213,7 +202,7 @@ def test_import_resumes_after_kill(tmp_path, tiny):
     assert 0 < _counts_cases(db) < n, "the import should be killed in the middle"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert _counts(db) == (n, n, n, n)
+    assert casebase_counts(db) == (n, n, n, n)
 
 
 def _counts_cases(db):

@@ -11,14 +11,13 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import event, func, select
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from cbr.pipeline.index import index_dataset
 from cbr.store.casebase import open_casebase
 from cbr.store.chunks import MAX_PARAMETERS
-from cbr.store.member import load_index
-from cbr.store.schema import Case, Embedding
+from index_data import casebase_counts
 
 pytestmark = pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3 setlimit needs Python 3.11")
 
@@ -57,17 +56,6 @@ def sql_log():
     event.remove(Engine, "connect", lower)
 
 
-def _counts(db):
-    cb = open_casebase(str(db))
-    with cb.read() as s:
-        cases = s.scalar(select(func.count(Case.id)))
-        distinct = s.scalar(select(func.count(func.distinct(Case.sha256))))
-        embeddings = s.scalar(select(func.count()).select_from(Embedding))
-        model_id = s.scalar(select(Embedding.model_id).limit(1))
-    index, _, _ = load_index(cb, model_id)
-    return cases, distinct, embeddings, index.ntotal
-
-
 @pytest.mark.slow
 def test_index_more_images_than_the_parameter_limit(tmp_path, sql_log):
     n = MAX_PARAMETERS + 101
@@ -75,11 +63,11 @@ def test_index_more_images_than_the_parameter_limit(tmp_path, sql_log):
     db = tmp_path / "cases.db"
     report = index_dataset(open_casebase(str(db)), data, **OPTIONS)
     assert (report.added, report.problems) == (n, [])
-    assert _counts(db) == (n, n, n, n)
+    assert casebase_counts(db) == (n, n, n, n)
     # a second run finds every image stored, once
     again = index_dataset(open_casebase(str(db)), data, **OPTIONS)
     assert (again.added, again.already) == (0, n)
-    assert _counts(db) == (n, n, n, n)
+    assert casebase_counts(db) == (n, n, n, n)
     assert max(p for _, p in sql_log) <= MAX_PARAMETERS
 
 

@@ -5,6 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cbr-installed
 
+# The tests run on every core with pytest-xdist (at most 4 workers: each holds torch, and its own
+# PostgreSQL server); --dist loadfile keeps each test file on one worker, so that its module-scoped
+# fixtures (trained models) are built once. `make test PYTEST_WORKERS=0` runs them in one process.
+PYTEST_WORKERS ?= logical
+XDIST := -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile
+
 .PHONY: demo test check install clean
 
 install: $(STAMP)
@@ -21,11 +27,11 @@ demo: $(STAMP)
 	$(BIN)/cbr demo --out demo-output
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 # Every test not marked slow (end-to-end runs of real models): under 90 s on a quiet 2-core machine.
 check: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST)
 
 clean:
 	rm -rf demo-output cbr-reports .pytest_cache

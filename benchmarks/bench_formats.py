@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import machine, median, table, write_json  # noqa: E402
 
+from cbr.data.dicom import write_dicom  # noqa: E402
+
 
 def _ct_slice(rng, size):
     import numpy as np
@@ -41,25 +43,11 @@ def _ct_slice(rng, size):
 
 
 def _write_dicom(path, stored, rle=False):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+    from pydicom.uid import CTImageStorage, RLELossless
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "CT", "BENCH"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.WindowCenter, ds.WindowWidth = 40, 400
-    ds.PixelData = stored.tobytes()
-    if rle:
-        ds.compress(RLELossless)
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom(path, stored, sop_class=CTImageStorage, transfer_syntax=RLELossless if rle else None, Modality="CT",
+                PatientID="BENCH", BitsStored=12, HighBit=11, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40,
+                WindowWidth=400)
 
 
 def bench_decode(n: int, size: int, rounds: int, root: Path) -> list[dict]:

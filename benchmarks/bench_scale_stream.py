@@ -85,6 +85,11 @@ class Chunks:
         if self.data == "powerlaw":
             x *= (np.arange(1, self.dim + 1, dtype=np.float32) ** (-self.alpha / 2))
             x = x @ self.basis()
+        elif self.data == "real":
+            scale, mean = real_scales(self.dim)
+            x *= scale
+            x = x @ self.basis()
+            x += mean * self.basis()[-1]  # the mean: a direction beyond the top ranks' (their variance is tiny)
         else:
             centres = self.centres()
             x *= SPREAD / np.sqrt(self.dim)
@@ -131,7 +136,10 @@ def main(argv=None):
     a = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if a.real_spectrum:
-        return print(json.dumps(real_spectrum(a.real_spectrum), indent=1))
+        measured = real_spectrum(a.real_spectrum)
+        if a.spectrum_out:
+            Path(a.spectrum_out).write_text(json.dumps(measured, indent=1))
+        return print(json.dumps({k: v for k, v in measured.items() if k != "eigenvalues"}, indent=1))
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     work = Path(a.work)
@@ -163,6 +171,7 @@ def main(argv=None):
         if hasattr(ivf, "do_polysemous_training"):  # not on fast scan
             ivf.do_polysemous_training = False  # only for Hamming-filtered search, never used here
         ivf.cp.min_points_per_centroid = 1
+        ivf.cp.niter = a.niter
         ix.train(sample)
         del sample
         out["train_s"] = time.perf_counter() - t
@@ -277,6 +286,29 @@ def sweep(ix, sidecar, xq, Iref, nprobes, factors):
     return rows
 
 
+SPECTRUM_FILE = Path(__file__).resolve().parent / "results" / "real_spectrum_mobilenet_v2_ham10000.json"
+
+
+def real_scales(dim, path=SPECTRUM_FILE):
+    """Standard deviations per principal direction, and the mean's length, of cbr's own embeddings
+    (``--real-spectrum N --spectrum-out FILE`` measures them): the measured eigenvalues for the ranks
+    that N images estimate well (up to N/4), the power law fitted to them beyond, scaled so that
+    the variance plus the squared mean total 1 (unit vectors), as measured."""
+    m = json.loads(Path(path).read_text())
+    ev = np.asarray(m["eigenvalues"], dtype=np.float64)
+    top = min(len(ev), m["images"] // 4, dim)
+    ranks = np.arange(1, dim + 1, dtype=np.float64)
+    lam = np.empty(dim)
+    lam[:top] = ev[:top]
+    lam[top:] = ev[top - 1] * (ranks[top:] / top) ** (-m["power_law_exponent_fit"])
+    # The real share of variance beyond `top` is what the measured total leaves; the tail keeps its shape.
+    tail = max(m["variance_total"] - ev[:top].sum(), 0.0)
+    if dim > top and lam[top:].sum() > 0:
+        lam[top:] *= tail / lam[top:].sum()
+    lam *= m["variance_total"] / lam.sum()
+    return np.sqrt(lam).astype(np.float32), np.float32(np.sqrt(m["mean_sq_norm"]))
+
+
 def generated_spectrum(chunks):
     """Share of variance in the top principal components of one generated chunk (unit vectors)."""
     x, _ = chunks(0)
@@ -300,9 +332,13 @@ def real_spectrum(n_images):
     for i in range(0, len(files), 32):
         batch = torch.stack([emb.preprocess(read_image(f)[0]) for f in files[i:i + 32]])
         out.append(emb.embed(batch).numpy())
-    x = np.concatenate(out)
+    x = np.concatenate(out).astype(np.float64)
     LOG.info("embedded %d images in %.0f s", len(x), time.perf_counter() - t)
-    return {"images": len(x), "dim": x.shape[1], "source": str(root), **_shares(x)}
+    centred = x - x.mean(axis=0)
+    ev = np.linalg.svd(centred, compute_uv=False) ** 2 / len(x)
+    return {"images": len(x), "dim": x.shape[1], "source": str(root), "model": "mobilenet_v2 (ImageNet)",
+            **_shares(x), "mean_sq_norm": float(np.sum(x.mean(axis=0) ** 2)), "variance_total": float(ev.sum()),
+            "eigenvalues": [float(v) for v in ev]}
 
 
 def _shares(x):
@@ -351,7 +387,8 @@ def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--data", choices=["powerlaw", "clustered"], default="powerlaw")
+    p.add_argument("--data", choices=["powerlaw", "real", "clustered"], default="powerlaw",
+                   help="real: the eigenvalues and mean measured on cbr's embeddings (SPECTRUM_FILE)")
     p.add_argument("--alpha", type=float, default=ALPHA, help="power-law exponent (default 1.0)")
     p.add_argument("--chunk", type=int, default=100_000)
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (default 4 sqrt(n), at most 4096)")
@@ -361,6 +398,7 @@ def _parse(argv):
     p.add_argument("--coarse", choices=["flat", "hnsw"], default="flat",
                    help="coarse quantizer: exact over the centroids, or an HNSW32 graph (for 16k+ lists)")
     p.add_argument("--train", type=int, default=100_000, help="training sample (default 100k)")
+    p.add_argument("--niter", type=int, default=25, help="k-means iterations of the coarse quantizer (faiss: 25)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="faiss threads for training (default 2)")
     p.add_argument("--queries", type=int, default=200)
@@ -372,6 +410,7 @@ def _parse(argv):
     p.add_argument("--reuse", action="store_true", help="reuse an index already built in --work")
     p.add_argument("--real-spectrum", type=int, default=0, metavar="IMAGES",
                    help="only measure the PCA spectrum of cbr's embeddings of this many HAM10000 images")
+    p.add_argument("--spectrum-out", default="", help="with --real-spectrum: write it (eigenvalues included) here")
     p.add_argument("--out", default="benchmarks/results/scale_stream.json")
     return p.parse_args(argv)
 

@@ -1,47 +1,59 @@
 """Explanations for cbr: CAM methods (grad-cam), captum attributions (LIME, KernelSHAP, DeepLIFT,
 Integrated Gradients, occlusion), targets, maps, overlays and metrics. Never imports cbr.
 
-Names are imported from their modules on first use, so that listing the CAM methods (the CLI's
-choices) does not import torch.
+The package's names come from light modules, which import torch, grad-cam and captum inside the
+functions that use them, so that listing the CAM methods (the CLI's choices) does not import torch.
+Two names stay in their modules, since reading them loads a heavy package: ``CAM_METHODS`` of
+``explain.methods`` (grad-cam's classes) and ``attribution_maps`` of ``explain.attribution`` (a
+torch.nn.Module subclass, so torch loads with the module).
 """
 
-import importlib
+from .cam import maps_from_activations, maps_from_images
+from .fusion import fuse_maps
+from .matching import region_matches
+from .methods import (
+    ATTRIBUTION_METHODS,
+    check_method,
+    FAST_METHODS,
+    FUSED_METHODS,
+    get_cam_method,
+    is_attribution,
+    METHOD_NAMES,
+    METHODS,
+    MethodSpec,
+    UnknownMethodError,
+)
+from .overlay import render_overlay, render_panel, shared_vmax
+from .rawmap import decode_map, encode_map
+from .spec import AttributionSettings, parse_spec, resolve_spec
+from .superpixels import segment
+from .targets import ClassTarget, EmbeddingNormTarget, SimilarityTarget
 
-_EXPORTS = {
-    "METHODS": "methods",
-    "MethodSpec": "methods",
-    "CAM_METHODS": "methods",
-    "FAST_METHODS": "methods",
-    "METHOD_NAMES": "methods",
-    "UnknownMethodError": "methods",
-    "get_cam_method": "methods",
-    "ATTRIBUTION_METHODS": "methods",
-    "FUSED_METHODS": "methods",
-    "fuse_maps": "fusion",
-    "region_matches": "matching",
-    "check_method": "methods",
-    "is_attribution": "methods",
-    "attribution_maps": "attribution",
-    "AttributionSettings": "spec",
-    "resolve_spec": "spec",
-    "parse_spec": "spec",
-    "segment": "superpixels",
-    "ClassTarget": "targets",
-    "SimilarityTarget": "targets",
-    "EmbeddingNormTarget": "targets",
-    "maps_from_activations": "cam",
-    "maps_from_images": "cam",
-    "encode_map": "rawmap",
-    "decode_map": "rawmap",
-    "render_overlay": "overlay",
-    "render_panel": "overlay",
-    "shared_vmax": "overlay",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "FAST_METHODS",
+    "METHOD_NAMES",
+    "UnknownMethodError",
+    "get_cam_method",
+    "ATTRIBUTION_METHODS",
+    "FUSED_METHODS",
+    "fuse_maps",
+    "region_matches",
+    "check_method",
+    "is_attribution",
+    "AttributionSettings",
+    "resolve_spec",
+    "parse_spec",
+    "segment",
+    "ClassTarget",
+    "SimilarityTarget",
+    "EmbeddingNormTarget",
+    "maps_from_activations",
+    "maps_from_images",
+    "encode_map",
+    "decode_map",
+    "render_overlay",
+    "render_panel",
+    "shared_vmax",
+]

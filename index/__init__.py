@@ -5,7 +5,7 @@ from .refine import create_sidecar, open_sidecar, put_rows, refined_search
 from .shards import ShardBuildError, ShardPlan, build_sharded, load_sharded
 from .sizing import LARGE_KINDS, auto_kind, factory_for, pq_bytes
 from .storage import IndexFileError, checksum, load, save
-from .vectors import KINDS, add, brute_force_search, build, ids, learned, lossy, needs_training, remove, search
+from .vectors import KINDS, add, brute_force_search, build, ids, learned, lossy, needs_training, remove, search, train
 
 __all__ = [
     "KINDS",
@@ -36,4 +36,5 @@ __all__ = [
     "search",
     "to_device",
     "to_host",
+    "train",
 ]

@@ -241,6 +241,26 @@ def _as_ids(ids):
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+def train(index, vectors, *, n=None):
+    """Train an empty index that learns (IVF lists, PQ or SQ codes) on a sample of what it will hold,
+    so that a collection too large for memory is then added a chunk at a time with `add`.
+
+    Args:
+        index: an untrained index from `build`.
+        vectors: float32 array (m, d), L2-normalised: an even sample of the collection.
+        n: the size of the whole collection (sizes nprobe as for an index trained on all of it).
+    """
+    import faiss
+
+    x = _as_matrix(vectors, index.d, "vectors")
+    if index.is_trained or not len(x):
+        return
+    _train(index, x)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and n:
+        ivf.nprobe = _nprobe_for(ivf.nlist, max(n, len(x)))
+
+
 def _tune(inner, n):
     import faiss
 

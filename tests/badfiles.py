@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cbr.data.dicom import write_dicom
 from cbr.data.phantom import CLASSES, phantom
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -314,23 +315,9 @@ NFD_LABEL, NFC_LABEL = "cafe\u0301", "caf\u00e9"
 
 def make_burned_in_dicom(folder) -> Path:
     """A DICOM whose pixels carry burned-in text (BurnedInAnnotation=YES), named as archives name them."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.BurnedInAnnotation = "OT", "YES"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.Rows = ds.Columns = 48
-    ds.PixelData = np.asarray(_phantom_image(40).convert("L"), dtype=np.uint8).tobytes()
     path = Path(folder) / "Doe^John_19450317.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom(path, np.asarray(_phantom_image(40).convert("L"), dtype=np.uint8), Modality="OT",
+                BurnedInAnnotation="YES")
     return path
 
 

@@ -12,8 +12,16 @@ from pg import backend, db_url, fresh_db, pg_cluster, pytest_configure, pytest_g
 os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".torch-home-empty"))
 # Likewise timm's weights (Hugging Face hub): tests build timm models with weights="none" only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (`make test`: one worker per core) each worker, and every cbr it starts, gets its
+# share of the cores: torch and faiss would otherwise each start one thread per core in every worker.
+# Set before torch or faiss is imported, which read it once.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 TINY = ["--model", "tinycnn", "--weights", "none"]
+TINY_TRAIN = ["--backbone", "tinycnn", "--weights", "none", "--epochs", "2", "--img-size", "48", "--batch-size", "8",
+              "--workers", "0"]
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +49,28 @@ def _indexed_template(tmp_path_factory, phantom_set):
     result = CliRunner().invoke(cli, ["index", str(phantom_set), "--db", str(db), *TINY, "--workers", "0"])
     assert result.exit_code == 0, result.output
     return root
+
+
+@pytest.fixture(scope="session")
+def localised_template(tmp_path_factory, phantom_set):
+    """A tinycnn checkpoint trained on the phantoms (which have masks), so it carries a lesion
+    localiser, and a case base indexed with it (copy its folder before writing to it):
+    SimpleNamespace(ckpt, db, train (the --json of `cbr train`), index_output)."""
+    import json
+    from types import SimpleNamespace
+
+    from cbr.cli import cli
+
+    root = tmp_path_factory.mktemp("localiser")
+    runner = CliRunner()
+    ckpt = root / "model.pt"
+    r = runner.invoke(cli, ["train", str(phantom_set), "--out", str(ckpt), *TINY_TRAIN, "--json"])
+    assert r.exit_code == 0, r.output
+    db = root / "cases.db"
+    r2 = runner.invoke(cli, ["index", str(phantom_set), "--db", str(db), "--model", str(ckpt), "--explain", "layercam",
+                             "--workers", "0"])
+    assert r2.exit_code == 0, r2.output
+    return SimpleNamespace(ckpt=ckpt, db=db, train=json.loads(r.output), index_output=r2.output)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,10 @@
 down, no cycle, imports at the top of the file, no private names across modules, short functions.
 
 Every module of ``cbr/``, ``index/`` and ``explain/`` is parsed (nothing is imported). Every import
-statement counts as an edge of the graph, including one inside a function.
+statement counts as an edge of the graph, including one inside a function; so does a torch-bound
+module bound at the top with ``LazyModule("...")`` (cbr/lazy_import.py), and a registry's
+``"module:function"`` reference (resolved when used: cbr.cli.group's commands, the backbones'
+builders).
 """
 
 import ast
@@ -16,8 +19,8 @@ PACKAGES = ("cbr", "index", "explain")
 MAX_FUNCTION_LINES = 80
 
 # Layers, highest first, one package each: a module may import its own package and the layers
-# below it, never one above (a back-edge). cbr/errors.py and cbr/files.py are leaves that every
-# layer may import.
+# below it, never one above (a back-edge). cbr/errors.py, cbr/files.py and cbr/lazy_import.py are
+# leaves that every layer may import.
 LAYERS = (
     ("cli", ("cbr.cli", "cbr.__main__")),
     ("evaluation", ("cbr.evaluation",)),
@@ -31,7 +34,7 @@ LAYERS = (
     ("explain", ("explain",)),
     ("index", ("index",)),
 )
-LEAVES = ("cbr", "cbr.errors", "cbr.files")
+LEAVES = ("cbr", "cbr.errors", "cbr.files", "cbr.lazy_import")
 
 # Deferred to the functions that use them, so that `cbr --help` and the read-only commands stay
 # fast (tests/test_startup.py runs them).
@@ -98,9 +101,64 @@ def _targets(module: str, is_package: bool, node, modules=MODULES) -> set[str]:
     return {t for t in map(lambda n: _resolve(n, modules), names) if t is not None and t != module}
 
 
+def _calls(tree: ast.AST, names: tuple[str, ...]):
+    """Every call of a function named one of ``names`` (``f(...)`` or ``x.f(...)``), with whether
+    it sits inside a function."""
+    def walk(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Call):
+                func = child.func
+                if (func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)) in names:
+                    yield child, in_function
+            yield from walk(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                      ast.Lambda)))
+    yield from walk(tree, False)
+
+
+LAZY = ("LazyModule",)
+DYNAMIC = ("import_module", "__import__")  # importlib.import_module, the builtin __import__
+
+
+def _literal_name(call: ast.Call) -> str | None:
+    """The module name a call's first argument spells: a string, or an f-string's leading text."""
+    if not call.args:
+        return None
+    arg = call.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+        return str(arg.values[0].value)
+    return None
+
+
+def _ours(name: str | None) -> bool:
+    """Whether a (possibly partial, or relative) module name names one of our modules."""
+    return name is not None and (name.startswith(".") or name.split(".")[0] in PACKAGES)
+
+
+def lazy_targets(tree: ast.AST, modules=MODULES) -> list[str]:
+    """The modules a file binds with ``LazyModule("...")`` (anywhere in it)."""
+    return [t for call, _ in _calls(tree, LAZY) if (t := _resolve(_literal_name(call) or "", modules))]
+
+
+REFERENCE = re.compile(r"^((?:%s)(?:\.\w+)*):(\w+)$" % "|".join(PACKAGES))
+
+
+def references(tree: ast.AST) -> list[tuple[str, str]]:
+    """The ``"module:function"`` strings of a file (a registry's entries), as (module, name)."""
+    return [(m.group(1), m.group(2)) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and (m := REFERENCE.match(node.value))]
+
+
 def _graph(trees=TREES, modules=MODULES) -> dict[str, set[str]]:
-    return {m: set().union(*(_targets(m, _is_package(m, modules), node, modules) for node, _ in _statements(tree)))
-            for m, tree in trees.items()}
+    out = {}
+    for m, tree in trees.items():
+        edges = set().union(*(_targets(m, _is_package(m, modules), node, modules) for node, _ in _statements(tree)))
+        edges |= set(lazy_targets(tree, modules))
+        edges |= {t for name, _ in references(tree) if (t := _resolve(name, modules))}
+        out[m] = edges - {m}
+    return out
 
 
 def _is_package(module: str, modules=MODULES) -> bool:
@@ -119,8 +177,8 @@ def torch_modules(tree: ast.AST) -> bool:
 
 
 # The modules that subclass torch.nn.Module load torch as they load; they count as heavy packages
-# themselves (torch at their top), and are the only modules of ours another may import inside a
-# function.
+# themselves (torch at their top). A light module that calls one binds it at its top with
+# LazyModule (never inside a function), so that the read-only commands never load torch.
 TORCH_BOUND = frozenset(m for m, tree in TREES.items() if torch_modules(tree))
 
 
@@ -174,13 +232,29 @@ def back_edges(module: str, imports: set[str]) -> list[str]:
 
 
 def late_imports(module: str, tree: ast.AST, modules=MODULES) -> list[str]:
-    """``line: statement`` of each import of our modules inside a function (torch-bound ones aside)."""
+    """``line: statement`` of each import of our modules inside a function: an import statement,
+    ``importlib.import_module("cbr...")``, ``__import__("cbr...")`` or ``LazyModule("cbr...")``."""
     out = []
     for node, in_function in _statements(tree):
-        targets = _targets(module, _is_package(module, modules), node, modules)
-        if in_function and targets - TORCH_BOUND:
+        if in_function and _targets(module, _is_package(module, modules), node, modules):
             out.append(f"{node.lineno}: {ast.unparse(node)}")
-    return out
+    out += [f"{call.lineno}: {ast.unparse(call)}" for call, in_function in _calls(tree, DYNAMIC + LAZY)
+            if in_function and _ours(_literal_name(call))]
+    return sorted(out, key=lambda line: int(line.split(":")[0]))
+
+
+# The functions that import a module named by a value (not a literal): each resolves the
+# "module:function" references of one registry, which the graph reads as edges.
+RESOLVERS = {
+    "cbr.cli.group": "COMMANDS, the lazy click group's commands",
+    "cbr.models.backbones": "BACKBONES' builder and split functions",
+    "cbr.lazy_import": "LazyModule",
+}
+
+
+def dynamic_imports(tree: ast.AST) -> list[str]:
+    """``line: call`` of each import of a module named by a value rather than a literal."""
+    return [f"{call.lineno}: {ast.unparse(call)}" for call, _ in _calls(tree, DYNAMIC) if _literal_name(call) is None]
 
 
 def heavy_top_imports(tree: ast.AST) -> list[str]:
@@ -225,7 +299,8 @@ def test_the_walk_sees_the_tree():
     assert {"cbr.cli", "cbr.pipeline.query", "index.vectors", "explain.cam"} <= set(MODULES)
     assert "cbr.pipeline.query" in GRAPH["cbr.cli.retrieval"]
     assert "index" in GRAPH["cbr.store.member"]
-    assert "cbr.models.embedder" in GRAPH["cbr.pipeline.index"]  # imported inside a function
+    assert "cbr.models.embedder" in GRAPH["cbr.pipeline.index"]  # a LazyModule at its top
+    assert "cbr.cli.audit" in GRAPH["cbr.cli.group"]  # a "module:function" of COMMANDS
     assert all(_layer(m) is not None or m in LEAVES for m in MODULES), \
         [m for m in MODULES if _layer(m) is None and m not in LEAVES]
 
@@ -251,6 +326,40 @@ def test_imports_point_down_the_layers(module):
 def test_our_modules_are_imported_at_the_top(module):
     late = late_imports(module, TREES[module])
     assert not late, f"{MODULES[module].relative_to(ROOT)}: move to the top of the file: {'; '.join(late)}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_only_torch_bound_modules_load_lazily(module):
+    light = [t for t in lazy_targets(TREES[module]) if t not in TORCH_BOUND]
+    assert not light, f"{MODULES[module].relative_to(ROOT)} binds {', '.join(light)} with LazyModule; " \
+                      "import a light module at the top"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_modules_are_imported_by_name_only_in_resolvers(module):
+    dynamic = dynamic_imports(TREES[module])
+    assert module in RESOLVERS or not dynamic, \
+        f"{MODULES[module].relative_to(ROOT)} imports a module named by a value ({'; '.join(dynamic)}); " \
+        "import it at the top, or name it in a registry as \"module:function\""
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_registry_references_resolve(module):
+    # A "module:function" string is an edge of the graph only if it names a real definition.
+    def defined(tree):
+        names = set()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                names |= {t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                          if isinstance(t, ast.Name)}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        return names
+
+    bad = [f"{m}:{n}" for m, n in references(TREES[module]) if m not in TREES or n not in defined(TREES[m])]
+    assert not bad, f"{MODULES[module].relative_to(ROOT)} names what does not exist: {bad}"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -289,8 +398,17 @@ import torch
 
 def late():
     from cbr.data.text import for_terminal
-    from cbr.models.embedder import create_embedder  # torch-bound: allowed here
-    return for_terminal, create_embedder
+    from cbr.models.embedder import create_embedder  # torch-bound, but still at the top or lazy
+    return for_terminal, create_embedder, importlib.import_module("cbr.data.text"), LazyModule("cbr.data.text")
+
+
+embedder = LazyModule("cbr.models.embedder")
+text = LazyModule("cbr.data.text")
+BUILDERS = {"tiny": "cbr.data.text:for_terminal"}
+
+
+def resolve(name):
+    return importlib.import_module(name), __import__(f"cbr.{name}")
 
 
 def long():
@@ -304,10 +422,16 @@ def test_the_checks_find_planted_faults():
     imports = _graph({"cbr.store.bad": tree}, modules)["cbr.store.bad"]
     assert imports == {"cbr.pipeline.query", "cbr.models.embedder", "cbr.data.text"}
     assert back_edges("cbr.store.bad", imports) == ["cbr.pipeline.query"]
-    assert late_imports("cbr.store.bad", tree, modules) == ["8: from cbr.data.text import for_terminal"]
+    assert late_imports("cbr.store.bad", tree, modules) == [
+        "8: from cbr.data.text import for_terminal", "9: from cbr.models.embedder import create_embedder",
+        "10: importlib.import_module('cbr.data.text')", "10: LazyModule('cbr.data.text')",
+        "19: __import__(f'cbr.{name}')"]
+    assert [t for t in lazy_targets(tree, modules) if t not in TORCH_BOUND] == ["cbr.data.text", "cbr.data.text"]
+    assert references(tree) == [("cbr.data.text", "for_terminal")]
+    assert dynamic_imports(tree) == ["19: importlib.import_module(name)"]
     assert private_imports("cbr.store.bad", tree, modules) == ["3: cbr.models.embedder._build"]
     assert heavy_top_imports(tree) == ["torch"]
-    assert long_functions(tree) == [f"long (line 13): {MAX_FUNCTION_LINES + 1} lines"]
+    assert long_functions(tree) == [f"long (line 22): {MAX_FUNCTION_LINES + 1} lines"]
     assert long_functions(ast.parse("def ok():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1))) == []
     assert torch_modules(ast.parse("class M(nn.Module):\n    pass\n"))
 

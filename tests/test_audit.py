@@ -10,7 +10,10 @@ from sqlalchemy import select
 
 import cbr.pipeline.audit.removal as removal
 import cbr.store.member as member
-from cbr.pipeline.audit import add_feedback, export, history, remove_cases, rerender_report
+from cbr.pipeline.audit.export import export
+from cbr.pipeline.audit.feedback import add_feedback
+from cbr.pipeline.audit.removal import remove_cases
+from cbr.pipeline.audit.trail import history, rerender_report
 from cbr.store.casebase import open_casebase
 from cbr.errors import NotFoundError, UnknownNameError
 from cbr.pipeline.query import query_images

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from explain import CAM_METHODS, FAST_METHODS, ClassTarget, SimilarityTarget, maps_from_activations
+from explain import FAST_METHODS, ClassTarget, SimilarityTarget, maps_from_activations
+from explain.methods import CAM_METHODS
 from explain.weighting import CAM_WEIGHTING, USES_GRADIENTS
 from explain_models import CHANNELS, make_classifier_head, make_embedder_head, make_images, make_trunk, one_thread
 

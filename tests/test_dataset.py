@@ -121,12 +121,30 @@ def test_nested_folders_and_symlinks(tmp_path):
     os.symlink(tmp_path / "gone.png", data / "b" / "broken.png")
     os.symlink("self", data / "b" / "self")  # a link to itself
     scan = read_dataset(data)
-    assert [(r.path, r.label) for r in scan.records] == [(str(data / "b/linked/b1.png"), "b")]
+    assert [(r.path, r.label) for r in scan.records] == [(str(elsewhere), "b")]  # recorded under its real path
     reasons = _reasons(scan)
     assert reasons[str(data / "b/broken.png")] == "broken symbolic link"
     assert reasons[str(data / "b/self")] == "symbolic link loop"
     assert "label conflict" in reasons[str(a)]
     assert elsewhere.exists()
+
+
+def test_files_and_folders_linked_inside_a_data_folder_are_recorded_under_their_real_paths(tmp_path):
+    """As a query of the same file is (queries are resolved): one image never shows under two paths.
+    Problems keep the names the scan met."""
+    one = _img(tmp_path / "disk" / "scans" / "one.png")
+    two = _img(tmp_path / "disk" / "more" / "two.png")
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    os.symlink(one, data / "a" / "one.png")  # a linked file
+    os.symlink(two.parent, data / "b")  # a class folder that is a link
+    os.symlink(tmp_path / "gone.png", data / "a" / "broken.png")
+    scan = read_dataset(data)
+    assert sorted((r.path, r.label) for r in scan.records) == [(str(two), "b"), (str(one), "a")]
+    assert _reasons(scan)[str(data / "a" / "broken.png")] == "broken symbolic link"
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label\ndata/a/one.png,a\n", encoding="utf-8")
+    assert [r.path for r in read_dataset(manifest).records] == [str(one)]
 
 
 def test_loop_to_data_root_and_repeated_folder(tmp_path):

@@ -114,6 +114,26 @@ def test_ct_presets_applied_to_rescaled_values(tmp_path, preset):
     assert np.array_equal(np.asarray(img)[..., 0], expected)
 
 
+@pytest.mark.parametrize("rle", [False, True])
+def test_write_dicom_round_trips(tmp_path, rle):
+    """cbr.data.dicom.write_dicom (the benchmarks' and test data's writer): pixels, rescale and tags survive."""
+    from pydicom.uid import CTImageStorage, RLELossless
+
+    from cbr.data.dicom import write_dicom
+
+    stored = np.linspace(0, 4095, 256).reshape(16, 16).astype(np.uint16)
+    path = tmp_path / "ct.dcm"
+    write_dicom(path, stored, sop_class=CTImageStorage, transfer_syntax=RLELossless if rle else None, Modality="CT",
+                BitsStored=12, HighBit=11, RescaleSlope=1, RescaleIntercept=-1024)
+    ds = pydicom.dcmread(path)
+    assert (ds.SOPClassUID, ds.Modality, ds.BitsAllocated, ds.BitsStored, ds.Rows) == (CTImageStorage, "CT", 16, 12, 16)
+    assert ds.file_meta.TransferSyntaxUID == (RLELossless if rle else pydicom.uid.ExplicitVRLittleEndian)
+    assert np.array_equal(ds.pixel_array, stored)
+    img, _, _ = read_source(str(path), window="ct-lung")
+    c, w = WINDOWS["ct-lung"]
+    assert np.array_equal(np.asarray(img)[..., 0], apply_window(stored.astype(float) - 1024.0, c, w))
+
+
 def test_file_window_by_default_and_explicit_override(tmp_path):
     hu = np.array([[-100, 0, 40, 80, 200] * 2] * 10, dtype=np.int16)
     path = make_dicom(tmp_path / "w", hu, window=(40, 80))

@@ -12,7 +12,6 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from torch import nn
 
 from explain import (
-    CAM_METHODS,
     FAST_METHODS,
     ClassTarget,
     EmbeddingNormTarget,
@@ -24,6 +23,7 @@ from explain import (
     maps_from_activations,
     maps_from_images,
 )
+from explain.methods import CAM_METHODS
 from explain_models import (
     CHANNELS,
     CLASSES,

@@ -314,3 +314,29 @@ def test_a_region_querys_nearest_unlike_case_is_found_among_the_findings(runner,
     # a finding's similarity: never more than the nearest neighbour's (its finding is the nearest)
     assert unlike["similarity"] <= out["neighbours"][0]["similarity"] + 1e-6
     assert unlike["similarity"] >= max([n["similarity"] for n in out["neighbours"] if n["label"] != label], default=-1)
+
+
+def test_finding_figures_score_each_lesion_beside_the_same_images_exactly():
+    """Per-lesion region queries against the whole-image queries of the images that had a lesion
+    (an image without one is not in either side): exact precision@2 and vote figures."""
+    from cbr.data.records import Record
+    from cbr.evaluation.by_finding import finding_figures
+    from cbr.evaluation.outcome import Outcome
+
+    def rec(name, label):
+        return Record(path=name, label=label, group=name, metadata={"mask": f"{name}.png"}, sha256=name)
+
+    def out(r, predicted, neighbours):
+        return Outcome(record=r, prediction={"label": predicted, "abstained": predicted is None}, neighbours=neighbours)
+
+    a, b, c = rec("a", "tumour"), rec("b", "cyst"), rec("c", "normal")
+    findings = [out(a, "tumour", ["tumour", "tumour"]), out(a, "cyst", ["cyst", "tumour"]),  # a has two lesions
+                out(b, None, ["cyst", "normal"])]
+    images = [out(a, "tumour", ["tumour", "cyst"]), out(b, "tumour", ["tumour", "tumour"]),
+              out(c, "normal", ["normal", "normal"])]  # c: no lesion, so no region query
+    fig = finding_figures(findings, images, 2)
+    assert fig["images"] == 2 and fig["k"] == 2
+    assert fig["by_finding"]["n"] == 3 and fig["by_finding"]["precision_at_k"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert fig["by_finding"]["answered"] == 2 and fig["by_finding"]["accuracy"] == pytest.approx(0.5)
+    assert fig["by_image"]["n"] == 2 and fig["by_image"]["precision_at_k"] == pytest.approx((0.5 + 0) / 2)
+    assert fig["by_image"]["accuracy"] == pytest.approx(0.5)

@@ -54,7 +54,8 @@ def _one_line(e: Exception) -> None:
 
 def _survives(cb, qid, root) -> None:
     """The report and both exports of what is stored."""
-    from cbr.pipeline.audit import export, rerender_report
+    from cbr.pipeline.audit.export import export
+    from cbr.pipeline.audit.trail import rerender_report
 
     html = rerender_report(cb, qid, root / "r.html")
     assert "<script" not in open(html, encoding="utf-8").read()
@@ -72,7 +73,7 @@ def _survives(cb, qid, root) -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(label=TEXT, note=st.one_of(st.none(), TEXT), by=st.one_of(st.none(), TEXT))
 def test_feedback_text_is_refused_in_one_line_or_survives_every_path(world, label, note, by):
-    from cbr.pipeline.audit import add_feedback
+    from cbr.pipeline.audit.feedback import add_feedback
 
     cb, _, _, answer, root = world
     try:

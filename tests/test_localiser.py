@@ -189,20 +189,9 @@ def test_a_localiser_that_does_not_fit_says_so():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, phantom_set):
+def trained(localised_template):
     """A tinycnn checkpoint trained on the phantoms (which have masks), and a case base indexed with it."""
-    from click.testing import CliRunner
-
-    root = tmp_path_factory.mktemp("localiser")
-    runner = CliRunner()
-    ckpt = root / "model.pt"
-    r = runner.invoke(cli, ["train", str(phantom_set), "--out", str(ckpt), *TINY_TRAIN, "--json"])
-    assert r.exit_code == 0, r.output
-    db = root / "cases.db"
-    r2 = runner.invoke(cli, ["index", str(phantom_set), "--db", str(db), "--model", str(ckpt), "--explain", "layercam",
-                             "--workers", "0"])
-    assert r2.exit_code == 0, r2.output
-    return SimpleNamespace(ckpt=ckpt, db=db, train=json.loads(r.output), index_output=r2.output)
+    return localised_template
 
 
 @pytest.mark.slow
@@ -343,3 +332,23 @@ def test_nearest_unlike_searches_beyond_the_hits(indexed):
         assert found["similarity"] == pytest.approx(best_sim, abs=1e-4) and found["margin"] is None
     finally:
         cb.close()
+
+
+@pytest.mark.slow
+def test_a_searcher_reads_its_checkpoint_once(trained, monkeypatch):
+    """The member's embedder and its lesion localiser come from one read of the checkpoint file."""
+    import torch
+
+    from cbr.pipeline.query import Searcher
+    from cbr.store.casebase import open_casebase
+
+    reads, load = [], torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(str(f))
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    searcher = Searcher(open_casebase(trained.db, create=False), k=3, explain="none")
+    assert list(searcher.localisers) == [m.model_id for m in searcher.members]  # the localiser was loaded
+    assert reads.count(str(trained.ckpt)) == 1, reads

@@ -240,7 +240,7 @@ def test_history_filters_and_pagination(client, image, query_set):
     ids = [_ask(client, images[i % len(images)], k=3)["query_id"] for i in range(5)]
     preds = {q: client.get(f"/api/queries/{q}").json()["prediction"]["label"] for q in ids}
     assert _feedback(client, ids[0], label=preds[ids[0]]).status_code == 200  # confirmed
-    assert _feedback(client, ids[1], label="something-else").status_code == 200  # disagreed
+    assert _feedback(client, ids[1], label="something-else", new_class=True).status_code == 200  # disagreed
 
     def listed(**params):
         body = client.get("/api/queries", params=params).json()
@@ -285,6 +285,21 @@ def test_feedback_is_like_cbr_feedback_and_never_overwritten(client, indexed, im
     assert _feedback(client, 999, label="cyst").status_code == 404
     assert _feedback(client, qid, label="").status_code == 422
     assert _feedback(client, qid, label="cyst", colour="red").status_code == 422
+
+
+def test_feedback_refuses_a_new_label_unless_new_class_is_sent(client, indexed, image):
+    """As `cbr feedback --new-class` and the page's checkbox: a typo never starts a class silently."""
+    qid = _ask(client, image, k=3)["query_id"]
+    r = _feedback(client, qid, label="maybe")
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "\n" not in detail and "'maybe' is not a class of the case base (cyst, normal, tumour)" in detail
+    assert '"new_class": true' in detail and "--new-class" not in detail
+    assert client.get(f"/api/queries/{qid}").json()["feedback"] == []
+    r = _feedback(client, qid, label="maybe", new_class=True)
+    assert r.status_code == 200 and r.json()["new_class"] is True
+    assert [f["label"] for f in client.get(f"/api/queries/{qid}").json()["feedback"]] == ["maybe"]
+    assert _feedback(client, qid, label="cyst", new_class="perhaps").status_code == 422
 
 
 @pytest.mark.slow
@@ -415,9 +430,9 @@ def test_hostile_text_is_escaped_everywhere(client, image, tmp_path):
     assert "<" not in a["image"] and "/" not in a["image"].rsplit("/", 1)[-1]
     qid = a["query_id"]
     for text in HOSTILE:
-        assert _feedback(client, qid, label=text, note=text, by=text).status_code == 200
+        assert _feedback(client, qid, label=text, note=text, by=text, new_class=True).status_code == 200
     # A hostile label on a retained case reaches neighbour tiles, case pages and history.
-    assert _feedback(client, qid, label=HOSTILE[1], retain=True).status_code == 200
+    assert _feedback(client, qid, label=HOSTILE[1], retain=True, new_class=True).status_code == 200
     b = _ask(client, image, k=18, patient=HOSTILE[1])
     pages = [client.get(p).text for p in ["/", f"/queries/{qid}", f"/queries/{b['query_id']}", "/history",
                                          "/cases/19", f"/history?label={HOSTILE[1]}"]]
@@ -608,7 +623,7 @@ def test_serve_starts_answers_and_stops_cleanly_on_ctrl_c(indexed, tmp_path):
 def test_cli_history_has_the_same_filters(client, runner, indexed, query_set):
     images = _images(query_set)
     ids = [_ask(client, images[i], k=3)["query_id"] for i in range(3)]
-    assert _feedback(client, ids[0], label="not-the-prediction").status_code == 200
+    assert _feedback(client, ids[0], label="not-the-prediction", new_class=True).status_code == 200
 
     def cli_ids(*args):
         result = invoke(runner, "history", "--db", indexed, "--json", *args)

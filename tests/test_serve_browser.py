@@ -4,6 +4,7 @@ Needs Debian's ``chromium`` and ``chromium-driver``. Without them the tests skip
 CBR_REQUIRE_BROWSER=1 (set by .ci/run), which turns the skip into a failure.
 """
 
+import contextlib
 import csv
 import os
 import shutil
@@ -36,13 +37,34 @@ def _find_browser():
 @pytest.fixture
 def server(indexed, tmp_path):
     """uvicorn serving a fresh app over the tiny case base, on a free loopback port, in a thread."""
+    with _serving(indexed, tmp_path / "serve") as url:
+        yield url
+
+
+@pytest.fixture
+def localised_server(localised_template, tmp_path):
+    """The same over a copy of the case base whose model carries a lesion localiser; its calibrated
+    on-finding floor is set above every share, so the page warns that the answer rests elsewhere."""
+    from cbr.store.reliability import Reliability, store_reliability
+
+    shutil.copytree(localised_template.db.parent, tmp_path / "w")
+    cb = open_casebase(tmp_path / "w" / "cases.db", create=False)
+    store_reliability(cb, 1, Reliability(0.9, 10, "layercam", "", "finding", "evaluate", centre=0.2,
+                                         on_finding_floor=1.01))
+    cb.close()
+    with _serving(tmp_path / "w" / "cases.db", tmp_path / "serve") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(db, data_dir):
     import uvicorn
 
     from cbr.serve.app import create_app
     from cbr.serve.settings import ServeSettings
 
-    cb = open_casebase(indexed, create=False)
-    app = create_app(cb, ServeSettings(data_dir=tmp_path / "serve", k=3))
+    cb = open_casebase(db, create=False)
+    app = create_app(cb, ServeSettings(data_dir=data_dir, k=3))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -53,12 +75,14 @@ def server(indexed, tmp_path):
     deadline = time.monotonic() + 30
     while not srv.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=15)
-    sock.close()
-    cb.close()
+    try:
+        assert srv.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+        cb.close()
 
 
 @pytest.fixture
@@ -157,7 +181,9 @@ def test_upload_compare_slide_correct_and_find_it_in_history(browser, server, qu
     neighbour_overlay = browser.find_element(By.CSS_SELECTOR, ".tile.neighbour img.overlay")
     assert "none" in neighbour_overlay.get_attribute("class") and "none" in overlay.get_attribute("class")
     assert "no class head" in browser.find_element(By.ID, "map-message").text
-    assert not any(m.is_displayed() for m in browser.find_elements(By.CSS_SELECTOR, "svg.markers"))
+    assert not any(m.is_displayed() for m in browser.find_elements(By.CSS_SELECTOR, "svg.markers.ring"))
+    # the cases' stored findings (the phantoms' masks) are facts about the cases: outlined in every mode
+    assert all(m.is_displayed() for m in browser.find_elements(By.CSS_SELECTOR, "svg.markers.region"))
     browser.find_element(By.CSS_SELECTOR, 'input[name="map-kind"][value="similarity"]').click()
     browser.find_element(By.CSS_SELECTOR, 'input[name="map-scale"][value="per-image"]').click()
     assert "scale=per-image" in neighbour_overlay.get_attribute("src")
@@ -310,6 +336,12 @@ def _walk_compare(browser, artifacts, query_url):
     return problems
 
 
+def _scroll_to(browser, element_id):
+    """Bring an element to the top of the window, so a screenshot shows what follows it."""
+    browser.execute_script("document.getElementById(arguments[0]).scrollIntoView({block: 'start'}); window.scrollBy(0, -50)",
+                           element_id)
+
+
 def _draw_box(browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -319,7 +351,6 @@ def _draw_box(browser):
         .move_by_offset(120, 150).release().perform()
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_audit_walk_through_with_screenshots(browser, server, query_set, artifacts, indexed):
     """Upload, compare, zoom, window, refine by region, a verdict with a drawn lesion box seen again
@@ -342,11 +373,29 @@ def test_audit_walk_through_with_screenshots(browser, server, query_set, artifac
     browser.find_element(By.CSS_SELECTOR, 'input[name="map-kind"][value="similarity"]').click()
     problems["compare"] = _walk_compare(browser, artifacts, query_url)
 
-    # Refine by region (the region search of the finding-level issue is not there yet: this is today's crop).
+    # Refine by region: the box is searched among the cases' findings (the phantoms' masks); the result
+    # outlines the region searched on the query and, on each neighbour, its own finding nearest to it.
     _draw_box(browser)
+    _scroll_to(browser, "region-stack")
+    _shot(browser, artifacts, "06a-region-drawn.png")
     browser.find_element(By.ID, "refine-region").click()
     _wait(browser, lambda d: d.find_elements(By.ID, "refines"))
+    outlines = browser.find_elements(By.CSS_SELECTOR, "svg.markers.region")
+    assert [o.get_attribute("data-source") for o in outlines] == ["drawn"] + ["finding"] * 3
+    assert all(o.is_displayed() for o in outlines)
+    assert "out of distribution" not in browser.find_element(By.ID, "diagnosis").text
+    _scroll_to(browser, "region-stack")
     _shot(browser, artifacts, "06-refined-region.png")
+    refined_url = browser.current_url
+    browser.find_element(By.CSS_SELECTOR, ".tile.neighbour a.compare-link").click()
+    _wait(browser, lambda d: "/compare/" in d.current_url and _compare_ready(d), timeout=60)
+    root = browser.find_element(By.ID, "compare")
+    assert root.get_attribute("data-region-query") and root.get_attribute("data-region-case")
+    _shot(browser, artifacts, "06b-refined-compare.png")
+    browser.get(refined_url.replace("/queries/", "/api/queries/") + "/report")
+    assert "Search by finding: the region" in browser.page_source
+    browser.execute_script("document.querySelector('h2').scrollIntoView({block: 'start'})")
+    _shot(browser, artifacts, "06c-refined-report.png")
 
     # A verdict with the same drawn box as the lesion, by a reviewer the browser remembers.
     browser.get(query_url)
@@ -386,4 +435,45 @@ def test_audit_walk_through_with_screenshots(browser, server, query_set, artifac
     text = browser.find_element(By.TAG_NAME, "main").text
     assert "987654" in text and str(indexed) not in text and "cbr " not in text
     _shot(browser, artifacts, "11-not-found.png")
+    assert not any(problems.values()), "\n".join(f"{page}: {v}" for page, vs in problems.items() for v in vs)
+
+
+@pytest.mark.slow
+def test_the_finding_map_its_regions_and_the_contrast_in_the_browser(browser, localised_server, query_set, artifacts):
+    """A model with a lesion localiser: its map is the default, each image's localised region is
+    outlined (and hidden with the other maps), the page warns that the answer rests off the finding
+    and names the nearest unlike case; axe-core on the query and compare pages."""
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(1600, 1100)
+    _open_home(browser, localised_server)
+    browser.find_element(By.ID, "image-input").send_keys(str(_image(query_set)))
+    browser.find_element(By.ID, "upload-submit").click()
+    _wait(browser, lambda d: "/queries/" in d.current_url and d.find_elements(By.ID, "diagnosis"))
+    _wait(browser, _overlays_loaded, timeout=60)
+    assert browser.find_element(By.ID, "map-kind-finding").is_selected()
+    assert "/maps/finding.png" in browser.find_element(By.ID, "overlay-q-1").get_attribute("src")
+    assert not browser.find_element(By.ID, "map-message").is_displayed()  # every image has its finding map
+    outlines = browser.find_elements(By.CSS_SELECTOR, "svg.markers.region")
+    sources = [o.get_attribute("data-source") for o in outlines]
+    # the query's localised region; each neighbour's stored finding (a phantom's mask), else its localised one
+    assert sources[0] == "localiser" and len(sources) == 4 and set(sources[1:]) <= {"stored", "localiser"}
+    assert all(o.is_displayed() for o in outlines)
+    assert "outside the finding" in browser.find_element(By.ID, "finding-warning").text
+    assert "nearest case of another label" in browser.find_element(By.ID, "nearest-unlike").text
+    _shot(browser, artifacts, "13-finding-map.png")
+    problems = {"query (finding map)": _serious_violations(browser)}
+    browser.find_element(By.CSS_SELECTOR, 'input[name="map-kind"][value="similarity"]').click()
+    # the localiser's boxes belong to its map; stored findings stay
+    assert [o.is_displayed() for o in outlines] == [s == "stored" for s in sources]
+    browser.find_element(By.CSS_SELECTOR, ".tile.neighbour a.compare-link").click()
+    _wait(browser, lambda d: "/compare/" in d.current_url and _compare_ready(d), timeout=60)
+    assert browser.execute_script("return window.cbrCompare.map") == "finding"
+    _shot(browser, artifacts, "14-finding-compare.png")
+    problems["compare (finding map)"] = _serious_violations(browser)
+    browser.find_element(By.LINK_TEXT, "all neighbours").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "diagnosis"))
+    browser.get(browser.current_url.replace("/queries/", "/api/queries/") + "/report")
+    assert "outside the finding" in browser.page_source and "where is the finding" in browser.page_source
+    _shot(browser, artifacts, "15-finding-report.png")
     assert not any(problems.values()), "\n".join(f"{page}: {v}" for page, vs in problems.items() for v in vs)

@@ -216,3 +216,42 @@ def test_a_re_encoded_copy_of_a_case_is_flagged_as_a_near_duplicate(client, inde
     # an unrelated query image (another patient) has no duplicate among its neighbours
     qid, _ = asked
     assert 'class="dup small"' not in client.get(f"/queries/{qid}").text
+
+
+@pytest.mark.slow
+def test_a_case_linked_into_its_data_folder_shows_the_path_a_query_of_it_records(runner, tmp_path):
+    """One image, one path: a file reached through a link in the data folder is stored (and shown)
+    under its real path, which is the path a query of it records."""
+    import json
+    import os
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from cbr.serve.app import create_app
+    from cbr.serve.settings import ServeSettings
+    from conftest import TINY, invoke
+
+    rng = np.random.default_rng(0)
+    real = tmp_path / "disk" / "one.png"
+    real.parent.mkdir()
+    Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(real)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "b").mkdir()
+    os.symlink(real, tmp_path / "data" / "a" / "one.png")
+    Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(tmp_path / "data" / "b" / "two.png")
+    db = tmp_path / "cases.db"
+    assert invoke(runner, "index", tmp_path / "data", "--db", db, *TINY, "--workers", "0").exit_code == 0
+    r = invoke(runner, "query", tmp_path / "data" / "a" / "one.png", "--db", db, "-k", "1", "--explain", "none",
+               "--json")
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.output)["image"]
+    assert shown == str(real)
+    cb = open_casebase(db, create=False)
+    try:
+        client = TestClient(create_app(cb, ServeSettings(data_dir=tmp_path / "serve")), base_url="http://127.0.0.1")
+        paths = {client.get(f"/api/cases/{i}").json()["path"] for i in (1, 2)}
+        assert shown in paths and not any("/data/a/" in p for p in paths)
+        assert f'<td class="path">{shown}</td>' in client.get("/cases/1").text + client.get("/cases/2").text
+    finally:
+        cb.close()

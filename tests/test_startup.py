@@ -202,3 +202,30 @@ def test_revisions_read_from_headers_equal_alembics(audited):
     empty = create_engine("sqlite://")
     with empty.connect() as conn:
         assert _current_revision(conn) is None
+
+
+@pytest.mark.slow
+def test_history_loads_only_the_audit_trail(audited):
+    """`cbr history` reads the trail: neither feedback and retain, nor calibration, nor the case writer."""
+    db, _ = audited
+    watched = ["cbr.pipeline.audit.feedback", "cbr.pipeline.calibration", "cbr.store.writer", "cbr.models.maps"]
+    for args in (["history", "--db", str(db)], ["history", "--help"]):
+        (run,) = _run_in_fresh_python([args], watched)
+        assert run["code"] == 0
+        assert run["loaded"] == [], f"`cbr {' '.join(args)}` imported {run['loaded']}"
+
+
+@pytest.mark.slow
+def test_a_lazy_module_loads_on_first_use():
+    """cbr.lazy_import.LazyModule: binding a torch-bound module loads nothing; its first attribute does."""
+    code = textwrap.dedent("""
+        import sys
+        from cbr.lazy_import import LazyModule
+        embedder = LazyModule("cbr.models.embedder")
+        before = "torch" in sys.modules or "cbr.models.embedder" in sys.modules
+        create = embedder.create_embedder
+        print(before, create is sys.modules["cbr.models.embedder"].create_embedder, repr(embedder))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "LazyModule('cbr.models.embedder')"]

@@ -1,16 +1,17 @@
-"""``cbr history``, ``show``, ``report``, ``feedback``, ``remove``, ``export``: the audit trail."""
+"""``cbr history``, ``show``, ``report``, ``export``: reading the audit trail (``cbr feedback`` and
+``cbr remove``, which change the case base, are cbr/cli/curation.py)."""
 
 import json
 from datetime import datetime
 
 import click
 
-from cbr.cli.terminal import echo, warn
+from cbr.cli.terminal import echo, utc_time, warn
 from cbr.cli.options import RegistryChoice, db_option, index_dir_option, json_option, scale_option
 from cbr.files import is_stdout
-from cbr.pipeline.audit import add_feedback, export, history, remove_cases, rerender_report, show
-from cbr.pipeline.audit.export import EXPORT_FORMATS, EXPORTS
+from cbr.pipeline.audit.export import EXPORT_FORMATS, EXPORTS, export
 from cbr.pipeline.audit.regions import export_regions
+from cbr.pipeline.audit.trail import history, rerender_report, show
 from cbr.pipeline.settings import DEFAULT_REPORTS
 from cbr.reporting.uncertainty import shows_probabilities
 from cbr.store.casebase import open_casebase
@@ -44,10 +45,6 @@ def export_formats():
 def _open(db, index_dir, *, readonly=False):
     """``readonly=None``: commands that only read also open a read-only case base (a replica)."""
     return open_casebase(db, create=False, index_dir=index_dir, readonly=readonly)
-
-
-def _time(iso):
-    return (iso or "")[:19].replace("T", " ")
 
 
 @click.command("history")
@@ -91,7 +88,7 @@ def history_cmd(db, index_dir, since, label, predicted, disagreed, ood, abstaine
     for r in rows:
         pred = "ABSTAINED" if r["abstained"] else str(r["prediction"])
         pred = f"OOD {pred}" if r.get("out_of_distribution") else pred
-        echo(f"{r['query_id']:>5}  {_time(r['created_at']):<19}  {pred[:14]:<14} {r['confidence']:>5.3f}  "
+        echo(f"{r['query_id']:>5}  {utc_time(r['created_at']):<19}  {pred[:14]:<14} {r['confidence']:>5.3f}  "
                    f"{r['status']:<{w}}  {r['image']}")
 
 
@@ -106,7 +103,7 @@ def _print_record(r):
     p = r["prediction"]
     label = "ABSTAINED" if p["abstained"] else p["label"]
     cred = "" if p["credibility"] is None else f"  credibility {p['credibility']:.3f}"
-    echo(f"Query {r['query_id']}  {_time(r['created_at'])} UTC")
+    echo(f"Query {r['query_id']}  {utc_time(r['created_at'])} UTC")
     echo(f"  image:      {r['image']}  (sha256 {r['sha256'][:12]}...)")
     if r["patient_id"]:
         echo(f"  patient:    {r['patient_id']}")
@@ -148,7 +145,7 @@ def _print_record(r):
             extra = "".join([f" by {f['by']}" if f["by"] else "", f": {f['note']}" if f["note"] else "",
                              f"  [retained as case {f['retained_case_id']}]" if f["retained_case_id"] else "",
                              _region_text(f.get("region"))])
-            echo(f"    #{f['id']} {_time(f['created_at'])}  {verdict} {f['label']}{extra}")
+            echo(f"    #{f['id']} {utc_time(f['created_at'])}  {verdict} {f['label']}{extra}")
     else:
         echo("  feedback:   none")
     if r["report"]:
@@ -204,77 +201,6 @@ def report_cmd(query_id, db, index_dir, out, scale):
     path = rerender_report(_open(db, index_dir), query_id, out, scale=scale)
     if not is_stdout(out):
         echo(f"report: {path}")
-
-
-@click.command("feedback")
-@click.argument("query_id", type=int)
-@db_option
-@index_dir_option
-@click.option("--label", required=True, help="The expert's label (a label no case has yet starts a new class).")
-@click.option("--note", default=None, help="Free-text comment stored with the verdict.")
-@click.option("--by", default=None, help="Who gives the verdict.")
-@click.option("--retain", is_flag=True, help="Add the query image to the case base with this label.")
-@click.option("--image", type=click.Path(dir_okay=False), default=None,
-              help="With --retain: the query image if it moved (its sha256 must match the query's).")
-@click.option("--region", default=None, metavar="X0,Y0,X1,Y1",
-              help="The expert's box on the lesion, in the query image's pixels; exported as a lesion mask "
-              "for `cbr train --mask-guidance` (`cbr export --what regions --masks DIR`).")
-@click.option("--new-class", "new_class", is_flag=True,
-              help="Confirm that --label starts a new class; without it a label no case has is refused (a typo).")
-@json_option
-def feedback_cmd(query_id, db, index_dir, label, note, by, retain, image, region, new_class, as_json):
-    """Record an expert's verdict on a query: confirm or correct it, and optionally retain it.
-
-    Verdicts are never overwritten: each is a new row with its time. --retain adds the query
-    image as a labelled case, embedded, explained and indexed in every member, like `cbr index`.
-
-    \b
-    Example:
-        cbr feedback 12 --label tumour --by dr.lee --db cases.db
-        cbr feedback 12 --label cyst --note "fluid level" --retain
-        cbr feedback 12 --label cyst --retain --image /archive/scan-12.png
-        cbr feedback 12 --label tumour --region 40,32,120,96
-        cbr feedback 12 --label meningioma --new-class --retain
-    """
-    if image is not None and not retain:
-        raise click.UsageError("--image is only used with --retain")
-    result = add_feedback(_open(db, index_dir), query_id, label, note=note, by=by, retain=retain, image=image,
-                          region=region, allow_new_class=new_class)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    for line in result["messages"]:
-        echo(line)
-
-
-@click.command("remove")
-@click.argument("case_ids", nargs=-1, required=True, type=int)
-@db_option
-@index_dir_option
-@click.option("--reason", default=None, help="Why; stored with each case.")
-@json_option
-def remove_cmd(case_ids, db, index_dir, reason, as_json):
-    """Take cases out of search, in the case base and in every index.
-
-    The rows stay (marked removed, with time and reason), so past queries still show them.
-
-    \b
-    Example:
-        cbr remove 17 18 --reason "mislabelled" --db cases.db
-    """
-    result = remove_cases(_open(db, index_dir), case_ids, reason=reason)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    for note in result["notes"]:
-        echo(f"note: {note}")
-    if result["removed"]:
-        why = f" (reason: {reason})" if reason else ""
-        echo(f"removed {len(result['removed'])} case(s) from search: {', '.join(map(str, result['removed']))}{why}; "
-                   f"{result['members']} member index(es) saved")
-    for a in result["already"]:
-        echo(f"case {a['case_id']} was already removed on {_time(a['removed_at'])} UTC"
-                   + (f" ({a['reason']})" if a["reason"] else ""))
 
 
 @click.command("export")

@@ -29,7 +29,7 @@ from cbr.data.dataset import DUPLICATE
 from cbr.pipeline.demo import DemoConfig, run_demo
 from cbr.pipeline.finding_search import parse_region
 from cbr.pipeline.index import index_dataset
-from cbr.pipeline.query import query_images
+from cbr.pipeline.query import query_embeddings, query_images
 from cbr.store.casebase import open_casebase
 from cbr.store.encoding import EMBEDDING_DTYPES
 from cbr.pipeline.settings import DEFAULT_REPORTS, ENGINES, IndexConfig, NO_EXPLANATION, QueryConfig
@@ -168,7 +168,10 @@ def _print_answer(a):
 
 
 @click.command("query")
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=False, type=click.Path())
+@click.option("--embedding", "embedding", type=click.Path(dir_okay=False), default=None,
+              help="Query by embeddings computed elsewhere by the case base's model instead of IMAGES: an .npy of "
+              "one vector or one per row (with --explain none: there is no image to explain).")
 @db_option
 @index_dir_option
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=QueryConfig.k, show_default=True, help="Neighbours per member.")
@@ -211,9 +214,9 @@ def _print_answer(a):
               "(works on a read-only case base, e.g. a replica).")
 @source_options("window", "axis", "volume", "pseudonymise", "allow_burned_in")
 @json_option
-def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, temperature, patient, models, where, explain,
-              similarity_map, explain_budget, explain_neighbours, scale, out_dir, ood_alpha, answer_anyway, coverage,
-              abstain_ambiguous, region, no_record, sources, as_json):
+def query_cmd(images, embedding, db, index_dir, k, vote, ensemble, min_credibility, temperature, patient, models, where,
+              explain, similarity_map, explain_budget, explain_neighbours, scale, out_dir, ood_alpha, answer_anyway,
+              coverage, abstain_ambiguous, region, no_record, sources, as_json):
     """Diagnose images from their nearest cases, with maps of where the network looked.
 
     Prints the prediction, its confidence, per-class probabilities and each neighbour, and writes
@@ -234,15 +237,23 @@ def query_cmd(images, db, index_dir, k, vote, ensemble, min_credibility, tempera
         cbr query ct/IM0042                  # DICOM, any name; a multi-frame file: its middle frame
         cbr query ct/IM0042 --pseudonymise "$KEY"   # its PatientID, hashed as at index time, is left out
         cbr query "cine.dcm#frame=12" "brain.nii.gz#axis=axial&slice=40" "pneumoniamnist.npz#split=test&index=7"
+        cbr query --embedding vectors.npy --explain none   # vectors from a GPU job: no image, no model run
     """
+    if bool(images) == bool(embedding):
+        raise click.UsageError("give IMAGES or --embedding FILE.npy (one of the two)")
+    if embedding and region is not None:
+        raise click.UsageError("--region needs an image; a query by --embedding searches whole-image embeddings")
     config = QueryConfig(k=k, vote=vote, ensemble=ensemble, min_credibility=min_credibility, temperature=temperature,
                          explain=explain, scale=scale, models=models, out_dir=out_dir, explain_budget=explain_budget,
                          explain_neighbours=explain_neighbours, progress=progress_enabled(), ood_alpha=ood_alpha,
                          answer_anyway=answer_anyway, where=where, similarity_map=similarity_map, coverage=coverage,
                          abstain_ambiguous=abstain_ambiguous)
     cb = open_casebase(db, create=False, index_dir=index_dir, readonly=None if no_record else False)
-    answers = query_images(cb, images, config, patient=patient, sources=sources, record=not no_record,
-                           region=parse_region(region))
+    if embedding:
+        answers = query_embeddings(cb, embedding, config, patient=patient, record=not no_record)
+    else:
+        answers = query_images(cb, images, config, patient=patient, sources=sources, record=not no_record,
+                               region=parse_region(region))
     if as_json:
         for a in answers:
             click.echo(json.dumps(a.to_dict()))

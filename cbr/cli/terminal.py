@@ -9,7 +9,7 @@ import click
 
 from cbr.data.text import for_terminal
 
-__all__ = ["echo", "echo_problems", "warn", "TerminalStream", "escaped_stdout"]
+__all__ = ["echo", "echo_problems", "warn", "TerminalStream", "escaped_stdout", "utc_time"]
 
 
 class TerminalStream(io.TextIOBase):
@@ -85,3 +85,8 @@ def warn(text) -> None:
     (plain where the output is not a terminal)."""
     out = sys.stdout.raw if isinstance(sys.stdout, TerminalStream) else None  # our own colour codes
     click.echo(click.style(for_terminal(text), fg="red", bold=True), file=out)
+
+
+def utc_time(iso) -> str:
+    """A stored ISO time as ``YYYY-MM-DD HH:MM:SS`` (stored times are UTC); "" for none."""
+    return (iso or "")[:19].replace("T", " ")

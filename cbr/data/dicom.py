@@ -1,4 +1,5 @@
-"""DICOM: checking a file at scan time, and decoding one frame to 8-bit pixels.
+"""DICOM: checking a file at scan time, decoding one frame to 8-bit pixels, and writing a simple
+single-frame file (``write_dicom``: examples, benchmarks and test data).
 
 Decisions:
 
@@ -41,7 +42,8 @@ from cbr.data.windows import DEFAULT_WINDOW, apply_window, centre_width, minmax_
 from cbr.errors import ImageError
 
 __all__ = ["KEPT", "BURNED_IN", "DicomInfo", "is_dicom", "parse_dicom", "inspect_dicom", "frame_pixels",
-           "decode_dicom_bytes", "fits_vr", "check_dicom_size"]
+           "decode_dicom_bytes", "fits_vr", "check_dicom_size", "SECONDARY_CAPTURE", "write_dicom",
+           "SEGMENTATION_STORAGE"]
 
 LOG = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ _DICOMDIR_UID = "1.2.840.10008.1.3.10"
 _DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is deflated
 _INFLATED_HEAD = 1 << 20  # inflated bytes read for the attributes before a deflated file's pixels
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # every Structured Report storage SOP class
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # DICOM SEG: a mask (cbr.data.seg), never a case image
 
 
 def _silence_pydicom() -> None:
@@ -237,6 +240,9 @@ def _check_image(ds, name: str) -> None:
         raise ImageError(name, "DICOMDIR (the index of a DICOM media set), not an image; "
                                "index the folder with the image files instead")
     sop = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
+    if sop == SEGMENTATION_STORAGE:  # its frames are a lesion's bits: indexed, it would be a black-and-white case
+        raise ImageError(name, "segmentation (SEG) object, not an image; give it as its image's mask (the "
+                               "manifest's 'mask' column)")
     if "PixelData" not in ds:
         if sop.startswith(_SR_PREFIX):
             raise ImageError(name, f"structured report ({_sop_name(ds)}), not an image")
@@ -438,3 +444,42 @@ def decode_dicom_bytes(data: bytes, name: str, *, max_pixels: int, window: str =
     ds = parse_dicom(data, name)
     inspect_dicom(ds, name)
     return frame_pixels(ds, frame, window, name, max_pixels=max_pixels)
+
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+
+
+def write_dicom(path, pixels: np.ndarray, *, sop_class: str = SECONDARY_CAPTURE, transfer_syntax: str | None = None,
+                **attributes) -> None:
+    """Write ``pixels`` as a single-frame MONOCHROME2 DICOM file (Part 10, with its preamble), with
+    fresh UIDs.
+
+    Args:
+        path: the file to write.
+        pixels: rows x columns of unsigned (or signed) 8- or 16-bit integers; BitsAllocated,
+            BitsStored and HighBit follow the dtype unless ``attributes`` say otherwise.
+        sop_class: its SOP Class UID [default: Secondary Capture].
+        transfer_syntax: a compressed transfer syntax UID to encode the pixels with (e.g. pydicom's
+            ``RLELossless``); None: explicit VR little endian, uncompressed.
+        **attributes: data elements by keyword, set last (``Modality="CT"``, ``RescaleIntercept=-1024``,
+            ``BitsStored=12``, ``BurnedInAnnotation="YES"``, ...).
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, int(pixels.dtype.kind == "i")
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    if transfer_syntax is not None:
+        ds.compress(transfer_syntax)
+    ds.save_as(path, enforce_file_format=True)

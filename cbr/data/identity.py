@@ -146,7 +146,10 @@ def hash_and_dedupe(candidates, problems, progress, spec=None, top: str = "") ->
                                             f"labelled {c.label!r} vs {other.label!r}"))
             continue
         first = copies[0]
-        kept.append(Record(first.path, first.label, first.group, first.metadata, digest, shown=first.shown))
+        # recorded under its real path, as a query of the same file is (a link inside the data folder
+        # would otherwise show one image under two paths); problems keep the names the scan met
+        kept.append(Record(Source.parse(first.path).resolved().locator, first.label, first.group, first.metadata,
+                           digest, shown=first.shown))
         for c in copies[1:]:
             if c.path == first.path:
                 reason = f"{c.at}listed again; duplicate of {first.at.rstrip(': ')}"

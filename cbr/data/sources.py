@@ -44,7 +44,7 @@ from cbr.errors import ImageError, ModelMismatchError
 __all__ = ["Source", "SourceSpec", "SourceError", "FRAMES", "SLICE_RULES", "SPLIT_CHOICES", "read_source",
            "decode_query", "check_window", "dicom_patient_id", "moved_to", "derived_sha256", "pick_indices",
            "describe_origin", "file_head", "is_clinical", "refuse_burned_in",
-           "dicom_neutral_locator"]
+           "dicom_neutral_locator", "dicom_reference"]
 
 FRAMES = ("all", "middle")
 SLICE_RULES = ("all", "middle", "every:N")
@@ -185,6 +185,17 @@ def dicom_patient_id(source) -> str | None:
     """
     info = _dicom_info(source)
     return info.patient_id if info is not None else None
+
+
+def dicom_reference(source) -> tuple[str, int | None] | None:
+    """(SOPInstanceUID, 1-based frame or None) of a DICOM ``source``: what a DICOM SEG's frames
+    reference; None for another format or a file without the UID."""
+    info = _dicom_info(source)
+    uid = info.metadata.get("SOPInstanceUID") if info is not None else None
+    if uid is None:
+        return None
+    src = source if isinstance(source, Source) else Source.parse(source)
+    return uid, src.frame
 
 
 def dicom_neutral_locator(source, sha256: str) -> str | None:

@@ -45,7 +45,7 @@ def finding_outcomes(searcher, records, *, fold=None, progress=False) -> tuple[l
     for r in tqdm(masked, desc=f"fold {fold} findings" if fold else "findings", unit="img", disable=not progress,
                   leave=False):
         try:
-            boxes = mask_boxes(r.metadata["mask"], read_source(r.path, window=window)[0].size)
+            boxes = mask_boxes(r.metadata["mask"], read_source(r.path, window=window)[0].size, r.path)
         except (OSError, ImageError) as e:
             problems.append(Problem(r.path, f"its findings were not queried ({getattr(e, 'reason', e)})"))
             continue

@@ -27,6 +27,7 @@ from cbr.evaluation.selective import add_selective, foreign_typicality, read_for
 from cbr.evaluation.softmax import add_softmax
 from cbr.data.splits import grouped_folds
 from cbr.evaluation.sweep import finish_sweep, pool_sweeps, run_sweep
+from cbr.lazy_import import LazyModule
 from cbr.learn.config import TrainConfig
 from cbr.learn.guidance import check_guidance, lesion_masks
 from cbr.learn.segmentation import mean_mask
@@ -39,6 +40,7 @@ from cbr.reporting.report_folder import json_safe, write_report
 from cbr.store.casebase import open_casebase
 
 __all__ = ["cross_validate"]
+models_embedder = LazyModule("cbr.models.embedder")  # torch-bound: loads on first use
 
 
 def _fold_line(row: dict) -> str:
@@ -55,12 +57,10 @@ def _say(progress: bool, line: str) -> None:
 
 def _fold_model(ckpt: Path, train_recs, training: TrainConfig, train: bool, shown: str, progress: bool):
     """Write the fold's model to ``ckpt``: (fold-row figures, problems)."""
-    from cbr.models.embedder import create_embedder
-
     if not train:
-        emb = create_embedder(training.backbone, weights=training.weights, input_size=training.img_size,
-                              seed=training.seed, window=training.sources.window, contrast=training.contrast,
-                              tta=training.tta, crop=training.crop)
+        emb = models_embedder.create_embedder(
+            training.backbone, weights=training.weights, input_size=training.img_size, seed=training.seed,
+            window=training.sources.window, contrast=training.contrast, tta=training.tta, crop=training.crop)
         save_checkpoint(emb, ckpt, extra={"dataset": shown, "note": "untrained backbone (evaluate --no-train)"})
         return {}, []
     res = train_model(out=ckpt, config=training, records=train_recs, progress=progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
+from cbr.models.checkpoint import read_checkpoint
 from cbr.store.schema import Case, Model
 
 __all__ = ["LEAKAGE_EXAMPLES", "find_leakage"]
@@ -18,15 +19,13 @@ LEAKAGE_EXAMPLES = 20
 
 def _case_base_facts(cb, members) -> tuple[set[str], set[str], set[str]]:
     """(case sha256s, case group ids, sha256s a member model was trained on)."""
-    from cbr.models.embedder import load_checkpoint
-
     with cb.read() as s:
         rows = s.execute(select(Case.sha256, Case.group_id).where(Case.removed_at.is_(None))).all()
         models = s.scalars(select(Model).where(Model.id.in_([m.model_id for m in members]))).all()
     trained: set[str] = set()
     for m in models:
         if m.weights == "checkpoint":
-            _, rest = load_checkpoint(m.source)
+            *_, rest = read_checkpoint(m.source)  # the training list only: no model is built
             trained.update(rest.get("train_sha256", []))
     return {sha for sha, _ in rows}, {g for _, g in rows if g is not None}, trained
 

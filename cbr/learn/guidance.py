@@ -66,7 +66,7 @@ def lesion_masks(records, size: int, *, crop: str = "none", window: str = "auto"
         if not path:
             continue
         try:
-            m = lesion_mask(path, size, crop=crop, image=r.path if crop != "none" else None, window=window)
+            m = lesion_mask(path, size, crop=crop, image=r.path, window=window)
         except OSError as e:
             problems.append(Problem(path, f"mask unreadable ({e}); the image trains without guidance", skipped=False))
             continue

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from cbr.lazy_import import LazyModule
 from cbr.learn.augmentation import Augmented, make_augmentation
 from cbr.learn.guidance import lesion_masks
 from cbr.learn.trainer import lr_schedule
@@ -34,6 +35,7 @@ from explain.overlay import upsample
 __all__ = ["train_localiser", "mean_mask", "normaliser", "DICE_WEIGHT"]
 
 LOG = logging.getLogger(__name__)
+models_localiser = LazyModule("cbr.models.localiser")  # torch-bound: loads on first use
 
 DICE_WEIGHT = 1.0  # loss = BCE + DICE_WEIGHT x Dice loss
 ENCODER_LR_FACTOR = 0.1
@@ -119,8 +121,6 @@ def train_localiser(trunk, model_config, config, records, cache, train_idx, val_
     """
     import torch
 
-    from cbr.models.localiser import build_localiser, localiser_payload
-
     size = model_config.input_size
     masks, has, problems = lesion_masks(records, size, crop=model_config.crop, window=model_config.window)
     listed = torch.tensor([bool((r.metadata or {}).get("mask")) for r in records])
@@ -129,7 +129,7 @@ def train_localiser(trunk, model_config, config, records, cache, train_idx, val_
     if not any(bool(has[i]) for i in train_idx):
         return None, problems
     t0 = time.monotonic()
-    loc = build_localiser(trunk, size).to(device)
+    loc = models_localiser.build_localiser(trunk, size).to(device)
     pretrained = config.weights == "imagenet"
     lr = 1e-3 if config.lr is None else float(config.lr)
     frozen = _freeze_leading(loc, config.train_layers)
@@ -142,10 +142,10 @@ def train_localiser(trunk, model_config, config, records, cache, train_idx, val_
                      masks[train_idx], has[train_idx])
     history, best = _fit(loc, data, groups, loss_fn, normalise, config, device, (pretrained, frozen), progress,
                          (cache[val_idx], masks[val_idx], has[val_idx]))
-    payload = localiser_payload(loc, masks=int(has[train_idx].sum()), val_pointing_game=best[0], val_dice=best[1],
-                                epochs_run=len(history), seconds=round(time.monotonic() - t0, 1),
-                                mean_mask=torch.from_numpy(mean_mask(masks[train_idx], has[train_idx])),
-                                loss="BCE + Dice (smp DiceLoss, binary)")
+    payload = models_localiser.localiser_payload(
+        loc, masks=int(has[train_idx].sum()), val_pointing_game=best[0], val_dice=best[1], epochs_run=len(history),
+        seconds=round(time.monotonic() - t0, 1), mean_mask=torch.from_numpy(mean_mask(masks[train_idx], has[train_idx])),
+        loss="BCE + Dice (smp DiceLoss, binary)")
     return payload, problems
 
 

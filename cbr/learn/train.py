@@ -42,6 +42,7 @@ import numpy as np
 from cbr.data.dataset import ManifestSpec, Problem, Record, read_dataset
 from cbr.errors import DatasetError
 from cbr.data.splits import group_split
+from cbr.lazy_import import LazyModule
 from cbr.learn.augmentation import (AUGMENTATION, Augmented, augmentation_text, decode_all, is_grayscale,
                                     make_augmentation)
 from cbr.learn.config import TrainConfig, TrainError, check_out
@@ -64,6 +65,8 @@ __all__ = [
 ]
 
 LOG = logging.getLogger(__name__)
+models_localiser = LazyModule("cbr.models.localiser")  # torch-bound: loads on first use
+models_embedder = LazyModule("cbr.models.embedder")  # torch-bound: loads on first use
 
 
 
@@ -141,8 +144,6 @@ def train_model(
         >>> result = train_model("data/brain_mri", "model.pt", TrainConfig(epochs=5, img_size=160))
         >>> result.best_val_balanced_accuracy, result.path
     """
-    from cbr.models.embedder import create_embedder
-
     t0 = time.monotonic()
     config.check()
     out = check_out(out)
@@ -151,9 +152,10 @@ def train_model(
     class_names = _check_classes(records, what)
     check_guidance(config.mask_guidance, records, what)  # before anything slow
     # Built before decoding, so missing ImageNet weights fail fast.
-    model = create_embedder(config.backbone, weights=config.weights, input_size=config.img_size,
-                            class_names=class_names, seed=config.seed, device=device, window=config.sources.window,
-                            contrast=config.contrast, tta=config.tta, crop=config.crop)
+    model = models_embedder.create_embedder(config.backbone, weights=config.weights, input_size=config.img_size,
+                                            class_names=class_names, seed=config.seed, device=device,
+                                            window=config.sources.window, contrast=config.contrast, tta=config.tta,
+                                            crop=config.crop)
     records, cache = _decode(records, model.config, config, progress, problems, what, class_names)
     targets = [class_names.index(r.label) for r in records]
     grey = is_grayscale(cache, seed=config.seed)
@@ -272,11 +274,9 @@ def _has_masks(records) -> bool:
 def _localiser_encoder(model, config: TrainConfig, records) -> tuple:
     """(a copy of the initial trunk for the localiser, or None; the note when the backbone cannot carry
     one). Asked for with ``--localiser``, such a backbone is a TrainError before any training."""
-    from cbr.models.localiser import localiser_problem  # torch-bound
-
     if config.localiser is False or not _has_masks(records):
         return None, None
-    problem = localiser_problem(model.trunk, model.config.input_size)
+    problem = models_localiser.localiser_problem(model.trunk, model.config.input_size)
     if problem is None:
         return copy.deepcopy(model.trunk), None
     if config.localiser:

@@ -9,10 +9,12 @@ import importlib
 from dataclasses import dataclass, field
 
 from cbr.errors import CbrError, UnknownNameError
+from cbr.lazy_import import LazyModule
 from cbr.models.config import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["BACKBONES", "BackboneSpec", "TIMM_PREFIX", "TIMM_FORM", "TIMM_INSTALL", "backbone_spec", "builder",
            "is_timm", "splitter"]
+timm_models = LazyModule("cbr.models.timm_models")  # torch-bound: loads on first use
 
 # Any timm model, built on demand (cbr.models.timm_models; the optional extra cbr[timm]).
 TIMM_PREFIX = "timm:"
@@ -123,7 +125,7 @@ def backbone_spec(name: str) -> BackboneSpec:
         return BACKBONES[name]
     if is_timm(name):
         try:
-            from cbr.models.timm_models import timm_spec
+            timm_spec = timm_models.timm_spec
         except ModuleNotFoundError as e:
             if e.name != "timm":
                 raise

@@ -1,9 +1,9 @@
 """The embedder: a backbone split into trunk / neck / head, its fingerprint, and the factory
 ``create_embedder`` (a registry backbone by name, or a checkpoint file, ready to embed).
 
-Heavy: ``Embedder`` is a ``torch.nn.Module``, so importing this module imports torch. It is the
-one project module others import inside their functions (as they do torch), which keeps
-``cbr --help`` and the read-only commands free of torch.
+Heavy: ``Embedder`` is a ``torch.nn.Module``, so importing this module imports torch. A light
+module binds it at its top as ``LazyModule("cbr.models.embedder")`` (cbr/lazy_import.py), which
+keeps ``cbr --help`` and the read-only commands free of torch.
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ class Embedder(nn.Module):
         self.config = config
         self.trunk, self.neck, self.head = trunk, neck, head
         self._fingerprint: str | None = None
+        # The lesion localiser's payload of the checkpoint it was loaded from (None: it carries none),
+        # kept from that one read of the file for cbr.pipeline.finding.load_localisers.
+        self.localiser_payload: dict | None = None
 
     # The fingerprint is cached; anything that may change the weights clears it (training always
     # goes through train(), which eval() calls too).
@@ -380,7 +383,8 @@ def create_embedder(name_or_checkpoint: str | os.PathLike, *, device: str = "cpu
 
 
 def _from_checkpoint(path: str, device: str, settings: dict) -> Embedder:
-    emb, _ = load_checkpoint(path, device=device)
+    emb, rest = load_checkpoint(path, device=device)
+    emb.localiser_payload = rest.get("localiser") or None
     config = dataclasses.replace(emb.config, **settings)
     if config == emb.config:
         return emb

@@ -6,7 +6,10 @@ Decisions:
   ones the classifier started from; nothing is downloaded), read at every resolution it passes
   through: the last block at each stride is a skip (``taps``), the finest at stride 4 (stride 2
   costs a 4x larger decoder for little gain on lesions of a few percent of the image). Any trunk
-  whose blocks give ``(B, C, h, w)`` fits, torchvision's and tinycnn alike; a ViT's tokens do not.
+  whose blocks give ``(B, C, h, w)`` fits, torchvision's and tinycnn alike. A ``timm:`` CNN's
+  blocks are the modules timm's own feature extractor runs (``FeatureListNet``, which smp's "tu-"
+  encoders wrap), made over our copy of the model rather than built by name, so its weights are
+  the backbone's; a ViT's tokens are refused by name.
 * **Decoder.** segmentation-models-pytorch's U-Net decoder blocks (upsample to the skip's size,
   concatenate, two 3x3 conv-BN-ReLU), light (at most 96 channels), and its segmentation head:
   one logit per pixel at the finest skip's resolution. smp's own ``Unet`` expects five stages at
@@ -32,12 +35,39 @@ MIN_STRIDE = 4  # the finest skip's stride (when the trunk has one that fine)
 MAX_TAPS = 5
 
 
+TOKENS = ("this backbone gives tokens, not image-shaped features (a vision transformer); the lesion localiser "
+          "needs a convolutional backbone (mobilenet_v2, resnet, efficientnet, timm:resnet50, ...)")
+
+
 def trunk_blocks(trunk: nn.Module) -> list[nn.Module]:
-    """The trunk's blocks in order, plain ``nn.Sequential`` containers opened."""
+    """The trunk's blocks in order, plain ``nn.Sequential`` containers opened; a timm model's
+    (``cbr.models.timm_models.TimmFeatures``) as timm's own feature extractor runs them."""
+    model = getattr(trunk, "model", None)
+    if hasattr(model, "feature_info") and hasattr(model, "forward_features"):
+        if getattr(trunk, "reshape", None) is not None:  # a ViT's tokens, read as a grid for CAMs only
+            raise CbrError(TOKENS)
+        return _timm_blocks(model)
     out = []
     for child in trunk.children():
         out.extend(trunk_blocks(child) if type(child) is nn.Sequential else [child])
     return out or [trunk]
+
+
+def _timm_blocks(model: nn.Module) -> list[nn.Module]:
+    """A timm CNN's modules in order, up to its deepest feature stage: the modules of timm's
+    ``FeatureListNet`` (what ``features_only=True`` and smp's "tu-" encoders build), made here over
+    the model itself, so that the encoder starts from the backbone's own weights, not a download.
+    timm flattens stage containers for most CNNs (EfficientNet, ConvNeXt), not for some (ResNet)."""
+    from timm.models import FeatureListNet
+
+    stages = tuple(range(len(model.feature_info)))
+    for flatten in (True, False):
+        try:
+            return list(FeatureListNet(model, out_indices=stages, flatten_sequential=flatten).children())
+        except (AssertionError, KeyError, ValueError):  # timm's "return layers are not present"
+            continue
+    raise CbrError("this timm backbone's feature stages cannot be run in order by timm's feature extractor; "
+                   "the lesion localiser needs a backbone that can (mobilenet_v2, resnet, efficientnet, ...)")
 
 
 def _taps(blocks, size: int) -> tuple[list[int], list[int]]:
@@ -49,8 +79,13 @@ def _taps(blocks, size: int) -> tuple[list[int], list[int]]:
         device = next((p.device for b in blocks for p in b.parameters()), torch.device("cpu"))
         h = torch.zeros(1, 3, size, size, device=device)
         for i, b in enumerate(blocks):
-            h = b(h)
-            if h.dim() != 4:
+            try:
+                h = b(h)
+            except (RuntimeError, TypeError) as e:  # a model whose forward is more than its blocks in turn
+                raise CbrError(f"this backbone's blocks cannot be run one after another ({type(e).__name__}); the "
+                               "lesion localiser needs a backbone that can (mobilenet_v2, resnet, efficientnet, ...)"
+                               ) from None
+            if not isinstance(h, torch.Tensor) or h.dim() != 4:
                 raise CbrError("this backbone's blocks do not give image-shaped features; the lesion localiser "
                                "needs a convolutional backbone (mobilenet_v2, resnet, efficientnet, ...)")
             last[h.shape[-1]] = (i, h.shape[1])

@@ -9,12 +9,14 @@ import dataclasses
 
 import numpy as np
 
+from cbr.lazy_import import LazyModule
 from explain.cam import maps_from_activations, maps_from_images
 from explain.fusion import fuse_maps, stage_ends
 from explain.methods import FAST_METHODS, FUSED_METHODS, is_attribution
 from explain.targets import ClassTarget, EmbeddingNormTarget
 
 __all__ = ["case_map_target", "compute_maps", "at_layer", "fused_maps", "map_layer"]
+attribution = LazyModule("explain.attribution")  # torch-bound: loads on first use
 
 
 def case_map_target(embedder, label: str):
@@ -43,11 +45,9 @@ def compute_maps(embedder, x, acts, targets, classifier: bool, method: str, prog
     if method in FUSED_METHODS:
         return fused_maps(embedder, x, targets, classifier, FUSED_METHODS[method])
     if is_attribution(method):
-        from explain.attribution import attribution_maps
-
         head = embedder.classifier_head() if classifier else embedder.neck
         model = torch.nn.Sequential(embedder.trunk, head)
-        return attribution_maps(model, x, targets, method, progress=progress)[0]
+        return attribution.attribution_maps(model, x, targets, method, progress=progress)[0]
     if method in FAST_METHODS and embedder.cam_split() is not None:
         if acts.is_inference():
             acts = acts.clone()  # inference tensors cannot enter autograd

@@ -4,7 +4,10 @@
 * the credibility vote's held-out neighbour labels (Deep k-NN), and with their similarities the
   weighted vote's temperature and prior and the conformal prediction sets: computed on the cases
   the model never trained on (``cbr train`` keeps its validation images' hashes in the
-  checkpoint), leave-one-out over every case for an untuned backbone (`calibration_cases`);
+  checkpoint), leave-one-out over every case for an untuned backbone (`calibration_cases`). The
+  cases are dealt into folds by patient: each case is scored (conformal sets, the support of a
+  confidence) by a vote fitted on the other folds, since a vote fitted on a case scores it better
+  than it will score a new image;
 * typicality's leave-one-out nearest-neighbour scores (see cbr.pipeline.typicality).
 
 Both are stamped with a digest of the active cases they were computed on. When cases are retained
@@ -18,12 +21,12 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import BigInteger, cast, delete, func, select
 from sqlalchemy.exc import DBAPIError
 
 from cbr.errors import CaseBaseError
 from cbr.pipeline.settings import QueryConfig
-from cbr.pipeline.temperature import fit_temperature
+from cbr.pipeline.temperature import CROSSFIT_FOLDS, fit_temperature, fold_fits
 from cbr.pipeline.typicality import (leave_one_out_scores, SCORE_NAME, search_excluding, TYPICALITY_K,
                                      TypicalityCalibration)
 from cbr.store.chunks import rows_in
@@ -48,15 +51,22 @@ CALIBRATION_CASES = 500
 CALIBRATION_K = 50
 
 
+DIGEST_MODULUS = 65521  # the largest prime below 2^16: squares below 2^32, sums safe to 2^31 cases
+
+
 def cases_digest(cb, model_id: int) -> str:
-    """Which cases are active under a model, in a few bytes: count, sum and sum of squares of the ids.
+    """Which cases are active under a model, in a few bytes: count, sum of the ids and sum of the
+    squares of the ids modulo ``DIGEST_MODULUS``.
 
     Case ids only grow and a removed case never comes back, so any retain or remove changes it.
+    The squares are taken modulo a prime below 2^16, in 64-bit integers: ``id * id`` of 32-bit ids
+    overflowed PostgreSQL's integers past id 46,340, and their sum SQLite's 64-bit one near 3M cases.
     """
+    folded = cast(Embedding.case_id % DIGEST_MODULUS, BigInteger)
     with cb.read() as s:
         n, s1, s2 = s.execute(
-            select(func.count(Embedding.case_id), func.coalesce(func.sum(Embedding.case_id), 0),
-                   func.coalesce(func.sum(Embedding.case_id * Embedding.case_id), 0))
+            select(func.count(Embedding.case_id), func.coalesce(func.sum(cast(Embedding.case_id, BigInteger)), 0),
+                   func.coalesce(func.sum(folded * folded), 0))
             .join(Case, Case.id == Embedding.case_id)
             .where(Embedding.model_id == model_id, Case.removed_at.is_(None))
         ).one()
@@ -122,7 +132,8 @@ def calibration_cases(cb, model_id: int, meta: dict) -> tuple[list[int], str, st
     return unseen, "validation", None
 
 
-def _credibility_rows(index, ids, vecs, meta, *, max_cases, k_max, seed, among=None) -> list:
+def _credibility_rows(index, ids, vecs, meta, *, max_cases, k_max, seed, among=None) -> tuple[list, list]:
+    """(one row per calibration case, its patient: its group, or the case itself without one)."""
     by_group: dict = {}
     for cid, (_, g, *_) in meta.items():
         if g is not None:
@@ -142,12 +153,27 @@ def _credibility_rows(index, ids, vecs, meta, *, max_cases, k_max, seed, among=N
         kept = [(meta[int(j)][0], round(float(d), 6)) for j, d in zip(I[n], D[n]) if j >= 0 and int(j) in meta]
         # [true label, neighbour labels, their similarities]: the similarities fit the temperature
         rows.append([meta[int(ids[p])][0], [lab for lab, _ in kept], [d for _, d in kept]])
-    return rows
+    patients = [("group", meta[int(ids[p])][1]) if meta[int(ids[p])][1] is not None else ("case", int(ids[p]))
+                for p in pick]
+    return rows, patients
 
 
-def _fit_default_k(rows, source: str, why: str | None) -> dict:
-    """The stored fit: the vote's temperature and prior at the default k, and where the rows came from."""
-    return dict(fit_temperature(rows, QueryConfig.k) or {}, source=source, cases=len(rows), why=why)
+def _folds(patients, seed: int) -> list[int]:
+    """The cross-fitting fold of each calibration row: a patient's rows share one, so no fold's vote
+    is fitted on another image of a patient it scores; patients are dealt round the folds in a
+    seeded order."""
+    unique = sorted(set(patients), key=repr)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fold_of = {unique[j]: n % CROSSFIT_FOLDS for n, j in enumerate(order)}
+    return [fold_of[p] for p in patients]
+
+
+def _fit_default_k(rows, folds, source: str, why: str | None) -> dict:
+    """The stored fit: the vote's temperature and prior at the default k, fitted on every row (the
+    query's vote) and cross-fitted by fold (the calibration cases' own scores), and where the rows
+    came from."""
+    return dict(fit_temperature(rows, QueryConfig.k) or {}, folds=fold_fits(rows, QueryConfig.k, folds), fold_of=folds,
+                source=source, cases=len(rows), why=why)
 
 
 def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k_max: int = CALIBRATION_K,
@@ -174,8 +200,9 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
         return None
     meta = _case_meta(cb, ids)
     among, source, why = calibration_cases(cb, model_id, meta)
-    rows = _credibility_rows(index, ids, vecs, meta, max_cases=max_cases, k_max=k_max, seed=seed, among=among)
-    temperature = _fit_default_k(rows, source, why)
+    rows, patients = _credibility_rows(index, ids, vecs, meta, max_cases=max_cases, k_max=k_max, seed=seed,
+                                       among=among)
+    temperature = _fit_default_k(rows, _folds(patients, seed), source, why)
     k = min(TYPICALITY_K, len(ids) - 1)
     scores = leave_one_out_scores(index, ids, vecs, {cid: g for cid, (_, g, _) in meta.items()}, k=k, seed=seed)
     if store:

@@ -10,45 +10,28 @@ and similarity maps.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
-from cbr.errors import CbrError
-from cbr.models.checkpoint import read_checkpoint
-from cbr.store.schema import Model
+from cbr.lazy_import import LazyModule
 from explain.finding import FINDING, region_box, share_on, strongest_region
 from explain.overlay import upsample
 
 __all__ = ["FINDING", "NO_LOCALISER", "OFF_FINDING", "load_localisers", "finding_maps", "finding_of", "on_finding",
            "finding_evidence"]
 
-LOG = logging.getLogger(__name__)
+models_localiser = LazyModule("cbr.models.localiser")  # torch-bound: loads on first use
 
 NO_LOCALISER = ("no lesion localiser: the model was trained without lesion masks (a 'mask' column); "
-                "the class and similarity maps below show what the model used, not where the finding is")
+                "its {maps} maps show what the model used, not where the finding is")
 OFF_FINDING = "this answer rests mostly on evidence outside the finding"
 
 
-def load_localisers(cb, members) -> dict:
-    """{model_id: its ``Localiser``} of the members whose checkpoint carries one."""
-    with cb.read() as s:
-        rows = {m.model_id: s.get(Model, m.model_id) for m in members}
-    out = {}
-    for m in members:
-        row = rows[m.model_id]
-        if row is None or row.weights != "checkpoint":
-            continue
-        try:
-            payload = read_checkpoint(row.source)[3].get("localiser")
-        except CbrError as e:  # the member itself loaded from it: a race or a damaged file
-            LOG.warning("%s: lesion localiser not loaded (%s)", row.source, e)
-            continue
-        if payload:
-            from cbr.models.localiser import load_localiser
-
-            out[m.model_id] = load_localiser(payload, m.embedder.trunk, row.source).to(m.embedder.device)
-    return out
+def load_localisers(members) -> dict:
+    """{model_id: its ``Localiser``} of the members whose checkpoint carries one (its payload was
+    read with the member's model, ``Embedder.localiser_payload``)."""
+    return {m.model_id: models_localiser.load_localiser(m.embedder.localiser_payload, m.embedder.trunk,
+                                                        m.label).to(m.embedder.device)
+            for m in members if m.embedder.localiser_payload}
 
 
 def finding_maps(localiser, model_id: int, xq, xn, cases) -> dict:
@@ -104,7 +87,10 @@ def finding_evidence(maps: dict, model_id: int, label, input_size: int, floor: f
            "on_finding_floor": floor, "warning": None}
     prob = maps.get((model_id, None, FINDING))
     if prob is None:
-        out["note"] = NO_LOCALISER if not has_localiser else None
+        # name the maps there are: a model without a classifier head (ImageNet weights) has no class map
+        has_class = any(k[0] == model_id and k[1] is None and str(k[2]).startswith("class:") for k in maps)
+        out["note"] = (NO_LOCALISER.format(maps="class and similarity" if has_class else "similarity")
+                       if not has_localiser else None)
         return out
     found = finding_of(prob, input_size)
     if found is not None:

@@ -15,28 +15,26 @@ come back "out of distribution".
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from sqlalchemy import select
 
-from cbr.data.guard import read_regular
-from cbr.data.image import check_pillow_size
+from cbr.data.mask import read_mask
 from cbr.data.sources import read_source
 from cbr.errors import CbrError, ImageError
 from cbr.pipeline.search import Hit
 from cbr.pipeline.typicality import TYPICALITY_K, TypicalityCalibration, leave_one_out_scores
 from cbr.store.chunks import scalars_in
-from cbr.store.findings import (add_findings, cases_with_findings, finding_boxes, finding_rows, findings_of_cases,
-                                load_finding_index, save_finding_index)
-from cbr.store.schema import Case, Feedback, FindingIndex, Query
+from cbr.store.findings import (add_findings, build_finding_index, cases_with_findings, finding_boxes, finding_kind,
+                                finding_rows, findings_of_cases, load_finding_index, save_finding_index)
+from cbr.store.schema import Case, Feedback, Finding, FindingIndex, Model, Query
 import index as ix
 
 __all__ = ["CONTEXT_MARGIN", "AUTO", "NoFindingsError", "FindingSet", "parse_region", "mask_boxes", "context_crop",
-           "region_vectors", "index_findings", "load_finding_sets", "finding_marks", "search_findings", "check_box"]
+           "region_vectors", "index_findings", "load_finding_sets", "finding_marks", "search_findings", "check_box",
+           "save_findings_index", "rebuild_finding_indexes"]
 
 LOG = logging.getLogger(__name__)
 
@@ -69,35 +67,35 @@ def parse_region(text: str | None):
         return AUTO
     try:
         box = [int(round(float(v))) for v in text.split(",")]
-    except ValueError:
+    except (ValueError, OverflowError):  # a word, nan, inf
         box = []
     if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
         raise CbrError(f"--region {text!r}: give x0,y0,x1,y1 in the image's pixels (x0 < x1, y0 < y1), or 'auto'")
     return tuple(box)
 
 
-def check_box(box, size) -> list[int]:
-    """``box`` clipped to an image of ``size`` (w, h); a box with nothing inside is refused."""
+def check_box(box, size, *, clip: bool = False) -> list[int]:
+    """``box`` checked against an image of ``size`` (w, h): a box with nothing inside is refused, and
+    so is one reaching past the image unless ``clip`` (a localiser's or a reviewer's box, cut to it):
+    a drawn box past the edge is usually one in another image's pixels, not to be cut silently."""
     w, h = size
     x0, y0, x1, y1 = (int(v) for v in box)
-    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
-    if x1 - x0 < 2 or y1 - y0 < 2:
+    inside = [max(0, x0), max(0, y0), min(w, x1), min(h, y1)]
+    if inside[2] - inside[0] < 2 or inside[3] - inside[1] < 2:
         raise CbrError(f"--region {list(box)} lies outside the {w}x{h} image; draw it over the image")
-    return [x0, y0, x1, y1]
+    if not clip and inside != [x0, y0, x1, y1]:
+        raise CbrError(f"--region {list(box)} reaches past the {w}x{h} image; give x0,y0,x1,y1 with x1 <= {w} "
+                       f"and y1 <= {h}, in this image's pixels")
+    return inside
 
 
-def mask_boxes(path: str, image_size) -> list[list[int]]:
-    """Finding boxes of a lesion mask, in its image's pixels: one per connected component (specks
-    left out, the ``MAX_FINDINGS`` largest kept); [] for an empty mask. Raises OSError when unreadable."""
+def mask_boxes(path: str, image_size, image=None) -> list[list[int]]:
+    """Finding boxes of a lesion mask (an image or a DICOM SEG), in its image's pixels: one per
+    connected component (specks left out, the ``MAX_FINDINGS`` largest kept); [] for an empty mask.
+    ``image``: the image's locator (it picks a multi-plane SEG's plane). Raises OSError when unreadable."""
     from scipy import ndimage
 
-    try:
-        data = read_regular(path)
-        with Image.open(io.BytesIO(data)) as m:
-            check_pillow_size(m, str(path))
-            mask = np.asarray(m.convert("L")) > 127
-    except ImageError as e:
-        raise OSError(f"{e.path}: {e.reason}") from None
+    mask = read_mask(path, image=image)
     labels, n = ndimage.label(mask)
     if n == 0:
         return []
@@ -166,7 +164,10 @@ def _embed_case(member, case, source: str, boxes, problems: list):
     cfg = member.embedder.config
     try:
         img = read_source(case.readable_locator, window=cfg.window)[0]
-        boxes = mask_boxes(case.meta["mask"], img.size) if boxes is None else [check_box(b, img.size) for b in boxes]
+        if boxes is None:
+            boxes = mask_boxes(case.meta["mask"], img.size, case.readable_locator)
+        else:
+            boxes = [check_box(b, img.size, clip=True) for b in boxes]
     except (OSError, ImageError, CbrError) as e:
         problems.append(f"case {case.id}: its {source} finding was not embedded ({getattr(e, 'reason', e)})")
         return []
@@ -195,23 +196,38 @@ def index_findings(cb, members, masked=()) -> list[str]:
                 rows = []
         notes.extend(problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else []))
         if added or (not has_index and todo):
-            n = _save_findings_index(cb, m)
+            n = save_findings_index(cb, m.model_id, m.embedder.config.embedding_dim, notes)
             notes.append(f"findings of model {m.model_id}: {added} added, {n} searchable (search them with "
                          "`cbr query IMG --region x0,y0,x1,y1`)")
     return notes
 
 
-def _save_findings_index(cb, member) -> int:
-    """Rebuild a member's findings index from the stored rows, calibrate it leave-one-out, save it."""
-    dim = member.embedder.config.embedding_dim
+def save_findings_index(cb, model_id: int, dim: int, notes: list) -> int:
+    """Build a model's findings index afresh from the stored rows, of its image index's kind,
+    calibrate it leave-one-out, save it; returns how many findings it holds. Callers hold the
+    writer lock."""
     with cb.read() as s:
-        ids, vecs, groups = finding_rows(s, member.model_id, dim)
-    index = ix.build(dim, "flat")
-    if len(ids):
-        ix.add(index, vecs, ids)
+        ids, vecs, groups = finding_rows(s, model_id, dim)
+        kind = finding_kind(s, model_id)
+    index, told = build_finding_index(dim, kind, ids, vecs)
+    notes.extend([told] if told else [])
     scores = leave_one_out_scores(index, ids, vecs, groups, k=TYPICALITY_K)
-    save_finding_index(cb, member.model_id, index, TYPICALITY_K, scores)
+    save_finding_index(cb, model_id, index, TYPICALITY_K, scores)
     return int(index.ntotal)
+
+
+def rebuild_finding_indexes(cb) -> list[str]:
+    """``cbr index --rebuild``: every model's findings index written again from the stored findings
+    (no image is read), of its image index's kind, and calibrated again. Returns notes."""
+    with cb.read() as s:
+        rows = s.execute(select(Model.id, Model.config).where(
+            Model.id.in_(select(FindingIndex.model_id)) | Model.id.in_(select(Finding.model_id)))
+            .order_by(Model.id)).all()
+    notes = []
+    for model_id, config in rows:
+        n = save_findings_index(cb, model_id, int(config["embedding_dim"]), notes)
+        notes.append(f"findings index of model {model_id} rebuilt: {n} findings")
+    return notes
 
 
 def load_finding_sets(cb, members) -> tuple[dict, list[str]]:

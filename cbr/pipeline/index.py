@@ -16,11 +16,12 @@ from cbr.data.batches import iter_batches
 from cbr.data.dataset import ManifestSpec, Problem, Scan, read_dataset
 from cbr.data.text import confusable_with, lookalike_note
 from cbr.errors import CbrError
+from cbr.lazy_import import LazyModule
 from cbr.pipeline.calibration import calibrate, has_calibration
 from cbr.pipeline.patient import check_key
 from cbr.pipeline.engine import ray_batches, RaySettings
 from cbr.pipeline.map_reliability import measure_case_maps
-from cbr.pipeline.finding_search import index_findings
+from cbr.pipeline.finding_search import index_findings, rebuild_finding_indexes
 from cbr.pipeline.settings import NO_EXPLANATION, IndexConfig, with_overrides
 from cbr.store.damage import drop_damaged
 from cbr.store.member import load_index, Member, rebuild_index, register_model, writer_lock
@@ -33,6 +34,7 @@ __all__ = ["IngestReport", "IndexConfig", "index_dataset", "make_embedder", "ope
            "train_on_collection"]
 
 LOG = logging.getLogger(__name__)
+models_embedder = LazyModule("cbr.models.embedder")  # torch-bound: loads on first use
 
 
 @dataclass
@@ -80,10 +82,9 @@ def _one_window(members) -> str:
 
 def make_embedder(spec: str, c: IndexConfig, window):
     """The embedder of one model of ``c`` (a backbone name or a checkpoint path), in eval mode on ``c.device``."""
-    from cbr.models.embedder import create_embedder
-
-    emb = create_embedder(spec, weights=None if Path(spec).exists() else c.weights, target_layer=c.target_layer,
-                          window=window, contrast=c.contrast, tta=c.tta, crop=c.crop).to(c.device)
+    emb = models_embedder.create_embedder(spec, weights=None if Path(spec).exists() else c.weights,
+                                          target_layer=c.target_layer, window=window, contrast=c.contrast, tta=c.tta,
+                                          crop=c.crop).to(c.device)
     emb.eval()
     return emb
 
@@ -179,6 +180,7 @@ def _rebuild(cb, report: IngestReport) -> None:
         if not has_calibration(cb, model_id):
             calibrate(cb, model_id, index)
         report.rebuilt.append(src)
+    report.notes.extend(rebuild_finding_indexes(cb))  # the findings' indexes too, of the same kinds
 
 
 def _stored(cb, scan, manifest, sources) -> tuple[int, Stored]:

@@ -8,6 +8,7 @@ step is its own module: ``explanation`` (embedding and maps), ``search``, ``vote
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import tempfile
@@ -26,7 +27,7 @@ from cbr.errors import CaseBaseError, CbrError, DamagedRowError, ImageError
 from cbr.pipeline.answer import Answer, Retrieval
 from cbr.pipeline.calibration import member_calibrations
 from cbr.pipeline.conformal import ambiguous, fit_sets, prediction_set, union
-from cbr.pipeline.explanation import embed_query, MapRequest, query_maps
+from cbr.pipeline.explanation import embed_query, Features, MapRequest, query_maps
 from cbr.pipeline.contrast import nearest_unlike
 from cbr.pipeline.finding import finding_evidence, finding_of, load_localisers
 from cbr.pipeline.finding_search import (AUTO, check_box, finding_marks, load_finding_sets, NoFindingsError,
@@ -37,7 +38,8 @@ from cbr.pipeline.record import record_query
 from cbr.pipeline.search import (active_classes, allowed_cases, excluded_cases, own_case_notes, search_members,
                                  where_note)
 from cbr.pipeline.settings import NO_EXPLANATION, QueryConfig, with_overrides
-from cbr.pipeline.temperature import vote_parameters
+from cbr.pipeline.support import support_of
+from cbr.pipeline.temperature import fold_parameters, vote_parameters
 from cbr.pipeline.typicality import screen
 from cbr.pipeline.vote import get_ensemble, get_vote_rule
 from cbr.reporting.report import write_outputs
@@ -47,10 +49,15 @@ from cbr.store.reliability import reliability_of
 from cbr.reporting.uncertainty import conflicts
 from cbr.store.schema import Calibration, Case, Query
 
-__all__ = ["Searcher", "Answer", "QueryConfig", "query_images"]
+__all__ = ["Searcher", "Answer", "QueryConfig", "query_images", "query_embeddings"]
 
 LOG = logging.getLogger(__name__)
 UNLIKE_DEPTH = 30  # a region query's finding hits searched for the nearest unlike case
+
+
+def _vote_kw(params: dict) -> dict:
+    """The weighted vote's keyword arguments from `cbr.pipeline.temperature`'s parameters."""
+    return {k: v for k, v in params.items() if v is not None and k != "temperature_source"}
 
 
 def _check_name(image) -> None:
@@ -78,7 +85,7 @@ class Searcher:
         self.config = with_overrides(config, QueryConfig, overrides)
         self.members = load_members(cb, self.config.models, device=self.config.device)
         self.notes = [n for m in self.members for n in m.notes]
-        self.localisers = load_localisers(cb, self.members)  # {model_id: lesion localiser} (cbr.pipeline.finding)
+        self.localisers = load_localisers(self.members)  # {model_id: lesion localiser} (cbr.pipeline.finding)
         self._finding_sets, self._finding_marks = None, None  # {model_id: FindingSet}, loaded by a region query
         # Typicality (and credibility) calibrations, recomputed first when missing or stale.
         self._typicality, recalibrated = member_calibrations(cb, self.members)
@@ -99,36 +106,71 @@ class Searcher:
                                   f"the vote calibration of model {m.model_id}", rebuild_hint(self.cb))
                     self._calibration[m.model_id] = row.rows if row else []
                     self._stored[m.model_id] = row.temperature if row else None
-        # Per member: (temperature of the weighted vote, "given" | "fitted" | "default"), its prior and ceiling.
+        # Per member: (temperature of the weighted vote, "given" | "fitted" | "default") and its prior,
+        # fitted on every calibration case (the query's vote), and per fold on the other folds (the
+        # calibration cases' own scores: cbr.pipeline.conformal, cbr.pipeline.support).
         self.temperatures = {m.model_id: (c.temperature, "given") for m in self.members}
         self._vote_params = {m.model_id: {} for m in self.members}
+        self._folds = {}
         if c.vote == "weighted":
             for m in self.members:
-                rows = self._calibration.get(m.model_id) or []
-                p = vote_parameters(self._stored.get(m.model_id), rows, c.k, c.temperature)
+                rows, stored = self._calibration.get(m.model_id) or [], self._stored.get(m.model_id)
+                p = vote_parameters(stored, rows, c.k, c.temperature)
                 self.temperatures[m.model_id] = (p["temperature"], p["temperature_source"])
-                # A confidence above n+1 / n+2 (n calibration cases, all right) is more than they show.
-                self._vote_params[m.model_id] = {"temperature": p["temperature"], "prior": p["prior"],
-                                                 "reference": p["reference"], "density": p["density"],
-                                                 "ceiling": 1 - 1 / (len(rows) + 2)}
-        self._sets = {}
+                self._vote_params[m.model_id] = {key: p[key] for key in ("temperature", "prior", "reference", "density")}
+                self._folds[m.model_id] = fold_parameters(stored, rows, c.k, c.temperature)
+        self._sets, self._support = {}, {}
 
     def _temperature_kw(self, member) -> dict:
         params = self._vote_params.get(member.model_id) or {}
         return {k: v for k, v in params.items() if v is not None}
 
     def _member_vote(self, member, labels, similarities, classes):
+        support = self.support(member, classes)
         return self.vote_rule(labels, similarities, classes, calibration=self._calibration.get(member.model_id, ()),
-                              **self.vote_kw, **self._temperature_kw(member))
+                              **self.vote_kw, **self._temperature_kw(member),
+                              **({"ceiling": support.ceiling} if support is not None else {}))
+
+    def _fold_rules(self, member) -> list:
+        """The vote under each cross-fitting fold's parameters, fitted on the other folds."""
+        return [lambda lab, sim, cls, p=p: self.vote_rule(lab, sim, cls, **_vote_kw(p))
+                for p in self._folds[member.model_id][1]]
+
+    def _fold_votes(self, member, labels, similarities, classes) -> list | None:
+        """The vote's probabilities under each cross-fitting fold's parameters (None: nothing fitted)."""
+        if member.model_id not in self._folds:
+            return None
+        return [rule(labels, similarities, classes).probabilities for rule in self._fold_rules(member)]
 
     def prediction_sets(self, member, classes):
         """The member's conformal `PredictionSets` for these classes (fitted once; None: no calibration)."""
         key = (member.model_id, tuple(classes))
         if key not in self._sets:
-            self._sets[key] = fit_sets(self._calibration.get(member.model_id), self.config.k,
-                                       lambda lab, sim, cls: self._member_vote(member, lab, sim, cls).probabilities,
-                                       classes, self.config.coverage)
+            rows, k = self._calibration.get(member.model_id), self.config.k
+            if member.model_id in self._folds:  # each case scored by the fold's vote not fitted on it
+                votes = [lambda lab, sim, cls, rule=rule: rule(lab, sim, cls).probabilities
+                         for rule in self._fold_rules(member)]
+                self._sets[key] = fit_sets(rows, k, votes, classes, self.config.coverage,
+                                           folds=self._folds[member.model_id][0])
+            else:
+                self._sets[key] = fit_sets(rows, k, lambda lab, sim, cls: self._member_vote(member, lab, sim,
+                                                                                            cls).probabilities,
+                                           classes, self.config.coverage)
         return self._sets[key]
+
+    def support(self, member, classes):
+        """The confidences the member's calibration answers support (`cbr.pipeline.support`), from
+        each case's cross-fitted vote; None for a rule with nothing fitted (majority, credibility)."""
+        key = (member.model_id, tuple(classes))
+        if key not in self._support:
+            self._support[key] = None
+            if member.model_id in self._folds:
+                folds, rules = self._folds[member.model_id][0], self._fold_rules(member)
+                rows, k = self._calibration.get(member.model_id) or [], self.config.k
+                answers = [(rules[f](list(r[1][:k]), list(r[2][:k]), classes), r[0])
+                           for r, f in zip(rows, folds) if r[0] in classes and len(r[1]) > 0 and len(r) > 2]
+                self._support[key] = support_of([v.confidence for v, _ in answers], [v.label == t for v, t in answers])
+        return self._support[key]
 
     def calibration_info(self, classes) -> dict:
         """``calibration`` of the answer: where the first member's vote was calibrated, on how many
@@ -141,7 +183,9 @@ class Searcher:
         return {"source": stored.get("source", "leave-one-out"), "cases": len(self._calibration.get(m.model_id) or []),
                 "why": stored.get("why"), "coverage": self.config.coverage,
                 "too_few": dict(sets.too_few) if sets is not None else {},
-                **{key: p for key, p in self._vote_params.get(m.model_id, {}).items() if key != "ceiling"}}
+                "folds": len(self._folds[m.model_id][1]) if m.model_id in self._folds else 1,
+                "supported": None if self.support(m, classes) is None else self.support(m, classes).highest,
+                **self._vote_params.get(m.model_id, {})}
 
     # Read-only views of the config, the names the audit trail and older callers use.
     k = property(lambda self: self.config.k)
@@ -168,9 +212,7 @@ class Searcher:
             region: search the findings with this region (x0, y0, x1, y1 pixels, or "auto"); :meth:`_region`.
         """
         c, t, t0 = self.config, {}, time.perf_counter()
-        if record and getattr(self.cb, "readonly", False):
-            raise CaseBaseError(f"case base {self.cb.display} is open read-only; answer without recording "
-                                "(cbr query --no-record) or use a writable copy")
+        self._check_writable(record)
         key = sources.pseudonymise if sources is not None else None
         img, sha, src, patient, told = self._decode(image, patient, sources, key, patient_stored)
         t["decode"] = time.perf_counter() - t0
@@ -183,28 +225,18 @@ class Searcher:
         feats, region = self._region(img, feats, region)
         t["embed"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        hits, deep, classes, own, own_cases, reliability = self._search(sha, patient, feats, region)
-        t["search"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        final, votes, typ, flagged, pset = self._decide(hits, deep, classes, region)
         # a pseudonymised case base shows a DICOM query under a neutral locator, never its file name
         file = src.resolved().locator
         shown = dicom_neutral_locator(src, sha) if key else None
-        found = Retrieval(image=shown or file, image_file=file if shown else None, sha256=sha, patient=patient,
-                          hits=hits, votes=votes,
-                          final=final, typicality=typ, notes=flagged + own + told, prediction_set=pset,
-                          conflict=conflicts(own_cases, None if final.abstained else final.label),
-                          calibration=self.calibration_info(classes), region=region)
-        found.nearest_unlike = self._unlike(sha, patient, feats, hits if self.config.where else deep, final)
-        t["vote"] = time.perf_counter() - t0
+        found, reliability = self._retrieve(sha, patient, feats, region, t, image=shown or file,
+                                            image_file=file if shown else None, notes=told)
 
         t0 = time.perf_counter()
         neighbour_images = {}
         meter = MapMeter(enabled=c.progress)
         if c.explain != NO_EXPLANATION:
             request = MapRequest(c.explain, c.explain_budget, c.explain_neighbours, c.similarity_map)
-            found.maps, neighbour_images = query_maps(self.members, feats, hits, found.final, request, found.notes,
+            found.maps, neighbour_images = query_maps(self.members, feats, found.hits, found.final, request, found.notes,
                                                       meter=meter, status=found.image_status, localisers=self.localisers)
         meter.close()
         self._finding(found, reliability)
@@ -227,6 +259,62 @@ class Searcher:
         t["render"] = time.perf_counter() - t0
         answer.timings = t
         return answer
+
+    def query_embedding(self, vectors, *, name: str, patient: str | None = None, record: bool = True) -> Answer:
+        """Answer from embeddings computed elsewhere, without an image: no model runs, no maps, no report.
+
+        The query is recorded like any other (its image is ``name``; its sha256 is that of the
+        vectors, so no case is excluded as the query's own image).
+
+        Args:
+            vectors: one vector per member, in ``self.members`` order (L2-normalised here).
+            name: what the query is recorded and shown as, e.g. ``"queries.npy#row=3"``.
+            patient: the query's patient id (unpseudonymised): that patient's cases are never retrieved.
+            record: ``False`` leaves the audit trail untouched.
+
+        Example:
+            >>> Searcher(cb, explain="none").query_embedding([vector], name="job-17#row=3")
+        """
+        if self.config.explain != NO_EXPLANATION:
+            raise CbrError(f"a query by embedding has no image to explain; use --explain {NO_EXPLANATION}")
+        self._check_writable(record)
+        t, t0 = {}, time.perf_counter()
+        if patient is not None:  # raw ids only: a pseudonymised case base refuses it (no key here)
+            check_key(self.cb, None)
+            patient = stored_patient_id(clean_label(patient, "--patient") or None, None)
+        feats = [Features(None, None, _unit_row(v, m.embedder.config.embedding_dim))
+                 for v, m in zip(_per_member(vectors, self.members), self.members)]
+        sha = hashlib.sha256(b"".join(f.vector.tobytes() for f in feats)).hexdigest()
+        t["embed"] = time.perf_counter() - t0
+        found, reliability = self._retrieve(sha, patient, feats, None, t, image=name, image_file=None, notes=[])
+        t0 = time.perf_counter()
+        query_id = record_query(self.cb, self.config, self.members, found) if record else None
+        t["database"] = time.perf_counter() - t0
+        answer = Answer.from_retrieval(query_id, found, self.members, self.notes)
+        self._annotate(answer, reliability)
+        answer.timings = t
+        return answer
+
+    def _check_writable(self, record: bool) -> None:
+        if record and getattr(self.cb, "readonly", False):
+            raise CaseBaseError(f"case base {self.cb.display} is open read-only; answer without recording "
+                                "(cbr query --no-record) or use a writable copy")
+
+    def _retrieve(self, sha: str, patient, feats, region, t: dict, *, image: str, image_file, notes: list):
+        """(the ``Retrieval`` of a query's search and vote, the members' map reliability); adds the
+        "search" and "vote" seconds to ``t``."""
+        t0 = time.perf_counter()
+        hits, deep, classes, own, own_cases, reliability = self._search(sha, patient, feats, region)
+        t["search"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        final, votes, typ, flagged, pset = self._decide(hits, deep, classes, region)
+        found = Retrieval(image=image, image_file=image_file, sha256=sha, patient=patient, hits=hits, votes=votes,
+                          final=final, typicality=typ, notes=flagged + own + notes, prediction_set=pset,
+                          conflict=conflicts(own_cases, None if final.abstained else final.label),
+                          calibration=self.calibration_info(classes), region=region)
+        found.nearest_unlike = self._unlike(sha, patient, feats, hits if self.config.where else deep, final)
+        t["vote"] = time.perf_counter() - t0
+        return found, reliability
 
     def _decode(self, image, patient, sources, key, patient_stored: bool):
         """(pixels, sha256, source, the patient in stored form, notes) of a query image."""
@@ -308,7 +396,7 @@ class Searcher:
             raise CbrError("--region auto: the lesion localiser marks no region in this image; give the box "
                            "instead, --region x0,y0,x1,y1")
         return check_box(view_to_pixels(found["box"], img, m.embedder.config.input_size, m.embedder.config.crop),
-                         img.size)
+                         img.size, clip=True)
 
     def _search_findings(self, s, feats, exclude, region, allow, depth: int) -> list:
         """Each member's ``depth`` cases of the nearest findings (only ``allow``ed cases, when given);
@@ -376,7 +464,9 @@ class Searcher:
         fitted = [self.prediction_sets(m, classes) for m in self.members]
         pset = None
         if fitted and all(f is not None for f in fitted):
-            pset = union([prediction_set(f, v.probabilities) for f, v in zip(fitted, votes)], final.probabilities)
+            pset = union([prediction_set(f, v.probabilities, self._fold_votes(m, [n.case.label for n in h],
+                                                                               [n.similarity for n in h], classes))
+                          for f, v, m, h in zip(fitted, votes, self.members, hits)], final.probabilities)
             if c.abstain_ambiguous and len(pset) > 1:
                 final = ambiguous(final)
         # a region query is measured against the findings, as its calibration was (finding_search)
@@ -490,3 +580,40 @@ def query_images(cb, images, config: QueryConfig | None = None, *, patient: str 
         refuse_burned_in(image, sources)
     searcher = Searcher(cb, config, **overrides)
     return [searcher.query(image, patient=patient, sources=sources, record=record, region=region) for image in images]
+
+
+def query_embeddings(cb, source, config: QueryConfig | None = None, *, patient: str | None = None,
+                     record: bool = True, **overrides) -> list[Answer]:
+    """Answer embeddings computed elsewhere (by the case base's model), one query per row, without images.
+
+    Args:
+        cb: an open CaseBase with one member (or ``config.models`` naming one).
+        source: an ``.npy`` file holding one vector (d,) or one per row (n, d).
+        config: a ``QueryConfig`` whose ``explain`` is ``"none"`` (there is no image to explain).
+        patient: the queries' patient id: that patient's cases are never retrieved.
+        record: False answers without storing anything.
+
+    Example:
+        >>> query_embeddings(open_casebase("cases.db"), "vectors.npy", QueryConfig(explain="none"))
+    """
+    rows = _embedding_rows(source)
+    searcher = Searcher(cb, config, **overrides)
+    if len(searcher.members) != 1:
+        raise CbrError(f"--embedding {source}: one vector per query, for one model, but {len(searcher.members)} "
+                       "members answer; choose one with --model")
+    return [searcher.query_embedding([v], name=f"{source}#row={i}", patient=patient, record=record)
+            for i, v in enumerate(rows)]
+
+
+def _embedding_rows(source) -> np.ndarray:
+    """The vectors of an .npy file as float32 rows; one line naming the file when it cannot serve."""
+    try:
+        x = np.load(source, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CbrError(f"--embedding {source}: not a readable .npy file ({e})") from None
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    if x.ndim != 2 or not x.size or not np.issubdtype(x.dtype, np.number):
+        raise CbrError(f"--embedding {source}: an array of shape {x.shape} ({x.dtype}); expected one vector or "
+                       "one per row (2-D, numbers)")
+    return x.astype(np.float32, copy=False)

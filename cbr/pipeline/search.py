@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from cbr.store.member import embeddings_in
 from cbr.store.schema import Case
@@ -73,10 +73,13 @@ def own_case_notes(s, sha256: str) -> list[str]:
 
 def active_classes(s) -> list[str]:
     """The labels of the active cases, sorted: the classes a vote chooses from."""
-    # The labels from their index, then one active case of each: no scan of every case per query.
-    labels = select(Case.label).distinct().subquery()
+    # A loose index scan: each label is the least one above the last, one seek in the label index
+    # per class. DISTINCT would read every case's index entry, per query: seconds at 10M cases.
+    labels = select(func.min(Case.label).label("label")).cte("labels", recursive=True)
+    after = select(func.min(Case.label)).where(Case.label > labels.c.label).scalar_subquery()
+    labels = labels.union_all(select(after).where(labels.c.label.is_not(None)))
     active = select(Case.id).where(Case.label == labels.c.label, Case.removed_at.is_(None)).exists()
-    return sorted(s.scalars(select(labels.c.label).where(active)))
+    return sorted(s.scalars(select(labels.c.label).where(labels.c.label.is_not(None), active)))
 
 
 def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) -> list[list[Hit]]:

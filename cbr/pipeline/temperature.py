@@ -15,14 +15,19 @@ import math
 
 import numpy as np
 
-__all__ = ["DEFAULT_TEMPERATURE", "TEMPERATURE_RANGE", "PRIOR_RANGE", "vote_probability", "vote_nll", "fit_temperature",
-           "vote_parameters", "temperature_for"]
+__all__ = ["DEFAULT_TEMPERATURE", "TEMPERATURE_RANGE", "PRIOR_RANGE", "CROSSFIT_FOLDS", "vote_probability", "vote_nll",
+           "fit_temperature", "fold_fits", "row_folds", "vote_parameters", "fold_parameters", "temperature_for"]
 
 DEFAULT_TEMPERATURE = 0.07  # DINO's; used when no calibration with similarities exists
 TEMPERATURE_RANGE = (0.002, 2.0)  # below: one neighbour decides; above: a plain majority
 # How much a query's distance from its neighbours lowers their evidence against the prior: 0, not at
 # all (only k and the similarities' spread count); 1, as much as the temperature says.
 DENSITIES = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The calibration cases are cross-fitted in this many folds: each case's conformal score and its
+# share of the support of a confidence (cbr.pipeline.support) come from a vote fitted on the other
+# folds, never on itself, since scores from a vote fitted on its own cases look better than a new
+# image's (cbr.pipeline.conformal).
+CROSSFIT_FOLDS = 5
 PRIOR_RANGE = (0.01, 100.0)  # pseudo-counts of the vote's prior: from a whisper to twenty unanimous neighbours
 # A true class absent from the k neighbours gets probability 0 whatever the temperature: such a
 # case adds the same constant to every candidate's NLL, so the floor only keeps the sum finite.
@@ -174,6 +179,54 @@ def fit_temperature(rows, k: int, temperature: float | None = None) -> dict | No
                 nll_default=round(vote_nll(sims, same, DEFAULT_TEMPERATURE), 6))
 
 
+def fold_fits(rows, k: int, folds, temperature: float | None = None) -> list:
+    """Per fold j, `fit_temperature` on the rows of every other fold (None where nothing is left to fit).
+
+    Args:
+        rows: the calibration rows, as for `fit_temperature`.
+        k: the neighbours a query votes with.
+        folds: the fold of each row (0, 1, ...; see `row_folds`).
+        temperature: a temperature the user gave: only the priors are fitted.
+    """
+    folds = list(folds)
+    return [fit_temperature([r for r, f in zip(rows, folds) if f != j], k, temperature)
+            for j in range(max(folds, default=-1) + 1)]
+
+
+def row_folds(stored: dict | None, n: int) -> list[int]:
+    """The fold of each of n calibration rows: as stored (by patient, `cbr.pipeline.calibration`), or
+    by position for a calibration from an older cbr."""
+    folds = (stored or {}).get("fold_of")
+    if folds is not None and len(folds) == n:
+        return [int(f) for f in folds]
+    return [i % CROSSFIT_FOLDS for i in range(n)]
+
+
+def _parameters(fit: dict | None, temperature: float | None) -> dict:
+    if fit is None:
+        return {"temperature": temperature or DEFAULT_TEMPERATURE, "prior": 0.0, "reference": None, "density": 1.0,
+                "temperature_source": "given" if temperature else "default"}
+    return {"temperature": float(fit["value"]), "prior": float(fit.get("prior", 0.0)),
+            "reference": fit.get("reference"), "density": float(fit.get("density", 1.0)),
+            "temperature_source": "given" if temperature else "fitted"}
+
+
+def fold_parameters(stored: dict | None, rows, k: int, temperature: float | None = None) -> tuple[list[int], list[dict]]:
+    """(the fold of each calibration row, each fold's vote parameters fitted on the other folds).
+
+    The stored fold fits are used when made for this k and no temperature is given; otherwise they
+    are fitted again (a second or so for 500 rows)."""
+    rows = rows or []
+    folds = row_folds(stored, len(rows))
+    saved = (stored or {}).get("folds")
+    if saved is not None and len(saved) == max(folds, default=-1) + 1 and temperature is None \
+            and int(stored.get("k", -1)) == int(k):
+        fits = saved
+    else:
+        fits = fold_fits(rows, k, folds, temperature)
+    return folds, [_parameters(f, temperature) for f in fits]
+
+
 def vote_parameters(stored: dict | None, rows, k: int, temperature: float | None = None) -> dict:
     """The weighted vote's ``temperature``, ``prior`` and ``reference`` for queries with k neighbours,
     and where the temperature came from (``temperature_source``: "given", "fitted" or "default").
@@ -184,12 +237,7 @@ def vote_parameters(stored: dict | None, rows, k: int, temperature: float | None
     """
     fit = stored if stored and "value" in stored and int(stored.get("k", -1)) == int(k) and temperature is None \
         else fit_temperature(rows or [], k, temperature)
-    if fit is None:
-        return {"temperature": temperature or DEFAULT_TEMPERATURE, "prior": 0.0, "reference": None, "density": 1.0,
-                "temperature_source": "given" if temperature else "default"}
-    return {"temperature": float(fit["value"]), "prior": float(fit.get("prior", 0.0)),
-            "reference": fit.get("reference"), "density": float(fit.get("density", 1.0)),
-            "temperature_source": "given" if temperature else "fitted"}
+    return _parameters(fit, temperature)
 
 
 def temperature_for(stored: dict | None, rows, k: int) -> tuple[float, str]:

@@ -141,7 +141,8 @@ def majority(labels, similarities, classes, **kw) -> Vote:
 
 
 def weighted(labels, similarities, classes, *, temperature: float = DEFAULT_TEMPERATURE, prior: float = 0.0,
-             reference: float | None = None, density: float = 1.0, ceiling: float | None = None, **kw) -> Vote:
+             reference: float | None = None, density: float = 1.0,
+             ceiling: float | Callable[[float], float] | None = None, **kw) -> Vote:
     """DINO-style weighted kNN: weight exp(similarity / temperature), summed per class.
 
     The weights are a softmax over the neighbours' ``similarity / temperature`` (shifted by the
@@ -160,7 +161,8 @@ def weighted(labels, similarities, classes, *, temperature: float = DEFAULT_TEMP
         reference: the similarity a neighbour must reach to weigh 1 against the prior (None: the best).
         density: how far the anchor of the weights moves from the best neighbour to ``reference``
             (0: the query's distance from the case base does not count; 1: fully).
-        ceiling: the highest confidence the calibration supports (None: no limit); a higher one is
+        ceiling: the highest confidence the calibration supports (None: no limit), or a function of
+            the vote's confidence giving it (`cbr.pipeline.support.Support.ceiling`); a higher one is
             shrunk towards uniform, the label kept.
 
     Example:
@@ -185,9 +187,10 @@ def weighted(labels, similarities, classes, *, temperature: float = DEFAULT_TEMP
     pseudo = math.exp(math.log(prior) - shift) / len(classes) if prior > 0 else 0.0
     proba = _normalise({c: math.fsum(v) + pseudo for c, v in per_class.items()})
     label = _argmax(classes, proba, _summed_similarity(labels, similarities, classes))
-    if ceiling is not None and proba[label] > ceiling and len(classes) > 1:
-        # mix with uniform just enough: the label and the order of the classes stay
-        share = (proba[label] - ceiling) / (proba[label] - 1 / len(classes))
+    limit = ceiling(proba[label]) if callable(ceiling) else ceiling
+    if limit is not None and proba[label] > max(limit, 1 / len(classes)):
+        # mix with uniform just enough (at most all the way): the label and the order of the classes stay
+        share = min(1.0, (proba[label] - limit) / (proba[label] - 1 / len(classes)))
         proba = {c: (1 - share) * p + share / len(classes) for c, p in proba.items()}
     return Vote(label=label, confidence=proba[label], probabilities=proba)
 

@@ -25,7 +25,7 @@ from cbr.reporting.colour_bar import COLOUR_BAR_CSS, colour_bar_html
 from cbr.reporting.match_pair import PAIR_CSS, pair_fields, pair_figure, split_pairs
 from cbr.reporting.uncertainty import CSS as UNCERTAINTY_CSS
 from cbr.reporting.uncertainty import (agreement, answer_lines, conflict_banner, conflict_text, evidence, finding_lines,
-                                       set_text,
+                                       finding_notes, set_text,
                                        shows_probabilities)
 from cbr.reporting.method_switch import switch_fragments
 from cbr.store.reliability import badge_text, reliability_of
@@ -427,6 +427,8 @@ def render_html(record: dict, blobs: dict, *, scale: str = "shared", switch: dic
         f"<p class='pred'>Diagnosis: {label} &nbsp; confidence {p['confidence']:.3f}{cred}{_typicality(p)}</p>",
         "".join(f"<p class='evidence'>{e(line)}</p>" for line in answer_lines(p)),
         "".join(f"<p class='evidence'>{e(line)}</p>" for line in p.get("finding_lines") or []),
+        # the on-finding warning, or that no localiser marks the finding (stored with the finding, not the notes)
+        "".join(f"<p class='warn'>{e(line)}</p>" for line in finding_notes(p.get("finding"))),
         _region_line(p.get("region")),
         "".join(f"<p class='warn'>Note: {e(n)}</p>" for n in record.get("notes", [])
                 if not n.startswith("out of distribution:")),

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbr.errors import CbrError, ImageError, NotFoundError, UnknownNameError
-from cbr.pipeline.audit import RetainError
+from cbr.pipeline.audit.feedback import RetainError
 from cbr.serve.lanes import Busy
 from cbr.serve.messages import public_message
 from cbr.serve.notices import Notices

@@ -14,6 +14,7 @@ from cbr.errors import NotFoundError
 from cbr.models.similarity_maps import MatchLink
 from cbr.serve.pictures import query_maps
 from cbr.store.schema import Explanation
+from explain.finding import FINDING
 from explain.overlay import shared_vmax
 from explain.rawmap import decode_map
 
@@ -55,6 +56,8 @@ def _maps_of(cb, query_id: int, model_id: int, method: str) -> tuple[dict, dict]
                                                    Explanation.method == method).order_by(Explanation.id)).all()
         query, neighbours = {}, {}
         for e in rows:
+            if e.target == FINDING:  # the localiser's map: no explanation method's, served by pictures
+                continue
             raw = decode_map(e.data, (e.height, e.width), e.scale)
             if e.case_id is None:
                 query[e.target] = raw
@@ -72,7 +75,8 @@ def method_maps(cb, record: dict, method: str, member_id: int | None, kind: str,
         record: the query's record (``RecordCache.get``).
         method: a spec stored for this query (checked here; unknown -> NotFoundError).
         member_id: the member's model id, or None for the first member.
-        kind: "similarity", "class" or "pair" (a neighbour's region-matching pair, its query side).
+        kind: "similarity", "class", "pair" (a neighbour's region-matching pair, its query side) or
+            "finding" (the lesion localiser's map, which no method changes).
             A neighbour's class map is its stored case map, which no query's method changes, so it
             is the same under every method.
         case_id: None for the query, else one of its neighbours' case ids.
@@ -83,8 +87,8 @@ def method_maps(cb, record: dict, method: str, member_id: int | None, kind: str,
     check_method(cb, qid, method)
     # validates kind, scale, member and neighbour, and answers what no method changes
     same = query_maps(record, member_id, kind, case_id, scale)
-    if kind == "class" and case_id is not None:
-        return same
+    if kind == "finding" or (kind == "class" and case_id is not None):
+        return same  # the localiser's map and a case's stored map are the same under every method
     model_id = record["members"][0]["model_id"] if member_id is None else int(member_id)
     query, neighbours = _maps_of(cb, qid, model_id, method)
     if kind == "class":

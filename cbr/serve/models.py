@@ -42,6 +42,8 @@ class FeedbackIn(BaseModel):
     retain: bool = False
     # the expert's box on the lesion, [x0, y0, x1, y1] in the query image's pixels (checked by add_feedback)
     region: tuple[Pixel, Pixel, Pixel, Pixel] | None = None
+    # a label no case has yet is refused (422) unless this confirms it starts a new class (a typo would)
+    new_class: bool = False
 
 
 class RegionIn(BaseModel):

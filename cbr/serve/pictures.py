@@ -30,7 +30,8 @@ __all__ = ["SIZE", "FULL_MAX", "MAP_KINDS", "image_png", "colour_bar_png", "map_
 
 SIZE = 320  # pixels on a side: readable beside each other, small enough for k neighbours
 FULL_MAX = 4096  # the largest side the compare view's full resolution sends (a PNG of at most 64 MiB raw)
-MAP_KINDS = ("similarity", "class", "pair")  # pair: a neighbour's region-matching pair, its query side
+# pair: a neighbour's region-matching pair, its query side; finding: the lesion localiser's map
+MAP_KINDS = ("similarity", "class", "pair", "finding")
 CHANGED = IMAGE_CHANGED  # the wording of the table, --json and the report
 SCALES = ("shared", "per-image")
 
@@ -107,12 +108,16 @@ def query_maps(record: dict, member_id: int | None, kind: str, case_id: int | No
     on one shared scale (as in the report) unless ``scale`` is ``per-image``. class: the query's
     class map on its own scale, a neighbour's stored case map on its own scale. pair: the query
     side of a neighbour's region-matching pair (cbr.models.similarity_maps), on the similarity scale.
+    finding: the lesion localiser's "where is the finding" map of the query or the neighbour, on the
+    probability scale 0..1 (None without a localiser).
     """
     if kind not in MAP_KINDS:
         raise NotFoundError(f"no map kind {kind!r}; choose from {', '.join(MAP_KINDS)}")
     if scale not in SCALES:
         raise NotFoundError(f"no colour scale {scale!r}; choose from {', '.join(SCALES)}")
     mem = _member(record, member_id)
+    if kind == "finding":
+        return _finding_map(record, mem, case_id)
     qsim = next((m for m in mem["query_maps"] if m["target"].startswith("similarity")), None)
     if case_id is None:
         if kind == "pair":
@@ -136,6 +141,17 @@ def query_maps(record: dict, member_id: int | None, kind: str, case_id: int | No
     pairs = [n.get("pair_map") for n in mem["neighbours"]]
     sims = [x["map"] for x in [qsim] + [n["map"] for n in mem["neighbours"]] + pairs if x is not None]
     return m["map"], shared_vmax(sims)
+
+
+def _finding_map(record: dict, mem: dict, case_id: int | None):
+    if case_id is None:
+        m = mem.get("finding_map")
+    else:
+        n = next((n for n in mem["neighbours"] if n["case_id"] == int(case_id)), None)
+        if n is None:
+            raise NotFoundError(f"case {case_id} is not a neighbour of query {record['query_id']}")
+        m = n.get("finding_map")
+    return (None, None) if m is None else (m["map"], 1.0)  # probabilities: red is 1, whatever the image
 
 
 def case_map(cb, case_id: int):

@@ -24,7 +24,7 @@ from cbr.data.image import MIN_SIZE
 from cbr.data.sources import SourceSpec, read_source
 from cbr.errors import CbrError, ImageError
 from cbr.files import atomic_write
-from cbr.pipeline.audit import add_feedback
+from cbr.pipeline.audit.feedback import add_feedback
 from cbr.pipeline.finding_search import NoFindingsError
 from cbr.pipeline.patient import check_key
 from cbr.pipeline.query import Searcher
@@ -291,8 +291,9 @@ class Workbench:
     # --- feedback ------------------------------------------------------------------------------
 
     def feedback(self, query_id: int, label: str, *, note=None, by=None, retain=False, region=None,
-                 allow_new_class: bool = True) -> dict:
-        """``cbr feedback``: a new verdict row (never overwritten), optionally retaining the image."""
+                 allow_new_class: bool = False) -> dict:
+        """``cbr feedback``: a new verdict row (never overwritten), optionally retaining the image; a label
+        no case has yet needs ``allow_new_class`` (``NewClassError`` otherwise, nothing recorded)."""
         result = add_feedback(self.cb, query_id, label, note=note, by=by, retain=retain, region=region,
                               allow_new_class=allow_new_class)
         if retain:

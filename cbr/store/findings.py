@@ -1,4 +1,5 @@
-"""Finding rows and the findings' FAISS index: stored, saved and checked like the image index.
+"""Finding rows and the findings' FAISS index: stored, saved and checked like the image index,
+and of the same kind as that model's image index (``cbr index --index-type``).
 
 The ``findings`` rows (one per region of a case, per model) are the source of truth: the index
 file is a cache keyed by finding id, written under a new generation name and switched in a
@@ -17,11 +18,11 @@ from sqlalchemy import select
 
 from cbr.store.encoding import decode_vectors, encode_vector
 from cbr.store.generation import folder_tag
-from cbr.store.schema import Case, Finding, FindingIndex, utcnow
+from cbr.store.schema import Case, Finding, FindingIndex, IndexManifest, utcnow
 import index as ix
 
 __all__ = ["add_findings", "finding_rows", "cases_with_findings", "finding_boxes", "save_finding_index",
-           "load_finding_index", "findings_of_cases"]
+           "load_finding_index", "findings_of_cases", "finding_kind", "build_finding_index"]
 
 LOG = logging.getLogger(__name__)
 
@@ -52,6 +53,26 @@ def finding_rows(s, model_id: int, dim: int):
     vecs = decode_vectors([r[1] for r in rows], dim)
     groups = {int(r[0]): (f"patient:{r[3]}" if r[3] is not None else f"case:{r[2]}") for r in rows}
     return ids, vecs, groups
+
+
+def finding_kind(s, model_id: int) -> str:
+    """The index kind of a model's findings: its image index's (``cbr index --index-type``), else flat."""
+    return s.scalar(select(IndexManifest.kind).where(IndexManifest.model_id == model_id)) or "flat"
+
+
+def build_finding_index(dim: int, kind: str, ids, vecs):
+    """(index of ``kind`` holding the findings' vectors, note or None): a kind that cannot be
+    trained on this few findings (``ivf-pq`` on a few hundred) stays exact until there are more."""
+    try:
+        index = ix.build(dim, kind, n_hint=len(ids))
+        if len(ids):
+            ix.add(index, vecs, ids)
+        return index, None
+    except (ValueError, RuntimeError) as e:
+        index = ix.build(dim, "flat")
+        if len(ids):
+            ix.add(index, vecs, ids)
+        return index, f"findings index kind {kind!r} stays exact (flat) for now: {str(e).split(' (')[0]}"
 
 
 def finding_boxes(s, ids) -> dict:
@@ -114,8 +135,8 @@ def load_finding_index(cb, model_id: int, dim: int):
         notes.append(note)
         with cb.read() as s:
             ids, vecs, _ = finding_rows(s, model_id, dim)
-        index = ix.build(dim, "flat")
-        if len(ids):
-            ix.add(index, vecs, ids)
+            kind = finding_kind(s, model_id)
+        index, told = build_finding_index(dim, kind, ids, vecs)
+        notes.extend([told] if told else [])
     return index, k, scores, notes
 

@@ -20,6 +20,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from cbr.errors import CaseBaseError, DamagedRowError, IndexCorruptError, ModelMismatchError
+from cbr.lazy_import import LazyModule
 from cbr.models.config import ModelConfig
 from cbr.store.chunks import rows_in
 from cbr.store.damage import EMBEDDING_REPAIR, vector_problem
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 LOG = logging.getLogger(__name__)
+REBUILD_ROWS = 50_000  # stored embeddings read per statement while an index is rebuilt (100 MB at d=512)
+TRAIN_ROWS = 250_000  # a learning index trains on about this many (up to twice): an even sample
+models_embedder = LazyModule("cbr.models.embedder")  # torch-bound: loads on first use
 _LOAD_ATTEMPTS = 10  # a reader retries only when a writer switched generations meanwhile
 
 
@@ -141,7 +145,30 @@ def embeddings_in(s, model_id: int, ids=None, dim: int | None = None) -> tuple[n
     rows = s.execute(q).all() if ids is None else rows_in(s, q, Embedding.case_id, sorted({int(i) for i in ids}))
     if not rows:
         return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
-    dim = dim or s.get(Model, model_id).config.get("embedding_dim")
+    return _decoded(rows, model_id, dim or s.get(Model, model_id).config.get("embedding_dim"))
+
+
+def embedding_chunks(cb, model_id: int, *, every: int = 1):
+    """(case ids, float32 vectors) of a model's active cases, ``REBUILD_ROWS`` at a time in case id
+    order: each read starts after the last id (a keyset walk), so no read holds them all.
+    ``every``: only the cases whose id is a multiple of it (an even sample of the collection)."""
+    last = -1
+    while True:
+        with cb.read() as s:
+            q = _of_active_cases(select(Embedding.case_id, Embedding.vector), model_id).where(Embedding.case_id > last)
+            if every > 1:
+                q = q.where(Embedding.case_id % every == 0)
+            rows = s.execute(q.order_by(Embedding.case_id).limit(REBUILD_ROWS)).all()
+            if not rows:
+                return
+            dim = s.get(Model, model_id).config.get("embedding_dim")
+        ids, vecs = _decoded(rows, model_id, dim)
+        yield ids, vecs
+        last = int(ids[-1])
+
+
+def _decoded(rows, model_id: int, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(case ids, float32 vectors) of (case_id, stored vector) rows; a damaged row raises, named."""
     ids_out = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     dim = dim or len(rows[0][1]) // 4
     try:
@@ -294,19 +321,22 @@ def rebuild_index(cb, model_id: int, kind: str | None = None):
 
 
 def _from_embeddings(cb, model_id: int, kind: str):
-    """A model's index built in memory from the stored embeddings."""
-    ids, vecs = active_embeddings(cb, model_id)
+    """A model's index built from the stored embeddings a chunk at a time; a kind that learns is
+    trained first on an even sample of at most about 2 x ``TRAIN_ROWS`` of them. Only the index
+    itself is held: 10M stored embeddings are 10-20 GB."""
+    n, _ = _db_id_summary(cb, model_id)
     with cb.read() as s:
         dim = s.get(Model, model_id).config["embedding_dim"]
-    index = ix.build(dim, kind, n_hint=len(ids))
-    if len(ids):
+    index = ix.build(dim, kind, n_hint=n)
+    if n and not index.is_trained:
+        sample = [v for _, v in embedding_chunks(cb, model_id, every=max(1, n // TRAIN_ROWS))]
+        ix.train(index, np.concatenate(sample), n=n)
+    for ids, vecs in embedding_chunks(cb, model_id):
         ix.add(index, vecs, ids)
     return index
 
 
 def _embedder_for(model: Model):
-    from cbr.models.embedder import create_embedder
-
     cfg = ModelConfig.from_dict(model.config)
     if model.weights == "checkpoint":
         if not Path(model.source).exists():
@@ -315,7 +345,7 @@ def _embedder_for(model: Model):
                 "index again with another --model and query with --model"
             )
     # The stored settings win: an index may use another CAM layer than the checkpoint's default.
-    emb = create_embedder(model.source if model.weights == "checkpoint" else model.backbone, config=cfg)
+    emb = models_embedder.create_embedder(model.source if model.weights == "checkpoint" else model.backbone, config=cfg)
     if emb.fingerprint != model.fingerprint:
         raise ModelMismatchError(
             f"model {model.source} now has fingerprint {emb.fingerprint[:12]}, but the index was built with "
@@ -339,13 +369,11 @@ def _select_models(cb, wanted) -> list[Model]:
         raise CaseBaseError(f"case base {cb.display} has no index yet; build one with `cbr index DATA --db {cb.display}`")
     if not wanted:
         return list(rows)
-    from cbr.models.embedder import create_embedder
-
     chosen = []
     for name in wanted:
         hits = [r for r in rows if name in (r.source, r.backbone, r.fingerprint) or (os.path.exists(name) and r.source == str(Path(name).resolve()))]
         if not hits and os.path.exists(name):
-            fp = create_embedder(name).fingerprint
+            fp = models_embedder.create_embedder(name).fingerprint
             hits = [r for r in rows if r.fingerprint == fp]
         if not hits:
             members = "; ".join(model_label(r) for r in rows)

@@ -37,6 +37,7 @@ __all__ = [
     "Finding",
     "FindingIndex",
     "utcnow",
+    "readable_file",
 ]
 
 # Named constraints keep Alembic's batch mode (SQLite) and other backends in step.
@@ -51,6 +52,14 @@ NAMING = {
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def readable_file(shown: str, file: str) -> property:
+    """A row's locator to read its pixels from (its file, frame or slice): the ``file`` column, set
+    when the ``shown`` column holds a neutral locator (a DICOM image of a pseudonymised case base is
+    shown as ``dicom:<hashed SOPInstanceUID>``, since file names carry names and birth dates), else
+    ``shown`` itself. ``file`` is never shown or exported."""
+    return property(lambda row: getattr(row, file) or getattr(row, shown), doc=readable_file.__doc__)
 
 
 class Base(DeclarativeBase):
@@ -98,15 +107,8 @@ class Case(Base):
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     removed_reason: Mapped[str | None] = mapped_column(Text)
-    # Where the pixels are re-read from when ``path`` is a neutral locator (a DICOM case of a
-    # pseudonymised case base: ``dicom:<hashed SOPInstanceUID>``, since file names carry names and
-    # birth dates). Never shown or exported; None: ``path`` is the file itself.
-    file_locator: Mapped[str | None] = mapped_column(Text)
-
-    @property
-    def readable_locator(self) -> str:
-        """The locator to read this case's pixels from (its file, frame or slice)."""
-        return self.file_locator or self.path
+    file_locator: Mapped[str | None] = mapped_column(Text)  # None: ``path`` is the file itself
+    readable_locator = readable_file("path", "file_locator")
 
 
 class Embedding(Base):
@@ -145,7 +147,9 @@ class Calibration(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     cases_digest: Mapped[str | None] = mapped_column(String(128))  # active cases it was computed on
     # the weighted vote's fitted temperature and prior (cbr.pipeline.temperature), and where the rows came
-    # from: {"value", "prior", "reference", "k", "n", "nll", ..., "source", "cases", "why"}
+    # from: {"value", "prior", "reference", "k", "n", "nll", ..., "source", "cases", "why"}; "folds": the
+    # same fitted per cross-fitting fold on the other folds, "fold_of": each row's fold
+    # (cbr.pipeline.calibration)
     temperature: Mapped[dict | None] = mapped_column(JSON)
 
 
@@ -227,13 +231,8 @@ class Query(Base):
     # The conformal prediction set and its coverage, a conflict with a stored case, and where the vote
     # was calibrated: {"set", "coverage", "conflict", "calibration"} (None: an older query).
     uncertainty: Mapped[dict | None] = mapped_column(JSON)
-    # The image's file when ``image_path`` is a neutral locator (see Case.file_locator); never shown.
-    image_file: Mapped[str | None] = mapped_column(Text)
-
-    @property
-    def readable_image(self) -> str:
-        """The locator to read this query's image from (its file, frame or slice)."""
-        return self.image_file or self.image_path
+    image_file: Mapped[str | None] = mapped_column(Text)  # None: ``image_path`` is the file itself
+    readable_image = readable_file("image_path", "image_file")
 
 
 class Vote(Base):

@@ -23,8 +23,9 @@ from cbr.pipeline.calibration import recalibrate
 from cbr.pipeline.finding_search import index_findings
 from cbr.pipeline.search import active_classes
 from cbr.store.member import load_members, writer_lock
+from cbr.pipeline.audit.trail import query_window
 from cbr.store.rows import get_query, iso
-from cbr.store.schema import Case, Explanation, Feedback, Model, Vote
+from cbr.store.schema import Case, Explanation, Feedback
 from cbr.store.writer import CaseWriter
 
 __all__ = ["RetainError", "NewClassError", "add_feedback", "parse_region"]
@@ -174,14 +175,6 @@ def _check_image_file(image) -> None:
             pass
     except ImageError as e:
         raise CbrError(f"--image {e}; nothing was recorded") from None
-
-
-def query_window(cb, query_id: int) -> str:
-    """The VOI window the query's members decoded DICOM/NIfTI with (one per case base)."""
-    with cb.read() as s:
-        cfg = s.scalar(select(Model.config).join(Vote, Vote.model_id == Model.id)
-                       .where(Vote.query_id == query_id).limit(1))
-    return (cfg or {}).get("window", "auto")
 
 
 def _read_query_image(j: _Judged, image, window: str = "auto"):

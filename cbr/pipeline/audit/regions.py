@@ -21,8 +21,7 @@ from sqlalchemy import func, select
 from cbr.data.sources import read_source, Source
 from cbr.errors import CbrError, ImageError
 from cbr.files import atomic_open
-from cbr.pipeline.audit.feedback import query_window
-from cbr.pipeline.audit.trail import latest_feedback
+from cbr.pipeline.audit.trail import latest_feedback, query_window
 from cbr.store.schema import Feedback, Query
 
 __all__ = ["export_regions", "region_rows", "REGION_COLUMNS"]

@@ -18,9 +18,9 @@ from cbr.files import atomic_open, is_stdout, output_kind
 from cbr.pipeline.settings import DEFAULT_REPORTS, SCALES
 from cbr.reporting.report import load_record, strip_maps, write_outputs
 from cbr.store.rows import as_utc, iso
-from cbr.store.schema import Case, Feedback, Query
+from cbr.store.schema import Case, Feedback, Model, Query, Vote
 
-__all__ = ["history", "HistoryFilter", "show", "rerender_report", "latest_feedback"]
+__all__ = ["history", "HistoryFilter", "show", "rerender_report", "latest_feedback", "query_window"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,14 @@ def history(cb, where: HistoryFilter | None = None, *, limit: int | None = 50, o
             "status": _status(q.prediction, None if f is None else f.label, kept),
         })
     return out
+
+
+def query_window(cb, query_id: int) -> str:
+    """The VOI window the query's members decoded DICOM/NIfTI with (one per case base)."""
+    with cb.read() as s:
+        cfg = s.scalar(select(Model.config).join(Vote, Vote.model_id == Model.id)
+                       .where(Vote.query_id == query_id).limit(1))
+    return (cfg or {}).get("window", "auto")
 
 
 def show(cb, query_id: int) -> dict:

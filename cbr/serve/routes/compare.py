@@ -17,6 +17,7 @@ from cbr.serve.deps import get_casebase, require_token
 from cbr.serve.duplicates import duplicate_flags
 from cbr.serve.lesion import lesion_fractions
 from cbr.serve.models import CaseId, MemberId, QueryId
+from cbr.serve.outlines import region_outlines, SOURCES
 from cbr.serve.pictures import SIZE, colour_bar_png
 from cbr.serve.rendering import render
 from cbr.serve.routes.queries import record_json
@@ -57,10 +58,13 @@ def compare_page(request: Request, query_id: QueryId, case_id: CaseId, member: M
     i = ids.index(case_id)
     n = mem["neighbours"][i]
     classes = any(m["target"].startswith("class:") for m in mem["query_maps"]) or n.get("case_map") is not None
+    marks = region_outlines(wb, request.app.state.records.get(cb, query_id)).get(mem["model_id"]) or {}
     return render(request, "compare.html", {
         "r": record, "p": record["prediction"], "mem": mem, "n": n, "size": SIZE,
         "prev": ids[i - 1] if i > 0 else None, "next": ids[i + 1] if i + 1 < len(ids) else None,
-        "has_class": classes, "high_depth": high_depth(record["image"]) or high_depth(n["path"]),
+        "has_class": classes, "has_finding": bool(mem.get("finding_map")), "outline_query": marks.get("query"),
+        "outline_case": (marks.get("neighbours") or {}).get(case_id), "sources": SOURCES,
+        "high_depth": high_depth(record["image"]) or high_depth(n["path"]),
         "windows": ["auto", "minmax", *WINDOWS], "model_window": mem.get("window", "auto"),
         "presets": DISPLAY_PRESETS, "lesion": lesion_fractions(wb, record),
         "duplicate": duplicate_flags(wb, record).get(case_id)})

@@ -10,14 +10,16 @@ from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from cbr.errors import CbrError, NotFoundError
-from cbr.pipeline.audit import NewClassError
+from cbr.pipeline.audit.feedback import NewClassError
 from cbr.pipeline.audit.trail import history, HistoryFilter
+from cbr.reporting.uncertainty import finding_lines
 from cbr.serve.case_record import case_record
 from cbr.serve.deps import get_casebase, get_workbench, require_token
 from cbr.serve.duplicates import duplicate_flags
 from cbr.serve.lesion import latest_region, lesion_fractions, lesion_pixels
 from cbr.serve.messages import public_message
 from cbr.serve.models import MAX_ID, MAX_OFFSET, CaseId, QueryId
+from cbr.serve.outlines import region_outlines, SOURCES
 from cbr.serve.methods import stored_specs
 from cbr.serve.rendering import render
 from cbr.serve.routes.queries import record_json
@@ -80,7 +82,9 @@ def query_page(request: Request, query_id: QueryId, said: str | None = Query(Non
     return render(request, "query.html", {"r": record, "p": p, "labels": labels,
                                           "methods": stored_specs(cb, query_id), "said": messages, "said_ok": ok,
                                           "lesion": lesion_fractions(wb, record), "region": latest_region(record),
-                                          "dups": duplicate_flags(wb, record)})
+                                          "dups": duplicate_flags(wb, record),
+                                          "outlines": region_outlines(wb, request.app.state.records.get(cb, query_id)),
+                                          "sources": SOURCES, "finding_text": finding_lines(p.get("finding"), None)})
 
 
 @router.post("/queries/{query_id}/feedback")

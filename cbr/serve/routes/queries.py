@@ -11,15 +11,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from cbr.data.windows import parse_window
 from cbr.errors import NotFoundError
-from cbr.pipeline.audit import show
-from cbr.pipeline.audit.trail import history, HistoryFilter
+from cbr.pipeline.audit.feedback import NewClassError
+from cbr.pipeline.audit.trail import history, HistoryFilter, show
 from cbr.serve.deps import get_casebase, get_workbench, json_write, require_token, same_origin
 from cbr.serve.lineage import children_of, parent_of
 from cbr.serve.methods import method_maps, stored_specs
 from cbr.pipeline.vote import VOTE_RULES
 from cbr.serve.models import MAX_OFFSET, AnswerOut, CaseId, ExampleIn, FeedbackIn, MemberId, QueryId, QueryPage, RegionIn
 from cbr.serve.pictures import image_png, map_png, query_maps, record_crop, record_window
-from cbr.serve.uploads import MAX_K, query_options, read_upload
+from cbr.serve.uploads import MAX_K, BadValue, query_options, read_upload
 from explain.methods import METHOD_NAMES
 from cbr.store.rows import get_query as query_row  # this module's get_query is the route
 from cbr.store.rows import case_locators, query_image_locator
@@ -90,9 +90,17 @@ def get_query(query_id: QueryId, cb=Depends(get_casebase)):
 
 @router.post("/{query_id}/feedback", dependencies=[Depends(json_write)])
 def feedback(query_id: QueryId, body: FeedbackIn, wb=Depends(get_workbench)):
-    """An expert's verdict, as ``cbr feedback --json``: a new row every time, never overwritten."""
-    return wb.feedback(query_id, body.label, note=body.note or None, by=body.by or None, retain=body.retain,
-                       region=body.region)
+    """An expert's verdict, as ``cbr feedback --json``: a new row every time, never overwritten.
+
+    A label no case has yet is refused (422, nothing recorded) unless ``new_class`` is true."""
+    try:
+        return wb.feedback(query_id, body.label, note=body.note or None, by=body.by or None, retain=body.retain,
+                           region=body.region, allow_new_class=body.new_class)
+    except NewClassError as e:
+        raise BadValue(f"label {e.label!r} is not a class of the case base ({', '.join(e.classes) or 'none yet'})"
+                       + (f"; {e.lookalike}" if e.lookalike else "")
+                       + '; check the spelling, or send "new_class": true to start a new class. '
+                         'Nothing was recorded.') from None
 
 
 @router.post("/{query_id}/refine/region", dependencies=[Depends(json_write)], response_model=AnswerOut)

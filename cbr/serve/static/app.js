@@ -12,6 +12,14 @@ function chosenMethod() {
   return select && select.selectedIndex > 0 ? select.value : "";
 }
 
+// What the page says when a map kind is missing: [for every image, for some of them].
+const MISSING_MAPS = {
+  class: ["No class maps here: this model has no class head, so there is no class map of the query, and the cases' stored maps are embedding maps. Use the similarity maps.",
+          "have no class map (the query's needs a class head; a case's needs a stored class map)."],
+  finding: ["No finding maps here: this model has no lesion localiser (it was trained without lesion masks). Use the similarity maps.",
+            "have no finding map (a neighbour whose image could not be read again has none)."],
+};
+
 // Show each overlay's map of the chosen kind, scale and method; hide it where that map does not exist.
 function showMaps() {
   const kind = checkedValue("map-kind", "similarity");
@@ -19,14 +27,16 @@ function showMaps() {
   const method = chosenMethod();
   const extra = "scale=" + encodeURIComponent(scale) + (method ? "&method=" + encodeURIComponent(method) : "");
   document.body.dataset.mapKind = kind;  // the match rings belong to the similarity maps (CSS hides them)
-  const missing = [...document.querySelectorAll("img.overlay")].filter((img) => !img.dataset[kind]).length;
+  // the images counted: the query and the neighbours (a region-matching pair's small query copy is
+  // drawn with the similarity maps only)
+  const counted = [...document.querySelectorAll("img.overlay")].filter((img) => !img.closest(".pair"));
+  const missing = counted.filter((img) => !img.dataset[kind]).length;
   const message = document.getElementById("map-message");
+  const said = MISSING_MAPS[kind];
   if (message) {
-    const all = document.querySelectorAll("img.overlay").length;
-    message.hidden = kind !== "class" || missing === 0;
-    message.textContent = missing === all
-      ? "No class maps here: this model has no class head, so there is no class map of the query, and the cases' stored maps are embedding maps. Use the similarity maps."
-      : missing + " of the " + all + " images have no class map (the query's needs a class head; a case's needs a stored class map).";
+    const all = counted.length;
+    message.hidden = !said || missing === 0;
+    if (said) message.textContent = missing === all ? said[0] : missing + " of the " + all + " images " + said[1];
   }
   document.querySelectorAll("img.overlay").forEach((img) => {
     const base = img.dataset[kind];

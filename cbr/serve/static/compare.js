@@ -68,6 +68,17 @@ function drawMarks(ctx, pane, at) {
     ctx.lineWidth = 1.5; ctx.strokeStyle = "#000";
     ctx.beginPath(); ctx.arc(x, y, r + 3, 0, 2 * Math.PI); ctx.stroke();
   }
+  // the region a region query searched, or a neighbour's finding nearest to it: in every mode; the
+  // lesion localiser's region belongs to its map, so only with the finding map
+  const region = pane.region;
+  if (region && (region.source !== "localiser" || view.map === "finding")) {
+    region.boxes.forEach((b) => {
+      const [x, y, w, h] = [at.left + b[0] * at.side, at.top + b[1] * at.side, (b[2] - b[0]) * at.side,
+                            (b[3] - b[1]) * at.side];
+      ctx.lineWidth = 4; ctx.strokeStyle = "#000"; ctx.strokeRect(x, y, w, h);
+      ctx.lineWidth = 2; ctx.strokeStyle = "#00e5ff"; ctx.strokeRect(x, y, w, h);
+    });
+  }
   const box = pane.lesion;
   if (box) {
     ctx.setLineDash([6, 4]); ctx.lineWidth = 2; ctx.strokeStyle = "#ffd400";
@@ -197,7 +208,7 @@ async function loadPictures(root) {
 }
 
 async function loadMaps(root) {
-  const names = ["similarity", "class"];
+  const names = ["similarity", "class", "finding"];
   const urls = names.flatMap((k) => [root.dataset["query" + k[0].toUpperCase() + k.slice(1)],
                                      root.dataset["neighbour" + k[0].toUpperCase() + k.slice(1)]]);
   const imgs = await Promise.all(urls.map(loadImage));
@@ -210,8 +221,8 @@ async function loadMaps(root) {
 function showMapNote() {
   const note = document.getElementById("map-note");
   const missing = ["query", "neighbour"].filter((_, i) => !panes[i].maps[view.map]);
-  note.textContent = missing.length ? "no " + (view.map === "class" ? "class" : "similarity") + " map of the "
-    + missing.join(" or the ") + (view.map === "class" ? " (this model has no class head)" : "") : "";
+  const why = { class: " (this model has no class head)", finding: " (this model has no lesion localiser)" };
+  note.textContent = missing.length ? "no " + view.map + " map of the " + missing.join(" or the ") + (why[view.map] || "") : "";
 }
 
 function wireControls(root) {
@@ -242,6 +253,12 @@ function wireControls(root) {
   });
 }
 
+// The map kind checked when the page loads (the finding map when the model has a localiser).
+function checkedMap() {
+  const checked = document.querySelector('input[name="compare-map"]:checked');
+  return checked ? checked.value : "similarity";
+}
+
 function numbers(text) {
   return text ? text.split(",").map(Number) : null;
 }
@@ -251,10 +268,13 @@ document.addEventListener("DOMContentLoaded", () => {
   if (!root) return;
   const size = Number(root.dataset.matchSize || 0);
   const ring = (t) => (size && t ? numbers(t).map((v) => v / size) : null);
+  const region = (boxes, source) => (boxes ? { boxes: boxes.split(";").map(numbers), source } : null);
   panes.push({ canvas: document.getElementById("pane-query"), maps: {}, ring: ring(root.dataset.matchQuery),
-               lesion: numbers(root.dataset.lesion) });
+               lesion: numbers(root.dataset.lesion),
+               region: region(root.dataset.regionQuery, root.dataset.regionQuerySource) });
   panes.push({ canvas: document.getElementById("pane-neighbour"), maps: {}, ring: ring(root.dataset.matchCase),
-               lesion: null });
+               lesion: null, region: region(root.dataset.regionCase, root.dataset.regionCaseSource) });
+  view.map = checkedMap();
   panes.forEach((pane) => wirePointer(pane.canvas));
   wireKeys(root);
   wireControls(root);

@@ -1,0 +1,129 @@
+"""A large case base end to end: `cbr import` of N synthetic embeddings, then warm queries by embedding.
+
+Run by hand, not by pytest (N = 1M: a 1 GB float16 matrix, ~2-4 GB of case base):
+
+    .venv/bin/python benchmarks/bench_scale_e2e.py make --n 1000000 --work /work/runs/scale/e2e
+    /usr/bin/time -v .venv/bin/cbr import /work/runs/scale/e2e/emb.npy --manifest /work/runs/scale/e2e/rows.csv \\
+        --model resnet18 --weights none --fingerprint "$(cat /work/runs/scale/e2e/fingerprint)" \\
+        --embedding-dtype float16 --index-type ivf-sq8 --db /work/runs/scale/e2e/cases.db
+    .venv/bin/python benchmarks/bench_scale_e2e.py query --db /work/runs/scale/e2e/cases.db --work /work/runs/scale/e2e
+
+The vectors come from bench_scale_stream.py's real-spectrum generator (the eigenvalues and mean
+of cbr's own embeddings), d = 512, written a chunk at a time into an .npy opened as a memory map,
+so no step holds them all. Labels are drawn at random among 7 classes (the vote is not what is
+measured here); every row gives its sha256, so no image file is read. The model is resnet18 with
+random weights ("--weights none"): only its dimension and fingerprint matter to `cbr import`.
+
+``query`` opens the case base once, answers --warmup queries, then times --queries more: each a
+fresh vector of the same distribution, answered by ``Searcher.query_embedding`` (``cbr query
+--embedding``) with ``--explain none``, recorded like any query. It prints p50/p99 end to end,
+the stages (search, vote, database) and the process's peak RSS (VmHWM).
+"""
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scale_stream import Chunks  # noqa: E402
+from cbr.models.embedder import create_embedder  # noqa: E402
+from cbr.pipeline.query import Searcher  # noqa: E402
+from cbr.store.casebase import open_casebase  # noqa: E402
+
+DIM = 512
+MODEL = "resnet18"
+CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+
+
+def make(a) -> None:
+    """Write emb.npy (float16, n x 512), rows.csv (path,label,group,metadata,sha256) and fingerprint."""
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    chunks = Chunks("real", a.n, DIM, a.chunk, a.seed)
+    out = np.lib.format.open_memmap(work / "emb.npy", mode="w+", dtype=np.float16, shape=(a.n, DIM))
+    rng = np.random.default_rng(a.seed)
+    t = time.perf_counter()
+    with open(work / "rows.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "group", "metadata", "sha256"])
+        for c in range(chunks.count):
+            x, ids = chunks(c)
+            out[ids[0]:ids[0] + len(ids)] = x
+            labels = rng.integers(0, len(CLASSES), len(ids))
+            for i, lab in zip(ids, labels):
+                w.writerow([f"img/{i}.png", CLASSES[lab], f"P{i // 3}", "",
+                            hashlib.sha256(f"case {i}".encode()).hexdigest()])
+    out.flush()
+    del out
+    fp = create_embedder(MODEL, weights="none").fingerprint
+    (work / "fingerprint").write_text(fp)
+    print(json.dumps({"rows": a.n, "seconds": round(time.perf_counter() - t, 1), "fingerprint": fp,
+                      "npy_bytes": (work / "emb.npy").stat().st_size, "csv_bytes": (work / "rows.csv").stat().st_size}))
+
+
+def query(a) -> None:
+    """Time warm queries by embedding, end to end, and report the process's peak memory."""
+    chunks = Chunks("real", a.n or 1, DIM, 1000, a.seed)
+    xq = chunks.draw(np.random.default_rng([a.seed, DIM, 2 * 10**9]), a.warmup + a.queries)
+    t = time.perf_counter()
+    cb = open_casebase(a.db, create=False, index_dir=a.index_dir)
+    searcher = Searcher(cb, k=a.k, explain="none", render=False)
+    opened = time.perf_counter() - t
+    times, cpu, stages = [], [], {}
+    for i, v in enumerate(xq):
+        t, c = time.perf_counter(), time.process_time()
+        answer = searcher.query_embedding([v], name=f"bench-query-{i}")
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+            for k, s in answer.timings.items():
+                stages.setdefault(k, []).append(s)
+    ms = lambda xs: round(1000 * statistics.median(xs), 2)  # noqa: E731
+    print(json.dumps({"db": a.db, "queries": len(times), "k": a.k, "open_s": round(opened, 2),
+                      "p50_ms": ms(times), "p99_ms": round(1000 * float(np.percentile(times, 99)), 2),
+                      "max_ms": round(1000 * max(times), 2),
+                      # this process's CPU (the database server's, for PostgreSQL, is not in it)
+                      "cpu_p50_ms": ms(cpu), "cpu_p99_ms": round(1000 * float(np.percentile(cpu, 99)), 2),
+                      "stages_p50_ms": {k: ms(v) for k, v in stages.items()},
+                      "peak_rss_mb": _vm("VmHWM"), "rss_mb": _vm("VmRSS"), "load": os.getloadavg()}, indent=1))
+
+
+def _vm(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="step", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("--n", type=int, default=1_000_000)
+    m.add_argument("--chunk", type=int, default=100_000)
+    q = sub.add_parser("query")
+    q.add_argument("--db", required=True)
+    q.add_argument("--index-dir", default=None, help="where a PostgreSQL case base's index files are")
+    q.add_argument("--n", type=int, default=0)
+    q.add_argument("--k", type=int, default=5)
+    q.add_argument("--warmup", type=int, default=5)
+    q.add_argument("--queries", type=int, default=20)
+    for s in (m, q):
+        s.add_argument("--work", default="/work/runs/scale/e2e")
+        s.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    make(a) if a.step == "make" else query(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -78,6 +78,7 @@ def query(a) -> None:
     cb = open_casebase(a.db, create=False, index_dir=a.index_dir)
     searcher = Searcher(cb, k=a.k, explain="none", render=False)
     opened = time.perf_counter() - t
+    server0 = _server_cpu(a.pg_data)
     times, cpu, stages = [], [], {}
     for i, v in enumerate(xq):
         t, c = time.perf_counter(), time.process_time()
@@ -93,8 +94,29 @@ def query(a) -> None:
                       "max_ms": round(1000 * max(times), 2),
                       # this process's CPU (the database server's, for PostgreSQL, is not in it)
                       "cpu_p50_ms": ms(cpu), "cpu_p99_ms": round(1000 * float(np.percentile(cpu, 99)), 2),
+                      # PostgreSQL's backends on this machine (warm-up included), per query: mean
+                      "server_cpu_ms_per_query": round(1000 * (_server_cpu(a.pg_data) - server0) / len(xq), 2),
                       "stages_p50_ms": {k: ms(v) for k, v in stages.items()},
                       "peak_rss_mb": _vm("VmHWM"), "rss_mb": _vm("VmRSS"), "load": os.getloadavg()}, indent=1))
+
+
+def _server_cpu(pg_data) -> float:
+    """CPU seconds of the processes of the PostgreSQL server whose data folder is ``pg_data`` (its
+    postmaster's children: the backends); 0 without one."""
+    if not pg_data:
+        return 0.0
+    postmaster = Path(pg_data, "postmaster.pid").read_text().split()[0]
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if fields[1] != postmaster:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            continue
+    return total
 
 
 def _vm(field: str) -> float:
@@ -114,6 +136,7 @@ def main(argv=None) -> None:
     q = sub.add_parser("query")
     q.add_argument("--db", required=True)
     q.add_argument("--index-dir", default=None, help="where a PostgreSQL case base's index files are")
+    q.add_argument("--pg-data", default=None, help="the PostgreSQL server's data folder: its backends' CPU is reported")
     q.add_argument("--n", type=int, default=0)
     q.add_argument("--k", type=int, default=5)
     q.add_argument("--warmup", type=int, default=5)

@@ -30,6 +30,13 @@ Data ("--data"):
   deep-network representations decay as a power law with exponent near 1 (Stringer et al.,
   Nature 2019, for visual cortex and CNNs; Agrawal et al., NeurIPS 2022, "alpha-ReQ", for
   self-supervised image embeddings). `--real-spectrum` measures cbr's own embeddings beside it.
+- real: Gaussian with the eigenvalues and mean measured on cbr's own embeddings (SPECTRUM_FILE,
+  written by `--real-spectrum 800 --spectrum-out FILE`): the measured eigenvalues up to rank
+  images/4, the fitted power law beyond, and the mean (75 % of the squared length of ImageNet
+  MobileNetV2 embeddings of HAM10000), in a random basis, L2-normalised.
+
+    .venv/bin/python benchmarks/bench_scale_stream.py --data real --n 10000000 --nlist 4096 --coarse hnsw \
+        --opq --pq 64x4fs --train 65536 --niter 10 --threads 1 --nprobes 32 64 128 256 --factors 0 20 50 100
 - clustered: bench_scale.py's 1000 Gaussian clusters with isotropic noise. In 512 dimensions that
   noise makes a point's 10 nearest neighbours almost equidistant (cosines within ~0.03), so no
   compressed code can order them: a worst case for PQ, reported as such.
@@ -286,7 +293,8 @@ def sweep(ix, sidecar, xq, Iref, nprobes, factors):
     return rows
 
 
-SPECTRUM_FILE = Path(__file__).resolve().parent / "results" / "real_spectrum_mobilenet_v2_ham10000.json"
+# Measured once and kept in the repository (benchmarks/results/ is not), so `--data real` runs anywhere.
+SPECTRUM_FILE = Path(__file__).resolve().parent / "spectra" / "mobilenet_v2_ham10000.json"
 
 
 def real_scales(dim, path=SPECTRUM_FILE):

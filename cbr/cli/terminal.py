@@ -22,6 +22,10 @@ class TerminalStream(io.TextIOBase):
         self.raw = raw
 
     def write(self, text) -> int:
+        # A text stream refuses bytes: click probes with write(b"") and, were they taken, would
+        # treat this as a binary stream and print every line as b'...'.
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         self.raw.write(for_terminal(text, keep_newlines=True))
         return len(text)
 

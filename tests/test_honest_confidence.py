@@ -447,3 +447,30 @@ def test_cross_fitted_sets_cover_each_class():
     one = np.asarray([0.1, 0.4, 0.4, 0.9])
     assert cross_p_value([one], [0.4]) == p_value(one, 0.4) == 4 / 5
     assert cross_p_value([one[:2], one[2:]], [0.4, 0.95]) == (1 + 0 + 1) / 5
+
+
+def test_a_patient_s_calibration_cases_share_one_fold(runner, phantom_set, tmp_path):
+    """No fold's vote is fitted on one image of a patient and scores another image of that patient."""
+    from sqlalchemy import select
+
+    from cbr.store.casebase import open_casebase
+    from cbr.store.schema import Calibration, Case
+
+    db = tmp_path / "cases.db"
+    result = invoke(runner, "index", phantom_set, "--db", db, *TINY, "--workers", "0", "--explain", "none")
+    assert result.exit_code == 0, result.output
+    cb = open_casebase(db, create=False)
+    try:
+        with cb.read() as s:
+            cal = s.scalar(select(Calibration))
+            groups = [g for (g,) in s.execute(select(Case.group_id).order_by(Case.id))]
+    finally:
+        cb.close()
+    folds = cal.temperature["fold_of"]
+    assert len(folds) == len(cal.rows) == len(groups) == 18 and len(cal.temperature["folds"]) == 5
+    # every calibration case is picked here (18 < 500), in case order
+    by_patient = {}
+    for g, f in zip(groups, folds):
+        by_patient.setdefault(g, set()).add(f)
+    assert len(by_patient) == 9 and all(len(f) == 1 for f in by_patient.values())
+    assert sorted({f for fs in by_patient.values() for f in fs}) == [0, 1, 2, 3, 4]

@@ -16,13 +16,14 @@ import uuid
 import numpy as np
 from sqlalchemy import select
 
+from cbr.store.chunks import rows_in
 from cbr.store.encoding import decode_vectors, encode_vector
 from cbr.store.generation import folder_tag
 from cbr.store.schema import Case, Finding, FindingIndex, IndexManifest, utcnow
 import index as ix
 
 __all__ = ["add_findings", "finding_rows", "cases_with_findings", "finding_boxes", "save_finding_index",
-           "load_finding_index", "findings_of_cases", "finding_kind", "build_finding_index"]
+           "load_finding_index", "findings_of_cases", "finding_kind", "build_finding_index", "case_findings"]
 
 LOG = logging.getLogger(__name__)
 
@@ -83,6 +84,21 @@ def finding_boxes(s, ids) -> dict:
     rows = s.execute(select(Finding.id, Finding.box, Finding.source, Case).join(Case, Case.id == Finding.case_id)
                      .where(Finding.id.in_(ids), Case.removed_at.is_(None))).all()
     return {int(fid): (case, list(box), src) for fid, box, src, case in rows}
+
+
+def case_findings(s, model_id: int, case_ids, dim: int):
+    """(case ids, boxes, float32 vectors) of every finding of these active cases under a model, in
+    finding id order: a region query rescores each candidate case's findings exactly."""
+    case_ids = sorted({int(c) for c in case_ids})
+    if not case_ids:
+        return np.empty(0, dtype=np.int64), [], np.empty((0, dim), dtype=np.float32)
+    q = select(Finding.id, Finding.case_id, Finding.box, Finding.vector).join(Case, Case.id == Finding.case_id) \
+        .where(Finding.model_id == model_id, Case.removed_at.is_(None))
+    rows = sorted(rows_in(s, q, Finding.case_id, case_ids), key=lambda r: r[0])
+    if not rows:
+        return np.empty(0, dtype=np.int64), [], np.empty((0, dim), dtype=np.float32)
+    return (np.asarray([r[1] for r in rows], dtype=np.int64), [list(r[2]) for r in rows],
+            decode_vectors([r[3] for r in rows], dim))
 
 
 def findings_of_cases(s, model_id: int, case_ids) -> list[int]:

@@ -88,34 +88,14 @@ def iou_top(raw, mask, fraction=0.2):
     return float(np.logical_and(selected, mask).sum() / union) if union else 0.0
 
 
-def deletion_curve(score_fn, image, saliency, *, steps=20, baseline=0.0):
-    """Scores as the most-attributed pixels are removed first (Petsiuk et al., RISE).
-
-    The image with the first round(f * H * W) pixels of the saliency order set to `baseline`
-    is scored for f in linspace(0, 1, steps + 1), all steps as one batch.
-
-    Scores are normalised as (s - s_deleted) / (s_intact - s_deleted): the intact and the fully
-    deleted image are the same for every saliency map, so every curve runs from 1 to 0 and the
-    AUCs of different maps (and of random_deletion_auc) compare directly; lower is better.
-    If s_intact == s_deleted the normalised scores and the AUC are NaN.
-
-    Args:
-        score_fn: maps a (N, C, H, W) batch to (N,) scores, e.g. a class probability or the
-            cosine to a neighbour's embedding; called under torch.no_grad.
-        image: (C, H, W) or (1, C, H, W) tensor.
-        saliency: a raw map of any resolution; upsampled to (H, W).
-        steps: number of deletion steps.
-        baseline: the value of removed pixels, a float or a tensor broadcastable to the image.
+def score_curve(score_fn, image, saliency, *, steps=20, baseline=0.0):
+    """The raw scores behind deletion_curve, not normalised (same arguments).
 
     Returns:
-        (fractions, normalised scores, auc): two (steps + 1,) arrays and the trapezoid AUC.
-
-    Example:
-        >>> _, _, auc = deletion_curve(lambda x: model(x).softmax(1)[:, 0], image, raw)
-        >>> auc < random_deletion_auc(lambda x: model(x).softmax(1)[:, 0], image)
+        (fractions, scores): two (steps + 1,) arrays; scores[0] is the intact image's score and
+        scores[-1] the fully deleted image's, whatever the saliency map.
     """
     import torch
-    from sklearn.metrics import auc
 
     if image.ndim == 4:
         if image.shape[0] != 1:
@@ -142,19 +122,112 @@ def deletion_curve(score_fn, image, saliency, *, steps=20, baseline=0.0):
     scores = np.asarray(torch.as_tensor(scores).detach().cpu(), dtype=np.float64).reshape(-1)
     if scores.shape != (steps + 1,):
         raise ValueError(f"score_fn returned {scores.size} scores for a batch of {steps + 1}")
+    return fractions, scores
+
+
+def _flat(gap, intact):
+    return abs(gap) <= 1e-12 * max(1.0, abs(intact))
+
+
+def deletion_curve(score_fn, image, saliency, *, steps=20, baseline=0.0):
+    """Scores as the most-attributed pixels are removed first (Petsiuk et al., RISE).
+
+    The image with the first round(f * H * W) pixels of the saliency order set to `baseline`
+    is scored for f in linspace(0, 1, steps + 1), all steps as one batch.
+
+    Scores are normalised as (s - s_deleted) / (s_intact - s_deleted): the intact and the fully
+    deleted image are the same for every saliency map, so every curve runs from 1 to 0 and the
+    AUCs of different maps (and of random_deletion_auc) compare directly; lower is better.
+    If s_intact == s_deleted the normalised scores and the AUC are NaN. One image's AUC is
+    unbounded when that gap is small or negative: average several images with pooled_auc on
+    score_curve's raw scores, not by averaging these AUCs.
+
+    Args:
+        score_fn: maps a (N, C, H, W) batch to (N,) scores, e.g. a class probability or the
+            cosine to a neighbour's embedding; called under torch.no_grad.
+        image: (C, H, W) or (1, C, H, W) tensor.
+        saliency: a raw map of any resolution; upsampled to (H, W).
+        steps: number of deletion steps.
+        baseline: the value of removed pixels, a float or a tensor broadcastable to the image.
+
+    Returns:
+        (fractions, normalised scores, auc): two (steps + 1,) arrays and the trapezoid AUC.
+
+    Example:
+        >>> _, _, auc = deletion_curve(lambda x: model(x).softmax(1)[:, 0], image, raw)
+        >>> auc < random_deletion_auc(lambda x: model(x).softmax(1)[:, 0], image)
+    """
+    from sklearn.metrics import auc
+
+    fractions, scores = score_curve(score_fn, image, saliency, steps=steps, baseline=baseline)
     span = scores[0] - scores[-1]
-    if abs(span) <= 1e-12 * max(1.0, abs(scores[0])):
+    if _flat(span, scores[0]):
         normalised = np.full_like(scores, np.nan)
         return fractions, normalised, float("nan")
     normalised = (scores - scores[-1]) / span
     return fractions, normalised, float(auc(fractions, normalised))
 
 
+def random_saliency(image, seed=0):
+    """A uniformly random (H, W) map for `image`: the chance map of random_deletion_auc."""
+    height, width = image.shape[-2:]
+    return np.random.default_rng(seed).random((height, width), dtype=np.float32)
+
+
 def random_deletion_auc(score_fn, image, *, steps=20, seed=0, baseline=0.0):
     """deletion_curve's AUC for a uniformly random map: the chance level to compare with."""
-    height, width = image.shape[-2:]
-    saliency = np.random.default_rng(seed).random((height, width), dtype=np.float32)
-    return deletion_curve(score_fn, image, saliency, steps=steps, baseline=baseline)[2]
+    return deletion_curve(score_fn, image, random_saliency(image, seed), steps=steps, baseline=baseline)[2]
+
+
+def normalised_auc(raw_auc, intact, deleted):
+    """(raw_auc - deleted) / (intact - deleted): an AUC on the scale where intact is 1 and deleted 0.
+
+    NaN unless intact > deleted: when removing every pixel does not lower the score, a curve
+    that falls fast means nothing.
+    """
+    gap = intact - deleted
+    if not np.isfinite(gap) or gap <= 0 or _flat(gap, intact):
+        return float("nan")
+    return float((raw_auc - deleted) / gap)
+
+
+def pooled_auc(fractions, curves):
+    """The normalised AUC of several images' score curves, pooled as a ratio of sums.
+
+    sum_i (AUC_i - s_deleted_i) / sum_i (s_intact_i - s_deleted_i), where AUC_i is the trapezoid
+    area under image i's raw scores: the normalised AUC of the images' mean curve, i.e. the mean
+    of their normalised AUCs weighted by each image's own gap s_intact_i - s_deleted_i. An image
+    whose fully deleted version scores about as high as the intact one weighs about nothing,
+    instead of making its own normalised AUC (and a plain mean) explode. The denominator is the
+    same for every saliency map on the same images, so pooled AUCs of maps compare directly.
+
+    Args:
+        fractions: the (steps + 1,) deleted fractions of score_curve.
+        curves: raw score arrays of score_curve, one per image; curves with a non-finite score
+            are left out.
+
+    Returns:
+        {"auc": the pooled normalised AUC (NaN without a positive total gap), "raw_auc": the mean
+        un-normalised AUC (RISE's figure), "intact", "deleted": the mean end scores, "n": images
+        pooled, "non_positive_gaps": how many of them did not score lower fully deleted}.
+
+    Example:
+        >>> fractions, s = score_curve(score, image, raw)
+        >>> pooled_auc(fractions, [s, score_curve(score, other, raw2)[1]])["auc"]
+    """
+    from sklearn.metrics import auc
+
+    kept = [np.asarray(c, dtype=np.float64) for c in curves]
+    kept = [c for c in kept if np.isfinite(c).all()]
+    if not kept:
+        return {"auc": float("nan"), "raw_auc": float("nan"), "intact": float("nan"), "deleted": float("nan"),
+                "n": 0, "non_positive_gaps": 0}
+    raw = float(np.mean([auc(fractions, c) for c in kept]))
+    intact = float(np.mean([c[0] for c in kept]))
+    deleted = float(np.mean([c[-1] for c in kept]))
+    flat = sum(1 for c in kept if c[0] - c[-1] <= 0 or _flat(c[0] - c[-1], c[0]))
+    return {"auc": normalised_auc(raw, intact, deleted), "raw_auc": raw, "intact": intact, "deleted": deleted,
+            "n": len(kept), "non_positive_gaps": flat}
 
 
 def spearman(a, b):

@@ -309,7 +309,7 @@ def test_parse_methods():
 
 def test_curves_reward_the_planted_patch():
     """Deletion falls faster and insertion rises faster for the patch's map than for a random map."""
-    from cbr.evaluation.comparison import _curves
+    from cbr.evaluation.comparison import curve_figures
 
     trunk, neck, head = _planted_model()
     model = nn.Sequential(trunk, neck, head)
@@ -321,9 +321,37 @@ def test_curves_reward_the_planted_patch():
     planted = np.zeros((32, 32), dtype=np.float32)
     planted[PATCH] = 1
     noise = np.random.default_rng(0).random((32, 32), dtype=np.float32)
-    deletion, insertion = _curves(score, x, planted)
-    chance_deletion, chance_insertion = _curves(score, x, noise)
-    assert deletion < chance_deletion - 0.3 and insertion > chance_insertion + 0.3
+    mapped = curve_figures([score], x[None], [planted])
+    chance = curve_figures([score], x[None], [noise])
+    assert mapped["deletion_auc"] < chance["deletion_auc"] - 0.3
+    assert mapped["insertion_auc"] > chance["insertion_auc"] + 0.3
+
+
+def test_curve_figures_pool_images_by_their_gaps():
+    """An image whose fully deleted version scores about as high as the intact one (gap 1e-3 of the
+    other's) made the mean of per-image deletion and insertion AUCs leave [0, 1]; pooled as a ratio
+    of sums they stay in it, and the image is counted when its gap is not positive."""
+    from cbr.evaluation.comparison import curve_figures
+
+    image = torch.ones(3, 16, 16)
+
+    def region(batch):
+        return batch[:, :, 4:12, 4:12].mean(dim=(1, 2, 3))
+
+    def nearly_flat(batch):
+        mean = batch.mean(dim=(1, 2, 3))
+        return 0.5 + 1e-3 * region(batch) - 0.2 * mean * (1 - mean)
+
+    def rising(batch):
+        return 1 - region(batch)
+
+    saliency = np.arange(256, dtype=np.float32).reshape(16, 16)
+    images = torch.stack([image, image])
+    figures = curve_figures([region, nearly_flat], images, [saliency, saliency])
+    for key in ("deletion_auc", "insertion_auc"):
+        assert 0 <= figures[key] <= 1, (key, figures[key])
+    assert figures["non_positive_gaps"] == 0
+    assert curve_figures([region, rising, region], torch.stack([image] * 3), [saliency] * 3)["non_positive_gaps"] == 1
 
 
 def test_compare_with_a_head_has_both_targets(phantom_set):
@@ -346,6 +374,11 @@ def test_compare_with_a_head_has_both_targets(phantom_set):
     assert "pointing" in table  # phantoms have masks
     no_masks = dict(result, masks=0)
     assert "pointing" not in format_comparison(no_masks)
+    assert all(isinstance(r["non_positive_gaps"], int) for r in result["rows"])
+    flat = dict(result, rows=[dict(r, non_positive_gaps=int(r["target"] == "class")) for r in result["rows"]])
+    notes = [line for line in format_comparison(flat).splitlines() if "scored no lower fully deleted" in line]
+    assert notes == ["class: 1 of 3 images scored no lower fully deleted; deletion and insertion weigh each image "
+                     "by its score's drop"]
 
 
 @pytest.mark.slow

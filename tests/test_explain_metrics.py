@@ -11,8 +11,10 @@ from explain.metrics import (
     energy_pointing_game,
     iou,
     pointing_game,
+    pooled_auc,
     random_deletion_auc,
     randomisation_check,
+    score_curve,
     spearman,
 )
 from explain_models import make_classifier_head, make_embedder_head, make_images, make_trunk, one_thread
@@ -101,6 +103,44 @@ def test_deletion_of_an_irrelevant_image_is_nan():
     image = torch.zeros(3, 32, 32)
     _, scores, auc = deletion_curve(_region_score, image[None], np.ones((8, 8)), steps=4)
     assert np.isnan(auc) and np.isnan(scores).all()
+
+
+def _nearly_flat_score(batch):
+    """An image whose fully deleted version scores about as high as the intact one: the region's
+    mean barely moves the score, and the middle of the curve dips well below both ends."""
+    region = batch[:, :, 4:12, 4:12].mean(dim=(1, 2, 3))
+    mean = batch.mean(dim=(1, 2, 3))
+    return 0.5 + 1e-3 * region - 0.2 * mean * (1 - mean)
+
+
+def test_pooled_deletion_auc_stays_sane_when_one_gap_is_nearly_zero():
+    """One image with a near-zero gap s_intact - s_deleted made the mean of per-image AUCs explode
+    (seen as -1.86 and 1.54 on real runs); the ratio of sums weights it by its gap and stays in [0, 1]."""
+    image = torch.ones(1, 16, 16)
+    saliency = np.arange(256, dtype=np.float32).reshape(16, 16)  # raster order, reversed
+    _, _, good = deletion_curve(_region_score, image, saliency, steps=8)
+    _, _, bad = deletion_curve(_nearly_flat_score, image, saliency, steps=8)
+    assert 0 <= good <= 1 and abs(bad) > 10  # the failure mode: one image's normalised AUC explodes
+    assert not 0 <= np.mean([good, bad]) <= 1  # ... and so does the old pooled figure
+    fractions, a = score_curve(_region_score, image, saliency, steps=8)
+    _, b = score_curve(_nearly_flat_score, image, saliency, steps=8)
+    pooled = pooled_auc(fractions, [a, b])
+    assert 0 <= pooled["auc"] <= 1 and pooled["n"] == 2 and pooled["non_positive_gaps"] == 0
+    gaps = np.array([a[0] - a[-1], b[0] - b[-1]])
+    assert pooled["auc"] == pytest.approx(np.dot([good, bad], gaps) / gaps.sum())  # gap-weighted mean
+    assert pooled["raw_auc"] == pytest.approx(np.mean([np.trapezoid(a, fractions), np.trapezoid(b, fractions)]))
+
+
+def test_pooled_deletion_auc_counts_non_positive_gaps_and_is_nan_without_a_positive_total():
+    fractions = np.linspace(0, 1, 3)
+    rising = np.array([0.2, 0.9, 0.4])  # deleting everything raises the score
+    falling = np.array([0.8, 0.5, 0.0])
+    pooled = pooled_auc(fractions, [falling, rising, np.array([0.5, np.nan, 0.1])])
+    assert pooled["n"] == 2 and pooled["non_positive_gaps"] == 1
+    # (0.45 - 0.0 + 0.6 - 0.4) / (0.8 + 0.2 - 0.4): the mean curve's normalised area
+    assert pooled["auc"] == pytest.approx(0.65 / 0.6)
+    assert np.isnan(pooled_auc(fractions, [rising])["auc"])
+    assert pooled_auc(fractions, [])["n"] == 0
 
 
 def test_spearman():

@@ -1,6 +1,8 @@
 """The findings' FAISS index follows the case base's index kind (``--index-type``) and is rewritten by
 ``cbr index --rebuild``; its answers are checked against an exact numpy search."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from sqlalchemy import select
@@ -8,6 +10,7 @@ from sqlalchemy import select
 import index as ix
 from cbr.store.casebase import open_casebase
 from cbr.store.findings import finding_rows, load_finding_index
+from cbr.store.member import embeddings_in
 from cbr.pipeline.finding_search import FindingSet, search_findings
 from cbr.store.schema import Finding, FindingIndex, IndexManifest, Model
 from conftest import TINY, invoke
@@ -49,18 +52,25 @@ def test_findings_index_follows_index_type_and_answers_like_brute_force(runner, 
     D, I = ix.search(index, q, 5, exclude=exclude)
     Db, Ib = ix.brute_force_search(vecs, ids, q, 5, exclude=exclude)
     assert np.array_equal(I, Ib) and np.allclose(D, Db, atol=1e-5)
-    # the region search itself: each case's best finding, best first, as an exact scan ranks them
+    # the region search itself: each case's best finding averaged with its image's similarity to the
+    # whole query image (here the region's own vector again), best first, as an exact scan ranks them
     cb = open_casebase(db, create=False)
     try:
         with cb.read() as s:
             model_id = s.scalar(select(IndexManifest.model_id))
             case_of = {int(f.id): int(f.case_id) for f in s.scalars(select(Finding))}
+            case_ids, images = embeddings_in(s, model_id)
+            image_index = ix.build(images.shape[1], "flat")
+            ix.add(image_index, images, case_ids)
+            member = SimpleNamespace(index=image_index, model_id=model_id)
             for row in q:
-                hits, _, _ = search_findings(s, model_id, FindingSet(index, None), row, 4, exclude_cases=[])
+                hits, _, _ = search_findings(s, member, FindingSet(index, None), row, row, 4, exclude_cases=[])
                 best: dict = {}
                 for fid, sim in zip(ids.tolist(), (vecs @ row).tolist()):
                     best[case_of[fid]] = max(best.get(case_of[fid], -2.0), sim)
-                exact = sorted(best.items(), key=lambda kv: -kv[1])[:4]
+                image_sims = dict(zip(case_ids.tolist(), (images @ row).tolist()))
+                best = {c: (v + image_sims[c]) / 2 for c, v in best.items()}
+                exact = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
                 assert [h.case.id for h in hits] == [c for c, _ in exact]
                 assert np.allclose([h.similarity for h in hits], [v for _, v in exact], atol=1e-5)
     finally:

@@ -2,7 +2,8 @@
 base's findings, scored beside the same images queried whole.
 
 Each test image with a mask gives one region query per finding box (``mask_boxes``: its mask's
-components), searched as ``cbr query IMG --region`` would (its patient left out, nothing recorded).
+components), searched as ``cbr query IMG --region`` would (its patient left out, nothing recorded;
+the findings' cases ranked by the region and the whole image together, ``search_findings``).
 The figures: same-class precision@k of the retrieved findings' cases, the vote's accuracy and
 balanced accuracy, and the share of region queries flagged out of distribution (typicality
 calibrated on the findings). ``by_image`` gives the same figures for the whole-image queries of the

@@ -8,7 +8,10 @@ For each method and each target, on the same few images:
 * faithfulness: deletion AUC (the most-attributed pixels removed first; lower is better) and
   insertion AUC (they are put back first onto the baseline; higher is better), with a random
   map's AUCs beside them. Removed pixels take the value 0 of the normalised input, the baseline
-  of the attribution methods too;
+  of the attribution methods too. Each image's curve is normalised by its own gap between the
+  intact and the fully deleted score and the images are pooled as a ratio of sums (a gap-weighted
+  mean, explain.metrics.pooled_auc); ``non_positive_gaps`` counts the images whose score did not
+  fall when every pixel was removed;
 * sanity (Adebayo et al., 2018): the Spearman correlation between each map and the map of the
   same method on a copy of the model whose last block is re-initialised (near 1: the map does not
   depend on what the model learnt, so it cannot explain it);
@@ -39,11 +42,12 @@ from cbr.reporting.explanation_grid import write_explanation_grid
 from explain.methods import is_attribution, METHOD_NAMES
 from cbr.store.reliability import guess_verdict
 from explain.finding import centre_map
-from explain.metrics import deletion_curve, energy_pointing_game, pointing_game, spearman
+from explain.metrics import energy_pointing_game, pointing_game, pooled_auc, score_curve, spearman
 from explain.spec import resolve_spec
 from explain.targets import ClassTarget, SimilarityTarget
 
-__all__ = ["COMPARISON_IMAGES", "parse_methods", "compare_explanations", "comparison_report", "format_comparison"]
+__all__ = ["COMPARISON_IMAGES", "curve_figures", "parse_methods", "compare_explanations", "comparison_report",
+           "format_comparison"]
 
 LOG = logging.getLogger(__name__)
 COMPARISON_IMAGES = 8  # images scored per method and target
@@ -152,13 +156,35 @@ def score_functions(embedder, x, kind, labels, references):
     return fns
 
 
-def _curves(score, image, raw):
-    deletion = deletion_curve(score, image, raw, steps=CURVE_STEPS)[2]
-    # Insertion = deletion of the least-attributed pixels first, read backwards: the image with the
-    # top f of the map kept is the image with the bottom 1 - f deleted; the normalised curve and
-    # its area are the same, with higher now better.
-    insertion = deletion_curve(score, image, -np.asarray(raw, dtype=np.float32), steps=CURVE_STEPS)[2]
-    return deletion, insertion
+def curve_figures(scores, images, raws) -> dict:
+    """Deletion and insertion AUCs of one map per image, pooled over the images.
+
+    Each image's curve is normalised by its own gap s_intact - s_deleted; pooled as a ratio of
+    sums (explain.metrics.pooled_auc), so an image whose fully deleted version scores about as high
+    as the intact one weighs by that tiny gap instead of blowing the mean up.
+
+    Args:
+        scores: one (N, C, H, W) -> (N,) score function per image (see score_functions).
+        images: (N, C, H, W) tensor.
+        raws: one raw map per image.
+
+    Returns:
+        {"deletion_auc", "insertion_auc" (NaN without a positive total gap), "non_positive_gaps":
+        images that did not score lower fully deleted}.
+    """
+    deleted, inserted, fractions = [], [], None
+    for score, image, raw in zip(scores, images, raws):
+        fractions, curve = score_curve(score, image, raw, steps=CURVE_STEPS)
+        deleted.append(curve)
+        # Insertion = deletion of the least-attributed pixels first, read backwards: the image with
+        # the top f of the map kept is the image with the bottom 1 - f deleted; the normalised curve
+        # and its area are the same, with higher now better.
+        inserted.append(score_curve(score, image, -np.asarray(raw, dtype=np.float32), steps=CURVE_STEPS)[1])
+    if fractions is None:
+        return {"deletion_auc": float("nan"), "insertion_auc": float("nan"), "non_positive_gaps": 0}
+    deletion = pooled_auc(fractions, deleted)
+    return {"deletion_auc": deletion["auc"], "insertion_auc": pooled_auc(fractions, inserted)["auc"],
+            "non_positive_gaps": deletion["non_positive_gaps"]}
 
 
 def _nanmean(values):
@@ -167,13 +193,14 @@ def _nanmean(values):
 
 
 def _row(method, kind, raws, x, scores, masks, seconds, evaluations, rhos):
-    curves = [_curves(scores[i], x[i], raws[i]) for i in range(len(raws))]
+    curves = curve_figures(scores, x, raws)
     located = [(pointing_game(raws[i], m), energy_pointing_game(raws[i], m)) for i, m in enumerate(masks) if m is not None]
     return {"method": method, "target": kind, "n": len(raws),
             "pointing_game": _nanmean([float(p) for p, _ in located]) if located else None,
             "energy_pointing_game": _nanmean([e for _, e in located]) if located else None,
             "localised": len(located),
-            "deletion_auc": _nanmean([d for d, _ in curves]), "insertion_auc": _nanmean([i for _, i in curves]),
+            "deletion_auc": _nanmean([curves["deletion_auc"]]), "insertion_auc": _nanmean([curves["insertion_auc"]]),
+            "non_positive_gaps": curves["non_positive_gaps"],
             "randomisation_spearman": _nanmean(rhos) if rhos is not None else None,
             "seconds_per_map": None if seconds is None else seconds / len(raws),
             "evaluations_per_map": None if evaluations is None else evaluations / len(raws)}

@@ -7,7 +7,8 @@ For every method, every layer spec and every target, on the same images:
   map's maximum lies in the lesion), the energy pointing game (the share of the map's mass in it)
   and the IoU of the map's top ``top`` share of pixels with the lesion;
 * faithfulness: the deletion AUC (most-attributed pixels removed first; lower is better) on the
-  first ``deletion_images`` images;
+  first ``deletion_images`` images, pooled as a ratio of sums (explain.metrics.pooled_auc), with
+  its raw parts (``deletion_raw_auc``, ``intact_score``, ``deleted_score``) so folds pool alike;
 * cost: seconds per map, after the one trunk pass every method shares.
 
 Targets: ``class`` (the labelled class's logit) when the model has a head, ``similarity`` (the
@@ -38,7 +39,7 @@ from explain.matching import matching_maps
 from explain.methods import FUSED_METHODS, get_cam_method
 from cbr.store.reliability import guess_verdict
 from explain.finding import centre_map
-from explain.metrics import deletion_curve, energy_pointing_game, iou_top, pointing_game
+from explain.metrics import energy_pointing_game, iou_top, normalised_auc, pointing_game, pooled_auc, score_curve
 from explain.targets import ClassTarget, SimilarityTarget
 
 __all__ = ["SweepSettings", "LAST", "GUESS", "parse_layers", "sweep_maps", "guess_rows", "pool_sweeps", "best_rows",
@@ -51,6 +52,9 @@ CENTRE_GUESS, MEAN_MASK_GUESS = "centre guess", "mean-mask guess"
 SWEEP_IMAGES = 48
 TARGETS = ("class", "similarity", "similarity-matching")
 STATS = ("pointing_game", "energy_pointing_game", "iou_top")
+# pooled_auc's figures as row fields: the rows keep the raw parts so that folds pool as a ratio of sums.
+CURVE_FIELDS = {"auc": "deletion_auc", "raw_auc": "deletion_raw_auc", "intact": "intact_score",
+                "deleted": "deleted_score"}
 
 
 @dataclass(frozen=True)
@@ -107,14 +111,23 @@ def _row(method, layer, kind, raws, masks, seconds, deletions, top):
     scored = [(float(pointing_game(raws[i], m)), energy_pointing_game(raws[i], m), iou_top(raws[i], m, top))
               for i, m in enumerate(masks) if m is not None]
     stats = {k: (float(np.mean([s[j] for s in scored])) if scored else None) for j, k in enumerate(STATS)}
-    deletions = [d for d in deletions if d is not None and np.isfinite(d)]
+    deleted = deletions["n"] if deletions else 0
+    curve = {field: _finite(deletions[k]) if deleted else None for k, field in CURVE_FIELDS.items()}
     return {"method": method, "layer": layer, "target": kind, "n": len(raws), "localised": len(scored), **stats,
-            "deletion_auc": float(np.mean(deletions)) if deletions else None, "deleted": len(deletions),
-            "seconds_per_map": seconds / max(1, len(raws))}
+            **curve, "deleted": deleted, "seconds_per_map": seconds / max(1, len(raws))}
+
+
+def _finite(value):
+    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def _deletions(scores, x, raws, count):
-    return [deletion_curve(scores[i], x[i], raws[i], steps=10)[2] for i in range(min(count, len(raws)))]
+    """The first ``count`` images' deletion curves pooled as a ratio of sums (None without any)."""
+    count = min(count, len(raws))
+    if count < 1:
+        return None
+    curves = [score_curve(scores[i], x[i], raws[i], steps=10) for i in range(count)]
+    return pooled_auc(curves[0][0], [c for _, c in curves])
 
 
 def _check(settings: SweepSettings) -> None:
@@ -211,7 +224,17 @@ def guess_rows(masks, size: int, prior, top: float) -> list[dict]:
     """The trivial guesses scored on the same masks, as sweep rows (method ``guess``): a point at the
     centre and, given ``prior``, the training masks' mean map."""
     guesses = {CENTRE_GUESS: centre_map(size), **({MEAN_MASK_GUESS: prior} if prior is not None else {})}
-    return [_row(GUESS, "-", name, [m] * len(masks), masks, 0.0, [], top) for name, m in guesses.items()]
+    return [_row(GUESS, "-", name, [m] * len(masks), masks, 0.0, None, top) for name, m in guesses.items()]
+
+
+def _pooled_deletion(mean) -> dict:
+    """The folds' deletion figures: raw area and end scores averaged, then normalised once (a ratio of
+    sums over every fold's images, as within a fold)."""
+    out = {field: mean(field, "deleted") for field in ("deletion_raw_auc", "intact_score", "deleted_score")}
+    if any(v is None for v in out.values()):
+        return dict(out, deletion_auc=None)
+    return dict(out, deletion_auc=_finite(normalised_auc(out["deletion_raw_auc"], out["intact_score"],
+                                                         out["deleted_score"])))
 
 
 def pool_sweeps(results: list[dict]) -> dict | None:
@@ -234,7 +257,7 @@ def pool_sweeps(results: list[dict]) -> dict | None:
         rows.append({"method": method, "layer": layer, "target": target, "n": sum(p["n"] for p in parts),
                      "localised": sum(p["localised"] for p in parts),
                      **{k: mean(k, "localised") for k in STATS},
-                     "deletion_auc": mean("deletion_auc", "deleted"), "deleted": sum(p["deleted"] for p in parts),
+                     **_pooled_deletion(mean), "deleted": sum(p["deleted"] for p in parts),
                      "seconds_per_map": mean("seconds_per_map", "n")})
     first = results[0]
     return {"n": sum(r["n"] for r in results), "masks": sum(r["masks"] for r in results), "top": first["top"],

@@ -381,7 +381,9 @@ class Searcher:
         else:
             box, source = check_box(region, img.size), "drawn"
         vecs = [region_vectors(m.embedder, img, [box]) for m in self.members]
-        return [f._replace(vector=v) for f, v in zip(feats, vecs)], {"box": box, "source": source}
+        # the whole image's vectors rank the findings' cases beside the region's (``search_findings``)
+        return ([f._replace(vector=v) for f, v in zip(feats, vecs)],
+                {"box": box, "source": source, "image_vectors": [f.vector for f in feats]})
 
     def _auto_region(self, img, feats) -> list[int]:
         """``--region auto``: the first member's localiser's strongest region, in the image's pixels."""
@@ -399,13 +401,14 @@ class Searcher:
                          img.size, clip=True)
 
     def _search_findings(self, s, feats, exclude, region, allow, depth: int) -> list:
-        """Each member's ``depth`` cases of the nearest findings (only ``allow``ed cases, when given);
-        their boxes and the findings' similarities (for typicality) go into ``region``."""
-        out = []
+        """Each member's ``depth`` best cases by finding and whole image (``search_findings``; only
+        ``allow``ed cases, when given); their boxes and the region's similarities to the nearest
+        findings (for typicality) go into ``region``."""
+        out, images = [], region.pop("image_vectors")
         region["findings"], region["similarities"] = {}, []
-        for m, f in zip(self.members, feats):
-            hits, boxes, sims = search_findings(s, m.model_id, self._finding_sets[m.model_id], f.vector,
-                                                depth, exclude, allow)
+        for m, f, whole in zip(self.members, feats, images):
+            hits, boxes, sims = search_findings(s, m, self._finding_sets[m.model_id], f.vector, whole, depth,
+                                                exclude, allow)
             out.append(hits)
             region["findings"][m.model_id] = boxes
             region["similarities"].append(sims)

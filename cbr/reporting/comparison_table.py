@@ -35,4 +35,12 @@ def format_comparison(result: dict) -> str:
     centre = (result.get("guesses") or {}).get("centre")
     if loc and centre is not None:
         lines.append(f"{'a centre guess':<30}{'-':<12}{_f(centre, 2):>9}")
+    # Per target, the same for every map: the intact and the fully deleted image do not depend on it.
+    flat = {}
+    for r in result["rows"]:
+        flat[r["target"]] = max(flat.get(r["target"], 0), r.get("non_positive_gaps") or 0)
+    for target, count in flat.items():
+        if count:
+            lines.append(f"{target}: {count} of {result['n']} images scored no lower fully deleted; deletion and "
+                         f"insertion weigh each image by its score's drop")
     return "\n".join(lines)

@@ -126,6 +126,11 @@ def format_table(metrics: dict) -> str:
         lines.append(f"faithfulness ({faith['n']} images, {faith['target']}): deletion AUC {_f(faith['deletion_auc'])} "
                      f"vs random map {_f(faith['random_deletion_auc'])} (lower is better); sanity: rank "
                      f"correlation with {faith['randomised_block']} re-initialised {_f(faith['randomisation_spearman'])}")
+        if "deletion_raw_auc" in faith:  # reports written before the pooled figures lack them
+            lines.append(f"  un-normalised deletion AUC {_f(faith['deletion_raw_auc'])} vs random map "
+                         f"{_f(faith['random_deletion_raw_auc'])} (score intact {_f(faith['intact_score'])}, fully "
+                         f"deleted {_f(faith['deleted_score'])}; "
+                         f"{faith['non_positive_gaps']} images not lower deleted)")
     if metrics.get("comparison"):
         lines += ["", format_comparison(metrics["comparison"])]
     lines += member_lines(metrics)

@@ -53,6 +53,9 @@ def test_cbr_error_becomes_one_line_error_and_exit_1(runner, tmp_path):
 def test_usage_error_exits_2(runner):
     result = invoke(runner, "query")
     assert result.exit_code == 2
+    assert "give IMAGES or --embedding FILE.npy" in result.output
+    result = invoke(runner, "feedback")
+    assert result.exit_code == 2
     assert "Missing argument" in result.output
 
 

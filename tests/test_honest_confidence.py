@@ -334,7 +334,6 @@ def test_prediction_sets_follow_remove(runner, conflict_set, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the vote's fit and the sets' calibration on disjoint cases; confidence held to what it can show
 
-_Z95 = 1.6448536269514722  # one-sided 95 % normal quantile
 
 
 def test_each_calibration_case_is_scored_by_a_vote_not_fitted_on_it(conflict_db, monkeypatch):
@@ -386,33 +385,45 @@ def test_each_calibration_case_is_scored_by_a_vote_not_fitted_on_it(conflict_db,
 
 
 def test_confidence_is_held_to_the_accuracy_the_calibration_answers_showed():
-    """A confidence is shrunk to the 95 % lower bound (Wilson) of the accuracy of the calibration
-    answers at least as confident; the best-supported such claim counts."""
-    from cbr.pipeline.support import support_of, wilson_lower
+    """A confidence is shrunk to the expected accuracy (Laplace's rule of succession, (s + 1) / (m + 2))
+    of the calibration answers at least as confident; the best-supported such claim counts."""
+    from cbr.pipeline.support import succession, support_of
 
-    assert wilson_lower(17, 17) == pytest.approx(17 / (17 + _Z95 ** 2))
-    assert wilson_lower(0, 0) == 0.0
+    assert succession(17, 17) == pytest.approx(18 / 19)
+    assert succession(0, 0) == 0.5
     conf = [0.99] * 100 + [0.7] * 100
     correct = [True] * 90 + [False] * 10 + [True] * 70 + [False] * 30
     support = support_of(conf, correct)
-    assert support.ceiling(0.999) == pytest.approx(wilson_lower(90, 100))  # no answer that confident: the best
-    assert support.ceiling(0.99) == pytest.approx(wilson_lower(90, 100))
-    assert support.ceiling(0.8) == pytest.approx(wilson_lower(160, 200))  # among the 200 at >= 0.7 only
-    assert support.ceiling(0.6) == pytest.approx(wilson_lower(160, 200))
-    assert support_of([0.99] * 5000, [True] * 5000).ceiling(1.0) < 0.9995  # 1.000 needs more than 5,000 right
+    assert support.ceiling(0.999) == pytest.approx(91 / 102)  # no answer that confident: the best
+    assert support.ceiling(0.99) == pytest.approx(91 / 102)
+    assert support.ceiling(0.8) == pytest.approx(161 / 202)  # among the 200 at >= 0.7 only
+    assert support.ceiling(0.6) == pytest.approx(161 / 202)
+    assert support_of([0.99] * 1900, [True] * 1900).ceiling(1.0) < 0.9995  # 1.000 needs about 2,000 right
+    assert support_of([0.99] * 2100, [True] * 2100).ceiling(1.0) >= 0.9995
     vote = weighted(["a"] * 5, [0.99] * 5, ["a", "b"], temperature=0.01, ceiling=support.ceiling)
-    assert vote.confidence == pytest.approx(wilson_lower(90, 100)) and vote.label == "a"
+    assert vote.confidence == pytest.approx(91 / 102) and vote.label == "a"
     assert math.fsum(vote.probabilities.values()) == pytest.approx(1.0)
 
 
+def test_a_wrong_calibration_answer_lowers_the_ceiling():
+    """Bug: the ceiling was (n + 1) / (n + 2) of the n calibration cases, right or wrong alike, so
+    wrong answers did not lower it; now only right answers count."""
+    from cbr.pipeline.support import support_of
+
+    all_right = support_of([0.95] * 17, [True] * 17).ceiling(0.99)
+    one_wrong = support_of([0.95] * 17, [True] * 16 + [False]).ceiling(0.99)
+    assert all_right == pytest.approx(18 / 19)
+    assert one_wrong == pytest.approx(17 / 19)
+
+
 def test_confidence_never_above_what_the_calibration_cases_can_show(runner, conflict_db, conflict_set, tmp_path):
-    """Bug: 17 calibration cases allowed a confidence of 18 / 19 = 0.947, right or wrong (a/3.png
-    answered 0.882 from its one neighbour); even were all 17 right, the 95 % lower bound of their accuracy is 17 / (17 + 1.645²) = 0.863."""
+    """17 calibration cases: even were all right, the expected accuracy they show is 18 / 19; the
+    answer's confidence is never above the case base's supported ceiling."""
     for image, k in ((conflict_set / "a" / "3.png", 1), (conflict_set / "b" / "5.png", 5)):
         (a,) = _answers(invoke(runner, "query", image, "--db", conflict_db, "--json", "--explain", "none",
                                "--out", tmp_path, "--no-record", "-k", k))
-        assert a["prediction"]["confidence"] <= 17 / (17 + _Z95 ** 2) + 1e-9
-        assert a["calibration"]["supported"] <= 17 / (17 + _Z95 ** 2) + 1e-9
+        assert a["calibration"]["supported"] <= 18 / 19 + 1e-9
+        assert a["prediction"]["confidence"] <= a["calibration"]["supported"] + 1e-9
 
 
 def test_cross_fitted_sets_cover_each_class():

@@ -155,8 +155,10 @@ def test_db_check_finds_damage_and_passes_a_whole_case_base(runner, indexed, tmp
     assert bad.output.strip().splitlines()[-1].startswith(f"Error: case base {indexed} has ")
 
 
-def test_db_check_finds_what_sqlite_cannot(runner, indexed):
-    """Our checks: an index file altered, an explanation row without its case, a calibration gone."""
+@pytest.mark.parametrize("prefix, who", [("model-", "index of model 1"), ("findings-", "findings index of model 1")])
+def test_db_check_finds_what_sqlite_cannot(runner, indexed, prefix, who):
+    """Our checks: an index file altered (the images' or the findings'), an explanation row without
+    its case, a calibration gone."""
     con = sqlite3.connect(indexed)
     con.execute("PRAGMA foreign_keys=OFF")
     con.execute("INSERT INTO explanations (model_id, case_id, role, method, target, height, width, dtype, scale, data, "
@@ -164,12 +166,13 @@ def test_db_check_finds_what_sqlite_cannot(runner, indexed):
     con.execute("DELETE FROM typicality_calibrations")
     con.commit()
     con.close()
-    index = next(Path(str(indexed) + ".indexes").glob("*.faiss"))
+    [index] = Path(str(indexed) + ".indexes").glob(f"{prefix}*.faiss")
     index.write_bytes(index.read_bytes()[:-8] + b"\0" * 8)
     result = invoke(runner, "db", "check", "--db", indexed)
     assert result.exit_code == 1
     assert "belong to a case that does not exist" in result.output
-    assert "does not match its checksum" in result.output and "cbr index --rebuild" in result.output
+    [line] = [x for x in result.output.splitlines() if "does not match its checksum" in x]
+    assert who in line and index.name in line and "cbr index --rebuild" in line
     assert "no typicality calibration" in result.output
 
 

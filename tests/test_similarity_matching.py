@@ -258,7 +258,7 @@ def test_serve_query_page_shows_the_pair_and_sentence(client, image):  # noqa: F
         assert html.escape(pair_sentence(case)) in page
         assert f'data-similarity="/api/queries/{qid}/neighbours/{case}/maps/pair.png?member={mid}"' in page
         for who, xy in (("query", link["query_xy"]), ("case", link["case_xy"])):
-            svg = re.search(rf'<svg class="markers" id="marker-{who}-{mid}-{case}".*?</svg>', page).group(0)
+            svg = re.search(rf'<svg class="markers ring" id="marker-{who}-{mid}-{case}".*?</svg>', page).group(0)
             assert f'cx="{xy[0]}" cy="{xy[1]}"' in svg
         r = client.get(f"/api/queries/{qid}/neighbours/{case}/maps/pair.png", params={"member": mid})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"

@@ -179,10 +179,11 @@ def test_a_vit_trains_without_the_localiser_unless_it_is_asked_for(runner, phant
             "--img-size", 32, "--workers", "0"]
     result = invoke(runner, *args, "--out", tmp_path / "a.pt")
     assert result.exit_code == 0, result.output
-    assert result.output.count("localiser:    none (this backbone's blocks do not give image-shaped features") == 1
+    assert result.output.count("localiser:    none (this backbone gives tokens, not image-shaped features (a vision "
+                               "transformer)") == 1
     result = invoke(runner, *args, "--out", tmp_path / "b.pt", "--localiser")
     assert result.exit_code == 1
-    assert result.output.startswith("Error: --localiser: this backbone's blocks do not give image-shaped features")
+    assert result.output.startswith("Error: --localiser: this backbone gives tokens, not image-shaped features")
     assert result.output.count("\n") == 1 and not (tmp_path / "b.pt").exists()
 
 

@@ -20,7 +20,8 @@ from cbr.store.damage import find_damage
 from cbr.store.generation import written_elsewhere
 from cbr.store.location import db_args
 from cbr.store.member import db_active_ids, model_label
-from cbr.store.schema import Calibration, Case, Embedding, Explanation, IndexManifest, Model, Query, TypicalityScores
+from cbr.store.schema import (Calibration, Case, Embedding, Explanation, FindingIndex, IndexManifest, Model, Query,
+                              TypicalityScores)
 import index as ix
 
 __all__ = ["Health", "check_casebase"]
@@ -99,6 +100,33 @@ def _index_check(cb, s, health: Health) -> None:
         health.counts[f"index_vectors_model_{model.id}"] = int(index.ntotal)
 
 
+def _finding_index_check(cb, s, health: Health) -> None:
+    """Each model's findings index file against its row. A query rebuilds a damaged one in memory
+    every time, so only this check and `cbr index --rebuild` bring it back to the file."""
+    hint = f"run `cbr index --rebuild {db_args(cb)}`"
+    for row in s.scalars(select(FindingIndex).order_by(FindingIndex.model_id)):
+        path = cb.index_dir / row.path
+        who = f"findings index of model {row.model_id}"
+        if not path.is_file():
+            if written_elsewhere(row.path, cb.index_dir):
+                health.warnings.append(f"{who}: {row.path} was written in another index folder; queries here "
+                                       f"rebuild it in memory until {hint}")
+            else:
+                health.errors.append(f"{who}: file {path} is missing; {hint}")
+            continue
+        try:
+            if ix.checksum(path) != row.checksum:
+                health.errors.append(f"{who}: file {path} does not match its checksum (damaged or altered); {hint}")
+                continue
+            index = ix.load(path)
+        except (OSError, ValueError, RuntimeError) as e:
+            health.errors.append(f"{who}: file {path} cannot be read ({e}); {hint}")
+            continue
+        if index.ntotal != row.ntotal:
+            health.errors.append(f"{who}: holds {index.ntotal} vectors but its row says {row.ntotal}; {hint}")
+        health.counts[f"finding_vectors_model_{row.model_id}"] = int(index.ntotal)
+
+
 def _row_checks(cb, s, health: Health) -> None:
     """Cases against embeddings and maps; explanation rows against cases and queries; calibrations."""
     active = select(Case.id).where(Case.removed_at.is_(None))
@@ -152,6 +180,7 @@ def check_casebase(cb) -> Health:
             health.errors.extend(str(d) for d in find_damage(s, cb))  # first: a bad value stops the reads below
             _row_checks(cb, s, health)
             _index_check(cb, s, health)
+            _finding_index_check(cb, s, health)
     except DatabaseError as e:
         health.errors.append(f"reading the case base failed: {getattr(e, 'orig', e)}; restore it from a backup")
     except (ValueError, DamagedRowError) as e:  # a value find_damage named already; say why the check stopped

@@ -67,26 +67,35 @@ def _sqlite_check(cb, health: Health) -> bool:
     return True
 
 
+def _open_index(cb, who: str, rel_path: str, checksum: str, health: Health, elsewhere: str):
+    """The index file ``rel_path`` loaded after its checksum is verified, or None with the problem
+    recorded (a file another machine's --index-dir wrote is a warning, ending in ``elsewhere``)."""
+    hint = f"run `cbr index --rebuild {db_args(cb)}`"
+    path = cb.index_dir / rel_path
+    if not path.is_file():
+        if written_elsewhere(rel_path, cb.index_dir):
+            health.warnings.append(f"{who}: {rel_path} was written in another index folder; {elsewhere}")
+        else:
+            health.errors.append(f"{who}: file {path} is missing; {hint}")
+        return None
+    try:
+        if ix.checksum(path) != checksum:
+            health.errors.append(f"{who}: file {path} does not match its checksum (damaged or altered); {hint}")
+            return None
+        return ix.load(path)
+    except (OSError, ValueError, RuntimeError) as e:
+        health.errors.append(f"{who}: file {path} cannot be read ({e}); {hint}")
+        return None
+
+
 def _index_check(cb, s, health: Health) -> None:
     """Each model's index file against its manifest and the active cases' embeddings."""
     hint = f"run `cbr index --rebuild {db_args(cb)}`"
     for man, model in s.execute(select(IndexManifest, Model).join(Model, Model.id == IndexManifest.model_id)):
-        path = cb.index_dir / man.path
         who = f"index of model {model.id} ({model_label(model)})"
-        if not path.is_file():
-            if written_elsewhere(man.path, cb.index_dir):  # another machine's --index-dir wrote it
-                health.warnings.append(f"{who}: {man.path} was written in another index folder; the next command "
-                                       f"here builds it in {cb.index_dir} from the stored embeddings")
-            else:
-                health.errors.append(f"{who}: file {path} is missing; {hint}")
-            continue
-        try:
-            if ix.checksum(path) != man.checksum:
-                health.errors.append(f"{who}: file {path} does not match its checksum (damaged or altered); {hint}")
-                continue
-            index = ix.load(path)
-        except (OSError, ValueError, RuntimeError) as e:
-            health.errors.append(f"{who}: file {path} cannot be read ({e}); {hint}")
+        index = _open_index(cb, who, man.path, man.checksum, health,
+                            f"the next command here builds it in {cb.index_dir} from the stored embeddings")
+        if index is None:
             continue
         stored = np.asarray(ix.ids(index), dtype=np.int64)
         active = db_active_ids(cb, model.id)
@@ -105,22 +114,9 @@ def _finding_index_check(cb, s, health: Health) -> None:
     every time, so only this check and `cbr index --rebuild` bring it back to the file."""
     hint = f"run `cbr index --rebuild {db_args(cb)}`"
     for row in s.scalars(select(FindingIndex).order_by(FindingIndex.model_id)):
-        path = cb.index_dir / row.path
         who = f"findings index of model {row.model_id}"
-        if not path.is_file():
-            if written_elsewhere(row.path, cb.index_dir):
-                health.warnings.append(f"{who}: {row.path} was written in another index folder; queries here "
-                                       f"rebuild it in memory until {hint}")
-            else:
-                health.errors.append(f"{who}: file {path} is missing; {hint}")
-            continue
-        try:
-            if ix.checksum(path) != row.checksum:
-                health.errors.append(f"{who}: file {path} does not match its checksum (damaged or altered); {hint}")
-                continue
-            index = ix.load(path)
-        except (OSError, ValueError, RuntimeError) as e:
-            health.errors.append(f"{who}: file {path} cannot be read ({e}); {hint}")
+        index = _open_index(cb, who, row.path, row.checksum, health, f"queries here rebuild it in memory until {hint}")
+        if index is None:
             continue
         if index.ntotal != row.ntotal:
             health.errors.append(f"{who}: holds {index.ntotal} vectors but its row says {row.ntotal}; {hint}")

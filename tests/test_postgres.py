@@ -143,7 +143,7 @@ def test_machines_with_their_own_index_folders_each_index_and_query(backend, db_
         assert len(json.loads(result.stdout)["members"][0]["neighbours"]) == total - 1  # all but the image itself
         check = invoke(runner, "db", "check", "--db", db_url, "--index-dir", folder)
         assert check.exit_code == 0, check.output  # every value decodes on PostgreSQL too
-    last = next(p for p in folders[-1].glob("*.faiss"))
+    last = next(p for p in folders[-1].glob("model-*.faiss"))  # the images' index (a findings file is rebuilt in memory)
     last.unlink()  # the folder that wrote the manifest's file lost it: damage, named with its repair
     line = assert_one_line_error(invoke(runner, "query", image, "--db", db_url, "--index-dir", folders[-1],
                                         "--no-record", "--explain", "none"), "cbr index --rebuild")

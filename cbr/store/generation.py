@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["generation_name", "written_elsewhere", "folder_tag"]
 
-_NAME = re.compile(r"model-\d+-(?P<tag>[0-9a-f]{8})-[0-9a-f]{12}\.faiss")
+_NAME = re.compile(r"(?:model|findings)-\d+-(?P<tag>[0-9a-f]{8})-[0-9a-f]{12}\.faiss")  # images' and findings' indexes
 
 
 def _machine() -> str:

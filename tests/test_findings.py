@@ -21,6 +21,14 @@ def _mask_box(manifest, row) -> list[int]:
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
+def _query_lesion_box(runner, db, manifest, *args):
+    """``cbr query`` of the first lesion image by its mask's box, with ``--explain none``: (box, result)."""
+    row = next(r for r in _manifest_rows(manifest) if r["label"] != "normal")
+    box = _mask_box(manifest, row)
+    return box, invoke(runner, "query", manifest.parent / row["path"], "--db", db, "--region", ",".join(map(str, box)),
+                       "--explain", "none", *args)
+
+
 def test_mask_boxes_one_per_component_without_specks(tmp_path):
     from cbr.pipeline.finding_search import mask_boxes
 
@@ -90,10 +98,7 @@ def test_query_by_region_retrieves_findings_and_is_in_distribution(runner, index
 
 
 def test_query_by_region_in_the_terminal_shows_both_boxes(runner, indexed, phantom_set):
-    row = next(r for r in _manifest_rows(phantom_set) if r["label"] != "normal")
-    box = _mask_box(phantom_set, row)
-    result = invoke(runner, "query", phantom_set.parent / row["path"], "--db", indexed, "--region",
-                    ",".join(map(str, box)), "--explain", "none", "--no-record", "-k", "2")
+    box, result = _query_lesion_box(runner, indexed, phantom_set, "--no-record", "-k", "2")
     assert result.exit_code == 0, result.output
     assert f"region: {box} (drawn)" in result.output
     assert result.output.count("  finding [") == 2
@@ -132,10 +137,7 @@ def test_a_damaged_findings_index_is_rebuilt_from_the_stored_findings(runner, in
         path = cb.index_dir / s.query(FindingIndex).one().path
     cb.close()
     path.write_bytes(b"not an index")
-    row = next(r for r in _manifest_rows(phantom_set) if r["label"] != "normal")
-    box = _mask_box(phantom_set, row)
-    result = invoke(runner, "query", phantom_set.parent / row["path"], "--db", indexed, "--region",
-                    ",".join(map(str, box)), "--explain", "none", "--no-record", "--json", "-k", "2")
+    _, result = _query_lesion_box(runner, indexed, phantom_set, "--no-record", "--json", "-k", "2")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert len(out["neighbours"]) == 2 and any("rebuilt from the stored findings" in n for n in out["notes"])
@@ -209,10 +211,7 @@ def test_evaluate_by_refuses_an_unknown_view(runner, indexed, query_set):
 
 
 def test_a_recorded_region_query_keeps_its_boxes_and_outlines_them_in_the_report(runner, indexed, phantom_set, tmp_path):
-    row = next(r for r in _manifest_rows(phantom_set) if r["label"] != "normal")
-    box = _mask_box(phantom_set, row)
-    result = invoke(runner, "query", phantom_set.parent / row["path"], "--db", indexed, "--region",
-                    ",".join(map(str, box)), "--explain", "none", "--json", "-k", "2", "--out", tmp_path / "out")
+    box, result = _query_lesion_box(runner, indexed, phantom_set, "--json", "-k", "2", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     html = open(out["report"], encoding="utf-8").read()
@@ -237,11 +236,8 @@ def test_boxes_map_between_pixels_and_the_model_view_both_ways():
 
 
 def test_a_region_query_keeps_to_the_cases_where_allows(runner, indexed, phantom_set):
-    row = next(r for r in _manifest_rows(phantom_set) if r["label"] != "normal")
-    box = _mask_box(phantom_set, row)
-    result = invoke(runner, "query", phantom_set.parent / row["path"], "--db", indexed, "--region",
-                    ",".join(map(str, box)), "--where", "slice=1", "--explain", "none", "--no-record", "--json",
-                    "-k", "3")
+    _, result = _query_lesion_box(runner, indexed, phantom_set, "--where", "slice=1", "--no-record", "--json",
+                                  "-k", "3")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["neighbours"] and all(n["metadata"]["slice"] == "1" for n in out["neighbours"])
@@ -303,10 +299,7 @@ def test_indexing_again_adds_no_finding_twice(runner, indexed, phantom_set):
 
 
 def test_a_region_querys_nearest_unlike_case_is_found_among_the_findings(runner, indexed, phantom_set):
-    row = next(r for r in _manifest_rows(phantom_set) if r["label"] != "normal")
-    box = _mask_box(phantom_set, row)
-    result = invoke(runner, "query", phantom_set.parent / row["path"], "--db", indexed, "--region",
-                    ",".join(map(str, box)), "--explain", "none", "--no-record", "--json", "-k", "2")
+    _, result = _query_lesion_box(runner, indexed, phantom_set, "--no-record", "--json", "-k", "2")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     unlike, label = out["nearest_unlike"], out["prediction"]["label"]

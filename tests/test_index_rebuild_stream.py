@@ -28,11 +28,16 @@ def _spy(monkeypatch, module, name, arg=0):
     return sizes
 
 
-def test_the_rebuild_reads_the_embeddings_a_chunk_at_a_time(indexed, monkeypatch):
-    cb = open_casebase(indexed, create=False)
+def _stored(db):
+    """(case base, its model's id, the active case ids, their stored embeddings)."""
+    cb = open_casebase(db, create=False)
     with cb.read() as s:
         model_id = s.scalar(select(Model.id))
-    ids, vecs = active_embeddings(cb, model_id)
+    return (cb, model_id, *active_embeddings(cb, model_id))
+
+
+def test_the_rebuild_reads_the_embeddings_a_chunk_at_a_time(indexed, monkeypatch):
+    cb, model_id, ids, vecs = _stored(indexed)
     monkeypatch.setattr(member_module, "REBUILD_ROWS", 5, raising=False)
     reads = _spy(monkeypatch, member_module, "decode_vectors")
     index = rebuild_index(cb, model_id, "flat")
@@ -43,10 +48,7 @@ def test_the_rebuild_reads_the_embeddings_a_chunk_at_a_time(indexed, monkeypatch
 
 
 def test_a_learning_index_trains_on_an_even_sample_then_holds_every_case(indexed, monkeypatch):
-    cb = open_casebase(indexed, create=False)
-    with cb.read() as s:
-        model_id = s.scalar(select(Model.id))
-    ids, _ = active_embeddings(cb, model_id)
+    cb, model_id, ids, _ = _stored(indexed)
     monkeypatch.setattr(member_module, "REBUILD_ROWS", 4, raising=False)
     monkeypatch.setattr(member_module, "TRAIN_ROWS", 6, raising=False)
     trained = _spy(monkeypatch, ix, "train", arg=1)

@@ -7,6 +7,7 @@ import io
 import re
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -183,3 +184,15 @@ def test_page_and_report_show_on_finding_its_warning_and_the_nearest_unlike_case
     report = localised.get(f"/api/queries/{a['query_id']}/report").text
     assert OFF_FINDING in report and "class map on it:" in report
     assert f"nearest case of another label: case {unlike['case_id']}" in report
+
+
+def test_the_outlined_localiser_region_is_the_one_the_answer_reports():
+    """Bug: the page found the localiser's region on the map upsampled to its 320-pixel square, the
+    answer (`finding.box`) at the map's own side; on a nearly flat map the two regions differ."""
+    from cbr.pipeline.finding import finding_of
+    from cbr.serve.outlines import localiser_box
+
+    prob = (0.5 + 0.01 * np.random.default_rng(0).standard_normal((48, 48))).astype(np.float32)
+    answer = finding_of(prob, 48)["box"]
+    assert localiser_box({"map": prob}) == pytest.approx([v / 48 for v in answer], abs=1e-4)
+    assert localiser_box({"map": None}) is None and localiser_box(None) is None

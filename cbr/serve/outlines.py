@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from cbr.data.boxes import pixels_to_view
 from cbr.errors import CbrError
 from cbr.pipeline.finding import finding_of
-from cbr.serve.pictures import SIZE
 from cbr.store.findings import finding_boxes, findings_of_cases
 from cbr.store.rows import case_locators, query_image_locator
 
@@ -33,12 +34,16 @@ def _fractions(box) -> list[float]:
     return [round(min(1.0, max(0.0, float(v))), 4) for v in box]
 
 
-def _localised(finding_map) -> list[float] | None:
+def localiser_box(finding_map) -> list[float] | None:
     """The strongest region of a localiser's map, as fractions of the square; None when it marks none."""
     if not finding_map or finding_map.get("map") is None:
         return None
-    found = finding_of(finding_map["map"], SIZE)
-    return None if found is None else _fractions(v / SIZE for v in found["box"])
+    # At the map's own side, as the answer's `finding.box` was found: upsampled to the page's size
+    # instead, a nearly flat map can cross the threshold elsewhere and outline another region.
+    prob = np.asarray(finding_map["map"])
+    side = prob.shape[-1]
+    found = finding_of(prob, side)
+    return None if found is None else _fractions(v / side for v in found["box"])
 
 
 def _placed(wb, locator: str | None, sha256: str | None, boxes, crop: str) -> list[list[float]]:
@@ -95,13 +100,13 @@ def _outlines(wb, record) -> dict:
             found = {int(cid): [box] for cid, box in ((region.get("findings") or {}).get(str(mid)) or {}).items()}
             source = "finding"
         else:
-            box = _localised(mem.get("finding_map"))
+            box = localiser_box(mem.get("finding_map"))
             query = None if box is None else {"boxes": [box], "source": "localiser"}
             found, source = _stored(wb, mid, [n["case_id"] for n in mem["neighbours"]]), "stored"
         neighbours = {}
         for n in mem["neighbours"]:
             boxes = _placed(wb, files.get(n["case_id"]), n.get("sha256"), found.get(n["case_id"], []), crop)
-            localised = None if boxes or region else _localised(n.get("finding_map"))
+            localised = None if boxes or region else localiser_box(n.get("finding_map"))
             if boxes or localised:
                 neighbours[n["case_id"]] = {"boxes": boxes or [localised], "source": source if boxes else "localiser"}
         out[mid] = {"query": query, "neighbours": neighbours}

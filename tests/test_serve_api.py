@@ -669,3 +669,16 @@ def test_a_changed_case_image_is_never_served_as_the_case(client, image, monkeyp
     changed = placeholder_png(CHANGED)
     for path in [f"/api/cases/{case}/image", f"/api/queries/{qid}/neighbours/{case}/image"]:
         assert client.get(path).content == changed, path
+
+
+def test_a_region_past_the_image_is_refused_in_the_apis_own_words(client, image):
+    """Bug: the pipeline's box check named the CLI's option (``--region``) in the API's 422."""
+    with open(image, "rb") as fh:
+        r = client.post("/api/queries", files={"image": (image.name, fh, "image/png")}, data={"region": "0,0,9999,9999"})
+    assert r.status_code == 400, r.text  # well formed, but not a box of this image (tests/test_finding_region.py)
+    detail = r.json()["detail"]
+    assert "region" in detail and "--region" not in detail and "past the" in detail
+    with open(image, "rb") as fh:  # this model has no localiser to find the region itself
+        r = client.post("/api/queries", files={"image": (image.name, fh, "image/png")}, data={"region": "auto"})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("region auto: ") and "--region" not in r.json()["detail"]

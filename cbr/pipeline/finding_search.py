@@ -35,7 +35,7 @@ from cbr.store.member import embeddings_in
 from cbr.store.schema import Case, Feedback, Finding, FindingIndex, Model, Query
 import index as ix
 
-__all__ = ["CONTEXT_MARGIN", "AUTO", "NoFindingsError", "FindingSet", "parse_region", "mask_boxes", "context_crop",
+__all__ = ["CONTEXT_MARGIN", "AUTO", "RegionError", "NoFindingsError", "FindingSet", "parse_region", "mask_boxes", "context_crop",
            "region_vectors", "index_findings", "load_finding_sets", "finding_marks", "search_findings", "check_box",
            "save_findings_index", "rebuild_finding_indexes", "fused"]
 
@@ -50,7 +50,20 @@ EMBED_BATCH = 32
 WRITE_BATCH = 256  # findings stored per transaction
 
 
-class NoFindingsError(CbrError):
+class RegionError(CbrError):
+    """A region that cannot be searched. Its message starts with the CLI's option name,
+    ``--region``, which the API's callers know as the field ``region`` (``API_FIELD``)."""
+
+    OPTION, API_FIELD = "--region", "region"
+
+    def in_api_words(self) -> str:
+        """The message as an API caller reads it: the field's name for the option's, except inside a
+        quoted command (`cbr feedback --region` stays a command)."""
+        parts = str(self).split("`")
+        return "`".join(p.replace(self.OPTION, self.API_FIELD) if i % 2 == 0 else p for i, p in enumerate(parts))
+
+
+class NoFindingsError(RegionError):
     """A region query on a case base (or member) that holds no findings."""
 
 
@@ -74,7 +87,7 @@ def parse_region(text: str | None):
     except (ValueError, OverflowError):  # a word, nan, inf
         box = []
     if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
-        raise CbrError(f"--region {text!r}: give x0,y0,x1,y1 in the image's pixels (x0 < x1, y0 < y1), or 'auto'")
+        raise RegionError(f"--region {text!r}: give x0,y0,x1,y1 in the image's pixels (x0 < x1, y0 < y1), or 'auto'")
     return tuple(box)
 
 
@@ -86,9 +99,9 @@ def check_box(box, size, *, clip: bool = False) -> list[int]:
     x0, y0, x1, y1 = (int(v) for v in box)
     inside = [max(0, x0), max(0, y0), min(w, x1), min(h, y1)]
     if inside[2] - inside[0] < 2 or inside[3] - inside[1] < 2:
-        raise CbrError(f"--region {list(box)} lies outside the {w}x{h} image; draw it over the image")
+        raise RegionError(f"--region {list(box)} lies outside the {w}x{h} image; draw it over the image")
     if not clip and inside != [x0, y0, x1, y1]:
-        raise CbrError(f"--region {list(box)} reaches past the {w}x{h} image; give x0,y0,x1,y1 with x1 <= {w} "
+        raise RegionError(f"--region {list(box)} reaches past the {w}x{h} image; give x0,y0,x1,y1 with x1 <= {w} "
                        f"and y1 <= {h}, in this image's pixels")
     return inside
 

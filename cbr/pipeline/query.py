@@ -30,7 +30,7 @@ from cbr.pipeline.conformal import ambiguous, fit_sets, prediction_set, union
 from cbr.pipeline.explanation import embed_query, Features, MapRequest, query_maps
 from cbr.pipeline.contrast import nearest_unlike
 from cbr.pipeline.finding import finding_evidence, finding_of, load_localisers
-from cbr.pipeline.finding_search import (AUTO, check_box, finding_marks, load_finding_sets, NoFindingsError,
+from cbr.pipeline.finding_search import (AUTO, check_box, finding_marks, load_finding_sets, NoFindingsError, RegionError,
                                          region_vectors, search_findings)
 from cbr.pipeline.map_meter import MapMeter
 from cbr.pipeline.patient import check_key, query_patient
@@ -390,12 +390,12 @@ class Searcher:
         m = self.members[0]
         localiser = self.localisers.get(m.model_id)
         if localiser is None:
-            raise CbrError(f"--region auto: model {m.label} has no lesion localiser (it was trained without "
+            raise RegionError(f"--region auto: model {m.label} has no lesion localiser (it was trained without "
                            "masks); give the box instead, --region x0,y0,x1,y1")
         prob = localiser.probabilities(feats[0].x.to(next(localiser.parameters()).device))[0]
         found = finding_of(prob, m.embedder.config.input_size)
         if found is None:
-            raise CbrError("--region auto: the lesion localiser marks no region in this image; give the box "
+            raise RegionError("--region auto: the lesion localiser marks no region in this image; give the box "
                            "instead, --region x0,y0,x1,y1")
         return check_box(view_to_pixels(found["box"], img, m.embedder.config.input_size, m.embedder.config.crop),
                          img.size, clip=True)

@@ -13,6 +13,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbr.errors import CbrError, ImageError, NotFoundError, UnknownNameError
 from cbr.pipeline.audit.feedback import RetainError
+from cbr.pipeline.finding_search import RegionError
 from cbr.serve.lanes import Busy
 from cbr.serve.messages import public_message
 from cbr.serve.notices import Notices
@@ -79,7 +80,8 @@ def create_app(casebase, settings, *, searcher=None) -> FastAPI:
     @app.exception_handler(CbrError)
     async def cbr_error(request: Request, e: CbrError):
         status = _status(e)
-        message = public_message(str(e), hide)  # no server path, no CLI command
+        # no server path, no CLI command; a region's error names the API's field, not the CLI's option
+        message = public_message(e.in_api_words() if isinstance(e, RegionError) else str(e), hide)
         if _wants_html(request):
             return error_page(request, status, message)
         body = {"detail": message}

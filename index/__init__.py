@@ -2,10 +2,12 @@
 
 from .device import to_device, to_host
 from .refine import create_sidecar, open_sidecar, put_rows, refined_search
-from .shards import ShardBuildError, ShardPlan, build_sharded, load_sharded
-from .sizing import LARGE_KINDS, auto_kind, factory_for, pq_bytes
+from .shards import (ShardBuildError, ShardPlan, build_sharded, ivfdata_files, load_sharded, open_index, shardable,
+                     sharded, write_sharded)
+from .sizing import LARGE_KINDS, auto_kind, factory_for, fast_scan_m, pq_bytes
 from .storage import IndexFileError, checksum, load, save
-from .vectors import KINDS, add, brute_force_search, build, ids, learned, lossy, needs_training, remove, search, train
+from .vectors import (KINDS, add, brute_force_search, build, fast_scan, ids, learned, lossy, needs_training, remove,
+                      search, train, unwrapped)
 
 __all__ = [
     "KINDS",
@@ -14,6 +16,12 @@ __all__ = [
     "ShardBuildError",
     "ShardPlan",
     "build_sharded",
+    "ivfdata_files",
+    "open_index",
+    "shardable",
+    "sharded",
+    "unwrapped",
+    "write_sharded",
     "create_sidecar",
     "load_sharded",
     "open_sidecar",
@@ -25,6 +33,8 @@ __all__ = [
     "build",
     "checksum",
     "factory_for",
+    "fast_scan",
+    "fast_scan_m",
     "ids",
     "learned",
     "lossy",

@@ -57,9 +57,15 @@ def _search_params(index, sel, keep):
     import faiss
 
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    if inner is index and isinstance(inner, faiss.IndexPreTransform):  # e.g. OPQ before the IVF
-        ivf = faiss.extract_index_ivf(inner)
-        params = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe, max_codes=ivf.max_codes)
+    if isinstance(inner, faiss.IndexPreTransform):  # e.g. OPQ before the IVF (ivf-pq-fs)
+        if inner is not index:
+            # The id map translates only the outer parameters' selector, and a pre-transform
+            # passes its inner parameters on untouched: translate storage positions to ids here.
+            sel = faiss.IDSelectorTranslated(index.id_map, sel)
+            keep.append(sel)
+        ivf = faiss.try_extract_index_ivf(inner)
+        params = (faiss.SearchParameters(sel=sel) if ivf is None else
+                  faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe, max_codes=ivf.max_codes))
         keep.append(params)  # faiss holds a bare pointer to the inner parameters
         return faiss.SearchParametersPreTransform(index_params=params)
     if isinstance(inner, faiss.IndexIVF):

@@ -19,10 +19,12 @@ generation name per build, so the file an old index points at is never overwritt
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import logging
 import os
 import shutil
+import sys
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,14 +34,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .storage import IndexFileError, save
+from .storage import IndexFileError, load, save
 
 if TYPE_CHECKING:  # faiss loads in the functions that use it
     import faiss
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["ShardBuildError", "ShardPlan", "build_sharded", "load_sharded", "fill"]
+__all__ = ["ShardBuildError", "ShardPlan", "build_sharded", "load_sharded", "fill", "ivfdata_files", "open_index",
+           "shardable", "sharded", "write_sharded"]
 
 
 class ShardBuildError(RuntimeError):
@@ -137,7 +140,7 @@ def load_sharded(path) -> faiss.Index:
     if not os.path.isfile(path):
         raise IndexFileError(f"index file not found: {path}")
     try:
-        with _quiet_stderr():
+        with _quiet_faiss():
             ix = faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     except (RuntimeError, MemoryError) as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -147,6 +150,81 @@ def load_sharded(path) -> faiss.Index:
     if not isinstance(lists, faiss.OnDiskInvertedLists):
         raise IndexFileError(f"index file {path} has no on-disk inverted lists: not from build_sharded")
     return ix
+
+
+def ivfdata_files(path) -> list[str]:
+    """The lists files beside the index file at ``path`` (one, for an index from `build_sharded`)."""
+    return sorted(glob.glob(glob.escape(os.fspath(path)) + ".*.ivfdata"))
+
+
+def open_index(path, *, sha256=None) -> faiss.Index:
+    """An index file written by `storage.save` (`storage.load`) or by `build_sharded` /
+    `write_sharded` (`load_sharded`: a lists file beside it says which)."""
+    if ivfdata_files(path):
+        return load_sharded(path)
+    try:
+        return load(path, sha256=sha256)
+    except IndexFileError as e:
+        if ".ivfdata" not in str(e):
+            raise
+    # a sharded index whose lists file was deleted or moved away without it
+    raise IndexFileError(f"index file {path} has lost its inverted lists: no {os.path.basename(path)}.*.ivfdata "
+                         "beside it")
+
+
+def shardable(ix) -> bool:
+    """Whether `build_sharded` can build this kind of index: an IVF whose lists faiss can merge on
+    disk. Fast-scan lists are packed 32 codes to a block, which faiss cannot merge."""
+    import faiss
+
+    inner = faiss.downcast_index(ix.index) if isinstance(ix, faiss.IndexIDMap) else ix
+    ivf = faiss.try_extract_index_ivf(inner)
+    return ivf is not None and not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
+
+
+def sharded(ix) -> bool:
+    """Whether this index has the sharded form: an IVF without an id map, its lists holding the
+    external ids (memory-mapped from `load_sharded`, or copied into memory to be changed)."""
+    import faiss
+
+    return not isinstance(ix, faiss.IndexIDMap) and faiss.try_extract_index_ivf(ix) is not None
+
+
+def write_sharded(ix, path) -> None:
+    """Write an index of the sharded form (`sharded`) to ``path`` as `build_sharded` does: its lists
+    copied into a new lists file of their own, the index file renamed into place last, the previous
+    generation's lists file removed after. ``ix`` itself is left as it was.
+
+    Args:
+        ix: a sharded-form index, e.g. one from `load_sharded` to which vectors were added since.
+        path: the index file to write; its directory must exist.
+    """
+    import faiss
+
+    path = os.path.abspath(os.fspath(path))
+    ivf = faiss.extract_index_ivf(ix)
+    ivfdata = f"{path}.{uuid.uuid4().hex[:12]}.ivfdata"
+    source, owned = ivf.invlists, ivf.own_invlists
+    try:
+        lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, ivfdata)
+        parts = faiss.InvertedListsPtrVector()
+        parts.push_back(source)
+        with _quiet_faiss():
+            lists.merge_from_multiple(parts.data(), parts.size(), False)
+        _fsync(ivfdata)
+        ivf.own_invlists = False  # lend the index the new lists just for the write
+        ivf.replace_invlists(lists, False)
+        try:
+            save(ix, path)  # the commit point, as in build_sharded
+        finally:
+            ivf.replace_invlists(source, owned)
+        del lists
+    except BaseException:
+        if not _referenced(path, ivfdata):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ivfdata)
+        raise
+    _remove_old_generations(path, keep=ivfdata)
 
 
 def ivfdata_path(ix) -> str:
@@ -175,7 +253,7 @@ def _fill_all(trained_path, plan, work):
 def _merge(merged, shard_paths, ivfdata):
     from faiss.contrib.ondisk import merge_ondisk
 
-    with _quiet_stderr():  # merge_ondisk prints a line per resize
+    with _quiet_faiss():  # merge_ondisk prints a line per resize
         merge_ondisk(merged, shard_paths, ivfdata)
 
 
@@ -199,13 +277,28 @@ def _fsync(file):
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
-    # faiss's C++ side prints progress to fd 2; keep it off the caller's terminal.
-    fd = os.dup(2)
+def _quiet_faiss():
+    # faiss's C++ side prints progress ("resizing ...", "updating ondisk filename ...") with printf,
+    # to fd 1 as well as fd 2: keep it off the caller's terminal and out of a command's output (a
+    # query's --json). C's stdout is block-buffered when it is not a terminal, so it is flushed
+    # before the descriptors come back.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
         with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
             os.dup2(null.fileno(), 2)
-            yield
+            try:
+                yield
+            finally:
+                _flush_c_stdio()
     finally:
-        os.dup2(fd, 2)
-        os.close(fd)
+        for fd, saved_fd in zip((1, 2), saved):
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
+
+
+def _flush_c_stdio():
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).fflush(None)

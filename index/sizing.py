@@ -1,10 +1,28 @@
 """Choosing an index by size: which faiss structure, how many inverted lists, how many code bytes.
 
-``auto`` follows the usual trade: below ~100k vectors an exact scan costs under a few ms, so it
-stays exact (Flat); up to ~10M, IVF with 8-bit scalar codes (d bytes a vector, recall near an
-exact IVF); beyond, IVF with product-quantised codes (d/16 bytes a vector), the only kind whose
-memory stays bounded at 100M vectors. The kind is decided when an index is built (or rebuilt),
-from the number of vectors it is built for.
+``auto`` follows the measured Pareto front of recall@10 against single-thread CPU per query and
+bytes per vector (docs/results.md: "Index scale", "10M vectors, streamed and sharded", "A large
+case base end to end" and "cbr's own kinds side by side", the last with cbr's own settings:
+nlist = 4 sqrt(n), nprobe = nlist/8, (k + 5) x 50 or x 200 candidates re-ranked exactly):
+
+- below 100k vectors an exact scan costs a few ms, so it stays exact (``flat``);
+- from 100k to 1M, IVF with 8-bit scalar codes (``ivf-sq8``: d bytes a vector, 546 B on disk at
+  d=512): recall@10 0.992 at 2.5 ms of CPU at 200k, trained in 24 s of CPU, and it re-ranks 500
+  candidates, which cbr reads back from the case base (a third of a query's CPU at 200k);
+- from 1M, the 4-bit fast-scan design (``ivf-pq-fs``: an OPQ rotation, IVF, PQ with 4-bit codes
+  scanned by SIMD, and the shortlist re-ranked exactly): at 1M, d=512, 59 B a vector on disk
+  against SQ8's 536, recall@10 0.961 at 3.7 ms of CPU against SQ8's 0.9995 at 8.9 ms, so it
+  meets the goal of recall >= 0.95 under 5 ms with < 64 B a vector where SQ8 meets neither
+  bound. SQ8's scan grows with n (it reads 512 B a code where fast-scan reads 32) and its index
+  is 5.4 GB at 10M (d=512; ~13 GB at d=1280), held by every query process. The price: OPQ
+  training (303 s of CPU at 1M, against SQ8's 105 s) and 2,000 stored rows read back per query
+  instead of 500; that read was not timed at 1M, so a case base just past 1M may answer a little
+  slower end to end than with SQ8, for a tenth of the memory.
+- ``ivf-pq`` (8-bit PQ) is never chosen: it is dominated. At 1M (power-law) IVF1024,PQ64x6 needed
+  15.9 ms for 0.964 with 58.3 B a vector, against the fast-scan design's 1.6 ms with 43.7 B; at
+  10M it needed 163 ms for 0.954. It stays a named kind for the indexes that use it.
+
+The kind is decided when an index is built (or rebuilt), from the number of vectors it is built for.
 """
 
 from __future__ import annotations
@@ -12,7 +30,7 @@ from __future__ import annotations
 import math
 
 __all__ = ["KINDS", "LARGE_KINDS", "AUTO_FLAT_BELOW", "AUTO_SQ8_BELOW", "auto_kind", "factory_for",
-           "nlist_for", "pq_bytes"]
+           "fast_scan_m", "nlist_for", "pq_bytes"]
 
 # Name -> faiss factory string (IVF kinds get their nlist from the size). Vectors are
 # L2-normalised float32, so inner product is cosine. Every kind here trains on any number of
@@ -22,15 +40,19 @@ KINDS = {
     "hnsw": "HNSW32",  # graph: no training, fast, CPU only, removal costs a rebuild
     "ivf": "IVF256,Flat",  # inverted lists: build() sizes nlist from n_hint when given
     "ivf-sq8": "IVF256,SQ8",  # inverted lists of 8-bit scalar codes: d bytes a vector
-    "auto": "",  # one of the above, or ivf-pq, by size (auto_kind)
+    "auto": "",  # one of the above, or ivf-pq-fs, by size (auto_kind)
 }
-# Kinds whose training needs thousands of vectors (256 centroids per sub-quantiser).
+# Kinds whose training needs thousands of vectors (256 centroids per sub-quantiser: PQ's own, or
+# the PQ that OPQ trains its rotation with).
 LARGE_KINDS = {
     "ivf-pq": "IVF256,PQ",  # product-quantised codes: pq_bytes(d) bytes a vector
+    # OPQ rotation, then 4-bit fast-scan PQ codes: fast_scan_m(d) / 2 bytes a vector (the same
+    # code bytes as ivf-pq), scanned 32 codes at a time by SIMD; a caller re-ranks its shortlist.
+    "ivf-pq-fs": "OPQ16_256,IVF256,PQ16x4fs",
 }
 
 AUTO_FLAT_BELOW = 100_000
-AUTO_SQ8_BELOW = 10_000_000
+AUTO_SQ8_BELOW = 1_000_000
 
 # k-means needs enough points per centroid to place it (faiss warns below 39).
 MIN_POINTS_PER_LIST = 39
@@ -38,11 +60,11 @@ MAX_NLIST = 65536
 
 
 def auto_kind(n: int | None) -> str:
-    """The kind ``auto`` means for an index of about ``n`` vectors."""
+    """The kind ``auto`` means for an index of about ``n`` vectors (see the module docstring)."""
     n = n or 0
     if n < AUTO_FLAT_BELOW:
         return "flat"
-    return "ivf-sq8" if n < AUTO_SQ8_BELOW else "ivf-pq"
+    return "ivf-sq8" if n < AUTO_SQ8_BELOW else "ivf-pq-fs"
 
 
 def nlist_for(n):
@@ -53,7 +75,18 @@ def nlist_for(n):
 def pq_bytes(dim: int) -> int:
     """Code bytes per vector of ``ivf-pq``: the first divisor of d from max(8, d/16) up (16 dimensions
     a byte; PQ needs sub-vectors of equal length), or d itself."""
-    for m in range(min(max(8, dim // 16), dim), dim + 1):
+    return _divisor_from(max(8, dim // 16), dim)
+
+
+def fast_scan_m(dim: int) -> int:
+    """Sub-quantisers of ``ivf-pq-fs`` (4 bits each): the first divisor of d from max(16, d/8) up,
+    or d itself. 64 at d=512, the measured design (OPQ64_512,IVF,PQ64x4fs); d/8 keeps the code
+    bytes of ``ivf-pq`` (d/16)."""
+    return _divisor_from(max(16, dim // 8), dim)
+
+
+def _divisor_from(start: int, dim: int) -> int:
+    for m in range(min(start, dim), dim + 1):
         if dim % m == 0:
             return m
     return dim
@@ -63,8 +96,14 @@ def factory_for(kind: str, dim: int, n: int | None = None) -> str:
     """The faiss factory string of a named kind (or a factory string itself) for about n vectors."""
     if kind == "auto":
         kind = auto_kind(n)
+    lists = nlist_for(n) if n else 256
+    if kind == "ivf-pq-fs":
+        m = fast_scan_m(dim)
+        # The rotation balances the variance between sub-vectors (real embeddings put 75 % of it
+        # in 32 directions); with one dimension per sub-vector there is nothing to balance.
+        rotation = f"OPQ{m}_{dim}," if m < dim else ""
+        return f"{rotation}IVF{lists},PQ{m}x4fs"
     if kind in ("ivf", "ivf-sq8", "ivf-pq"):
-        lists = nlist_for(n) if n else 256
         codes = {"ivf": "Flat", "ivf-sq8": "SQ8", "ivf-pq": f"PQ{pq_bytes(dim)}"}[kind]
         return f"IVF{lists},{codes}"
     return KINDS.get(kind, kind)

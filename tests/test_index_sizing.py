@@ -23,8 +23,8 @@ def clustered():
     return x, ids
 
 
-@pytest.mark.parametrize("n, kind", [(0, "flat"), (99_999, "flat"), (100_000, "ivf-sq8"),
-                                     (9_999_999, "ivf-sq8"), (10_000_000, "ivf-pq"), (None, "flat")])
+@pytest.mark.parametrize("n, kind", [(0, "flat"), (99_999, "flat"), (100_000, "ivf-sq8"), (999_999, "ivf-sq8"),
+                                     (1_000_000, "ivf-pq-fs"), (100_000_000, "ivf-pq-fs"), (None, "flat")])
 def test_auto_picks_by_size(n, kind):
     assert index.auto_kind(n) == kind
     assert index.factory_for("auto", 512, n) == index.factory_for(kind, 512, n)
@@ -33,10 +33,12 @@ def test_auto_picks_by_size(n, kind):
 def test_auto_builds_the_kind_it_names():
     built = [index.build(D, "auto", n_hint=5000), index.build(D, "auto", n_hint=200_000),
              index.build(512, "auto", n_hint=20_000_000)]  # kept: each map owns its inner index
-    flat, sq8, pq = (faiss.downcast_index(b.index) for b in built)
+    flat, sq8, fs = (faiss.downcast_index(b.index) for b in built)
     assert isinstance(flat, faiss.IndexFlat)
     assert isinstance(sq8, faiss.IndexIVFScalarQuantizer) and sq8.nlist == index.vectors.nlist_for(200_000)
-    assert isinstance(pq, faiss.IndexIVFPQ) and pq.pq.M == 32 and pq.nlist == 17889
+    assert isinstance(fs, faiss.IndexPreTransform)  # the OPQ rotation, then the fast-scan IVF
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(fs))
+    assert isinstance(ivf, faiss.IndexIVFPQFastScan) and ivf.pq.M == 64 and ivf.pq.nbits == 4 and ivf.nlist == 17889
 
 
 @pytest.mark.parametrize("dim, m", [(64, 8), (512, 32), (1280, 80), (100, 10), (7, 7)])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import index as ix
-from cbr.pipeline.search import RERANK_FACTOR, search_members
+from cbr.pipeline.search import FAST_SCAN_RERANK_FACTOR, RERANK_FACTOR, SEARCH_MARGIN, search_members
 from cbr.store.casebase import open_casebase
 from cbr.store.encoding import encode_vector
 from cbr.store.schema import Case, Embedding, Model
@@ -100,3 +100,27 @@ def test_exact_kinds_are_not_reranked(kind):
     ix.add(index, x, np.arange(len(x)))
     assert not ix.lossy(index)
     assert RERANK_FACTOR > 1
+
+
+@pytest.mark.slow
+def test_fast_scan_shortlist_is_longer_and_reranked_to_the_exact_answer(stored, monkeypatch):
+    """ivf-pq-fs (4-bit codes, the kind `auto` picks from 1M) is asked for FAST_SCAN_RERANK_FACTOR
+    candidates per wanted hit, not RERANK_FACTOR, and its answer is the exact one."""
+    cb, x, ids, model_id, _ = stored
+    faiss.omp_set_num_threads(1)
+    m = _member("ivf-pq-fs", x, ids, model_id)
+    assert ix.fast_scan(m.index) and FAST_SCAN_RERANK_FACTOR > RERANK_FACTOR
+    asked = []
+    search = ix.search
+
+    def spy(index, queries, k, **kw):
+        asked.append(k)
+        return search(index, queries, k, **kw)
+
+    monkeypatch.setattr(ix, "search", spy)
+    queries = _vectors(seed=1)[:20]
+    with cb.read() as s:
+        got = [[h.case.id for h in search_members(s, [m], [q[None]], K, exclude=[int(ids[0])])[0]] for q in queries]
+    assert set(asked) == {(K + SEARCH_MARGIN) * FAST_SCAN_RERANK_FACTOR}
+    want = [_exact(x, ids, q, exclude=[int(ids[0])]) for q in queries]
+    assert got == want

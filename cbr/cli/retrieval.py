@@ -63,8 +63,8 @@ def _print_report(report, db):
 @click.option("--model", "models", multiple=True, help=f"Embedder: {BACKBONE_HINT}. Repeat for an ensemble. [default: mobilenet_v2]")
 @weights_option
 @click.option("--index-type", default=IndexConfig.index_type, show_default=True,
-              help="flat, hnsw, ivf, ivf-sq8, ivf-pq, auto (by size: flat < 100k, ivf-sq8 < 10M, "
-              "else ivf-pq), or a faiss factory string.")
+              help="flat, hnsw, ivf, ivf-sq8, ivf-pq, ivf-pq-fs, auto (by size: flat < 100k, ivf-sq8 < 1M, "
+              "else ivf-pq-fs), or a faiss factory string.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=IndexConfig.batch_size, show_default=True)
 @click.option("--explain", "explain", type=RegistryChoice(cam_names, extra=(NO_EXPLANATION,)),
               default=IndexConfig.explain, show_default=True, help="CAM method for each case's stored map.")

@@ -15,7 +15,7 @@ from cbr.store.member import embeddings_in
 from cbr.store.schema import Case
 import index as ix
 
-__all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes",
+__all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes",
            "active_classes", "search_members"]
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
@@ -25,6 +25,12 @@ SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was l
 # clustered vectors to recall 0.97 (benchmarks/bench_scale_stream.py, README "Scale"). With k = 5
 # that is 500 rows read by primary key, a few milliseconds.
 RERANK_FACTOR = 50
+# 4-bit fast-scan codes (ivf-pq-fs) order their shortlist more coarsely still: at 1M vectors with
+# the spectrum of cbr's own embeddings (docs/results.md, "10M with the real spectrum"), nprobe =
+# nlist/8 as cbr sets it, recall@10 was 0.891 with 100 candidates per wanted hit, 0.961 with 200
+# (5.1 ms of CPU, most of it the re-ranking) and 0.974 with 300 (13.5 ms). cbr asks for k + 5
+# hits, so with k = 5 this is 2,000 stored embeddings read back by primary key per query.
+FAST_SCAN_RERANK_FACTOR = 200
 
 
 class Hit(NamedTuple):
@@ -97,7 +103,8 @@ def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) 
     for m, e in zip(members, vectors):
         lossy = ix.lossy(m.index)
         want = k + SEARCH_MARGIN
-        D, I = ix.search(m.index, e, want * (RERANK_FACTOR if lossy else 1), exclude=[exclude], allow=allow)
+        factor = (FAST_SCAN_RERANK_FACTOR if ix.fast_scan(m.index) else RERANK_FACTOR) if lossy else 1
+        D, I = ix.search(m.index, e, want * factor, exclude=[exclude], allow=allow)
         pairs = [(int(i), float(d)) for i, d in zip(I[0], D[0]) if i >= 0]
         if lossy:
             pairs = _reranked(s, m.model_id, e, pairs)[:want]

@@ -82,7 +82,7 @@ def _open_index(cb, who: str, rel_path: str, checksum: str, health: Health, else
         if ix.checksum(path) != checksum:
             health.errors.append(f"{who}: file {path} does not match its checksum (damaged or altered); {hint}")
             return None
-        return ix.load(path)
+        return ix.open_index(path)  # an id-mapped index, or the sharded form with its .ivfdata lists beside it
     except (OSError, ValueError, RuntimeError) as e:
         health.errors.append(f"{who}: file {path} cannot be read ({e}); {hint}")
         return None

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 import tempfile
@@ -22,6 +23,7 @@ from sqlalchemy import func, select
 from cbr.errors import CaseBaseError, DamagedRowError, IndexCorruptError, ModelMismatchError
 from cbr.lazy_import import LazyModule
 from cbr.models.config import ModelConfig
+from cbr.store.casebase import open_casebase
 from cbr.store.chunks import rows_in
 from cbr.store.damage import EMBEDDING_REPAIR, vector_problem
 from cbr.store.encoding import decode_vectors
@@ -41,11 +43,20 @@ __all__ = [
     "load_members",
     "active_embeddings",
     "model_label",
+    "SHARD_ROWS",
+    "StoredChunks",
 ]
 
 LOG = logging.getLogger(__name__)
 REBUILD_ROWS = 50_000  # stored embeddings read per statement while an index is rebuilt (100 MB at d=512)
 TRAIN_ROWS = 250_000  # a learning index trains on about this many (up to twice): an even sample
+# From this many vectors an IVF index (not fast-scan: faiss cannot merge its packed lists on disk)
+# is built in the sharded form of index.shards: filled by SHARD_WORKERS processes, merged into one
+# lists file that every query process memory-maps read-only. At 1M vectors an SQ8 index is 0.55 GB
+# (d=512) that each query process and serve lane would otherwise read and hold on its own, and the
+# fill is the build's bulk (10M IVF-PQ: 61 us of CPU per vector, docs/results.md "10M vectors").
+SHARD_ROWS = 1_000_000
+SHARD_WORKERS = max(1, min(4, os.cpu_count() or 1))
 models_embedder = LazyModule("cbr.models.embedder")  # torch-bound: loads on first use
 _LOAD_ATTEMPTS = 10  # a reader retries only when a writer switched generations meanwhile
 
@@ -108,7 +119,12 @@ def _sweep_orphans(cb) -> None:
     for path in cb.index_dir.iterdir():
         if path.name.startswith(".writer"):
             continue
-        if path.name not in live and (path.suffix == ".faiss" or ".tmp" in path.name):
+        if path.suffix == ".shards" and path.is_dir():  # index.shards' work folder of a killed build
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.suffix == ".ivfdata" and path.name.split(".faiss.")[0] + ".faiss" not in live:
+            with contextlib.suppress(OSError):  # the lists of a sharded generation no manifest names
+                path.unlink()
+        elif path.name not in live and (path.suffix == ".faiss" or ".tmp" in path.name):
             with contextlib.suppress(OSError):
                 path.unlink()
 
@@ -226,7 +242,7 @@ def load_index(cb, model_id: int, *, persist_repair: bool = False):
             if ix.checksum(path) != checksum:
                 problem = f"index file {path} does not match its manifest checksum (damaged or altered)"
             else:
-                index = ix.load(path)
+                index = ix.open_index(path)  # an id-mapped index, or the sharded form (its lists beside it)
         except OSError as e:  # FileNotFoundError from checksum, IndexFileError from load
             if path.exists():
                 problem = f"index file {path} cannot be read ({e})"
@@ -297,33 +313,53 @@ def save_index(cb, model_id: int, index, kind: str) -> None:
     _reconcile(cb, model_id, index)
     cb.index_dir.mkdir(parents=True, exist_ok=True)
     name = generation_name(model_id, cb.index_dir)
-    checksum = ix.save(index, cb.index_dir / name)
+    if ix.sharded(index):  # a new lists file of its own: the old generation's is never written
+        ix.write_sharded(index, cb.index_dir / name)
+        checksum = ix.checksum(cb.index_dir / name)
+    else:
+        checksum = ix.save(index, cb.index_dir / name)
+    _switch_manifest(cb, model_id, name, checksum, index.ntotal, kind)
+
+
+def _switch_manifest(cb, model_id: int, name: str, checksum: str, ntotal: int, kind: str) -> None:
+    """Point the manifest at generation ``name`` (written and synced), then drop the old one's files."""
     old = None
     with cb.write() as s:
         m = s.scalar(select(IndexManifest).where(IndexManifest.model_id == model_id))
         if m is None:
-            s.add(IndexManifest(model_id=model_id, kind=kind, path=name, checksum=checksum, ntotal=index.ntotal))
+            s.add(IndexManifest(model_id=model_id, kind=kind, path=name, checksum=checksum, ntotal=ntotal))
         else:
             old = m.path
-            m.path, m.checksum, m.ntotal, m.kind, m.updated_at = name, checksum, index.ntotal, kind, utcnow()
+            m.path, m.checksum, m.ntotal, m.kind, m.updated_at = name, checksum, ntotal, kind, utcnow()
     if old and old != name:
-        with contextlib.suppress(OSError):
-            (cb.index_dir / old).unlink()
+        for path in [cb.index_dir / old, *ix.ivfdata_files(cb.index_dir / old)]:
+            with contextlib.suppress(OSError):
+                Path(path).unlink()
 
 
 def rebuild_index(cb, model_id: int, kind: str | None = None):
     """Build a model's index afresh from the stored embeddings (no image is read)."""
     manifest = _read_manifest(cb, model_id)
     kind = kind or (manifest[3] if manifest else "flat")
-    index = _from_embeddings(cb, model_id, kind)
+    index, n = _trained(cb, model_id, kind)
+    if n >= SHARD_ROWS and index.is_trained and ix.shardable(index):
+        return _sharded_from_embeddings(cb, model_id, index, kind)
+    _fill(cb, model_id, index)
     save_index(cb, model_id, index, kind)
     return index
 
 
 def _from_embeddings(cb, model_id: int, kind: str):
-    """A model's index built from the stored embeddings a chunk at a time; a kind that learns is
-    trained first on an even sample of at most about 2 x ``TRAIN_ROWS`` of them. Only the index
-    itself is held: 10M stored embeddings are 10-20 GB."""
+    """A model's index built in memory from the stored embeddings a chunk at a time; a kind that
+    learns is trained first on an even sample of at most about 2 x ``TRAIN_ROWS`` of them. Only the
+    index itself is held: 10M stored embeddings are 10-20 GB."""
+    index, _ = _trained(cb, model_id, kind)
+    _fill(cb, model_id, index)
+    return index
+
+
+def _trained(cb, model_id: int, kind: str):
+    """(an empty index of ``kind`` for the model's stored embeddings, trained if it learns; their number)."""
     n, _ = _db_id_summary(cb, model_id)
     with cb.read() as s:
         dim = s.get(Model, model_id).config["embedding_dim"]
@@ -331,9 +367,74 @@ def _from_embeddings(cb, model_id: int, kind: str):
     if n and not index.is_trained:
         sample = [v for _, v in embedding_chunks(cb, model_id, every=max(1, n // TRAIN_ROWS))]
         ix.train(index, np.concatenate(sample), n=n)
+    return index, n
+
+
+def _fill(cb, model_id: int, index) -> None:
     for ids, vecs in embedding_chunks(cb, model_id):
         ix.add(index, vecs, ids)
+
+
+def _sharded_from_embeddings(cb, model_id: int, trained, kind: str):
+    """A new generation of the sharded form (index.shards), filled by worker processes that read
+    the stored embeddings themselves, a chunk of ``REBUILD_ROWS`` case ids each; the manifest
+    switches to it only once it is complete, so a failed or killed build leaves the previous one."""
+    bounds = _chunk_bounds(cb, model_id)
+    source = StoredChunks(cb.url, str(cb.index_dir), model_id, trained.d, bounds)
+    chunks = len(bounds) - 1
+    plan = ix.ShardPlan(source, chunks, workers=min(SHARD_WORKERS, chunks))
+    name = generation_name(model_id, cb.index_dir)
+    try:
+        index = ix.build_sharded(ix.unwrapped(trained), plan, cb.index_dir / name)
+    except ix.ShardBuildError as e:
+        raise CaseBaseError(f"the sharded build of model {model_id}'s index failed ({e}); the index in force is "
+                            f"unchanged: run `cbr index --rebuild {db_args(cb)}` again") from None
+    _switch_manifest(cb, model_id, name, ix.checksum(cb.index_dir / name), index.ntotal, kind)
     return index
+
+
+def _chunk_bounds(cb, model_id: int) -> tuple[int, ...]:
+    """Case ids b0 < b1 < ... such that chunk c holds the active embeddings with b_c < id <= b_c+1,
+    ``REBUILD_ROWS`` of them (the last fewer): a keyset walk over the ids alone."""
+    bounds = [-1]
+    ids = _of_active_cases(select(Embedding.case_id), model_id).order_by(Embedding.case_id)
+    while True:
+        with cb.read() as s:
+            after = ids.where(Embedding.case_id > bounds[-1])
+            last = s.scalar(after.offset(REBUILD_ROWS - 1).limit(1))
+            if last is None:
+                last = s.scalar(select(func.max(after.subquery().c.case_id)))
+        if last is None:
+            return tuple(bounds)
+        bounds.append(int(last))
+
+
+@dataclass(frozen=True)
+class StoredChunks:
+    """A shard worker's source (``index.ShardPlan``): chunk c is the (float32 vectors, case ids) of
+    the active cases of ``model_id`` with ``bounds[c] < id <= bounds[c + 1]``, which the worker
+    reads from the case base at ``url`` itself. Workers are spawned, so this module-level class
+    travels pickled, by value: no vector passes through the parent."""
+
+    url: str
+    index_dir: str
+    model_id: int
+    dim: int
+    bounds: tuple[int, ...]
+
+    def __call__(self, chunk: int):
+        cb = open_casebase(self.url, create=False, migrate=False, index_dir=self.index_dir)
+        try:
+            with cb.read() as s:
+                q = _of_active_cases(select(Embedding.case_id, Embedding.vector), self.model_id).where(
+                    Embedding.case_id > self.bounds[chunk], Embedding.case_id <= self.bounds[chunk + 1])
+                rows = s.execute(q.order_by(Embedding.case_id)).all()
+        finally:
+            cb.close()
+        if not rows:
+            return np.empty((0, self.dim), dtype=np.float32), np.empty(0, dtype=np.int64)
+        ids, vecs = _decoded(rows, self.model_id, self.dim)
+        return vecs, ids
 
 
 def _embedder_for(model: Model):

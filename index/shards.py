@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .storage import IndexFileError, load, save
+from .vectors import fast_scan
 
 if TYPE_CHECKING:  # faiss loads in the functions that use it
     import faiss
@@ -178,8 +179,7 @@ def shardable(ix) -> bool:
     import faiss
 
     inner = faiss.downcast_index(ix.index) if isinstance(ix, faiss.IndexIDMap) else ix
-    ivf = faiss.try_extract_index_ivf(inner)
-    return ivf is not None and not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
+    return faiss.try_extract_index_ivf(inner) is not None and not fast_scan(ix)
 
 
 def sharded(ix) -> bool:

@@ -286,7 +286,7 @@ def search_findings(s, member, fset: FindingSet, crop, whole, k: int, exclude_ca
     D, I = ix.search(fset.index, crop, max(k, TYPICALITY_K) * MAX_FINDINGS + 5, exclude=[exclude])
     active = finding_boxes(s, [int(i) for i in I[0] if i >= 0])
     sims = [float(d) for i, d in zip(I[0], D[0]) if int(i) in active]
-    ranked = _fused(s, member, fset, (crop, whole), k, (exclude, exclude_cases), allow_cases)
+    ranked = _fused(s, member, fset, (crop, whole), k, (exclude, exclude_cases), allow_cases, nearest=(D, I))
     cases = {c.id: c for c in scalars_in(s, select(Case), Case.id, [c for c, _, _ in ranked])}
     return [Hit(cases[c], score) for c, score, _ in ranked], {c: box for c, _, box in ranked}, sims
 
@@ -304,19 +304,24 @@ def fused(finding_similarity, image_similarity):
     return (finding_similarity + image_similarity) / 2
 
 
-def _fused(s, member, fset, queries, k: int, exclude, allow) -> list:
+def _fused(s, member, fset, queries, k: int, exclude, allow, nearest=None) -> list:
     """[(case id, fused score, its best finding's box)] of the k best cases, best first (ties: lower id).
 
     Candidates: the cases of the region's nearest findings and the image's nearest cases, CANDIDATES x
     k of each, rescored exactly from the stored vectors. A case in neither list scores at most the
     mean of the two lists' last similarities (the threshold algorithm's bound); while the k-th score
-    is below it, both lists go deeper. Exact for exact (flat) indexes."""
+    is below it, both lists go deeper. Exact for exact (flat) indexes. ``nearest``: (D, I) of a
+    search of the region already made (with the same exclusions); a depth it covers is read from
+    it, not searched again."""
     (crop, whole), (excluded_findings, excluded_cases) = queries, exclude
     dim, skip = crop.shape[1], set(int(c) for c in excluded_cases)
     allowed = None if allow is None else set(int(c) for c in allow)
     depth = CANDIDATES * k
     while True:
-        Df, If = ix.search(fset.index, crop, depth, exclude=[excluded_findings])
+        if nearest is not None and nearest[1].shape[1] >= depth:
+            Df, If = nearest[0][:, :depth], nearest[1][:, :depth]
+        else:
+            Df, If = ix.search(fset.index, crop, depth, exclude=[excluded_findings])
         Di, Ii = ix.search(member.index, whole, depth, exclude=[sorted(skip)], allow=allow)
         found = scalars_in(s, select(Finding.case_id), Finding.id, [int(i) for i in If[0] if i >= 0])
         cands = {int(c) for c in found} | {int(i) for i in Ii[0] if i >= 0}

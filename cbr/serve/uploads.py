@@ -20,7 +20,7 @@ from cbr.data.dicom import is_dicom
 from cbr.data.locator import Source, SourceError
 from cbr.errors import CbrError, ImageError
 from cbr.store.schema import Query
-from cbr.pipeline.finding_search import parse_region
+from cbr.pipeline.finding_search import parse_region, RegionError
 from cbr.pipeline.settings import parse_where
 
 __all__ = ["read_upload", "query_options", "check_limits", "MAX_K", "BadValue", "safe_name", "upload_suffix",
@@ -146,7 +146,10 @@ def query_options(k, vote, explain, where=None, region=None) -> dict:
     ``region`` (search by finding: "x0,y0,x1,y1" in the image's pixels, or "auto") are parsed here."""
     try:
         pairs = parse_where(where)
-        box = parse_region((region or "").strip() or None)
     except CbrError as e:
-        raise BadValue(str(e).replace("--where", "where", 1).replace("--region", "region", 1)) from None
+        raise BadValue(str(e).replace("--where", "where", 1)) from None
+    try:
+        box = parse_region((region or "").strip() or None)
+    except RegionError as e:
+        raise BadValue(e.in_api_words()) from None
     return {"k": k, "vote": vote or None, "explain": explain or None, "where": pairs, "region": box}

@@ -355,6 +355,7 @@ def _draw_box(browser):
 def test_audit_walk_through_with_screenshots(browser, server, query_set, artifacts, indexed):
     """Upload, compare, zoom, window, refine by region, a verdict with a drawn lesion box seen again
     on reload, a retain refused with its message, and axe-core on every page; one screenshot a step."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
 
     browser.set_window_size(1600, 1100)
@@ -392,7 +393,12 @@ def test_audit_walk_through_with_screenshots(browser, server, query_set, artifac
     root = browser.find_element(By.ID, "compare")
     assert root.get_attribute("data-region-query") and root.get_attribute("data-region-case")
     _shot(browser, artifacts, "06b-refined-compare.png")
-    browser.get(refined_url.replace("/queries/", "/api/queries/") + "/report")
+    report_url = refined_url.replace("/queries/", "/api/queries/") + "/report"
+    browser.get(report_url)
+    try:  # a busy Chromium may return a blank document from get (see _open_home): ask once more
+        _wait(browser, lambda d: d.page_source, timeout=20)
+    except TimeoutException:
+        browser.get(report_url)
     assert "Search by finding: the region" in browser.page_source
     browser.execute_script("document.querySelector('h2').scrollIntoView({block: 'start'})")
     _shot(browser, artifacts, "06c-refined-report.png")

@@ -108,6 +108,20 @@ def _wait(driver, condition, timeout=120):
     return WebDriverWait(driver, timeout).until(condition)
 
 
+def _open_report(driver, url):
+    """A query's report (a large self-contained page). As for the home page (``_open_home``), a busy
+    machine's Chromium can return from ``get`` with a blank document: it is waited for, and asked
+    for once more if it stays blank."""
+    from selenium.common.exceptions import TimeoutException
+
+    driver.get(url)
+    try:
+        _wait(driver, lambda d: d.page_source, timeout=20)
+    except TimeoutException:
+        driver.get(url)
+        _wait(driver, lambda d: d.page_source, timeout=60)
+
+
 def _open_home(driver, server):
     """The home page, once its upload form is there. A busy machine's Chromium has been seen to
     return from ``get`` with a blank document (page_source ''); the form is waited for, and the
@@ -355,7 +369,6 @@ def _draw_box(browser):
 def test_audit_walk_through_with_screenshots(browser, server, query_set, artifacts, indexed):
     """Upload, compare, zoom, window, refine by region, a verdict with a drawn lesion box seen again
     on reload, a retain refused with its message, and axe-core on every page; one screenshot a step."""
-    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
 
     browser.set_window_size(1600, 1100)
@@ -393,12 +406,7 @@ def test_audit_walk_through_with_screenshots(browser, server, query_set, artifac
     root = browser.find_element(By.ID, "compare")
     assert root.get_attribute("data-region-query") and root.get_attribute("data-region-case")
     _shot(browser, artifacts, "06b-refined-compare.png")
-    report_url = refined_url.replace("/queries/", "/api/queries/") + "/report"
-    browser.get(report_url)
-    try:  # a busy Chromium may return a blank document from get (see _open_home): ask once more
-        _wait(browser, lambda d: d.page_source, timeout=20)
-    except TimeoutException:
-        browser.get(report_url)
+    _open_report(browser, refined_url.replace("/queries/", "/api/queries/") + "/report")
     assert "Search by finding: the region" in browser.page_source
     browser.execute_script("document.querySelector('h2').scrollIntoView({block: 'start'})")
     _shot(browser, artifacts, "06c-refined-report.png")
@@ -431,7 +439,7 @@ def test_audit_walk_through_with_screenshots(browser, server, query_set, artifac
     assert "case 1" in said and ("not added twice" in said or "label conflict" in said), said
     _shot(browser, artifacts, "09-retain-refused.png")
 
-    browser.get(query_url.replace("/queries/", "/api/queries/") + "/report")
+    _open_report(browser, query_url.replace("/queries/", "/api/queries/") + "/report")
     assert browser.find_elements(By.CSS_SELECTOR, "img.cbar-img")
     _shot(browser, artifacts, "12-static-report.png")
     browser.get(server + "/history")
@@ -479,7 +487,7 @@ def test_the_finding_map_its_regions_and_the_contrast_in_the_browser(browser, lo
     problems["compare (finding map)"] = _serious_violations(browser)
     browser.find_element(By.LINK_TEXT, "all neighbours").click()
     _wait(browser, lambda d: d.find_elements(By.ID, "diagnosis"))
-    browser.get(browser.current_url.replace("/queries/", "/api/queries/") + "/report")
+    _open_report(browser, browser.current_url.replace("/queries/", "/api/queries/") + "/report")
     assert "outside the finding" in browser.page_source and "where is the finding" in browser.page_source
     _shot(browser, artifacts, "15-finding-report.png")
     assert not any(problems.values()), "\n".join(f"{page}: {v}" for page, vs in problems.items() for v in vs)

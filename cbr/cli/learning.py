@@ -14,7 +14,7 @@ from cbr.evaluation import cross_validate, EvalConfig, evaluate_casebase
 from cbr.evaluation.by_finding import BY
 from cbr.evaluation.sweep import parse_layers
 from cbr.learn.augmentation import FLIPS
-from cbr.learn.config import TrainConfig
+from cbr.learn.config import KEEPS, TrainConfig
 from cbr.learn.objective import OBJECTIVES
 from cbr.learn.sampling import SAMPLERS
 from cbr.learn.train import train_model
@@ -38,16 +38,20 @@ def _flips():
     return FLIPS
 
 
+def _keeps():
+    return KEEPS
+
+
 def training_options(f):
     """Options shared by ``train`` and the cross-validation of ``evaluate``, handed to the command
     as one ``training`` (a ``TrainConfig``) and ``backbones`` (every ``--backbone`` given: evaluate's
     ensemble members; ``training.backbone`` is the first)."""
     @functools.wraps(f)
-    def wrapper(*args, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, train_layers,
+    def wrapper(*args, backbone, weights, epochs, img_size, batch_size, lr, seed, device, patience, keep, train_layers,
                 workers, contrast, tta, crop, label_smoothing, warmup, mask_guidance, objective, sampler, flip, localiser,
                 cache_draws, **kwargs):
         training = TrainConfig(backbone=backbone[0], weights=weights, epochs=epochs, img_size=img_size,
-                               batch_size=batch_size, lr=lr, seed=seed, device=device, patience=patience,
+                               batch_size=batch_size, lr=lr, seed=seed, device=device, patience=patience, keep=keep,
                                train_layers=train_layers, num_workers=workers, contrast=contrast or "none",
                                tta=tta or "none", crop=crop or "none", label_smoothing=label_smoothing, warmup_epochs=warmup,
                                mask_guidance=mask_guidance, objective=objective, sampler=sampler, flip=flip,
@@ -73,6 +77,9 @@ def training_options(f):
                      help="Where to train [default: cuda if available, else cpu]."),
         click.option("--patience", type=click.IntRange(0, 10_000), default=3, show_default=True,
                      help="Stop after this many epochs without a better validation balanced accuracy (0: never)."),
+        click.option("--keep", type=RegistryChoice(_keeps), default="last", show_default=True,
+                     help="Whose weights the checkpoint keeps: the last epoch's, or the best on validation (those "
+                     "images then calibrate the vote optimistically)."),
         click.option("--train-layers", type=click.IntRange(0, 10_000), default=None,
                      help="Fine-tune only the last N backbone blocks and the head (0: the head only) [default: all]."),
         click.option("--cache-draws", type=click.IntRange(0, 1000), default=0, show_default=True,
@@ -111,10 +118,12 @@ def _print_training(r, data, training):
     click.echo(f"  classes:      {', '.join(r.class_names)}")
     grouped = "by patient" if r.grouped else "by image"
     click.echo(f"  images:       {r.train_size} training, {r.val_size} validation (split {grouped})")
-    click.echo(f"  epochs:       {r.epochs_run} run, best {r.best_epoch}")
+    click.echo(f"  epochs:       {r.epochs_run} run, kept {r.kept_epoch} ({training.keep}), best on validation "
+               f"{r.best_epoch}")
     click.echo(f"  objective:    {training.objective} (batches: {training.sampler}; flips: {training.flip})")
-    bacc = "-" if r.best_val_balanced_accuracy is None else f"{r.best_val_balanced_accuracy:.3f}"
-    click.echo(f"  best validation balanced accuracy: {bacc}")
+    bacc = "-" if r.val_balanced_accuracy is None else (f"{r.val_balanced_accuracy:.3f} (kept epoch; best "
+                                                        f"{r.best_val_balanced_accuracy:.3f})")
+    click.echo(f"  validation balanced accuracy: {bacc}")
     if r.localiser is not None:
         pg = r.localiser.get("val_pointing_game")
         click.echo(f"  localiser:    trained on {r.localiser['masks']} masked images; validation pointing game "
@@ -147,7 +156,8 @@ def train_cmd(data, out, training, backbones, val_fraction, manifest, sources, a
     """Fine-tune a backbone with a classification head on a labelled dataset.
 
     DATA is a folder with one sub-folder per class, or a CSV manifest. A patient-grouped share of
-    the images is held out for early stopping on balanced accuracy; the best epoch is kept. The
+    the images is held out for early stopping on balanced accuracy and to calibrate the vote; the
+    last epoch's weights are kept (--keep best: the best epoch on validation). The
     checkpoint carries the backbone, head, classes, preprocessing, fingerprint and the sha256 of
     every image it saw; index with it (`cbr index DATA --model model.pt`).
 
@@ -173,7 +183,7 @@ def train_cmd(data, out, training, backbones, val_fraction, manifest, sources, a
 
 
 # Options that only make sense for cross-validation (protocol 1) or only against --db (protocol 2).
-_CV_ONLY = ("folds", "no_train", "backbone", "weights", "epochs", "img_size", "lr", "seed", "patience",
+_CV_ONLY = ("folds", "no_train", "backbone", "weights", "epochs", "img_size", "lr", "seed", "patience", "keep",
             "train_layers", "mask_guidance", "objective", "sampler", "flip", "localiser", "cache_draws")
 _DB_ONLY = ("strict", "models", "index_dir")
 

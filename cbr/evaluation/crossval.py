@@ -64,7 +64,8 @@ def _fold_model(ckpt: Path, train_recs, training: TrainConfig, train: bool, show
         save_checkpoint(emb, ckpt, extra={"dataset": shown, "note": "untrained backbone (evaluate --no-train)"})
         return {}, []
     res = train_model(out=ckpt, config=training, records=train_recs, progress=progress)
-    return {"epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
+    return {"epochs_run": res.epochs_run, "kept_epoch": res.kept_epoch, "best_epoch": res.best_epoch,
+            "val_balanced_accuracy": res.val_balanced_accuracy,
             "best_val_balanced_accuracy": res.best_val_balanced_accuracy,
             "train_seconds": round(res.elapsed, 1), "history": res.history}, res.problems
 
@@ -176,7 +177,7 @@ def _settings(config: EvalConfig, t: TrainConfig, shown: str, folds: int, train:
     return {"protocol": "cross-validation", "source": shown, "folds": folds, "k": config.k, "vote": config.vote,
             "explain": config.explain, "train": train, "backbone": t.backbone, "weights": t.weights,
             "epochs": t.epochs if train else None, "img_size": t.img_size, "batch_size": config.batch_size,
-            "lr": t.lr, "patience": t.patience, "train_layers": t.train_layers, "cache_draws": t.cache_draws,
+            "lr": t.lr, "patience": t.patience, "keep": t.keep, "train_layers": t.train_layers, "cache_draws": t.cache_draws,
             "seed": t.seed, "device": t.device,
             "sources": config.sources.to_dict(), "mask_guidance": t.mask_guidance,
             "objective": t.objective, "sampler": t.sampler, "flip": t.flip, "crop": t.crop,

@@ -17,9 +17,17 @@ from cbr.learn.sampling import get_sampler
 from cbr.models.backbones import backbone_spec
 from cbr.models.config import TTAS, WEIGHTS
 
-__all__ = ["TrainConfig", "TrainError", "HEAD_LR"]
+__all__ = ["TrainConfig", "TrainError", "HEAD_LR", "KEEPS"]
 
 HEAD_LR = 1e-3  # default lr of the new head (and of everything with random weights)
+
+# Which epoch's weights a run keeps. The validation images also calibrate the vote (`cbr index`
+# fits its temperature, prior and conformal sets on them), so an epoch chosen for its validation
+# score makes them look better than new images will: confidences and sets come out optimistic.
+KEEPS = {
+    "last": "the last epoch run: no choice is made on the validation images, which stay fit to calibrate",
+    "best": "the epoch with the best validation balanced accuracy (chosen on the images that calibrate the vote)",
+}
 
 
 class TrainError(CbrError):
@@ -42,6 +50,7 @@ class TrainConfig:
     seed: int = 0  # split, head init, shuffling, augmentation (and the folds of cross-validation)
     device: str | None = None  # "cpu", "cuda"; None: cuda when available
     patience: int | None = 3  # epochs without a better val balanced accuracy before stopping; 0/None: never
+    keep: str = "last"  # KEEPS: whose weights the checkpoint keeps, the last epoch's or the best on validation
     val_fraction: float = 0.2  # share of the images (by patient group) kept for validation
     train_layers: int | None = None  # fine-tune only the last N trunk blocks (0: the head only); None: all
     num_workers: int | None = None  # decoding worker processes; None: 1 on a 2-core machine
@@ -77,6 +86,8 @@ class TrainConfig:
         get_objective(self.objective)
         get_sampler(self.sampler)
         check_flip(self.flip)
+        if self.keep not in KEEPS:
+            raise UnknownNameError("kept epoch", self.keep, KEEPS)
 
         if self.tta not in TTAS:
             raise UnknownNameError("test-time augmentation", self.tta, TTAS)

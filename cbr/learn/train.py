@@ -11,9 +11,12 @@ Decisions (decoding and augmentation: see :mod:`cbr.learn.augmentation`):
   unweighted (:mod:`cbr.learn.sampling`); ``objective`` picks the loss (:mod:`cbr.learn.objective`).
 * **Validation**: a patient-grouped, stratified split (:func:`cbr.data.splits.group_split`) keeps
   ``val_fraction`` of the images out of training; no patient is on both sides. Early stopping
-  watches the validation balanced accuracy (ties: lower validation loss) and keeps the best
-  epoch's weights. Without any validation image (``val_fraction=0`` or too few groups) every
-  epoch runs and the last one is kept.
+  watches the validation balanced accuracy (ties: lower validation loss). The last epoch's
+  weights are kept (``keep="last"``), because the same images then calibrate the vote
+  (``cbr index``): an epoch picked for its validation score makes them look better than new images
+  will (HAM10000, 15 epochs: the last epoch's validation balanced accuracy was within 0.01 of
+  the best in every fold). ``keep="best"`` keeps the best epoch. Without any validation image
+  (``val_fraction=0`` or too few groups) every epoch runs and the last one is kept.
 * **Optimiser**: AdamW (weight decay 0.01) with a cosine decay over the planned epochs. With
   ImageNet weights the new head learns at ``lr`` (default 1e-3) and the pretrained backbone at
   ``lr / 10`` (default 1e-4), so fine-tuning does not wash out the pretrained features; from
@@ -77,7 +80,7 @@ class TrainResult:
     path: str  # the checkpoint written
     class_names: list[str]  # the head's classes, sorted
     epochs_run: int
-    best_epoch: int  # 1-based epoch whose weights were kept
+    best_epoch: int  # 1-based epoch with the best validation balanced accuracy
     best_val_balanced_accuracy: float | None  # None without a validation part
     history: list[dict]  # per epoch: epoch, loss, val_loss, val_accuracy, val_balanced_accuracy, lr, seconds
     train_size: int
@@ -93,6 +96,8 @@ class TrainResult:
     # the lesion localiser trained beside the classifier (masks, val_pointing_game, val_dice, ...); None: no masks
     localiser: dict | None = None
     localiser_note: str | None = None  # why a backbone that cannot carry a localiser trained without one
+    kept_epoch: int = 0  # 1-based epoch whose weights the checkpoint holds (TrainConfig.keep)
+    val_balanced_accuracy: float | None = None  # the kept epoch's; None without a validation part
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -167,13 +172,15 @@ def train_model(
     # the localiser's encoder starts from the backbone's initial (ImageNet) weights
     initial, localiser_note = _localiser_encoder(model, config, records)
     train_set = Augmented(cache[train_idx], [targets[i] for i in train_idx], make_augmentation(grey, config.flip), *guide)
-    history, best_epoch = run.fit(train_set, cache[val_idx], [targets[i] for i in val_idx])
+    history, kept_epoch, best_epoch = run.fit(train_set, cache[val_idx], [targets[i] for i in val_idx])
 
     best_bacc = history[best_epoch - 1]["val_balanced_accuracy"]
+    kept_bacc = history[kept_epoch - 1]["val_balanced_accuracy"]
     localiser = _localiser(initial, model.config, config, records, cache, (train_idx, val_idx), device, progress,
                            problems)
     extra = {"history": history, "dataset": str(source) if source is not None else "<records>",
-             "best_epoch": best_epoch, "best_val_balanced_accuracy": best_bacc, "train_size": len(train_idx),
+             "best_epoch": best_epoch, "best_val_balanced_accuracy": best_bacc, "kept_epoch": kept_epoch,
+             "keep": config.keep, "val_balanced_accuracy": kept_bacc, "train_size": len(train_idx),
              "val_size": len(val_idx), "val_sha256": [records[i].sha256 for i in val_idx], "grayscale": grey,
              "augmentation": augmentation_text(grey, config.flip),
              "options": _options(config, run, model.config.input_size, _masked(guide))}
@@ -189,7 +196,8 @@ def train_model(
         train_groups=sorted({_group(records[i], i) for i in train_idx}),
         val_groups=sorted({_group(records[i], i) for i in val_idx}), problems=problems,
         grouped=any(records[i].group is not None for i in train_idx), masked_images=_masked(guide),
-        localiser=_figures(localiser), localiser_note=localiser_note,
+        localiser=_figures(localiser), localiser_note=localiser_note, kept_epoch=kept_epoch,
+        val_balanced_accuracy=kept_bacc,
     )
 
 
@@ -241,7 +249,8 @@ def _options(config: TrainConfig, run, size: int, masked_images) -> dict:
     """The options a checkpoint records of the run that wrote it."""
     return {"backbone": config.backbone, "weights": config.weights, "epochs": config.epochs,
             "img_size": size, "batch_size": config.batch_size, "lr": run.head_lr, "seed": config.seed,
-            "patience": config.patience, "val_fraction": config.val_fraction, "freeze_bn": run.freeze_bn,
+            "patience": config.patience, "keep": config.keep, "val_fraction": config.val_fraction,
+            "freeze_bn": run.freeze_bn,
             "train_layers": config.train_layers, "sources": config.sources.to_dict(),
             "label_smoothing": config.label_smoothing, "warmup_epochs": config.warmup_epochs,
             "objective": config.objective, "sampler": config.sampler, "flip": config.flip,

@@ -128,8 +128,9 @@ class Trainer:
         # a balanced sampler has already equalised the classes: weighting the loss too would correct twice
         self.loss_settings = LossSettings(class_weight if self.sampler.weighted_loss else None, config.label_smoothing)
 
-    def fit(self, train_set, val_images, val_targets) -> tuple[list[dict], int]:
-        """Train; load the best epoch's weights into the model; (history, best epoch)."""
+    def fit(self, train_set, val_images, val_targets) -> tuple[list[dict], int, int]:
+        """Train; leave the kept epoch's weights in the model (``config.keep``: the last epoch's, or
+        the best on validation); (history, kept epoch, best epoch)."""
         import torch
 
         cfg, n_train = self.config, len(train_set)
@@ -160,7 +161,9 @@ class Trainer:
                     history.append(row)
                     if best_key is None or key > best_key:
                         best_key, best_epoch, stale = key, epoch, 0
-                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                        if cfg.keep == "best":
+                            best_state = {k: v.detach().to("cpu", copy=True)
+                                          for k, v in self.model.state_dict().items()}
                     else:
                         stale += 1
                         if cfg.patience and stale >= cfg.patience:
@@ -168,9 +171,12 @@ class Trainer:
                             break
         finally:
             np.random.set_state(np_state)
-        self.model.load_state_dict(best_state)
+        kept = len(history)
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+            kept = best_epoch
         self.model.eval()
-        return history, best_epoch
+        return history, kept, best_epoch
 
     def _cached(self, train_set):
         """With ``cache_draws`` and frozen blocks: the training set as cached frozen features

@@ -128,8 +128,9 @@ def run_demo(out_dir="demo-output", config: DemoConfig | None = None, *, progres
     config = TrainConfig(backbone=backbone, weights=weights, epochs=epochs, img_size=img_size, seed=seed)
     trained = train_model(out=model_path, config=config, records=train, progress=progress)
     t["train"] = time.perf_counter() - t0
-    val = trained.best_val_balanced_accuracy
-    val = "no validation split" if val is None else f"best validation balanced accuracy {val:.3f}"
+    val = trained.val_balanced_accuracy
+    val = "no validation split" if val is None else (f"epoch {trained.kept_epoch} kept, validation balanced "
+                                                     f"accuracy {val:.3f}")
     log(f"2. fine-tuned {backbone} ({weights} start) for {trained.epochs_run} epochs in {t['train']:.0f} s; "
         f"{val} -> {model_path}")
 

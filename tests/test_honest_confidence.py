@@ -376,7 +376,7 @@ def test_each_calibration_case_is_scored_by_a_vote_not_fitted_on_it(conflict_db,
     finally:
         cb.close()
     assert fits and len(rows) == 17
-    for true, labels, sims in rows:
+    for true, labels, sims, *_ in rows:
         key = (true, tuple(labels[:k]), tuple(sims[:k]))
         used = {p for (ls, p) in scored if ls == key[1:]}
         assert used, f"calibration case {key} was never scored"
@@ -485,3 +485,32 @@ def test_a_patient_s_calibration_cases_share_one_fold(runner, phantom_set, tmp_p
         by_patient.setdefault(g, set()).add(f)
     assert len(by_patient) == 9 and all(len(f) == 1 for f in by_patient.values())
     assert sorted({f for fs in by_patient.values() for f in fs}) == [0, 1, 2, 3, 4]
+
+
+def test_equal_mass_ece_keeps_tied_confidences_in_one_bin():
+    """Bug: equal-mass bins cut a run of equal confidences wherever the answers' order put it, so
+    the ECE of the same answers changed with their order (brain MRI, a Laplace ceiling shared by
+    many answers: 0.071 in the evaluation's order, 0.060 in predictions.csv's)."""
+    from cbr.learn.metrics import ece_equal_mass, equal_mass_bins
+
+    conf = np.array([0.6] * 5 + [0.9] * 10 + [0.95] * 5)
+    right = np.array([True, False, True, False, True] + [True] * 5 + [False] * 5 + [True] * 5)
+    flipped = np.r_[right[:5], right[5:15][::-1], right[15:]]
+    assert ece_equal_mass(conf, right, bins=4) == ece_equal_mass(conf, flipped, bins=4)
+    bins = equal_mass_bins(conf, right, bins=4)
+    assert [(b["lower"], b["upper"], b["count"]) for b in bins] == [(0.6, 0.6, 5), (0.9, 0.9, 10), (0.95, 0.95, 5)]
+    # (5 x |0.6 - 0.6| + 10 x |0.9 - 0.5| + 5 x |0.95 - 1|) / 20
+    assert ece_equal_mass(conf, right, bins=4) == pytest.approx((0 + 4.0 + 0.25) / 20)
+
+
+def test_a_calibrated_model_scores_what_consistency_resampling_says():
+    from cbr.learn.metrics import calibration_p_value, ece_equal_mass, ece_if_calibrated
+
+    rng = np.random.default_rng(3)
+    conf = rng.uniform(0.5, 1.0, 400)
+    null = ece_if_calibrated(conf, resamples=300)
+    assert 0 < null["median"] < null["p95"] < 0.1
+    assert np.array_equal(null["draws"], ece_if_calibrated(conf, resamples=300)["draws"])  # seeded
+    over = np.ones(400, dtype=bool)  # right every time: under-confident
+    assert calibration_p_value(ece_equal_mass(conf, over), null) == pytest.approx(1 / 301)
+    assert calibration_p_value(0.0, null) == 1.0

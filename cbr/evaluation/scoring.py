@@ -13,7 +13,8 @@ import numpy as np
 
 from cbr.evaluation.localisation import localisation
 from cbr.learn.metrics import (abstention, accuracy, balanced_accuracy, bootstrap_interval, classification_report,
-                               confident_errors, ece_equal_mass, equal_mass_bins, expected_calibration_error,
+                               calibration_p_value, confident_errors, ece_equal_mass, ece_if_calibrated,
+                               equal_mass_bins, expected_calibration_error,
                                mean_average_precision, precision_at_k, reliability_bins, set_coverage, smooth_ece)
 from cbr.evaluation.softmax import softmax_predictions
 
@@ -33,8 +34,12 @@ def calibration_figures(confidence, correct, answered) -> dict:
     with their counts, and the share of wrong answers shown with confidence >= 0.95."""
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
-    return {"ece": ece_equal_mass(confidence, correct),
+    ece, null = ece_equal_mass(confidence, correct), ece_if_calibrated(confidence)
+    return {"ece": ece,
             "ece_interval": bootstrap_interval(ece_equal_mass, confidence, correct),
+            # a perfectly calibrated model with these confidences: its ECE, and how often it scores >= ours
+            "ece_if_calibrated": None if null is None else {"median": null["median"], "p95": null["p95"],
+                                                            "p_value": calibration_p_value(ece, null)},
             "ece_bins": "10 equal-mass", "smooth_ece": smooth_ece(confidence, correct),
             "ece_equal_width": expected_calibration_error(confidence, correct),
             "reliability": reliability_bins(confidence, correct),

@@ -207,11 +207,19 @@ def expected_calibration_error(confidence, correct, bins: int = 10) -> float:
 
 def equal_mass_bins(confidence, correct, bins: int = 10) -> list[dict]:
     """The answers sorted by confidence and cut into ``bins`` groups of (nearly) equal size: each
-    group's confidence range, count, mean confidence and accuracy (no group is empty)."""
+    group's confidence range, count, mean confidence and accuracy (no group is empty).
+
+    Answers of equal confidence always share a group (a cut moves to the end of their run): a
+    confidence ceiling gives many answers the same value, and cutting them where their order fell
+    made the ECE of the same answers depend on that order. So there may be fewer, unequal groups.
+    """
     confidence, correct = _calibration_inputs(confidence, correct, bins)
     order = np.argsort(confidence, kind="stable")
+    ordered = confidence[order]
+    n, parts = confidence.size, min(bins, max(1, confidence.size))
+    cuts = [int(np.searchsorted(ordered, ordered[(j * n) // parts - 1], side="right")) for j in range(1, parts)]
     out = []
-    for part in np.array_split(order, min(bins, max(1, confidence.size))):
+    for part in np.split(order, sorted(set(cuts))):
         if part.size:
             out.append({"lower": float(confidence[part].min()), "upper": float(confidence[part].max()),
                         "count": int(part.size), "confidence": float(confidence[part].mean()),
@@ -241,6 +249,33 @@ def bootstrap_interval(statistic, *arrays, resamples: int = 1000, level: float =
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return [float(low), float(high)]
+
+
+def ece_if_calibrated(confidence, *, resamples: int = 1000, seed: int = 0, statistic=None) -> dict | None:
+    """What a perfectly calibrated model scores with these confidences (consistency resampling,
+    Bröcker & Smith 2007): each answer is drawn right with probability its confidence, and the ECE
+    of every draw is taken. ``{"median", "p95"}`` of those ECEs; None with fewer than two answers.
+
+    ECE is biased upward on few answers (about 0.04-0.06 on 228 answers of a calibrated model at
+    0.85), so an observed ECE is read against this: `calibration_p_value` is the share of draws
+    that score at least as high.
+    """
+    statistic = statistic or ece_equal_mass
+    conf = np.clip(np.asarray(confidence, dtype=np.float64).ravel(), 0, 1)
+    if conf.size < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = np.sort([statistic(conf, rng.random(conf.size) < conf) for _ in range(resamples)])
+    return {"median": float(np.median(values)), "p95": float(np.percentile(values, 95)), "draws": values}
+
+
+def calibration_p_value(observed: float, null: dict | None) -> float | None:
+    """The share of a calibrated model's draws (`ece_if_calibrated`) scoring at least ``observed``,
+    counted with the observation itself ((r + 1) / (n + 1)): a small value says miscalibrated."""
+    if null is None or observed is None or not math.isfinite(observed):
+        return None
+    draws = null["draws"]
+    return float((np.sum(draws >= observed - 1e-12) + 1) / (len(draws) + 1))
 
 
 def smooth_ece(confidence, correct) -> float | None:

@@ -38,6 +38,10 @@ def _calibration_lines(metrics: dict, soft) -> list[str]:
     """ECE's bootstrap interval, the confident errors, and the prediction sets' coverage per class."""
     out = [f"{'ECE 95% interval':<22}{_interval(metrics.get('ece_interval')):>12}"
            + (f"{_interval(soft.get('ece_interval')):>12}" if soft else "")]
+    null = metrics.get("ece_if_calibrated")
+    if null:
+        out.append(f"{'ECE if calibrated':<22}{_f(null['median']):>10}   (95% of draws below {_f(null['p95'])}; a "
+                   f"calibrated model scores at least the vote's ECE with p = {_f(null['p_value'])})")
     ce, sce = metrics.get("confident_errors") or {}, (soft or {}).get("confident_errors") or {}
     out.append(f"{'wrong with conf>=0.95':<22}{_f(ce.get('share')):>10}{_f(sce.get('share')) if soft else '':>10}"
                f"   ({ce.get('confident', '-')} of {ce.get('wrong', '-')} wrong answers of the vote)")

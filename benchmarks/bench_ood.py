@@ -138,7 +138,7 @@ def calibration_cost(sizes, dim: int = 1280, group: int = 3) -> list[list]:
     patients of ``group`` images: what `cbr index`, retain and remove pay on top of their work."""
     import index as ix
     from cbr.pipeline.calibration import _credibility_rows
-    from cbr.pipeline.typicality import leave_one_out_scores
+    from cbr.pipeline.typicality import leave_one_out_scores, search_excluding
 
     rng = np.random.default_rng(0)
     out = []
@@ -152,7 +152,12 @@ def calibration_cost(sizes, dim: int = 1280, group: int = 3) -> list[list]:
         t0 = time.perf_counter()
         leave_one_out_scores(index, ids, x, groups)
         t1 = time.perf_counter()
-        _credibility_rows(index, ids, x, {int(i): ("a", groups[int(i)]) for i in ids}, max_cases=500, k_max=50, seed=0)
+        by_group: dict = {}
+        for i in ids.tolist():
+            by_group.setdefault(groups[i], []).append(i)
+        pick = np.sort(np.random.default_rng(0).choice(n, size=min(500, n), replace=False))
+        D, I = search_excluding(index, x[pick], 50, [by_group[groups[int(ids[p])]] for p in pick])
+        _credibility_rows(ids[pick], D, I, {int(i): ("a", groups[int(i)]) for i in ids})
         t2 = time.perf_counter()
         out.append([n, f"{t1 - t0:.2f}", f"{t2 - t1:.2f}"])
     return out

@@ -1,6 +1,7 @@
 """FAISS layer of cbr: free functions over numpy arrays. Never imports cbr."""
 
 from .device import to_device, to_host
+from .halves import to_float32
 from .refine import create_sidecar, open_sidecar, put_rows, refined_search
 from .shards import (ShardBuildError, ShardPlan, build_sharded, ivfdata_files, load_sharded, open_index, shardable,
                      sharded, write_sharded)
@@ -23,6 +24,7 @@ __all__ = [
     "unwrapped",
     "write_sharded",
     "create_sidecar",
+    "to_float32",
     "load_sharded",
     "open_sidecar",
     "put_rows",

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .halves import BLOCK_ROWS, to_float32
 from .vectors import search
 
-__all__ = ["Sidecar", "SidecarError", "create_sidecar", "open_sidecar", "put_rows", "refined_search", "sidecar_files"]
+__all__ = ["Sidecar", "SidecarError", "create_sidecar", "exact_scores", "open_sidecar", "put_rows", "refined_search",
+           "sidecar_files"]
 
 MISSING = -1
 
@@ -118,6 +120,22 @@ def open_sidecar(base) -> Sidecar:
     return Sidecar(rows, None, sorted_ids, order)
 
 
+def exact_scores(sidecar: Sidecar, ids, query) -> np.ndarray:
+    """Inner products of one float32 query with the sidecar rows of these ids (in their order).
+
+    The rows are read in row order (neighbouring rows share pages) and widened `halves.BLOCK_ROWS`
+    at a time into one reused buffer, so the float32 copy never leaves the cache.
+    """
+    rows = sidecar.rows_of(ids)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty(len(rows), dtype=np.float32)
+    buf = np.empty((min(BLOCK_ROWS, len(rows)), sidecar.dim), dtype=np.float32)
+    for start in range(0, len(rows), BLOCK_ROWS):
+        at = order[start:start + BLOCK_ROWS]
+        out[at] = to_float32(sidecar.rows[rows[at]], out=buf[:len(at)]) @ query
+    return out
+
+
 def refined_search(index, sidecar: Sidecar, queries, k, *, factor=10, exclude=None, allow=None):
     """(D, I) of the k best per query: ``k * factor`` candidates from the index (with its
     exclusions and allow-list, `vectors.search`), ranked again by exact inner product with their
@@ -138,14 +156,10 @@ def refined_search(index, sidecar: Sidecar, queries, k, *, factor=10, exclude=No
     _, cand = search(index, q, k * max(1, int(factor)), exclude=exclude, allow=allow)
     m = len(q)
     scores = np.full(cand.shape, -np.inf, dtype=np.float32)
-    valid = cand >= 0
-    if valid.any():
-        rows = sidecar.rows_of(cand[valid])
-        # One sorted read of each distinct row: neighbouring rows share pages.
-        uniq, back = np.unique(rows, return_inverse=True)
-        vecs = np.asarray(sidecar.rows[uniq], dtype=np.float32)
-        qi = np.nonzero(valid)[0]
-        scores[valid] = np.einsum("ij,ij->i", q[qi], vecs[back.reshape(-1)])
+    for r in range(m):
+        valid = cand[r] >= 0
+        if valid.any():
+            scores[r, valid] = exact_scores(sidecar, cand[r, valid], q[r])
     kk = min(k, cand.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
     D = np.full((m, k), -np.inf, dtype=np.float32)

@@ -23,6 +23,18 @@ def test_rows_of_both_dtypes_decode():
         decode_vectors([b"abc"], 16)
 
 
+def test_rows_of_one_dtype_decode_at_once_to_the_same_values():
+    # a float16 case base's rows are widened in one cast (index.to_float32), float32 ones in one copy
+    v = np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)
+    for dtype in ("float16", "float32"):
+        out = decode_vectors([encode_vector(row, dtype) for row in v], 16)
+        assert out.dtype == np.float32 and out.flags.writeable and out.shape == v.shape
+        np.testing.assert_array_equal(out, v.astype(dtype).astype(np.float32))
+    assert decode_vectors([], 16).shape == (0, 16)
+    with pytest.raises(ValueError, match="neither float32 nor float16"):
+        decode_vectors([encode_vector(v[0], "float16"), b"abc"], 16)
+
+
 @pytest.mark.slow
 def test_float16_halves_the_stored_embedding_and_rebuilds(runner, phantom_set, fresh_db):
     sizes, vectors = {}, {}

@@ -113,3 +113,37 @@ def test_an_incomplete_sidecar_is_refused(tmp_path):
         refine.open_sidecar(base)
     with pytest.raises(refine.SidecarError, match="cannot read"):
         refine.open_sidecar(tmp_path / "missing")
+
+
+# --- the float16 cast and the blocked exact scores (a re-rank's cost) ------------------------
+
+def test_to_float32_is_numpys_cast_bit_for_bit():
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 6.0e-8, -6.0e-8, 6.1e-5, 65504.0, -65504.0, 1 / 3],
+                        dtype=np.float16)
+    x = np.concatenate([specials, np.random.default_rng(1).standard_normal(5008).astype(np.float16)]).reshape(-1, 7)
+    got = index.to_float32(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_array_equal(got.view(np.uint32), x.astype(np.float32).view(np.uint32))  # NaN, -0 kept too
+    readonly = np.frombuffer(x.tobytes(), dtype=np.float16).reshape(x.shape)  # as the case base's rows come
+    out = np.empty(x.shape, dtype=np.float32)
+    assert index.to_float32(readonly, out=out) is out
+    np.testing.assert_array_equal(out.view(np.uint32), got.view(np.uint32))
+    with pytest.raises(ValueError, match="float16"):
+        index.to_float32(x.astype(np.float32))
+
+
+def test_exact_scores_over_several_blocks_are_brute_force_in_the_callers_order(tmp_path):
+    rng = np.random.default_rng(2)
+    n, d = 3 * refine.BLOCK_ROWS + 17, 48
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    ids = rng.choice(10 * n, n, replace=False).astype(np.int64)  # sparse: the sorted-ids lookup
+    base = tmp_path / "s"
+    refine.create_sidecar(base, n, d)
+    refine.put_rows(base, 0, x, ids)
+    side = refine.open_sidecar(base)
+    q = rng.standard_normal(d).astype(np.float32)
+    pick = rng.permutation(n)[: n - 5]  # unsorted rows, more than three blocks
+    got = refine.exact_scores(side, ids[pick], q)
+    want = x[pick].astype(np.float16).astype(np.float64) @ q.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert refine.exact_scores(side, ids[:0], q).shape == (0,)

@@ -27,11 +27,11 @@ from sqlalchemy.exc import DBAPIError
 from cbr.errors import CaseBaseError
 from cbr.pipeline.settings import QueryConfig
 from cbr.pipeline.temperature import CROSSFIT_FOLDS, fit_temperature, fold_fits
-from cbr.pipeline.typicality import (leave_one_out_scores, SCORE_NAME, search_excluding, TYPICALITY_K,
-                                     TypicalityCalibration)
+from cbr.pipeline.typicality import (knn_scores, sample_positions, SCORE_NAME, search_excluding, TYPICALITY_CASES,
+                                     TYPICALITY_K, TypicalityCalibration)
 from cbr.store.chunks import rows_in
 from cbr.store.damage import decoded, rebuild_hint
-from cbr.store.member import active_embeddings
+from cbr.store.member import active_embeddings, db_active_ids, of_active_cases
 from cbr.store.schema import Calibration, Case, Embedding, Model, TypicalityScores
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
 LOG = logging.getLogger(__name__)
 CALIBRATION_CASES = 500
 CALIBRATION_K = 50
+STREAM_ROWS = 50_000  # rows fetched at a time where every active case is read (its hash)
 
 
 DIGEST_MODULUS = 65521  # the largest prime below 2^16: squares below 2^32, sums safe to 2^31 cases
@@ -108,53 +109,52 @@ def trained_images(path) -> set[str] | None:
         return None
 
 
-def calibration_cases(cb, model_id: int, meta: dict) -> tuple[list[int], str, str | None]:
-    """(the case ids to calibrate on, the source, why leave-one-out when it had to be).
+def calibration_cases(cb, model_id: int, ids: np.ndarray) -> tuple[np.ndarray | None, str, str | None]:
+    """(the case ids to calibrate on, None for every one of ``ids``; the source; why leave-one-out
+    when it had to be).
 
     Cases the member's model never trained on (``cbr train``'s validation part, or images it never
     saw) answer as a new image does: the source is "validation". An untuned backbone saw none of
     them: every case, "leave-one-out". A fine-tuned model whose held-out images are unknown or not
     in the case base falls back to leave-one-out, which overstates its neighbours' agreement.
+
+    Args:
+        ids: the active case ids under the model (``db_active_ids``); only a checkpoint's
+            calibration reads their hashes, a chunk at a time.
     """
     with cb.read() as s:
         model = s.get(Model, model_id)
-    everyone = sorted(meta)
     if model is None or model.weights != "checkpoint":
-        return everyone, "leave-one-out", None
+        return None, "leave-one-out", None
     seen = trained_images(model.source)
     if seen is None:
-        return everyone, "leave-one-out", f"checkpoint {model.source} cannot be read for its held-out images"
-    unseen = [cid for cid in everyone if meta[cid][2] not in seen]
-    if len(unseen) == len(everyone):  # a checkpoint of weights that never trained on these cases
-        return everyone, "leave-one-out", None
-    if not unseen:
-        return everyone, "leave-one-out", "the model was trained on every case (no validation images among them)"
+        return None, "leave-one-out", f"checkpoint {model.source} cannot be read for its held-out images"
+    hashes = of_active_cases(select(Embedding.case_id, Case.sha256), model_id).order_by(Embedding.case_id)
+    with cb.read() as s:
+        rows = s.execute(hashes.execution_options(yield_per=STREAM_ROWS))
+        unseen = np.fromiter((cid for cid, sha in rows if sha not in seen), dtype=np.int64)
+    if len(unseen) == len(ids):  # a checkpoint of weights that never trained on these cases
+        return None, "leave-one-out", None
+    if not len(unseen):
+        return None, "leave-one-out", "the model was trained on every case (no validation images among them)"
     return unseen, "validation", None
 
 
-def _credibility_rows(index, ids, vecs, meta, *, max_cases, k_max, seed, among=None) -> tuple[list, list]:
-    """(one row per calibration case, its patient: its group, or the case itself without one)."""
-    by_group: dict = {}
-    for cid, (_, g, *_) in meta.items():
-        if g is not None:
-            by_group.setdefault(g, []).append(cid)
-    rng = np.random.default_rng(seed)
-    # the calibration cases (default: all); each is still searched among every other case
-    pool = np.arange(len(ids)) if among is None else np.flatnonzero(np.isin(ids, np.asarray(among, dtype=ids.dtype)))
-    pick = np.sort(rng.choice(pool, size=min(max_cases, len(pool)), replace=False))
-    exclude = []
-    for p in pick:
-        cid = int(ids[p])
-        g = meta[cid][1]
-        exclude.append(by_group.get(g, [cid]) if g is not None else [cid])
-    D, I = search_excluding(index, vecs[pick], min(k_max, len(ids) - 1), exclude)
+def _credibility_rows(picked, D, I, meta) -> tuple[list, list]:
+    """(one row per calibration case, its patient: its group, or the case itself without one).
+
+    Args:
+        picked: the calibration cases' ids; D, I: their neighbours (``search_excluding``).
+        meta: case id -> (label, group, sha256) of the calibration cases and of the active
+            neighbours; a neighbour not in it is not an active case.
+    """
     rows = []
-    for n, p in enumerate(pick):
+    for n, cid in enumerate(picked.tolist()):
         kept = [(meta[int(j)][0], round(float(d), 6)) for j, d in zip(I[n], D[n]) if j >= 0 and int(j) in meta]
-        # [true label, neighbour labels, their similarities]: the similarities fit the temperature
-        rows.append([meta[int(ids[p])][0], [lab for lab, _ in kept], [d for _, d in kept]])
-    patients = [("group", meta[int(ids[p])][1]) if meta[int(ids[p])][1] is not None else ("case", int(ids[p]))
-                for p in pick]
+        # [true label, neighbour labels, their similarities, case id]: the similarities fit the
+        # temperature; the id matches the case across an ensemble's members (ensemble_calibration)
+        rows.append([meta[cid][0], [lab for lab, _ in kept], [d for _, d in kept], cid])
+    patients = [("group", meta[cid][1]) if meta[cid][1] is not None else ("case", cid) for cid in picked.tolist()]
     return rows, patients
 
 
@@ -181,7 +181,9 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
     """Compute and store both calibrations of a model on its active cases; returns the typicality one.
 
     Each calibration case is searched against the rest of the case base, excluding itself and
-    every case of its patient, as a new patient's query would be.
+    every case of its patient, as a new patient's query would be. Only the sampled cases'
+    embeddings are read, and the labels of those cases and of their neighbours: the whole case
+    base is read as ids alone (8 bytes a case).
 
     Args:
         cb: an open CaseBase.
@@ -195,16 +197,27 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
         the `TypicalityCalibration`, or None when the case base holds fewer than two cases.
     """
     digest = cases_digest(cb, model_id)
-    ids, vecs = active_embeddings(cb, model_id)
+    ids = db_active_ids(cb, model_id)
     if len(ids) < 2:
         return None
-    meta = _case_meta(cb, ids)
-    among, source, why = calibration_cases(cb, model_id, meta)
-    rows, patients = _credibility_rows(index, ids, vecs, meta, max_cases=max_cases, k_max=k_max, seed=seed,
-                                       among=among)
+    among, source, why = calibration_cases(cb, model_id, ids)
+    # the calibration cases (default: all); each is still searched among every other case
+    pool = np.arange(len(ids)) if among is None else np.flatnonzero(np.isin(ids, among))
+    cred = np.sort(np.random.default_rng(seed).choice(pool, size=min(max_cases, len(pool)), replace=False))
+    typ = sample_positions(len(ids), TYPICALITY_CASES, seed)
+    vec_of, meta, patient = _sample(cb, model_id, ids[np.union1d(cred, typ)])
+
+    picked, vecs, exclude = _queries(ids[cred], vec_of, meta, patient)
+    D, I = search_excluding(index, vecs, min(k_max, len(ids) - 1), exclude)
+    found = np.unique(I[I >= 0])
+    at = np.minimum(np.searchsorted(ids, found), len(ids) - 1)
+    meta.update(_case_meta(cb, found[ids[at] == found]))  # the active neighbours' labels
+    rows, patients = _credibility_rows(picked, D, I, meta)
     temperature = _fit_default_k(rows, _folds(patients, seed), source, why)
+
     k = min(TYPICALITY_K, len(ids) - 1)
-    scores = leave_one_out_scores(index, ids, vecs, {cid: g for cid, (_, g, _) in meta.items()}, k=k, seed=seed)
+    _, vecs, exclude = _queries(ids[typ], vec_of, meta, patient)
+    scores = knn_scores(index, vecs, exclude, k)
     if store:
         with cb.write() as s:
             # Replaced, never read back: an old row whose JSON was damaged must not stop its repair.
@@ -214,6 +227,29 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
             s.add(TypicalityScores(model_id=model_id, score=SCORE_NAME, k=k, scores=scores.tolist(),
                                    cases_digest=digest))
     return TypicalityCalibration(k, scores, digest)
+
+
+def _sample(cb, model_id: int, sampled: np.ndarray) -> tuple[dict, dict, dict]:
+    """What the calibration needs of its sampled cases: (case id -> embedding, case id -> (label,
+    group, sha256), group -> the active case ids of that group under the model)."""
+    found, vecs = active_embeddings(cb, model_id, sampled)
+    meta = _case_meta(cb, found)
+    groups = sorted({g for _, g, _ in meta.values() if g is not None})
+    with cb.read() as s:
+        members = rows_in(s, of_active_cases(select(Embedding.case_id, Case.group_id), model_id), Case.group_id, groups)
+    patient: dict = {}
+    for cid, g in sorted(members):
+        patient.setdefault(g, []).append(cid)
+    return dict(zip(found.tolist(), vecs)), meta, patient
+
+
+def _queries(sampled: np.ndarray, vec_of: dict, meta: dict, patient: dict):
+    """(the sampled case ids whose embedding was read, their embeddings, the ids each is searched
+    without: its patient's cases, or itself without a group)."""
+    picked = np.asarray([c for c in sampled.tolist() if c in vec_of], dtype=np.int64)
+    vecs = np.asarray([vec_of[c] for c in picked.tolist()], dtype=np.float32).reshape(len(picked), -1)
+    exclude = [patient.get(meta[c][1], [c]) if meta[c][1] is not None else [c] for c in picked.tolist()]
+    return picked, vecs, exclude
 
 
 def load_typicality(cb, model_id: int):

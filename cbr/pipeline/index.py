@@ -24,7 +24,7 @@ from cbr.pipeline.map_reliability import measure_case_maps
 from cbr.pipeline.finding_search import index_findings, rebuild_finding_indexes
 from cbr.pipeline.settings import NO_EXPLANATION, IndexConfig, with_overrides
 from cbr.store.damage import drop_damaged
-from cbr.store.member import load_index, Member, rebuild_index, register_model, writer_lock
+from cbr.store.member import embedded_count, load_index, Member, rebuild_index, register_model, save_index, writer_lock
 from cbr.store.schema import Case, Dataset, Embedding, IndexManifest, Model
 from cbr.store.schema import Problem as ProblemRow
 from cbr.store.writer import CaseWriter, Stored, stored_cases
@@ -97,16 +97,19 @@ def open_member(cb, spec: str, emb, index_type: str, n_hint: int, notes: list) -
     if has_manifest:
         index, kind, repaired = load_index(cb, model_id, persist_repair=True)
         notes.extend(repaired)
+        staged = False
     else:
         kind = index_type
         try:
             # A kind that learns from the vectors (IVF, PQ) is trained once on the whole collection
-            # at the end of the run (train_on_collection); until then cases go into an exact index.
+            # at the end of the run (train_on_collection), which reads it back from the case base a
+            # chunk at a time; until then the cases are only stored (see Member.staged).
             staged = ix.needs_training(emb.config.embedding_dim, kind, n_hint)
             index = ix.build(emb.config.embedding_dim, "flat" if staged else kind, n_hint=n_hint)
         except ValueError as e:
             raise CbrError(f"--index-type {kind!r}: {e}") from None
-    return Member(model_id=model_id, fingerprint=emb.fingerprint, label=spec, embedder=emb, index=index, kind=kind)
+    return Member(model_id=model_id, fingerprint=emb.fingerprint, label=spec, embedder=emb, index=index, kind=kind,
+                  staged=staged)
 
 
 def open_members(cb, c: IndexConfig, window, n_hint: int, notes: list) -> list:
@@ -133,15 +136,23 @@ def _computed(todo, members, writer, c: IndexConfig, window):
 
 
 def train_on_collection(cb, members, notes: list) -> None:
-    """Replace each exact stand-in (see open_members) by its kind, trained on every stored vector;
-    a collection too small to train it keeps the exact index until a later run."""
+    """Build each staged member's index (see open_member) from the stored collection, and replace
+    an exact stand-in left by an earlier run by its kind: trained on an even sample of the stored
+    vectors and filled a chunk at a time (store.member.rebuild_index). A collection too small to
+    train it keeps an exact index until a later run; an empty one, the empty stand-in."""
     for m in members:
-        if m.index.ntotal and not ix.learned(m.index) and ix.needs_training(m.index.d, m.kind, m.index.ntotal):
+        staged, m.staged = m.staged, False
+        if staged and not embedded_count(cb, m.model_id):
+            save_index(cb, m.model_id, m.index, m.kind)
+        elif staged or (m.index.ntotal and not ix.learned(m.index)
+                        and ix.needs_training(m.index.d, m.kind, m.index.ntotal)):
             try:
                 m.index = rebuild_index(cb, m.model_id, m.kind)
             except ValueError as e:
                 notes.append(f"{m.label}: index kind {m.kind!r} stays exact (flat) for now: {str(e).split(' (')[0]}; "
                              "the next `cbr index` run trains it")
+                if staged:  # the stand-in, filled from the case base as it is saved (a small collection)
+                    save_index(cb, m.model_id, m.index, m.kind)
 
 
 def records_to_embed(records, stored: Stored, model_ids: list, report: IngestReport) -> list:

@@ -29,6 +29,7 @@ from cbr.pipeline.calibration import member_calibrations
 from cbr.pipeline.conformal import ambiguous, fit_sets, prediction_set, union
 from cbr.pipeline.explanation import embed_query, Features, MapRequest, query_maps
 from cbr.pipeline.contrast import nearest_unlike
+from cbr.pipeline.ensemble_calibration import EnsembleCalibration, fit_ensemble
 from cbr.pipeline.finding import finding_evidence, finding_of, load_localisers
 from cbr.pipeline.finding_search import (AUTO, check_box, finding_marks, load_finding_sets, NoFindingsError, RegionError,
                                          region_vectors, search_findings)
@@ -41,7 +42,7 @@ from cbr.pipeline.settings import NO_EXPLANATION, QueryConfig, with_overrides
 from cbr.pipeline.support import support_of
 from cbr.pipeline.temperature import fold_parameters, vote_parameters
 from cbr.pipeline.typicality import screen
-from cbr.pipeline.vote import get_ensemble, get_vote_rule
+from cbr.pipeline.vote import get_ensemble, get_vote_rule, Vote
 from cbr.reporting.report import write_outputs
 from cbr.store.damage import decoded, rebuild_hint
 from cbr.store.member import load_members
@@ -119,7 +120,7 @@ class Searcher:
                 self.temperatures[m.model_id] = (p["temperature"], p["temperature_source"])
                 self._vote_params[m.model_id] = {key: p[key] for key in ("temperature", "prior", "reference", "density")}
                 self._folds[m.model_id] = fold_parameters(stored, rows, c.k, c.temperature)
-        self._sets, self._support = {}, {}
+        self._sets, self._support, self._ensemble = {}, {}, {}
 
     def _temperature_kw(self, member) -> dict:
         params = self._vote_params.get(member.model_id) or {}
@@ -172,6 +173,41 @@ class Searcher:
                 self._support[key] = support_of([v.confidence for v, _ in answers], [v.label == t for v, t in answers])
         return self._support[key]
 
+    def _calibration_answer(self, member, row, fold, classes) -> Vote:
+        """The member's vote on one calibration row as a query's would be (its ceiling included), from
+        parameters not fitted on it."""
+        k = self.config.k
+        labels, sims = list(row[1][:k]), list(row[2][:k])
+        if member.model_id not in self._folds:
+            return self._member_vote(member, labels, sims, classes)
+        support = self.support(member, classes)
+        return self.vote_rule(labels, sims, classes, **self.vote_kw, **_vote_kw(self._folds[member.model_id][1][fold]),
+                              **({"ceiling": support.ceiling} if support is not None else {}))
+
+    def ensemble_calibration(self, classes):
+        """The ensemble rule's `EnsembleCalibration` on the calibration cases every member holds, or
+        why there is none (a sentence); None with a single member."""
+        key = tuple(classes)
+        if len(self.members) < 2:
+            return None
+        if key not in self._ensemble:
+            by_member = []
+            for m in self.members:
+                rows = self._calibration.get(m.model_id) or []
+                folds = self._folds[m.model_id][0] if m.model_id in self._folds else [0] * len(rows)
+                by_member.append({r[3]: (r, f) for r, f in zip(rows, folds)
+                                  if len(r) > 3 and r[0] in classes and len(r[1]) > 0})
+            common = sorted(set.intersection(*(set(b) for b in by_member)))
+            answers = [(self.combine([self._calibration_answer(m, *b[cid], classes)
+                                      for m, b in zip(self.members, by_member)], classes), by_member[0][cid][0][0])
+                       for cid in common]
+            self._ensemble[key] = fit_ensemble(answers)
+        return self._ensemble[key]
+
+    def _calibrated(self, final: Vote, classes) -> Vote:
+        fitted = self.ensemble_calibration(classes)
+        return fitted.apply(final) if isinstance(fitted, EnsembleCalibration) else final
+
     def calibration_info(self, classes) -> dict:
         """``calibration`` of the answer: where the first member's vote was calibrated, on how many
         cases, and the classes too rare in it for the coverage asked."""
@@ -185,7 +221,13 @@ class Searcher:
                 "too_few": dict(sets.too_few) if sets is not None else {},
                 "folds": len(self._folds[m.model_id][1]) if m.model_id in self._folds else 1,
                 "supported": None if self.support(m, classes) is None else self.support(m, classes).highest,
-                **self._vote_params.get(m.model_id, {})}
+                **self._vote_params.get(m.model_id, {}), **self._ensemble_info(classes)}
+
+    def _ensemble_info(self, classes) -> dict:
+        fitted = self.ensemble_calibration(classes)
+        if fitted is None:
+            return {}
+        return {"ensemble": fitted.to_dict() if isinstance(fitted, EnsembleCalibration) else {"why": fitted}}
 
     # Read-only views of the config, the names the audit trail and older callers use.
     k = property(lambda self: self.config.k)
@@ -463,7 +505,7 @@ class Searcher:
         c = self.config
         votes = [self._member_vote(m, [n.case.label for n in h], [n.similarity for n in h], classes)
                  for m, h in zip(self.members, hits)]
-        final = self.combine(votes, classes)
+        final = self._calibrated(self.combine(votes, classes), classes)
         fitted = [self.prediction_sets(m, classes) for m in self.members]
         pset = None
         if fitted and all(f is not None for f in fitted):

@@ -54,6 +54,8 @@ __all__ = [
     "floor",
     "assess",
     "leave_one_out_scores",
+    "knn_scores",
+    "sample_positions",
     "screen",
     "search_excluding",
 ]
@@ -197,14 +199,26 @@ def leave_one_out_scores(index, ids: np.ndarray, vecs: np.ndarray, groups: dict,
         g = groups.get(cid)
         if g is not None:
             members.setdefault(g, []).append(cid)
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(n, size=min(max_cases, n), replace=False))
+    pick = sample_positions(n, max_cases, seed)
     exclude = []
     for p in pick:
         cid = int(ids[p])
         g = groups.get(cid)
         exclude.append(members[g] if g is not None else [cid])
-    D, _ = search_excluding(index, vecs[pick], k, exclude)
+    return knn_scores(index, vecs[pick], exclude, k)
+
+
+def sample_positions(n: int, max_cases: int = TYPICALITY_CASES, seed: int = 0) -> np.ndarray:
+    """Ascending positions, among n cases in case id order, of the seeded calibration subset
+    (every case up to ``max_cases``): a caller that knows only the ids reads just these vectors."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(max_cases, n), replace=False))
+
+
+def knn_scores(index, queries, exclude, k: int) -> np.ndarray:
+    """Sorted `knn_score`s of calibration cases (their vectors ``queries``), each searched without
+    the ids in its ``exclude`` (itself and its group)."""
+    D, _ = search_excluding(index, queries, k, exclude)
     scores = [knn_score(row, k) for row in D]
     return np.sort(np.asarray([s for s in scores if s is not None], dtype=np.float64))
 

@@ -143,6 +143,10 @@ def answer_lines(p: dict) -> list[str]:
     if cal.get("too_few"):
         rare = ", ".join(f"{c} ({n} cases)" for c, n in sorted(cal["too_few"].items()))
         lines.append(f"too few calibration cases for that coverage, so always in the set: {rare}")
+    ens = cal.get("ensemble")
+    if ens:
+        lines.append(f"ensemble confidence calibrated on the {ens['cases']} cases every member held out"
+                     if "cases" in ens else f"ensemble confidence: {ens['why']}")
     return lines
 
 

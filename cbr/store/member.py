@@ -42,6 +42,9 @@ __all__ = [
     "rebuild_index",
     "load_members",
     "active_embeddings",
+    "embedded_count",
+    "db_active_ids",
+    "of_active_cases",
     "model_label",
     "SHARD_ROWS",
     "StoredChunks",
@@ -72,6 +75,10 @@ class Member:
     index: object
     kind: str
     notes: list[str] = field(default_factory=list)
+    # A new index of a kind that learns (IVF, PQ, SQ): until the run ends and trains it on the
+    # stored collection (pipeline.index.train_on_collection), ``index`` is an empty exact stand-in
+    # that receives no vector and is never saved, so no process holds the collection meanwhile.
+    staged: bool = False
 
 
 def model_label(model: Model) -> str:
@@ -142,7 +149,7 @@ def register_model(cb, embedder, source: str) -> int:
         return row.id
 
 
-def _of_active_cases(stmt, model_id: int):
+def of_active_cases(stmt, model_id: int):
     """``stmt`` over embeddings, restricted to the active (not removed) cases of one model."""
     return stmt.join(Case, Case.id == Embedding.case_id).where(Embedding.model_id == model_id, Case.removed_at.is_(None))
 
@@ -156,7 +163,7 @@ def active_embeddings(cb, model_id: int, ids=None) -> tuple[np.ndarray, np.ndarr
 def embeddings_in(s, model_id: int, ids=None, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``active_embeddings`` inside an open session ``s`` (the query's own read transaction);
     ``dim``: the vectors' dimension when the caller knows it (else the model's config says)."""
-    q = _of_active_cases(select(Embedding.case_id, Embedding.vector), model_id).order_by(Embedding.case_id)
+    q = of_active_cases(select(Embedding.case_id, Embedding.vector), model_id).order_by(Embedding.case_id)
     # in ascending chunks of ids, so that the rows come in case id order as without ``ids``
     rows = s.execute(q).all() if ids is None else rows_in(s, q, Embedding.case_id, sorted({int(i) for i in ids}))
     if not rows:
@@ -171,7 +178,7 @@ def embedding_chunks(cb, model_id: int, *, every: int = 1):
     last = -1
     while True:
         with cb.read() as s:
-            q = _of_active_cases(select(Embedding.case_id, Embedding.vector), model_id).where(Embedding.case_id > last)
+            q = of_active_cases(select(Embedding.case_id, Embedding.vector), model_id).where(Embedding.case_id > last)
             if every > 1:
                 q = q.where(Embedding.case_id % every == 0)
             rows = s.execute(q.order_by(Embedding.case_id).limit(REBUILD_ROWS)).all()
@@ -199,16 +206,22 @@ def _decoded(rows, model_id: int, dim: int | None) -> tuple[np.ndarray, np.ndarr
 
 def _db_id_summary(cb, model_id: int) -> tuple[int, int]:
     with cb.read() as s:
-        n, total = s.execute(_of_active_cases(
+        n, total = s.execute(of_active_cases(
             select(func.count(Embedding.case_id), func.coalesce(func.sum(Embedding.case_id), 0)), model_id)).one()
     return int(n), int(total)
 
 
+def embedded_count(cb, model_id: int) -> int:
+    """How many active cases have an embedding under the model."""
+    return _db_id_summary(cb, model_id)[0]
+
+
 def db_active_ids(cb, model_id: int) -> np.ndarray:
-    """The case ids the case base holds active embeddings of, for member ``model_id``."""
+    """The case ids the case base holds active embeddings of, for member ``model_id``, ascending;
+    streamed into one array (8 bytes a case, no Python object per case)."""
+    q = of_active_cases(select(Embedding.case_id), model_id).order_by(Embedding.case_id)
     with cb.read() as s:
-        ids = s.scalars(_of_active_cases(select(Embedding.case_id), model_id)).all()
-    return np.asarray(ids, dtype=np.int64)
+        return np.fromiter(s.scalars(q.execution_options(yield_per=REBUILD_ROWS)), dtype=np.int64)
 
 
 def _rebuild_hint(cb) -> str:
@@ -366,8 +379,22 @@ def _trained(cb, model_id: int, kind: str):
     index = ix.build(dim, kind, n_hint=n)
     if n and not index.is_trained:
         sample = [v for _, v in embedding_chunks(cb, model_id, every=max(1, n // TRAIN_ROWS))]
-        ix.train(index, np.concatenate(sample), n=n)
+        ix.train(index, _stacked(sample), n=n)
     return index, n
+
+
+def _stacked(chunks: list) -> np.ndarray:
+    """The chunks as one matrix, each let go once copied: the sample and one chunk in memory at
+    most, where ``np.concatenate`` holds the sample twice (1 GB more for 500,000 vectors at d=512)."""
+    if not chunks:
+        raise ValueError("no stored embedding in the training sample")
+    out = np.empty((sum(len(c) for c in chunks), chunks[0].shape[1]), dtype=np.float32)
+    at = 0
+    while chunks:
+        c = chunks.pop(0)
+        out[at:at + len(c)] = c
+        at += len(c)
+    return out
 
 
 def _fill(cb, model_id: int, index) -> None:
@@ -397,7 +424,7 @@ def _chunk_bounds(cb, model_id: int) -> tuple[int, ...]:
     """Case ids b0 < b1 < ... such that chunk c holds the active embeddings with b_c < id <= b_c+1,
     ``REBUILD_ROWS`` of them (the last fewer): a keyset walk over the ids alone."""
     bounds = [-1]
-    ids = _of_active_cases(select(Embedding.case_id), model_id).order_by(Embedding.case_id)
+    ids = of_active_cases(select(Embedding.case_id), model_id).order_by(Embedding.case_id)
     while True:
         with cb.read() as s:
             after = ids.where(Embedding.case_id > bounds[-1])
@@ -426,7 +453,7 @@ class StoredChunks:
         cb = open_casebase(self.url, create=False, migrate=False, index_dir=self.index_dir)
         try:
             with cb.read() as s:
-                q = _of_active_cases(select(Embedding.case_id, Embedding.vector), self.model_id).where(
+                q = of_active_cases(select(Embedding.case_id, Embedding.vector), self.model_id).where(
                     Embedding.case_id > self.bounds[chunk], Embedding.case_id <= self.bounds[chunk + 1])
                 rows = s.execute(q.order_by(Embedding.case_id)).all()
         finally:

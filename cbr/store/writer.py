@@ -154,7 +154,7 @@ class CaseWriter:
         # Only after the commit: the index never holds a vector the case base lacks.
         id_arr = np.asarray(ids, dtype=np.int64)
         for m, member in enumerate(self.members):
-            if added[m]:
+            if added[m] and not member.staged:  # a staged member is built from the case base at the end
                 ix.add(member.index, embeddings[m][added[m]], id_arr[added[m]])
                 self._dirty = True
         return ids
@@ -181,6 +181,7 @@ class CaseWriter:
     def maybe_save(self, force: bool = False) -> None:
         if self._dirty and (force or time.monotonic() - self._last_save > SAVE_EVERY_S):
             for m in self.members:
-                save_index(self.cb, m.model_id, m.index, m.kind)
+                if not m.staged:  # saving would fill its stand-in with every stored vector
+                    save_index(self.cb, m.model_id, m.index, m.kind)
             self._dirty = False
             self._last_save = time.monotonic()

@@ -1,0 +1,113 @@
+"""The ensemble's confidence, calibrated on the cases every member holds out."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cbr.data.phantom import make_phantoms
+from cbr.models.checkpoint import save_checkpoint
+from cbr.models.embedder import create_embedder
+from cbr.pipeline.ensemble_calibration import MIN_CASES, EnsembleCalibration, fit_ensemble, platt
+from cbr.pipeline.support import support_of
+from cbr.pipeline.vote import Vote
+from conftest import invoke
+
+
+def test_platt_recovers_the_map_it_was_drawn_from():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 0.99, 20_000)
+    x = np.log(conf / (1 - conf))
+    right = rng.random(conf.size) < 1 / (1 + np.exp(-(2.0 * x - 0.5)))
+    a, b = platt(conf, right)
+    assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(-0.5, abs=0.1)
+
+
+def test_a_confidence_that_predicts_errors_maps_to_the_accuracy():
+    a, b = platt([0.9] * 10 + [0.6] * 10, [False] * 10 + [True] * 10)
+    assert a == 0.0
+    assert 1 / (1 + np.exp(-b)) == pytest.approx(0.5)
+
+
+def _answers(conf, right, label="yes", other="no"):
+    return [(Vote(label, c, {label: c, other: 1 - c}), label if r else other) for c, r in zip(conf, right)]
+
+
+def test_too_few_common_cases_say_why():
+    why = fit_ensemble(_answers([0.7] * (MIN_CASES - 1), [True] * (MIN_CASES - 1)))
+    assert why == (f"{MIN_CASES - 1} calibration cases common to every member answered (at least {MIN_CASES} "
+                   "needed): the ensemble's confidence is the rule's, uncalibrated")
+
+
+def test_an_under_confident_rule_is_raised_and_an_over_confident_one_lowered():
+    # answers at 0.6 right 19 times in 20, answers at 0.95 right half the time
+    low = fit_ensemble(_answers([0.6] * 40, [True] * 38 + [False] * 2))
+    assert isinstance(low, EnsembleCalibration) and low.cases == 40
+    assert low.confidence(0.6) == pytest.approx(39 / 42, abs=0.01)  # Platt's smoothed target
+    high = fit_ensemble(_answers([0.95] * 40, [True] * 20 + [False] * 20))
+    assert high.confidence(0.95) == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_label_stays_and_keeps_the_largest_share():
+    cal = EnsembleCalibration(0.0, np.log(0.2 / 0.8), 40, support_of([0.2] * 40, [True] * 8 + [False] * 32))
+    v = Vote("a", 0.5, {"a": 0.5, "b": 0.3, "c": 0.2})
+    got = cal.apply(v)
+    assert got.label == "a"
+    assert sum(got.probabilities.values()) == pytest.approx(1.0)
+    # 0.2 would put b above a: the label keeps the floor top / (1 - p + top) = 0.3 / 0.8
+    assert got.confidence == pytest.approx(0.375) == pytest.approx(got.probabilities["a"])
+    assert got.probabilities["b"] == pytest.approx(0.375)
+    assert got.probabilities["c"] == pytest.approx(0.25)
+    abstained = Vote(None, 0.0, {"a": 0.5, "b": 0.5}, abstained=True, abstain_reason="out_of_distribution")
+    assert cal.apply(abstained) is abstained
+
+
+@pytest.fixture(scope="module")
+def two_member_base(tmp_path_factory):
+    """Two untuned members over 30 cases: each calibrates leave-one-out on every case."""
+    from click.testing import CliRunner
+
+    tmp = tmp_path_factory.mktemp("ens")
+    data = make_phantoms(tmp / "data", patients=15, slices=2, size=48, seed=0)
+    ckpt = tmp / "other.pt"
+    save_checkpoint(create_embedder("tinycnn", weights="none", seed=7), ckpt)
+    db = tmp / "cases.db"
+    res = invoke(CliRunner(), "index", data, "--db", db, "--model", "tinycnn", "--model", ckpt, "--weights", "none",
+                 "--workers", "0")
+    assert res.exit_code == 0, res.output
+    return db, data, tmp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ensemble", ["classic", "confidence"])
+def test_a_two_member_answer_is_calibrated_on_the_common_cases(runner, two_member_base, query_set, ensemble):
+    db, _, tmp = two_member_base
+    image = next(query_set.parent.rglob("*.png"))
+    res = invoke(runner, "query", image, "--db", db, "--ensemble", ensemble, "--explain", "none", "--json",
+                 "--out", tmp / "r")
+    assert res.exit_code == 0, res.output
+    a = json.loads(res.output)
+    ens = a["calibration"]["ensemble"]
+    assert ens["cases"] == 30  # every case, held out from itself and its patient, in both members
+    assert 0 < ens["supported"] <= 31 / 32
+    assert a["prediction"]["confidence"] <= ens["supported"] + 1e-9
+    assert sum(a["prediction"]["probabilities"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_one_member_has_no_ensemble_calibration(runner, two_member_base, query_set):
+    db, _, tmp = two_member_base
+    image = next(query_set.parent.rglob("*.png"))
+    res = invoke(runner, "query", image, "--db", db, "--model", tmp / "other.pt", "--explain", "none", "--json",
+                 "--out", tmp / "r")
+    assert res.exit_code == 0, res.output
+    assert "ensemble" not in json.loads(res.output)["calibration"]
+
+
+@pytest.mark.slow
+def test_the_terminal_says_where_the_ensemble_was_calibrated(runner, two_member_base, query_set):
+    db, _, tmp = two_member_base
+    image = next(query_set.parent.rglob("*.png"))
+    res = invoke(runner, "query", image, "--db", db, "--explain", "none", "--out", tmp / "r")
+    assert res.exit_code == 0, res.output
+    assert "ensemble confidence calibrated on the 30 cases every member held out" in res.output

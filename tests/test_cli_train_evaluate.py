@@ -30,7 +30,7 @@ def test_train_prints_a_summary(model):
     assert out.is_file()
     assert "Trained tinycnn (none weights)" in text
     assert "classes:      cyst, normal, tumour" in text
-    assert "epochs:       1 run, best 1" in text
+    assert "epochs:       1 run, kept 1 (best), best on validation 1" in text
     assert f"checkpoint:   {out} (fingerprint " in text
 
 

@@ -30,7 +30,7 @@ def _fit(config, transform=None):
     model = create_embedder("tinycnn", weights="none", input_size=32, class_names=CLASSES, seed=1)
     run = Trainer(model, config, "cpu", list(CLASSES), torch.ones(2), progress=False)
     images, targets = _data()
-    history, _ = run.fit(Augmented(images[:16], targets[:16], transform), images[16:], targets[16:])
+    history, *_ = run.fit(Augmented(images[:16], targets[:16], transform), images[16:], targets[16:])
     return model, run, history
 
 

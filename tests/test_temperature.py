@@ -79,7 +79,7 @@ def test_query_uses_reports_and_stores_the_fitted_temperature(runner, indexed, q
         stored = s.scalar(select(Calibration)).temperature
         rows = s.scalar(select(Calibration)).rows
     cb.close()
-    assert stored["k"] == 5 and stored["n"] == 18 and len(rows[0]) == 3
+    assert stored["k"] == 5 and stored["n"] == 18 and len(rows[0]) == 4
     fitted = _query(runner, indexed, image)["members"][0]
     assert (fitted["temperature"], fitted["temperature_source"]) == (stored["value"], "fitted")
     given = _query(runner, indexed, image, "--temperature", "0.5")["members"][0]

@@ -1,5 +1,5 @@
-"""Which epoch's weights a checkpoint keeps: the last by default, since the validation images
-then calibrate the vote and must not have chosen the model; the best on validation with --keep best."""
+"""Which epoch's weights a checkpoint keeps: the best on validation by default; the last with
+--keep last, so that the validation images, which calibrate the vote, choose nothing."""
 
 from dataclasses import replace
 
@@ -53,8 +53,8 @@ def test_the_checkpoint_holds_the_kept_epochs_weights(phantoms, tmp_path, first_
     assert (ckpt["extra"]["kept_epoch"], ckpt["extra"]["keep"]) == (kept, keep)
 
 
-def test_last_is_the_default():
-    assert TrainConfig().keep == "last"
+def test_best_is_the_default():
+    assert TrainConfig().keep == "best"
 
 
 def test_an_unknown_keep_names_the_choices():

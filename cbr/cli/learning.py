@@ -77,9 +77,9 @@ def training_options(f):
                      help="Where to train [default: cuda if available, else cpu]."),
         click.option("--patience", type=click.IntRange(0, 10_000), default=3, show_default=True,
                      help="Stop after this many epochs without a better validation balanced accuracy (0: never)."),
-        click.option("--keep", type=RegistryChoice(_keeps), default="last", show_default=True,
-                     help="Whose weights the checkpoint keeps: the last epoch's, or the best on validation (those "
-                     "images then calibrate the vote optimistically)."),
+        click.option("--keep", type=RegistryChoice(_keeps), default="best", show_default=True,
+                     help="Whose weights the checkpoint keeps: the best epoch on validation, or the last epoch's "
+                     "(the validation images, which calibrate the vote, then choose nothing)."),
         click.option("--train-layers", type=click.IntRange(0, 10_000), default=None,
                      help="Fine-tune only the last N backbone blocks and the head (0: the head only) [default: all]."),
         click.option("--cache-draws", type=click.IntRange(0, 1000), default=0, show_default=True,
@@ -157,7 +157,7 @@ def train_cmd(data, out, training, backbones, val_fraction, manifest, sources, a
 
     DATA is a folder with one sub-folder per class, or a CSV manifest. A patient-grouped share of
     the images is held out for early stopping on balanced accuracy and to calibrate the vote; the
-    last epoch's weights are kept (--keep best: the best epoch on validation). The
+    best epoch is kept (--keep last: the last epoch). The
     checkpoint carries the backbone, head, classes, preprocessing, fingerprint and the sha256 of
     every image it saw; index with it (`cbr index DATA --model model.pt`).
 

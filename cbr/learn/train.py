@@ -11,11 +11,10 @@ Decisions (decoding and augmentation: see :mod:`cbr.learn.augmentation`):
   unweighted (:mod:`cbr.learn.sampling`); ``objective`` picks the loss (:mod:`cbr.learn.objective`).
 * **Validation**: a patient-grouped, stratified split (:func:`cbr.data.splits.group_split`) keeps
   ``val_fraction`` of the images out of training; no patient is on both sides. Early stopping
-  watches the validation balanced accuracy (ties: lower validation loss). The last epoch's
-  weights are kept (``keep="last"``), because the same images then calibrate the vote
-  (``cbr index``): an epoch picked for its validation score makes them look better than new images
-  will (HAM10000, 15 epochs: the last epoch's validation balanced accuracy was within 0.01 of
-  the best in every fold). ``keep="best"`` keeps the best epoch. Without any validation image
+  watches the validation balanced accuracy (ties: lower validation loss) and the best epoch's
+  weights are kept (``keep="best"``). The same images calibrate the vote (``cbr index``), so
+  ``keep="last"`` leaves them untouched by any choice; measured, it calibrated a little better but
+  cost small data sets accuracy (see ``cbr.learn.config.KEEPS``). Without any validation image
   (``val_fraction=0`` or too few groups) every epoch runs and the last one is kept.
 * **Optimiser**: AdamW (weight decay 0.01) with a cosine decay over the planned epochs. With
   ImageNet weights the new head learns at ``lr`` (default 1e-3) and the pretrained backbone at

@@ -111,3 +111,14 @@ def test_the_terminal_says_where_the_ensemble_was_calibrated(runner, two_member_
     res = invoke(runner, "query", image, "--db", db, "--explain", "none", "--out", tmp / "r")
     assert res.exit_code == 0, res.output
     assert "ensemble confidence calibrated on the 30 cases every member held out" in res.output
+
+
+def test_a_certain_answer_mapped_low_still_keeps_the_largest_share():
+    """Bug: an answer whose label held all the probability (the others 0) shared what the map took
+    away evenly among the other classes, which could overtake the label (0.2 against 0.4 each)."""
+    cal = EnsembleCalibration(0.0, np.log(0.2 / 0.8), 40, support_of([0.2] * 40, [True] * 8 + [False] * 32))
+    got = cal.apply(Vote("a", 1.0, {"a": 1.0, "b": 0.0, "c": 0.0}))
+    assert got.label == "a"
+    assert got.confidence == pytest.approx(1 / 3) == pytest.approx(got.probabilities["a"])
+    assert got.probabilities["b"] == pytest.approx(1 / 3) == pytest.approx(got.probabilities["c"])
+    assert sum(got.probabilities.values()) == pytest.approx(1.0)

@@ -251,7 +251,7 @@ def bootstrap_interval(statistic, *arrays, resamples: int = 1000, level: float =
     return [float(low), float(high)]
 
 
-def ece_if_calibrated(confidence, *, resamples: int = 1000, seed: int = 0, statistic=None) -> dict | None:
+def ece_if_calibrated(confidence, *, resamples: int = 1000, seed: int = 0) -> dict | None:
     """What a perfectly calibrated model scores with these confidences (consistency resampling,
     Bröcker & Smith 2007): each answer is drawn right with probability its confidence, and the ECE
     of every draw is taken. ``{"median", "p95"}`` of those ECEs; None with fewer than two answers.
@@ -260,12 +260,11 @@ def ece_if_calibrated(confidence, *, resamples: int = 1000, seed: int = 0, stati
     0.85), so an observed ECE is read against this: `calibration_p_value` is the share of draws
     that score at least as high.
     """
-    statistic = statistic or ece_equal_mass
     conf = np.clip(np.asarray(confidence, dtype=np.float64).ravel(), 0, 1)
     if conf.size < 2:
         return None
     rng = np.random.default_rng(seed)
-    values = np.sort([statistic(conf, rng.random(conf.size) < conf) for _ in range(resamples)])
+    values = np.sort([ece_equal_mass(conf, rng.random(conf.size) < conf) for _ in range(resamples)])
     return {"median": float(np.median(values)), "p95": float(np.percentile(values, 95)), "draws": values}
 
 

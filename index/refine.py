@@ -10,11 +10,13 @@ dimension: never in the index's RAM, read only for the few hundred rows a query 
 A sidecar is two .npy files at ``<base>.f16.npy`` (rows) and ``<base>.ids.npy`` (the external id
 of each row). It is created full of id -1; writers (any process, any order) fill row ranges; a
 sidecar with a row still at -1 is incomplete and refuses to open, so a half-written one is never
-used for ranking.
+used for ranking. Rows may also be float32 (``<base>.f32.npy``): a case base that stores its
+embeddings exactly re-ranks exactly, whatever file the rows come from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -24,25 +26,65 @@ from .halves import BLOCK_ROWS, to_float32
 from .vectors import search
 
 __all__ = ["Sidecar", "SidecarError", "create_sidecar", "exact_scores", "open_sidecar", "put_rows", "refined_search",
-           "sidecar_files"]
+           "remove_sidecar", "rename_sidecar", "sidecar_exists", "sidecar_files"]
 
 MISSING = -1
+SUFFIXES = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}  # rows file per row type
 
 
 class SidecarError(OSError):
     """A sidecar is missing, incomplete, or does not match the index or the query."""
 
 
-def sidecar_files(base) -> tuple[str, str]:
-    """(rows file, ids file) of the sidecar at ``base``."""
+def sidecar_files(base, dtype=np.float16) -> tuple[str, str]:
+    """(rows file, ids file) of the sidecar at ``base`` whose rows are ``dtype`` (float16 or float32)."""
     base = os.fspath(base)
-    return f"{base}.f16.npy", f"{base}.ids.npy"
+    if np.dtype(dtype) not in SUFFIXES:
+        raise ValueError(f"sidecar rows are float16 or float32, not {np.dtype(dtype)}")
+    return f"{base}.{SUFFIXES[np.dtype(dtype)]}.npy", f"{base}.ids.npy"
 
 
-def create_sidecar(base, n: int, dim: int) -> None:
-    """Create an empty sidecar for n rows of dimension dim (sparse files: no bytes written yet)."""
-    rows_file, ids_file = sidecar_files(base)
-    rows = np.lib.format.open_memmap(rows_file, mode="w+", dtype=np.float16, shape=(n, dim))
+def _present_files(base) -> tuple[str, str]:
+    """The files of the sidecar at ``base`` as written, whichever row type it has."""
+    for dtype in SUFFIXES:
+        rows_file, ids_file = sidecar_files(base, dtype)
+        if os.path.exists(rows_file):
+            return rows_file, ids_file
+    return sidecar_files(base)
+
+
+def sidecar_exists(base) -> bool:
+    """Whether a sidecar (complete or not) was written at ``base``."""
+    return any(os.path.exists(f) for f in _present_files(base))
+
+
+def remove_sidecar(base) -> None:
+    """Delete the sidecar at ``base``, if any."""
+    for dtype in SUFFIXES:
+        for f in sidecar_files(base, dtype):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
+
+
+def rename_sidecar(old, new) -> None:
+    """Move the sidecar at ``old`` to ``new`` (rows first, ids last: a reader that finds the ids
+    file at ``new`` finds the rows there too). A process that holds it open keeps reading it."""
+    rows_file, ids_file = _present_files(old)
+    new_rows, new_ids = sidecar_files(new, np.load(rows_file, mmap_mode="r").dtype)
+    os.replace(rows_file, new_rows)
+    os.replace(ids_file, new_ids)
+
+
+def create_sidecar(base, n: int, dim: int, dtype=np.float16) -> None:
+    """Create an empty sidecar for n rows of dimension dim (sparse files: no bytes written yet).
+
+    Args:
+        base: the path the two files are named after.
+        n, dim: rows and their dimension.
+        dtype: float16 (half the disk; exact for vectors stored as float16) or float32.
+    """
+    rows_file, ids_file = sidecar_files(base, dtype)
+    rows = np.lib.format.open_memmap(rows_file, mode="w+", dtype=dtype, shape=(n, dim))
     del rows
     ids = np.lib.format.open_memmap(ids_file, mode="w+", dtype=np.int64, shape=(n,))
     ids[:] = MISSING
@@ -51,11 +93,11 @@ def create_sidecar(base, n: int, dim: int) -> None:
 
 
 def put_rows(base, start: int, vectors, ids) -> None:
-    """Write vectors (stored as float16) and their ids at rows start .. start+len-1.
+    """Write vectors (stored in the sidecar's row type) and their ids at rows start .. start+len-1.
 
     Ids go last and are flushed after the rows, so a row whose id is set has its vector on disk.
     """
-    rows_file, ids_file = sidecar_files(base)
+    rows_file, ids_file = _present_files(base)
     x = np.asarray(vectors)
     xids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if len(x) != len(xids):
@@ -74,7 +116,7 @@ def put_rows(base, start: int, vectors, ids) -> None:
 class Sidecar:
     """A complete sidecar, memory-mapped read-only."""
 
-    rows: np.ndarray  # float16 (n, d), memory-mapped
+    rows: np.ndarray  # float16 or float32 (n, d), memory-mapped
     first: int | None  # ids are first .. first+n-1 in row order: the row of an id is id - first
     sorted_ids: np.ndarray | None  # otherwise: the ids sorted, and the row of each
     order: np.ndarray | None
@@ -83,31 +125,39 @@ class Sidecar:
     def dim(self) -> int:
         return self.rows.shape[1]
 
-    def rows_of(self, ids) -> np.ndarray:
-        """Row numbers of these ids (every one must be in the sidecar)."""
+    def _lookup(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each id, whether the id is in the sidecar at all)."""
         ids = np.asarray(ids, dtype=np.int64)
         if self.first is not None:
             pos = ids - self.first
-            ok = (pos >= 0) & (pos < len(self.rows))
-        else:
-            at = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
-            ok = self.sorted_ids[at] == ids
-            pos = self.order[at]
+            return pos, (pos >= 0) & (pos < len(self.rows))
+        if not len(self.sorted_ids):
+            return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
+        at = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
+        return self.order[at], self.sorted_ids[at] == ids
+
+    def contains(self, ids) -> np.ndarray:
+        """Whether each id has a row here (a mask)."""
+        return self._lookup(ids)[1]
+
+    def rows_of(self, ids) -> np.ndarray:
+        """Row numbers of these ids (every one must be in the sidecar)."""
+        pos, ok = self._lookup(ids)
         if not ok.all():
-            raise SidecarError(f"ids not in the sidecar: {ids[~ok][:10].tolist()}")
+            raise SidecarError(f"ids not in the sidecar: {np.asarray(ids)[~ok][:10].tolist()}")
         return pos
 
 
 def open_sidecar(base) -> Sidecar:
     """Memory-map a complete sidecar written by `create_sidecar` + `put_rows`."""
-    rows_file, ids_file = sidecar_files(base)
+    rows_file, ids_file = _present_files(base)
     try:
         rows = np.load(rows_file, mmap_mode="r")
         ids = np.load(ids_file)
     except (OSError, ValueError) as e:
         raise SidecarError(f"cannot read the sidecar at {base}: {e}") from None
-    if rows.ndim != 2 or rows.dtype != np.float16 or ids.shape != (len(rows),):
-        raise SidecarError(f"sidecar at {base} is not float16 rows with one id each")
+    if rows.ndim != 2 or rows.dtype not in SUFFIXES or ids.shape != (len(rows),):
+        raise SidecarError(f"sidecar at {base} is not float16 or float32 rows with one id each")
     if (ids == MISSING).any():
         raise SidecarError(f"sidecar at {base} is incomplete: {int((ids == MISSING).sum())} rows "
                            "were never written")
@@ -129,6 +179,12 @@ def exact_scores(sidecar: Sidecar, ids, query) -> np.ndarray:
     rows = sidecar.rows_of(ids)
     order = np.argsort(rows, kind="stable")
     out = np.empty(len(rows), dtype=np.float32)
+    query = np.asarray(query, dtype=np.float32).reshape(-1)
+    if sidecar.rows.dtype == np.float32:
+        for start in range(0, len(rows), BLOCK_ROWS):
+            at = order[start:start + BLOCK_ROWS]
+            out[at] = sidecar.rows[rows[at]] @ query
+        return out
     buf = np.empty((min(BLOCK_ROWS, len(rows)), sidecar.dim), dtype=np.float32)
     for start in range(0, len(rows), BLOCK_ROWS):
         at = order[start:start + BLOCK_ROWS]

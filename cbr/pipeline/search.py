@@ -20,7 +20,7 @@ __all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR", "
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
 # A lossy index (PQ or SQ codes) gives this many candidates per wanted hit, re-ranked by the exact
-# embeddings stored in the case base. PQ codes alone find a fair shortlist but order its head
+# embeddings: the rows of the index's sidecar (cbr.store.sidecar), or those stored in the case base. PQ codes alone find a fair shortlist but order its head
 # badly (recall@10 0.05-0.2 at 1M-10M vectors); re-ranking 50 candidates per hit brought 1M
 # clustered vectors to recall 0.97 (benchmarks/bench_scale_stream.py, README "Scale"). With k = 5
 # that is 500 rows read by primary key, a few milliseconds.
@@ -107,20 +107,27 @@ def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) 
         D, I = ix.search(m.index, e, want * factor, exclude=[exclude], allow=allow)
         pairs = [(int(i), float(d)) for i, d in zip(I[0], D[0]) if i >= 0]
         if lossy:
-            pairs = _reranked(s, m.model_id, e, pairs)[:want]
+            pairs = _reranked(s, m, e, pairs)[:want]
         rows = {c.id: c for c in s.scalars(select(Case).where(Case.id.in_([i for i, _ in pairs])))}
         hits.append([Hit(rows[i], d) for i, d in pairs if i in rows and rows[i].removed_at is None][:k])
     return hits
 
 
-def _reranked(s, model_id: int, query, pairs):
-    """``pairs`` (case id, approximate similarity) re-scored by the stored embeddings, best first."""
+def _reranked(s, member, query, pairs):
+    """``pairs`` (case id, approximate similarity) re-scored by the exact embeddings, best first:
+    the member's sidecar rows, and the case base's for cases added since it was written."""
     if not pairs:
         return pairs
     q = np.asarray(query, dtype=np.float32).reshape(-1)
-    ids, vecs = embeddings_in(s, model_id, [i for i, _ in pairs], dim=q.shape[0])
-    if not len(ids):
+    ids = np.fromiter((i for i, _ in pairs), dtype=np.int64, count=len(pairs))
+    side = getattr(member, "sidecar", None)
+    held = side.contains(ids) if side is not None else np.zeros(len(ids), dtype=bool)
+    found, scores = ids[held], ix.exact_scores(side, ids[held], q) if held.any() else np.empty(0, np.float32)
+    if not held.all():
+        rest, vecs = embeddings_in(s, member.model_id, ids[~held].tolist(), dim=q.shape[0])
+        if len(rest):
+            found, scores = np.concatenate([found, rest]), np.concatenate([scores, vecs @ q])
+    if not len(found):
         return pairs
-    exact = vecs @ q
-    order = np.argsort(-exact, kind="stable")
-    return [(int(ids[j]), float(exact[j])) for j in order]
+    order = np.argsort(-scores, kind="stable")
+    return [(int(found[j]), float(scores[j])) for j in order]

@@ -18,7 +18,7 @@ import threading
 from sqlalchemy import select
 
 from cbr.errors import CbrError
-from cbr.store.member import load_index
+from cbr.store.member import load_index, load_sidecar
 from cbr.store.schema import IndexManifest
 from explain.methods import FAST_METHODS, FUSED_METHODS
 from explain.spec import base_name
@@ -96,6 +96,7 @@ class Lane:
             for m in self.searcher.members:
                 if now.get(m.model_id) != self._manifests.get(m.model_id):
                     m.index, m.kind, notes = load_index(self.cb, m.model_id)
+                    m.sidecar = load_sidecar(self.cb, m.model_id, m.index)
                     for n in notes:
                         LOG.warning("%s", n)
             self._manifests = now

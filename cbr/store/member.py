@@ -31,6 +31,7 @@ from cbr.store.generation import generation_name, written_elsewhere
 from cbr.store.location import db_args
 from cbr.store.postgres import advisory_lock
 from cbr.store.schema import Case, Embedding, FindingIndex, IndexManifest, Model, utcnow
+from cbr.store.sidecar import checked_sidecar, link_sidecar, SidecarFill, temporary_base
 import index as ix
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "writer_lock",
     "register_model",
     "load_index",
+    "load_sidecar",
     "save_index",
     "rebuild_index",
     "load_members",
@@ -79,6 +81,9 @@ class Member:
     # stored collection (pipeline.index.train_on_collection), ``index`` is an empty exact stand-in
     # that receives no vector and is never saved, so no process holds the collection meanwhile.
     staged: bool = False
+    # The exact rows a lossy index's shortlist is re-ranked with (cbr.store.sidecar), or None: the
+    # query reads them from the case base.
+    sidecar: object = None
 
 
 def model_label(model: Model) -> str:
@@ -130,6 +135,9 @@ def _sweep_orphans(cb) -> None:
             shutil.rmtree(path, ignore_errors=True)
         elif path.suffix == ".ivfdata" and path.name.split(".faiss.")[0] + ".faiss" not in live:
             with contextlib.suppress(OSError):  # the lists of a sharded generation no manifest names
+                path.unlink()
+        elif path.suffix == ".npy" and ".faiss." in path.name and path.name.split(".faiss.")[0] + ".faiss" not in live:
+            with contextlib.suppress(OSError):  # the re-rank sidecar of a generation no manifest names
                 path.unlink()
         elif path.name not in live and (path.suffix == ".faiss" or ".tmp" in path.name):
             with contextlib.suppress(OSError):
@@ -283,10 +291,8 @@ def load_index(cb, model_id: int, *, persist_repair: bool = False):
 def _build_here(cb, model_id: int, kind: str, name: str, persist: bool):
     """Generation ``name`` lives in another machine's --index-dir (one PostgreSQL case base, a
     folder per machine): build it here from the stored embeddings, the source of truth, and keep
-    it when this is a writer. Returns what ``load_index`` returns."""
-    index = _from_embeddings(cb, model_id, kind)
-    if persist:
-        save_index(cb, model_id, index, kind)
+    it (and its re-rank sidecar) when this is a writer. Returns what ``load_index`` returns."""
+    index = rebuild_index(cb, model_id, kind) if persist else _from_embeddings(cb, model_id, kind)
     note = (f"index of model {model_id}: {name} was written in another index folder; built in {cb.index_dir} "
             "from the stored embeddings" + ("" if persist else " (kept in memory until this folder's next write)"))
     LOG.info(note)
@@ -316,12 +322,16 @@ def _reconcile(cb, model_id: int, index) -> list[str]:
     return [note]
 
 
-def save_index(cb, model_id: int, index, kind: str) -> None:
+def save_index(cb, model_id: int, index, kind: str, *, sidecar: SidecarFill | None = None) -> None:
     """Write a new index generation, switch the manifest to it, then drop the old file.
 
     Callers hold ``writer_lock``. The index is first brought in line with the case base (the
     source of truth), so that a saved generation always holds exactly the active cases: cases
     committed by a run that was killed before it saved any index are added here.
+
+    Args:
+        sidecar: the re-rank rows written beside a lossy index built from the stored embeddings
+            (`cbr.store.sidecar`); without one, a lossy generation carries its predecessor's.
     """
     _reconcile(cb, model_id, index)
     cb.index_dir.mkdir(parents=True, exist_ok=True)
@@ -331,7 +341,18 @@ def save_index(cb, model_id: int, index, kind: str) -> None:
         checksum = ix.checksum(cb.index_dir / name)
     else:
         checksum = ix.save(index, cb.index_dir / name)
+    _with_sidecar(cb, model_id, name, ix.lossy(index), sidecar)
     _switch_manifest(cb, model_id, name, checksum, index.ntotal, kind)
+
+
+def _with_sidecar(cb, model_id: int, name: str, lossy: bool, fill: SidecarFill | None) -> None:
+    """Give generation ``name`` its re-rank sidecar before the manifest names it: the one just
+    written, or the previous generation's (a lossy index); none for an exact one."""
+    if fill is not None and fill.finish(cb.index_dir / name):
+        return
+    manifest = _read_manifest(cb, model_id)
+    if lossy and manifest is not None:
+        link_sidecar(cb.index_dir / manifest[0], cb.index_dir / name)
 
 
 def _switch_manifest(cb, model_id: int, name: str, checksum: str, ntotal: int, kind: str) -> None:
@@ -348,6 +369,18 @@ def _switch_manifest(cb, model_id: int, name: str, checksum: str, ntotal: int, k
         for path in [cb.index_dir / old, *ix.ivfdata_files(cb.index_dir / old)]:
             with contextlib.suppress(OSError):
                 Path(path).unlink()
+        ix.remove_sidecar(cb.index_dir / old)
+
+
+def load_sidecar(cb, model_id: int, index):
+    """The re-rank sidecar of the model's generation in force (an ``index.Sidecar``), or None: an
+    exact index, none written, or one that cannot be trusted (then the case base is read)."""
+    if not ix.lossy(index):
+        return None
+    manifest = _read_manifest(cb, model_id)
+    if manifest is None:
+        return None
+    return checked_sidecar(cb.index_dir / manifest[0], lambda ids: active_embeddings(cb, model_id, ids))
 
 
 def rebuild_index(cb, model_id: int, kind: str | None = None):
@@ -356,9 +389,10 @@ def rebuild_index(cb, model_id: int, kind: str | None = None):
     kind = kind or (manifest[3] if manifest else "flat")
     index, n = _trained(cb, model_id, kind)
     if n >= SHARD_ROWS and index.is_trained and ix.shardable(index):
-        return _sharded_from_embeddings(cb, model_id, index, kind)
-    _fill(cb, model_id, index)
-    save_index(cb, model_id, index, kind)
+        return _sharded_from_embeddings(cb, model_id, index, kind, n)
+    fill = SidecarFill(temporary_base(cb.index_dir, f"model-{model_id}"), n) if ix.lossy(index) else None
+    _fill(cb, model_id, index, fill)
+    save_index(cb, model_id, index, kind, sidecar=fill)
     return index
 
 
@@ -397,15 +431,19 @@ def _stacked(chunks: list) -> np.ndarray:
     return out
 
 
-def _fill(cb, model_id: int, index) -> None:
+def _fill(cb, model_id: int, index, sidecar: SidecarFill | None = None) -> None:
+    """Add the stored embeddings to the index a chunk at a time (and to its re-rank sidecar)."""
     for ids, vecs in embedding_chunks(cb, model_id):
         ix.add(index, vecs, ids)
+        if sidecar is not None:
+            sidecar.put(ids, vecs)
 
 
-def _sharded_from_embeddings(cb, model_id: int, trained, kind: str):
+def _sharded_from_embeddings(cb, model_id: int, trained, kind: str, n: int):
     """A new generation of the sharded form (index.shards), filled by worker processes that read
     the stored embeddings themselves, a chunk of ``REBUILD_ROWS`` case ids each; the manifest
-    switches to it only once it is complete, so a failed or killed build leaves the previous one."""
+    switches to it only once it is complete, so a failed or killed build leaves the previous one.
+    Its re-rank sidecar is written from the stored embeddings in one more pass."""
     bounds = _chunk_bounds(cb, model_id)
     source = StoredChunks(cb.url, str(cb.index_dir), model_id, trained.d, bounds)
     chunks = len(bounds) - 1
@@ -416,6 +454,10 @@ def _sharded_from_embeddings(cb, model_id: int, trained, kind: str):
     except ix.ShardBuildError as e:
         raise CaseBaseError(f"the sharded build of model {model_id}'s index failed ({e}); the index in force is "
                             f"unchanged: run `cbr index --rebuild {db_args(cb)}` again") from None
+    fill = SidecarFill(temporary_base(cb.index_dir, name), n)
+    for ids, vecs in embedding_chunks(cb, model_id):
+        fill.put(ids, vecs)
+    _with_sidecar(cb, model_id, name, True, fill)
     _switch_manifest(cb, model_id, name, ix.checksum(cb.index_dir / name), index.ntotal, kind)
     return index
 
@@ -519,5 +561,6 @@ def load_members(cb, models=None, *, device: str = "cpu", persist_repair: bool =
     for row in _select_models(cb, models):
         index, kind, notes = load_index(cb, row.id, persist_repair=persist_repair)
         emb = _embedder_for(row).to(device)
-        members.append(Member(row.id, row.fingerprint, model_label(row), emb, index, kind, notes))
+        members.append(Member(row.id, row.fingerprint, model_label(row), emb, index, kind, notes,
+                              sidecar=load_sidecar(cb, row.id, index)))
     return members

@@ -363,3 +363,58 @@ def test_a_nifti_volume_path_standing_for_its_patient_is_hashed_too(tmp_path):
     assert {r.group for r in scan.records} == {pseudonym(KEY, "x/Doe^John.nii.gz")}
     plain = read_dataset(tmp_path / "DATA", sources=SourceSpec(slices="middle"))
     assert {r.group for r in plain.records} == {"x/Doe^John.nii.gz"}
+
+
+def _leaks(runner, db, tmp_path, outputs, names):
+    """Every text a user sees of the case base: exports, history, show, the reports written."""
+    shown = [*outputs, json.dumps(_export(runner, db, "cases")), json.dumps(_export(runner, db, "queries")),
+             invoke(runner, "history", "--db", db).output]
+    shown += [p.read_text() for p in tmp_path.rglob("*.html")]
+    return [n for n in names for text in shown if n in text]
+
+
+@pytest.mark.slow
+def test_pseudonymised_png_cases_and_queries_show_no_file_name(tmp_path, runner):
+    """A class-folder image's name can hold a patient's name as a DICOM file's can; with a key
+    it is shown under its content hash and still read again from its file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("normal", "nodule"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(4):
+            px = rng.integers(0, 255, (32, 32), dtype=np.uint8)
+            Image.fromarray(px).save(tmp_path / "data" / label / f"Doe_John_19450317_{i}.png")
+    query = tmp_path / "Smith_Ann_19700101.png"
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(query)
+    db = tmp_path / "cases.db"
+    r = invoke(runner, "index", tmp_path / "data", "--db", db, *TINY, "--workers", "0", "--pseudonymise", KEY)
+    assert r.exit_code == 0, r.output
+    assert all(c["path"].startswith("image:") for c in _export(runner, db, "cases"))
+    q = invoke(runner, "query", query, "--db", db, "-k", "3", "--out", tmp_path / "o", "--pseudonymise", KEY)
+    assert q.exit_code == 0, q.output
+    (recorded,) = _export(runner, db, "queries")
+    assert recorded["image"].startswith("image:")
+    again = invoke(runner, "report", recorded["id"], "--db", db, "--out", tmp_path / "again.html")
+    assert again.exit_code == 0, again.output
+    report = (tmp_path / "again.html").read_text()
+    assert "image changed or missing" not in report and "unavailable" not in report  # re-read from the files
+    show = invoke(runner, "show", recorded["id"], "--db", db)
+    assert _leaks(runner, db, tmp_path, [r.output, q.output, show.output, again.output],
+                  ("Doe_John", "19450317", "Smith_Ann", "19700101")) == []
+
+
+@pytest.mark.slow
+def test_pseudonymised_nifti_slices_show_no_file_name(tmp_path, runner):
+    from test_nifti import _volume, make_volume
+
+    for label, base in (("normal", 50.0), ("tumour", 150.0)):
+        for p in range(2):
+            make_volume(tmp_path / "data" / label / f"Roe_Jane_19600101_{label}{p}.nii.gz", _volume(seed=p) + base)
+    db = tmp_path / "cases.db"
+    r = invoke(runner, "index", tmp_path / "data", "--db", db, *TINY, "--workers", "0", "--slices", "every:8",
+               "--explain", "none", "--pseudonymise", KEY)
+    assert r.exit_code == 0, r.output
+    cases = _export(runner, db, "cases")
+    assert cases and all(c["path"].startswith("nifti:") and "#axis=" in c["path"] for c in cases)
+    assert _leaks(runner, db, tmp_path, [r.output], ("Roe_Jane", "19600101")) == []

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from cbr.data import dicom, nifti
 from cbr.data.guard import read_regular
-from cbr.data.pseudonyms import key_id, neutral_locator, pseudonym, stored_patient_id
+from cbr.data.pseudonyms import key_id, neutral_file_locator, neutral_locator, pseudonym, stored_patient_id
 from cbr.data.image import sha256_file
 from cbr.data.records import DUPLICATE, Candidate, Problem, Record, file_problem
 from cbr.data.sources import derived_sha256, file_head, pick_indices, Source, SourceSpec
@@ -81,14 +81,15 @@ def _nifti_items(c: Candidate, spec, top: str, name: str):
     n = shape[nifti.AXES[spec.axis]]
     # the volume is the patient unless a manifest says otherwise (its path hashed like any patient id)
     group = stored_patient_id(c.group if c.group is not None else os.path.relpath(c.path, top), spec.pseudonymise)  # the volume is the patient unless a manifest says otherwise
-    meta = {**c.metadata, "format": "nifti", "volume_file": nifti.display_name(c.path), "axis": spec.axis,
-            "slices": n}
+    shown_file = neutral_file_locator("nifti", file_sha) if spec.pseudonymise else nifti.display_name(c.path)
+    meta = {**c.metadata, "format": "nifti", "volume_file": shown_file, "axis": spec.axis, "slices": n}
     if volumes > 1:
         meta.update(volume=spec.volume, volumes=volumes)
     items = []
     for i in pick_indices(n, spec.slices):
         src = Source(c.path, axis=spec.axis, slice=i, volume=spec.volume if volumes > 1 else None)
-        items.append((Candidate(src.locator, c.label, group, dict(meta, slice=i), c.row, c.order),
+        shown = neutral_file_locator("nifti", file_sha, src.fragment) if spec.pseudonymise else None
+        items.append((Candidate(src.locator, c.label, group, dict(meta, slice=i), c.row, c.order, shown=shown),
                       derived_sha256(file_sha, src)))
     return items
 
@@ -110,9 +111,11 @@ def _items(c: Candidate, spec, top: str):
         raise ImageError(c.path, f"cannot read file ({e.strerror or e})") from None
     if c.path.lower().endswith(".npz") and head.startswith(b"PK"):
         raise ImageError(c.path, "an .npz archive is indexed on its own: cbr index FILE.npz [--split ...]")
-    if c.group is not None and spec.pseudonymise:
-        c = Candidate(c.path, c.label, stored_patient_id(c.group, spec.pseudonymise), c.metadata, c.row, c.order)
-    return [(c, sha256_file(c.path))]
+    sha = sha256_file(c.path)
+    if spec is not None and spec.pseudonymise:  # the file's name and folders are never shown
+        c = Candidate(c.path, c.label, stored_patient_id(c.group, spec.pseudonymise), c.metadata, c.row, c.order,
+                      shown=neutral_file_locator("image", sha))
+    return [(c, sha)]
 
 
 def hash_and_dedupe(candidates, problems, progress, spec=None, top: str = "") -> tuple[list[Record], list[Problem]]:

@@ -11,7 +11,8 @@ with another one can be refused instead of silently failing to leave the patient
 
 In a pseudonymised case base a DICOM image (a case or a query) is shown under
 :func:`neutral_locator`, never its file name, which often holds a name and a birth date
-(``Doe^John_19450317.dcm``). Its file is still recorded, in a column of its own
+(``Doe^John_19450317.dcm``); any other image (PNG, JPEG, a NIfTI volume's slice) under
+:func:`neutral_file_locator`, since an exported file's name or folder can hold them just as well. Its file is still recorded, in a column of its own
 (``cases.file_locator``, ``queries.image_file``) that only readers of pixels use: re-reading the
 pixels is what reports, maps and retain need, and the stored SOPInstanceUID alone cannot find a
 file again. Nothing that displays or exports a case or a query reads those columns.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-__all__ = ["pseudonym", "stored_patient_id", "key_id", "neutral_locator"]
+__all__ = ["pseudonym", "stored_patient_id", "key_id", "neutral_locator", "neutral_file_locator"]
 
 
 def pseudonym(key: str, patient_id: str) -> str:
@@ -61,3 +62,15 @@ def neutral_locator(sop_instance_uid: str | None, sha256: str, frame: int | None
     basis = sop_instance_uid or sha256
     text = "dicom:" + hashlib.sha256(basis.encode("utf-8")).hexdigest()[:24]
     return text if frame is None else f"{text}#frame={frame}"
+
+
+def neutral_file_locator(kind: str, sha256: str, fragment: str | None = None) -> str:
+    """How an image that is not DICOM is shown in a pseudonymised case base: its kind (``image``,
+    ``nifti``, ``npz``) and content hash, plus the part of the file it is (a slice, a split's
+    index); nothing of its path.
+
+    Example:
+        >>> neutral_file_locator("nifti", "ab" * 32, "axis=axial&slice=8")
+        'nifti:abababababababababababab#axis=axial&slice=8'
+    """
+    return f"{kind}:{sha256[:24]}" + (f"#{fragment}" if fragment else "")

@@ -37,14 +37,14 @@ from cbr.data.guard import map_regular, open_regular, read_regular
 from cbr.data.image import MAX_PIXELS, MIN_SIZE, read_image
 from cbr.data.locator import AXIS_NAMES, SPLITS, Source, SourceError, derived_sha256, pick_indices
 from cbr.data.nifti import is_nifti_name
-from cbr.data.pseudonyms import key_id, neutral_locator
+from cbr.data.pseudonyms import key_id, neutral_file_locator, neutral_locator
 from cbr.data.windows import DEFAULT_WINDOW, parse_window
 from cbr.errors import ImageError, ModelMismatchError
 
 __all__ = ["Source", "SourceSpec", "SourceError", "FRAMES", "SLICE_RULES", "SPLIT_CHOICES", "read_source",
            "decode_query", "check_window", "dicom_patient_id", "moved_to", "derived_sha256", "pick_indices",
            "describe_origin", "file_head", "is_clinical", "refuse_burned_in",
-           "dicom_neutral_locator", "dicom_reference"]
+           "dicom_neutral_locator", "neutral_source_locator", "dicom_reference"]
 
 FRAMES = ("all", "middle")
 SLICE_RULES = ("all", "middle", "every:N")
@@ -207,6 +207,19 @@ def dicom_neutral_locator(source, sha256: str) -> str | None:
         return None
     src = source if isinstance(source, Source) else Source.parse(source)
     return neutral_locator(info.metadata.get("SOPInstanceUID"), sha256, src.frame)
+
+
+def neutral_source_locator(source, sha256: str) -> str:
+    """How a pseudonymised case base shows a decoded ``source`` of any format: a DICOM image under
+    its hashed SOPInstanceUID (:func:`dicom_neutral_locator`), any other under its kind and
+    content hash (:func:`cbr.data.pseudonyms.neutral_file_locator`) and the part of the file it is.
+    ``sha256``: the image's, as :func:`read_source` gave it."""
+    shown = dicom_neutral_locator(source, sha256)
+    if shown is not None:
+        return shown
+    src = source if isinstance(source, Source) else Source.parse(source)
+    kind = "nifti" if is_nifti_name(src.path) else "npz" if src.split is not None else "image"
+    return neutral_file_locator(kind, sha256, src.fragment)
 
 
 def refuse_burned_in(source, spec: SourceSpec | None = None) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from cbr.data.boxes import view_to_pixels
 from cbr.data.dataset import printable_path, valid_utf8
 from cbr.data.pseudonyms import stored_patient_id
-from cbr.data.sources import decode_query, dicom_neutral_locator, read_source, refuse_burned_in
+from cbr.data.sources import decode_query, neutral_source_locator, read_source, refuse_burned_in
 from cbr.data.text import clean_label
 from cbr.errors import CaseBaseError, CbrError, DamagedRowError, ImageError
 from cbr.pipeline.answer import Answer, Retrieval
@@ -267,9 +267,9 @@ class Searcher:
         feats, region = self._region(img, feats, region)
         t["embed"] = time.perf_counter() - t0
 
-        # a pseudonymised case base shows a DICOM query under a neutral locator, never its file name
+        # a pseudonymised case base shows a query under a neutral locator, never its file name
         file = src.resolved().locator
-        shown = dicom_neutral_locator(src, sha) if key else None
+        shown = neutral_source_locator(src, sha) if key else None
         found, reliability = self._retrieve(sha, patient, feats, region, t, image=shown or file,
                                             image_file=file if shown else None, notes=told)
 

@@ -122,3 +122,39 @@ def test_a_certain_answer_mapped_low_still_keeps_the_largest_share():
     assert got.confidence == pytest.approx(1 / 3) == pytest.approx(got.probabilities["a"])
     assert got.probabilities["b"] == pytest.approx(1 / 3) == pytest.approx(got.probabilities["c"])
     assert sum(got.probabilities.values()) == pytest.approx(1.0)
+
+
+def test_scored_sets_are_the_mondrian_sets_of_the_given_answers():
+    """Sets fitted on answers already voted on equal `fit_sets` on the same scores: a class is in
+    the set when at least a tenth of its calibration cases conform less (p >= 1 - coverage)."""
+    from cbr.pipeline.conformal import fit_sets, prediction_set, scored_sets
+
+    rng = np.random.default_rng(3)
+    probs = [{"a": float(p), "b": float(1 - p)} for p in rng.uniform(0, 1, 60)]
+    truth = ["a" if rng.uniform() < p["a"] else "b" for p in probs]
+    own = scored_sets(list(zip(probs, truth)), ["a", "b"], 0.9)
+    rows = [[t, ["a"], [0.5]] for t in truth]  # one neighbour each: the vote below returns the stored answer
+    lookup = iter(probs)
+    ref = fit_sets(rows, 1, lambda labels, sims, classes: next(lookup), ["a", "b"], 0.9)
+    assert own.counts == ref.counts and own.too_few == {}
+    for c in ("a", "b"):
+        assert np.array_equal(own.alphas[c], ref.alphas[c])
+    for q in (0.02, 0.3, 0.5, 0.7, 0.98):
+        query = {"a": q, "b": 1 - q}
+        assert prediction_set(own, query) == prediction_set(ref, query)
+    assert prediction_set(own, {"a": 1.0, "b": 0.0}) == ["a"]  # a certain query is not ambiguous
+    few = scored_sets(list(zip(probs[:12], ["a"] * 4 + ["b"] * 8)), ["a", "b"], 0.9)
+    assert few.too_few == {"a": 4, "b": 8} and prediction_set(few, {"a": 1.0, "b": 0.0}) == ["a", "b"]
+
+
+@pytest.mark.slow
+def test_a_two_member_set_is_fitted_on_the_ensembles_own_answers(runner, two_member_base, query_set):
+    db, _, tmp = two_member_base
+    image = next(query_set.parent.rglob("*.png"))
+    res = invoke(runner, "query", image, "--db", db, "--explain", "none", "--json", "--out", tmp / "r")
+    assert res.exit_code == 0, res.output
+    a = json.loads(res.output)
+    assert a["calibration"]["ensemble"]["sets"] == {"cases": 30}
+    assert a["prediction"]["set"] and set(a["prediction"]["set"]) <= set(a["prediction"]["probabilities"])
+    text = invoke(runner, "query", image, "--db", db, "--explain", "none", "--out", tmp / "r")
+    assert "ensemble prediction set fitted on the 30 cases every member held out" in text.output

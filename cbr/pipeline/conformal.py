@@ -29,8 +29,12 @@ Its coverage is the nominal one in practice; what is proven is weaker, a miss ra
 twice the nominal one (Barber, Candès, Ramdas & Tibshirani 2021, for the same construction). With
 one fold (a vote with nothing fitted, e.g. ``majority``) it is exactly the rule above.
 
-Ensembles: each member has its own sets; the ensemble's is their union, whose coverage is at
-least each member's.
+Ensembles: the ensemble's set is fitted on its own answers (`scored_sets`): the combined vote,
+before its confidence is calibrated, on the calibration cases every member held out, each member
+voting as on a new image (its cross-fitted parameters), and the query's combined vote is compared
+with them. The union of the members' sets, which this replaced, covered each member's share but
+held 1.83 of 2 classes on brain MRI (three members, coverage 0.99-1.00 for 0.9); it stays the
+fallback where too few cases are common to every member (`union`).
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ import numpy as np
 from cbr.pipeline.settings import DEFAULT_COVERAGE
 from cbr.pipeline.vote import Vote
 
-__all__ = ["DEFAULT_COVERAGE", "PredictionSets", "min_cases", "fit_sets", "p_value", "cross_p_value", "prediction_set",
-           "union", "ambiguous"]
+__all__ = ["DEFAULT_COVERAGE", "PredictionSets", "min_cases", "fit_sets", "scored_sets", "p_value", "cross_p_value",
+           "prediction_set", "union", "ambiguous"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,31 @@ def fit_sets(rows, k: int, vote_of, classes, coverage: float = DEFAULT_COVERAGE,
         c: tuple(alphas[(bins == j) & (fold == f)] for f in range(len(votes))) for j, c in enumerate(classes)}
     return PredictionSets(float(coverage), tuple(classes), counts,
                           {c: n for c, n in counts.items() if n < need}, per_class, by_fold)
+
+
+def scored_sets(scored, classes, coverage: float = DEFAULT_COVERAGE) -> PredictionSets | None:
+    """Fit prediction sets on calibration cases already voted on (an ensemble's answers).
+
+    Args:
+        scored: ``[(probabilities, true label)]``, each a ``{class: probability}`` as a query's vote gives it.
+        classes: the classes a query chooses from.
+        coverage: the share of each class's queries whose set must hold their class.
+
+    Returns:
+        `PredictionSets` with one fold, or None without a usable case.
+    """
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage must be in (0, 1), got {coverage}")
+    classes = list(classes)
+    usable = [(p, t) for p, t in scored if t in classes]
+    if not usable:
+        return None
+    per_class = {c: np.asarray([1.0 - float(p.get(c, 0.0)) for p, t in usable if t == c], dtype=np.float64)
+                 for c in classes}
+    counts = {c: len(a) for c, a in per_class.items()}
+    need = min_cases(coverage)
+    return PredictionSets(float(coverage), tuple(classes), counts, {c: n for c, n in counts.items() if n < need},
+                          per_class)
 
 
 def p_value(calibration: np.ndarray, alpha: float) -> float:

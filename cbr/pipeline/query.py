@@ -26,10 +26,10 @@ from cbr.data.text import clean_label
 from cbr.errors import CaseBaseError, CbrError, DamagedRowError, ImageError
 from cbr.pipeline.answer import Answer, Retrieval
 from cbr.pipeline.calibration import member_calibrations
-from cbr.pipeline.conformal import ambiguous, fit_sets, prediction_set, union
+from cbr.pipeline.conformal import ambiguous, fit_sets, prediction_set, scored_sets, union
 from cbr.pipeline.explanation import embed_query, Features, MapRequest, query_maps
 from cbr.pipeline.contrast import nearest_unlike
-from cbr.pipeline.ensemble_calibration import EnsembleCalibration, fit_ensemble
+from cbr.pipeline.ensemble_calibration import EnsembleCalibration, fit_ensemble, MIN_CASES
 from cbr.pipeline.finding import finding_evidence, finding_of, load_localisers
 from cbr.pipeline.finding_search import (AUTO, check_box, finding_marks, load_finding_sets, NoFindingsError, RegionError,
                                          region_vectors, search_findings)
@@ -40,7 +40,7 @@ from cbr.pipeline.search import (active_classes, allowed_cases, excluded_cases, 
                                  where_note)
 from cbr.pipeline.settings import NO_EXPLANATION, QueryConfig, with_overrides
 from cbr.pipeline.support import support_of
-from cbr.pipeline.temperature import fold_parameters, vote_parameters
+from cbr.pipeline.temperature import fit_rows, fold_parameters, row_folds, vote_parameters
 from cbr.pipeline.typicality import screen
 from cbr.pipeline.vote import get_ensemble, get_vote_rule, Vote
 from cbr.reporting.report import write_outputs
@@ -91,7 +91,9 @@ class Searcher:
         # Typicality (and credibility) calibrations, recomputed first when missing or stale.
         self._typicality, recalibrated = member_calibrations(cb, self.members)
         self.notes.extend(recalibrated)
-        self._calibration, self._stored = {}, {}
+        # per member: its calibration rows (every one: the conformal sets), those that fit the vote
+        # (the uniform sample: `fit_rows`), and the stored fit
+        self._set_rows, self._calibration, self._stored = {}, {}, {}
         self._configure()
 
     def _configure(self) -> None:
@@ -105,8 +107,9 @@ class Searcher:
                 for m in self.members:
                     row = decoded(lambda: s.scalar(select(Calibration).where(Calibration.model_id == m.model_id)),
                                   f"the vote calibration of model {m.model_id}", rebuild_hint(self.cb))
-                    self._calibration[m.model_id] = row.rows if row else []
                     self._stored[m.model_id] = row.temperature if row else None
+                    self._set_rows[m.model_id] = row.rows if row else []
+                    self._calibration[m.model_id] = fit_rows(self._stored[m.model_id], self._set_rows[m.model_id])
         # Per member: (temperature of the weighted vote, "given" | "fitted" | "default") and its prior,
         # fitted on every calibration case (the query's vote), and per fold on the other folds (the
         # calibration cases' own scores: cbr.pipeline.conformal, cbr.pipeline.support).
@@ -120,7 +123,7 @@ class Searcher:
                 self.temperatures[m.model_id] = (p["temperature"], p["temperature_source"])
                 self._vote_params[m.model_id] = {key: p[key] for key in ("temperature", "prior", "reference", "density")}
                 self._folds[m.model_id] = fold_parameters(stored, rows, c.k, c.temperature)
-        self._sets, self._support, self._ensemble = {}, {}, {}
+        self._sets, self._support, self._ensemble, self._ensemble_sets = {}, {}, {}, {}
 
     def _temperature_kw(self, member) -> dict:
         params = self._vote_params.get(member.model_id) or {}
@@ -147,12 +150,12 @@ class Searcher:
         """The member's conformal `PredictionSets` for these classes (fitted once; None: no calibration)."""
         key = (member.model_id, tuple(classes))
         if key not in self._sets:
-            rows, k = self._calibration.get(member.model_id), self.config.k
+            rows, k = self._set_rows.get(member.model_id), self.config.k
             if member.model_id in self._folds:  # each case scored by the fold's vote not fitted on it
                 votes = [lambda lab, sim, cls, rule=rule: rule(lab, sim, cls).probabilities
                          for rule in self._fold_rules(member)]
                 self._sets[key] = fit_sets(rows, k, votes, classes, self.config.coverage,
-                                           folds=self._folds[member.model_id][0])
+                                           folds=row_folds(self._stored.get(member.model_id), len(rows or ())))
             else:
                 self._sets[key] = fit_sets(rows, k, lambda lab, sim, cls: self._member_vote(member, lab, sim,
                                                                                             cls).probabilities,
@@ -186,7 +189,8 @@ class Searcher:
 
     def ensemble_calibration(self, classes):
         """The ensemble rule's `EnsembleCalibration` on the calibration cases every member holds, or
-        why there is none (a sentence); None with a single member."""
+        why there is none (a sentence); None with a single member. The ensemble's prediction sets
+        are fitted on the same answers (`ensemble_sets`)."""
         key = tuple(classes)
         if len(self.members) < 2:
             return None
@@ -202,7 +206,16 @@ class Searcher:
                                       for m, b in zip(self.members, by_member)], classes), by_member[0][cid][0][0])
                        for cid in common]
             self._ensemble[key] = fit_ensemble(answers)
+            self._ensemble_sets[key] = (scored_sets([(v.probabilities, t) for v, t in answers], classes,
+                                                    self.config.coverage) if len(answers) >= MIN_CASES else None)
         return self._ensemble[key]
+
+    def ensemble_sets(self, classes):
+        """The ensemble's own `PredictionSets`, fitted on its answers (before their confidence is
+        calibrated) to the calibration cases every member holds; None with one member or too few
+        such cases (the set is then the union of the members')."""
+        self.ensemble_calibration(classes)
+        return self._ensemble_sets.get(tuple(classes))
 
     def _calibrated(self, final: Vote, classes) -> Vote:
         fitted = self.ensemble_calibration(classes)
@@ -215,8 +228,9 @@ class Searcher:
             return {}
         m = self.members[0]
         stored = self._stored.get(m.model_id) or {}
-        sets = self.prediction_sets(m, classes)
+        sets = self.ensemble_sets(classes) or self.prediction_sets(m, classes)  # the sets the answer's is from
         return {"source": stored.get("source", "leave-one-out"), "cases": len(self._calibration.get(m.model_id) or []),
+                "set_cases": len(self._set_rows.get(m.model_id) or []),
                 "why": stored.get("why"), "coverage": self.config.coverage,
                 "too_few": dict(sets.too_few) if sets is not None else {},
                 "folds": len(self._folds[m.model_id][1]) if m.model_id in self._folds else 1,
@@ -227,7 +241,12 @@ class Searcher:
         fitted = self.ensemble_calibration(classes)
         if fitted is None:
             return {}
-        return {"ensemble": fitted.to_dict() if isinstance(fitted, EnsembleCalibration) else {"why": fitted}}
+        info = fitted.to_dict() if isinstance(fitted, EnsembleCalibration) else {"why": fitted}
+        sets = self.ensemble_sets(classes)
+        info["sets"] = ({"cases": sum(sets.counts.values())} if sets is not None else
+                        {"why": f"fewer than {MIN_CASES} calibration cases common to every member: the union of the "
+                                "members' sets"})
+        return {"ensemble": info}
 
     # Read-only views of the config, the names the audit trail and older callers use.
     k = property(lambda self: self.config.k)
@@ -505,15 +524,18 @@ class Searcher:
         c = self.config
         votes = [self._member_vote(m, [n.case.label for n in h], [n.similarity for n in h], classes)
                  for m, h in zip(self.members, hits)]
-        final = self._calibrated(self.combine(votes, classes), classes)
+        combined = self.combine(votes, classes)
+        final = self._calibrated(combined, classes)
         fitted = [self.prediction_sets(m, classes) for m in self.members]
-        pset = None
-        if fitted and all(f is not None for f in fitted):
+        pset, own = None, self.ensemble_sets(classes)
+        if own is not None:  # compared as its calibration answers were: the combined vote, uncalibrated
+            pset = prediction_set(own, combined.probabilities)
+        elif fitted and all(f is not None for f in fitted):
             pset = union([prediction_set(f, v.probabilities, self._fold_votes(m, [n.case.label for n in h],
                                                                                [n.similarity for n in h], classes))
                           for f, v, m, h in zip(fitted, votes, self.members, hits)], final.probabilities)
-            if c.abstain_ambiguous and len(pset) > 1:
-                final = ambiguous(final)
+        if pset is not None and c.abstain_ambiguous and len(pset) > 1:
+            final = ambiguous(final)
         # a region query is measured against the findings, as its calibration was (finding_search)
         sims, cals = ((region["similarities"], [self._finding_sets[m.model_id].calibration for m in self.members])
                       if region else ([[n.similarity for n in h] for h in deep], self._typicality))
@@ -544,7 +566,8 @@ class Searcher:
             raise CbrError("with_options keeps the loaded members; build a new Searcher for other --model or device")
         other = copy.copy(self)
         other.config = new
-        other._calibration, other._stored = dict(self._calibration), dict(self._stored)
+        other._set_rows, other._calibration = dict(self._set_rows), dict(self._calibration)
+        other._stored = dict(self._stored)
         other._configure()
         return other
 

@@ -147,6 +147,10 @@ def answer_lines(p: dict) -> list[str]:
     if ens:
         lines.append(f"ensemble confidence calibrated on the {ens['cases']} cases every member held out"
                      if "cases" in ens else f"ensemble confidence: {ens['why']}")
+        sets = ens.get("sets") or {}
+        lines.append(f"ensemble prediction set fitted on the {sets['cases']} cases every member held out"
+                     if "cases" in sets else f"ensemble prediction set: {sets['why']}" if "why" in sets else "")
+    lines = [line for line in lines if line]
     return lines
 
 

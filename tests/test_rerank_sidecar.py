@@ -2,6 +2,7 @@
 not from the case base: the same answer, no embedding read back, carried across generations, and
 never trusted when it disagrees with the case base."""
 
+import json
 import logging
 import os
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from sqlalchemy import event, insert
 
+from conftest import invoke
 import index as ix
 from cbr.pipeline.search import search_members
 from cbr.store.casebase import open_casebase
@@ -198,3 +200,19 @@ def test_a_fill_short_of_its_rows_is_dropped(tmp_path):
     fill = SidecarFill(tmp_path / "side", 8)
     fill.put(np.arange(1, 5), _vectors(4))
     assert fill.finish(tmp_path / "final") is False and not ix.sidecar_exists(tmp_path / "final")
+
+
+def test_db_check_counts_the_sidecar_and_names_a_bad_one(built, runner):
+    cb, model_id, _, _ = built
+    db = cb.index_dir.parent / "c.db"
+    ok = invoke(runner, "db", "check", "--db", db, "--index-dir", cb.index_dir, "--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["counts"][f"sidecar_rows_model_{model_id}"] == N
+    ids_file = ix.sidecar_files(_generation(cb, model_id), np.float32)[1]
+    ids = np.load(ids_file, mmap_mode="r+")
+    ids[0] = -1
+    ids.flush()
+    del ids
+    bad = invoke(runner, "db", "check", "--db", db, "--index-dir", cb.index_dir, "--json")
+    report = json.loads(bad.output)
+    assert report["ok"] and any("incomplete" in w and "cbr index --rebuild" in w for w in report["warnings"])

@@ -19,7 +19,8 @@ from cbr.errors import DamagedRowError
 from cbr.store.damage import find_damage
 from cbr.store.generation import written_elsewhere
 from cbr.store.location import db_args
-from cbr.store.member import db_active_ids, model_label
+from cbr.store.member import active_embeddings, db_active_ids, model_label
+from cbr.store.sidecar import open_checked
 from cbr.store.schema import (Calibration, Case, Embedding, Explanation, FindingIndex, IndexManifest, Model, Query,
                               TypicalityScores)
 import index as ix
@@ -107,6 +108,21 @@ def _index_check(cb, s, health: Health) -> None:
                                    "unknown one(s) (an interrupted run); repaired from the stored embeddings at "
                                    f"the next index run, or now with {hint}")
         health.counts[f"index_vectors_model_{model.id}"] = int(index.ntotal)
+        if ix.lossy(index):
+            _sidecar_check(cb, model.id, who, cb.index_dir / man.path, stored, health)
+
+
+def _sidecar_check(cb, model_id: int, who: str, base, stored, health: Health) -> None:
+    """A lossy index's re-rank sidecar: queries fall back on the case base without a usable one."""
+    side, problem = open_checked(base, lambda ids: active_embeddings(cb, model_id, ids))
+    hint = f"`cbr index --rebuild {db_args(cb)}` writes it"
+    if problem is not None:
+        health.warnings.append(f"{who}: {problem}; queries re-rank from the case base until {hint}")
+    elif side is None:
+        health.warnings.append(f"{who}: no re-rank sidecar (an index built by an older cbr); queries re-rank from "
+                               f"the case base until {hint}")
+    else:
+        health.counts[f"sidecar_rows_model_{model_id}"] = int(side.contains(stored).sum())
 
 
 def _finding_index_check(cb, s, health: Health) -> None:

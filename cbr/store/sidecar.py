@@ -29,7 +29,7 @@ import numpy as np
 
 import index as ix
 
-__all__ = ["SidecarFill", "temporary_base", "link_sidecar", "checked_sidecar", "CHECK_ROWS"]
+__all__ = ["SidecarFill", "temporary_base", "link_sidecar", "checked_sidecar", "open_checked", "CHECK_ROWS"]
 
 LOG = logging.getLogger(__name__)
 CHECK_ROWS = 8  # rows compared with the case base when a sidecar is opened
@@ -106,29 +106,32 @@ def link_sidecar(old: Path, new: Path) -> bool:
     return False
 
 
-def checked_sidecar(base: Path, stored_rows):
-    """The sidecar at ``base`` (an ``index.Sidecar``), or None when there is none or it cannot be
-    trusted: unreadable, incomplete, or a few of its rows differ from the case base's.
+def open_checked(base: Path, stored_rows):
+    """(the sidecar at ``base``, or None; why it is not used, or None when it is or none was written).
 
     Args:
         base: the generation's path.
         stored_rows: ``ids -> (ids, float32 vectors)`` of those ids that are active in the case base.
     """
     if not ix.sidecar_exists(base):
-        return None
+        return None, None
     try:
         side = ix.open_sidecar(base)
     except ix.SidecarError as e:
-        LOG.warning("%s; queries re-rank from the case base (`cbr index --rebuild` writes it again)", e)
-        return None
-    ids = _sample_ids(side)
-    found, vectors = stored_rows(ids)
-    if len(found):
-        rows = side.rows[side.rows_of(found)].astype(np.float32)
-        if not np.array_equal(rows, vectors):
-            LOG.warning("the re-rank sidecar at %s disagrees with the stored embeddings; queries re-rank from the "
-                        "case base (`cbr index --rebuild` writes it again)", base)
-            return None
+        return None, str(e)
+    found, vectors = stored_rows(_sample_ids(side))
+    if len(found) and not np.array_equal(side.rows[side.rows_of(found)].astype(np.float32), vectors):
+        return None, f"the re-rank sidecar at {base} disagrees with the stored embeddings"
+    return side, None
+
+
+def checked_sidecar(base: Path, stored_rows):
+    """The sidecar at ``base`` (an ``index.Sidecar``), or None when there is none or it cannot be
+    trusted (`open_checked`, logged): unreadable, incomplete, or a few of its rows differ from the
+    case base's."""
+    side, problem = open_checked(base, stored_rows)
+    if problem is not None:
+        LOG.warning("%s; queries re-rank from the case base (`cbr index --rebuild` writes it again)", problem)
     return side
 
 

@@ -17,6 +17,7 @@ embeddings exactly re-ranks exactly, whatever file the rows come from.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from dataclasses import dataclass
 
@@ -86,6 +87,17 @@ def create_sidecar(base, n: int, dim: int, dtype=np.float16) -> None:
     rows_file, ids_file = sidecar_files(base, dtype)
     rows = np.lib.format.open_memmap(rows_file, mode="w+", dtype=dtype, shape=(n, dim))
     del rows
+    # Reserve the blocks now: a full disk is then an OSError here, not a SIGBUS at the first row
+    # written through the memory map into a hole the file system cannot fill.
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(rows_file, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: as before
+                raise
+        finally:
+            os.close(fd)
     ids = np.lib.format.open_memmap(ids_file, mode="w+", dtype=np.int64, shape=(n,))
     ids[:] = MISSING
     ids.flush()

@@ -216,3 +216,29 @@ def test_db_check_counts_the_sidecar_and_names_a_bad_one(built, runner):
     bad = invoke(runner, "db", "check", "--db", db, "--index-dir", cb.index_dir, "--json")
     report = json.loads(bad.output)
     assert report["ok"] and any("incomplete" in w and "cbr index --rebuild" in w for w in report["warnings"])
+
+
+def test_a_sidecar_that_cannot_be_written_leaves_the_index_built(built, monkeypatch, caplog):
+    """A full disk while the rows are written gives up the sidecar, not the index."""
+    import errno
+
+    cb, model_id, x, _ = built
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with writer_lock(cb):
+        rebuild_index(cb, model_id, "flat")  # no sidecar to carry forward
+    monkeypatch.setattr(ix, "create_sidecar", full)
+    with caplog.at_level(logging.WARNING), writer_lock(cb):
+        rebuild_index(cb, model_id, "ivf-sq8")
+    assert "could not be written" in caplog.text
+    member = _Member(cb, model_id)
+    assert member.sidecar is None and ix.lossy(member.index) and member.index.ntotal == N
+    assert not any(".tmp" in p.name for p in cb.index_dir.iterdir())
+
+
+def test_create_sidecar_reserves_its_blocks(tmp_path):
+    ix.create_sidecar(tmp_path / "s", 1000, 64)
+    rows_file = ix.sidecar_files(tmp_path / "s")[0]
+    assert os.stat(rows_file).st_blocks * 512 >= 1000 * 64 * 2  # not a sparse file

@@ -51,19 +51,26 @@ class SidecarFill:
         self.base, self.n, self.at, self.dtype, self.failed = Path(base), int(n), 0, None, False
 
     def put(self, ids, vectors) -> None:
-        """Append these rows (case ids ascending, float32 vectors)."""
+        """Append these rows (case ids ascending, float32 vectors). A sidecar that cannot be written
+        (a full disk) is given up with a warning: the index is built all the same."""
         if self.failed or not len(ids):
             return
         if self.at + len(ids) > self.n:
             self.failed = True
             return
-        if self.dtype is None:
-            self.dtype = np.float16 if _exact_halves(vectors) else np.float32
-            ix.create_sidecar(self.base, self.n, vectors.shape[1], self.dtype)
-        elif self.dtype == np.float16 and not _exact_halves(vectors):
+        try:
+            if self.dtype is None:
+                self.dtype = np.float16 if _exact_halves(vectors) else np.float32
+                ix.create_sidecar(self.base, self.n, vectors.shape[1], self.dtype)
+            elif self.dtype == np.float16 and not _exact_halves(vectors):
+                self.failed = True
+                return
+            ix.put_rows(self.base, self.at, vectors, ids)
+        except OSError as e:
+            LOG.warning("the re-rank sidecar could not be written (%s); queries re-rank from the case base", e)
             self.failed = True
+            ix.remove_sidecar(self.base)
             return
-        ix.put_rows(self.base, self.at, vectors, ids)
         self.at += len(ids)
 
     @property

@@ -97,7 +97,10 @@ def query(a) -> None:
                       # PostgreSQL's backends on this machine (warm-up included), per query: mean
                       "server_cpu_ms_per_query": round(1000 * (_server_cpu(a.pg_data) - server0) / len(xq), 2),
                       "stages_p50_ms": {k: ms(v) for k, v in stages.items()},
-                      "peak_rss_mb": _vm("VmHWM"), "rss_mb": _vm("VmRSS"), "load": os.getloadavg()}, indent=1))
+                      "peak_rss_mb": _vm("VmHWM"), "rss_mb": _vm("VmRSS"),
+                      # of which the process's own memory; the rest is mapped files (the index's
+                      # re-rank sidecar above all: page cache, shared by every query process)
+                      "rss_anon_mb": _vm("RssAnon"), "rss_file_mb": _vm("RssFile"), "load": os.getloadavg()}, indent=1))
 
 
 def _server_cpu(pg_data) -> float:

@@ -196,3 +196,28 @@ def test_the_outlined_localiser_region_is_the_one_the_answer_reports():
     answer = finding_of(prob, 48)["box"]
     assert localiser_box({"map": prob}) == pytest.approx([v / 48 for v in answer], abs=1e-4)
     assert localiser_box({"map": None}) is None and localiser_box(None) is None
+
+
+def test_the_query_outline_is_the_recorded_finding_not_one_recomputed_from_the_stored_map(tmp_path):
+    """Bug (flaky under load): the page found the query's region again on the stored localiser map,
+    whose stored precision can move a nearly flat map's threshold, so its box missed the answer's
+    `finding.box` by two of 48 pixels. The first member's outline is the recorded box itself."""
+    from cbr.serve.outlines import region_outlines
+
+    class Workbench:  # what the outlines read of one: its case base (hashable, as serve's is)
+        def __init__(self, cb):
+            self.cb = cb
+
+    cb = open_casebase(f"sqlite:///{tmp_path / 'c.db'}", index_dir=tmp_path / "i")
+    flat = np.zeros((48, 48), np.float32)
+    flat[30:40, 30:40] = 0.9  # the stored map marks another region than the one recorded
+    record = {"query_id": 987654, "sha256": None,
+              "prediction": {"finding": {"box": [6, 12, 18, 24], "source": "localiser"}},
+              "members": [{"model_id": 1, "crop": "none", "input_size": 48, "neighbours": [],
+                           "finding_map": {"map": flat}},
+                          {"model_id": 2, "crop": "none", "input_size": 48, "neighbours": [],
+                           "finding_map": {"map": flat}}]}
+    out = region_outlines(Workbench(cb), record)
+    assert out[1]["query"] == {"boxes": [[6 / 48, 12 / 48, 18 / 48, 24 / 48]], "source": "localiser"}
+    assert out[2]["query"]["boxes"] == [[0.625, 0.625, 0.8333, 0.8333]]  # another member: its own map
+    cb.close()

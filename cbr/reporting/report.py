@@ -87,6 +87,7 @@ def load_record(cb, query_id: int, *, with_maps: bool = True, decode_maps: bool 
                         "weights": m.weights, "target_layer": (m.config or {}).get("target_layer") or None,
                         "window": (m.config or {}).get("window", "auto"),
                         "crop": (m.config or {}).get("crop", "none"),
+                        "input_size": (m.config or {}).get("input_size"),
                         "typicality": v.typicality, "map_reliability": reliability.get(m.id),
                         "vote": {"label": v.prediction, "confidence": v.confidence, "probabilities": v.probabilities,
                                  "abstained": v.abstained, "abstain_reason": v.abstain_reason},

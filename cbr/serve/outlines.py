@@ -46,6 +46,18 @@ def localiser_box(finding_map) -> list[float] | None:
     return None if found is None else _fractions(v / side for v in found["box"])
 
 
+def _recorded_box(record: dict, mem: dict) -> list[float] | None:
+    """The answer's own finding box (the first member's, `finding.box` in its view), as fractions:
+    found again on the stored map, whose stored precision can move a nearly flat map's threshold,
+    the outline could differ from the region the answer reports."""
+    finding = record["prediction"].get("finding") or {}
+    first = record["members"][0]["model_id"] if record.get("members") else None
+    side = mem.get("input_size")
+    if mem["model_id"] != first or finding.get("source") != "localiser" or not finding.get("box") or not side:
+        return None
+    return _fractions(v / side for v in finding["box"])
+
+
 def _placed(wb, locator: str | None, sha256: str | None, boxes, crop: str) -> list[list[float]]:
     """Boxes in an image's pixels as fractions of its square; none when the image cannot be read
     or is no longer the one recorded."""
@@ -100,7 +112,7 @@ def _outlines(wb, record) -> dict:
             found = {int(cid): [box] for cid, box in ((region.get("findings") or {}).get(str(mid)) or {}).items()}
             source = "finding"
         else:
-            box = localiser_box(mem.get("finding_map"))
+            box = _recorded_box(record, mem) or localiser_box(mem.get("finding_map"))
             query = None if box is None else {"boxes": [box], "source": "localiser"}
             found, source = _stored(wb, mid, [n["case_id"] for n in mem["neighbours"]]), "stored"
         neighbours = {}

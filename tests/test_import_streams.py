@@ -17,7 +17,7 @@ import cbr.pipeline.calibration as calibration_module
 import cbr.store.member as member_module
 import index as ix
 from cbr.models.embedder import create_embedder
-from cbr.pipeline.calibration import CALIBRATION_CASES, CALIBRATION_K, calibrate
+from cbr.pipeline.calibration import CALIBRATION_CASES, CALIBRATION_K, CLASS_CASES, calibrate
 from cbr.pipeline.importer import ImportConfig, import_embeddings
 from cbr.pipeline.typicality import leave_one_out_scores, search_excluding
 from cbr.store.casebase import open_casebase
@@ -28,6 +28,7 @@ N = 1500  # cases: more than any bound below
 READ_ROWS = 200  # stored embeddings read per statement (REBUILD_ROWS)
 TRAIN_ROWS = 300  # the learning kind's training sample, about
 CAL_CASES, TYP_CASES = 40, 60  # the calibration's samples
+CLASSES = 3  # each topped up to CLASS_CASES calibration cases for the conformal sets
 
 
 def _spy(monkeypatch, module, name, record):
@@ -73,8 +74,10 @@ def test_the_import_never_stages_the_collection_in_an_exact_index(imported):
     db, adds, reads = imported
     exact = [size for learned, size in adds if not learned]
     assert max(exact, default=0) <= TRAIN_ROWS, "the exact stand-in held the collection"
-    # a chunk of the rebuild, or the calibration's samples (CALIBRATION_CASES, then TYP_CASES)
-    assert max(reads) <= max(READ_ROWS, CALIBRATION_CASES + TYP_CASES) < N, "a read held the collection"
+    # a chunk of the rebuild, or the calibration's samples (CALIBRATION_CASES and each class's top-up,
+    # then TYP_CASES)
+    assert max(reads) <= max(READ_ROWS, CALIBRATION_CASES + CLASSES * CLASS_CASES + TYP_CASES) < N, \
+        "a read held the collection"
     cb = open_casebase(db, create=False)
     with cb.read() as s:
         model_id = s.scalar(select(Model.id))
@@ -100,7 +103,8 @@ def test_calibration_reads_only_its_sample_and_gives_the_full_read_s_answer(impo
     reads = []
     _spy(monkeypatch, member_module, "decode_vectors", lambda blobs, dim: reads.append(len(blobs)))
     cal = calibrate(cb, model_id, index, max_cases=CAL_CASES, store=False)
-    assert sum(reads) <= CAL_CASES + TYP_CASES, f"calibration read {sum(reads)} stored embeddings"
+    assert sum(reads) <= CAL_CASES + CLASSES * CLASS_CASES + TYP_CASES < N, \
+        f"calibration read {sum(reads)} stored embeddings"
 
     # The same answer as from every vector in memory: the seeded samples searched without their patient.
     patient = {}
@@ -116,7 +120,8 @@ def test_calibration_reads_only_its_sample_and_gives_the_full_read_s_answer(impo
     stored = calibrate(cb, model_id, index, max_cases=CAL_CASES)  # and stored, as the import does
     with cb.read() as s:
         rows = s.scalar(select(Calibration.rows).where(Calibration.model_id == model_id))
-    assert rows == want
+    assert rows[:CAL_CASES] == want  # the uniform sample; then each class's top-up
+    assert len(rows) == CLASSES * CLASS_CASES and len({r[3] for r in rows}) == len(rows)
     np.testing.assert_array_equal(stored.scores, cal.scores)
     cb.close()
 

@@ -7,7 +7,9 @@
   checkpoint), leave-one-out over every case for an untuned backbone (`calibration_cases`). The
   cases are dealt into folds by patient: each case is scored (conformal sets, the support of a
   confidence) by a vote fitted on the other folds, since a vote fitted on a case scores it better
-  than it will score a new image;
+  than it will score a new image. A uniform sample of up to ``CALIBRATION_CASES`` fits the vote
+  (its class mix is the case base's); each class is then topped up to ``CLASS_CASES`` cases (all
+  of a smaller class) for the conformal sets alone, which are calibrated class by class;
 * typicality's leave-one-out nearest-neighbour scores (see cbr.pipeline.typicality).
 
 Both are stamped with a digest of the active cases they were computed on. When cases are retained
@@ -19,6 +21,7 @@ e.g. in a case base made by an older cbr).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import numpy as np
 from sqlalchemy import BigInteger, cast, delete, func, select
@@ -44,11 +47,17 @@ __all__ = [
     "recalibrate",
     "CALIBRATION_CASES",
     "CALIBRATION_K",
+    "CLASS_CASES",
 ]
 
 LOG = logging.getLogger(__name__)
 CALIBRATION_CASES = 500
 CALIBRATION_K = 50
+# Each class's conformal calibration cases, at least (all of a smaller class). The coverage a class
+# gets varies from one calibration draw to another by about sqrt(a (1 - a) / (n + 2)) for n cases
+# and a miss rate a: at the default coverage 0.9, +-0.032 for the ~85 a class that 500 uniform
+# cases gave HAM10000's classes (mel was covered at 0.843 on one such draw), +-0.02 at 223.
+CLASS_CASES = 225
 STREAM_ROWS = 50_000  # rows fetched at a time where every active case is read (its hash)
 
 
@@ -158,26 +167,68 @@ def _credibility_rows(picked, D, I, meta) -> tuple[list, list]:
     return rows, patients
 
 
-def _folds(patients, seed: int) -> list[int]:
+def _folds(patients, seed: int, fitted: int | None = None) -> list[int]:
     """The cross-fitting fold of each calibration row: a patient's rows share one, so no fold's vote
     is fitted on another image of a patient it scores; patients are dealt round the folds in a
-    seeded order."""
-    unique = sorted(set(patients), key=repr)
+    seeded order.
+
+    Args:
+        patients: each row's patient.
+        fitted: the first rows, which fit the vote (None: all); their folds do not depend on the
+            rows after them, whose new patients are dealt round the same folds afterwards.
+    """
+    fitted = len(patients) if fitted is None else fitted
+    unique = sorted(set(patients[:fitted]), key=repr)
     order = np.random.default_rng(seed).permutation(len(unique))
     fold_of = {unique[j]: n % CROSSFIT_FOLDS for n, j in enumerate(order)}
+    used = max(1, min(len(unique), CROSSFIT_FOLDS))
+    new = sorted(set(patients[fitted:]) - set(fold_of), key=repr)
+    fold_of.update({new[j]: n % used for n, j in enumerate(np.random.default_rng([seed, 2]).permutation(len(new)))})
     return [fold_of[p] for p in patients]
 
 
-def _fit_default_k(rows, folds, source: str, why: str | None) -> dict:
-    """The stored fit: the vote's temperature and prior at the default k, fitted on every row (the
-    query's vote) and cross-fitted by fold (the calibration cases' own scores), and where the rows
-    came from."""
-    return dict(fit_temperature(rows, QueryConfig.k) or {}, folds=fold_fits(rows, QueryConfig.k, folds), fold_of=folds,
-                source=source, cases=len(rows), why=why)
+def _fit_default_k(rows, folds, fitted: int, source: str, why: str | None) -> dict:
+    """The stored fit: the vote's temperature and prior at the default k, fitted on the first
+    ``fitted`` rows (the query's vote) and cross-fitted by fold (the calibration cases' own scores),
+    the fold of every row, and where the rows came from."""
+    fit = rows[:fitted]
+    return dict(fit_temperature(fit, QueryConfig.k) or {}, folds=fold_fits(fit, QueryConfig.k, folds[:fitted]),
+                fold_of=folds, source=source, cases=len(rows), fit_cases=fitted, why=why)
+
+
+def _class_top_up(cb, model_id: int, ids: np.ndarray, pool: np.ndarray, uniform: np.ndarray, target: int,
+                  seed: int) -> np.ndarray:
+    """Positions in ``ids`` of the cases that bring each class up to ``target`` calibration cases
+    (all of its pool cases when it has fewer), drawn at random from the pool outside the uniform
+    sample. Only the classes short of it are read, as case ids.
+
+    Args:
+        ids: the active case ids (ascending); pool: the positions that may calibrate (all, or the
+            validation images'); uniform: the positions sampled already.
+    """
+    if target <= 0 or len(uniform) >= len(pool):
+        return np.empty(0, dtype=np.int64)
+    have = Counter(label for label, _, _ in _case_meta(cb, ids[uniform]).values())
+    with cb.read() as s:
+        count = of_active_cases(select(Case.label, func.count(Embedding.case_id)), model_id).group_by(Case.label)
+        sizes = dict(s.execute(count).all())
+    free = np.zeros(len(ids), dtype=bool)
+    free[pool] = True
+    free[uniform] = False
+    rng, extra = np.random.default_rng([seed, 1]), []
+    for label in sorted(c for c, n in sizes.items() if have.get(c, 0) < min(n, target)):
+        with cb.read() as s:
+            cids = np.fromiter(s.scalars(of_active_cases(select(Embedding.case_id), model_id)
+                                         .where(Case.label == label).order_by(Embedding.case_id)
+                                         .execution_options(yield_per=STREAM_ROWS)), dtype=np.int64)
+        at = np.minimum(np.searchsorted(ids, cids), max(len(ids) - 1, 0))
+        at = at[(ids[at] == cids) & free[at]]  # a case added since `ids` was read is left out
+        extra.append(rng.choice(at, size=min(target - have.get(label, 0), len(at)), replace=False))
+    return np.sort(np.concatenate(extra)) if extra else np.empty(0, dtype=np.int64)
 
 
 def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k_max: int = CALIBRATION_K,
-              seed: int = 0, store: bool = True):
+              class_cases: int = CLASS_CASES, seed: int = 0, store: bool = True):
     """Compute and store both calibrations of a model on its active cases; returns the typicality one.
 
     Each calibration case is searched against the rest of the case base, excluding itself and
@@ -189,7 +240,8 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
         cb: an open CaseBase.
         model_id: the member's model.
         index: the member's loaded index (queries search the same one).
-        max_cases, k_max: credibility calibration cases and neighbours per case.
+        max_cases, k_max: calibration cases (a uniform sample: they fit the vote) and neighbours per case.
+        class_cases: each class's calibration cases for the conformal sets, at least (topped up).
         seed: seed of the calibration subsets.
         store: write them to the case base (False: only return; a read-only case base).
 
@@ -204,16 +256,19 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
     # the calibration cases (default: all); each is still searched among every other case
     pool = np.arange(len(ids)) if among is None else np.flatnonzero(np.isin(ids, among))
     cred = np.sort(np.random.default_rng(seed).choice(pool, size=min(max_cases, len(pool)), replace=False))
+    extra = _class_top_up(cb, model_id, ids, pool, cred, class_cases, seed)
     typ = sample_positions(len(ids), TYPICALITY_CASES, seed)
-    vec_of, meta, patient = _sample(cb, model_id, ids[np.union1d(cred, typ)])
+    vec_of, meta, patient = _sample(cb, model_id, ids[np.union1d(np.union1d(cred, extra), typ)])
 
-    picked, vecs, exclude = _queries(ids[cred], vec_of, meta, patient)
+    # the uniform sample's rows first (they fit the vote), then the top-up's
+    picked, vecs, exclude = _queries(np.concatenate([ids[cred], ids[extra]]), vec_of, meta, patient)
+    fitted = int(np.isin(picked, ids[cred]).sum())
     D, I = search_excluding(index, vecs, min(k_max, len(ids) - 1), exclude)
     found = np.unique(I[I >= 0])
     at = np.minimum(np.searchsorted(ids, found), len(ids) - 1)
     meta.update(_case_meta(cb, found[ids[at] == found]))  # the active neighbours' labels
     rows, patients = _credibility_rows(picked, D, I, meta)
-    temperature = _fit_default_k(rows, _folds(patients, seed), source, why)
+    temperature = _fit_default_k(rows, _folds(patients, seed, fitted), fitted, source, why)
 
     k = min(TYPICALITY_K, len(ids) - 1)
     _, vecs, exclude = _queries(ids[typ], vec_of, meta, patient)

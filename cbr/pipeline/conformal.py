@@ -29,6 +29,11 @@ Its coverage is the nominal one in practice; what is proven is weaker, a miss ra
 twice the nominal one (Barber, Candès, Ramdas & Tibshirani 2021, for the same construction). With
 one fold (a vote with nothing fitted, e.g. ``majority``) it is exactly the rule above.
 
+Each class is calibrated on its own cases: at least ``CLASS_CASES`` of them where it has them (the
+calibration tops each class up beyond the uniform sample that fits the vote, `cbr.pipeline.calibration`).
+With n cases, the coverage a class gets varies from one calibration draw to another by about
+sqrt(a (1 - a) / (n + 2)) for a miss rate a.
+
 Ensembles: the ensemble's set is fitted on its own answers (`scored_sets`): the combined vote,
 before its confidence is calibrated, on the calibration cases every member held out, each member
 voting as on a new image (its cross-fitted parameters), and the query's combined vote is compared

@@ -16,7 +16,8 @@ import math
 import numpy as np
 
 __all__ = ["DEFAULT_TEMPERATURE", "TEMPERATURE_RANGE", "PRIOR_RANGE", "CROSSFIT_FOLDS", "vote_probability", "vote_nll",
-           "fit_temperature", "fold_fits", "row_folds", "vote_parameters", "fold_parameters", "temperature_for"]
+           "fit_temperature", "fold_fits", "row_folds", "fit_rows", "vote_parameters", "fold_parameters",
+           "temperature_for"]
 
 DEFAULT_TEMPERATURE = 0.07  # DINO's; used when no calibration with similarities exists
 TEMPERATURE_RANGE = (0.002, 2.0)  # below: one neighbour decides; above: a plain majority
@@ -194,12 +195,22 @@ def fold_fits(rows, k: int, folds, temperature: float | None = None) -> list:
 
 
 def row_folds(stored: dict | None, n: int) -> list[int]:
-    """The fold of each of n calibration rows: as stored (by patient, `cbr.pipeline.calibration`), or
-    by position for a calibration from an older cbr."""
+    """The fold of each of the first n calibration rows (all of them, or those that fit the vote,
+    `fit_rows`): as stored (by patient, `cbr.pipeline.calibration`), or by position for a
+    calibration from an older cbr."""
     folds = (stored or {}).get("fold_of")
-    if folds is not None and len(folds) == n:
-        return [int(f) for f in folds]
+    if folds is not None and n in (len(folds), (stored or {}).get("fit_cases")) and n <= len(folds):
+        return [int(f) for f in folds[:n]]
     return [i % CROSSFIT_FOLDS for i in range(n)]
+
+
+def fit_rows(stored: dict | None, rows) -> list:
+    """The calibration rows that fit the vote: the uniform sample, whose class mix is the case
+    base's (the rows after it only top the conformal sets' classes up; a calibration from an older
+    cbr has none)."""
+    rows = list(rows or [])
+    fitted = (stored or {}).get("fit_cases")
+    return rows if fitted is None else rows[:int(fitted)]
 
 
 def _parameters(fit: dict | None, temperature: float | None) -> dict:

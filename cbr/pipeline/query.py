@@ -190,25 +190,34 @@ class Searcher:
     def ensemble_calibration(self, classes):
         """The ensemble rule's `EnsembleCalibration` on the calibration cases every member holds, or
         why there is none (a sentence); None with a single member. The ensemble's prediction sets
-        are fitted on the same answers (`ensemble_sets`)."""
+        are fitted on its answers to those cases too, each class topped up as its members' are
+        (`ensemble_sets`)."""
         key = tuple(classes)
         if len(self.members) < 2:
             return None
         if key not in self._ensemble:
-            by_member = []
-            for m in self.members:
-                rows = self._calibration.get(m.model_id) or []
-                folds = self._folds[m.model_id][0] if m.model_id in self._folds else [0] * len(rows)
-                by_member.append({r[3]: (r, f) for r, f in zip(rows, folds)
-                                  if len(r) > 3 and r[0] in classes and len(r[1]) > 0})
-            common = sorted(set.intersection(*(set(b) for b in by_member)))
-            answers = [(self.combine([self._calibration_answer(m, *b[cid], classes)
-                                      for m, b in zip(self.members, by_member)], classes), by_member[0][cid][0][0])
-                       for cid in common]
-            self._ensemble[key] = fit_ensemble(answers)
+            # the uniform rows fit the map (their class mix is the case base's); every row, the sets
+            self._ensemble[key] = fit_ensemble(self._ensemble_answers(classes, every=False))
+            answers = self._ensemble_answers(classes, every=True)
             self._ensemble_sets[key] = (scored_sets([(v.probabilities, t) for v, t in answers], classes,
                                                     self.config.coverage) if len(answers) >= MIN_CASES else None)
         return self._ensemble[key]
+
+    def _ensemble_answers(self, classes, *, every: bool) -> list:
+        """[(the ensemble's vote, true label)] on the calibration cases every member holds (matched
+        by case id), each member voting from the parameters not fitted on the case's fold; ``every``:
+        the rows that top the sets' classes up too, not only those that fit the vote."""
+        by_member = []
+        for m in self.members:
+            rows = (self._set_rows if every else self._calibration).get(m.model_id) or []
+            crossfit = m.model_id in self._folds
+            folds = (row_folds(self._stored.get(m.model_id), len(rows)) if crossfit and every
+                     else self._folds[m.model_id][0] if crossfit else [0] * len(rows))
+            by_member.append({r[3]: (r, f) for r, f in zip(rows, folds)
+                              if len(r) > 3 and r[0] in classes and len(r[1]) > 0})
+        common = sorted(set.intersection(*(set(b) for b in by_member)))
+        return [(self.combine([self._calibration_answer(m, *b[cid], classes) for m, b in zip(self.members, by_member)],
+                              classes), by_member[0][cid][0][0]) for cid in common]
 
     def ensemble_sets(self, classes):
         """The ensemble's own `PredictionSets`, fitted on its answers (before their confidence is

@@ -242,3 +242,31 @@ def test_create_sidecar_reserves_its_blocks(tmp_path):
     ix.create_sidecar(tmp_path / "s", 1000, 64)
     rows_file = ix.sidecar_files(tmp_path / "s")[0]
     assert os.stat(rows_file).st_blocks * 512 >= 1000 * 64 * 2  # not a sparse file
+
+
+@pytest.mark.parametrize("kind", ["ivf-pq", "ivf-sq8"])
+def test_calibration_of_a_lossy_index_sees_the_exact_neighbours_a_query_sees(built, kind):
+    """The vote's and typicality's calibration search every sampled case as a query is searched:
+    the lossy index's candidates ranked again by exact similarity. Before, the calibration took
+    the codes' order and approximate similarities while queries got exact ones."""
+    from cbr.pipeline.calibration import calibrate
+    from cbr.store.schema import Calibration, TypicalityScores
+
+    cb, model_id, x, _ = built
+    with writer_lock(cb):
+        rebuild_index(cb, model_id, kind)
+    member = _Member(cb, model_id)
+    calibrate(cb, model_id, member.index)
+    with cb.read() as s:
+        rows = s.query(Calibration).one().rows
+        typical = s.query(TypicalityScores).one()
+        scores, k = np.asarray(typical.scores), typical.k
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)  # a case is never its own neighbour
+    for label, _, got, case_id in rows[:50]:
+        want = np.sort(sims[case_id - 1])[::-1][:10]
+        assert np.allclose(got[:10], want, atol=1e-5), case_id
+    exact_kth = np.sort(np.sort(sims, axis=1)[:, -k]).astype(np.float64)
+    # typicality's sample is 1,000 of the 2,000 cases: its scores are exact k-th similarities
+    gap = np.abs(scores[:, None] - exact_kth[None, :]).min(axis=1)
+    assert (gap < 1e-5).mean() > 0.99

@@ -28,13 +28,14 @@ from sqlalchemy import BigInteger, cast, delete, func, select
 from sqlalchemy.exc import DBAPIError
 
 from cbr.errors import CaseBaseError
+from cbr.pipeline.search import exact_similarities, rerank_factor, SEARCH_MARGIN
 from cbr.pipeline.settings import QueryConfig
 from cbr.pipeline.temperature import CROSSFIT_FOLDS, fit_temperature, fold_fits
 from cbr.pipeline.typicality import (knn_scores, sample_positions, SCORE_NAME, search_excluding, TYPICALITY_CASES,
                                      TYPICALITY_K, TypicalityCalibration)
 from cbr.store.chunks import rows_in
 from cbr.store.damage import decoded, rebuild_hint
-from cbr.store.member import active_embeddings, db_active_ids, of_active_cases
+from cbr.store.member import active_embeddings, db_active_ids, load_sidecar, of_active_cases
 from cbr.store.schema import Calibration, Case, Embedding, Model, TypicalityScores
 
 __all__ = [
@@ -263,7 +264,8 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
     # the uniform sample's rows first (they fit the vote), then the top-up's
     picked, vecs, exclude = _queries(np.concatenate([ids[cred], ids[extra]]), vec_of, meta, patient)
     fitted = int(np.isin(picked, ids[cred]).sum())
-    D, I = search_excluding(index, vecs, min(k_max, len(ids) - 1), exclude)
+    rerank = _exact_rerank(cb, model_id, index)
+    D, I = search_excluding(index, vecs, min(k_max, len(ids) - 1), exclude, rerank)
     found = np.unique(I[I >= 0])
     at = np.minimum(np.searchsorted(ids, found), len(ids) - 1)
     meta.update(_case_meta(cb, found[ids[at] == found]))  # the active neighbours' labels
@@ -272,7 +274,7 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
 
     k = min(TYPICALITY_K, len(ids) - 1)
     _, vecs, exclude = _queries(ids[typ], vec_of, meta, patient)
-    scores = knn_scores(index, vecs, exclude, k)
+    scores = knn_scores(index, vecs, exclude, k, rerank)
     if store:
         with cb.write() as s:
             # Replaced, never read back: an old row whose JSON was damaged must not stop its repair.
@@ -282,6 +284,22 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
             s.add(TypicalityScores(model_id=model_id, score=SCORE_NAME, k=k, scores=scores.tolist(),
                                    cases_digest=digest))
     return TypicalityCalibration(k, scores, digest)
+
+
+def _exact_rerank(cb, model_id: int, index):
+    """How a lossy index's calibration searches are re-ranked: as many candidates as a query at the
+    default k asks (`cbr.pipeline.search`), scored exactly (the sidecar, else the stored rows); None
+    for an exact index. The neighbours beyond a query's own depth keep the codes' order among them."""
+    factor = rerank_factor(index)
+    if factor == 1:
+        return None
+    sidecar = load_sidecar(cb, model_id, index)
+
+    def score(query, ids):
+        with cb.read() as s:
+            return exact_similarities(s, model_id, sidecar, query, ids)
+
+    return (QueryConfig.k + SEARCH_MARGIN) * factor, score
 
 
 def _sample(cb, model_id: int, sampled: np.ndarray) -> tuple[dict, dict, dict]:

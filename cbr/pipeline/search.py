@@ -16,7 +16,7 @@ from cbr.store.schema import Case
 import index as ix
 
 __all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes",
-           "active_classes", "search_members"]
+           "active_classes", "search_members", "rerank_factor", "exact_similarities"]
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
 # A lossy index (PQ or SQ codes) gives this many candidates per wanted hit, re-ranked by the exact
@@ -103,8 +103,7 @@ def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) 
     for m, e in zip(members, vectors):
         lossy = ix.lossy(m.index)
         want = k + SEARCH_MARGIN
-        factor = (FAST_SCAN_RERANK_FACTOR if ix.fast_scan(m.index) else RERANK_FACTOR) if lossy else 1
-        D, I = ix.search(m.index, e, want * factor, exclude=[exclude], allow=allow)
+        D, I = ix.search(m.index, e, want * rerank_factor(m.index), exclude=[exclude], allow=allow)
         pairs = [(int(i), float(d)) for i, d in zip(I[0], D[0]) if i >= 0]
         if lossy:
             pairs = _reranked(s, m, e, pairs)[:want]
@@ -113,20 +112,40 @@ def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) 
     return hits
 
 
-def _reranked(s, member, query, pairs):
-    """``pairs`` (case id, approximate similarity) re-scored by the exact embeddings, best first:
-    the member's sidecar rows, and the case base's for cases added since it was written."""
-    if not pairs:
-        return pairs
+def rerank_factor(index) -> int:
+    """Candidates asked of the index per wanted neighbour: 1 for an exact index."""
+    if not ix.lossy(index):
+        return 1
+    return FAST_SCAN_RERANK_FACTOR if ix.fast_scan(index) else RERANK_FACTOR
+
+
+def exact_similarities(s, model_id: int, sidecar, query, ids) -> tuple[np.ndarray, np.ndarray]:
+    """(the ids found, their exact inner products with ``query``): from the sidecar's rows where it
+    has them (cbr.store.sidecar), else from the active cases' stored embeddings (an id of neither
+    is left out).
+
+    Args:
+        s: an open read session.
+        model_id: the member's model; sidecar: its ``index.Sidecar`` or None.
+        query: the (d,) or (1, d) float32 query; ids: the candidates' case ids.
+    """
     q = np.asarray(query, dtype=np.float32).reshape(-1)
-    ids = np.fromiter((i for i, _ in pairs), dtype=np.int64, count=len(pairs))
-    side = getattr(member, "sidecar", None)
-    held = side.contains(ids) if side is not None else np.zeros(len(ids), dtype=bool)
-    found, scores = ids[held], ix.exact_scores(side, ids[held], q) if held.any() else np.empty(0, np.float32)
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    held = sidecar.contains(ids) if sidecar is not None else np.zeros(len(ids), dtype=bool)
+    found, scores = ids[held], ix.exact_scores(sidecar, ids[held], q) if held.any() else np.empty(0, np.float32)
     if not held.all():
-        rest, vecs = embeddings_in(s, member.model_id, ids[~held].tolist(), dim=q.shape[0])
+        rest, vecs = embeddings_in(s, model_id, ids[~held].tolist(), dim=q.shape[0])
         if len(rest):
             found, scores = np.concatenate([found, rest]), np.concatenate([scores, vecs @ q])
+    return found, scores
+
+
+def _reranked(s, member, query, pairs):
+    """``pairs`` (case id, approximate similarity) re-scored by the exact embeddings, best first."""
+    if not pairs:
+        return pairs
+    found, scores = exact_similarities(s, member.model_id, getattr(member, "sidecar", None), query,
+                                       [i for i, _ in pairs])
     if not len(found):
         return pairs
     order = np.argsort(-scores, kind="stable")

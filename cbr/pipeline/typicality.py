@@ -160,21 +160,32 @@ def assess(member_scores: Sequence[float | None], calibrations: Sequence[Typical
 BATCH_EXCLUSION_MAX = 256  # above this many excluded ids per query, search each query on its own
 
 
-def search_excluding(index, queries, k: int, exclude):
+def search_excluding(index, queries, k: int, exclude, rerank=None):
     """``index.search(..., exclude=...)`` as one batched search: ask for k + the largest exclusion
     more, then drop each row's excluded ids. Calibration searches every case with its own
     exclusion, which the index layer would run as one search per case (16 s instead of 1 s for
-    1,000 calibration cases among 10,000)."""
+    1,000 calibration cases among 10,000).
+
+    ``rerank``: for a lossy index, ``(candidates per row, (query, ids) -> (ids, exact similarities))``:
+    each row's candidates are ranked again by the exact similarities, as a query's are
+    (cbr.pipeline.search), so calibration and queries see the same neighbours and similarities."""
+    want = k if rerank is None else max(k, rerank[0])
     extra = max((len(e) for e in exclude), default=0)
     if extra > BATCH_EXCLUSION_MAX:
-        return ix.search(index, queries, k, exclude=exclude)
-    D, I = ix.search(index, queries, k + extra)
+        D, I = ix.search(index, queries, want, exclude=exclude)
+        exclude = [()] * len(queries)
+    else:
+        D, I = ix.search(index, queries, want + extra)
     out_d = np.full((len(queries), k), -np.inf, dtype=np.float32)
     out_i = np.full((len(queries), k), -1, dtype=np.int64)
     for r, excluded in enumerate(exclude):
         keep = (I[r] >= 0) & ~np.isin(I[r], np.asarray(list(excluded), dtype=np.int64))
-        d, i = D[r][keep][:k], I[r][keep][:k]
-        out_d[r, : len(d)], out_i[r, : len(i)] = d, i
+        d, i = D[r][keep][:want], I[r][keep][:want]
+        if rerank is not None and len(i):
+            i, d = rerank[1](queries[r], i)
+            order = np.argsort(-d, kind="stable")
+            i, d = i[order], d[order]
+        out_d[r, : min(k, len(d))], out_i[r, : min(k, len(i))] = d[:k], i[:k]
     return out_d, out_i
 
 
@@ -183,8 +194,8 @@ def leave_one_out_scores(index, ids: np.ndarray, vecs: np.ndarray, groups: dict,
     """Sorted `knn_score`s of up to ``max_cases`` cases, each searched without itself and its group.
 
     Args:
-        index: the member's searchable index (the one queries use, so approximate indexes are
-            calibrated with their own approximation).
+        index: an index of the cases (exact: `cbr.pipeline.calibration` re-ranks a lossy one's
+            candidates as queries are, through `search_excluding`'s ``rerank``).
         ids, vecs: the active cases' ids and embeddings (same order).
         groups: case id -> patient/group id (None: the case is its own group).
         k: the score's neighbour rank.
@@ -215,10 +226,10 @@ def sample_positions(n: int, max_cases: int = TYPICALITY_CASES, seed: int = 0) -
     return np.sort(rng.choice(n, size=min(max_cases, n), replace=False))
 
 
-def knn_scores(index, queries, exclude, k: int) -> np.ndarray:
+def knn_scores(index, queries, exclude, k: int, rerank=None) -> np.ndarray:
     """Sorted `knn_score`s of calibration cases (their vectors ``queries``), each searched without
-    the ids in its ``exclude`` (itself and its group)."""
-    D, _ = search_excluding(index, queries, k, exclude)
+    the ids in its ``exclude`` (itself and its group); ``rerank`` as `search_excluding`'s."""
+    D, _ = search_excluding(index, queries, k, exclude, rerank)
     scores = [knn_score(row, k) for row in D]
     return np.sort(np.asarray([s for s in scores if s is not None], dtype=np.float64))
 

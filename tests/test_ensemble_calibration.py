@@ -158,3 +158,32 @@ def test_a_two_member_set_is_fitted_on_the_ensembles_own_answers(runner, two_mem
     assert a["prediction"]["set"] and set(a["prediction"]["set"]) <= set(a["prediction"]["probabilities"])
     text = invoke(runner, "query", image, "--db", db, "--explain", "none", "--out", tmp / "r")
     assert "ensemble prediction set fitted on the 30 cases every member held out" in text.output
+
+
+def test_the_ensemble_sets_use_the_top_up_rows_its_members_share():
+    """The ensemble's map fits on the uniform rows its members share (their class mix is the case
+    base's); its sets on every shared row, the class top-up included (cbr.pipeline.calibration)."""
+    from types import SimpleNamespace
+
+    from cbr.pipeline.query import Searcher
+    from cbr.pipeline.settings import QueryConfig
+
+    rng = np.random.default_rng(0)
+
+    def row(cid, label):
+        other = "b" if label == "a" else "a"
+        labels = [label if rng.uniform() < 0.8 else other for _ in range(5)]
+        return [label, labels, sorted(rng.uniform(0.5, 0.9, 5).tolist(), reverse=True), cid]
+
+    uniform = [row(cid, "a" if cid % 3 else "b") for cid in range(1, 31)]  # 30 rows: the vote's fit
+    top_up = [row(cid, "b") for cid in range(31, 51)]  # 20 more of the rarer class: the sets only
+    s = object.__new__(Searcher)  # a Searcher's vote and sets without a case base behind them
+    s.members = [SimpleNamespace(model_id=1), SimpleNamespace(model_id=2)]
+    s._calibration = {1: uniform, 2: uniform}
+    s._set_rows = {1: uniform + top_up, 2: uniform + top_up[:15]}  # the second member holds 15 of them
+    s._stored = {1: {"fit_cases": 30}, 2: {"fit_cases": 30}}
+    s.config = QueryConfig(vote="majority")
+    s._configure()
+    assert s.ensemble_calibration(["a", "b"]).cases == 30
+    sets = s.ensemble_sets(["a", "b"])
+    assert sum(sets.counts.values()) == 45 and sets.counts == {"a": 20, "b": 25}

@@ -37,6 +37,15 @@ Data ("--data"):
 
     .venv/bin/python benchmarks/bench_scale_stream.py --data real --n 10000000 --nlist 4096 --coarse hnsw \
         --opq --pq 64x4fs --train 65536 --niter 10 --threads 1 --nprobes 32 64 128 256 --factors 0 20 50 100
+
+  Another index over the same vectors (same --data, --n, --dim, --seed) reuses the first run's
+  float16 sidecar and exact truth (`--sidecar`, checked against the generator) instead of writing
+  10 GB again, and may take its trained OPQ rotation (`--opq-from`); `--opq-dim` rotates onto
+  fewer dimensions than d (a multiple of M):
+
+    .venv/bin/python benchmarks/bench_scale_stream.py --data real --n 10000000 --nlist 4096 --opq --opq-dim 480 \
+        --pq 96x4fs --train 262144 --niter 10 --workers 1 --threads 1 --nprobes 128 160 192 --factors 300 400 \
+        --work W96 --sidecar W/real-10000000-512-OPQ64_512-IVF4096-PQ64x4fs.sidecar
 - clustered: bench_scale.py's 1000 Gaussian clusters with isotropic noise. In 512 dimensions that
   noise makes a point's 10 nearest neighbours almost equidistant (cosines within ~0.03), so no
   compressed code can order them: a worst case for PQ, reported as such.
@@ -156,15 +165,18 @@ def main(argv=None):
     nlist = a.nlist or min(index.vectors.nlist_for(a.n), 4096)
     coarse = "_HNSW32" if a.coarse == "hnsw" else ""  # an HNSW graph over the centroids finds the lists
     factory = f"IVF{nlist}{coarse},PQ{m}"
-    if a.opq:  # a learnt rotation onto the largest multiple of M dimensions <= d
+    if a.opq:  # a learnt rotation onto --opq-dim dimensions, or the largest multiple of M <= d
         mm = int(m.split("x")[0])
-        factory = f"OPQ{mm}_{a.dim // mm * mm},{factory}"
+        factory = f"OPQ{mm}_{a.opq_dim or a.dim // mm * mm},{factory}"
     name = f"{a.data}-{a.n}-{a.dim}-{factory.replace(',', '-')}"
-    path, side = work / f"{name}.index", work / f"{name}.sidecar"
+    path, side = work / f"{name}.index", Path(a.sidecar) if a.sidecar else work / f"{name}.sidecar"
     faiss.omp_set_num_threads(a.threads)
     out = {"args": vars(a), "factory": factory, "spectrum": generated_spectrum(chunks)}
     xq = chunks.queries(a.queries)
-    truth_dir = work / f"{a.data}-{a.n}-{a.dim}-truth-{a.queries}"
+    truth_dir = side.parent / f"{a.data}-{a.n}-{a.dim}-truth-{a.queries}" if a.sidecar else \
+        work / f"{a.data}-{a.n}-{a.dim}-truth-{a.queries}"
+    if a.sidecar:
+        check_reused(chunks, side, truth_dir)
     truth_dir.mkdir(exist_ok=True)
 
     if a.reuse and path.exists():
@@ -179,13 +191,18 @@ def main(argv=None):
             ivf.do_polysemous_training = False  # only for Hamming-filtered search, never used here
         ivf.cp.min_points_per_centroid = 1
         ivf.cp.niter = a.niter
+        if a.opq_from:
+            reuse_rotation(ix, a.opq_from)
         ix.train(sample)
         del sample
         out["train_s"] = time.perf_counter() - t
         LOG.info("trained in %.0f s; filling %d shards from %d chunks", out["train_s"], a.workers, chunks.count)
         t = time.perf_counter()
-        refine.create_sidecar(side, a.n, a.dim)
-        source = IntoSidecar(chunks, side, xq, truth_dir)
+        if a.sidecar:  # the same vectors: only the index is new
+            source = chunks
+        else:
+            refine.create_sidecar(side, a.n, a.dim)
+            source = IntoSidecar(chunks, side, xq, truth_dir)
         if fast_scan(factory):
             build_in_memory(ix, source, chunks.count, path)
             workers = 1
@@ -193,7 +210,7 @@ def main(argv=None):
             plan = shards.ShardPlan(source, chunks.count, workers=a.workers, threads=1)
             shards.build_sharded(ix, plan, path)
             workers = a.workers
-        truth_cpu = sum(float(np.load(f)["seconds"]) for f in truth_dir.glob("*.npz"))
+        truth_cpu = 0 if a.sidecar else sum(float(np.load(f)["seconds"]) for f in truth_dir.glob("*.npz"))
         out["truth_in_workers_s"] = truth_cpu / workers
         out["add_merge_s"] = time.perf_counter() - t - out["truth_in_workers_s"]
         out["build_s"] = out["train_s"] + out["add_merge_s"]
@@ -233,11 +250,40 @@ def main(argv=None):
     print(f"\nwrote {a.out}")
 
 
+def reuse_rotation(ix, path):
+    """Give ``ix`` the trained OPQ rotation of the index at ``path`` (``--opq-from``): training
+    then fits only the lists and codes (faiss trains only a chain's untrained transforms)."""
+    src = faiss.read_index(str(path))
+    if not isinstance(ix, faiss.IndexPreTransform) or not isinstance(src, faiss.IndexPreTransform):
+        raise SystemExit("--opq-from: both indexes must begin with an OPQ rotation (--opq)")
+    mine, theirs = (faiss.downcast_VectorTransform(i.chain.at(0)) for i in (ix, src))
+    if (mine.d_in, mine.d_out) != (theirs.d_in, theirs.d_out) or not theirs.is_trained:
+        raise SystemExit(f"--opq-from: {path} has no trained {mine.d_in} -> {mine.d_out} rotation")
+    faiss.copy_array_to_vector(faiss.vector_to_array(theirs.A), mine.A)
+    faiss.copy_array_to_vector(faiss.vector_to_array(theirs.b), mine.b)
+    mine.is_trained = True
+
+
+def check_reused(chunks, side, truth_dir):
+    """Refuse a reused sidecar (``--sidecar``) whose rows are not this run's vectors (another
+    --data, --n, --dim or --seed), or whose truth folder is incomplete: the first and last chunks'
+    first rows must equal the generator's, rounded to float16."""
+    if len(list(truth_dir.glob("*.npz"))) != chunks.count:
+        raise SystemExit(f"--sidecar: {truth_dir} lacks the exact top {K} of some chunks; build without --sidecar")
+    sidecar = refine.open_sidecar(side)
+    for c in (0, chunks.count - 1):
+        x, ids = chunks(c)
+        if sidecar.dim != chunks.dim or len(sidecar.rows) != chunks.n or not np.array_equal(
+                sidecar.rows[sidecar.rows_of(ids[:100])], x[:100].astype(np.float16)):
+            raise SystemExit(f"--sidecar: {side} holds other vectors than --data {chunks.data} --n {chunks.n} "
+                             f"--dim {chunks.dim} --seed {chunks.seed}; build without --sidecar")
+
+
 def fast_scan(factory):
     """Whether ``factory`` is a 4-bit fast-scan PQ (``PQ..x4fs``): its lists are packed in blocks of
     32 codes, which faiss cannot merge on disk, so it is filled in memory, here (32 B per vector
     at PQ64x4fs: 32 MB per million)."""
-    return factory.endswith("fs") or "fs," in factory
+    return "x4fs" in factory  # PQ..x4fs, or PQ..x4fsr (codes of the residual from the list's centroid)
 
 
 def build_in_memory(ix, source, count, path):
@@ -264,8 +310,13 @@ def sweep(ix, sidecar, xq, Iref, nprobes, factors):
     faiss.omp_set_num_threads(1)
     ivf = faiss.extract_index_ivf(ix)
     rows = []
+    quantizer = faiss.downcast_index(ivf.quantizer)
     for nprobe in nprobes:
         ivf.nprobe = nprobe
+        if isinstance(quantizer, faiss.IndexHNSW):
+            # faiss searches the graph with efSearch (16) even for nprobe lists: at 256 of 8,192
+            # lists that missed 27 % of the nearest lists. A queue of nprobe finds them all.
+            quantizer.hnsw.efSearch = max(nprobe, 16)
         for r in factors:
             def one(q):
                 if r == 0:
@@ -403,6 +454,14 @@ def _parse(argv):
     p.add_argument("--pq", default="", help="PQ codes: M, MxBITS or Mx4fs (4-bit fast scan), e.g. 64x6 (default "
                    "index.pq_bytes(dim), 8 bits)")
     p.add_argument("--opq", action="store_true", help="rotate with OPQ first (M need not divide d)")
+    p.add_argument("--opq-dim", type=int, default=0,
+                   help="with --opq: dimensions after the rotation, a multiple of M (default the largest <= d)")
+    p.add_argument("--opq-from", default="",
+                   help="with --opq: take the trained rotation of this index (same --opq-dim and M) instead of "
+                   "training one")
+    p.add_argument("--sidecar", default="",
+                   help="reuse this float16 sidecar (base path, as written by an earlier run with the same --data, "
+                   "--n, --dim and --seed) and the exact truth folder beside it, instead of writing new ones")
     p.add_argument("--coarse", choices=["flat", "hnsw"], default="flat",
                    help="coarse quantizer: exact over the centroids, or an HNSW32 graph (for 16k+ lists)")
     p.add_argument("--train", type=int, default=100_000, help="training sample (default 100k)")

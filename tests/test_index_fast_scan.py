@@ -48,10 +48,10 @@ def reranked(x, ids, queries, cand, k):
 
 
 @pytest.mark.parametrize("dim, factory", [
-    (512, "OPQ64_512,IVF4000,PQ64x4fs"),  # the measured design (docs/results.md), nlist from the size
-    (1280, "OPQ160_1280,IVF4000,PQ160x4fs"),  # MobileNetV2's d: 80 code bytes, as ivf-pq's PQ80
-    (100, "OPQ20_100,IVF4000,PQ20x4fs"),  # the first divisor of d from 16 up
-    (7, "IVF4000,PQ7x4fs"),  # one dimension a sub-quantiser: no rotation to learn
+    (512, "OPQ64_512,IVF4000,PQ64x4fsr"),  # the measured design (docs/results.md), nlist from the size
+    (1280, "OPQ160_1280,IVF4000,PQ160x4fsr"),  # MobileNetV2's d: 80 code bytes, as ivf-pq's PQ80
+    (100, "OPQ20_100,IVF4000,PQ20x4fsr"),  # the first divisor of d from 16 up
+    (7, "IVF4000,PQ7x4fsr"),  # one dimension a sub-quantiser: no rotation to learn
 ])
 def test_factory_follows_dimension(dim, factory):
     assert index.factory_for("ivf-pq-fs", dim, 1_000_000) == factory
@@ -65,6 +65,9 @@ def test_build_is_an_untrained_fast_scan_ivf_behind_opq():
     assert isinstance(faiss.downcast_VectorTransform(inner.chain.at(0)), faiss.OPQMatrix)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(ix))
     assert isinstance(ivf, faiss.IndexIVFPQFastScan) and ivf.pq.M == 16 and ivf.pq.nbits == 4
+    # The codes encode each vector's residual from its list's centroid (faiss's x4fs encodes the
+    # whole vector): at 1M, recall@10 0.951 from 1,000 candidates instead of 0.897 (docs/results.md).
+    assert ivf.by_residual
     assert ix.metric_type == faiss.METRIC_INNER_PRODUCT and not ix.is_trained
     assert index.needs_training(D, "ivf-pq-fs", N) and index.lossy(ix) and index.fast_scan(ix)
 

@@ -6,7 +6,7 @@ from .refine import (Sidecar, SidecarError, create_sidecar, exact_scores, open_s
                      remove_sidecar, rename_sidecar, sidecar_exists, sidecar_files)
 from .shards import (ShardBuildError, ShardPlan, build_sharded, ivfdata_files, load_sharded, open_index, shardable,
                      sharded, write_sharded)
-from .sizing import LARGE_KINDS, auto_kind, factory_for, fast_scan_m, pq_bytes
+from .sizing import FAST_SCAN_LARGE_FROM, LARGE_KINDS, auto_kind, factory_for, fast_scan_m, pq_bytes
 from .storage import IndexFileError, checksum, load, save
 from .vectors import (KINDS, add, brute_force_search, build, fast_scan, ids, learned, lossy, needs_training, remove,
                       search, train, unwrapped)
@@ -14,6 +14,7 @@ from .vectors import (KINDS, add, brute_force_search, build, fast_scan, ids, lea
 __all__ = [
     "KINDS",
     "LARGE_KINDS",
+    "FAST_SCAN_LARGE_FROM",
     "IndexFileError",
     "ShardBuildError",
     "ShardPlan",

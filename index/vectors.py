@@ -8,7 +8,8 @@ import numpy as np
 
 from .device import on_device, to_device
 from .selection import selected_search
-from .sizing import KINDS, LARGE_KINDS, MIN_POINTS_PER_LIST, factory_for, nlist_for  # noqa: F401
+from .sizing import (FAST_SCAN_LARGE_FROM, FAST_SCAN_LARGE_NPROBE, KINDS, LARGE_KINDS, MIN_POINTS_PER_LIST,  # noqa: F401
+                     factory_for, nlist_for)
 
 LOG = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ def train(index, vectors, *, n=None):
     _train(index, x)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and n:
-        ivf.nprobe = _nprobe_for(ivf.nlist, max(n, len(x)))
+        ivf.nprobe = _nprobe_for(ivf, max(n, len(x)))
 
 
 def _tune(inner, n):
@@ -324,7 +325,7 @@ def _tune(inner, n):
 
     ivf = faiss.try_extract_index_ivf(inner)
     if ivf is not None:
-        ivf.nprobe = _nprobe_for(ivf.nlist, n)
+        ivf.nprobe = _nprobe_for(ivf, n)
         ivf = faiss.downcast_index(ivf)
         if isinstance(ivf, faiss.IndexIVFPQ):
             # Polysemous codes multiply PQ training time (a minute on 20k vectors) and only
@@ -335,11 +336,18 @@ def _tune(inner, n):
         inner.hnsw.efSearch = HNSW_EF_SEARCH
 
 
-def _nprobe_for(nlist, n):
+def _nprobe_for(ivf, n):
     # An eighth of the lists keeps recall@10 high on embedding-like data; MIN_SCANNED protects
     # small case bases, where every list is cheap to scan. For ivf-pq-fs too: at 1M vectors on
     # the spectrum of cbr's embeddings, 128 of 1024 lists gave recall@10 0.961 after re-ranking
     # 2,000 candidates, 64 of 1024 gave 0.939 (docs/results.md, "10M with the real spectrum").
+    # From FAST_SCAN_LARGE_FROM a fast-scan index probes a fixed 192 of its (at most 4,096) lists:
+    # an eighth of 4,096 lists of 10M vectors scans 1.25M codes (index/sizing.py).
+    import faiss
+
+    nlist = ivf.nlist
+    if n and n >= FAST_SCAN_LARGE_FROM and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
+        return int(min(nlist, FAST_SCAN_LARGE_NPROBE))
     floor = math.ceil(nlist * MIN_SCANNED / n) if n else nlist
     return int(min(nlist, max(1, nlist // 8, floor)))
 
@@ -358,7 +366,7 @@ def _train(index, x):
             LOG.warning("training IVF on %d vectors: nlist %d -> %d", n, ivf.nlist, nlist)
             ivf.nlist = nlist
             _empty_lists(ivf, nlist)
-        ivf.nprobe = _nprobe_for(ivf.nlist, n)
+        ivf.nprobe = _nprobe_for(ivf, n)
         ivf.cp.max_points_per_centroid = MAX_POINTS_PER_LIST
     try:
         index.train(x)

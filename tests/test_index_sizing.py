@@ -38,7 +38,8 @@ def test_auto_builds_the_kind_it_names():
     assert isinstance(sq8, faiss.IndexIVFScalarQuantizer) and sq8.nlist == index.vectors.nlist_for(200_000)
     assert isinstance(fs, faiss.IndexPreTransform)  # the OPQ rotation, then the fast-scan IVF
     ivf = faiss.downcast_index(faiss.extract_index_ivf(fs))
-    assert isinstance(ivf, faiss.IndexIVFPQFastScan) and ivf.pq.M == 64 and ivf.pq.nbits == 4 and ivf.nlist == 17889
+    assert isinstance(ivf, faiss.IndexIVFPQFastScan) and ivf.pq.M == 64 and ivf.pq.nbits == 4
+    assert ivf.nlist == index.sizing.FAST_SCAN_MAX_NLIST == 4096 and ivf.nprobe == 192  # not 4 sqrt(n) = 17,889
 
 
 @pytest.mark.parametrize("dim, m", [(64, 8), (512, 32), (1280, 80), (100, 10), (7, 7)])

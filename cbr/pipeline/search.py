@@ -15,7 +15,7 @@ from cbr.store.member import embeddings_in
 from cbr.store.schema import Case
 import index as ix
 
-__all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes",
+__all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR", "FAST_SCAN_LARGE_RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes",
            "active_classes", "search_members", "rerank_factor", "exact_similarities"]
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
@@ -31,6 +31,9 @@ RERANK_FACTOR = 50
 # (5.1 ms of CPU, most of it the re-ranking) and 0.974 with 300 (13.5 ms). cbr asks for k + 5
 # hits, so with k = 5 this is 2,000 stored embeddings read back by primary key per query.
 FAST_SCAN_RERANK_FACTOR = 200
+# From index.FAST_SCAN_LARGE_FROM vectors (10M on the real spectrum, 192 of 4,096 lists probed):
+# 300 gave 0.952 at 4.2 ms, 400 gave 0.965 at 4.8 ms (docs/results.md, "Finer 4-bit codes at 10M").
+FAST_SCAN_LARGE_RERANK_FACTOR = 400
 
 
 class Hit(NamedTuple):
@@ -116,7 +119,9 @@ def rerank_factor(index) -> int:
     """Candidates asked of the index per wanted neighbour: 1 for an exact index."""
     if not ix.lossy(index):
         return 1
-    return FAST_SCAN_RERANK_FACTOR if ix.fast_scan(index) else RERANK_FACTOR
+    if not ix.fast_scan(index):
+        return RERANK_FACTOR
+    return FAST_SCAN_LARGE_RERANK_FACTOR if index.ntotal >= ix.FAST_SCAN_LARGE_FROM else FAST_SCAN_RERANK_FACTOR
 
 
 def exact_similarities(s, model_id: int, sidecar, query, ids) -> tuple[np.ndarray, np.ndarray]:

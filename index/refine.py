@@ -26,8 +26,8 @@ import numpy as np
 from .halves import BLOCK_ROWS, to_float32
 from .vectors import search
 
-__all__ = ["Sidecar", "SidecarError", "create_sidecar", "exact_scores", "open_sidecar", "put_rows", "refined_search",
-           "remove_sidecar", "rename_sidecar", "sidecar_exists", "sidecar_files"]
+__all__ = ["Sidecar", "SidecarError", "create_sidecar", "exact_scores", "link_sidecar", "open_sidecar", "put_rows",
+           "refined_search", "remove_sidecar", "rename_sidecar", "sidecar_exists", "sidecar_files"]
 
 MISSING = -1
 SUFFIXES = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}  # rows file per row type
@@ -45,18 +45,18 @@ def sidecar_files(base, dtype=np.float16) -> tuple[str, str]:
     return f"{base}.{SUFFIXES[np.dtype(dtype)]}.npy", f"{base}.ids.npy"
 
 
-def _present_files(base) -> tuple[str, str]:
-    """The files of the sidecar at ``base`` as written, whichever row type it has."""
+def _present_files(base) -> tuple[str, str, np.dtype]:
+    """(rows file, ids file, row type) of the sidecar at ``base`` as written (float16 when none is)."""
     for dtype in SUFFIXES:
         rows_file, ids_file = sidecar_files(base, dtype)
         if os.path.exists(rows_file):
-            return rows_file, ids_file
-    return sidecar_files(base)
+            return rows_file, ids_file, dtype
+    return (*sidecar_files(base), np.dtype(np.float16))
 
 
 def sidecar_exists(base) -> bool:
     """Whether a sidecar (complete or not) was written at ``base``."""
-    return any(os.path.exists(f) for f in _present_files(base))
+    return any(os.path.exists(f) for f in _present_files(base)[:2])
 
 
 def remove_sidecar(base) -> None:
@@ -70,10 +70,24 @@ def remove_sidecar(base) -> None:
 def rename_sidecar(old, new) -> None:
     """Move the sidecar at ``old`` to ``new`` (rows first, ids last: a reader that finds the ids
     file at ``new`` finds the rows there too). A process that holds it open keeps reading it."""
-    rows_file, ids_file = _present_files(old)
-    new_rows, new_ids = sidecar_files(new, np.load(rows_file, mmap_mode="r").dtype)
-    os.replace(rows_file, new_rows)
-    os.replace(ids_file, new_ids)
+    rows_file, ids_file, dtype = _present_files(old)
+    for src, dst in zip((rows_file, ids_file), sidecar_files(new, dtype)):
+        os.replace(src, dst)
+
+
+def link_sidecar(old, new) -> None:
+    """Give ``new`` the sidecar at ``old`` by hard links (rows first, ids last), both names valid.
+
+    Raises:
+        OSError: a file system without hard links; nothing is left at ``new``.
+    """
+    rows_file, ids_file, dtype = _present_files(old)
+    try:
+        for src, dst in zip((rows_file, ids_file), sidecar_files(new, dtype)):
+            os.link(src, dst)
+    except OSError:
+        remove_sidecar(new)
+        raise
 
 
 def create_sidecar(base, n: int, dim: int, dtype=np.float16) -> None:
@@ -109,7 +123,7 @@ def put_rows(base, start: int, vectors, ids) -> None:
 
     Ids go last and are flushed after the rows, so a row whose id is set has its vector on disk.
     """
-    rows_file, ids_file = _present_files(base)
+    rows_file, ids_file, _ = _present_files(base)
     x = np.asarray(vectors)
     xids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if len(x) != len(xids):
@@ -162,7 +176,7 @@ class Sidecar:
 
 def open_sidecar(base) -> Sidecar:
     """Memory-map a complete sidecar written by `create_sidecar` + `put_rows`."""
-    rows_file, ids_file = _present_files(base)
+    rows_file, ids_file, _ = _present_files(base)
     try:
         rows = np.load(rows_file, mmap_mode="r")
         ids = np.load(ids_file)
@@ -192,15 +206,12 @@ def exact_scores(sidecar: Sidecar, ids, query) -> np.ndarray:
     order = np.argsort(rows, kind="stable")
     out = np.empty(len(rows), dtype=np.float32)
     query = np.asarray(query, dtype=np.float32).reshape(-1)
-    if sidecar.rows.dtype == np.float32:
-        for start in range(0, len(rows), BLOCK_ROWS):
-            at = order[start:start + BLOCK_ROWS]
-            out[at] = sidecar.rows[rows[at]] @ query
-        return out
-    buf = np.empty((min(BLOCK_ROWS, len(rows)), sidecar.dim), dtype=np.float32)
+    halves = sidecar.rows.dtype == np.float16  # float32 rows are multiplied as they are read
+    buf = np.empty((min(BLOCK_ROWS, len(rows)), sidecar.dim), dtype=np.float32) if halves else None
     for start in range(0, len(rows), BLOCK_ROWS):
         at = order[start:start + BLOCK_ROWS]
-        out[at] = to_float32(sidecar.rows[rows[at]], out=buf[:len(at)]) @ query
+        block = sidecar.rows[rows[at]]
+        out[at] = (to_float32(block, out=buf[:len(at)]) if halves else block) @ query
     return out
 
 

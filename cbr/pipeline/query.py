@@ -210,9 +210,8 @@ class Searcher:
         by_member = []
         for m in self.members:
             rows = (self._set_rows if every else self._calibration).get(m.model_id) or []
-            crossfit = m.model_id in self._folds
-            folds = (row_folds(self._stored.get(m.model_id), len(rows)) if crossfit and every
-                     else self._folds[m.model_id][0] if crossfit else [0] * len(rows))
+            folds = (row_folds(self._stored.get(m.model_id), len(rows)) if m.model_id in self._folds
+                     else [0] * len(rows))
             by_member.append({r[3]: (r, f) for r, f in zip(rows, folds)
                               if len(r) > 3 and r[0] in classes and len(r[1]) > 0})
         common = sorted(set.intersection(*(set(b) for b in by_member)))

@@ -15,21 +15,22 @@ from cbr.store.member import embeddings_in
 from cbr.store.schema import Case
 import index as ix
 
-__all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR", "FAST_SCAN_LARGE_RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes",
-           "active_classes", "search_members", "rerank_factor", "exact_similarities"]
+__all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR", "FAST_SCAN_LARGE_RERANK_FACTOR",
+           "excluded_cases", "allowed_cases", "own_case_notes", "active_classes", "search_members", "rerank_factor",
+           "exact_similarities"]
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
 # A lossy index (PQ or SQ codes) gives this many candidates per wanted hit, re-ranked by the exact
-# embeddings: the rows of the index's sidecar (cbr.store.sidecar), or those stored in the case base. PQ codes alone find a fair shortlist but order its head
-# badly (recall@10 0.05-0.2 at 1M-10M vectors); re-ranking 50 candidates per hit brought 1M
-# clustered vectors to recall 0.97 (benchmarks/bench_scale_stream.py, README "Scale"). With k = 5
-# that is 500 rows read by primary key, a few milliseconds.
+# embeddings: the rows of the index's sidecar (cbr.store.sidecar), else those stored in the case
+# base. PQ codes alone find a fair shortlist but order its head badly (recall@10 0.05-0.2 at
+# 1M-10M vectors); re-ranking 50 candidates per hit brought 1M clustered vectors to recall 0.97
+# (benchmarks/bench_scale_stream.py, README "Scale"). With k = 5 that is 500 rows re-scored.
 RERANK_FACTOR = 50
 # 4-bit fast-scan codes (ivf-pq-fs) order their shortlist more coarsely still: at 1M vectors with
 # the spectrum of cbr's own embeddings (docs/results.md, "10M with the real spectrum"), nprobe =
 # nlist/8 as cbr sets it, recall@10 was 0.891 with 100 candidates per wanted hit, 0.961 with 200
 # (5.1 ms of CPU, most of it the re-ranking) and 0.974 with 300 (13.5 ms). cbr asks for k + 5
-# hits, so with k = 5 this is 2,000 stored embeddings read back by primary key per query.
+# hits, so with k = 5 this is 2,000 rows re-scored per query.
 FAST_SCAN_RERANK_FACTOR = 200
 # From index.FAST_SCAN_LARGE_FROM vectors (10M on the real spectrum, 192 of 4,096 lists probed):
 # 300 gave 0.952 at 4.2 ms, 400 gave 0.965 at 4.8 ms (docs/results.md, "Finer 4-bit codes at 10M").
@@ -104,11 +105,10 @@ def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) 
     """
     hits = []
     for m, e in zip(members, vectors):
-        lossy = ix.lossy(m.index)
-        want = k + SEARCH_MARGIN
-        D, I = ix.search(m.index, e, want * rerank_factor(m.index), exclude=[exclude], allow=allow)
+        want, factor = k + SEARCH_MARGIN, rerank_factor(m.index)
+        D, I = ix.search(m.index, e, want * factor, exclude=[exclude], allow=allow)
         pairs = [(int(i), float(d)) for i, d in zip(I[0], D[0]) if i >= 0]
-        if lossy:
+        if factor > 1:  # a lossy index: its similarities are the codes' approximations
             pairs = _reranked(s, m, e, pairs)[:want]
         rows = {c.id: c for c in s.scalars(select(Case).where(Case.id.in_([i for i, _ in pairs])))}
         hits.append([Hit(rows[i], d) for i, d in pairs if i in rows and rows[i].removed_at is None][:k])

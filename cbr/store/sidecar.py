@@ -19,9 +19,7 @@ stored rows it is checked against when opened is not used, and the query reads t
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import uuid
 from pathlib import Path
 
@@ -96,21 +94,12 @@ def link_sidecar(old: Path, new: Path) -> bool:
     old generation's files are deleted). Returns whether ``new`` has one."""
     if not ix.sidecar_exists(old) or ix.sidecar_exists(new):
         return ix.sidecar_exists(new)
-    for dtype in (np.float16, np.float32):
-        old_files = ix.sidecar_files(old, dtype)
-        if os.path.exists(old_files[0]):
-            new_files = ix.sidecar_files(new, dtype)
-            try:
-                for src, dst in zip(old_files, new_files):  # rows first, ids last, as written
-                    os.link(src, dst)
-            except OSError as e:  # a file system without hard links: the cases are read from the case base
-                LOG.info("the re-rank sidecar of %s was not carried to %s (%s)", old, new, e)
-                for dst in new_files:
-                    with contextlib.suppress(OSError):
-                        os.unlink(dst)
-                return False
-            return True
-    return False
+    try:
+        ix.link_sidecar(old, new)
+    except OSError as e:  # a file system without hard links: the cases are read from the case base
+        LOG.info("the re-rank sidecar of %s was not carried to %s (%s)", old, new, e)
+        return False
+    return True
 
 
 def open_checked(base: Path, stored_rows):

@@ -11,36 +11,32 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from casebase_data import casebase_with_model
 import index as ix
 from cbr.pipeline.finding_search import FindingSet, search_findings
-from cbr.store.casebase import open_casebase
 from cbr.store.encoding import encode_vector
-from cbr.store.schema import Case, Embedding, Finding, Model
+from cbr.store.schema import Case, Embedding, Finding
 
 
 def _store(tmp_path, images, findings, labels, groups=None):
     """A case base of cases with these image vectors, ``findings`` [(case index, box, vector)], and a
     member (flat image index) and FindingSet (flat findings index) over them."""
     dim = images.shape[1]
-    cb = open_casebase(f"sqlite:///{tmp_path / 'c.db'}", index_dir=tmp_path / "idx")
+    cb, model_id = casebase_with_model(tmp_path, dim)
     with cb.write() as s:
-        model = Model(fingerprint="f" * 64, backbone="tinycnn", weights="none", source="tinycnn",
-                      config={"embedding_dim": dim})
-        s.add(model)
-        s.flush()
         cases = []
         for i, (v, label) in enumerate(zip(images, labels)):
             case = Case(sha256=f"{i:064x}", path=f"/c/{i}.png", label=label, meta={},
                         group_id=None if groups is None else groups[i])
             s.add(case)
             s.flush()
-            s.add(Embedding(case_id=case.id, model_id=model.id, vector=encode_vector(v)))
+            s.add(Embedding(case_id=case.id, model_id=model_id, vector=encode_vector(v)))
             cases.append(case.id)
-        rows = [Finding(case_id=cases[c], model_id=model.id, source="mask", box=list(box), vector=encode_vector(v))
+        rows = [Finding(case_id=cases[c], model_id=model_id, source="mask", box=list(box), vector=encode_vector(v))
                 for c, box, v in findings]
         s.add_all(rows)
         s.flush()
-        fids, model_id = [f.id for f in rows], model.id
+        fids = [f.id for f in rows]
     image_index = ix.build(dim, "flat")
     ix.add(image_index, images.astype(np.float32), np.asarray(cases, dtype=np.int64))
     finding_index = ix.build(dim, "flat")

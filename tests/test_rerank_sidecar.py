@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from sqlalchemy import event, insert
 
+from casebase_data import casebase_with_model
 from conftest import invoke
 import index as ix
 from cbr.pipeline.search import search_members
-from cbr.store.casebase import open_casebase
 from cbr.store.encoding import encode_vector
 from cbr.store.member import load_index, load_sidecar, rebuild_index, save_index, writer_lock
-from cbr.store.schema import Case, Embedding, IndexManifest, Model
+from cbr.store.schema import Case, Embedding, IndexManifest
 from cbr.store.sidecar import SidecarFill
 
 N, D, K = 2000, 32, 5
@@ -41,13 +41,7 @@ def _add_cases(cb, model_id, x, dtype, start=0):
 def built(tmp_path, request):
     """A case base of N cases under one model whose ivf-sq8 index was built from the stored rows."""
     dtype = getattr(request, "param", "float32")
-    cb = open_casebase(f"sqlite:///{tmp_path / 'c.db'}", index_dir=tmp_path / "idx")
-    with cb.write() as s:
-        model = Model(fingerprint="f" * 64, backbone="tinycnn", weights="none", source="tinycnn",
-                      config={"embedding_dim": D})
-        s.add(model)
-        s.flush()
-        model_id = model.id
+    cb, model_id = casebase_with_model(tmp_path, D)
     x = _vectors()
     _add_cases(cb, model_id, x, dtype)
     with writer_lock(cb):

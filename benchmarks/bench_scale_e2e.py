@@ -18,6 +18,13 @@ random weights ("--weights none"): only its dimension and fingerprint matter to 
 fresh vector of the same distribution, answered by ``Searcher.query_embedding`` (``cbr query
 --embedding``) with ``--explain none``, recorded like any query. It prints p50/p99 end to end,
 the stages (search, vote, database) and the process's peak RSS (VmHWM).
+
+``recall`` measures cbr's own search (``search_members``: the index as `cbr import` built it, its
+nprobe and re-rank from the sidecar) against the exact answer: the best k stored rows by inner
+product, found by streaming emb.npy a chunk at a time. It prints recall@k and the search's CPU per
+query (p50), with the index's bytes a vector:
+
+    .venv/bin/python benchmarks/bench_scale_e2e.py recall --db cases.db --work W --k 10 --queries 200
 """
 
 import argparse
@@ -37,6 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale_stream import Chunks  # noqa: E402
 from cbr.models.embedder import create_embedder  # noqa: E402
 from cbr.pipeline.query import Searcher  # noqa: E402
+from cbr.pipeline.search import rerank_factor, search_members, SEARCH_MARGIN  # noqa: E402
+from cbr.store.member import load_members  # noqa: E402
+from cbr.store.schema import Case  # noqa: E402
 from cbr.store.casebase import open_casebase  # noqa: E402
 
 DIM = 512
@@ -103,6 +113,58 @@ def query(a) -> None:
                       "rss_anon_mb": _vm("RssAnon"), "rss_file_mb": _vm("RssFile"), "load": os.getloadavg()}, indent=1))
 
 
+def recall(a) -> None:
+    """cbr's search at k against the exact top k over the stored rows (emb.npy), and its CPU."""
+    from sqlalchemy import select
+
+    chunks = Chunks("real", a.n or 1, DIM, 1000, a.seed)
+    # another stream than query's, so these vectors were never recorded as queries
+    xq = chunks.draw(np.random.default_rng([a.seed, DIM, 3 * 10**9]), a.queries).astype(np.float32)
+    truth = _exact_top(Path(a.work) / "emb.npy", xq, a.k, a.chunk)
+    cb = open_casebase(a.db, create=False, index_dir=a.index_dir)
+    member = load_members(cb)[0]
+    index = member.index
+    hits, cpu = [], []
+    with cb.read() as s:
+        row_of = {}
+        for q in xq:
+            c = time.process_time()
+            found = search_members(s, [member], [q[None, :]], a.k, [])[0]
+            cpu.append(time.process_time() - c)
+            hits.append([h.case.id for h in found])
+        ids = sorted({i for h in hits for i in h})
+        for i in range(0, len(ids), 10_000):
+            for cid, path in s.execute(select(Case.id, Case.path).where(Case.id.in_(ids[i:i + 10_000]))):
+                row_of[cid] = int(Path(path).stem)  # make writes img/<row>.png
+    got = [[row_of[i] for i in h] for h in hits]
+    rec = [len(set(g) & set(t.tolist())) / a.k for g, t in zip(got, truth)]
+    # the newest generation's index file (the sidecar's .f16.npy/.ids.npy beside it are counted apart)
+    files = sorted(Path(cb.index_dir).glob(f"model-{member.model_id}-*.faiss"), key=lambda f: f.stat().st_mtime)
+    index_bytes = files[-1].stat().st_size if files else 0
+    print(json.dumps({"db": a.db, "queries": len(xq), "k": a.k, "ntotal": int(index.ntotal),
+                      "candidates": (a.k + SEARCH_MARGIN) * rerank_factor(index),
+                      "recall_at_k": round(float(np.mean(rec)), 4),
+                      "search_cpu_p50_ms": round(1000 * statistics.median(cpu), 2),
+                      "search_cpu_p90_ms": round(1000 * float(np.percentile(cpu, 90)), 2),
+                      "index_bytes": index_bytes, "bytes_per_vector": round(index_bytes / max(1, index.ntotal), 1),
+                      "peak_rss_mb": _vm("VmHWM"), "load": os.getloadavg()}, indent=1))
+
+
+def _exact_top(path: Path, xq: np.ndarray, k: int, chunk: int) -> np.ndarray:
+    """Row numbers of the k stored rows with the largest inner product with each query, exactly."""
+    emb = np.load(path, mmap_mode="r")
+    best_s = np.full((len(xq), k), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(xq), k), dtype=np.int64)
+    for lo in range(0, emb.shape[0], chunk):
+        scores = xq @ np.asarray(emb[lo:lo + chunk], dtype=np.float32).T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], 1)
+        i = np.concatenate([best_i, top + lo], 1)
+        keep = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
+    return best_i
+
+
 def _server_cpu(pg_data) -> float:
     """CPU seconds of the processes of the PostgreSQL server whose data folder is ``pg_data`` (its
     postmaster's children: the backends); 0 without one."""
@@ -144,11 +206,18 @@ def main(argv=None) -> None:
     q.add_argument("--k", type=int, default=5)
     q.add_argument("--warmup", type=int, default=5)
     q.add_argument("--queries", type=int, default=20)
-    for s in (m, q):
+    r = sub.add_parser("recall")
+    r.add_argument("--db", required=True)
+    r.add_argument("--index-dir", default=None)
+    r.add_argument("--n", type=int, default=0)
+    r.add_argument("--k", type=int, default=10)
+    r.add_argument("--queries", type=int, default=200)
+    r.add_argument("--chunk", type=int, default=250_000)
+    for s in (m, q, r):
         s.add_argument("--work", default="/work/runs/scale/e2e")
         s.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    make(a) if a.step == "make" else query(a)
+    {"make": make, "query": query, "recall": recall}[a.step](a)
 
 
 if __name__ == "__main__":

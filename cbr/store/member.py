@@ -179,6 +179,14 @@ def embeddings_in(s, model_id: int, ids=None, dim: int | None = None) -> tuple[n
     return _decoded(rows, model_id, dim or s.get(Model, model_id).config.get("embedding_dim"))
 
 
+def _ids_between(stmt, low: int, high: int | None = None):
+    """``stmt`` over ``of_active_cases`` for the case ids in (low, high]. Bounded on both sides of
+    the join: given only the embeddings' bound, PostgreSQL's merge join read every case below
+    ``low`` to reach it (4.6 s a chunk at the end of 10M cases, against 0.04 s bounded)."""
+    stmt = stmt.where(Embedding.case_id > low, Case.id > low)
+    return stmt if high is None else stmt.where(Embedding.case_id <= high, Case.id <= high)
+
+
 def embedding_chunks(cb, model_id: int, *, every: int = 1):
     """(case ids, float32 vectors) of a model's active cases, ``REBUILD_ROWS`` at a time in case id
     order: each read starts after the last id (a keyset walk), so no read holds them all.
@@ -186,7 +194,7 @@ def embedding_chunks(cb, model_id: int, *, every: int = 1):
     last = -1
     while True:
         with cb.read() as s:
-            q = of_active_cases(select(Embedding.case_id, Embedding.vector), model_id).where(Embedding.case_id > last)
+            q = _ids_between(of_active_cases(select(Embedding.case_id, Embedding.vector), model_id), last)
             if every > 1:
                 q = q.where(Embedding.case_id % every == 0)
             rows = s.execute(q.order_by(Embedding.case_id).limit(REBUILD_ROWS)).all()
@@ -469,7 +477,7 @@ def _chunk_bounds(cb, model_id: int) -> tuple[int, ...]:
     ids = of_active_cases(select(Embedding.case_id), model_id).order_by(Embedding.case_id)
     while True:
         with cb.read() as s:
-            after = ids.where(Embedding.case_id > bounds[-1])
+            after = _ids_between(ids, bounds[-1])
             last = s.scalar(after.offset(REBUILD_ROWS - 1).limit(1))
             if last is None:
                 last = s.scalar(select(func.max(after.subquery().c.case_id)))
@@ -495,8 +503,8 @@ class StoredChunks:
         cb = open_casebase(self.url, create=False, migrate=False, index_dir=self.index_dir)
         try:
             with cb.read() as s:
-                q = of_active_cases(select(Embedding.case_id, Embedding.vector), self.model_id).where(
-                    Embedding.case_id > self.bounds[chunk], Embedding.case_id <= self.bounds[chunk + 1])
+                q = _ids_between(of_active_cases(select(Embedding.case_id, Embedding.vector), self.model_id),
+                                 self.bounds[chunk], self.bounds[chunk + 1])
                 rows = s.execute(q.order_by(Embedding.case_id)).all()
         finally:
             cb.close()

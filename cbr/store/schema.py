@@ -10,6 +10,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -119,8 +120,12 @@ class Embedding(Base):
     """
 
     __tablename__ = "embeddings"
+    # (model_id, case_id): an index build walks one model's rows in case id order, a chunk at a
+    # time (store.member.embedding_chunks); with model_id alone SQLite read and sorted all of the
+    # model's rows for every chunk (migration 0012).
+    __table_args__ = (Index("ix_embeddings_model_id_case_id", "model_id", "case_id"),)
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), primary_key=True)
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), primary_key=True, index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
 
 

@@ -61,7 +61,7 @@ def test_crash_after_remove_commit_is_repaired_on_next_open(indexed, query_set, 
     assert _active_ids(cb) == [i for i in range(1, 19) if i not in (3, 4)]  # ...but the case base committed
     (model_id,) = before
 
-    index, _, notes = member.load_index(cb, model_id)  # a reader repairs in memory only
+    index, _, notes, _ = member.load_index(cb, model_id)  # a reader repairs in memory only
     assert len(notes) == 1 and "2 removed or unknown" in notes[0] and "repaired" in notes[0]
     assert sorted(ix.ids(index).tolist()) == _active_ids(cb)
     assert _manifests(cb) == before

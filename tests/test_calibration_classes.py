@@ -45,7 +45,7 @@ def imbalanced(tmp_path_factory):
     assert report.added == N and not report.problems
     with cb.read() as s:
         model_id = s.scalar(select(Model.id))
-    index, _, _ = load_index(cb, model_id)
+    index, _, _, _ = load_index(cb, model_id)
     calibrate(cb, model_id, index, max_cases=UNIFORM, class_cases=PER_CLASS, seed=0)
     with cb.read() as s:
         cal = s.scalar(select(Calibration).where(Calibration.model_id == model_id))
@@ -115,7 +115,7 @@ def test_the_top_up_draws_only_from_the_cases_the_model_never_trained_on(imbalan
         label = dict(s.execute(select(Case.id, Case.label)).all())
     held_out = ids[::3]  # a third "never trained on": 20 of the 60 "b"
     monkeypatch.setattr(calibration_module, "calibration_cases", lambda cb, mid, active: (held_out, "validation", None))
-    index, _, _ = load_index(cb, model_id)
+    index, _, _, _ = load_index(cb, model_id)
     try:
         calibrate(cb, model_id, index, max_cases=UNIFORM, class_cases=PER_CLASS, seed=0)
         with cb.read() as s:

@@ -8,7 +8,7 @@ import nor query); SQLite's 64-bit sum overflows once the squares pass 9.2e18 (a
 import pytest
 from sqlalchemy import select
 
-from cbr.pipeline.calibration import cases_digest
+from cbr.store.member import active_digest as cases_digest
 from cbr.store.casebase import open_casebase
 from cbr.store.schema import Case, Embedding, Model
 

@@ -18,7 +18,7 @@ def _index_of(db):
     with cb.read() as s:
         m = s.scalar(select(IndexManifest))
         kind, model_id = m.kind, m.model_id
-    index, _, notes = load_index(cb, model_id)
+    index, _, notes, _ = load_index(cb, model_id)
     cb.close()
     return kind, index, notes
 

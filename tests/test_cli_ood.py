@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from cbr.pipeline.calibration import cases_digest, has_calibration, load_typicality
+from cbr.pipeline.calibration import has_calibration, load_typicality
+from cbr.store.member import active_digest as cases_digest
 from cbr.store.casebase import open_casebase
 from cbr.store.schema import Calibration, Case, Model, Query, TypicalityScores
 from conftest import invoke
@@ -146,7 +147,7 @@ def test_retain_and_remove_keep_the_calibration_consistent(runner, indexed, quer
     assert digest1 == cred1 == cases_digest(cb, model_id) != digest0
     assert len(scores1) == rows1 == 19
     # what is stored is what a fresh calibration of the case base as it is now gives
-    index, _, _ = load_index(cb, model_id)
+    index, _, _, _ = load_index(cb, model_id)
     fresh = calibrate(cb, model_id, index, store=False)
     assert np.allclose(fresh.scores, scores1)
 

@@ -82,7 +82,7 @@ def test_the_import_never_stages_the_collection_in_an_exact_index(imported):
     with cb.read() as s:
         model_id = s.scalar(select(Model.id))
         stored = sorted(s.scalars(select(Case.id)))
-    index, kind, notes = load_index(cb, model_id)
+    index, kind, notes, _ = load_index(cb, model_id)
     assert kind == "ivf" and ix.learned(index) and not notes
     assert sorted(ix.ids(index).tolist()) == stored  # every case once, from the case base
     with cb.read() as s:  # calibrated on the index just built
@@ -97,7 +97,7 @@ def test_calibration_reads_only_its_sample_and_gives_the_full_read_s_answer(impo
     with cb.read() as s:
         model_id = s.scalar(select(Model.id))
         meta = {c.id: (c.label, c.group_id) for c in s.scalars(select(Case))}
-    index, _, _ = load_index(cb, model_id)
+    index, _, _, _ = load_index(cb, model_id)
     ids, vecs = active_embeddings(cb, model_id)  # the whole collection, read here only to compare
     monkeypatch.setattr(calibration_module, "TYPICALITY_CASES", TYP_CASES, raising=False)
     reads = []
@@ -155,7 +155,7 @@ def test_an_import_that_stops_midway_is_finished_by_the_next_run(imported, tmp_p
     with cb.read() as s:
         model_id = s.scalar(select(Model.id))
         stored = sorted(s.scalars(select(Case.id)))
-    index, kind, notes = load_index(cb, model_id)
+    index, kind, notes, _ = load_index(cb, model_id)
     assert len(stored) == N and kind == "ivf" and ix.learned(index) and not notes
     assert sorted(ix.ids(index).tolist()) == stored
     cb.close()

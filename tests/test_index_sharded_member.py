@@ -101,7 +101,7 @@ def test_a_build_killed_midway_leaves_the_previous_index(runner, phantom_set, db
     with pytest.raises(CaseBaseError, match="the index in force is unchanged"):
         rebuild_index(cb, model_id)
     assert sorted(os.listdir(cb.index_dir)) == files  # no half lists file, shard or work folder left
-    again, _, notes = load_index(cb, model_id)
+    again, _, notes, _ = load_index(cb, model_id)
     assert notes == [] and ix.ivfdata_files(path) == lists
     np.testing.assert_array_equal(ix.search(again, q, 5)[1], expected)
     # what a kill -9 of the command itself leaves: the shards' work folder, a generation never switched to

@@ -80,3 +80,15 @@ def test_each_chunk_of_an_index_build_is_an_index_range_not_a_read_of_every_embe
             assert not any("TEMP B-TREE" in line for line in lines), lines
             seek = [line for line in lines if line.startswith("SEARCH embeddings")]
             assert seek and "case_id>?" in seek[0], lines
+
+
+def test_opening_a_case_base_for_queries_counts_its_active_cases_once(indexed):
+    """Loading the index checks it against the active cases (count and sum of their ids) and the
+    calibration checks its digest of them: at 10M cases each pass took 15 s on PostgreSQL, so the
+    digest is taken once and handed on."""
+    from cbr.pipeline.query import Searcher
+
+    cb = open_casebase(indexed, create=False)
+    searcher, plans = _emitted_plans(cb, lambda: Searcher(cb, k=3, explain="none", render=False))
+    passes = [st for st, _ in plans if "count(embeddings.case_id)" in st]
+    assert len(searcher.members) == 1 and len(passes) == 1, passes

@@ -212,7 +212,7 @@ def test_reader_retries_when_a_writer_switches_generations_under_it(indexed, mon
         return real(path, *a, **k)
 
     monkeypatch.setattr(ix, step, racing)
-    index, _, notes = member.load_index(cb, model_id)
+    index, _, notes, _ = member.load_index(cb, model_id)
     assert index.ntotal == 18 and notes == []
     assert not (cb.index_dir / old).exists()
     assert [p.name for p in calls][0] == old and calls[-1].name != old  # it did meet the old file

@@ -294,7 +294,7 @@ def check_consistency(db, expected: dict[str, str] | None = None, *, explained: 
                 bad.append(f"model {model_id}: index ids {len(ix.ids(raw))} != case base active ids {len(active)}")
             if raw.ntotal != len(cases):
                 bad.append(f"model {model_id}: {raw.ntotal} vectors for {len(cases)} active cases")
-            _, _, notes = load_index(cb, model_id)
+            _, _, notes, _ = load_index(cb, model_id)
             if notes:
                 bad.append(f"model {model_id}: loading needed a repair: {notes}")
             if model_id not in calibrated and len(cases) >= 2:
@@ -526,7 +526,7 @@ def test_kill_during_final_save_leaves_old_or_new_generation_and_no_stray_files(
     # The generation in force is whole: old (20 cases) or new (60), never a mix.
     assert ix.load(cb.index_dir / name).ntotal == ntotal
     assert ntotal == (24 if point == "manifest switched, old file kept" else 12)
-    index, _, notes = load_index(cb, m.model_id)  # a reader: repaired in memory from the case base
+    index, _, notes, _ = load_index(cb, m.model_id)  # a reader: repaired in memory from the case base
     assert index.ntotal == 24 and (notes == []) == (ntotal == 24)
     cb.close()
     if point == "temp file written":

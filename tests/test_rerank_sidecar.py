@@ -53,7 +53,7 @@ def built(tmp_path, request):
 class _Member:
     def __init__(self, cb, model_id):
         self.model_id = model_id
-        self.index, self.kind, _ = load_index(cb, model_id)
+        self.index, self.kind, _, _ = load_index(cb, model_id)
         self.sidecar = load_sidecar(cb, model_id, self.index)
 
 
@@ -120,7 +120,7 @@ def test_a_later_generation_carries_the_sidecar_and_reads_new_cases_from_the_cas
     extra = _vectors(3, seed=7)
     _add_cases(cb, model_id, extra, dtype, start=N)
     with writer_lock(cb):
-        index, kind, _ = load_index(cb, model_id, persist_repair=True)
+        index, kind, _, _ = load_index(cb, model_id, persist_repair=True)
         save_index(cb, model_id, index, kind)
     second = _generation(cb, model_id)
     assert second != first and not ix.sidecar_exists(first)

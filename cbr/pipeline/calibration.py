@@ -24,7 +24,7 @@ import logging
 from collections import Counter
 
 import numpy as np
-from sqlalchemy import BigInteger, cast, delete, func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import DBAPIError
 
 from cbr.errors import CaseBaseError
@@ -35,13 +35,12 @@ from cbr.pipeline.typicality import (knn_scores, sample_positions, SCORE_NAME, s
                                      TYPICALITY_K, TypicalityCalibration)
 from cbr.store.chunks import rows_in
 from cbr.store.damage import decoded, rebuild_hint
-from cbr.store.member import active_embeddings, db_active_ids, load_sidecar, of_active_cases
+from cbr.store.member import active_digest, active_embeddings, db_active_ids, load_sidecar, of_active_cases
 from cbr.store.schema import Calibration, Case, Embedding, Model, TypicalityScores
 
 __all__ = [
     "calibrate",
     "has_calibration",
-    "cases_digest",
     "load_typicality",
     "ensure_calibration",
     "member_calibrations",
@@ -62,28 +61,6 @@ CLASS_CASES = 225
 STREAM_ROWS = 50_000  # rows fetched at a time where every active case is read (its hash)
 
 
-DIGEST_MODULUS = 65521  # the largest prime below 2^16: squares below 2^32, sums safe to 2^31 cases
-
-
-def cases_digest(cb, model_id: int) -> str:
-    """Which cases are active under a model, in a few bytes: count, sum of the ids and sum of the
-    squares of the ids modulo ``DIGEST_MODULUS``.
-
-    Case ids only grow and a removed case never comes back, so any retain or remove changes it.
-    The squares are taken modulo a prime below 2^16, in 64-bit integers: ``id * id`` of 32-bit ids
-    overflowed PostgreSQL's integers past id 46,340, and their sum SQLite's 64-bit one near 3M cases.
-    """
-    folded = cast(Embedding.case_id % DIGEST_MODULUS, BigInteger)
-    with cb.read() as s:
-        n, s1, s2 = s.execute(
-            select(func.count(Embedding.case_id), func.coalesce(func.sum(cast(Embedding.case_id, BigInteger)), 0),
-                   func.coalesce(func.sum(folded * folded), 0))
-            .join(Case, Case.id == Embedding.case_id)
-            .where(Embedding.model_id == model_id, Case.removed_at.is_(None))
-        ).one()
-    return f"{int(n)}:{int(s1)}:{int(s2)}"
-
-
 def _stored_digests(cb, model_id: int) -> tuple[str | None, str | None, bool, bool]:
     with cb.read() as s:
         cred = s.execute(select(Calibration.id, Calibration.cases_digest).where(Calibration.model_id == model_id)).first()
@@ -94,7 +71,7 @@ def _stored_digests(cb, model_id: int) -> tuple[str | None, str | None, bool, bo
 
 def has_calibration(cb, model_id: int) -> bool:
     """Whether the model has both calibrations, computed on the cases active now."""
-    digest = cases_digest(cb, model_id)
+    digest = active_digest(cb, model_id)
     cred, typ, _, _ = _stored_digests(cb, model_id)
     return cred == digest and typ == digest
 
@@ -249,7 +226,7 @@ def calibrate(cb, model_id: int, index, *, max_cases: int = CALIBRATION_CASES, k
     Returns:
         the `TypicalityCalibration`, or None when the case base holds fewer than two cases.
     """
-    digest = cases_digest(cb, model_id)
+    digest = active_digest(cb, model_id)
     ids = db_active_ids(cb, model_id)
     if len(ids) < 2:
         return None
@@ -335,8 +312,11 @@ def load_typicality(cb, model_id: int):
         return TypicalityCalibration(int(t.k), np.asarray(t.scores, dtype=np.float64), t.cases_digest)
 
 
-def ensure_calibration(cb, model_id: int, index) -> tuple[object, list[str]]:
+def ensure_calibration(cb, model_id: int, index, digest: str | None = None) -> tuple[object, list[str]]:
     """The model's typicality calibration, recomputed first when it is missing or stale.
+
+    ``digest``: ``active_digest`` of the cases as the caller already read it (``Member.digest``),
+    else it is read here.
 
     A case base made by an older cbr, or changed by a run that was killed before it recalibrated,
     is calibrated here on first use and the result stored; if the case base cannot be written to,
@@ -345,7 +325,7 @@ def ensure_calibration(cb, model_id: int, index) -> tuple[object, list[str]]:
     Returns:
         (TypicalityCalibration or None, notes)
     """
-    digest = cases_digest(cb, model_id)
+    digest = digest or active_digest(cb, model_id)
     cred, typ, had_cred, had_typ = _stored_digests(cb, model_id)
     if cred == digest and typ == digest:
         return load_typicality(cb, model_id), []
@@ -369,7 +349,7 @@ def member_calibrations(cb, members) -> tuple[list, list[str]]:
     """Each member's typicality calibration (see `ensure_calibration`), and what was recomputed."""
     cals, notes = [], []
     for m in members:
-        cal, n = ensure_calibration(cb, m.model_id, m.index)
+        cal, n = ensure_calibration(cb, m.model_id, m.index, getattr(m, "digest", None))
         cals.append(cal)
         notes.extend(n)
     return cals, notes

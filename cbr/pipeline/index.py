@@ -95,7 +95,7 @@ def open_member(cb, spec: str, emb, index_type: str, n_hint: int, notes: list) -
     with cb.read() as s:
         has_manifest = s.scalar(select(IndexManifest.id).where(IndexManifest.model_id == model_id)) is not None
     if has_manifest:
-        index, kind, repaired = load_index(cb, model_id, persist_repair=True)
+        index, kind, repaired, _ = load_index(cb, model_id, persist_repair=True)
         notes.extend(repaired)
         staged = False
     else:

@@ -95,7 +95,7 @@ class Lane:
                 return
             for m in self.searcher.members:
                 if now.get(m.model_id) != self._manifests.get(m.model_id):
-                    m.index, m.kind, notes = load_index(self.cb, m.model_id)
+                    m.index, m.kind, notes, m.digest = load_index(self.cb, m.model_id)
                     m.sidecar = load_sidecar(self.cb, m.model_id, m.index)
                     for n in notes:
                         LOG.warning("%s", n)

@@ -16,9 +16,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import BigInteger, cast, func, select
 
 from cbr.errors import CaseBaseError, DamagedRowError, IndexCorruptError, ModelMismatchError
 from cbr.lazy_import import LazyModule
@@ -44,6 +45,9 @@ __all__ = [
     "rebuild_index",
     "load_members",
     "active_embeddings",
+    "active_digest",
+    "DIGEST_MODULUS",
+    "LoadedIndex",
     "embedded_count",
     "db_active_ids",
     "of_active_cases",
@@ -64,6 +68,7 @@ SHARD_ROWS = 1_000_000
 SHARD_WORKERS = max(1, min(4, os.cpu_count() or 1))
 models_embedder = LazyModule("cbr.models.embedder")  # torch-bound: loads on first use
 _LOAD_ATTEMPTS = 10  # a reader retries only when a writer switched generations meanwhile
+DIGEST_MODULUS = 65521  # the largest prime below 2^16: squares below 2^32, sums safe to 2^31 cases
 
 
 @dataclass
@@ -84,6 +89,9 @@ class Member:
     # The exact rows a lossy index's shortlist is re-ranked with (cbr.store.sidecar), or None: the
     # query reads them from the case base.
     sidecar: object = None
+    # ``active_digest`` of the cases the index held when loaded (None: not known), so that the
+    # calibration's check needs no second pass over them
+    digest: str | None = None
 
 
 def model_label(model: Model) -> str:
@@ -220,16 +228,35 @@ def _decoded(rows, model_id: int, dim: int | None) -> tuple[np.ndarray, np.ndarr
     return ids_out, vecs
 
 
-def _db_id_summary(cb, model_id: int) -> tuple[int, int]:
+def active_digest(cb, model_id: int) -> str:
+    """Which cases are active under a model, in a few bytes: count, sum of the ids and sum of the
+    squares of the ids modulo ``DIGEST_MODULUS``.
+
+    Case ids only grow and a removed case never comes back, so any retain or remove changes it.
+    The squares are taken modulo a prime below 2^16, in 64-bit integers: ``id * id`` of 32-bit ids
+    overflowed PostgreSQL's integers past id 46,340, and their sum SQLite's 64-bit one near 3M cases.
+    """
+    return _digest(_active_summary(cb, model_id))
+
+
+def _active_summary(cb, model_id: int) -> tuple[int, int, int]:
+    """(count, sum of the ids, sum of their squares mod ``DIGEST_MODULUS``) of the active cases under
+    a model: one pass over them (15 s at 10M cases on PostgreSQL)."""
+    folded = cast(Embedding.case_id % DIGEST_MODULUS, BigInteger)
     with cb.read() as s:
-        n, total = s.execute(of_active_cases(
-            select(func.count(Embedding.case_id), func.coalesce(func.sum(Embedding.case_id), 0)), model_id)).one()
-    return int(n), int(total)
+        n, total, squares = s.execute(of_active_cases(
+            select(func.count(Embedding.case_id), func.coalesce(func.sum(cast(Embedding.case_id, BigInteger)), 0),
+                   func.coalesce(func.sum(folded * folded), 0)), model_id)).one()
+    return int(n), int(total), int(squares)
+
+
+def _digest(summary: tuple[int, int, int]) -> str:
+    return ":".join(str(v) for v in summary)
 
 
 def embedded_count(cb, model_id: int) -> int:
     """How many active cases have an embedding under the model."""
-    return _db_id_summary(cb, model_id)[0]
+    return _active_summary(cb, model_id)[0]
 
 
 def db_active_ids(cb, model_id: int) -> np.ndarray:
@@ -250,7 +277,16 @@ def _read_manifest(cb, model_id: int):
         return None if m is None else (m.path, m.checksum, m.ntotal, m.kind)
 
 
-def load_index(cb, model_id: int, *, persist_repair: bool = False):
+class LoadedIndex(NamedTuple):
+    """What ``load_index`` returns."""
+
+    index: object
+    kind: str
+    notes: list[str]  # what was repaired
+    digest: str | None  # active_digest of the cases it holds, or None when it was repaired or built
+
+
+def load_index(cb, model_id: int, *, persist_repair: bool = False) -> LoadedIndex:
     """Load a model's index, check it against its manifest and the case base, repair drift.
 
     A missing, truncated or altered file is refused (IndexCorruptError, with the --rebuild hint).
@@ -258,7 +294,7 @@ def load_index(cb, model_id: int, *, persist_repair: bool = False):
     writer) is brought in line from the stored embeddings: in memory for readers, and on disk
     when ``persist_repair`` (writers, who hold the writer lock).
 
-    Returns (index, kind, notes).
+    Returns a ``LoadedIndex``: (index, kind, notes, digest).
     """
     for attempt in range(_LOAD_ATTEMPTS):
         manifest = _read_manifest(cb, model_id)
@@ -290,10 +326,10 @@ def load_index(cb, model_id: int, *, persist_repair: bool = False):
         if index.ntotal != ntotal:
             raise IndexCorruptError(f"index file {path} holds {index.ntotal} vectors but its manifest says {ntotal}; {_rebuild_hint(cb)}")
         break
-    notes = _reconcile(cb, model_id, index)
+    notes, digest = _reconcile(cb, model_id, index)
     if notes and persist_repair:
         save_index(cb, model_id, index, kind)
-    return index, kind, notes
+    return LoadedIndex(index, kind, notes, digest)
 
 
 def _build_here(cb, model_id: int, kind: str, name: str, persist: bool):
@@ -304,15 +340,16 @@ def _build_here(cb, model_id: int, kind: str, name: str, persist: bool):
     note = (f"index of model {model_id}: {name} was written in another index folder; built in {cb.index_dir} "
             "from the stored embeddings" + ("" if persist else " (kept in memory until this folder's next write)"))
     LOG.info(note)
-    return index, kind, [note]
+    return LoadedIndex(index, kind, [note], None)
 
 
-def _reconcile(cb, model_id: int, index) -> list[str]:
-    """Make the index hold exactly the active cases' embeddings; say what was repaired."""
+def _reconcile(cb, model_id: int, index) -> tuple[list[str], str | None]:
+    """Make the index hold exactly the active cases' embeddings: (what was repaired, and the active
+    cases' digest when nothing was)."""
     stored = ix.ids(index)
-    n, total = _db_id_summary(cb, model_id)
-    if n == len(stored) and total == int(stored.sum()):
-        return []
+    summary = _active_summary(cb, model_id)
+    if summary[0] == len(stored) and summary[1] == int(stored.sum()):
+        return [], _digest(summary)
     active = db_active_ids(cb, model_id)
     missing = np.setdiff1d(active, stored)
     extra = np.setdiff1d(stored, active)
@@ -327,7 +364,7 @@ def _reconcile(cb, model_id: int, index) -> list[str]:
         f"{len(extra)} removed or unknown; an interrupted or concurrent run): repaired from stored embeddings"
     )
     LOG.warning(note)
-    return [note]
+    return [note], None
 
 
 def save_index(cb, model_id: int, index, kind: str, *, sidecar: SidecarFill | None = None) -> None:
@@ -415,7 +452,7 @@ def _from_embeddings(cb, model_id: int, kind: str):
 
 def _trained(cb, model_id: int, kind: str):
     """(an empty index of ``kind`` for the model's stored embeddings, trained if it learns; their number)."""
-    n, _ = _db_id_summary(cb, model_id)
+    n = _active_summary(cb, model_id)[0]
     with cb.read() as s:
         dim = s.get(Model, model_id).config["embedding_dim"]
     index = ix.build(dim, kind, n_hint=n)
@@ -567,8 +604,8 @@ def load_members(cb, models=None, *, device: str = "cpu", persist_repair: bool =
     """Load the ensemble members of a case base (all indexed models, or those named in ``models``)."""
     members = []
     for row in _select_models(cb, models):
-        index, kind, notes = load_index(cb, row.id, persist_repair=persist_repair)
+        index, kind, notes, digest = load_index(cb, row.id, persist_repair=persist_repair)
         emb = _embedder_for(row).to(device)
         members.append(Member(row.id, row.fingerprint, model_label(row), emb, index, kind, notes,
-                              sidecar=load_sidecar(cb, row.id, index)))
+                              sidecar=load_sidecar(cb, row.id, index), digest=digest))
     return members

@@ -59,7 +59,7 @@ def remove_cases(cb, case_ids, *, reason: str | None = None) -> dict:
         # mistaken for, or mixed up with, this removal.
         indexes, notes = {}, []
         for mid in model_ids:
-            index, kind, repaired = load_index(cb, mid, persist_repair=True)
+            index, kind, repaired, _ = load_index(cb, mid, persist_repair=True)
             indexes[mid] = (index, kind)
             notes.extend(repaired)
         now = utcnow()

@@ -107,9 +107,12 @@ def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) 
     for m, e in zip(members, vectors):
         want, factor = k + SEARCH_MARGIN, rerank_factor(m.index)
         D, I = ix.search(m.index, e, want * factor, exclude=[exclude], allow=allow)
-        pairs = [(int(i), float(d)) for i, d in zip(I[0], D[0]) if i >= 0]
+        ids, sims = I[0][I[0] >= 0], D[0][I[0] >= 0]
         if factor > 1:  # a lossy index: its similarities are the codes' approximations
-            pairs = _reranked(s, m, e, pairs)[:want]
+            ids, sims = _reranked(s, m, e, ids, sims, want)
+        # Python pairs for the few kept only: at 10M a lossy index gives 4,000-6,000 candidates,
+        # and a tuple each cost about 4 ms a query
+        pairs = list(zip(ids.tolist(), sims.tolist()))
         rows = {c.id: c for c in s.scalars(select(Case).where(Case.id.in_([i for i, _ in pairs])))}
         hits.append([Hit(rows[i], d) for i, d in pairs if i in rows and rows[i].removed_at is None][:k])
     return hits
@@ -145,13 +148,13 @@ def exact_similarities(s, model_id: int, sidecar, query, ids) -> tuple[np.ndarra
     return found, scores
 
 
-def _reranked(s, member, query, pairs):
-    """``pairs`` (case id, approximate similarity) re-scored by the exact embeddings, best first."""
-    if not pairs:
-        return pairs
-    found, scores = exact_similarities(s, member.model_id, getattr(member, "sidecar", None), query,
-                                       [i for i, _ in pairs])
+def _reranked(s, member, query, ids, sims, want: int):
+    """The ``want`` best of the candidates ``ids`` (their approximate similarities ``sims``), re-scored
+    by the exact embeddings: (case ids, exact similarities), best first."""
+    if not len(ids):
+        return ids, sims
+    found, scores = exact_similarities(s, member.model_id, getattr(member, "sidecar", None), query, ids)
     if not len(found):
-        return pairs
-    order = np.argsort(-scores, kind="stable")
-    return [(int(found[j]), float(scores[j])) for j in order]
+        return ids[:want], sims[:want]
+    order = np.argsort(-scores, kind="stable")[:want]
+    return found[order], scores[order]

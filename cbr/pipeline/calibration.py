@@ -315,12 +315,10 @@ def load_typicality(cb, model_id: int):
 def ensure_calibration(cb, model_id: int, index, digest: str | None = None) -> tuple[object, list[str]]:
     """The model's typicality calibration, recomputed first when it is missing or stale.
 
-    ``digest``: ``active_digest`` of the cases as the caller already read it (``Member.digest``),
-    else it is read here.
-
     A case base made by an older cbr, or changed by a run that was killed before it recalibrated,
     is calibrated here on first use and the result stored; if the case base cannot be written to,
-    the calibration is used from memory and a note says so.
+    the calibration is used from memory and a note says so. ``digest``: ``active_digest`` of the
+    cases as the caller already read it (``Member.digest``), else it is read here.
 
     Returns:
         (TypicalityCalibration or None, notes)
@@ -349,7 +347,7 @@ def member_calibrations(cb, members) -> tuple[list, list[str]]:
     """Each member's typicality calibration (see `ensure_calibration`), and what was recomputed."""
     cals, notes = [], []
     for m in members:
-        cal, n = ensure_calibration(cb, m.model_id, m.index, getattr(m, "digest", None))
+        cal, n = ensure_calibration(cb, m.model_id, m.index, m.digest)
         cals.append(cal)
         notes.extend(n)
     return cals, notes

@@ -212,7 +212,8 @@ def test_the_query_outline_is_the_recorded_finding_not_one_recomputed_from_the_s
     flat = np.zeros((48, 48), np.float32)
     flat[30:40, 30:40] = 0.9  # the stored map marks another region than the one recorded
     record = {"query_id": 987654, "sha256": None,
-              "prediction": {"finding": {"box": [6, 12, 18, 24], "source": "localiser"}},
+              # the answer's `finding` as cbr.pipeline.finding writes it (it has no "source" key)
+              "prediction": {"finding": {"localiser": True, "box": [6, 12, 18, 24], "area": 0.0625}},
               "members": [{"model_id": 1, "crop": "none", "input_size": 48, "neighbours": [],
                            "finding_map": {"map": flat}},
                           {"model_id": 2, "crop": "none", "input_size": 48, "neighbours": [],

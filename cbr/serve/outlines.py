@@ -53,7 +53,7 @@ def _recorded_box(record: dict, mem: dict) -> list[float] | None:
     finding = record["prediction"].get("finding") or {}
     first = record["members"][0]["model_id"] if record.get("members") else None
     side = mem.get("input_size")
-    if mem["model_id"] != first or finding.get("source") != "localiser" or not finding.get("box") or not side:
+    if mem["model_id"] != first or not finding.get("localiser") or not finding.get("box") or not side:
         return None
     return _fractions(v / side for v in finding["box"])
 

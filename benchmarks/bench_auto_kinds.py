@@ -7,9 +7,9 @@ Run by hand, not by pytest (minutes at 200k x 512 on one core):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_auto_kinds.py --n 200000 --kinds ivf-sq8 ivf-pq-fs
 
 Each kind is built with `index.build(kind, n_hint=n)`, trained on an even sample of at most 250k
-vectors (as `cbr index --rebuild` trains), filled, then asked, per query, for (k + 5) x its
-re-ranking factor candidates (`cbr.pipeline.search`: 50 for PQ/SQ codes, 200 for fast-scan), which
-are re-ranked by the exact vectors (held in memory here; cbr reads them from the case base, which
+vectors (as `cbr index --rebuild` trains), filled, then asked, per query, for the shortlist a
+k = 10 query asks (`cbr.pipeline.search.shortlist`: 10 x its re-ranking factor, 50 for PQ/SQ codes,
+200 for fast-scan, 400 for fast-scan from 3M vectors), which are re-ranked by the exact vectors (held in memory here; cbr reads them from the case base, which
 this does not time). Data: bench_scale_stream.py's generator with the spectrum of cbr's own
 embeddings (``--data real``), or ``powerlaw``.
 """
@@ -30,19 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import index  # noqa: E402
 from bench_scale_stream import Chunks  # noqa: E402
-from cbr.pipeline.search import FAST_SCAN_RERANK_FACTOR, RERANK_FACTOR, SEARCH_MARGIN  # noqa: E402
+from cbr.pipeline.search import shortlist  # noqa: E402
 
 K = 10
 TRAIN = 250_000
 
 
-def factor_of(ix):
-    if not index.lossy(ix):
-        return 1
-    return FAST_SCAN_RERANK_FACTOR if index.fast_scan(ix) else RERANK_FACTOR
-
-
-def measure(kind, x, ids, q, truth, k_cbr):
+def measure(kind, x, ids, q, truth):
     t, c = time.perf_counter(), time.process_time()
     ix = index.build(x.shape[1], kind, n_hint=len(x))
     if not ix.is_trained:
@@ -54,7 +48,7 @@ def measure(kind, x, ids, q, truth, k_cbr):
     with tempfile.TemporaryDirectory() as tmp:
         index.save(ix, Path(tmp) / "ix.faiss")
         size = os.path.getsize(Path(tmp) / "ix.faiss")
-    depth = (k_cbr + SEARCH_MARGIN) * factor_of(ix)
+    depth = shortlist(K, ix)
     found, cpu = [], []
     for i in range(len(q)):
         c = time.thread_time()
@@ -80,7 +74,6 @@ def main(argv=None):
     p.add_argument("--data", choices=["real", "powerlaw"], default="real")
     p.add_argument("--kinds", nargs="+", default=["ivf-sq8", "ivf-pq-fs"])
     p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--k", type=int, default=5, help="cbr's k: (k + 5) x factor candidates are re-ranked")
     p.add_argument("--out", default="benchmarks/results/auto_kinds.json")
     a = p.parse_args(argv)
     faiss.omp_set_num_threads(1)
@@ -92,7 +85,7 @@ def main(argv=None):
     truth = np.argsort(-(q @ x.T), axis=1)[:, :K]
     rows = []
     for kind in a.kinds:
-        rows.append(measure(kind, x, ids, q, ids[truth], a.k))
+        rows.append(measure(kind, x, ids, q, ids[truth]))
         print(json.dumps(rows[-1]), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))

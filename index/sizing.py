@@ -3,12 +3,12 @@
 ``auto`` follows the measured Pareto front of recall@10 against single-thread CPU per query and
 bytes per vector (docs/results.md: "Index scale", "10M vectors, streamed and sharded", "A large
 case base end to end" and "cbr's own kinds side by side", the last with cbr's own settings:
-nlist = 4 sqrt(n), nprobe = nlist/8, (k + 5) x 50 or x 200 candidates re-ranked exactly):
+nlist = 4 sqrt(n), nprobe = nlist/8, 10 x 50 or x 200 candidates re-ranked exactly for recall@10):
 
 - below 100k vectors an exact scan costs a few ms, so it stays exact (``flat``);
 - from 100k to 1M, IVF with 8-bit scalar codes (``ivf-sq8``: d bytes a vector, 546 B on disk at
   d=512): recall@10 0.992 at 2.5 ms of CPU at 200k, trained in 24 s of CPU, and it re-ranks 500
-  candidates, which cbr reads back from the case base (a third of a query's CPU at 200k);
+  candidates at k = 10, which cbr reads back from the case base (a third of a query's CPU at 200k);
 - from 1M, the 4-bit fast-scan design (``ivf-pq-fs``: an OPQ rotation, IVF, PQ with 4-bit codes
   scanned by SIMD, and the shortlist re-ranked exactly): at 1M, d=512, 59 B a vector on disk
   against SQ8's 536, recall@10 0.961 at 3.7 ms of CPU against SQ8's 0.9995 at 8.9 ms, so it

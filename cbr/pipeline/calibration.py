@@ -28,7 +28,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import DBAPIError
 
 from cbr.errors import CaseBaseError
-from cbr.pipeline.search import exact_similarities, rerank_factor, SEARCH_MARGIN
+from cbr.pipeline.search import exact_similarities, rerank_factor, shortlist
 from cbr.pipeline.settings import QueryConfig
 from cbr.pipeline.temperature import CROSSFIT_FOLDS, fit_temperature, fold_fits
 from cbr.pipeline.typicality import (knn_scores, sample_positions, SCORE_NAME, search_excluding, TYPICALITY_CASES,
@@ -276,7 +276,7 @@ def _exact_rerank(cb, model_id: int, index):
         with cb.read() as s:
             return exact_similarities(s, model_id, sidecar, query, ids)
 
-    return (QueryConfig.k + SEARCH_MARGIN) * factor, score
+    return shortlist(QueryConfig.k, index), score
 
 
 def _sample(cb, model_id: int, sampled: np.ndarray) -> tuple[dict, dict, dict]:

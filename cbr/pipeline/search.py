@@ -17,20 +17,20 @@ import index as ix
 
 __all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR", "FAST_SCAN_LARGE_RERANK_FACTOR",
            "excluded_cases", "allowed_cases", "own_case_notes", "active_classes", "search_members", "rerank_factor",
-           "exact_similarities"]
+           "shortlist", "exact_similarities"]
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
 # A lossy index (PQ or SQ codes) gives this many candidates per wanted hit, re-ranked by the exact
 # embeddings: the rows of the index's sidecar (cbr.store.sidecar), else those stored in the case
 # base. PQ codes alone find a fair shortlist but order its head badly (recall@10 0.05-0.2 at
 # 1M-10M vectors); re-ranking 50 candidates per hit brought 1M clustered vectors to recall 0.97
-# (benchmarks/bench_scale_stream.py, README "Scale"). With k = 5 that is 500 rows re-scored.
+# (benchmarks/bench_scale_stream.py, README "Scale"). With k = 5 that is 250 rows re-scored.
 RERANK_FACTOR = 50
 # 4-bit fast-scan codes (ivf-pq-fs) order their shortlist more coarsely still: at 1M vectors with
 # the spectrum of cbr's own embeddings (docs/results.md, "10M with the real spectrum"), nprobe =
 # nlist/8 as cbr sets it, recall@10 was 0.891 with 100 candidates per wanted hit, 0.961 with 200
-# (5.1 ms of CPU, most of it the re-ranking) and 0.974 with 300 (13.5 ms). cbr asks for k + 5
-# hits, so with k = 5 this is 2,000 rows re-scored per query.
+# (5.1 ms of CPU, most of it the re-ranking) and 0.974 with 300 (13.5 ms). With k = 5 this is
+# 1,000 rows re-scored per query (`shortlist`).
 FAST_SCAN_RERANK_FACTOR = 200
 # From index.FAST_SCAN_LARGE_FROM vectors (10M on the real spectrum, 192 of 4,096 lists probed):
 # 300 gave 0.952 at 4.2 ms, 400 gave 0.965 at 4.8 ms (docs/results.md, "Finer 4-bit codes at 10M").
@@ -105,10 +105,10 @@ def search_members(s, members, vectors, k: int, exclude: list[int], allow=None) 
     """
     hits = []
     for m, e in zip(members, vectors):
-        want, factor = k + SEARCH_MARGIN, rerank_factor(m.index)
-        D, I = ix.search(m.index, e, want * factor, exclude=[exclude], allow=allow)
+        want = k + SEARCH_MARGIN
+        D, I = ix.search(m.index, e, shortlist(k, m.index), exclude=[exclude], allow=allow)
         ids, sims = I[0][I[0] >= 0], D[0][I[0] >= 0]
-        if factor > 1:  # a lossy index: its similarities are the codes' approximations
+        if ix.lossy(m.index):  # its similarities are the codes' approximations
             ids, sims = _reranked(s, m, e, ids, sims, want)
         # Python pairs for the few kept only: at 10M a lossy index gives 4,000-6,000 candidates,
         # and a tuple each cost about 4 ms a query
@@ -125,6 +125,18 @@ def rerank_factor(index) -> int:
     if not ix.fast_scan(index):
         return RERANK_FACTOR
     return FAST_SCAN_LARGE_RERANK_FACTOR if index.ntotal >= ix.FAST_SCAN_LARGE_FROM else FAST_SCAN_RERANK_FACTOR
+
+
+def shortlist(k: int, index) -> int:
+    """Candidates asked of ``index`` for k hits: k + SEARCH_MARGIN from an exact index; from a lossy
+    one, `rerank_factor` per wanted hit, of which the re-rank keeps k + SEARCH_MARGIN.
+
+    The margin only covers cases removed since the index was loaded, which the re-rank scores like
+    any other: multiplying it by the factor re-scored 50 % more rows at k = 10 (6,000 instead of
+    4,000 at 10M) for no recall a query can use.
+    """
+    factor = rerank_factor(index)
+    return k + SEARCH_MARGIN if factor == 1 else k * factor
 
 
 def exact_similarities(s, model_id: int, sidecar, query, ids) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,13 @@
 """Searching only some ids: ids a query must never return (exclude) and, optionally, the only ids
 it may return (allow, e.g. the cases whose metadata match a filter).
 
-On CPU both go into one faiss ID selector, so a flat index stays exact whatever the filter; GPU
-indexes take no selector, so there the whole index is ranked and the filter applied afterwards,
-which is exact too (only flat indexes go to the GPU).
+On CPU an allow-list, or more excluded ids than neighbours asked for, go into one faiss ID
+selector, so a flat index stays exact whatever the filter. A few excluded ids (a query's own image,
+its patient's other images) are instead dropped from a search for that many more neighbours: the
+same answer, since each excluded id can displace at most one neighbour, without the selector's
+path, which scans 4-bit fast-scan lists code by code (at 10M cases: 7.9 ms instead of 3.2 ms for
+6,000 candidates, docs/results.md). GPU indexes take no selector, so there the filter is always
+applied afterwards, which is exact too (only flat indexes go to the GPU).
 """
 
 import numpy as np
@@ -23,7 +27,7 @@ def selected_search(index, x, k, excluded, allowed=None):
         excluded: a frozenset of ids never returned (may be empty).
         allowed: None (every id) or a sorted int64 array of the only ids that may be returned.
     """
-    if on_device(index):
+    if on_device(index) or (allowed is None and len(excluded) <= k):
         return _ranked_then_filtered(index, x, k, excluded, allowed)
     sel, keep_alive = _selector(excluded, allowed)
     # IndexIDMap2 wraps the selector so that it sees external ids, not storage positions

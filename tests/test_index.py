@@ -89,6 +89,22 @@ def test_exclusion_matches_brute_force(filled, data):
     check_against_reference(kind, I, Iref)
 
 
+def test_a_few_excluded_ids_give_the_selectors_answer(filled, data):
+    """Up to k excluded ids are dropped from a deeper search instead of going into a selector:
+    the neighbours are those the selector finds (an allow-list of every id forces its path)."""
+    kind, ix = filled
+    xb, xids, _ = data
+    xq = xb[:NQ]
+    _, Inear = index.brute_force_search(xb, xids, xq, K)
+    exclude = [Inear[row, : 1 + row % K].tolist() for row in range(NQ)]  # 1..K ids, the best first
+    D1, I1 = index.search(ix, xq, K, exclude=exclude)
+    D2, I2 = index.search(ix, xq, K, exclude=exclude, allow=np.sort(xids))
+    for row, excluded in enumerate(exclude):
+        assert not set(I1[row].tolist()) & set(excluded)
+    np.testing.assert_array_equal(I1, I2)
+    np.testing.assert_allclose(D1, D2, rtol=1e-5, atol=1e-5)
+
+
 def test_id_map2_selector_sees_external_ids():
     # The exclusion relies on IndexIDMap2 translating IDSelector to external ids; check that
     # this faiss does so (it did not before faiss 1.7.3).

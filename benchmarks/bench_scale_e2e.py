@@ -22,7 +22,9 @@ the stages (search, vote, database) and the process's peak RSS (VmHWM).
 ``recall`` measures cbr's own search (``search_members``: the index as `cbr import` built it, its
 nprobe and re-rank from the sidecar) against the exact answer: the best k stored rows by inner
 product, found by streaming emb.npy a chunk at a time. It prints recall@k and the search's CPU per
-query (p50), with the index's bytes a vector:
+query (p50), with the index's bytes a vector. ``--premap`` maps the sidecar's pages first, as a
+`cbr serve` process does at start; without it (or ``--warmup``) each query pays the first touch of
+its candidates' pages, as in a `cbr query` process:
 
     .venv/bin/python benchmarks/bench_scale_e2e.py recall --db cases.db --work W --k 10 --queries 200
 """
@@ -45,7 +47,7 @@ from bench_scale_stream import Chunks  # noqa: E402
 from cbr.models.embedder import create_embedder  # noqa: E402
 from cbr.pipeline.query import Searcher  # noqa: E402
 import index as ix  # noqa: E402
-from cbr.pipeline.search import exact_similarities, rerank_factor, search_members, SEARCH_MARGIN  # noqa: E402
+from cbr.pipeline.search import exact_similarities, search_members, shortlist  # noqa: E402
 from cbr.store.member import load_members  # noqa: E402
 from cbr.store.schema import Case  # noqa: E402
 from cbr.store.casebase import open_casebase  # noqa: E402
@@ -126,7 +128,12 @@ def recall(a) -> None:
     member = load_members(cb)[0]
     index = member.index
     hits, cpu, index_cpu = [], [], []
-    want = (a.k + SEARCH_MARGIN) * rerank_factor(index)
+    want = shortlist(a.k, index)
+    premapped = None
+    if a.premap and member.sidecar is not None:  # as `cbr serve` does at start (cbr.serve.lanes)
+        t = time.perf_counter()
+        ix.premap(member.sidecar)
+        premapped = round(time.perf_counter() - t, 1)
     with cb.read() as s:
         # --warmup queries of a third stream first: a long-lived process (a serve lane) has mapped
         # the sidecar's pages that a fresh one maps at its first touch of each
@@ -152,7 +159,8 @@ def recall(a) -> None:
     # the newest generation's index file (the sidecar's .f16.npy/.ids.npy beside it are counted apart)
     files = sorted(Path(cb.index_dir).glob(f"model-{member.model_id}-*.faiss"), key=lambda f: f.stat().st_mtime)
     index_bytes = files[-1].stat().st_size if files else 0
-    print(json.dumps({"db": a.db, "queries": len(xq), "warmup": a.warmup, "k": a.k, "ntotal": int(index.ntotal),
+    print(json.dumps({"db": a.db, "queries": len(xq), "warmup": a.warmup, "premap_s": premapped, "k": a.k,
+                      "ntotal": int(index.ntotal),
                       "candidates": want, "nprobe": _nprobe(index),
                       "recall_at_k": round(float(np.mean(rec)), 4),
                       "index_cpu_p50_ms": round(1000 * statistics.median(index_cpu), 2),
@@ -236,6 +244,7 @@ def main(argv=None) -> None:
     r.add_argument("--queries", type=int, default=200)
     r.add_argument("--chunk", type=int, default=250_000)
     r.add_argument("--warmup", type=int, default=0, help="searches made before the timed ones")
+    r.add_argument("--premap", action="store_true", help="map the sidecar's pages first, as `cbr serve` does")
     for s in (m, q, r):
         s.add_argument("--work", default="/work/runs/scale/e2e")
         s.add_argument("--seed", type=int, default=0)

@@ -150,6 +150,14 @@ def recall(a) -> None:
             found = search_members(s, [member], [q[None, :]], a.k, [])[0]
             cpu.append(time.process_time() - c)
             hits.append([h.case.id for h in found])
+        # cbr's search without --exclude random case ids, as a query by image is searched without
+        # its own image's cases (and, with --patient, the patient's)
+        rng, excluded_cpu = np.random.default_rng([a.seed, 5]), []
+        for q in xq if a.exclude else []:
+            gone = sorted(set(rng.integers(1, int(index.ntotal) + 1, a.exclude).tolist()))
+            c = time.process_time()
+            search_members(s, [member], [q[None, :]], a.k, gone)
+            excluded_cpu.append(time.process_time() - c)
         ids = sorted({i for h in hits for i in h})
         for i in range(0, len(ids), 10_000):
             for cid, path in s.execute(select(Case.id, Case.path).where(Case.id.in_(ids[i:i + 10_000]))):
@@ -166,6 +174,8 @@ def recall(a) -> None:
                       "index_cpu_p50_ms": round(1000 * statistics.median(index_cpu), 2),
                       "search_cpu_p50_ms": round(1000 * statistics.median(cpu), 2),
                       "search_cpu_p90_ms": round(1000 * float(np.percentile(cpu, 90)), 2),
+                      "excluded": a.exclude,
+                      "excluded_search_cpu_p50_ms": round(1000 * statistics.median(excluded_cpu), 2) if excluded_cpu else None,
                       "index_bytes": index_bytes, "bytes_per_vector": round(index_bytes / max(1, index.ntotal), 1),
                       "peak_rss_mb": _vm("VmHWM"), "load": os.getloadavg()}, indent=1))
 
@@ -245,6 +255,8 @@ def main(argv=None) -> None:
     r.add_argument("--chunk", type=int, default=250_000)
     r.add_argument("--warmup", type=int, default=0, help="searches made before the timed ones")
     r.add_argument("--premap", action="store_true", help="map the sidecar's pages first, as `cbr serve` does")
+    r.add_argument("--exclude", type=int, default=0,
+                   help="also time cbr's search with this many random case ids excluded (a query's own image)")
     for s in (m, q, r):
         s.add_argument("--work", default="/work/runs/scale/e2e")
         s.add_argument("--seed", type=int, default=0)

@@ -97,19 +97,23 @@ def query(a) -> None:
             ix.premap(m.sidecar)
     premapped = round(time.perf_counter() - t, 1) if a.premap else None
     server0 = _server_cpu(a.pg_data)
-    times, cpu, stages = [], [], {}
+    times, cpu, stages, faults = [], [], {}, []
     for i, v in enumerate(xq):
-        t, c = time.perf_counter(), time.process_time()
+        t, c, f = time.perf_counter(), time.process_time(), _faults()
         answer = searcher.query_embedding([v], name=f"bench-query-{i}")
         if i >= a.warmup:
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
+            faults.append(np.subtract(_faults(), f))
             for k, s in answer.timings.items():
                 stages.setdefault(k, []).append(s)
     ms = lambda xs: round(1000 * statistics.median(xs), 2)  # noqa: E731
     print(json.dumps({"db": a.db, "queries": len(times), "k": a.k, "open_s": round(opened, 2), "premap_s": premapped,
                       "p50_ms": ms(times), "p99_ms": round(1000 * float(np.percentile(times, 99)), 2),
                       "max_ms": round(1000 * max(times), 2),
+                      # page faults a query: minor (a page mapped from the page cache), major (read from disk)
+                      "faults_p50": {"minor": float(np.median([f[0] for f in faults])),
+                                     "major": float(np.median([f[1] for f in faults]))},
                       # this process's CPU (the database server's, for PostgreSQL, is not in it)
                       "cpu_p50_ms": ms(cpu), "cpu_p99_ms": round(1000 * float(np.percentile(cpu, 99)), 2),
                       # PostgreSQL's backends on this machine (warm-up included), per query: mean
@@ -240,6 +244,14 @@ def _server_cpu(pg_data) -> float:
         except OSError:
             continue
     return total
+
+
+def _faults() -> tuple[int, int]:
+    """(minor, major) page faults of this process so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt, r.ru_majflt
 
 
 def _vm(field: str) -> float:

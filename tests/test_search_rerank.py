@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import index as ix
-from cbr.pipeline.search import FAST_SCAN_RERANK_FACTOR, RERANK_FACTOR, search_members
+from cbr.pipeline.search import FAST_SCAN_RERANK_FACTOR, RERANK_DEPTH, RERANK_FACTOR, search_members
 from cbr.store.casebase import open_casebase
 from cbr.store.encoding import encode_vector
 from cbr.store.schema import Case, Embedding, Model
@@ -121,6 +121,6 @@ def test_fast_scan_shortlist_is_longer_and_reranked_to_the_exact_answer(stored, 
     queries = _vectors(seed=1)[:20]
     with cb.read() as s:
         got = [[h.case.id for h in search_members(s, [m], [q[None]], K, exclude=[int(ids[0])])[0]] for q in queries]
-    assert set(asked) == {K * FAST_SCAN_RERANK_FACTOR}
+    assert set(asked) == {max(K, RERANK_DEPTH) * FAST_SCAN_RERANK_FACTOR}
     want = [_exact(x, ids, q, exclude=[int(ids[0])]) for q in queries]
     assert got == want

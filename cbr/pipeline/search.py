@@ -15,8 +15,8 @@ from cbr.store.member import embeddings_in
 from cbr.store.schema import Case
 import index as ix
 
-__all__ = ["Hit", "SEARCH_MARGIN", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR", "FAST_SCAN_LARGE_RERANK_FACTOR",
-           "excluded_cases", "allowed_cases", "own_case_notes", "active_classes", "search_members", "rerank_factor",
+__all__ = ["Hit", "SEARCH_MARGIN", "RERANK_DEPTH", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR",
+           "FAST_SCAN_LARGE_RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes", "active_classes", "search_members", "rerank_factor",
            "shortlist", "exact_similarities"]
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
@@ -24,17 +24,19 @@ SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was l
 # embeddings: the rows of the index's sidecar (cbr.store.sidecar), else those stored in the case
 # base. PQ codes alone find a fair shortlist but order its head badly (recall@10 0.05-0.2 at
 # 1M-10M vectors); re-ranking 50 candidates per hit brought 1M clustered vectors to recall 0.97
-# (benchmarks/bench_scale_stream.py, README "Scale"). With k = 5 that is 250 rows re-scored.
+# (benchmarks/bench_scale_stream.py, README "Scale"). With k = 5 that is 500 rows re-scored.
 RERANK_FACTOR = 50
 # 4-bit fast-scan codes (ivf-pq-fs) order their shortlist more coarsely still: at 1M vectors with
 # the spectrum of cbr's own embeddings (docs/results.md, "10M with the real spectrum"), nprobe =
 # nlist/8 as cbr sets it, recall@10 was 0.891 with 100 candidates per wanted hit, 0.961 with 200
 # (5.1 ms of CPU, most of it the re-ranking) and 0.974 with 300 (13.5 ms). With k = 5 this is
-# 1,000 rows re-scored per query (`shortlist`).
+# 2,000 rows re-scored per query (`shortlist`).
 FAST_SCAN_RERANK_FACTOR = 200
 # From index.FAST_SCAN_LARGE_FROM vectors (10M on the real spectrum, 192 of 4,096 lists probed):
 # 300 gave 0.952 at 4.2 ms, 400 gave 0.965 at 4.8 ms (docs/results.md, "Finer 4-bit codes at 10M").
 FAST_SCAN_LARGE_RERANK_FACTOR = 400
+# The depth the factors were measured at: a shortlist is never shorter than this many hits' worth.
+RERANK_DEPTH = 10
 
 
 class Hit(NamedTuple):
@@ -129,14 +131,18 @@ def rerank_factor(index) -> int:
 
 def shortlist(k: int, index) -> int:
     """Candidates asked of ``index`` for k hits: k + SEARCH_MARGIN from an exact index; from a lossy
-    one, `rerank_factor` per wanted hit, of which the re-rank keeps k + SEARCH_MARGIN.
+    one, `rerank_factor` per wanted hit for at least RERANK_DEPTH hits, of which the re-rank keeps
+    k + SEARCH_MARGIN.
 
-    The margin only covers cases removed since the index was loaded, which the re-rank scores like
-    any other: multiplying it by the factor re-scored 50 % more rows at k = 10 (6,000 instead of
-    4,000 at 10M) for no recall a query can use.
+    Every factor was measured as recall@10 over 10 x factor candidates. Fewer do not serve a
+    smaller k as well: the codes misrank the first neighbour as much as the tenth, so at 10M
+    (400 a hit) recall@5 fell from 0.974 with 4,000 candidates to 0.934 with 2,000
+    (docs/results.md, "Ten million cases end to end"). Above 10 the shortlist grows with k;
+    until this rule the margin was multiplied too, (k + 5) x factor: 6,000 rows re-scored at
+    k = 10 and 10M where 4,000 gave recall@10 0.961.
     """
     factor = rerank_factor(index)
-    return k + SEARCH_MARGIN if factor == 1 else k * factor
+    return k + SEARCH_MARGIN if factor == 1 else max(k, RERANK_DEPTH) * factor
 
 
 def exact_similarities(s, model_id: int, sidecar, query, ids) -> tuple[np.ndarray, np.ndarray]:

@@ -22,9 +22,9 @@ the stages (search, vote, database) and the process's peak RSS (VmHWM).
 ``recall`` measures cbr's own search (``search_members``: the index as `cbr import` built it, its
 nprobe and re-rank from the sidecar) against the exact answer: the best k stored rows by inner
 product, found by streaming emb.npy a chunk at a time. It prints recall@k and the search's CPU per
-query (p50), with the index's bytes a vector. ``--premap`` maps the sidecar's pages first, as a
-`cbr serve` process does at start; without it (or ``--warmup``) each query pays the first touch of
-its candidates' pages, as in a `cbr query` process:
+query (p50), with the index's bytes a vector. ``--warmup N`` makes N searches first, as a
+long-lived `cbr serve` lane has: without them each query pays the first touch of its candidates'
+pages of the sidecar, as in a `cbr query` process:
 
     .venv/bin/python benchmarks/bench_scale_e2e.py recall --db cases.db --work W --k 10 --queries 200
 """
@@ -91,11 +91,6 @@ def query(a) -> None:
     cb = open_casebase(a.db, create=False, index_dir=a.index_dir)
     searcher = Searcher(cb, k=a.k, explain="none", render=False)
     opened = time.perf_counter() - t
-    t = time.perf_counter()
-    for m in searcher.members if a.premap else []:  # as `cbr serve` does at start (cbr.serve.lanes)
-        if m.sidecar is not None:
-            ix.premap(m.sidecar)
-    premapped = round(time.perf_counter() - t, 1) if a.premap else None
     server0 = _server_cpu(a.pg_data)
     times, cpu, stages, faults = [], [], {}, []
     for i, v in enumerate(xq):
@@ -108,7 +103,7 @@ def query(a) -> None:
             for k, s in answer.timings.items():
                 stages.setdefault(k, []).append(s)
     ms = lambda xs: round(1000 * statistics.median(xs), 2)  # noqa: E731
-    print(json.dumps({"db": a.db, "queries": len(times), "k": a.k, "open_s": round(opened, 2), "premap_s": premapped,
+    print(json.dumps({"db": a.db, "queries": len(times), "k": a.k, "open_s": round(opened, 2),
                       "p50_ms": ms(times), "p99_ms": round(1000 * float(np.percentile(times, 99)), 2),
                       "max_ms": round(1000 * max(times), 2),
                       # page faults a query: minor (a page mapped from the page cache), major (read from disk)
@@ -151,11 +146,6 @@ def recall(a) -> None:
         search.FAST_SCAN_LARGE_RERANK_FACTOR = search.FAST_SCAN_RERANK_FACTOR = a.factor
     hits, cpu, index_cpu = [], [], []
     want = shortlist(a.k, index)
-    premapped = None
-    if a.premap and member.sidecar is not None:  # as `cbr serve` does at start (cbr.serve.lanes)
-        t = time.perf_counter()
-        ix.premap(member.sidecar)
-        premapped = round(time.perf_counter() - t, 1)
     with cb.read() as s:
         # --warmup queries of a third stream first: a long-lived process (a serve lane) has mapped
         # the sidecar's pages that a fresh one maps at its first touch of each
@@ -189,7 +179,7 @@ def recall(a) -> None:
     # the newest generation's index file (the sidecar's .f16.npy/.ids.npy beside it are counted apart)
     files = sorted(Path(cb.index_dir).glob(f"model-{member.model_id}-*.faiss"), key=lambda f: f.stat().st_mtime)
     index_bytes = files[-1].stat().st_size if files else 0
-    print(json.dumps({"db": a.db, "queries": len(xq), "warmup": a.warmup, "premap_s": premapped, "k": a.k,
+    print(json.dumps({"db": a.db, "queries": len(xq), "warmup": a.warmup, "k": a.k,
                       "ntotal": int(index.ntotal),
                       "candidates": want, "nprobe": _nprobe(index),
                       "recall_at_k": round(float(np.mean(rec)), 4),
@@ -276,7 +266,6 @@ def main(argv=None) -> None:
     q.add_argument("--k", type=int, default=5)
     q.add_argument("--warmup", type=int, default=5)
     q.add_argument("--queries", type=int, default=20)
-    q.add_argument("--premap", action="store_true", help="map the sidecar's pages first, as `cbr serve` does")
     r = sub.add_parser("recall")
     r.add_argument("--db", required=True)
     r.add_argument("--index-dir", default=None)
@@ -285,7 +274,6 @@ def main(argv=None) -> None:
     r.add_argument("--queries", type=int, default=200)
     r.add_argument("--chunk", type=int, default=250_000)
     r.add_argument("--warmup", type=int, default=0, help="searches made before the timed ones")
-    r.add_argument("--premap", action="store_true", help="map the sidecar's pages first, as `cbr serve` does")
     r.add_argument("--nprobe", type=int, default=0, help="lists probed instead of the index's own")
     r.add_argument("--factor", type=int, default=0, help="candidates a wanted hit instead of cbr's for fast-scan")
     r.add_argument("--exclude", type=int, default=0,

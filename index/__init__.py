@@ -2,8 +2,8 @@
 
 from .device import to_device, to_host
 from .halves import to_float32
-from .refine import (Sidecar, SidecarError, create_sidecar, exact_scores, link_sidecar, open_sidecar, premap,
-                     put_rows, refined_search, remove_sidecar, rename_sidecar, sidecar_exists, sidecar_files)
+from .refine import (Sidecar, SidecarError, create_sidecar, exact_scores, link_sidecar, open_sidecar, put_rows,
+                     refined_search, remove_sidecar, rename_sidecar, sidecar_exists, sidecar_files)
 from .shards import (ShardBuildError, ShardPlan, build_sharded, ivfdata_files, load_sharded, open_index, shardable,
                      sharded, write_sharded)
 from .sizing import FAST_SCAN_LARGE_FROM, LARGE_KINDS, auto_kind, factory_for, fast_scan_m, pq_bytes
@@ -37,7 +37,6 @@ __all__ = [
     "to_float32",
     "load_sharded",
     "open_sidecar",
-    "premap",
     "put_rows",
     "refined_search",
     "add",

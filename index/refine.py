@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 import os
 from dataclasses import dataclass
 
@@ -27,8 +26,8 @@ import numpy as np
 from .halves import BLOCK_ROWS, to_float32
 from .vectors import search
 
-__all__ = ["Sidecar", "SidecarError", "create_sidecar", "exact_scores", "link_sidecar", "open_sidecar", "premap",
-           "put_rows", "refined_search", "remove_sidecar", "rename_sidecar", "sidecar_exists", "sidecar_files"]
+__all__ = ["Sidecar", "SidecarError", "create_sidecar", "exact_scores", "link_sidecar", "open_sidecar", "put_rows",
+           "refined_search", "remove_sidecar", "rename_sidecar", "sidecar_exists", "sidecar_files"]
 
 MISSING = -1
 SUFFIXES = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}  # rows file per row type
@@ -195,34 +194,6 @@ def open_sidecar(base) -> Sidecar:
     if (np.diff(sorted_ids) == 0).any():
         raise SidecarError(f"sidecar at {base} holds an id twice")
     return Sidecar(rows, None, sorted_ids, order)
-
-
-def premap(sidecar: Sidecar, block_rows: int = 1 << 16) -> int:
-    """Touch one value in every page of the sidecar's rows, so that this process has them all
-    mapped before a query re-ranks from them; returns the pages touched.
-
-    A process maps a memory-mapped file's pages at its first touch of each, and a query's
-    re-rank touches a few thousand random rows: at 10M rows, in a fresh process, those first
-    touches cost more CPU than the index search itself (docs/results.md, "Ten million cases end
-    to end"). A long-lived server pays them once here, in a background thread, instead of in its
-    first few thousand queries. The touches run a block at a time, each one numpy call that
-    releases the GIL.
-
-    Args:
-        sidecar: an open `Sidecar`.
-        block_rows: rows a numpy call covers.
-    """
-    rows = sidecar.rows
-    if not len(rows):
-        return 0
-    step = max(1, mmap.PAGESIZE // (rows.shape[1] * rows.dtype.itemsize))  # rows a page holds
-    block = max(step, block_rows - block_rows % step)  # whole pages: each touched once
-    touched = 0
-    for lo in range(0, len(rows), block):
-        column = rows[lo:min(lo + block, len(rows)):step, 0]
-        column.max()  # the read is the point; the value is not
-        touched += len(column)
-    return touched
 
 
 def exact_scores(sidecar: Sidecar, ids, query) -> np.ndarray:

@@ -29,20 +29,6 @@ def faiss_one_thread():
     faiss.omp_set_num_threads(threads)
 
 
-def mapped_kb(path) -> int:
-    """Resident kB of this process's mappings of the file ``path`` (Linux's /proc/self/smaps): the
-    pages of it this process has mapped, not those merely in the page cache."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()
-            if "-" in head[0] and len(head) >= 5:  # a mapping's first line: range perms offset dev inode [path]
-                inside = len(head) >= 6 and head[5] == str(path)
-            elif inside and head[0] == "Rss:":
-                total += int(head[1])
-    return total
-
-
 def casebase_counts(db):
     """(cases, distinct sha256s, embeddings, vectors in the first model's index) of a case base:
     every image must arrive once, whatever interrupted or limited the run."""

@@ -1,16 +1,13 @@
 """index/refine: an IVF-PQ shortlist re-ranked from a float16 sidecar reaches brute force's answer,
 with filtered search kept; an incomplete sidecar is refused."""
 
-import mmap
-import os
-
 import faiss
 import numpy as np
 import pytest
 
 import index
 from index import refine
-from index_data import faiss_one_thread, mapped_kb, recall  # noqa: F401 - the fixture applies to this module
+from index_data import faiss_one_thread, recall  # noqa: F401 - the fixture applies to this module
 
 D = 64
 N = 12000  # enough for 256 centroids per PQ sub-quantiser
@@ -150,19 +147,3 @@ def test_exact_scores_over_several_blocks_are_brute_force_in_the_callers_order(t
     want = x[pick].astype(np.float16).astype(np.float64) @ q.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert refine.exact_scores(side, ids[:0], q).shape == (0,)
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
-def test_premap_maps_every_page_of_the_rows_into_this_process(tmp_path):
-    n, d = 20_000, 64  # 128 B a float16 row: 32 rows a 4 kB page, 2.5 MB in all
-    base = tmp_path / "s"
-    refine.create_sidecar(base, n, d)
-    refine.put_rows(base, 0, np.ones((n, d), dtype=np.float32), np.arange(n))
-    side = refine.open_sidecar(base)
-    rows_file = refine.sidecar_files(base)[0]
-    size_kb = os.path.getsize(rows_file) // 1024
-    assert mapped_kb(rows_file) < size_kb // 4  # np.load maps the file; nothing is touched yet
-    pages = refine.premap(side, block_rows=3_000)  # blocks that do not divide the rows
-    assert pages == -(-n // (mmap.PAGESIZE // (d * 2)))
-    assert mapped_kb(rows_file) >= size_kb - mmap.PAGESIZE // 1024  # all but the header's page
-    assert refine.premap(refine.Sidecar(side.rows[:0], 0, None, None)) == 0

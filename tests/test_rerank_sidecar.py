@@ -5,7 +5,6 @@ never trusted when it disagrees with the case base."""
 import json
 import logging
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from sqlalchemy import event, insert
 
 from casebase_data import casebase_with_model
 from conftest import invoke
-from index_data import mapped_kb
 import index as ix
 from cbr.pipeline.search import search_members
 from cbr.store.encoding import encode_vector
@@ -266,40 +264,3 @@ def test_calibration_of_a_lossy_index_sees_the_exact_neighbours_a_query_sees(bui
     # typicality's sample is 1,000 of the 2,000 cases: its scores are exact k-th similarities
     gap = np.abs(scores[:, None] - exact_kth[None, :]).min(axis=1)
     assert (gap < 1e-5).mean() > 0.99
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
-def test_serve_maps_a_lossy_indexs_sidecar_before_queries_and_again_for_a_new_generation(built, caplog, monkeypatch):
-    """``cbr serve`` maps the sidecar's pages into its process in the background (at start, and
-    when a writer saves a new generation), so no query pays their first touch."""
-    from types import SimpleNamespace
-
-    from cbr.serve.lanes import Lane, premap_sidecars
-
-    cb, model_id, _, _ = built
-    member = _Member(cb, model_id)
-    # opened afresh, unchecked: loading checks a sample of rows, which at this size maps most pages
-    member.sidecar = ix.open_sidecar(_generation(cb, model_id))
-    rows_file = ix.sidecar_files(_generation(cb, model_id), member.sidecar.rows.dtype)[0]
-    size_kb = os.path.getsize(rows_file) // 1024
-    assert mapped_kb(rows_file) < size_kb // 4
-    caplog.set_level(logging.INFO, logger="cbr.serve.lanes")
-    premap_sidecars([member]).join()
-    assert mapped_kb(rows_file) >= size_kb - 4
-    assert "re-rank sidecar mapped" in caplog.text
-    # a sidecar larger than the memory share is left to the queries, said in the log
-    assert premap_sidecars([member], memory=os.path.getsize(rows_file)) is None
-    assert "more than 50% of memory" in caplog.text
-    assert premap_sidecars([SimpleNamespace(model_id=model_id, sidecar=None)]) is None  # an exact index
-
-    mapped = []
-    monkeypatch.setattr(ix, "premap", lambda side: mapped.append(side) or 0)
-    lane = Lane(cb, SimpleNamespace(members=[member]))
-    lane.refresh()  # nothing new: nothing mapped again
-    with writer_lock(cb):
-        rebuild_index(cb, model_id, "ivf-sq8")  # a new generation, with its own sidecar
-    lane.refresh()
-    for t in [t for t in threading.enumerate() if t.name == "cbr-premap"]:
-        t.join()
-    assert [m.rows.filename for m in mapped] == [member.sidecar.rows.filename]
-    assert member.sidecar.rows.filename != rows_file

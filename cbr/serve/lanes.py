@@ -13,9 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 import threading
-import time
 
 from sqlalchemy import select
 
@@ -24,9 +22,8 @@ from cbr.store.member import load_index, load_sidecar
 from cbr.store.schema import IndexManifest
 from explain.methods import FAST_METHODS, FUSED_METHODS
 from explain.spec import base_name
-import index as ix
 
-__all__ = ["Lane", "Busy", "is_expensive", "premap_sidecars", "CHEAP_METHODS", "PREMAP_MEMORY_SHARE"]
+__all__ = ["Lane", "Busy", "is_expensive", "CHEAP_METHODS"]
 
 LOG = logging.getLogger(__name__)
 # One backward pass a map (or none): these run in the retrieval lane.
@@ -40,47 +37,6 @@ class Busy(CbrError):
 def is_expensive(method: str) -> bool:
     """Whether a method runs the model many times a map (Score-CAM, lime, occlusion, ...)."""
     return base_name(method) not in CHEAP_METHODS
-
-
-# A sidecar is pre-mapped only while it fits in this share of the machine's memory: a larger one
-# would be read from disk in full, evicting the case base's own pages, for pages a query may
-# never touch.
-PREMAP_MEMORY_SHARE = 0.5
-
-
-def premap_sidecars(members, memory: int | None = None) -> threading.Thread | None:
-    """Map the members' re-rank sidecars into this process in a background thread (``index.premap``),
-    so that no query of a long-lived server pays the first touch of their pages; the thread, or
-    None when there is nothing to map.
-
-    Args:
-        members: the lane's ``Member``s (those of an exact index have no sidecar).
-        memory: the machine's memory in bytes (None: read from the system).
-    """
-    if memory is None:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    sides = []
-    for m in members:
-        side = getattr(m, "sidecar", None)
-        if side is None:
-            continue
-        if side.rows.nbytes > PREMAP_MEMORY_SHARE * memory:
-            LOG.info("model %s: its %.1f GB re-rank sidecar is more than %d%% of memory; its pages are "
-                     "mapped as queries touch them", m.model_id, side.rows.nbytes / 1e9, 100 * PREMAP_MEMORY_SHARE)
-            continue
-        sides.append((m.model_id, side))
-    if not sides:
-        return None
-
-    def run():
-        for model_id, side in sides:
-            t = time.perf_counter()
-            pages = ix.premap(side)
-            LOG.info("model %s: re-rank sidecar mapped (%d pages) in %.1f s", model_id, pages, time.perf_counter() - t)
-
-    thread = threading.Thread(target=run, name="cbr-premap", daemon=True)
-    thread.start()
-    return thread
 
 
 def current_manifests(cb) -> dict:
@@ -137,11 +93,10 @@ class Lane:
             now = current_manifests(self.cb)
             if now == self._manifests:
                 return
-            changed = [m for m in self.searcher.members if now.get(m.model_id) != self._manifests.get(m.model_id)]
-            for m in changed:
-                m.index, m.kind, notes, m.digest = load_index(self.cb, m.model_id)
-                m.sidecar = load_sidecar(self.cb, m.model_id, m.index)
-                for n in notes:
-                    LOG.warning("%s", n)
-            premap_sidecars(changed)
+            for m in self.searcher.members:
+                if now.get(m.model_id) != self._manifests.get(m.model_id):
+                    m.index, m.kind, notes, m.digest = load_index(self.cb, m.model_id)
+                    m.sidecar = load_sidecar(self.cb, m.model_id, m.index)
+                    for n in notes:
+                        LOG.warning("%s", n)
             self._manifests = now

@@ -30,7 +30,7 @@ from cbr.pipeline.patient import check_key
 from cbr.pipeline.query import Searcher
 from cbr.serve.lineage import record_refinement
 from cbr.store.location import sqlite_file
-from cbr.serve.lanes import Busy, Lane, is_expensive, premap_sidecars
+from cbr.serve.lanes import Busy, Lane, is_expensive
 from cbr.serve.uploads import check_limits, discard_upload, upload_locator, upload_name, upload_recorded, upload_suffix
 from cbr.store.member import active_embeddings
 from cbr.store.rows import get_query
@@ -80,7 +80,6 @@ class Workbench:
         else:  # same members, reports in our folder
             searcher = searcher.with_options(out_dir=str(self.reports), **limits)
         self.retrieval = Lane(cb, searcher)
-        premap_sidecars(searcher.members)  # page tables are per process: every lane's queries gain
         self.lock = self.retrieval.lock  # the retrieval lane's: refinements embed with its members
         self._explainer = None  # the explanation lane, made on first use
         self._making = threading.Lock()

@@ -203,7 +203,7 @@ def exact_scores(sidecar: Sidecar, ids, query) -> np.ndarray:
     at a time into one reused buffer, so the float32 copy never leaves the cache.
     """
     rows = sidecar.rows_of(ids)
-    order = np.argsort(rows, kind="stable")
+    order = np.argsort(rows)  # distinct rows: no tie for a stable sort to keep
     out = np.empty(len(rows), dtype=np.float32)
     query = np.asarray(query, dtype=np.float32).reshape(-1)
     halves = sidecar.rows.dtype == np.float16  # float32 rows are multiplied as they are read

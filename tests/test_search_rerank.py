@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import index as ix
-from cbr.pipeline.search import FAST_SCAN_RERANK_FACTOR, RERANK_DEPTH, RERANK_FACTOR, search_members
+from cbr.pipeline.search import FAST_SCAN_RERANK_FACTOR, RERANK_DEPTH, RERANK_FACTOR, best_first, search_members
 from cbr.store.casebase import open_casebase
 from cbr.store.encoding import encode_vector
 from cbr.store.schema import Case, Embedding, Model
@@ -124,3 +124,11 @@ def test_fast_scan_shortlist_is_longer_and_reranked_to_the_exact_answer(stored, 
     assert set(asked) == {max(K, RERANK_DEPTH) * FAST_SCAN_RERANK_FACTOR}
     want = [_exact(x, ids, q, exclude=[int(ids[0])]) for q in queries]
     assert got == want
+
+
+@pytest.mark.parametrize("n, want", [(0, 15), (7, 15), (15, 15), (4000, 15), (4000, 1), (50, 49)])
+def test_best_first_is_a_stable_sort_of_the_candidates_head(n, want):
+    """The re-rank keeps the best k + 5 by a partition; the order, ties included, is a stable sort's."""
+    rng = np.random.default_rng(n + want)
+    scores = np.round(rng.standard_normal(n), 1).astype(np.float32)  # many equal scores
+    np.testing.assert_array_equal(best_first(scores, want), np.argsort(-scores, kind="stable")[:want])

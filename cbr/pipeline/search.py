@@ -17,7 +17,7 @@ import index as ix
 
 __all__ = ["Hit", "SEARCH_MARGIN", "RERANK_DEPTH", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR",
            "FAST_SCAN_LARGE_RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes", "active_classes", "search_members", "rerank_factor",
-           "shortlist", "exact_similarities"]
+           "shortlist", "best_first", "exact_similarities"]
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
 # A lossy index (PQ or SQ codes) gives this many candidates per wanted hit, re-ranked by the exact
@@ -174,5 +174,18 @@ def _reranked(s, member, query, ids, sims, want: int):
     found, scores = exact_similarities(s, member.model_id, getattr(member, "sidecar", None), query, ids)
     if not len(found):
         return ids[:want], sims[:want]
-    order = np.argsort(-scores, kind="stable")[:want]
+    order = best_first(scores, want)
     return found[order], scores[order]
+
+
+def best_first(scores: np.ndarray, want: int) -> np.ndarray:
+    """Positions of the ``want`` largest scores, largest first, equal scores in their given order:
+    ``np.argsort(-scores, kind="stable")[:want]``, without sorting the thousands of candidates a
+    lossy index gives (a partition, then a sort of the few kept)."""
+    if len(scores) <= want:
+        return np.argsort(-scores, kind="stable")
+    cut = np.partition(scores, len(scores) - want)[len(scores) - want]  # the want-th largest
+    above = np.flatnonzero(scores > cut)
+    pick = np.concatenate([above, np.flatnonzero(scores == cut)[:want - len(above)]])
+    pick.sort()  # in their given order, so that the stable sort breaks ties as before
+    return pick[np.argsort(-scores[pick], kind="stable")]

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 
 __all__ = ["KINDS", "LARGE_KINDS", "AUTO_FLAT_BELOW", "AUTO_SQ8_BELOW", "FAST_SCAN_MAX_NLIST", "FAST_SCAN_LARGE_FROM",
-           "FAST_SCAN_LARGE_NPROBE", "auto_kind", "factory_for",
+           "FAST_SCAN_LARGE_NPROBE", "FAST_SCAN_IMPLEM", "auto_kind", "factory_for",
            "fast_scan_m", "nlist_for", "pq_bytes"]
 
 # Name -> faiss factory string (IVF kinds get their nlist from the size). Vectors are
@@ -72,6 +72,13 @@ AUTO_SQ8_BELOW = 1_000_000
 FAST_SCAN_MAX_NLIST = 4096
 FAST_SCAN_LARGE_FROM = 3_000_000
 FAST_SCAN_LARGE_NPROBE = 192
+# faiss's fast-scan kernels: 0 lets faiss choose (13 for a shortlist of more than 20: several
+# lists' look-up tables built at once, then a reservoir of the best); 11 builds one list's table
+# at a time into the same reservoir. cbr asks a fast-scan index for 2,000-4,000 candidates a
+# query, one query at a time: at 10M (4,096 lists, 192 probed, 4,000 candidates) 11 searched in
+# 2.72-2.78 ms of CPU against 3.14-3.26 ms for faiss's choice, with 99.7 % of the same
+# candidates; at 30k vectors the two were even (docs/results.md, "cbr's search at 10M").
+FAST_SCAN_IMPLEM = 11
 
 # k-means needs enough points per centroid to place it (faiss warns below 39).
 MIN_POINTS_PER_LIST = 39

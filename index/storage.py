@@ -7,6 +7,7 @@ import os
 import uuid
 
 from .device import to_device, to_host
+from .vectors import choose_scan_kernel
 
 LOG = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def load(path, *, sha256=None):
         raise IndexFileError(
             f"index file {path} holds a {type(index).__name__}, not an IndexIDMap2 from index.save"
         )
+    choose_scan_kernel(index)
     return to_device(index)
 
 

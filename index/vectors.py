@@ -8,8 +8,8 @@ import numpy as np
 
 from .device import on_device, to_device
 from .selection import selected_search
-from .sizing import (FAST_SCAN_LARGE_FROM, FAST_SCAN_LARGE_NPROBE, KINDS, LARGE_KINDS, MIN_POINTS_PER_LIST,  # noqa: F401
-                     factory_for, nlist_for)
+from .sizing import (FAST_SCAN_IMPLEM, FAST_SCAN_LARGE_FROM, FAST_SCAN_LARGE_NPROBE, KINDS, LARGE_KINDS,  # noqa: F401
+                     MIN_POINTS_PER_LIST, factory_for, nlist_for)
 
 LOG = logging.getLogger(__name__)
 
@@ -320,9 +320,26 @@ def train(index, vectors, *, n=None):
         ivf.nprobe = _nprobe_for(ivf, max(n, len(x)))
 
 
+def choose_scan_kernel(index) -> None:
+    """Give a fast-scan index the kernel cbr's searches are fastest with (`sizing.FAST_SCAN_IMPLEM`)
+    where faiss was left to choose: at build, and at load for an index saved before the choice."""
+    import faiss
+
+    try:
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+        ivf = faiss.try_extract_index_ivf(inner)
+    except (AttributeError, RuntimeError):  # a GPU clone or an exotic type
+        return
+    if ivf is not None:
+        ivf = faiss.downcast_index(ivf)
+        if isinstance(ivf, faiss.IndexIVFFastScan) and ivf.implem == 0:
+            ivf.implem = FAST_SCAN_IMPLEM
+
+
 def _tune(inner, n):
     import faiss
 
+    choose_scan_kernel(inner)
     ivf = faiss.try_extract_index_ivf(inner)
     if ivf is not None:
         ivf.nprobe = _nprobe_for(ivf, n)

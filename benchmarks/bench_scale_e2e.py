@@ -17,14 +17,16 @@ random weights ("--weights none"): only its dimension and fingerprint matter to 
 ``query`` opens the case base once, answers --warmup queries, then times --queries more: each a
 fresh vector of the same distribution, answered by ``Searcher.query_embedding`` (``cbr query
 --embedding``) with ``--explain none``, recorded like any query. It prints p50/p99 end to end,
-the stages (search, vote, database) and the process's peak RSS (VmHWM).
+the stages (search, vote, database), the page faults a query and the process's peak RSS (VmHWM).
 
 ``recall`` measures cbr's own search (``search_members``: the index as `cbr import` built it, its
 nprobe and re-rank from the sidecar) against the exact answer: the best k stored rows by inner
 product, found by streaming emb.npy a chunk at a time. It prints recall@k and the search's CPU per
-query (p50), with the index's bytes a vector. ``--warmup N`` makes N searches first, as a
-long-lived `cbr serve` lane has: without them each query pays the first touch of its candidates'
-pages of the sidecar, as in a `cbr query` process:
+query (p50), with the index's bytes a vector. The index is timed twice over the same queries: at
+first each search pays the first touch of its candidates' pages of the sidecar, as in a `cbr
+query` process; the repeat finds them mapped, as a long-lived `cbr serve` lane does (``--warmup N``
+makes N other searches first). ``--nprobe`` and ``--factor`` trace other points of the front,
+``--exclude N`` times searches that exclude N case ids, as a query by image does:
 
     .venv/bin/python benchmarks/bench_scale_e2e.py recall --db cases.db --work W --k 10 --queries 200
 """

@@ -154,20 +154,19 @@ def recall(a) -> None:
         for q in chunks.draw(np.random.default_rng([a.seed, DIM, 4 * 10**9]), a.warmup).astype(np.float32):
             search_members(s, [member], [q[None, :]], a.k, [])
         row_of, faults, repeat_cpu, repeat_faults = {}, [], [], []
-        for q in xq:  # the index alone: its search, then the exact re-rank of its shortlist
-            c, f = time.process_time(), _faults()
-            _, ids = ix.search(index, q[None, :], want)
-            exact_similarities(s, member.model_id, member.sidecar, q, ids[0][ids[0] >= 0])
-            index_cpu.append(time.process_time() - c)
-            faults.append(np.subtract(_faults(), f))
+
+        def index_alone(cpu_out, faults_out):  # its search, then the exact re-rank of its shortlist
+            for q in xq:
+                c, f = time.process_time(), _faults()
+                _, ids = ix.search(index, q[None, :], want)
+                exact_similarities(s, member.model_id, member.sidecar, q, ids[0][ids[0] >= 0])
+                cpu_out.append(time.process_time() - c)
+                faults_out.append(np.subtract(_faults(), f))
+
+        index_alone(index_cpu, faults)
         # the same again: every page its shortlists touch is now mapped and in the page cache, so
         # this is the index's CPU apart from the page cache (a warm serve lane's, at best)
-        for q in xq:
-            c, f = time.process_time(), _faults()
-            _, ids = ix.search(index, q[None, :], want)
-            exact_similarities(s, member.model_id, member.sidecar, q, ids[0][ids[0] >= 0])
-            repeat_cpu.append(time.process_time() - c)
-            repeat_faults.append(np.subtract(_faults(), f))
+        index_alone(repeat_cpu, repeat_faults)
         for q in xq:  # cbr's search: the same, and the hits' case rows read
             c = time.process_time()
             found = search_members(s, [member], [q[None, :]], a.k, [])[0]
@@ -202,7 +201,8 @@ def recall(a) -> None:
                       "search_cpu_p50_ms": round(1000 * statistics.median(cpu), 2),
                       "search_cpu_p90_ms": round(1000 * float(np.percentile(cpu, 90)), 2),
                       "excluded": a.exclude,
-                      "excluded_search_cpu_p50_ms": round(1000 * statistics.median(excluded_cpu), 2) if excluded_cpu else None,
+                      "excluded_search_cpu_p50_ms": (round(1000 * statistics.median(excluded_cpu), 2)
+                                                     if excluded_cpu else None),
                       "index_bytes": index_bytes, "bytes_per_vector": round(index_bytes / max(1, index.ntotal), 1),
                       "peak_rss_mb": _vm("VmHWM"), "load": os.getloadavg()}, indent=1))
 

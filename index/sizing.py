@@ -26,8 +26,9 @@ nlist = 4 sqrt(n), nprobe = nlist/8, 10 x 50 or x 200 candidates re-ranked exact
   0.95; at 1M 0.951 from 1,000 candidates instead of 0.897 (docs/results.md, "Finer 4-bit codes
   at 10M"). Finer codes (PQ96x4fs, 57 B) did less at 10M than residuals at PQ64. cbr's own form
   at 10M (an id map, 8 B a vector more; 4,096 lists, 192 probed), built by `cbr import` into a
-  10M case base: 49.2 B a vector, recall@10 0.972 at 8.3 ms of CPU in a fresh process, most of it
-  first touches of the sidecar's pages (docs/results.md, "Ten million cases end to end").
+  10M case base and searched by cbr (4,000 candidates at k = 10, kernel ``FAST_SCAN_IMPLEM``):
+  49.2 B a vector, recall@10 0.961 at 4.5-4.7 ms of CPU once the process has mapped the
+  sidecar's pages, 6.5-10 ms while it maps them (docs/results.md, "cbr's search at 10M").
 - ``ivf-pq`` (8-bit PQ) is never chosen: it is dominated. At 1M (power-law) IVF1024,PQ64x6 needed
   15.9 ms for 0.964 with 58.3 B a vector, against the fast-scan design's 1.6 ms with 43.7 B; at
   10M it needed 163 ms for 0.954. It stays a named kind for the indexes that use it.

@@ -96,14 +96,20 @@ def lossy(index):
 def fast_scan(index):
     """Whether this index scores with 4-bit fast-scan PQ codes (``ivf-pq-fs``): their order is
     coarser still than 8-bit PQ's, so a caller re-ranks a longer shortlist."""
+    return _fast_scan_ivf(index) is not None
+
+
+def _fast_scan_ivf(index):
+    """The fast-scan IVF inside ``index`` (behind its id map and pre-transform), or None."""
     import faiss
 
     try:
         inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
         ivf = faiss.try_extract_index_ivf(inner)
-        return ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
+        ivf = None if ivf is None else faiss.downcast_index(ivf)
     except (AttributeError, RuntimeError):  # a GPU clone or an exotic type
-        return False
+        return None
+    return ivf if isinstance(ivf, faiss.IndexIVFFastScan) else None
 
 
 def add(index, vectors, ids):
@@ -323,17 +329,9 @@ def train(index, vectors, *, n=None):
 def choose_scan_kernel(index) -> None:
     """Give a fast-scan index the kernel cbr's searches are fastest with (`sizing.FAST_SCAN_IMPLEM`)
     where faiss was left to choose: at build, and at load for an index saved before the choice."""
-    import faiss
-
-    try:
-        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-        ivf = faiss.try_extract_index_ivf(inner)
-    except (AttributeError, RuntimeError):  # a GPU clone or an exotic type
-        return
-    if ivf is not None:
-        ivf = faiss.downcast_index(ivf)
-        if isinstance(ivf, faiss.IndexIVFFastScan) and ivf.implem == 0:
-            ivf.implem = FAST_SCAN_IMPLEM
+    ivf = _fast_scan_ivf(index)
+    if ivf is not None and ivf.implem == 0:
+        ivf.implem = FAST_SCAN_IMPLEM
 
 
 def _tune(inner, n):

@@ -16,8 +16,8 @@ from cbr.store.schema import Case
 import index as ix
 
 __all__ = ["Hit", "SEARCH_MARGIN", "RERANK_DEPTH", "RERANK_FACTOR", "FAST_SCAN_RERANK_FACTOR",
-           "FAST_SCAN_LARGE_RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes", "active_classes", "search_members", "rerank_factor",
-           "shortlist", "best_first", "exact_similarities"]
+           "FAST_SCAN_LARGE_RERANK_FACTOR", "excluded_cases", "allowed_cases", "own_case_notes", "active_classes",
+           "search_members", "rerank_factor", "shortlist", "best_first", "exact_similarities"]
 
 SEARCH_MARGIN = 5  # extra hits in case a case was removed after the index was loaded
 # A lossy index (PQ or SQ codes) gives this many candidates per wanted hit, re-ranked by the exact

@@ -15,6 +15,7 @@ from conftest import invoke
 from cbr.store.casebase import open_casebase
 from cbr.data.dataset import read_dataset
 from cbr.evaluation import EvalConfig, cross_validate, evaluate_casebase
+from cbr.evaluation.members import MemberViews
 from cbr.learn.config import TrainConfig
 from cbr.reporting.table import format_table
 from cbr.pipeline.index import index_dataset
@@ -216,8 +217,8 @@ def test_deletion_of_a_faithful_map_beats_a_random_one():
 # figures that must agree with the predictions they came from
 
 
-def _predictions(folder):
-    with open(Path(folder) / "predictions.csv", newline="") as f:
+def _predictions(folder, name: str = "predictions.csv"):
+    with open(Path(folder) / name, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -337,11 +338,13 @@ def test_members_and_ensembles_on_the_same_folds(tmp_path):
     """Any embedder answers the planted set the known way, so every member and both ensemble rules
     score exactly (1 + 15/16) / 2; the single-backbone run gives the member's own figure."""
     manifest = _planted(tmp_path / "planted")
-    config = EvalConfig(k=3, vote="majority", batch_size=8, num_workers=0)
+    config = EvalConfig(k=3, vote="majority", batch_size=8, num_workers=0, out_dir=tmp_path / "rep")
     m = cross_validate(manifest, config, FAST, folds=2, train=False, backbones=("tinycnn", "mobilenet_v2"))
     assert list(m["members"]) == ["tinycnn", "mobilenet_v2"] and set(m["ensembles"]) == {"classic", "confidence"}
     for view in [*m["members"].values(), *m["ensembles"].values()]:
         assert view["n"] == 32 and view["balanced_accuracy"] == pytest.approx((1 + 15 / 16) / 2)
+        assert view["confident_errors"]["wrong"] == 1  # the planted image, in every view
+        assert view["prediction_sets"]["n"] == 32 and view["ece_interval"][0] <= view["ece"] <= view["ece_interval"][1]
     assert m["balanced_accuracy"] == m["ensembles"]["confidence"]["balanced_accuracy"]
     assert m["config"]["backbones"] == ["tinycnn", "mobilenet_v2"]
     assert all(set(f["members"]) == {"tinycnn", "mobilenet_v2"} for f in m["folds"])
@@ -350,6 +353,34 @@ def test_members_and_ensembles_on_the_same_folds(tmp_path):
     assert "members" not in single
     table = format_table(m)
     assert "member mobilenet_v2" in table and "ensemble classic" in table and "tinycnn + mobilenet_v2" in table
+    assert "wrong >= 0.95" in table and "set coverage" in table
+    _check_view_files(m, tmp_path / "rep")
+
+
+def _check_view_files(m, folder):
+    """Each view's answers are in the report folder, and its figures recompute from them."""
+    views = {**{f"member {b}": v for b, v in m["members"].items()},
+             **{f"ensemble {n}": v for n, v in m["ensembles"].items()}}
+    assert set(m["prediction_files"]) == set(views)
+    for name, file in m["prediction_files"].items():
+        rows = _predictions(folder, file)
+        assert len(rows) == 32, name
+        wrong = [r for r in rows if r["prediction"] != r["label"]]
+        assert [r["group"] for r in wrong] == ["x00"], name
+        confident = sum(float(r["confidence"]) >= 0.95 for r in wrong)
+        assert views[name]["confident_errors"]["confident"] == confident, name
+        covered = sum(r["label"] in json.loads(r["set"]) for r in rows)
+        assert views[name]["prediction_sets"]["coverage"] == pytest.approx(covered / 32), name
+        assert all(sum(json.loads(r["probabilities"]).values()) == pytest.approx(1.0, abs=1e-4) for r in rows)
+    assert _predictions(folder) == _predictions(folder, m["prediction_files"]["ensemble confidence"])
+
+
+def test_each_view_has_a_file_name_without_a_colon():
+    views = MemberViews(("tinycnn", "timm:resnet18"), QUICK)
+    assert views.prediction_files() == {"member tinycnn": "predictions-member-tinycnn.csv",
+                                        "member timm:resnet18": "predictions-member-timm_resnet18.csv",
+                                        "ensemble classic": "predictions-ensemble-classic.csv",
+                                        "ensemble confidence": "predictions-ensemble-confidence.csv"}
 
 
 @pytest.mark.slow

@@ -225,7 +225,8 @@ def _explicit(ctx, names):
 @click.option("--strict", is_flag=True, help="With --db: leave leaking test images out of the figures.")
 @where_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=DEFAULT_REPORT_DIR, show_default=True,
-              help="Report folder: metrics.json, confusion_matrix.png, reliability.png, risk_coverage.png, predictions.csv.")
+              help="Report folder: metrics.json, confusion_matrix.png, reliability.png, risk_coverage.png, predictions.csv "
+                   "(and one predictions-<view>.csv per member and ensemble rule).")
 @click.option("--by", "by", type=click.Choice(BY), multiple=True, default=("image",), show_default=True,
               help="What is queried and scored: whole images; 'finding' also queries each lesion of a masked image by "
               "region among the case base's findings (precision@k and the vote, beside the same images whole).")

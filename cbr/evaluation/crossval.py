@@ -285,8 +285,11 @@ def cross_validate(
     metrics.update(protocol="cross-validation", folds=run.rows, config=settings,
                    softmax_classes=run.softmax_classes, problems=unique_problems(run.problems),
                    elapsed_s=round(time.monotonic() - t0, 1), report=None)
+    if run.views:
+        metrics["prediction_files"] = run.views.prediction_files()
     if config.out_dir is not None:
         metrics["report"] = str(config.out_dir)
-        write_report(metrics, config.out_dir, run.outcomes, model=run.model_config)
+        write_report(metrics, config.out_dir, run.outcomes, model=run.model_config,
+                     views=run.views.outcomes_by_file() if run.views else None)
         write_selective(metrics, config.out_dir)
     return json_safe(metrics)

@@ -10,6 +10,8 @@ trained models and the same queries, so their figures compare directly.
 
 from __future__ import annotations
 
+import re
+
 from cbr.errors import CbrError
 from cbr.evaluation.outcome import run_queries
 from cbr.evaluation.scoring import score
@@ -67,6 +69,17 @@ class MemberViews:
             self.softmax_classes = classes or self.softmax_classes
             self.members[backbone].extend(got)
 
+    def prediction_files(self) -> dict[str, str]:
+        """{view: the report folder's file of its answers}, members first, then the ensemble rules."""
+        names = [f"member {b}" for b in self.backbones] + [f"ensemble {n}" for n in self.ensembles]
+        return {name: "predictions-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace(" ", "-")) + ".csv"
+                for name in names}
+
+    def outcomes_by_file(self) -> dict[str, list]:
+        """{file name: that view's outcomes} (``prediction_files``)."""
+        views = [*self.members.values(), *self.ensembles.values()]
+        return dict(zip(self.prediction_files().values(), views))
+
     def figures(self, classes) -> dict:
         """{"members": {backbone: figures}, "ensembles": {rule: figures}} (see ``summary``)."""
         k = self.config.k
@@ -76,8 +89,11 @@ class MemberViews:
 
 
 def summary(metrics: dict) -> dict:
-    """The figures that compare members and ensembles: the vote's and (members) the softmax head's."""
-    out = {key: metrics.get(key) for key in ("n", "balanced_accuracy", "accuracy", "ece")}
+    """The figures that compare members and ensembles: the vote's accuracy, its calibration (ECE with
+    its interval, wrong answers shown at >= 0.95, the prediction sets' coverage) and (members) the
+    softmax head's."""
+    out = {key: metrics.get(key) for key in ("n", "balanced_accuracy", "accuracy", "ece", "ece_interval",
+                                             "confident_errors", "prediction_sets")}
     soft = metrics.get("softmax")
     if soft:
         out["softmax_balanced_accuracy"] = soft.get("balanced_accuracy")

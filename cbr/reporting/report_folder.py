@@ -34,17 +34,20 @@ def json_safe(x):
 def _predictions_csv(outcomes, softmax_classes) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    # set and probabilities are JSON, so that a user can recompute coverage and calibration from the file
     w.writerow(["path", "label", "group", "fold", "prediction", "confidence", "abstained", "softmax_prediction",
-                "neighbours"])
+                "neighbours", "set", "probabilities"])
     for o in outcomes:
         sp = softmax_classes[int(np.argmax(o.softmax))] if o.softmax is not None and softmax_classes else ""
+        given = o.prediction.get("set")
         w.writerow([o.record.path, o.record.label, o.record.group or "", "" if o.fold is None else o.fold,
                     o.prediction["label"] or "", f"{o.prediction['confidence']:.6f}", int(o.prediction["abstained"]),
-                    sp, " ".join(o.neighbours)])
+                    sp, " ".join(o.neighbours), "" if given is None else json.dumps(list(given)),
+                    json.dumps({str(c): round(float(p), 6) for c, p in (o.prediction.get("probabilities") or {}).items()})])
     return buf.getvalue()
 
 
-def write_report(metrics: dict, out_dir, outcomes=(), model=None) -> Path:
+def write_report(metrics: dict, out_dir, outcomes=(), model=None, views=None) -> Path:
     """Write ``metrics.json`` (atomically), ``confusion_matrix.png``, ``reliability.png``,
     ``per_class_recall.png``, ``training.png`` (cross-validation with training), ``failures.html``
     and ``predictions.csv`` into ``out_dir``; returns the folder.
@@ -54,6 +57,8 @@ def write_report(metrics: dict, out_dir, outcomes=(), model=None) -> Path:
         out_dir: the folder (created).
         outcomes: the evaluated queries (``cbr.evaluation.outcome.Outcome``), one CSV row each.
         model: the ``ModelConfig`` of the queries' maps (failures.html draws them in its view).
+        views: {file name: outcomes}: more answer files in predictions.csv's form (each ensemble
+            member and rule, ``cbr.evaluation.members``).
     """
     out = Path(out_dir)
     try:
@@ -70,5 +75,7 @@ def write_report(metrics: dict, out_dir, outcomes=(), model=None) -> Path:
 
     write_failures(outcomes, out, model=model)
     atomic_write(out / "predictions.csv", _predictions_csv(outcomes, metrics.get("softmax_classes") or []))
+    for name, answers in (views or {}).items():
+        atomic_write(out / name, _predictions_csv(answers, metrics.get("softmax_classes") or []))
     atomic_write(out / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
     return out

@@ -76,7 +76,23 @@ def member_lines(metrics: dict) -> list[str]:
         lines.append(f"{name[:27]:<28}{_f(v.get('balanced_accuracy')):>13}{_f(v.get('ece')):>10}"
                      f"{_f(soft) if soft is not None else '-':>16}"
                      f"{_f(v.get('softmax_ece')) if soft is not None else '-':>12}")
+    lines += ["", f"{'':<28}{'ECE 95% interval':>17}{'wrong >= 0.95':>15}{'set coverage':>14}"
+                  f"  {'lowest class':<22}{'set size':>8}"]
+    lines += [f"{name[:27]:<28}{_view_calibration(v)}" for name, v in views]
     return lines
+
+
+def _view_calibration(v: dict) -> str:
+    """One view's ECE interval, wrong answers shown at >= 0.95, and its sets' coverage and size."""
+    errors = v.get("confident_errors") or {}
+    wrong = f"{errors['confident']} of {errors['wrong']}" if errors.get("wrong") is not None else "-"
+    sets = v.get("prediction_sets") or {}
+    lowest = min(((c["coverage"], name) for name, c in (sets.get("per_class") or {}).items()
+                  if c.get("coverage") is not None), default=None)
+    return (f"{_interval(v.get('ece_interval')):>17}{wrong:>15}"
+            f"{_f(sets.get('coverage')) if sets else '-':>14}"
+            f"  {f'{_f(lowest[0])} {lowest[1]}'[:21] if lowest else '-':<22}"
+            f"{_f(sets.get('mean_set_size')) if sets else '-':>8}")
 
 
 def format_table(metrics: dict) -> str:

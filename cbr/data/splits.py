@@ -111,17 +111,19 @@ def _group_label_counts(labels, groups) -> tuple[np.ndarray, np.ndarray, np.ndar
     return codes, counts, counts.sum(axis=0)
 
 
-def _largest_first(counts: np.ndarray, seed: int) -> np.ndarray:
-    """Group order: largest first; equal sizes in a seeded random order."""
-    order = np.random.default_rng(seed).permutation(len(counts))
-    return order[np.argsort(-counts[order].sum(axis=1), kind="stable")]
+def _seeded_order(n_groups: int, seed: int) -> np.ndarray:
+    """The order groups are offered to the validation part: a seeded random one, so that validation
+    is a random sample of patients, exchangeable with new ones. (Largest first, as before, filled
+    it with the patients of many images: 86 % of HAM10000's validation images against 34 % of its
+    test folds', and those images calibrate the vote.)"""
+    return np.random.default_rng(seed).permutation(n_groups)
 
 
 def group_split(labels, groups, *, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A grouped, stratified ``(train_idx, val_idx)`` split with about ``fraction`` in val.
 
-    Groups go to val, largest first, while that brings each class's val share closer to
-    ``fraction``, and never when it would take a class's last samples out of train: every class
+    Groups go to val in a seeded random order, each when it brings its classes' val shares closer
+    to ``fraction``, and never when it would take a class's last samples out of train: every class
     stays in train. With few groups (e.g. one patient per class) val may come out empty; callers
     that need a val part must check.
 
@@ -137,7 +139,7 @@ def group_split(labels, groups, *, fraction: float = 0.2, seed: int = 0) -> tupl
     target = fraction * totals
     val = np.zeros_like(totals)
     in_val = np.zeros(len(counts), dtype=bool)
-    for g in _largest_first(counts, seed):
+    for g in _seeded_order(len(counts), seed):
         if np.any(totals - val - counts[g] < 1 - 1e-9, where=counts[g] > 0):
             continue  # would leave a class with no training sample
         before = np.abs(val - target) / scale

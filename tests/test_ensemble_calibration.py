@@ -11,7 +11,6 @@ from cbr.models.embedder import create_embedder
 from cbr.pipeline.ensemble_calibration import MIN_CASES, EnsembleCalibration, fit_ensemble, fit_member, platt
 from cbr.pipeline.support import support_of
 from cbr.pipeline.vote import Vote
-from cbr.reporting.uncertainty import answer_lines
 from conftest import invoke
 
 
@@ -218,10 +217,3 @@ def test_the_ensemble_sets_use_the_top_up_rows_its_members_share():
     assert s.ensemble_calibration(["a", "b"]).cases == 30
     sets = s.ensemble_sets(["a", "b"])
     assert sum(sets.counts.values()) == 45 and sets.counts == {"a": 20, "b": 25}
-
-
-def test_a_kept_member_map_is_said_and_a_refused_one_is_not():
-    kept = {"calibration": {"map": {"cases": 480, "a": 1.4, "b": -0.3, "supported": 0.97}}}
-    assert answer_lines(kept) == ["confidence mapped on the vote's 480 cross-fitted calibration answers "
-                                  "(it predicted held-out ones better than the vote's own)"]
-    assert answer_lines({"calibration": {"map": {"why": "a map predicted ... no better"}}}) == []

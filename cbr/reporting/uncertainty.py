@@ -143,9 +143,6 @@ def answer_lines(p: dict) -> list[str]:
     if cal.get("too_few"):
         rare = ", ".join(f"{c} ({n} cases)" for c, n in sorted(cal["too_few"].items()))
         lines.append(f"too few calibration cases for that coverage, so always in the set: {rare}")
-    if "cases" in (cal.get("map") or {}):  # shown only where kept: a vote's own confidence needs no line
-        lines.append(f"confidence mapped on the vote's {cal['map']['cases']} cross-fitted calibration answers "
-                     "(it predicted held-out ones better than the vote's own)")
     ens = cal.get("ensemble")
     if ens:
         lines.append(f"ensemble confidence calibrated on the {ens['cases']} cases every member held out"

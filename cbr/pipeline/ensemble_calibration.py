@@ -29,7 +29,7 @@ import numpy as np
 from cbr.pipeline.support import Support, support_of
 from cbr.pipeline.vote import Vote
 
-__all__ = ["EnsembleCalibration", "MIN_CASES", "fit_ensemble", "fit_member", "platt"]
+__all__ = ["EnsembleCalibration", "MIN_CASES", "fit_ensemble", "platt"]
 
 MIN_CASES = 20  # fewest common calibration cases for a two-parameter fit
 PRIOR = 0.01  # weight of the Gaussian prior towards the identity map (its precision): barely any data outweigh it
@@ -131,42 +131,3 @@ def fit_ensemble(answers) -> EnsembleCalibration | str:
     a, b = platt(conf, right)
     mapped = _sigmoid(a * _logit(conf) + b)
     return EnsembleCalibration(a, b, len(answered), support_of(mapped, right))
-
-
-def _log_loss(p, right) -> float:
-    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
-    return float(-np.sum(np.where(right, np.log(p), np.log1p(-p))))
-
-
-def fit_member(answers, folds) -> EnsembleCalibration | str:
-    """The same map for a single member's answers ``[(vote, true label)]`` to its calibration cases,
-    each voted from the parameters fitted on the other cross-fitting folds (``folds``: each
-    answer's fold), kept only where it is worth its two parameters.
-
-    A member's vote is already fitted (temperature, prior, density) on these cases, so the map is
-    only a second look: fitted on all folds but one, it must predict the answers of the fold left
-    out better (log loss, summed over the folds) than the vote's own confidence does. A vote whose
-    shape of confidence fits its calibration keeps that confidence; one that is, say, over-confident
-    in the middle and under-confident at the top, as the fine-tuned HAM10000 votes were, gets the map.
-
-    Returns:
-        the `EnsembleCalibration`, or why there is none (a sentence).
-    """
-    kept = [(v, t, f) for (v, t), f in zip(answers, folds) if not v.abstained and v.label is not None]
-    if len(kept) < MIN_CASES:
-        return f"{len(kept)} calibration answers (at least {MIN_CASES} needed): the vote's own confidence"
-    conf = np.array([float(v.confidence) for v, _, _ in kept])
-    right = np.array([v.label == t for v, t, _ in kept])
-    fold = np.array([f for _, _, f in kept])
-    mapped_loss = own_loss = 0.0
-    for f in np.unique(fold):
-        out = fold == f
-        if (~out).sum() < MIN_CASES:
-            return "too few calibration answers outside a fold to check a map: the vote's own confidence"
-        a, b = platt(conf[~out], right[~out])
-        mapped_loss += _log_loss(_sigmoid(a * _logit(conf[out]) + b), right[out])
-        own_loss += _log_loss(conf[out], right[out])
-    if mapped_loss >= own_loss:
-        return (f"a map predicted the held-out calibration answers no better than the vote's own confidence "
-                f"(log loss {mapped_loss / len(kept):.4f} against {own_loss / len(kept):.4f}): kept as it is")
-    return fit_ensemble([(v, t) for v, t, _ in kept])

@@ -29,7 +29,7 @@ from cbr.pipeline.calibration import member_calibrations
 from cbr.pipeline.conformal import ambiguous, fit_sets, prediction_set, scored_sets, union
 from cbr.pipeline.explanation import embed_query, Features, MapRequest, query_maps
 from cbr.pipeline.contrast import nearest_unlike
-from cbr.pipeline.ensemble_calibration import EnsembleCalibration, fit_ensemble, fit_member, MIN_CASES
+from cbr.pipeline.ensemble_calibration import EnsembleCalibration, fit_ensemble, MIN_CASES
 from cbr.pipeline.finding import finding_evidence, finding_of, load_localisers
 from cbr.pipeline.finding_search import (AUTO, check_box, finding_marks, load_finding_sets, NoFindingsError, RegionError,
                                          region_vectors, search_findings)
@@ -203,22 +203,6 @@ class Searcher:
                                                     self.config.coverage) if len(answers) >= MIN_CASES else None)
         return self._ensemble[key]
 
-    def member_map(self, classes):
-        """A single member's confidence map on its cross-fitted calibration answers (`fit_member`:
-        kept only where it predicts held-out answers better), or why there is none; None with
-        several members (the ensemble's map) or a vote with nothing fitted."""
-        if len(self.members) != 1 or self.members[0].model_id not in self._folds:
-            return None
-        key = ("member", tuple(classes))
-        if key not in self._ensemble:
-            m = self.members[0]
-            rows = self._calibration.get(m.model_id) or []
-            kept = [(r, f) for r, f in zip(rows, row_folds(self._stored.get(m.model_id), len(rows)))
-                    if r[0] in classes and len(r[1]) > 0 and len(r) > 2]
-            self._ensemble[key] = fit_member([(self._calibration_answer(m, r, f, classes), r[0]) for r, f in kept],
-                                             [f for _, f in kept])
-        return self._ensemble[key]
-
     def _ensemble_answers(self, classes, *, every: bool) -> list:
         """[(the ensemble's vote, true label)] on the calibration cases every member holds (matched
         by case id), each member voting from the parameters not fitted on the case's fold; ``every``:
@@ -242,7 +226,7 @@ class Searcher:
         return self._ensemble_sets.get(tuple(classes))
 
     def _calibrated(self, final: Vote, classes) -> Vote:
-        fitted = self.ensemble_calibration(classes) if len(self.members) > 1 else self.member_map(classes)
+        fitted = self.ensemble_calibration(classes)
         return fitted.apply(final) if isinstance(fitted, EnsembleCalibration) else final
 
     def calibration_info(self, classes) -> dict:
@@ -264,9 +248,7 @@ class Searcher:
     def _ensemble_info(self, classes) -> dict:
         fitted = self.ensemble_calibration(classes)
         if fitted is None:
-            mapped = self.member_map(classes)
-            return {} if mapped is None else {"map": mapped.to_dict() if isinstance(mapped, EnsembleCalibration)
-                                              else {"why": mapped}}
+            return {}
         info = fitted.to_dict() if isinstance(fitted, EnsembleCalibration) else {"why": fitted}
         sets = self.ensemble_sets(classes)
         info["sets"] = ({"cases": sum(sets.counts.values())} if sets is not None else

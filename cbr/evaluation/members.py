@@ -69,16 +69,18 @@ class MemberViews:
             self.softmax_classes = classes or self.softmax_classes
             self.members[backbone].extend(got)
 
+    def _views(self) -> list[tuple[str, list]]:
+        """(view name, its outcomes): members first, then the ensemble rules."""
+        return ([(f"member {b}", o) for b, o in self.members.items()]
+                + [(f"ensemble {n}", o) for n, o in self.ensembles.items()])
+
     def prediction_files(self) -> dict[str, str]:
-        """{view: the report folder's file of its answers}, members first, then the ensemble rules."""
-        names = [f"member {b}" for b in self.backbones] + [f"ensemble {n}" for n in self.ensembles]
-        return {name: "predictions-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace(" ", "-")) + ".csv"
-                for name in names}
+        """{view: the report folder's file of its answers}."""
+        return {name: _file_name(name) for name, _ in self._views()}
 
     def outcomes_by_file(self) -> dict[str, list]:
         """{file name: that view's outcomes} (``prediction_files``)."""
-        views = [*self.members.values(), *self.ensembles.values()]
-        return dict(zip(self.prediction_files().values(), views))
+        return {_file_name(name): outcomes for name, outcomes in self._views()}
 
     def figures(self, classes) -> dict:
         """{"members": {backbone: figures}, "ensembles": {rule: figures}} (see ``summary``)."""
@@ -86,6 +88,11 @@ class MemberViews:
         return {"members": {b: summary(score(o, classes, k=k, softmax_classes=self.softmax_classes))
                             for b, o in self.members.items()},
                 "ensembles": {n: summary(score(o, classes, k=k)) for n, o in self.ensembles.items()}}
+
+
+def _file_name(view: str) -> str:
+    """A view's answers file: no spaces, and no character a file system may refuse (``timm:`` names)."""
+    return "predictions-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", view.replace(" ", "-")) + ".csv"
 
 
 def summary(metrics: dict) -> dict:

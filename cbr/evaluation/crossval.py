@@ -20,7 +20,7 @@ from cbr.evaluation.by_finding import finding_figures, finding_outcomes
 from cbr.evaluation.comparison import comparison_report
 from cbr.evaluation.config import EvalConfig
 from cbr.evaluation.faithfulness import explanation_checks, FAITHFULNESS_IMAGES, pool_checks
-from cbr.evaluation.members import MemberViews, check_backbones
+from cbr.evaluation.members import Member, MemberViews, plan_members
 from cbr.evaluation.outcome import load_records, run_queries, unique_problems
 from cbr.evaluation.scoring import fold_figures, score
 from cbr.evaluation.selective import add_selective, foreign_typicality, read_foreign, write_selective
@@ -89,14 +89,17 @@ class _Folds:
 
     def _fold_models(self, tmp: Path, train_recs, row: dict) -> list[Path]:
         """Train (or take) the fold's model of every member backbone: their checkpoint files."""
-        backbones = self.views.backbones if self.views else (self.training.backbone,)
+        t = self.training
+        plan = self.views.plan if self.views else (Member(t.backbone, t.backbone, t.seed),)
+        # every member holds out the same validation images, which calibrate the ensemble
+        split_seed = t.seed if t.split_seed is None else t.split_seed
         ckpts = []
-        for i, backbone in enumerate(backbones):
+        for i, member in enumerate(plan):
             ckpt = tmp / (f"model-{i}.pt" if self.views else "model.pt")
-            figures, bad = _fold_model(ckpt, train_recs, replace(self.training, backbone=backbone), self.train,
-                                       self.shown, self.progress)
+            training = replace(t, backbone=member.backbone, seed=member.seed, split_seed=split_seed)
+            figures, bad = _fold_model(ckpt, train_recs, training, self.train, self.shown, self.progress)
             if self.views:
-                row.setdefault("members", {})[backbone] = figures
+                row.setdefault("members", {})[member.name] = figures
             else:
                 row.update(figures)
             self.problems.extend(bad)
@@ -172,9 +175,12 @@ def _prior(records, model_config):
     return mean_mask(masks, has)
 
 
-def _settings(config: EvalConfig, t: TrainConfig, shown: str, folds: int, train: bool) -> dict:
-    """The run's settings as the report's ``config`` records them."""
-    return {"protocol": "cross-validation", "source": shown, "folds": folds, "k": config.k, "vote": config.vote,
+def _settings(config: EvalConfig, t: TrainConfig, shown: str, folds: int, train: bool, plan=()) -> dict:
+    """The run's settings as the report's ``config`` records them (with several members, their
+    backbones and names)."""
+    members = ({"backbones": [m.backbone for m in plan], "members": [m.name for m in plan]} if len(plan) > 1
+               else {})
+    return members | {"protocol": "cross-validation", "source": shown, "folds": folds, "k": config.k, "vote": config.vote,
             "explain": config.explain, "train": train, "backbone": t.backbone, "weights": t.weights,
             "epochs": t.epochs if train else None, "img_size": t.img_size, "batch_size": config.batch_size,
             "lr": t.lr, "patience": t.patience, "keep": t.keep, "train_layers": t.train_layers, "cache_draws": t.cache_draws,
@@ -202,15 +208,15 @@ def _pooled(run: _Folds, classes, config: EvalConfig) -> dict:
     return metrics
 
 
-def _members(backbones, training: TrainConfig, train: bool) -> tuple[tuple[str, ...], TrainConfig]:
-    """(the member backbones, the training config of the first); each member's config checked."""
-    backbones = check_backbones(backbones)
-    if backbones:
-        training = replace(training, backbone=backbones[0])
+def _members(backbones, training: TrainConfig, train: bool) -> tuple[tuple[Member, ...], TrainConfig]:
+    """(the members, the training config of the first); each member's config checked."""
+    plan = plan_members(backbones, training.seed, train)
+    if plan:
+        training = replace(training, backbone=plan[0].backbone)
     if train:
-        for backbone in backbones or (training.backbone,):
+        for backbone in dict.fromkeys(m.backbone for m in plan) or (training.backbone,):
             replace(training, backbone=backbone).check()  # an unknown objective, sampler or flip too
-    return backbones, training
+    return plan, training
 
 
 def cross_validate(
@@ -241,7 +247,7 @@ def cross_validate(
         progress: progress bars.
         manifest: the manifest's columns and image folders (see ``ManifestSpec``).
         backbones: two or more backbones: each fold trains one model per backbone into one case
-            base; the main figures are its ensemble (``Searcher``'s default rule, over all members);
+            base (a backbone given again trains again with the next seed: a deep ensemble); the main figures are its ensemble (``Searcher``'s default rule, over all members);
             ``members`` and ``ensembles`` give each member alone (vote and softmax) and every
             ensemble rule on the same folds (cbr.evaluation.members). One or none: ``training.backbone``.
 
@@ -256,7 +262,7 @@ def cross_validate(
     """
     t0 = time.monotonic()
     config.check()  # unknown names fail before any work
-    backbones, training = _members(backbones, training, train)
+    plan, training = _members(backbones, training, train)
     device = resolve_device(config.device if config.device is not None else training.device)
     # the folds' models decode DATA as it was read: config.sources, window included
     config, training = replace(config, device=device), replace(training, device=device, sources=config.sources)
@@ -267,12 +273,12 @@ def cross_validate(
     if train:
         check_guidance(training.mask_guidance, recs, shown)  # before the first fold, not inside it
     fold_of = grouped_folds([r.label for r in recs], [r.group for r in recs], folds, seed=training.seed)
-    settings = _settings(config, training, shown, folds, train)
+    settings = _settings(config, training, shown, folds, train, plan)
 
     run = _Folds(config, training, folds, train, shown, progress)
     run.problems.extend(problems)
-    if len(backbones) > 1:
-        run.views, settings["backbones"] = MemberViews(backbones, config), list(backbones)
+    if len(plan) > 1:
+        run.views = MemberViews(plan, config)
     for f in range(folds):
         train_recs = [r for r, g in zip(recs, fold_of) if g != f]
         test_recs = [r for r, g in zip(recs, fold_of) if g == f]

@@ -6,11 +6,19 @@ indexes them all into the fold's case base: a case base with several members, as
 vote, and its own softmax head) and by the whole case base under every ensemble rule of
 ``cbr.pipeline.vote.ENSEMBLES`` (classic, confidence). All views see the same folds, the same
 trained models and the same queries, so their figures compare directly.
+
+A backbone given again is another member of its own: the same network trained again with the
+next seed (``--backbone mobilenet_v2`` three times: seeds 0, 1, 2), a deep ensemble (Lakshminarayanan
+et al., 2017) for users who have one pretrained network. Its members differ in the head's
+initialisation, the batches and the augmentation draws, but hold out the same validation images,
+so the ensemble is calibrated on cases none of them trained on.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
+from dataclasses import dataclass
 
 from cbr.errors import CbrError
 from cbr.evaluation.outcome import run_queries
@@ -19,24 +27,45 @@ from cbr.evaluation.softmax import add_softmax
 from cbr.pipeline.query import Searcher
 from cbr.pipeline.vote import ENSEMBLES
 
-__all__ = ["MemberViews", "check_backbones", "summary"]
+__all__ = ["Member", "MemberViews", "plan_members", "summary"]
 
 
-def check_backbones(backbones) -> tuple[str, ...]:
-    """The members' backbones, each once (a repeated one would be the same model twice)."""
+@dataclass(frozen=True)
+class Member:
+    """One member of a cross-validated ensemble: its name in the figures, its backbone and seed."""
+
+    name: str  # the backbone, or "<backbone> seed <seed>" where the backbone is given more than once
+    backbone: str
+    seed: int  # the head's initialisation, batches and augmentation (the validation split is shared)
+
+
+def plan_members(backbones, seed: int, train: bool = True) -> tuple[Member, ...]:
+    """The members of ``backbones`` in order; a repeated backbone's later members take the next seeds.
+
+    Raises:
+        CbrError: a repeated backbone without training (``--no-train``), which would be the same
+            network twice.
+    """
     names = tuple(backbones)
     repeated = sorted({b for b in names if names.count(b) > 1})
-    if repeated:
-        raise CbrError(f"--backbone {repeated[0]} is given twice; give each ensemble member once")
-    return names
+    if repeated and not train:
+        raise CbrError(f"--backbone {repeated[0]} is given twice, which without training is the same network "
+                       "twice; give each member once, or drop --no-train to train a deep ensemble")
+    seen = Counter()
+    members = []
+    for b in names:
+        s = seed + seen[b]
+        seen[b] += 1
+        members.append(Member(f"{b} seed {s}" if b in repeated else b, b, s))
+    return tuple(members)
 
 
 class MemberViews:
     """The outcomes of every member and every ensemble rule, pooled over the folds."""
 
-    def __init__(self, backbones, config):
-        self.backbones, self.config = tuple(backbones), config
-        self.members = {b: [] for b in self.backbones}
+    def __init__(self, plan, config):
+        self.plan, self.config = tuple(plan), config
+        self.members = {m.name: [] for m in self.plan}
         self.ensembles = {name: [] for name in ENSEMBLES}
         self.softmax_classes = None
 
@@ -45,7 +74,7 @@ class MemberViews:
 
         Args:
             searcher: the fold's Searcher over all members (its own ensemble rule answered ``done``).
-            checkpoints: the members' checkpoint files, in ``backbones`` order.
+            checkpoints: the members' checkpoint files, in ``plan`` order.
             test_recs: the fold's held-out records.
             fold: the fold's number (1-based).
             progress: progress bars.
@@ -59,15 +88,15 @@ class MemberViews:
                 got, _ = run_queries(searcher.with_options(ensemble=name), test_recs, fold=fold, progress=progress,
                                      desc=f"fold {fold} {name} ensemble")
             self.ensembles[name].extend(got)
-        for backbone, ckpt in zip(self.backbones, checkpoints):
+        for member, ckpt in zip(self.plan, checkpoints):
             alone = Searcher(searcher.cb, k=cfg.k, vote=cfg.vote, explain="none", device=cfg.device,
                              answer_anyway=True, where=cfg.where, temperature=cfg.temperature,
                              coverage=cfg.coverage, models=(str(ckpt),))
-            got, _ = run_queries(alone, test_recs, fold=fold, progress=progress, desc=f"fold {fold} {backbone}")
+            got, _ = run_queries(alone, test_recs, fold=fold, progress=progress, desc=f"fold {fold} {member.name}")
             classes = add_softmax(alone.members[0].embedder, got, batch_size=cfg.batch_size,
                                   num_workers=cfg.num_workers, device=cfg.device)
             self.softmax_classes = classes or self.softmax_classes
-            self.members[backbone].extend(got)
+            self.members[member.name].extend(got)
 
     def _views(self) -> list[tuple[str, list]]:
         """(view name, its outcomes): members first, then the ensemble rules."""
@@ -83,7 +112,7 @@ class MemberViews:
         return {_file_name(name): outcomes for name, outcomes in self._views()}
 
     def figures(self, classes) -> dict:
-        """{"members": {backbone: figures}, "ensembles": {rule: figures}} (see ``summary``)."""
+        """{"members": {member name: figures}, "ensembles": {rule: figures}} (see ``summary``)."""
         k = self.config.k
         return {"members": {b: summary(score(o, classes, k=k, softmax_classes=self.softmax_classes))
                             for b, o in self.members.items()},

@@ -51,6 +51,9 @@ class TrainConfig:
     batch_size: int = 32  # images per step
     lr: float | None = None  # lr of the head (a pretrained backbone gets lr / 10); None: HEAD_LR
     seed: int = 0  # split, head init, shuffling, augmentation (and the folds of cross-validation)
+    # the validation split's seed alone; None: ``seed``. Members of a deep ensemble (other seeds, one
+    # split seed) then hold out the same images, which calibrate the ensemble
+    split_seed: int | None = None
     device: str | None = None  # "cpu", "cuda"; None: cuda when available
     patience: int | None = 3  # epochs without a better val balanced accuracy before stopping; 0/None: never
     keep: str = "best"  # KEEPS: whose weights the checkpoint keeps, the best on validation or the last epoch's

@@ -26,8 +26,9 @@ Decisions (decoding and augmentation: see :mod:`cbr.learn.augmentation`):
 * **BatchNorm**: with pretrained weights and batches smaller than 16, the BatchNorm running
   statistics are frozen (their affine parameters still learn): statistics from a few images
   are noise. A last batch of a single image is dropped, since BatchNorm cannot train on it.
-* **Reproducibility**: ``seed`` fixes the head's initialisation, the split, the shuffling (its
-  own generator), the augmentation and the DataLoader workers; torch's and numpy's global
+* **Reproducibility**: ``seed`` fixes the head's initialisation, the split (unless
+  ``split_seed`` is given), the shuffling (its own generator), the augmentation and the
+  DataLoader workers; torch's and numpy's global
   random states are restored afterwards. Same seed and data on the CPU -> the same weights and
   fingerprint. On CUDA cuDNN may pick non-deterministic kernels.
 """
@@ -218,7 +219,8 @@ def _decode(records, model_config, config: TrainConfig, progress: bool, problems
 def _split(records, config: TrainConfig) -> tuple[list[int], list[int]]:
     """Training and validation indexes: patient-grouped and stratified (``group_split``)."""
     train_idx, val_idx = group_split([r.label for r in records], [r.group for r in records],
-                                     fraction=config.val_fraction, seed=config.seed)
+                                     fraction=config.val_fraction,
+                                     seed=config.seed if config.split_seed is None else config.split_seed)
     train_idx, val_idx = train_idx.tolist(), val_idx.tolist()
     if not val_idx:
         LOG.warning("no validation images (too few patient groups or val_fraction=0): all %d epochs run "
@@ -248,7 +250,7 @@ def _options(config: TrainConfig, run, size: int, masked_images) -> dict:
     """The options a checkpoint records of the run that wrote it."""
     return {"backbone": config.backbone, "weights": config.weights, "epochs": config.epochs,
             "img_size": size, "batch_size": config.batch_size, "lr": run.head_lr, "seed": config.seed,
-            "patience": config.patience, "keep": config.keep, "val_fraction": config.val_fraction,
+            "split_seed": config.split_seed, "patience": config.patience, "keep": config.keep, "val_fraction": config.val_fraction,
             "freeze_bn": run.freeze_bn,
             "train_layers": config.train_layers, "sources": config.sources.to_dict(),
             "label_smoothing": config.label_smoothing, "warmup_epochs": config.warmup_epochs,

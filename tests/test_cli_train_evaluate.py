@@ -61,6 +61,21 @@ def test_train_json(manifest, tmp_path):
 
 
 @pytest.mark.slow
+def test_train_split_seed_holds_out_what_its_seed_would(manifest, tmp_path):
+    """A deep ensemble's second member (--seed 1 --split-seed 0) validates on the first's images."""
+    from cbr.models.embedder import load_checkpoint
+
+    def held_out(*args):
+        out = tmp_path / f"m{'-'.join(args)}.pt"
+        result = CliRunner().invoke(cli, ["train", manifest, "--out", str(out), "--epochs", "1",
+                                          "--val-fraction", "0.5", *FAST, *args])
+        assert result.exit_code == 0, result.output
+        return sorted(load_checkpoint(out)[1]["extra"]["val_sha256"])
+
+    first = held_out("--seed", "0")
+    assert held_out("--seed", "1", "--split-seed", "0") == first != held_out("--seed", "1")
+
+
 def test_evaluate_cross_validation_json(manifest, tmp_path):
     out = tmp_path / "rep"
     result = CliRunner().invoke(cli, ["evaluate", manifest, "--folds", "2", "--epochs", "1", "-k", "3",

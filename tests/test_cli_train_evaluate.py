@@ -70,6 +70,7 @@ def test_train_split_seed_holds_out_what_its_seed_would(manifest, tmp_path):
         result = CliRunner().invoke(cli, ["train", manifest, "--out", str(out), "--epochs", "1",
                                           "--val-fraction", "0.5", *FAST, *args])
         assert result.exit_code == 0, result.output
+        assert ("(split by patient, split seed 0)" in result.output) == ("--split-seed" in args)
         return sorted(load_checkpoint(out)[1]["extra"]["val_sha256"])
 
     first = held_out("--seed", "0")

@@ -118,6 +118,8 @@ def _print_training(r, data, training):
     click.echo(f"Trained {training.backbone} ({training.weights} weights) on {data}")
     click.echo(f"  classes:      {', '.join(r.class_names)}")
     grouped = "by patient" if r.grouped else "by image"
+    if training.split_seed is not None:
+        grouped += f", split seed {training.split_seed}"
     click.echo(f"  images:       {r.train_size} training, {r.val_size} validation (split {grouped})")
     click.echo(f"  epochs:       {r.epochs_run} run, kept {r.kept_epoch} ({training.keep}), best on validation "
                f"{r.best_epoch}")

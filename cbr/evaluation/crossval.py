@@ -91,12 +91,11 @@ class _Folds:
         """Train (or take) the fold's model of every member backbone: their checkpoint files."""
         t = self.training
         plan = self.views.plan if self.views else (Member(t.backbone, t.backbone, t.seed),)
-        # every member holds out the same validation images, which calibrate the ensemble
-        split_seed = t.seed if t.split_seed is None else t.split_seed
         ckpts = []
         for i, member in enumerate(plan):
             ckpt = tmp / (f"model-{i}.pt" if self.views else "model.pt")
-            training = replace(t, backbone=member.backbone, seed=member.seed, split_seed=split_seed)
+            # every member holds out the same validation images, which calibrate the ensemble
+            training = replace(t, backbone=member.backbone, seed=member.seed, split_seed=t.validation_seed)
             figures, bad = _fold_model(ckpt, train_recs, training, self.train, self.shown, self.progress)
             if self.views:
                 row.setdefault("members", {})[member.name] = figures
@@ -180,7 +179,8 @@ def _settings(config: EvalConfig, t: TrainConfig, shown: str, folds: int, train:
     backbones and names)."""
     members = ({"backbones": [m.backbone for m in plan], "members": [m.name for m in plan]} if len(plan) > 1
                else {})
-    return members | {"protocol": "cross-validation", "source": shown, "folds": folds, "k": config.k, "vote": config.vote,
+    return members | {
+            "protocol": "cross-validation", "source": shown, "folds": folds, "k": config.k, "vote": config.vote,
             "explain": config.explain, "train": train, "backbone": t.backbone, "weights": t.weights,
             "epochs": t.epochs if train else None, "img_size": t.img_size, "batch_size": config.batch_size,
             "lr": t.lr, "patience": t.patience, "keep": t.keep, "train_layers": t.train_layers, "cache_draws": t.cache_draws,
@@ -246,10 +246,10 @@ def cross_validate(
         records: evaluate these ``Record``s instead of reading ``source``.
         progress: progress bars.
         manifest: the manifest's columns and image folders (see ``ManifestSpec``).
-        backbones: two or more backbones: each fold trains one model per backbone into one case
-            base (a backbone given again trains again with the next seed: a deep ensemble); the main figures are its ensemble (``Searcher``'s default rule, over all members);
-            ``members`` and ``ensembles`` give each member alone (vote and softmax) and every
-            ensemble rule on the same folds (cbr.evaluation.members). One or none: ``training.backbone``.
+        backbones: two or more backbones (one given again trains again with the next seed: a deep ensemble): each fold
+            trains one model per member into one case base; the main figures are its ensemble (``Searcher``'s default
+            rule); ``members`` and ``ensembles`` give each member alone (vote and softmax) and every ensemble rule on
+            the same folds (cbr.evaluation.members). One or none: ``training.backbone``.
 
     Returns:
         The pooled metrics, plus ``folds`` (each fold's figures), ``config``, ``elapsed_s``,

@@ -80,6 +80,11 @@ class TrainConfig:
     # per image, and the epochs trained on them (cbr.learn.feature_cache); 0: off
     cache_draws: int = 0
 
+    @property
+    def validation_seed(self) -> int:
+        """The seed that draws the validation split: ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
+
     def check(self) -> None:
         """Raise TrainError or UnknownNameError naming the first option out of range."""
         spec = backbone_spec(self.backbone)  # an unknown name raises, naming the choices

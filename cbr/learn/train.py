@@ -219,8 +219,7 @@ def _decode(records, model_config, config: TrainConfig, progress: bool, problems
 def _split(records, config: TrainConfig) -> tuple[list[int], list[int]]:
     """Training and validation indexes: patient-grouped and stratified (``group_split``)."""
     train_idx, val_idx = group_split([r.label for r in records], [r.group for r in records],
-                                     fraction=config.val_fraction,
-                                     seed=config.seed if config.split_seed is None else config.split_seed)
+                                     fraction=config.val_fraction, seed=config.validation_seed)
     train_idx, val_idx = train_idx.tolist(), val_idx.tolist()
     if not val_idx:
         LOG.warning("no validation images (too few patient groups or val_fraction=0): all %d epochs run "
@@ -250,7 +249,8 @@ def _options(config: TrainConfig, run, size: int, masked_images) -> dict:
     """The options a checkpoint records of the run that wrote it."""
     return {"backbone": config.backbone, "weights": config.weights, "epochs": config.epochs,
             "img_size": size, "batch_size": config.batch_size, "lr": run.head_lr, "seed": config.seed,
-            "split_seed": config.split_seed, "patience": config.patience, "keep": config.keep, "val_fraction": config.val_fraction,
+            "split_seed": config.split_seed, "patience": config.patience, "keep": config.keep,
+            "val_fraction": config.val_fraction,
             "freeze_bn": run.freeze_bn,
             "train_layers": config.train_layers, "sources": config.sources.to_dict(),
             "label_smoothing": config.label_smoothing, "warmup_epochs": config.warmup_epochs,

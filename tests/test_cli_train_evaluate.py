@@ -116,6 +116,9 @@ def test_evaluate_against_a_case_base_prints_the_table(manifest, model, tmp_path
         (["evaluate", "{m}", "--vote", "nope"], "Invalid value for '--vote'"),
         (["evaluate", "{m}", "--db", "x.db", "--folds", "3"], "--folds: only for cross-validation"),
         (["evaluate", "{m}", "--strict"], "--strict: only with --db"),
+        (["train", "{m}", "--split-seed", "-1"], "Invalid value for '--split-seed'"),
+        (["train", "{m}", "--seed", "-1"], "Invalid value for '--seed'"),
+        (["evaluate", "{m}", "--seed", "-1"], "Invalid value for '--seed'"),
     ],
 )
 def test_bad_option_values_exit_2(manifest, args, message):

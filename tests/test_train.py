@@ -75,6 +75,13 @@ def test_split_seed_holds_out_the_same_images_for_another_seed(phantoms, tmp_pat
     assert load_checkpoint(b.path)[1]["extra"]["options"]["split_seed"] == 0
 
 
+@pytest.mark.parametrize("field", ["seed", "split_seed"])
+def test_negative_seed_is_refused_before_any_work(field):
+    """numpy's generators take no negative seed: refused by name, not by a traceback after decoding."""
+    with pytest.raises(TrainError, match=f"--{field.replace('_', '-')} -1"):
+        replace(FAST, **{field: -1}).check()
+
+
 def test_train_layers_freezes_the_leading_blocks(phantoms, tmp_path):
     from cbr.models.embedder import create_embedder
 

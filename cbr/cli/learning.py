@@ -73,7 +73,8 @@ def training_options(f):
         click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Learning rate of the head; the pretrained backbone gets lr/10 [default: 1e-3]."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data -> same model (on CPU)."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Same seed, same data -> same model (on CPU)."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Where to train [default: cuda if available, else cpu]."),
         click.option("--patience", type=click.IntRange(0, 10_000), default=3, show_default=True,
@@ -152,7 +153,7 @@ def _print_training(r, data, training):
 @training_options
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="Share of the images (grouped by patient) kept for validation and early stopping.")
-@click.option("--split-seed", type=int, default=None,
+@click.option("--split-seed", type=click.IntRange(min=0), default=None,
               help="Seed of the validation split alone [default: --seed]. Members of a deep ensemble (other "
               "--seed, one --split-seed) hold out the same images, which then calibrate the ensemble.")
 @manifest_options

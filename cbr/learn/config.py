@@ -108,6 +108,9 @@ class TrainConfig:
             raise TrainError(f"--warmup {self.warmup_epochs}: use 0 (no warm-up) or more epochs")
         if not self.mask_guidance >= 0:
             raise TrainError(f"--mask-guidance {self.mask_guidance}: use 0 (off) or a positive weight such as 1")
+        for flag, seed in (("--seed", self.seed), ("--split-seed", self.split_seed)):
+            if seed is not None and seed < 0:  # numpy's generators take no negative seed
+                raise TrainError(f"{flag} {seed}: use 0 or more")
         if self.epochs < 1:
             raise TrainError(f"--epochs {self.epochs}: train for at least 1 epoch")
         if self.batch_size < 1:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from cbr.errors import CbrError
 from cbr.pipeline.demo import run_demo
 
 
@@ -34,3 +35,17 @@ def test_demo_refuses_too_few_patients(runner, tmp_path):
 
     result = invoke(runner, "demo", "--out", tmp_path / "d", "--patients", 5)
     assert result.exit_code == 2 and "--patients" in result.output
+
+
+def test_demo_refuses_a_negative_seed_before_writing(runner, tmp_path):
+    from conftest import invoke
+
+    result = invoke(runner, "demo", "--out", tmp_path / "d", "--seed", -1)
+    assert result.exit_code == 2 and "--seed" in result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_run_demo_refuses_a_negative_seed_before_writing(tmp_path):
+    with pytest.raises(CbrError, match="--seed -1"):
+        run_demo(tmp_path / "d", seed=-1, log=lambda *_: None)
+    assert not (tmp_path / "d").exists()

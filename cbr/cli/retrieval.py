@@ -267,7 +267,8 @@ def query_cmd(images, embedding, db, index_dir, k, vote, ensemble, min_credibili
               help="Folder for the phantoms, model, case base and reports.")
 @click.option("--patients", type=click.IntRange(12, 10000), default=36, show_default=True, help="Synthetic patients (3 classes).")
 @click.option("--epochs", type=click.IntRange(1, 1000), default=8, show_default=True, help="Fine-tuning epochs.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the phantoms, the split and the fine-tuning.")
 @json_option
 def demo_cmd(out_dir, patients, epochs, seed, as_json):
     """Run the whole product offline on synthetic MRI phantoms.

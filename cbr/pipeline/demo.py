@@ -101,6 +101,8 @@ def run_demo(out_dir="demo-output", config: DemoConfig | None = None, *, progres
         >>> result = run_demo("demo-output", DemoConfig(patients=60))
     """
     c = with_overrides(config, DemoConfig, overrides)
+    if c.seed < 0:  # numpy refuses it only after the folder is made
+        raise CbrError(f"--seed {c.seed}: use 0 or more")
     patients, slices, size, epochs, img_size, k, seed, backbone = (
         c.patients, c.slices, c.size, c.epochs, c.img_size, c.k, c.seed, c.backbone)
     t = {}

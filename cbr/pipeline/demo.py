@@ -69,6 +69,10 @@ class DemoConfig:
     seed: int = 0  # phantoms, split and initialisation
     backbone: str = "mobilenet_v2"  # a BACKBONES name
 
+    def __post_init__(self):
+        if self.seed < 0:  # numpy would refuse it only after the demo's folder is made
+            raise CbrError(f"--seed {self.seed}: use 0 or more")
+
 
 def _query_row(searcher, r, img_size: int) -> dict:
     """Query one held-out phantom: its answer, and whether its map's peak falls on the lesion."""
@@ -101,8 +105,6 @@ def run_demo(out_dir="demo-output", config: DemoConfig | None = None, *, progres
         >>> result = run_demo("demo-output", DemoConfig(patients=60))
     """
     c = with_overrides(config, DemoConfig, overrides)
-    if c.seed < 0:  # numpy refuses it only after the folder is made
-        raise CbrError(f"--seed {c.seed}: use 0 or more")
     patients, slices, size, epochs, img_size, k, seed, backbone = (
         c.patients, c.slices, c.size, c.epochs, c.img_size, c.k, c.seed, c.backbone)
     t = {}

@@ -1,4 +1,4 @@
-"""Training speed on a shared CPU: OpenMP's busy-waiting against sleeping, alone and beside other jobs.
+"""Training and query speed on a shared CPU: torch's default threads, sleeping ones, and one thread.
 
 torch's CPU kernels run on OpenMP threads (one per core by default). Between parallel regions
 GNU OpenMP lets its idle threads spin for a while before they sleep. On a machine whose cores

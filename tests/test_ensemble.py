@@ -31,6 +31,12 @@ def test_two_member_ensemble(runner, phantom_set, query_set, tmp_path):
         assert len(a["members"]) == 2
         assert all(len(m["neighbours"]) == 3 for m in a["members"])
         assert abs(sum(a["prediction"]["probabilities"].values()) - 1) < 1e-6
+        label = a["prediction"]["evidence"]["label"]
+        agree = sum(m["vote"]["label"] == label for m in a["members"])
+        assert a["prediction"]["evidence"]["members"] == {"agree": agree, "of": 2}
+        assert a["prediction"]["evidence"]["text"].endswith(f"; {agree} of 2 members {label}")
+        shown = invoke(runner, "show", a["query_id"], "--db", db, "--json")  # the stored record says it too
+        assert json.loads(shown.output)["prediction"]["evidence"]["members"] == {"agree": agree, "of": 2}
 
     # One member alone, chosen by its checkpoint path.
     result = invoke(runner, "query", image, "--db", db, "--model", ckpt, "--json", "--explain", "none", "--out", tmp_path / "r")

@@ -11,6 +11,7 @@ from PIL import Image
 from cbr.pipeline.conformal import fit_sets, min_cases, prediction_set
 from cbr.pipeline.temperature import fit_temperature
 from cbr.pipeline.vote import weighted
+from cbr.reporting.uncertainty import evidence
 from conftest import TINY, invoke
 
 
@@ -514,3 +515,13 @@ def test_a_calibrated_model_scores_what_consistency_resampling_says():
     over = np.ones(400, dtype=bool)  # right every time: under-confident
     assert calibration_p_value(ece_equal_mass(conf, over), null) == pytest.approx(1 / 301)
     assert calibration_p_value(0.0, null) == 1.0
+
+
+def test_an_ensemble_s_evidence_counts_the_members_that_agree():
+    """An ensemble's confidence overstates the answers its members split on (docs/results.md), so
+    the evidence beside it says how many members gave the answer."""
+    split = evidence("NORMAL", [("NORMAL", 0.9), ("PNEUMONIA", 0.8)], members=["NORMAL", "PNEUMONIA", None])
+    assert split["members"] == {"agree": 1, "of": 3}
+    assert split["text"] == "1 of 2 neighbours NORMAL, similarity 0.80–0.90; 1 of 3 members NORMAL"
+    one = evidence("NORMAL", [("NORMAL", 0.9)], members=["NORMAL"])
+    assert "members" not in one and one["text"] == "1 of 1 neighbours NORMAL, similarity 0.90"

@@ -75,7 +75,8 @@ class Answer:
                           ood_alpha=None if typ is None else typ.alpha, set=r.prediction_set,
                           set_text=None if r.prediction_set is None else set_text(r.prediction_set),
                           coverage=r.calibration.get("coverage"), conflict=list(r.conflict),
-                          evidence=evidence(r.final.label, [(c.label, d) for c, d in first]))
+                          evidence=evidence(r.final.label, [(c.label, d) for c, d in first],
+                                            members=[None if v.abstained else v.label for v in r.votes]))
         prediction["evidence"]["on_finding"] = (r.finding or {}).get("on_finding")
         answer = cls(query_id=query_id, image=r.image, sha256=r.sha256, prediction=prediction,
                      members=[], notes=list(r.notes) + list(notes) + finding_notes(r.finding),

@@ -116,7 +116,7 @@ def _finding_fields(findings: dict, model_id: int, case_id, decode: bool):
 
 def _uncertainty(q, members) -> dict:
     """The prediction set, conflict and calibration stored with the query, and the evidence of its
-    first member's neighbours (an older query has no set: None)."""
+    first member's neighbours and of its members' votes (an older query has no set: None)."""
     u = q.uncertainty or {}
     pset = u.get("set")
     neighbours = members[0]["neighbours"] if members else []
@@ -124,7 +124,8 @@ def _uncertainty(q, members) -> dict:
     out = {"set": pset, "set_text": None if pset is None else set_text(pset), "coverage": u.get("coverage"),
            "conflict": list(u.get("conflict") or []), "calibration": u.get("calibration") or {},
            "finding": u.get("finding") or {}, "nearest_unlike": u.get("nearest_unlike"), "region": u.get("region"),
-           "evidence": evidence(answer, [(n["label"], n["similarity"]) for n in neighbours])}
+           "evidence": evidence(answer, [(n["label"], n["similarity"]) for n in neighbours],
+                                members=[None if m["vote"]["abstained"] else m["vote"]["label"] for m in members])}
     out["conflict_text"] = conflict_text(out["conflict"], answer)
     out["lines"] = answer_lines(out)  # what the confidence rests on, as the terminal prints it
     out["finding_lines"] = finding_lines(out["finding"], out["nearest_unlike"])  # where the finding is, the contrast

@@ -11,12 +11,14 @@ __all__ = ["evidence", "finding_lines", "finding_notes", "unlike_text", "set_tex
            "conflict_banner", "agreement", "answer_lines", "shows_probabilities", "CSS"]
 
 
-def evidence(label, neighbours) -> dict:
-    """What a confidence rests on: how many of the k neighbours carry ``label``, and their similarities.
+def evidence(label, neighbours, members=None) -> dict:
+    """What a confidence rests on: how many of the k neighbours carry ``label``, and their similarities;
+    for an ensemble, also how many members gave ``label``.
 
     Args:
         label: the answer (None: an abstention; the most common neighbour label is counted).
         neighbours: ``(label, similarity)`` of each neighbour, best first.
+        members: each ensemble member's answer (None where it abstained); one member adds nothing.
 
     Example:
         >>> evidence("yes", [("yes", 0.83), ("yes", 0.81)])["text"]
@@ -36,6 +38,10 @@ def evidence(label, neighbours) -> dict:
         low, high = f"{min(sims):.2f}", f"{max(sims):.2f}"
         out["text"] = (f"{agree} of {len(neighbours)} neighbours {label}, similarity "
                        + (low if low == high else f"{low}–{high}"))
+    if members is not None and len(members) > 1:
+        # an ensemble's calibrated confidence overstates the answers its members split on (docs/results.md)
+        out["members"] = {"agree": sum(m == label for m in members), "of": len(members)}
+        out["text"] += f"; {out['members']['agree']} of {len(members)} members {label}"
     return out
 
 

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from cbr.cli import cli
 from cbr.data.phantom import make_phantoms
+from cbr.models.embedder import load_checkpoint
 
 FAST = ["--backbone", "tinycnn", "--weights", "none", "--img-size", "32", "--batch-size", "8", "--workers", "0"]
 
@@ -63,7 +64,6 @@ def test_train_json(manifest, tmp_path):
 @pytest.mark.slow
 def test_train_split_seed_holds_out_what_its_seed_would(manifest, tmp_path):
     """A deep ensemble's second member (--seed 1 --split-seed 0) validates on the first's images."""
-    from cbr.models.embedder import load_checkpoint
 
     def held_out(*args):
         out = tmp_path / f"m{'-'.join(args)}.pt"
@@ -77,6 +77,7 @@ def test_train_split_seed_holds_out_what_its_seed_would(manifest, tmp_path):
     assert held_out("--seed", "1", "--split-seed", "0") == first != held_out("--seed", "1")
 
 
+@pytest.mark.slow
 def test_evaluate_cross_validation_json(manifest, tmp_path):
     out = tmp_path / "rep"
     result = CliRunner().invoke(cli, ["evaluate", manifest, "--folds", "2", "--epochs", "1", "-k", "3",

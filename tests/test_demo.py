@@ -6,6 +6,7 @@ import pytest
 
 from cbr.errors import CbrError
 from cbr.pipeline.demo import run_demo
+from conftest import invoke
 
 
 @pytest.mark.slow
@@ -31,15 +32,11 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 def test_demo_refuses_too_few_patients(runner, tmp_path):
-    from conftest import invoke
-
     result = invoke(runner, "demo", "--out", tmp_path / "d", "--patients", 5)
     assert result.exit_code == 2 and "--patients" in result.output
 
 
 def test_demo_refuses_a_negative_seed_before_writing(runner, tmp_path):
-    from conftest import invoke
-
     result = invoke(runner, "demo", "--out", tmp_path / "d", "--seed", -1)
     assert result.exit_code == 2 and "--seed" in result.output
     assert not (tmp_path / "d").exists()

@@ -1,7 +1,8 @@
 """A module of ours that loads on first use, bound at the top of the file that uses it.
 
 Our torch-bound modules (those that subclass ``torch.nn.Module``, and so import torch as they
-load) are heavy packages like torch itself. A light module that calls one binds it at its top::
+load) are heavy packages like torch itself, and so are the web-bound ones (the serve modules that
+import FastAPI or uvicorn as they load). A light module that calls one binds it at its top::
 
     embedder = LazyModule("cbr.models.embedder")
 
@@ -9,7 +10,7 @@ load) are heavy packages like torch itself. A light module that calls one binds 
         return embedder.create_embedder(name)
 
 so the head of the file states the dependency (tests/test_architecture.py reads it as an edge of
-the import graph, and checks that only torch-bound modules are bound this way), while ``cbr --help``
+the import graph, and checks that only torch- or web-bound modules are bound this way), while ``cbr --help``
 and the read-only commands, which never call such a function, never load torch.
 """
 

@@ -2,8 +2,8 @@
 down, no cycle, imports at the top of the file, no private names across modules, short functions.
 
 Every module of ``cbr/``, ``index/`` and ``explain/`` is parsed (nothing is imported). Every import
-statement counts as an edge of the graph, including one inside a function; so does a torch-bound
-module bound at the top with ``LazyModule("...")`` (cbr/lazy_import.py), and a registry's
+statement counts as an edge of the graph, including one inside a function; so does a torch- or
+web-bound module bound at the top with ``LazyModule("...")`` (cbr/lazy_import.py), and a registry's
 ``"module:function"`` reference (resolved when used: cbr.cli.group's commands, the backbones'
 builders).
 """
@@ -257,15 +257,30 @@ def dynamic_imports(tree: ast.AST) -> list[str]:
     return [f"{call.lineno}: {ast.unparse(call)}" for call, _ in _calls(tree, DYNAMIC) if _literal_name(call) is None]
 
 
-def heavy_top_imports(tree: ast.AST) -> list[str]:
-    """The heavy third-party packages a module imports at its top level."""
+def heavy_top_imports(tree: ast.AST, packages=HEAVY) -> list[str]:
+    """The heavy third-party packages (of ``packages``) a module imports at its top level."""
     out = []
     for node in tree.body:
         if isinstance(node, ast.Import):
-            out += [a.name for a in node.names if a.name.split(".")[0] in HEAVY]
-        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in HEAVY:
+            out += [a.name for a in node.names if a.name.split(".")[0] in packages]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in packages:
             out.append(node.module)
     return out
+
+
+# The web stack loads in over half a second. The serve package imports it at its top, and the
+# modules that do so are bound lazily by the CLI, as the torch-bound ones are, so that
+# `cbr serve --help` never loads it (tests/test_startup.py).
+WEB = ("fastapi", "starlette", "uvicorn")
+
+
+def web_modules(tree: ast.AST) -> bool:
+    """Whether a module imports FastAPI, Starlette or uvicorn at its top."""
+    return bool(heavy_top_imports(tree, WEB))
+
+
+WEB_BOUND = frozenset(m for m, tree in TREES.items() if web_modules(tree))
+BOUND = TORCH_BOUND | WEB_BOUND
 
 
 def private_imports(module: str, tree: ast.AST, modules=MODULES) -> list[str]:
@@ -329,8 +344,8 @@ def test_our_modules_are_imported_at_the_top(module):
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_only_torch_bound_modules_load_lazily(module):
-    light = [t for t in lazy_targets(TREES[module]) if t not in TORCH_BOUND]
+def test_only_torch_or_web_bound_modules_load_lazily(module):
+    light = [t for t in lazy_targets(TREES[module]) if t not in BOUND]
     assert not light, f"{MODULES[module].relative_to(ROOT)} binds {', '.join(light)} with LazyModule; " \
                       "import a light module at the top"
 
@@ -373,6 +388,12 @@ def test_the_torch_bound_modules_are_found():
     # The exception above: the modules that cannot load without torch, found from their classes.
     assert {"cbr.models.embedder", "cbr.models.layers", "cbr.models.timm_models", "explain.attribution"} <= TORCH_BOUND
     assert not TORCH_BOUND & {"cbr.models.checkpoint", "cbr.pipeline.query", "explain.cam", "index.vectors"}
+
+
+def test_the_web_bound_modules_are_found():
+    # The CLI binds the server lazily: it imports uvicorn and the app, which import FastAPI.
+    assert {"cbr.serve.server", "cbr.serve.app"} <= WEB_BOUND
+    assert not WEB_BOUND & {"cbr.serve", "cbr.serve.settings", "cbr.cli.serve"}
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -19,8 +19,10 @@ from cbr.cli import help_argvs
 from conftest import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
-# Never imported by a read-only command (seconds each on a small machine).
-HEAVY = ("torch", "torchvision", "faiss", "pytorch_grad_cam", "captum", "sklearn", "scipy", "matplotlib", "cv2")
+# Never imported by a read-only command (seconds each on a small machine; the web stack, over half
+# a second, only by `cbr serve` itself).
+HEAVY = ("torch", "torchvision", "faiss", "pytorch_grad_cam", "captum", "sklearn", "scipy", "matplotlib", "cv2",
+         "fastapi", "starlette", "uvicorn")
 # A cold query needs torch, torchvision and faiss, and nothing that only grad-cam's package drags in.
 NOT_FOR_A_QUERY = ("pytorch_grad_cam", "captum", "sklearn", "scipy", "matplotlib", "cv2")
 

@@ -3,8 +3,10 @@
 import click
 
 from cbr.cli.options import RegistryChoice, cam_names, db_option, index_dir_option
-from cbr.serve.server import run_server
+from cbr.lazy_import import LazyModule
 from cbr.serve.settings import DEFAULT_METHODS, ServeSettings
+
+serve_server = LazyModule("cbr.serve.server")  # web-bound (FastAPI, uvicorn): loads on first use
 
 
 @click.command("serve")
@@ -71,4 +73,4 @@ def serve_cmd(db, index_dir, host, port, token, max_upload_mb, k, explain, data_
                              allow_methods=allow_methods, explain_budget=explain_budget,
                              explain_neighbours=explain_neighbours, max_decodes=max_decodes,
                              session_hours=session_hours, session_key=session_key)
-    run_server(db, settings, index_dir=index_dir, log=click.echo)
+    serve_server.run_server(db, settings, index_dir=index_dir, log=click.echo)

@@ -1,11 +1,7 @@
 """``cbr serve``: a web audit workstation over one case base, with its models kept warm.
 
-``create_app(casebase, settings)`` builds the FastAPI app; ``run_server`` is what the CLI calls.
+``cbr.serve.app.create_app(casebase, settings)`` builds the FastAPI app;
+``cbr.serve.server.run_server`` is what the CLI calls. This package file imports neither: the
+web stack (FastAPI, Starlette, uvicorn) takes over half a second to load, and `cbr serve --help`
+and the settings' checks need none of it.
 """
-
-from cbr.serve.app import create_app
-from cbr.serve.server import run_server
-from cbr.serve.settings import ServeSettings
-
-__all__ = ["create_app", "ServeSettings", "run_server"]
-

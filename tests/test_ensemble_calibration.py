@@ -11,6 +11,7 @@ from cbr.models.embedder import create_embedder
 from cbr.pipeline.ensemble_calibration import MIN_CASES, EnsembleCalibration, fit_ensemble, platt
 from cbr.pipeline.support import support_of
 from cbr.pipeline.vote import Vote
+from cbr.reporting.uncertainty import answer_lines
 from conftest import invoke
 
 
@@ -187,3 +188,87 @@ def test_the_ensemble_sets_use_the_top_up_rows_its_members_share():
     assert s.ensemble_calibration(["a", "b"]).cases == 30
     sets = s.ensemble_sets(["a", "b"])
     assert sum(sets.counts.values()) == 45 and sets.counts == {"a": 20, "b": 25}
+
+
+def _split_answers():
+    """57 calibration answers every member gave, at 0.90-0.99 and all right, and 3 its members split
+    on, at 0.60-0.65 and 2 of them right: the map, fitted on all 60, lifts every answer."""
+    conf = list(np.linspace(0.90, 0.99, 57)) + [0.60, 0.62, 0.65]
+    right = [True] * 57 + [True, False, True]
+    return _answers(conf, right), [False] * 57 + [True] * 3
+
+
+def test_an_answer_the_members_split_on_is_held_to_what_such_answers_support():
+    """Bug: an ensemble answer its members split on got the map fitted on answers nearly all
+    unanimous and right, which lifted it to 0.9 and more (chest X-ray, three seeds: 2 of 3 members
+    said NORMAL at a mean 0.65, shown 0.963, wrong). Such answers are held to what the calibration
+    answers its members split on support: here the group of all three, 2 right, (2 + 1) / (3 + 2)."""
+    answers, split = _split_answers()
+    cal = fit_ensemble(answers, split=split)
+    unsplit = fit_ensemble(answers)
+    assert unsplit.confidence(0.62) > 0.8  # the map alone, fitted mostly on unanimous right answers
+    assert cal.confidence(0.62, split=True) == pytest.approx(0.6)
+    assert cal.confidence(0.62) == unsplit.confidence(0.62)  # an answer every member gave: as before
+    assert cal.confidence(0.95) == unsplit.confidence(0.95)
+    got = cal.apply(Vote("yes", 0.62, {"yes": 0.62, "no": 0.38}), split=True)
+    assert got.label == "yes" and got.confidence == pytest.approx(0.6) == pytest.approx(got.probabilities["yes"])
+    # the most a split answer can show: the most confident one alone, right, (1 + 1) / (1 + 2)
+    assert cal.to_dict()["split"] == {"cases": 3, "supported": pytest.approx(2 / 3)}
+
+
+def test_with_no_split_calibration_answer_a_split_answer_is_held_to_even_odds():
+    # nothing has shown how often the ensemble is right when its members split: Laplace's 1/2
+    answers, _ = _split_answers()
+    cal = fit_ensemble(answers[:57], split=[False] * 57)
+    assert cal.confidence(0.95, split=True) == pytest.approx(0.5)
+    assert cal.to_dict()["split"] == {"cases": 0, "supported": 0.5}
+    # three classes: the others share the rest in their old proportions, below the label
+    got = cal.apply(Vote("a", 0.45, {"a": 0.45, "b": 0.35, "c": 0.2}), split=True)
+    assert got.label == "a" and got.confidence == pytest.approx(0.5)
+    assert got.probabilities["b"] == pytest.approx(0.35 * 0.5 / 0.55)
+    assert got.probabilities["c"] == pytest.approx(0.2 * 0.5 / 0.55)
+
+
+def test_the_lines_under_a_split_answer_say_what_held_its_confidence():
+    ens = {"cases": 60, "a": 1.0, "b": 0.0, "supported": 0.98, "split": {"cases": 3, "supported": 2 / 3},
+           "sets": {"cases": 60}}
+    p = {"evidence": {"text": "3 of 5 neighbours yes; 1 of 2 members yes", "members": {"agree": 1, "of": 2}},
+         "calibration": {"ensemble": ens}}
+    lines = answer_lines(p)
+    assert "members split: confidence held to what the 3 calibration answers they split on support " \
+           "(at most 0.667)" in lines
+    p["evidence"]["members"]["agree"] = 2  # every member gave the label: nothing to say
+    assert not [line for line in answer_lines(p) if "split" in line]
+
+
+def test_the_searcher_tells_the_calibration_answers_its_members_split_on():
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from cbr.pipeline.query import Searcher
+    from cbr.pipeline.settings import QueryConfig
+
+    rng = np.random.default_rng(1)
+    first, second = [], []
+    for cid in range(1, 41):
+        label = "a" if cid % 3 else "b"
+        labels = [label if rng.uniform() < 0.8 else ("b" if label == "a" else "a") for _ in range(5)]
+        sims = sorted(rng.uniform(0.5, 0.9, 5).tolist(), reverse=True)
+        first.append([label, labels, sims, cid])
+        # the second member sees the other class's neighbours for every fourth case
+        flipped = [("b" if x == "a" else "a") for x in labels] if cid % 4 == 0 else labels
+        second.append([label, flipped, sims, cid])
+    s = object.__new__(Searcher)
+    s.members = [SimpleNamespace(model_id=1), SimpleNamespace(model_id=2)]
+    s._calibration = s._set_rows = {1: first, 2: second}
+    s._stored = {1: {"fit_cases": 40}, 2: {"fit_cases": 40}}
+    s.config = QueryConfig(vote="majority")
+    s._configure()
+
+    def majority(labels):
+        return Counter(labels).most_common(1)[0][0]
+
+    differ = sum(majority(r1[1]) != majority(r2[1]) for r1, r2 in zip(first, second))
+    assert differ == 10  # five neighbours never tie: every flipped case splits the members
+    cal = s.ensemble_calibration(["a", "b"])
+    assert cal.cases == 40 and cal.split.answers == differ

@@ -29,7 +29,7 @@ from cbr.pipeline.calibration import member_calibrations
 from cbr.pipeline.conformal import ambiguous, fit_sets, prediction_set, scored_sets, union
 from cbr.pipeline.explanation import embed_query, Features, MapRequest, query_maps
 from cbr.pipeline.contrast import nearest_unlike
-from cbr.pipeline.ensemble_calibration import EnsembleCalibration, fit_ensemble, MIN_CASES
+from cbr.pipeline.ensemble_calibration import EnsembleCalibration, fit_ensemble, members_split, MIN_CASES
 from cbr.pipeline.finding import finding_evidence, finding_of, load_localisers
 from cbr.pipeline.finding_search import (AUTO, check_box, finding_marks, load_finding_sets, NoFindingsError, RegionError,
                                          region_vectors, search_findings)
@@ -197,16 +197,18 @@ class Searcher:
             return None
         if key not in self._ensemble:
             # the uniform rows fit the map (their class mix is the case base's); every row, the sets
-            self._ensemble[key] = fit_ensemble(self._ensemble_answers(classes, every=False))
+            fit = self._ensemble_answers(classes, every=False)
+            self._ensemble[key] = fit_ensemble([(v, t) for v, t, _ in fit], split=[s for _, _, s in fit])
             answers = self._ensemble_answers(classes, every=True)
-            self._ensemble_sets[key] = (scored_sets([(v.probabilities, t) for v, t in answers], classes,
+            self._ensemble_sets[key] = (scored_sets([(v.probabilities, t) for v, t, _ in answers], classes,
                                                     self.config.coverage) if len(answers) >= MIN_CASES else None)
         return self._ensemble[key]
 
     def _ensemble_answers(self, classes, *, every: bool) -> list:
-        """[(the ensemble's vote, true label)] on the calibration cases every member holds (matched
-        by case id), each member voting from the parameters not fitted on the case's fold; ``every``:
-        the rows that top the sets' classes up too, not only those that fit the vote."""
+        """[(the ensemble's vote, true label, whether its members split)] on the calibration cases
+        every member holds (matched by case id), each member voting from the parameters not fitted
+        on the case's fold; ``every``: the rows that top the sets' classes up too, not only those
+        that fit the vote."""
         by_member = []
         for m in self.members:
             rows = (self._set_rows if every else self._calibration).get(m.model_id) or []
@@ -214,9 +216,12 @@ class Searcher:
                      else [0] * len(rows))
             by_member.append({r[3]: (r, f) for r, f in zip(rows, folds)
                               if len(r) > 3 and r[0] in classes and len(r[1]) > 0})
-        common = sorted(set.intersection(*(set(b) for b in by_member)))
-        return [(self.combine([self._calibration_answer(m, *b[cid], classes) for m, b in zip(self.members, by_member)],
-                              classes), by_member[0][cid][0][0]) for cid in common]
+        out = []
+        for cid in sorted(set.intersection(*(set(b) for b in by_member))):
+            votes = [self._calibration_answer(m, *b[cid], classes) for m, b in zip(self.members, by_member)]
+            combined = self.combine(votes, classes)
+            out.append((combined, by_member[0][cid][0][0], members_split(votes, combined)))
+        return out
 
     def ensemble_sets(self, classes):
         """The ensemble's own `PredictionSets`, fitted on its answers (before their confidence is
@@ -225,9 +230,9 @@ class Searcher:
         self.ensemble_calibration(classes)
         return self._ensemble_sets.get(tuple(classes))
 
-    def _calibrated(self, final: Vote, classes) -> Vote:
+    def _calibrated(self, final: Vote, classes, votes) -> Vote:
         fitted = self.ensemble_calibration(classes)
-        return fitted.apply(final) if isinstance(fitted, EnsembleCalibration) else final
+        return fitted.apply(final, members_split(votes, final)) if isinstance(fitted, EnsembleCalibration) else final
 
     def calibration_info(self, classes) -> dict:
         """``calibration`` of the answer: where the first member's vote was calibrated, on how many
@@ -533,7 +538,7 @@ class Searcher:
         votes = [self._member_vote(m, [n.case.label for n in h], [n.similarity for n in h], classes)
                  for m, h in zip(self.members, hits)]
         combined = self.combine(votes, classes)
-        final = self._calibrated(combined, classes)
+        final = self._calibrated(combined, classes, votes)
         fitted = [self.prediction_sets(m, classes) for m in self.members]
         pset, own = None, self.ensemble_sets(classes)
         if own is not None:  # compared as its calibration answers were: the combined vote, uncalibrated

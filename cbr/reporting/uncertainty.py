@@ -153,6 +153,10 @@ def answer_lines(p: dict) -> list[str]:
     if ens:
         lines.append(f"ensemble confidence calibrated on the {ens['cases']} cases every member held out"
                      if "cases" in ens else f"ensemble confidence: {ens['why']}")
+        members, held = (ev or {}).get("members") or {}, ens.get("split")
+        if held and members and members["agree"] < members["of"]:
+            lines.append(f"members split: confidence held to what the {held['cases']} calibration answers they split "
+                         f"on support (at most {held['supported']:.3f})")
         sets = ens.get("sets") or {}
         lines.append(f"ensemble prediction set fitted on the {sets['cases']} cases every member held out"
                      if "cases" in sets else f"ensemble prediction set: {sets['why']}" if "why" in sets else "")

@@ -59,7 +59,8 @@ def where_option(f):
 def contrast_option(f):
     return click.option("--contrast", type=click.Choice(list(CONTRASTS)), default=None,
                         help="Contrast normalisation before letterboxing, kept with the model (equalize, clahe: "
-                        "for X-ray and MRI) [default: none, or a checkpoint's own].")(f)
+                        "for exposure that varies; measure it with cbr evaluate) [default: none, or a "
+                        "checkpoint's own].")(f)
 
 
 def crop_option(f):

@@ -1,6 +1,8 @@
 """The ensemble's confidence, calibrated on the cases every member holds out."""
 
 import json
+from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ from cbr.data.phantom import make_phantoms
 from cbr.models.checkpoint import save_checkpoint
 from cbr.models.embedder import create_embedder
 from cbr.pipeline.ensemble_calibration import MIN_CASES, EnsembleCalibration, fit_ensemble, platt
+from cbr.pipeline.query import Searcher
+from cbr.pipeline.settings import QueryConfig
 from cbr.pipeline.support import support_of
 from cbr.pipeline.vote import Vote
 from cbr.reporting.uncertainty import answer_lines
@@ -164,11 +168,6 @@ def test_a_two_member_set_is_fitted_on_the_ensembles_own_answers(runner, two_mem
 def test_the_ensemble_sets_use_the_top_up_rows_its_members_share():
     """The ensemble's map fits on the uniform rows its members share (their class mix is the case
     base's); its sets on every shared row, the class top-up included (cbr.pipeline.calibration)."""
-    from types import SimpleNamespace
-
-    from cbr.pipeline.query import Searcher
-    from cbr.pipeline.settings import QueryConfig
-
     rng = np.random.default_rng(0)
 
     def row(cid, label):
@@ -200,9 +199,10 @@ def _split_answers():
 
 def test_an_answer_the_members_split_on_is_held_to_what_such_answers_support():
     """Bug: an ensemble answer its members split on got the map fitted on answers nearly all
-    unanimous and right, which lifted it to 0.9 and more (chest X-ray, three seeds: 2 of 3 members
-    said NORMAL, members at PNEUMONIA 0.74, NORMAL 0.59 and 0.99; shown NORMAL 0.963, wrong). Such answers are held to what the calibration
-    answers its members split on support: here the group of all three, 2 right, (2 + 1) / (3 + 2)."""
+    unanimous and right, which lifted it to 0.9 and more (chest X-ray, three seeds: members at
+    PNEUMONIA 0.74, NORMAL 0.59 and NORMAL 0.99; shown NORMAL 0.963, wrong). Such answers are held
+    to what the calibration answers its members split on support: here the group of all three, 2
+    right, (2 + 1) / (3 + 2)."""
     answers, split = _split_answers()
     cal = fit_ensemble(answers, split=split)
     unsplit = fit_ensemble(answers)
@@ -242,12 +242,6 @@ def test_the_lines_under_a_split_answer_say_what_held_its_confidence():
 
 
 def test_the_searcher_tells_the_calibration_answers_its_members_split_on():
-    from collections import Counter
-    from types import SimpleNamespace
-
-    from cbr.pipeline.query import Searcher
-    from cbr.pipeline.settings import QueryConfig
-
     rng = np.random.default_rng(1)
     first, second = [], []
     for cid in range(1, 41):

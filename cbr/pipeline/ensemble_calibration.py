@@ -16,9 +16,9 @@ those answers support (`cbr.pipeline.support`), as each member's is.
 One map for every answer is fitted mostly on the answers every member gave, since members seldom
 disagree. Where nearly all of those were right, it comes out flat and high, and lifted the answers
 the members split on with them: chest X-ray, three seeds, 20 split answers right 65 % of the time
-were shown at 0.79, two of them wrong at 0.95 and more (docs/results.md). So an answer its members split on (a
-member gave another label, or abstained) is also held to what the calibration answers they split
-on support; with none among them, to even odds (Laplace's rule with no answer seen, 1/2).
+were shown at 0.79, two of them wrong at 0.95 and more (docs/results.md). So an answer its members
+split on (a member gave another label, or abstained) is also held to what the calibration answers
+they split on support; with none among them, to even odds (Laplace's rule with no answer seen, 1/2).
 
 The calibration cases are matched across members by case id (the fourth field of a calibration
 row). Without at least `MIN_CASES` cases common to every member (members fine-tuned on different
